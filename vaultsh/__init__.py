@@ -1,0 +1,3 @@
+"""vaultsh: collect, store and inspect transformer activations."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from vaultsh.cli import main
+
+sys.exit(main())
