@@ -1,0 +1,1 @@
+"""vaultsh benchmarks: each compares our code with a baseline measured in the same run."""

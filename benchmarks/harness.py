@@ -1,0 +1,78 @@
+"""A small benchmark harness: a registry, a result type and a timer.
+
+Each benchmark measures a baseline (raw forward pass, raw boto3, raw file I/O)
+and our code in the same process, and reports the ratio against a target.
+`vaultsh bench` discovers every `benchmarks/bench_*.py` module and runs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+
+@dataclass
+class BenchResult:
+    name: str
+    metric: str  # what baseline/ours measure, e.g. "MB/s", "bytes"
+    baseline: float | None
+    ours: float
+    ratio: float | None
+    target: str  # e.g. ">= 0.8x" or "< 1 MB"
+    passed: bool
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Benchmark:
+    name: str
+    description: str
+    func: Callable[[bool], BenchResult]
+
+
+REGISTRY: dict[str, Benchmark] = {}
+
+
+def benchmark(name: str, description: str):
+    """Register `func(quick: bool) -> BenchResult` under `name`."""
+
+    def wrap(func):
+        REGISTRY[name] = Benchmark(name, description, func)
+        return func
+
+    return wrap
+
+
+def discover() -> dict[str, Benchmark]:
+    """Import every benchmarks/bench_*.py module so it registers itself."""
+    import benchmarks
+
+    for mod in pkgutil.iter_modules(benchmarks.__path__):
+        if mod.name.startswith("bench_"):
+            importlib.import_module(f"benchmarks.{mod.name}")
+    return REGISTRY
+
+
+def best_of(fn: Callable[[], object], repeats: int) -> float:
+    """The shortest wall time (seconds) of `repeats` calls to `fn`."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def throughput_ratio(name, nbytes, t_base, t_ours, minimum, notes="", extra=None) -> BenchResult:
+    """A result comparing two timings of moving `nbytes` (higher MB/s is better)."""
+    base = nbytes / t_base / 1e6
+    ours = nbytes / t_ours / 1e6
+    ratio = ours / base
+    return BenchResult(name, "MB/s", round(base, 1), round(ours, 1), round(ratio, 3), f">= {minimum}x", ratio >= minimum, notes, extra or {})

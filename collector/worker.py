@@ -1,0 +1,483 @@
+"""The collection loop: batches -> forward -> hooks -> megabatches -> upload -> commit.
+
+One worker is one process (or one call of `run_worker`) that handles machine
+index `worker` of `num_runs`. It is restartable: it resumes after its last
+committed megabatch, and names are deterministic, so a retried or resumed
+upload overwrites the same key instead of duplicating data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from collector.events import EventSink
+from collector.uploader import Uploader
+from vaultsh import megabatch as mbf
+from vaultsh.errors import ConfigError, UserError
+from vaultsh.run import CommitRecord, FileRecord, Run, metadata_for
+from vaultsh.stats import RunningStats
+from vaultsh.store import open_store
+
+FORMAT_VERSION = 1
+_MEMORY_EVERY_S = 2.0
+_PROGRESS_EVERY_S = 0.25
+
+
+class StopFlag:
+    """Set by signal handlers: first request stops after the megabatch in flight."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def __bool__(self) -> bool:
+        return self._event.is_set()
+
+
+@dataclass
+class _Pending:
+    """A megabatch being assembled: preallocated CPU tensors filled batch by batch."""
+
+    index: int
+    batch_start: int
+    states: dict[str, Any]
+    input_ids: Any
+    mask: Any
+    stats: dict[str, RunningStats]
+    filled: int = 0
+    tokens: int = 0
+    batch_end: int = 0
+    futures: list[Future] = field(default_factory=list)
+
+
+def config_fingerprint(cfg) -> dict:
+    """The parts of a config that decide what is collected (resume must match them)."""
+    dump = cfg.model_dump(mode="json")
+    return {
+        "model": {k: dump["model"].get(k) for k in ("name", "dtype")},
+        "data": {k: v for k, v in dump["data"].items() if k != "bucket_name"},
+        "hooks": dump["upload"]["hooks"],
+        "batches_per_upload": dump["upload"]["batches_per_upload"],
+        "num_runs": dump["num_runs"],
+        "storage": {k: dump["storage"].get(k) for k in ("format", "dtype")},
+    }
+
+
+def _check_same_config(existing: dict, mine: dict, run_uri: str) -> None:
+    old = existing.get("fingerprint")
+    if old is None or old == mine:
+        return
+    diffs = []
+    for section in sorted(set(old) | set(mine)):
+        a, b = old.get(section), mine.get(section)
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                if a.get(k) != b.get(k):
+                    diffs.append(f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}")
+        elif a != b:
+            diffs.append(f"{section}: {a!r} -> {b!r}")
+    raise ConfigError(
+        f"{run_uri} was collected with a different config ({'; '.join(diffs)}); "
+        "use a new run_name, or --force to continue anyway"
+    )
+
+
+def run_worker(
+    cfg,
+    worker: int = 0,
+    sink: EventSink | None = None,
+    stop: StopFlag | None = None,
+    force: bool = False,
+    store=None,
+) -> dict:
+    """Collect worker `worker`'s share of the run; returns the `done` event's fields."""
+    import torch
+
+    from collector.config import read_model_facts, validate_against_model
+    from collector.data import BatchStream
+    from collector.layers import ActivationCapture, describe
+    from collector.model import load_model_and_tokenizer
+
+    sink = sink or EventSink(worker)
+    stop = stop if stop is not None else StopFlag()
+    if not 0 <= worker < cfg.num_runs:
+        raise ConfigError(f"--machine: {worker} is out of range for num_runs {cfg.num_runs} (0-{cfg.num_runs - 1})")
+    t_start = time.monotonic()
+
+    # Validate against the model's config before loading any weights.
+    facts = read_model_facts(cfg.model)
+    specs = validate_against_model(cfg, facts)
+    hooks = [s.name for s in specs]
+    store = store if store is not None else open_store(cfg.storage.uri)
+    run = Run(store, cfg.run_name)
+    run_uri = store.child_uri(cfg.run_name)
+    fmt = cfg.storage.format
+    fingerprint = config_fingerprint(cfg)
+
+    existing = run.read_cfg() if store.exists(run.cfg_key) else None
+    if existing is not None and not force:
+        _check_same_config(existing, fingerprint, run_uri)
+
+    B, T, bpu = cfg.data.batch_size, cfg.data.seq_length, cfg.upload.batches_per_upload
+    total_batches = _worker_batches(cfg, worker)
+    sink.emit(
+        "start", run=cfg.run_name, model=cfg.model.name, hooks=hooks, store=run_uri,
+        n_batches=total_batches, batches_per_upload=bpu, pid=_pid(), format=fmt,
+    )
+
+    # Resume after the last committed megabatch of this worker.
+    commits = run.iter_commits(worker=worker)
+    next_index = commits[-1].index + 1 if commits else 0
+    done_local = sum(c.batch_end - c.batch_start for c in commits)
+    stats = {h: _load_partial_stats(run, worker, h, commits[-1].index if commits else None, facts.d_model) for h in hooks}
+    tokens_total = sum(c.tokens for c in commits)
+    if commits:
+        sink.emit("resume", from_megabatch=next_index, from_batch=done_local)
+    if done_local >= total_batches:
+        sink.emit("done", status="complete", batches=done_local, tokens=tokens_total, megabatches=len(commits), elapsed=0.0)
+        return {"status": "complete", "batches": done_local, "megabatches": len(commits), "tokens": tokens_total}
+
+    sink.emit("loading", what="model", detail=cfg.model.name)
+    model, tokenizer, device = load_model_and_tokenizer(cfg.model)
+    storage_dtype = _storage_dtype(cfg, model)
+    sink.emit("loading", what="data", detail=cfg.data.data_key)
+    stream = BatchStream(cfg.data, tokenizer, worker=worker, num_workers=cfg.num_runs)
+
+    if existing is None or force:
+        run.write_cfg(_cfg_json(cfg, facts, specs, fingerprint, tokenizer, storage_dtype))
+    for spec in specs:
+        meta = metadata_for(
+            batch_size=B, sequence_length=T, dtype=model.dtype, d_in=facts.d_model, batches_per_file=bpu,
+            hook=spec.name, site=spec.site, layer=spec.layer, format=fmt, storage_dtype=storage_dtype,
+            model=cfg.model.name,
+        )
+        meta.setdefault("description", describe(spec).get("description"))
+        if not store.exists(run.metadata_key(spec.name)):
+            run.write_metadata(spec.name, meta)
+
+    def on_retry(label, attempt, exc):
+        sink.emit("warning", message=f"retrying upload of {label} (attempt {attempt}): {exc}")
+
+    uploader = Uploader(threads=cfg.upload.upload_workers, max_pending=cfg.upload.max_queued_megabatches * (len(hooks) + 1),
+                        on_retry=on_retry)
+    copier = _DeviceCopier(device)
+    pending: _Pending | None = None
+    inflight: list[_Pending] = []
+    committed = len(commits)
+    batches_done = done_local
+    tokens_at_loop = tokens_total
+    last_progress = last_memory = 0.0
+    status = "complete"
+
+    def commit_ready(block: bool) -> None:
+        nonlocal committed
+        while inflight and (block or all(f.done() for f in inflight[0].futures)):
+            mb = inflight.pop(0)
+            results = [f.result() for f in mb.futures]  # raises the upload's error
+            files = {r.hook: r for r in results if isinstance(r, FileRecord)}
+            record = CommitRecord(
+                worker=worker, index=mb.index, batch_start=mb.batch_start, batch_end=mb.batch_end,
+                files=files, created=datetime.now(timezone.utc).isoformat(), tokens=mb.tokens,
+            )
+            run.commit(record)
+            committed += 1
+            _delete_old_partials(run, worker, hooks, mb.index)
+            sink.emit("committed", megabatch=mb.index, batch_start=mb.batch_start, batch_end=mb.batch_end,
+                      tokens=mb.tokens, bytes=sum(f.size for f in files.values()))
+
+    def flush(mb: _Pending) -> None:
+        """Queue the upload of every hook file of `mb`, plus the stats snapshot."""
+        copier.sync()
+        n = mb.filled * B
+        ids, msk = mb.input_ids[:n], mb.mask[:n]
+        for h in hooks:
+            stats[h].merge_(mb.stats[h])
+            snapshot = stats[h].to_bytes()
+            key = run.megabatch_key(h, worker, mb.index, fmt)
+            states = mb.states[h][:n]
+            meta = {"run": cfg.run_name, "hook": h, "model": cfg.model.name, "worker": worker, "megabatch": mb.index,
+                    "batch_start": mb.batch_start, "batch_end": mb.batch_end, "tokenizer": cfg.model.name,
+                    "created": datetime.now(timezone.utc).isoformat()}
+            nbytes = states.numel() * states.element_size()
+            mb.futures.append(uploader.submit(key, nbytes, _upload_job(store, run, h, key, states, ids, msk, meta, fmt, worker, mb)))
+            pkey = run.partial_stats_key(worker, h, mb.index)
+            mb.futures.append(uploader.submit(pkey, len(snapshot), lambda k=pkey, b=snapshot: store.put_bytes(k, b)))
+        inflight.append(mb)
+
+    t_loop = time.monotonic()
+    try:
+        capture_ctx = ActivationCapture(model, specs)
+        with capture_ctx as capture, torch.inference_mode():
+            for batch in _skip(stream, done_local):
+                uploader.check()
+                if pending is None:
+                    if stop:
+                        status = "stopped"
+                        break
+                    pending = _new_pending(next_index, batch.index, hooks, B, T, facts.d_model, bpu, storage_dtype, device)
+                inputs = {"input_ids": batch.input_ids.to(device), "attention_mask": batch.attention_mask.to(device)}
+                outputs = capture.run(**inputs)
+                row = pending.filled * B
+                nb = batch.input_ids.shape[0]
+                mask_dev = batch.mask.to(device)
+                for h in hooks:
+                    out = outputs[h]
+                    pending.stats[h].update(out.reshape(-1, out.shape[-1]), mask_dev.reshape(-1))
+                    copier.copy(pending.states[h][row:row + nb], out)
+                pending.input_ids[row:row + nb] = batch.input_ids
+                pending.mask[row:row + nb] = batch.mask
+                pending.filled += 1
+                pending.tokens += int(batch.n_tokens)
+                pending.batch_end = batch.index + 1
+                batches_done += 1
+                tokens_total += int(batch.n_tokens)
+                if pending.filled == bpu:
+                    flush(pending)
+                    next_index += 1
+                    pending = None
+                    if stop:
+                        status = "stopped"
+                        break
+                commit_ready(block=False)
+                now = time.monotonic()
+                if now - last_progress >= _PROGRESS_EVERY_S:
+                    last_progress = now
+                    elapsed = now - t_loop
+                    sink.emit("progress", batches=batches_done, total_batches=total_batches, tokens=tokens_total,
+                              tokens_per_s=(tokens_total - tokens_at_loop) / elapsed if elapsed > 0 else 0.0,
+                              megabatch=next_index)
+                    s = uploader.stats
+                    sink.emit("upload", queued=s.queued, in_flight_bytes=s.in_flight_bytes, done_bytes=s.done_bytes,
+                              mb_per_s=s.mb_per_s, retries=s.retries, failed=s.failed)
+                if now - last_memory >= _MEMORY_EVERY_S:
+                    last_memory = now
+                    sink.emit("memory", **memory_snapshot(device))
+            if pending is not None and pending.filled:
+                if fmt == "pt" and pending.filled < bpu:
+                    sink.emit("warning", message=(
+                        f"format pt: dropping the last {pending.filled} batch(es) ({pending.batch_start}-{pending.batch_end - 1}); "
+                        "Activault readers need every file to hold batches_per_upload batches"))
+                    batches_done -= pending.filled
+                    tokens_total -= pending.tokens
+                else:
+                    flush(pending)
+                pending = None
+        commit_ready(block=True)
+        uploader.close(wait=True)
+    except BaseException as exc:
+        status = "failed"
+        uploader.close(wait=False)
+        message = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, KeyboardInterrupt):
+            status, message = "stopped", "interrupted: uncommitted megabatches were not committed"
+        sink.emit("error", message=message)
+        sink.emit("done", status=status, batches=batches_done, tokens=tokens_total, megabatches=committed,
+                  elapsed=time.monotonic() - t_start)
+        raise
+    _write_statistics(run, hooks)
+    result = {"status": status, "batches": batches_done, "tokens": tokens_total, "megabatches": committed,
+              "elapsed": time.monotonic() - t_start}
+    sink.emit("done", **result)
+    return result
+
+
+# -- helpers -----------------------------------------------------------------
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+def _worker_batches(cfg, worker: int) -> int:
+    """How many global batches in [start_batch, n_batches) belong to this worker."""
+    k, start, end = cfg.num_runs, cfg.data.start_batch, cfg.data.n_batches
+    return len(range(start + (worker - start) % k, end, k)) if end > start else 0
+
+
+def _skip(stream, n: int):
+    """The stream after its first `n` batches (they were committed before a restart)."""
+    it = iter(stream)
+    for _ in range(n):
+        if next(it, None) is None:
+            return
+    yield from it
+
+
+def _storage_dtype(cfg, model):
+    import torch
+
+    name = cfg.storage.dtype or cfg.model.dtype
+    if name == "auto":
+        return model.dtype
+    return getattr(torch, name)
+
+
+def _new_pending(index, batch_start, hooks, B, T, D, bpu, dtype, device) -> _Pending:
+    import torch
+
+    pin = str(device).startswith("cuda")
+    rows = B * bpu
+    states = {h: torch.empty((rows, T, D), dtype=dtype, pin_memory=pin) for h in hooks}
+    return _Pending(
+        index=index, batch_start=batch_start, states=states,
+        input_ids=torch.zeros((rows, T), dtype=torch.int64), mask=torch.zeros((rows, T), dtype=torch.bool),
+        stats={h: RunningStats(D) for h in hooks},
+    )
+
+
+class _DeviceCopier:
+    """Copies activations off the GPU on a side stream into pinned buffers without stalling."""
+
+    def __init__(self, device: str):
+        import torch
+
+        self.cuda = str(device).startswith("cuda")
+        self.stream = torch.cuda.Stream() if self.cuda else None
+        self._events: list = []
+
+    def copy(self, dest, src) -> None:
+        import torch
+
+        if not self.cuda:
+            dest.copy_(src)
+            return
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            dest.copy_(src, non_blocking=True)
+            src.record_stream(self.stream)
+            ev = torch.cuda.Event()
+            ev.record(self.stream)
+            self._events.append(ev)
+
+    def sync(self) -> None:
+        for ev in self._events:
+            ev.synchronize()
+        self._events.clear()
+
+
+def _upload_job(store, run, hook, key, states, ids, mask, meta, fmt, worker, mb) -> Callable[[], FileRecord]:
+    def job() -> FileRecord:
+        hasher = _HashingStore(store)
+        size = mbf.write_megabatch(hasher, key, states, ids, mask, metadata=meta, fmt=fmt)
+        return FileRecord(hook=hook, key=key, size=size, sha256=hasher.digest, n_sequences=int(states.shape[0]),
+                          n_tokens=int(mask.sum()), worker=worker, index=mb.index)
+
+    return job
+
+
+class _HashingStore:
+    """Wraps a store so put_stream also computes the sha256 of what is written."""
+
+    def __init__(self, store):
+        self._store = store
+        self.digest: str | None = None
+
+    def put_stream(self, key: str, writer) -> None:
+        h = hashlib.sha256()
+
+        class _Tee:
+            def __init__(self, f):
+                self.f = f
+
+            def write(self, b):
+                h.update(b)
+                return self.f.write(b)
+
+            def __getattr__(self, name):
+                return getattr(self.f, name)
+
+        self._store.put_stream(key, lambda f: writer(_Tee(f)))
+        self.digest = h.hexdigest()
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
+def _load_partial_stats(run: Run, worker: int, hook: str, index: int | None, d: int) -> RunningStats:
+    if index is None:
+        return RunningStats(d)
+    stats = run.read_partial_stats(worker, hook, index)
+    if stats is None:
+        key = run.partial_stats_key(worker, hook, index)
+        raise UserError(f"{run.store.child_uri(key)} is missing: statistics of committed megabatch {index} cannot be resumed")
+    return stats
+
+
+def _delete_old_partials(run: Run, worker: int, hooks: list[str], index: int) -> None:
+    """Keep only the stats snapshot of the last committed megabatch."""
+    if index == 0:
+        return
+    for h in hooks:
+        run.store.delete(run.partial_stats_key(worker, h, index - 1))
+
+
+def _write_statistics(run: Run, hooks: list[str]) -> None:
+    """Merge every worker's latest committed stats snapshot into {hook}/statistics.json."""
+    for h in hooks:
+        merged = run.merge_partial_stats(h, cumulative=True)
+        if merged is not None:
+            run.write_statistics(h, merged)
+
+
+def _cfg_json(cfg, facts, specs, fingerprint, tokenizer, storage_dtype) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "run_name": cfg.run_name,
+        "num_runs": cfg.num_runs,
+        "model_name": cfg.model.name,
+        "config": cfg.model_dump(mode="json"),
+        "fingerprint": fingerprint,
+        "model": {"d_model": facts.d_model, "n_layers": facts.n_layers, "max_context": facts.max_context,
+                  "model_type": facts.model_type, "vocab_size": facts.vocab_size},
+        "tokenizer": {"source": cfg.model.name, "class": type(tokenizer).__name__,
+                      "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id},
+        "hooks": {s.name: {"site": s.site, "layer": s.layer} for s in specs},
+        "storage_dtype": str(storage_dtype).replace("torch.", ""),
+        "created": datetime.now(timezone.utc).isoformat(),
+    }
+
+
+def memory_snapshot(device: str) -> dict:
+    """RSS of this process and its children, GPU memory, system memory (bytes)."""
+    import psutil
+
+    proc = psutil.Process()
+    children = 0
+    for child in proc.children(recursive=True):
+        try:
+            children += child.memory_info().rss
+        except psutil.Error:
+            pass
+    vm = psutil.virtual_memory()
+    snap = {"rss": proc.memory_info().rss, "children_rss": children, "system_used": vm.total - vm.available,
+            "system_total": vm.total, "gpu_allocated": None, "gpu_reserved": None}
+    if str(device).startswith("cuda"):
+        import torch
+
+        snap["gpu_allocated"] = torch.cuda.memory_allocated()
+        snap["gpu_reserved"] = torch.cuda.memory_reserved()
+    return snap
+
+
+def install_signal_handlers(stop: StopFlag, on_first: Callable[[], None] | None = None) -> None:
+    """First SIGINT/SIGTERM: finish the megabatch in flight, commit, exit. Second: exit at once."""
+
+    def handler(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.set()
+        if on_first:
+            on_first()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
