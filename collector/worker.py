@@ -137,7 +137,7 @@ def run_worker(
     # Resume after the last committed megabatch of this worker.
     commits = run.iter_commits(worker=worker)
     next_index = commits[-1].index + 1 if commits else 0
-    done_local = sum(c.batch_end - c.batch_start for c in commits)
+    done_local = sum(len(range(c.batch_start, c.batch_end, cfg.num_runs)) for c in commits)
     stats = {h: _load_partial_stats(run, worker, h, commits[-1].index if commits else None, facts.d_model) for h in hooks}
     tokens_total = sum(c.tokens for c in commits)
     if commits:
@@ -150,7 +150,9 @@ def run_worker(
     model, tokenizer, device = load_model_and_tokenizer(cfg.model)
     storage_dtype = _storage_dtype(cfg, model)
     sink.emit("loading", what="data", detail=cfg.data.data_key)
-    stream = BatchStream(cfg.data, tokenizer, worker=worker, num_workers=cfg.num_runs)
+    # Resume exactly after the last committed batch: commit records hold global batch indices.
+    data_spec = cfg.data.model_copy(update={"start_batch": commits[-1].batch_end}) if commits else cfg.data
+    stream = BatchStream(data_spec, tokenizer, worker=worker, num_workers=cfg.num_runs)
 
     if existing is None or force:
         run.write_cfg(_cfg_json(cfg, facts, specs, fingerprint, tokenizer, storage_dtype))
@@ -217,7 +219,7 @@ def run_worker(
     try:
         capture_ctx = ActivationCapture(model, specs)
         with capture_ctx as capture, torch.inference_mode():
-            for batch in _skip(stream, done_local):
+            for batch in stream:
                 uploader.check()
                 if pending is None:
                     if stop:
@@ -273,6 +275,9 @@ def run_worker(
                 pending = None
         commit_ready(block=True)
         uploader.close(wait=True)
+        s = uploader.stats
+        sink.emit("upload", queued=s.queued, in_flight_bytes=s.in_flight_bytes, done_bytes=s.done_bytes,
+                  mb_per_s=s.mb_per_s, retries=s.retries, failed=s.failed)
     except BaseException as exc:
         status = "failed"
         uploader.close(wait=False)
@@ -302,15 +307,6 @@ def _worker_batches(cfg, worker: int) -> int:
     """How many global batches in [start_batch, n_batches) belong to this worker."""
     k, start, end = cfg.num_runs, cfg.data.start_batch, cfg.data.n_batches
     return len(range(start + (worker - start) % k, end, k)) if end > start else 0
-
-
-def _skip(stream, n: int):
-    """The stream after its first `n` batches (they were committed before a restart)."""
-    it = iter(stream)
-    for _ in range(n):
-        if next(it, None) is None:
-            return
-    yield from it
 
 
 def _storage_dtype(cfg, model):

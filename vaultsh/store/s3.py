@@ -270,7 +270,8 @@ class S3Store:
             ):
                 return StoreError(
                     f"S3 failed to {action} {what} after {self.max_attempts} attempt{'s' if self.max_attempts != 1 else ''}: "
-                    f"{code or status}{': ' + message if message else ''}"
+                    f"{code or status}{': ' + message if message else ''}",
+                    retryable=True,
                 )
             return StoreError(
                 f"S3 could not {action} {what}: {code or status}{': ' + message if message else ''}"
@@ -285,12 +286,13 @@ class S3Store:
         if isinstance(cause, bce.ReadTimeoutError):
             return StoreError(
                 f"S3 endpoint {endpoint} did not answer within {self.read_timeout}s "
-                f"while trying to {action} {what}"
+                f"while trying to {action} {what}",
+                retryable=True,
             )
         if isinstance(cause, (bce.EndpointConnectionError, bce.ConnectTimeoutError, bce.ConnectionError, bce.HTTPClientError)):
             reason = re.sub(r"^\w*Connection\(host=[^)]*\):\s*", "", _one_line(getattr(cause, "kwargs", {}).get("error") or cause, 200))
             reason = reason.replace("Failed to establish a new connection: ", "")
-            return StoreError(f"cannot reach S3 endpoint {endpoint}: {reason} (while trying to {action} {what})")
+            return StoreError(f"cannot reach S3 endpoint {endpoint}: {reason} (while trying to {action} {what})", retryable=True)
         if isinstance(cause, bce.ParamValidationError):
             return StoreError(f"invalid S3 request to {action} {what}: {_one_line(cause)}")
         if isinstance(cause, bce.BotoCoreError):

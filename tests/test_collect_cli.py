@@ -1,0 +1,167 @@
+"""`vaultsh collect` as a user runs it: a real process, signals, the real model into S3."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vaultsh.run import Run
+from vaultsh.store import LocalStore
+
+from .modelfixtures import make_tiny_llama_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_llama_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def write_cfg(path: Path, tiny_dir: Path, store: Path, n_batches: int) -> Path:
+    path.write_text(yaml.safe_dump({
+        "run_name": "sig.pydoc",
+        "num_runs": 1,
+        "transformer_config": {"model_name": str(tiny_dir), "dtype": "float32"},
+        "data_config": {"data_key": "pydoc", "n_batches": n_batches, "seq_length": 64, "batch_size": 2},
+        "upload_config": {"batches_per_upload": 3, "hooks": ["residuals_1", "mlp_3"]},
+        "storage": {"uri": str(store)},
+    }))
+    return path
+
+
+def env(**extra) -> dict:
+    e = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    e.update(extra)
+    return e
+
+
+def start(cfg: Path, tmp_path: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "vaultsh", "collect", str(cfg), "--headless"],
+        cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def wait_for_commit(run: Run, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if run.iter_commits():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"worker exited early: {proc.communicate()}")
+        time.sleep(0.1)
+    raise AssertionError("no megabatch committed in time")
+
+
+def assert_consistent(store: LocalStore, run: Run) -> list:
+    """Every commit names files that exist with the recorded bytes; stats cover exactly the commits."""
+    commits = run.iter_commits()
+    for c in commits:
+        for f in c.files.values():
+            assert hashlib.sha256(store.get_bytes(f.key)).hexdigest() == f.sha256
+    return commits
+
+
+def test_sigterm_finishes_megabatch_in_flight_and_commits(tiny_dir, tmp_path):
+    store_dir = tmp_path / "vault"
+    cfg = write_cfg(tmp_path / "cfg.yaml", tiny_dir, store_dir, n_batches=300)
+    proc = start(cfg, tmp_path)
+    store = LocalStore(store_dir)
+    run = Run(store, "sig.pydoc")
+    wait_for_commit(run, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "stopped" in out
+    commits = assert_consistent(store, run)
+    assert 1 <= len(commits) < 100
+    # Every megabatch is whole (3 batches of 2 rows): nothing half-written got committed.
+    assert all(c.batch_end - c.batch_start == 3 for c in commits)
+    stats = run.read_statistics("mlp_3")
+    assert stats.count == sum(c.tokens for c in commits)
+    # Nothing uncommitted is left behind by a graceful stop.
+    assert run.uncommitted_files("mlp_3") == []
+
+
+def test_second_signal_exits_at_once_leaving_a_consistent_run(tiny_dir, tmp_path):
+    store_dir = tmp_path / "vault"
+    cfg = write_cfg(tmp_path / "cfg.yaml", tiny_dir, store_dir, n_batches=300)
+    proc = start(cfg, tmp_path)
+    store = LocalStore(store_dir)
+    run = Run(store, "sig.pydoc")
+    wait_for_commit(run, proc)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Traceback" not in err
+    assert_consistent(store, run)
+    # A rerun resumes after the last commit and completes the same run.
+    n_before = len(run.iter_commits())
+    cfg = write_cfg(tmp_path / "cfg.yaml", tiny_dir, store_dir, n_batches=300)
+    proc = start(cfg, tmp_path)
+    wait_deadline = time.monotonic() + 120
+    while len(run.iter_commits()) <= n_before and time.monotonic() < wait_deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    commits = assert_consistent(store, run)
+    assert [c.index for c in commits] == list(range(len(commits)))
+    assert [c.batch_start for c in commits] == [3 * i for i in range(len(commits))]
+
+
+def test_bad_layer_is_one_line_error_before_loading(tiny_dir, tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    write_cfg(cfg, tiny_dir, tmp_path / "vault", n_batches=4)
+    data = yaml.safe_load(cfg.read_text())
+    data["upload_config"]["hooks"] = ["residuals_40"]
+    cfg.write_text(yaml.safe_dump(data))
+    proc = subprocess.run([sys.executable, "-m", "vaultsh", "collect", str(cfg), "--headless"],
+                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vaultsh: error:"), proc.stderr
+    assert "residuals_40" in lines[0] and "4 layers" in lines[0]
+    assert not (tmp_path / "vault" / "sig.pydoc").exists()
+
+
+@pytest.mark.slow
+def test_default_config_with_real_model_into_s3(s3_server, s3_bucket, tmp_path):
+    """The README's main job, pointed at the loopback S3 server."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "vaultsh", "collect", str(REPO / "configs" / "default.yaml"), "--headless",
+         "--store", f"s3://{s3_bucket}"],
+        cwd=tmp_path, env=env(S3_ENDPOINT_URL=s3_server), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "complete" in proc.stdout
+    from vaultsh.megabatch import read_megabatch
+    from vaultsh.store.s3 import S3Store
+
+    store = S3Store(s3_bucket, endpoint_url=s3_server)
+    cfg = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    run = Run(store, cfg["run_name"])
+    summary = run.summary()
+    assert sorted(summary.hooks) == sorted(cfg["upload_config"]["hooks"])
+    n_mb = cfg["data_config"]["n_batches"] // cfg["upload_config"]["batches_per_upload"]
+    for hook, h in summary.hooks.items():
+        assert h.megabatches == n_mb and h.uncommitted == 0
+        stats = run.read_statistics(hook)
+        assert stats.count == h.tokens > 0
+        mb = read_megabatch(store, run.committed_files(hook)[0].key)
+        assert mb.states.shape[-1] == 576  # SmolLM2-135M's d_model
+        assert mb.header.model and "SmolLM2" in mb.header.model
+        assert not mb.states.isnan().any()
+    meta = run.read_cfg()
+    assert meta["model"]["n_layers"] == 30
