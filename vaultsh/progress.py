@@ -6,7 +6,6 @@ printer for `--headless`, scripts and clusters.
 
 from __future__ import annotations
 
-import humanize
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -17,14 +16,12 @@ class HeadlessPrinter:
     def __init__(self, console: Console | None = None):
         self.console = console or Console(stderr=True)
         self.progress = Progress(
-            TextColumn("[bold]w{task.fields[worker]}[/] {task.fields[state]}"),
-            BarColumn(),
+            TextColumn("[bold]w{task.fields[worker]}[/] {task.fields[state]:<8}"),
+            BarColumn(bar_width=16),
             MofNCompleteColumn(),
-            TextColumn("batches"),
-            TextColumn("{task.fields[tokens]} tok  {task.fields[rate]} tok/s"),
-            TextColumn("mb {task.fields[committed]}  upq {task.fields[queue]}"),
+            TextColumn("{task.fields[tokens]} tok {task.fields[rate]}/s"),
+            TextColumn("mb {task.fields[committed]} q {task.fields[queue]}"),
             TimeElapsedColumn(),
-            TextColumn("ETA"),
             TimeRemainingColumn(),
             console=self.console,
         )
@@ -60,7 +57,7 @@ class HeadlessPrinter:
         elif kind == "progress":
             self.progress.update(
                 task, completed=event["batches"], total=event["total_batches"], state="running",
-                tokens=humanize.intword(event["tokens"]), rate=f"{event['tokens_per_s']:,.0f}",
+                tokens=_short(event["tokens"]), rate=_short(event["tokens_per_s"]),
             )
         elif kind == "upload":
             self.progress.update(task, queue=event["queued"])
@@ -73,3 +70,11 @@ class HeadlessPrinter:
         elif kind == "done":
             self.last_done[w] = event
             self.progress.update(task, state=event["status"])
+
+
+def _short(n: float) -> str:
+    """12345 -> '12.3k' (compact, for a progress line)."""
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:.0f}"
