@@ -28,6 +28,8 @@ def run_bench(args) -> int:
     harness, repo = _import_harness()
     registry = harness.discover()
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)
     if args.list:
         for b in registry.values():
             console.print(f"{b.name:32} {b.description}")
