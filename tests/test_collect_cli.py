@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,13 +27,13 @@ def tiny_dir(tmp_path_factory):
     return make_tiny_llama_dir(tmp_path_factory.mktemp("tiny") / "model")
 
 
-def write_cfg(path: Path, tiny_dir: Path, store: Path, n_batches: int) -> Path:
+def write_cfg(path: Path, tiny_dir: Path, store: Path, n_batches: int, bpu: int = 3) -> Path:
     path.write_text(yaml.safe_dump({
         "run_name": "sig.pydoc",
         "num_runs": 1,
         "transformer_config": {"model_name": str(tiny_dir), "dtype": "float32"},
         "data_config": {"data_key": "pydoc", "n_batches": n_batches, "seq_length": 64, "batch_size": 2},
-        "upload_config": {"batches_per_upload": 3, "hooks": ["residuals_1", "mlp_3"]},
+        "upload_config": {"batches_per_upload": bpu, "hooks": ["residuals_1", "mlp_3"]},
         "storage": {"uri": str(store)},
     }))
     return path
@@ -93,32 +94,43 @@ def test_sigterm_finishes_megabatch_in_flight_and_commits(tiny_dir, tmp_path):
 
 
 def test_second_signal_exits_at_once_leaving_a_consistent_run(tiny_dir, tmp_path):
+    # Large megabatches, so the one in flight is far from done when the second signal comes.
     store_dir = tmp_path / "vault"
-    cfg = write_cfg(tmp_path / "cfg.yaml", tiny_dir, store_dir, n_batches=300)
+    cfg = write_cfg(tmp_path / "cfg.yaml", tiny_dir, store_dir, n_batches=5000, bpu=40)
     proc = start(cfg, tmp_path)
     store = LocalStore(store_dir)
     run = Run(store, "sig.pydoc")
     wait_for_commit(run, proc)
+    # Signals that arrive while the interpreter is inside one C call coalesce into one, so
+    # (like a person pressing Ctrl-C twice) wait until the first has been acknowledged.
+    err_lines: list[str] = []
+    reader = threading.Thread(target=lambda: err_lines.extend(proc.stderr), daemon=True)
+    reader.start()
     proc.send_signal(signal.SIGTERM)
-    time.sleep(0.05)
+    deadline = time.monotonic() + 60
+    while not any("stopping after the megabatch" in line for line in err_lines) and time.monotonic() < deadline:
+        time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    err = "".join(err_lines)
+    assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert_consistent(store, run)
-    # A rerun resumes after the last commit and completes the same run.
+    # A rerun resumes after the last commit and continues the same run.
     n_before = len(run.iter_commits())
-    cfg = write_cfg(tmp_path / "cfg.yaml", tiny_dir, store_dir, n_batches=300)
     proc = start(cfg, tmp_path)
     wait_deadline = time.monotonic() + 120
     while len(run.iter_commits()) <= n_before and time.monotonic() < wait_deadline:
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 0, (proc.returncode, out, err)
+    assert "resuming at megabatch" in err
     commits = assert_consistent(store, run)
+    assert len(commits) > n_before
     assert [c.index for c in commits] == list(range(len(commits)))
-    assert [c.batch_start for c in commits] == [3 * i for i in range(len(commits))]
+    assert [c.batch_start for c in commits] == [40 * i for i in range(len(commits))]
 
 
 def test_bad_layer_is_one_line_error_before_loading(tiny_dir, tmp_path):

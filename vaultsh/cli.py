@@ -8,6 +8,7 @@ inside the subcommand that needs them, so `vaultsh --help` and
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable
 
@@ -53,6 +54,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def _add_planned(sub, name: str) -> None:
+    help_text, _issue = _PLANNED[name]
+    p = sub.add_parser(name, help=f"{help_text} (not built yet)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_not_built(name))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vaultsh",
@@ -71,16 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_collect)
 
+    _add_planned(sub, "s3")
+
     p = sub.add_parser("inspect", help="show a run (committed megabatches per hook) or one megabatch's header")
     p.add_argument("uri", help="run, hook directory or megabatch file (s3://... or a path)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--scan", action="store_true", help="also scan states for NaN/Inf and value range")
     p.set_defaults(func=_cmd_inspect)
 
-    for name, (help_text, _issue) in _PLANNED.items():
-        p = sub.add_parser(name, help=f"{help_text} (not built yet)")
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_not_built(name))
+    for name in ("export", "launch", "verify", "finalize", "plan"):
+        _add_planned(sub, name)
 
     p = sub.add_parser("bench", help="run benchmarks and print ratios against in-run baselines")
     p.add_argument("names", nargs="*", help="benchmarks to run (default: all)")
@@ -91,22 +99,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    """A message as one printable line: whitespace runs collapsed, control characters escaped."""
+    text = " ".join(str(text).split())
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+    return text
+
+
+def _error(message: str) -> None:
+    print(f"vaultsh: error: {_one_line(message)}", file=sys.stderr)
+
+
+def _os_error_message(exc: OSError) -> str:
+    reason = exc.strerror or type(exc).__name__
+    names = [n for n in (exc.filename, exc.filename2) if n is not None]
+    return f"{' -> '.join(map(str, names))}: {reason}" if names else f"{reason}: {exc}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    debug = bool(os.environ.get("VAULTSH_DEBUG"))  # show tracebacks for user errors too
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
-        print(f"vaultsh: error: {exc}", file=sys.stderr)
+        if debug:
+            raise
+        _error(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
         print("vaultsh: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
+        # `vaultsh inspect --json ... | head`: the reader left; don't complain at exit either
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
         return 0
+    except OSError as exc:  # a local file or directory the command could not use
+        if debug:
+            raise
+        _error(_os_error_message(exc))
+        return UserError.exit_code
 
 
 if __name__ == "__main__":

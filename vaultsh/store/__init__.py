@@ -2,14 +2,33 @@
 
 `open_store(uri)` picks the implementation from the URI:
 `s3://bucket/prefix` -> S3Store, anything else -> LocalStore (a path).
+
+Environment (S3): `S3_ENDPOINT_URL` and the `AWS_*` variables (read by S3Store),
+`S3_BUCKET_NAME` (the default bucket, see `default_s3_uri`), and
+`VAULTSH_S3_MAX_ATTEMPTS` (attempts per S3 request, retries included; default 8).
 """
 
 from __future__ import annotations
 
+import os
+
 from vaultsh.store.base import Listing, ObjectInfo, Store, join_key, normalize_key
 from vaultsh.store.local import LocalStore
 
-__all__ = ["Listing", "ObjectInfo", "Store", "LocalStore", "open_store", "split_uri", "join_key", "normalize_key"]
+__all__ = [
+    "Listing",
+    "ObjectInfo",
+    "Store",
+    "LocalStore",
+    "open_store",
+    "open_location",
+    "default_s3_uri",
+    "split_uri",
+    "join_key",
+    "normalize_key",
+]
+
+MAX_ATTEMPTS_ENV = "VAULTSH_S3_MAX_ATTEMPTS"
 
 
 def is_s3_uri(uri: str) -> bool:
@@ -26,6 +45,36 @@ def split_uri(uri: str) -> tuple[str, str]:
     return uri, ""
 
 
+def default_s3_uri() -> str:
+    """`s3://$S3_BUCKET_NAME` (Activault's variable), for commands given no URI."""
+    from vaultsh.errors import UserError
+
+    name = os.environ.get("S3_BUCKET_NAME", "").strip()
+    if name.startswith("s3://"):
+        name = name[len("s3://"):]
+    name = name.strip("/")
+    if not name:
+        raise UserError("set S3_BUCKET_NAME or give an s3:// URI")
+    return f"s3://{name}"
+
+
+def _s3_options() -> dict:
+    """S3Store constructor options taken from the environment."""
+    from vaultsh.errors import UserError
+
+    opts: dict = {}
+    raw = os.environ.get(MAX_ATTEMPTS_ENV, "").strip()
+    if raw:
+        try:
+            attempts = int(raw)
+        except ValueError:
+            attempts = 0
+        if attempts < 1:
+            raise UserError(f"{MAX_ATTEMPTS_ENV}={raw!r} is not allowed: use a whole number >= 1")
+        opts["max_attempts"] = attempts
+    return opts
+
+
 def open_store(uri: str, create: bool = True) -> Store:
     """Open the store rooted at `uri` (an `s3://bucket[/prefix]` URI or a local path)."""
     uri = str(uri)
@@ -34,7 +83,7 @@ def open_store(uri: str, create: bool = True) -> Store:
 
         rest = uri[len("s3://"):]
         bucket, _, prefix = rest.partition("/")
-        return S3Store(bucket, prefix)
+        return S3Store(bucket, prefix, **_s3_options())
     return LocalStore(uri, create=create)
 
 
@@ -48,10 +97,16 @@ def open_location(uri: str) -> tuple[Store, str]:
     """
     from pathlib import Path
 
+    from vaultsh.errors import StoreError
+
     uri = str(uri)
     if is_s3_uri(uri):
         root, key = split_uri(uri)
-        return open_store(root), key.strip("/")
+        try:
+            key = normalize_key(key).strip("/")
+        except StoreError as exc:
+            raise StoreError(f"invalid S3 URI {uri!r}: {str(exc).split(': ', 1)[-1]}") from None
+        return open_store(root), key
     path = Path(uri).expanduser().resolve()
     if not path.exists():
         from vaultsh.errors import NotFoundError
