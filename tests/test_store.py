@@ -532,3 +532,22 @@ def test_open_store_local(tmp_path):
     assert isinstance(st, LocalStore)
     st.put_bytes("k", io.BytesIO(b"abc").getvalue())
     assert (tmp_path / "v" / "k").read_bytes() == b"abc"
+
+
+def test_prefix_keys_are_never_objects(store):
+    """'x/' names a prefix on both stores: reads miss, exists is False, delete leaves 'x' alone."""
+    store.put_bytes("x", b"object x")
+    store.put_bytes("d/inner", b"inner")
+    for key in ("x/", "d/"):
+        assert not store.exists(key)
+        with pytest.raises(NotFoundError):
+            store.get_bytes(key)
+        with pytest.raises(NotFoundError):
+            store.head(key)
+    store.delete("x/")
+    assert store.get_bytes("x") == b"object x"
+
+
+def test_writing_a_prefix_key_is_refused(store):
+    with pytest.raises(StoreError, match="invalid key"):
+        store.put_bytes("run/", b"x")

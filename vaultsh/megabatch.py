@@ -548,13 +548,20 @@ def _tensor_from_bytes(data, info: TensorInfo, shape: tuple[int, ...], key: str 
 
 
 def _weights_only_reason(e: BaseException) -> str:
+    """The useful line of torch's weights-only refusal (never its advice to load unsafely)."""
     msg = str(e)
     m = re.search(r"WeightsUnpickler error:\s*(.+)", msg, re.S)
     text = m.group(1) if m else msg
-    for line in text.splitlines():
-        line = line.strip()
-        if line:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for line in lines:
+        if "unsupported GLOBAL" in line or "Unsupported operand" in line:
             return line.split(". Please use")[0][:200]
+    for line in lines:
+        if line.startswith(("Weights only load failed", "Check the documentation", "(1)", "(2)", "In PyTorch")):
+            continue
+        if "weights_only" in line and "False" in line:
+            continue
+        return line.split(". Please use")[0][:200]
     return type(e).__name__
 
 

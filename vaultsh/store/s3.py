@@ -221,6 +221,8 @@ class S3Store:
         rel = self._rel(key)
         if not rel:
             raise StoreError(f"refusing to write to the store root itself ({self.uri})")
+        if key.endswith("/"):
+            raise StoreError(f"invalid key {key!r}: a key ending in '/' names a prefix, not an object")
         return rel, self._full(rel)
 
     # -- errors --------------------------------------------------------------
@@ -372,6 +374,9 @@ class S3Store:
         rel = self._rel(key)
         if not rel:
             raise NotFoundError(f"no such object: {self.uri} (the store root is not an object)")
+        if key.endswith("/"):
+            # A prefix is never an object (as on LocalStore, where it is a directory).
+            raise NotFoundError(f"no such object: {self.child_uri(rel)}/ (a prefix, not an object)")
         return rel, self._full(rel)
 
     def get_bytes(self, key: str) -> bytes:
@@ -429,7 +434,7 @@ class S3Store:
             rel = self._rel(key)
         except StoreError:
             return False
-        if not rel:
+        if not rel or key.endswith("/"):
             return False
         try:
             self.head(rel)
@@ -483,7 +488,7 @@ class S3Store:
 
     def delete(self, key: str) -> None:
         rel = self._rel(key)
-        if not rel:
+        if not rel or key.endswith("/"):
             return
         with self._s3_errors(rel, "delete"):
             self.client.delete_object(Bucket=self.bucket, Key=self._full(rel))
