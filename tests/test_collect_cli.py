@@ -177,3 +177,49 @@ def test_default_config_with_real_model_into_s3(s3_server, s3_bucket, tmp_path):
         assert not mb.states.isnan().any()
     meta = run.read_cfg()
     assert meta["model"]["n_layers"] == 30
+
+
+def test_events_fd_carries_ndjson_events(tiny_dir, tmp_path):
+    """A launcher gives the worker a pipe: every event arrives there as one JSON line."""
+    from collector.events import decode
+
+    cfg = write_cfg(tmp_path / "cfg.yaml", tiny_dir, tmp_path / "vault", n_batches=6, bpu=3)
+    r, w = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vaultsh", "collect", str(cfg), "--events-fd", str(w)],
+        cwd=tmp_path, env=env(), pass_fds=(w,), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    os.close(w)
+    with os.fdopen(r, "rb") as channel:
+        lines = channel.read().splitlines()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    events = [decode(line) for line in lines]
+    assert all(e is not None for e in events)
+    types = [e["type"] for e in events]
+    assert types[0] == "start" and types[-1] == "done" and types.count("committed") == 2
+    assert events[-1]["status"] == "complete" and events[-1]["batches"] == 6
+    assert {"progress", "upload", "memory"} <= set(types)
+    assert out == ""  # nothing on the terminal: the channel is the interface
+
+
+def test_hub_id_loads_offline_from_a_filled_cache(tiny_dir, tmp_path):
+    """model_name as a hub id + cache_dir works with no network (HF_HUB_OFFLINE=1)."""
+    import shutil
+
+    snapshot = tmp_path / "hf" / "models--vaultsh-test--tiny-llama" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_dir, snapshot)
+    (tmp_path / "hf" / "models--vaultsh-test--tiny-llama" / "refs").mkdir()
+    (tmp_path / "hf" / "models--vaultsh-test--tiny-llama" / "refs" / "main").write_text("0" * 40)
+    cfg = tmp_path / "cfg.yaml"
+    write_cfg(cfg, tiny_dir, tmp_path / "vault", n_batches=3)
+    data = yaml.safe_load(cfg.read_text())
+    data["transformer_config"] = {"model_name": "vaultsh-test/tiny-llama", "dtype": "float32",
+                                  "cache_dir": str(tmp_path / "hf")}
+    cfg.write_text(yaml.safe_dump(data))
+    proc = subprocess.run([sys.executable, "-m", "vaultsh", "collect", str(cfg), "--headless"],
+                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    run = Run(LocalStore(tmp_path / "vault"), "sig.pydoc")
+    assert len(run.iter_commits()) == 1
+    assert run.read_cfg()["model_name"] == "vaultsh-test/tiny-llama"
