@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from vaultsh import cli
+
 from .faultproxy import free_port
 from .test_store import moto_auth
 
@@ -30,7 +32,8 @@ HOOKS = ["residuals_0", "mlp_1"]
 N, T, D = 4, 8, 16
 N_COMMITTED = 3
 NAN_INDEX, CLEAN_INDEX = 1, 2
-PLANNED = {"s3": 5, "export": 10, "launch": 8, "verify": 8, "finalize": 8, "plan": 11}
+# subcommands listed in --help whose module does not exist yet: name -> issue
+PLANNED = {name: cli.COMMANDS[name][1] for name in cli.planned_commands()}
 
 
 @dataclass
@@ -231,7 +234,7 @@ def test_help_lists_every_subcommand(results):
     res = results["help"]
     assert res.rc == 0 and res.err == "", res
     listed = re.findall(r"^    (\w+)\s", res.out, re.M)
-    for name in ("collect", "s3", "inspect", "export", "launch", "verify", "bench", "plan", "finalize"):
+    for name in ("collect", "s3", "inspect", "export", "launch", "verify", "bench", "plan", "finalize", "watch"):
         assert name in listed, res
     assert listed.index("collect") < listed.index("s3") < listed.index("inspect")
 

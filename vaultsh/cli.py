@@ -15,50 +15,49 @@ from typing import Callable
 from vaultsh import __version__
 from vaultsh.errors import UserError
 
-# name -> (one-line help, issue that builds it) for subcommands not built yet.
-_PLANNED = {
+# Every subcommand, in the order `vaultsh --help` lists them: name -> (one-line help, issue).
+# A subcommand lives in `vaultsh/commands/<name>.py`, which defines
+# `add_arguments(parser)` and `run(args) -> int` and imports only the standard
+# library at module level (so `--help` stays fast and torch-free). Until that
+# module exists the subcommand says plainly that it is not built yet.
+COMMANDS: dict[str, tuple[str, int]] = {
+    "collect": ("collect activations from a config (dashboard, or --headless)", 4),
+    "s3": ("interactive shell over a store: ls, cd, filecount, sizecheck, inspect", 5),
+    "inspect": ("show a run (committed megabatches per hook) or one megabatch's header", 3),
+    "watch": ("follow a run written elsewhere (Slurm, Ray) on the dashboard", 6),
     "export": ("export a hook to sharded Parquet / HF datasets", 10),
     "launch": ("run workers on a Ray or Slurm cluster", 8),
     "verify": ("check every committed megabatch of a run", 8),
     "finalize": ("merge per-worker statistics of a run", 8),
     "plan": ("estimate storage, memory, time and cost of a config", 11),
-    "s3": ("interactive shell over a store: ls, cd, filecount, sizecheck, inspect", 5),
+    "bench": ("run benchmarks and print ratios against in-run baselines", 3),
 }
 
 
+def command_module(name: str):
+    """The module that implements subcommand `name`, or None while it is not built."""
+    import importlib
+    import importlib.util
+
+    modname = f"vaultsh.commands.{name}"
+    if importlib.util.find_spec(modname) is None:
+        return None
+    return importlib.import_module(modname)
+
+
+def planned_commands() -> list[str]:
+    """Subcommands listed in --help whose implementation does not exist yet."""
+    return [name for name in COMMANDS if command_module(name) is None]
+
+
 def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
-    help_text, issue = _PLANNED[name]
+    help_text, issue = COMMANDS[name]
 
     def run(args: argparse.Namespace) -> int:
         print(f"vaultsh {name}: not built yet ({help_text}; tracked in issue #{issue}).", file=sys.stderr)
         return 2
 
     return run
-
-
-def _cmd_collect(args: argparse.Namespace) -> int:
-    from vaultsh.commands.collect import run_collect
-
-    return run_collect(args)
-
-
-def _cmd_inspect(args: argparse.Namespace) -> int:
-    from vaultsh.commands.inspect import run_inspect
-
-    return run_inspect(args)
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from vaultsh.commands.bench import run_bench
-
-    return run_bench(args)
-
-
-def _add_planned(sub, name: str) -> None:
-    help_text, _issue = _PLANNED[name]
-    p = sub.add_parser(name, help=f"{help_text} (not built yet)")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_not_built(name))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,34 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"vaultsh {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser("collect", help="collect activations from a config (dashboard, or --headless)")
-    p.add_argument("config", help="YAML config (Activault schema or ours)")
-    p.add_argument("--headless", action="store_true", help="print progress instead of opening the dashboard")
-    p.add_argument("--machine", type=int, default=None, metavar="I", help="run only worker I of num_runs")
-    p.add_argument("--workers", type=int, default=None, metavar="N", help="local workers to start (default: 1)")
-    p.add_argument("--store", default=None, metavar="URI", help="override the config's storage URI")
-    p.add_argument("--force", action="store_true", help="continue a run even if its config changed")
-    p.add_argument("--events-fd", type=int, default=None, help=argparse.SUPPRESS)
-    p.set_defaults(func=_cmd_collect)
-
-    _add_planned(sub, "s3")
-
-    p = sub.add_parser("inspect", help="show a run (committed megabatches per hook) or one megabatch's header")
-    p.add_argument("uri", help="run, hook directory or megabatch file (s3://... or a path)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--scan", action="store_true", help="also scan states for NaN/Inf and value range")
-    p.set_defaults(func=_cmd_inspect)
-
-    for name in ("export", "launch", "verify", "finalize", "plan"):
-        _add_planned(sub, name)
-
-    p = sub.add_parser("bench", help="run benchmarks and print ratios against in-run baselines")
-    p.add_argument("names", nargs="*", help="benchmarks to run (default: all)")
-    p.add_argument("--list", action="store_true", help="list benchmarks and exit")
-    p.add_argument("--json", default=None, metavar="PATH", help="write results as JSON (default bench-results/<time>.json)")
-    p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    p.set_defaults(func=_cmd_bench)
+    for name, (help_text, _issue) in COMMANDS.items():
+        module = command_module(name)
+        if module is None:
+            p = sub.add_parser(name, help=f"{help_text} (not built yet)")
+            p.add_argument("rest", nargs=argparse.REMAINDER)
+            p.set_defaults(func=_not_built(name))
+        else:
+            p = sub.add_parser(name, help=help_text, description=help_text)
+            module.add_arguments(p)
+            p.set_defaults(func=module.run)
     return parser
 
 

@@ -61,3 +61,15 @@ def run_bench(args) -> int:
     out.write_text(json.dumps({"quick": args.quick, "results": [r.to_dict() for r in results]}, indent=2))
     console.print(f"results written to {out}")
     return 0 if all(r.passed for r in results) else 1
+
+
+def add_arguments(p) -> None:
+    """This subcommand's arguments (vaultsh/cli.py builds the parser from it)."""
+    p.add_argument("names", nargs="*", help="benchmarks to run (default: all)")
+    p.add_argument("--list", action="store_true", help="list benchmarks and exit")
+    p.add_argument("--json", default=None, metavar="PATH", help="write results as JSON (default bench-results/<time>.json)")
+    p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+
+
+def run(args) -> int:
+    return run_bench(args)

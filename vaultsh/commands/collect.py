@@ -42,3 +42,20 @@ def run_collect(args) -> int:
         f"-> {cfg.storage.uri.rstrip('/')}/{cfg.run_name}"
     )
     return 0 if result["status"] in ("complete", "stopped") else 1
+
+
+def add_arguments(p) -> None:
+    """This subcommand's arguments (vaultsh/cli.py builds the parser from it)."""
+    import argparse
+
+    p.add_argument("config", help="YAML config (Activault schema or ours)")
+    p.add_argument("--headless", action="store_true", help="print progress instead of opening the dashboard")
+    p.add_argument("--machine", type=int, default=None, metavar="I", help="run only worker I of num_runs")
+    p.add_argument("--workers", type=int, default=None, metavar="N", help="local workers to start (default: 1)")
+    p.add_argument("--store", default=None, metavar="URI", help="override the config's storage URI")
+    p.add_argument("--force", action="store_true", help="continue a run even if its config changed")
+    p.add_argument("--events-fd", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def run(args) -> int:
+    return run_collect(args)

@@ -185,3 +185,14 @@ def _show_hook(run, hook: str, store, console: Console, as_json: bool) -> int:
         names = ", ".join(_safe(o.name) for o in stray[:10]) + (", ..." if len(stray) > 10 else "")
         console.print(f"[yellow]{len(stray)} uncommitted (readers ignore them):[/] {names}")
     return 0
+
+
+def add_arguments(p) -> None:
+    """This subcommand's arguments (vaultsh/cli.py builds the parser from it)."""
+    p.add_argument("uri", help="run, hook directory or megabatch file (s3://... or a path)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--scan", action="store_true", help="also scan states for NaN/Inf and value range")
+
+
+def run(args) -> int:
+    return run_inspect(args)
