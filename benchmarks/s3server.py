@@ -19,7 +19,8 @@ Nothing here can reach real AWS: `endpoint()` puts fake credentials in this
 process's environment (the benchmark process's only), points the AWS config
 files at a path that does not exist and disables the instance-metadata lookup;
 every client is given the loopback endpoint explicitly. This module imports
-nothing from tests/.
+nothing from tests/; tests/conftest.py takes its fake credentials and the
+moto speed-up from here.
 """
 
 from __future__ import annotations
@@ -43,14 +44,14 @@ FAKE_CREDS = {
     "AWS_SECURITY_TOKEN": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
-_UNSET = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+AWS_ENV_TO_UNSET = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
           "S3_ENDPOINT_URL", "AWS_REGION", "S3_BUCKET_NAME", "AWS_CA_BUNDLE")
 _START_TIMEOUT_S = 120
 
 
 def use_fake_credentials() -> None:
     """Fake AWS credentials for this process; no real AWS config file is ever read."""
-    for name in _UNSET:
+    for name in AWS_ENV_TO_UNSET:
         os.environ.pop(name, None)
     os.environ.update(FAKE_CREDS)
     missing = os.path.join(tempfile.gettempdir(), f"vaultsh-bench-no-aws-{uuid.uuid4().hex}")
@@ -59,7 +60,7 @@ def use_fake_credentials() -> None:
     os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 
 
-def _speed_up_moto_dispatch() -> None:
+def speed_up_moto_dispatch() -> None:
     """moto re-lists its package directory (~180 stat calls) on every request to find the
     backend; the answer never changes, so cache it. A pure speed-up; skipped silently
     if a moto release renames the function."""
@@ -160,7 +161,7 @@ def _start_threaded():
     """
     from moto.server import ThreadedMotoServer
 
-    _speed_up_moto_dispatch()
+    speed_up_moto_dispatch()
     fast = os.environ.get("VAULTSH_BENCH_MOTO_RANGES", "fast") != "stock" and _serve_ranges_in_place()
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access-log line per request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

@@ -14,25 +14,16 @@ import uuid
 
 import pytest
 
+from benchmarks.s3server import AWS_ENV_TO_UNSET, FAKE_CREDS, speed_up_moto_dispatch
+
 from .faultproxy import free_port
-
-FAKE_CREDS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_SESSION_TOKEN": "testing",
-    "AWS_SECURITY_TOKEN": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-_UNSET = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-          "S3_ENDPOINT_URL", "AWS_REGION", "S3_BUCKET_NAME", "AWS_CA_BUNDLE")
-
 
 @pytest.fixture(scope="session", autouse=True)
 def aws_test_env(tmp_path_factory):
     """Fake AWS credentials for the whole session; no real AWS config is ever read."""
     missing = tmp_path_factory.mktemp("aws") / "does-not-exist"
     with pytest.MonkeyPatch.context() as mp:
-        for name in _UNSET:
+        for name in AWS_ENV_TO_UNSET:
             mp.delenv(name, raising=False)
         for name, value in FAKE_CREDS.items():
             mp.setenv(name, value)
@@ -42,32 +33,12 @@ def aws_test_env(tmp_path_factory):
         yield dict(FAKE_CREDS)
 
 
-def _speed_up_moto_dispatch() -> None:
-    """moto re-lists its package directory (~180 stat calls) on every request to find the
-    backend; the answer never changes, so cache it. A pure speed-up (~20% per request);
-    skipped silently if a moto release renames the function."""
-    try:
-        import moto.backends as backends
-    except ImportError:  # pragma: no cover
-        return
-    original = getattr(backends, "list_of_moto_modules", None)
-    if original is None or getattr(original, "_vaultsh_cached", False):
-        return
-    modules = tuple(original())
-
-    def cached():
-        return iter(modules)
-
-    cached._vaultsh_cached = True
-    backends.list_of_moto_modules = cached
-
-
 @pytest.fixture(scope="session")
 def s3_server(aws_test_env):
     """The endpoint URL of a moto S3 server on 127.0.0.1 (one per session)."""
     from moto.server import ThreadedMotoServer
 
-    _speed_up_moto_dispatch()
+    speed_up_moto_dispatch()
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access-log line per request
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
