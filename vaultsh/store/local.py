@@ -145,14 +145,21 @@ class LocalStore:
         parts = key.split("/")[:-1]
         for i, part in enumerate(parts):
             cur = cur / part
-            try:
-                os.mkdir(cur)
-                created.append(cur)
-            except FileExistsError:
-                if not cur.is_dir():
+            for _attempt in range(_MKDIR_ATTEMPTS):
+                try:
+                    os.mkdir(cur)
+                    created.append(cur)
+                    break
+                except FileExistsError:
+                    try:
+                        mode = os.lstat(cur).st_mode  # one snapshot: a concurrent prune/mkdir can't mislead
+                    except FileNotFoundError:
+                        continue  # a concurrent delete pruned the directory after our mkdir failed: again
+                    if stat.S_ISDIR(mode):
+                        break
                     raise self._clash(key, "/".join(parts[: i + 1]), other_is_dir=False) from None
-            except NotADirectoryError:  # pragma: no cover - caught by the FileExistsError above
-                raise self._clash(key, "/".join(parts[:i]), other_is_dir=False) from None
+                except NotADirectoryError:  # pragma: no cover - caught by the FileExistsError above
+                    raise self._clash(key, "/".join(parts[:i]), other_is_dir=False) from None
         return created
 
     def _atomic_write(self, key: str, write) -> None:
