@@ -1,0 +1,411 @@
+"""What the plan needs to know about a model, read without its weights.
+
+`read_model_shape(model_cfg, overrides)` returns a `ModelShape`: layer count,
+widths, heads, vocabulary and the exact parameter count per decoder layer and
+outside the layers. Sources, best first:
+
+- a GGUF file: its header (metadata and the tensor table: exact counts, nothing
+  dequantized);
+- a model directory, or a hub id already in the local HF cache: its
+  config.json, and the model built on torch's ``meta`` device (no memory, no
+  weights read) to count parameters exactly for any architecture transformers
+  knows;
+- explicit overrides (``--n-layers``, ``--d-model``, ...) when the model cannot
+  be read here (a hub id that is not cached: the plan never goes online). The
+  parameter count is then a Llama-style formula and says so.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional
+
+from vaultsh.errors import ConfigError
+
+__all__ = ["ModelShape", "read_model_shape", "dtype_bytes"]
+
+_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+
+
+def dtype_bytes(name: str) -> int:
+    """Bytes per element of a float dtype name ('bfloat16' -> 2)."""
+    return _DTYPE_BYTES[name]
+
+
+@dataclass
+class ModelShape:
+    """Architecture facts and parameter counts of a model (no weights)."""
+
+    name: str
+    n_layers: int
+    d_model: int
+    d_mlp: Optional[int] = None
+    n_heads: Optional[int] = None
+    n_kv_heads: Optional[int] = None
+    vocab_size: Optional[int] = None
+    max_context: Optional[int] = None
+    model_type: str = "unknown"
+    config_dtype: Optional[str] = None  # the dtype the checkpoint declares (for dtype: auto)
+    #: parameters of each decoder layer (len == n_layers)
+    layer_params: list[int] = field(default_factory=list)
+    #: parameters outside the decoder layers (embeddings, final norm, untied LM head)
+    other_params: int = 0
+    #: parameters the forward pass needs before layer 0 (the input embeddings)
+    embed_params: int = 0
+    source: str = ""
+    exact_params: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def params(self) -> int:
+        return self.other_params + sum(self.layer_params)
+
+    def params_through(self, layer: int) -> int:
+        """Parameters the forward pass uses up to and including decoder layer `layer`."""
+        return self.embed_params + sum(self.layer_params[: layer + 1])
+
+    @property
+    def kv_dim(self) -> int:
+        if self.n_heads and self.n_kv_heads:
+            return self.d_model * self.n_kv_heads // self.n_heads
+        return self.d_model
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["params"] = self.params
+        per = set(self.layer_params)
+        d["layer_params"] = self.layer_params[0] if len(per) == 1 else self.layer_params
+        return d
+
+
+# --------------------------------------------------------------------------- #
+# GGUF: metadata and tensor table
+# --------------------------------------------------------------------------- #
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+def read_gguf_tables(path: Path) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+    """(scalar/string metadata, {tensor name: shape}) of a GGUF file; arrays are skipped."""
+    with open(path, "rb", buffering=1 << 20) as f:
+        rd = f.read
+
+        def u32() -> int:
+            return struct.unpack("<I", rd(4))[0]
+
+        def u64() -> int:
+            return struct.unpack("<Q", rd(8))[0]
+
+        def string() -> str:
+            return rd(u64()).decode("utf-8", "replace")
+
+        def skip(item_type: int, count: int) -> None:
+            if item_type == _STRING:
+                for _ in range(count):
+                    f.seek(u64(), 1)
+            elif item_type == _ARRAY:
+                for _ in range(count):
+                    it, n = u32(), u64()
+                    skip(it, n)
+            else:
+                f.seek(struct.calcsize(_GGUF_SCALARS[item_type]) * count, 1)
+
+        if rd(4) != b"GGUF":
+            raise ConfigError(f"{path}: not a GGUF file (bad magic)")
+        if u32() < 2:
+            raise ConfigError(f"{path}: GGUF version too old (need 2 or 3)")
+        n_tensors, n_kv = u64(), u64()
+        meta: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key, vt = string(), u32()
+            if vt == _STRING:
+                meta[key] = string()
+            elif vt == _ARRAY:
+                it, n = u32(), u64()
+                skip(it, n)
+                meta[key + ".length"] = n
+            elif vt in _GGUF_SCALARS:
+                fmt = _GGUF_SCALARS[vt]
+                meta[key] = struct.unpack(fmt, rd(struct.calcsize(fmt)))[0]
+            else:
+                raise ConfigError(f"{path}: unreadable GGUF header (value type {vt} for {key!r})")
+        tensors: dict[str, tuple[int, ...]] = {}
+        for _ in range(n_tensors):
+            name = string()
+            dims = tuple(u64() for _ in range(u32()))
+            u32()  # ggml type
+            u64()  # offset
+            tensors[name] = dims
+    return meta, tensors
+
+
+def _shape_from_gguf(name: str, path: Path) -> ModelShape:
+    try:
+        meta, tensors = read_gguf_tables(path)
+    except (OSError, struct.error) as e:
+        raise ConfigError(f"model {name!r}: cannot read the GGUF header of {str(path)!r}: {e}") from None
+    arch = str(meta.get("general.architecture", ""))
+
+    def get(key: str) -> Optional[int]:
+        v = meta.get(f"{arch}.{key}")
+        return int(v) if isinstance(v, int) and not isinstance(v, bool) else None
+
+    n_layers, d_model = get("block_count"), get("embedding_length")
+    if not n_layers or not d_model:
+        raise ConfigError(f"model {name!r}: GGUF header lacks {arch}.block_count/{arch}.embedding_length")
+    layer_params = [0] * n_layers
+    other = embed = 0
+    for tname, dims in tensors.items():
+        n = math.prod(dims)
+        parts = tname.split(".")
+        if parts[0] == "blk" and len(parts) > 1 and parts[1].isdigit() and int(parts[1]) < n_layers:
+            layer_params[int(parts[1])] += n
+        else:
+            other += n
+            if tname.startswith("token_embd"):
+                embed += n
+    vocab = get("vocab_size") or meta.get("tokenizer.ggml.tokens.length")
+    return ModelShape(
+        name=name,
+        n_layers=n_layers,
+        d_model=d_model,
+        d_mlp=get("feed_forward_length"),
+        n_heads=get("attention.head_count"),
+        n_kv_heads=get("attention.head_count_kv") or get("attention.head_count"),
+        vocab_size=int(vocab) if vocab else None,
+        max_context=get("context_length"),
+        model_type=arch or "unknown",
+        config_dtype="float32",  # the collector dequantizes GGUF weights to float32
+        layer_params=layer_params,
+        other_params=other,
+        embed_params=embed,
+        source=f"GGUF header of {path.name}",
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Hugging Face config (local directory or the local cache)
+# --------------------------------------------------------------------------- #
+
+
+@contextmanager
+def _forced_offline() -> Iterator[None]:
+    """The plan never reaches a hub: reads use the local files/cache only."""
+    keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    old = {k: os.environ.get(k) for k in keys}
+    for k in keys:
+        os.environ[k] = "1"
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _attr(cfg: Any, *names: str) -> Optional[int]:
+    for n in names:
+        v = getattr(cfg, n, None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    return None
+
+
+def _hf_config(model_cfg: Any, local: Optional[Path]) -> Any:
+    from transformers import AutoConfig
+
+    kw: dict[str, Any] = {"trust_remote_code": bool(model_cfg.trust_remote_code), "local_files_only": True}
+    if model_cfg.cache_dir:
+        kw["cache_dir"] = model_cfg.cache_dir
+    for k in ("revision", "subfolder"):
+        if k in model_cfg.kwargs:
+            kw[k] = model_cfg.kwargs[k]
+    return AutoConfig.from_pretrained(str(local) if local else model_cfg.name, **kw)
+
+
+def _count_on_meta(config: Any) -> tuple[list[int], int, int]:
+    """(params per decoder layer, params outside them, input-embedding params), exactly, on the meta device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from collector.layers import find_decoder_layers
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    layers = find_decoder_layers(model)
+    seen: set[int] = set()
+    layer_params = []
+    for layer in layers:
+        n = 0
+        for p in layer.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel()
+        layer_params.append(n)
+    total = sum(p.numel() for p in model.parameters())  # tied weights counted once
+    emb = model.get_input_embeddings()
+    embed = sum(p.numel() for p in emb.parameters()) if emb is not None else 0
+    return layer_params, total - sum(layer_params), embed
+
+
+def _shape_from_hf(model_cfg: Any, config: Any, where: str) -> ModelShape:
+    text = config
+    if hasattr(config, "get_text_config"):
+        try:
+            text = config.get_text_config(decoder=True)
+        except TypeError:
+            text = config.get_text_config()
+    n_layers = _attr(text, "num_hidden_layers", "n_layer", "num_layers", "n_layers")
+    d_model = _attr(text, "hidden_size", "n_embd", "d_model", "dim")
+    if not n_layers or not d_model:
+        raise ConfigError(f"model {model_cfg.name!r}: its config has no layer count or hidden size")
+    dt = getattr(text, "dtype", None) or getattr(text, "torch_dtype", None) or getattr(config, "torch_dtype", None)
+    dt_name = str(dt).replace("torch.", "") if dt is not None else None
+    shape = ModelShape(
+        name=model_cfg.name,
+        n_layers=n_layers,
+        d_model=d_model,
+        d_mlp=_attr(text, "intermediate_size", "n_inner", "ffn_dim", "d_ff"),
+        n_heads=_attr(text, "num_attention_heads", "n_head", "num_heads"),
+        n_kv_heads=_attr(text, "num_key_value_heads", "num_kv_heads") or _attr(text, "num_attention_heads", "n_head"),
+        vocab_size=_attr(text, "vocab_size") or _attr(config, "vocab_size"),
+        max_context=_attr(text, "max_position_embeddings", "n_positions", "max_sequence_length", "n_ctx"),
+        model_type=str(getattr(text, "model_type", "") or "unknown"),
+        config_dtype=dt_name if dt_name in _DTYPE_BYTES else None,
+        source=where,
+    )
+    try:
+        shape.layer_params, shape.other_params, shape.embed_params = _count_on_meta(config)
+    except Exception as e:  # an architecture transformers cannot build here: fall back to the formula
+        _formula_params(shape)
+        shape.notes.append(f"parameters from a Llama-style formula ({type(e).__name__} building the model on meta)")
+    return shape
+
+
+# --------------------------------------------------------------------------- #
+# Formula (overrides only)
+# --------------------------------------------------------------------------- #
+
+
+def _formula_params(shape: ModelShape, tied: bool = False) -> None:
+    """Llama-style counts: attention q,k,v,o + gated MLP + 2 norms per layer; embeddings (+ LM head)."""
+    D = shape.d_model
+    I = shape.d_mlp or 4 * D
+    kv = shape.kv_dim
+    per_layer = 2 * D * D + 2 * D * kv + 3 * D * I + 2 * D
+    V = shape.vocab_size or 0
+    shape.layer_params = [per_layer] * shape.n_layers
+    shape.embed_params = V * D
+    shape.other_params = V * D * (1 if tied else 2) + D
+    shape.exact_params = False
+
+
+def _apply_overrides(shape: ModelShape, overrides: Mapping[str, int]) -> ModelShape:
+    o = {k: v for k, v in overrides.items() if v is not None and k != "params"}
+    if not o and overrides.get("params") is None:
+        return shape
+    changed_arch = any(getattr(shape, k) != v for k, v in o.items())
+    shape = replace(shape, **o, notes=list(shape.notes))
+    if changed_arch:
+        _formula_params(shape)
+        shape.notes.append("parameters from a Llama-style formula over the overridden sizes")
+    total = overrides.get("params")
+    if total is not None:
+        # scale the per-layer/other split to the given total
+        old = shape.params or 1
+        shape.layer_params = [round(p * total / old) for p in shape.layer_params]
+        shape.other_params = total - sum(shape.layer_params)
+        shape.embed_params = min(shape.embed_params, shape.other_params)
+        shape.exact_params = False
+        shape.notes.append(f"total parameters given: {total:,}")
+    shape.source += " + overrides (" + ", ".join(f"{k}={v}" for k, v in overrides.items() if v is not None) + ")"
+    return shape
+
+
+def _in_hf_cache(model_cfg: Any) -> bool:
+    """Whether the hub id's config.json is in the local cache (cheap: no transformers import)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        got = try_to_load_from_cache(model_cfg.name, "config.json", cache_dir=model_cfg.cache_dir,
+                                     revision=model_cfg.kwargs.get("revision"))
+    except Exception:
+        return False
+    return isinstance(got, str) and Path(got).is_file()
+
+
+def read_model_shape(model_cfg: Any, overrides: Optional[Mapping[str, Optional[int]]] = None) -> ModelShape:
+    """The ModelShape of the config's model, offline and without weights.
+
+    Raises ConfigError naming the model and the overrides to give when it
+    cannot be read here and the overrides do not suffice (n_layers and
+    d_model at least).
+    """
+    from collector.config import locate_gguf, resolve_pkg
+
+    overrides = dict(overrides or {})
+    name = model_cfg.name
+    try:
+        resolved = resolve_pkg(name)
+        gg = locate_gguf(resolved, model_cfg.kwargs)
+    except ConfigError:
+        gg, resolved = None, name
+        if not (overrides.get("n_layers") and overrides.get("d_model")):
+            raise
+    if gg is not None:
+        path = gg[0] / gg[1]
+        if not path.is_file():
+            raise ConfigError(f"model {name!r}: GGUF file {str(path)!r} does not exist")
+        return _apply_overrides(_shape_from_gguf(name, path), overrides)
+
+    p = Path(resolved).expanduser()
+    if p.is_file() and p.name == "config.json":
+        p = p.parent
+    local = p if (p / "config.json").is_file() else None
+    reason = ""
+    if local is None and (p.exists() or resolved.startswith((".", "/", "~"))):
+        reason = "no such model directory or .gguf file" if not p.exists() else "no config.json and no .gguf file"
+    elif local is None and not _in_hf_cache(model_cfg):
+        reason = "not found locally (the plan reads the local HF cache only, never the hub)"
+    else:
+        try:
+            with _forced_offline():
+                config = _hf_config(model_cfg, local)
+            where = f"{local / 'config.json'}" if local else "config.json in the local HF cache"
+            return _apply_overrides(_shape_from_hf(model_cfg, config, where), overrides)
+        except ConfigError:
+            raise
+        except Exception as e:  # OSError / ValueError from transformers: not here
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            reason = "not found locally (the plan reads the local HF cache only, never the hub)"
+            if local is not None:
+                reason = f"cannot read its config: {first[:200]}"
+    n_layers, d_model = overrides.get("n_layers"), overrides.get("d_model")
+    if not n_layers or not d_model:
+        raise ConfigError(
+            f"model {name!r}: cannot read the model's facts here: {reason}; "
+            "give them with --n-layers and --d-model (and --d-mlp, --n-heads, --n-kv-heads, --vocab-size, "
+            "--params for the memory estimate)"
+        )
+    shape = ModelShape(name=name, n_layers=n_layers, d_model=d_model, source="overrides")
+    shape.notes.append(f"model facts not read ({reason}): from the command line")
+    for k in ("d_mlp", "n_heads", "n_kv_heads", "vocab_size", "max_context"):
+        if overrides.get(k):
+            setattr(shape, k, overrides[k])
+    _formula_params(shape)
+    if overrides.get("params"):
+        return _apply_overrides(shape, {"params": overrides["params"]})
+    missing = [k for k in ("d_mlp", "vocab_size") if not overrides.get(k)]
+    if missing:
+        shape.notes.append(
+            "parameter count is a rough Llama-style estimate (missing " + ", ".join("--" + m.replace("_", "-") for m in missing) + ")"
+        )
+    return shape
