@@ -80,6 +80,8 @@ __all__ = [
     "CollectConfig",
     "ModelConfig",
     "DataConfig",
+    "DatasetEntry",
+    "InferenceConfig",
     "UploadConfig",
     "StorageConfig",
     "ModelFacts",
@@ -276,10 +278,55 @@ class ModelConfig(_Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
-class DataConfig(_Strict):
-    """Activault's `data_config`, field for field."""
+def _check_sample(v: Any) -> Any:
+    if v is None:
+        return v
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _err("is not a number (write a count such as 500 or a fraction such as 0.25)")
+    if isinstance(v, float) and v.is_integer() and v > 1:
+        v = int(v)
+    if isinstance(v, int):
+        if v < 1:
+            raise _err("is not allowed (a count must be >= 1)")
+        return v
+    if not 0 < v <= 1:
+        raise _err("is not allowed (a fraction must be in (0, 1]; a count must be a whole number)")
+    return v
 
-    data_key: NonEmptyStr
+
+LocalFormat = Literal["json", "jsonl", "csv", "text", "parquet"]
+Weight = Annotated[float, BeforeValidator(_no_bool), Field(gt=0)]
+
+
+class DatasetEntry(_Strict):
+    """One entry of `data.datasets` (the LM-training `dataset_config` form).
+
+    Exactly one of `text_field` / `text_template` (checked in `load_config`).
+    `path` is a Hugging Face hub id or a local file/directory; `format` forces
+    a local file format (otherwise inferred from the file name).
+    """
+
+    name: NonEmptyStr
+    path: NonEmptyStr
+    subset: Optional[str] = None
+    split: str = "train"
+    streaming: bool = False
+    weight: Weight = 1.0
+    text_field: Optional[str] = None
+    text_template: Optional[str] = None
+    format: Optional[LocalFormat] = None
+    chat: Optional[bool] = None
+
+
+class DataConfig(_Strict):
+    """Activault's `data_config`, field for field, plus data sources and input shaping.
+
+    Exactly one source: `data_key` (registry/file/hub key), `datasets` (weighted
+    list), `data_mixes` + `mix` (a named mix in a file) or `path` (labelled
+    collection). See docs/data.md.
+    """
+
+    data_key: Optional[NonEmptyStr] = None
     n_batches: PosInt
     seq_length: Annotated[int, BeforeValidator(_no_bool), Field(ge=2)]
     batch_size: PosInt
@@ -289,6 +336,42 @@ class DataConfig(_Strict):
     clean_added_tokens: bool = False
     clean_default_system_prompt: bool = False
     bucket_name: BucketName = None
+    # sources other than data_key
+    datasets: Optional[list[DatasetEntry]] = None
+    data_mixes: Optional[NonEmptyStr] = None
+    mix: Optional[NonEmptyStr] = None
+    stopping_strategy: Literal["first_exhausted", "all_exhausted"] = "first_exhausted"
+    path: Optional[NonEmptyStr] = None
+    subset: Optional[str] = None
+    split: str = "train"
+    text_field: Optional[str] = None
+    text_template: Optional[str] = None
+    chat: Optional[bool] = None
+    # labelled collection
+    categories: list[str] = Field(default_factory=list)
+    category_field: Optional[NonEmptyStr] = None
+    category_balance_strategy: Literal["use_all", "equalize"] = "use_all"
+    label_columns: list[str] = Field(default_factory=list)
+    # input shaping
+    shuffle: bool = True
+    filter: Optional[str] = None
+    sample: Annotated[Optional[Union[int, float]], BeforeValidator(_check_sample)] = None
+    max_samples: Optional[PosInt] = None
+    sort_by_length: bool = False
+    reversed: bool = False
+    packing: bool = False
+
+
+class InferenceConfig(_Strict):
+    """The refusal-circuit collector's `inference:` section: generation and batch sizing."""
+
+    batch_size: Optional[PosInt] = None
+    max_new_tokens: NonNegInt = 0
+    save_activations: bool = True
+    auto_find_batch_size: bool = False
+    do_sample: bool = False
+    temperature: Annotated[float, BeforeValidator(_no_bool), Field(gt=0)] = 1.0
+    top_p: Annotated[float, BeforeValidator(_no_bool), Field(gt=0, le=1)] = 1.0
 
 
 class UploadConfig(_Strict):
@@ -321,6 +404,7 @@ class CollectConfig(_Strict):
     data: DataConfig
     upload: UploadConfig
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
 
     # Where it came from, and how the user spelled things (for error messages).
     _source: str = PrivateAttr(default="<config>")
@@ -412,6 +496,8 @@ class _RawConfig(_Strict):
     upload: Optional[_UploadIn] = None
     storage: Annotated[Optional[_StorageIn], BeforeValidator(_storage_shorthand)] = None
     activation_layers: Optional[_HookList] = None
+    inference: Optional[InferenceConfig] = None
+    plan: Optional[dict[str, Any]] = None  # prices etc. for `vaultsh plan`; the collector ignores it
 
 
 # Keys that belong somewhere else (for "did you mean" across sections).
@@ -421,6 +507,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "data_config": DataConfig,
     "upload_config": _UploadIn,
     "storage": _StorageIn,
+    "inference": InferenceConfig,
 }
 
 # kwargs that collide with fields: the loader passes these itself.
@@ -487,7 +574,6 @@ def _model_at(cls: type[BaseModel], loc: tuple) -> Optional[type[BaseModel]]:
 
 # Top-level sections of the refusal-circuit collector that have no meaning here.
 _FOREIGN_SECTIONS = {
-    "inference": "generation settings are not used (vaultsh runs one forward pass per batch); remove it",
     "output": "write storage.uri (or data_config.bucket_name) instead",
 }
 
@@ -619,6 +705,17 @@ def _read_yaml(path: Path, label: str) -> Any:
 # --------------------------------------------------------------------------- #
 
 
+def _inference_batch_size_into_data(data: dict) -> None:
+    """The refusal-circuit form puts batch_size under inference:; use it when data has none."""
+    inf = data.get("inference")
+    if not isinstance(inf, Mapping) or "batch_size" not in inf:
+        return
+    for section in ("data_config", "data"):
+        d = data.get(section)
+        if isinstance(d, dict) and "batch_size" not in d:
+            d["batch_size"] = inf["batch_size"]
+
+
 def load_config(source: Union[str, os.PathLike, Mapping[str, Any]], *, name: Optional[str] = None) -> CollectConfig:
     """Load, normalise and validate a config (a YAML path, or an already-parsed mapping).
 
@@ -644,10 +741,12 @@ def load_config(source: Union[str, os.PathLike, Mapping[str, Any]], *, name: Opt
     if bad_keys:
         raise ConfigError(f"{label}: key {_fmt_value(bad_keys[0])} is not a string")
 
+    _inference_batch_size_into_data(data)
     try:
         raw = _RawConfig.model_validate(data)
     except ValidationError as e:
         raise _validation_error(label, _RawConfig, e) from None
+    base_dir = Path(os.fspath(source)).expanduser().resolve().parent if not isinstance(source, Mapping) else None
 
     errors: list[str] = []
     fields: dict[str, str] = {}
@@ -766,6 +865,21 @@ def load_config(source: Union[str, os.PathLike, Mapping[str, Any]], *, name: Opt
         except ConfigError as e:
             errors.append(str(e))
 
+    # ---- data sources, shaping, inference ----------------------------------
+    inference = raw.inference or InferenceConfig()
+    fields["inference"] = "inference"
+    if data_cfg is not None:
+        from collector.datacheck import check_data_section
+
+        fmt = (raw.storage.format if raw.storage is not None else "safetensors")
+        data_errors, data_cfg = check_data_section(data_cfg, fields["data"], base_dir, inference, fmt)
+        errors.extend(data_errors)
+        ib = data.get("inference", {}).get("batch_size") if isinstance(data.get("inference"), Mapping) else None
+        if ib is not None and ib != data_cfg.batch_size:
+            errors.append(
+                f"inference.batch_size: {ib} contradicts {fields['data']}.batch_size {data_cfg.batch_size}; write one of them"
+            )
+
     # ---- cross-field checks --------------------------------------------------
     if data_cfg is not None and raw.num_runs > data_cfg.n_batches:
         errors.append(
@@ -808,6 +922,7 @@ def load_config(source: Union[str, os.PathLike, Mapping[str, Any]], *, name: Opt
                 max_queued_megabatches=upload_in.max_queued_megabatches if upload_in else 2,
             ),
             storage=StorageConfig(uri=uri, format=st.format, dtype=st.dtype),
+            inference=inference,
         )
     except ValidationError as e:  # should not happen: inputs were validated above
         msgs = [_one_error(CollectConfig, err) for err in e.errors()]

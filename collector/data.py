@@ -144,7 +144,28 @@ class DataSpec:
     skip_cache: bool = False
     clean_added_tokens: bool = False
     clean_default_system_prompt: bool = False
-    packing: bool = False  # hook for packing several documents per row; not implemented
+    packing: bool = False  # concatenate documents with EOS up to seq_length (collector/packing.py)
+    # other sources, labels and shaping: the same fields as collector.config.DataConfig
+    datasets: list | None = None
+    data_mixes: str | None = None
+    mix: str | None = None
+    stopping_strategy: str = "first_exhausted"
+    path: str | None = None
+    subset: str | None = None
+    split: str = "train"
+    text_field: str | None = None
+    text_template: str | None = None
+    chat: bool | None = None
+    categories: list = field(default_factory=list)
+    category_field: str | None = None
+    category_balance_strategy: str = "use_all"
+    label_columns: list = field(default_factory=list)
+    shuffle: bool = True
+    filter: str | None = None
+    sample: float | int | None = None
+    max_samples: int | None = None
+    sort_by_length: bool = False
+    reversed: bool = False
 
 
 @dataclass(frozen=True)
@@ -153,8 +174,8 @@ class SourceSpec:
 
     key: str  # the data_key as written
     name: str  # registry name, or the file / hub location for direct keys
-    source: str  # "pydoc_topics" | "file:<abs path>" | "hf:<repo>[:<subset>]:<split>"
-    kind: str  # "pydoc" | "file" | "hf"
+    source: str  # "pydoc_topics" | "file:<abs path>" | "hf:<repo>[:<subset>]:<split>" | "datasets:<path>"
+    kind: str  # "pydoc" | "file" | "hf" | "datasets" (a `datasets:` entry, loaded with HF datasets)
     chat: bool | None = False  # None: decided per record (direct files only)
     template_name: str | None = None
     text_field: str | None = None
@@ -171,6 +192,12 @@ class SourceSpec:
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
     txt_split: str = "paragraph"
     max_doc_chars: int = DEFAULT_MAX_DOC_CHARS
+    # kind "datasets" only
+    ds_path: str | None = None  # hub id, or an absolute local file/directory
+    ds_local: bool = False
+    ds_format: str | None = None  # json | jsonl | csv | text | parquet (local files)
+    streaming: bool = False
+    weight: float = 1.0
 
     def to_dict(self) -> dict:
         """JSON-ready description (for cfg.json)."""
@@ -189,6 +216,9 @@ class SourceSpec:
             out["txt_split"] = self.txt_split
         if self.kind == "pydoc":
             out["max_doc_chars"] = self.max_doc_chars
+        if self.kind == "datasets":
+            out.update(path=self.ds_path, subset=self.hf_subset, split=self.hf_split, format=self.ds_format,
+                       streaming=self.streaming, weight=self.weight)
         return {k: v for k, v in out.items() if v is not None}
 
 
@@ -199,6 +229,7 @@ class Document:
     text: str | None = None
     messages: list[dict] | None = None
     index: int = -1  # record index in source order (stream position for hub sources)
+    labels: dict[str, Any] = field(default_factory=dict)  # per-sequence labels (category, label_columns, ...)
 
     @property
     def is_chat(self) -> bool:
@@ -215,6 +246,8 @@ class Batch:
     mask: "torch.Tensor"  # BoolTensor [B, T]: True on content tokens only
     n_tokens: int  # mask.sum()
     doc_index: list[int] = field(default_factory=list)  # Document.index of each row
+    labels: dict[str, list] = field(default_factory=dict)  # label name -> one value per row
+    documents: list[Document] = field(default_factory=list)  # the rows' documents (not with packing)
 
     @property
     def batch_size(self) -> int:
@@ -530,6 +563,11 @@ def _iter_records(spec: SourceSpec, seed: int | None) -> Iterator[tuple[int, Any
     if spec.kind == "hf":
         yield from _iter_hf(spec, seed)
         return
+    if spec.kind == "datasets":
+        from collector.datasources import iter_dataset_records
+
+        yield from iter_dataset_records(spec, seed)
+        return
     path = spec.path
     assert path is not None
     suffix = Path(path).suffix.lower()
@@ -664,16 +702,24 @@ def _record_to_document(rec: Any, index: int, spec: SourceSpec) -> Document | No
         try:
             text = spec.template.format_map(_FormatRecord(rec))
         except KeyError as e:
-            raise UserError(f"{where}: template {spec.template!r} names field {e.args[0]!r}, which the record lacks (fields: {', '.join(map(str, rec))})") from None
+            present = ", ".join(str(k) for k, v in rec.items() if v is not None)
+            raise UserError(f"{where}: template {spec.template!r} names field {e.args[0]!r}, which the record lacks "
+                            f"(fields: {present})") from None
         except (IndexError, ValueError, AttributeError) as e:
             raise UserError(f"{where}: template {spec.template!r} cannot be applied: {e}") from None
     elif spec.text_field is not None and not isinstance(rec, str):
-        text = _text(_field(rec, spec.text_field, where))
+        value = _field(rec, spec.text_field, where)
+        if isinstance(value, list):  # a list of messages: chat
+            messages = _normalize_messages(value, where)
+        else:
+            text = _text(value)
     elif isinstance(rec, str):
         text = rec
     elif isinstance(rec, dict):
         if "text" in rec:
             text = _text(rec["text"])
+        elif isinstance(rec.get("prompt"), str):  # prompt datasets (OR-Bench, AdvBench, ...)
+            text = rec["prompt"]
         else:
             for f in AUTO_CHAT_FIELDS:
                 if isinstance(rec.get(f), list):
@@ -706,8 +752,17 @@ def _text(v: Any) -> str:
 
 
 class _FormatRecord(dict):
+    """A record for str.format_map: a missing field, or a null one (how Hugging Face datasets
+    fill a field that some records lack), is a KeyError."""
+
     def __missing__(self, key):
         raise KeyError(key)
+
+    def __getitem__(self, key):
+        v = super().__getitem__(key)
+        if v is None:
+            raise KeyError(key)
+        return v
 
 
 def iter_documents(source: SourceSpec | str, seed: int | None = None,
@@ -791,8 +846,9 @@ class _Encoder:
     """Renders documents and tokenises them into (ids, content mask) rows."""
 
     def __init__(self, tokenizer, seq_length: int, clean_added_tokens: bool,
-                 clean_default_system_prompt: bool, data_key: str = ""):
+                 clean_default_system_prompt: bool, data_key: str = "", generation_prompt: bool = False):
         self.tok = tokenizer
+        self.generation_prompt = generation_prompt
         self.seq_length = seq_length
         self.clean_added = clean_added_tokens
         self.clean_sys = clean_default_system_prompt
@@ -823,7 +879,8 @@ class _Encoder:
                 "but this tokenizer has none; use a plain-text key (e.g. NAME:plain)"
             )
         try:
-            text = self.tok.apply_chat_template(doc.messages, tokenize=False, add_generation_prompt=False)
+            text = self.tok.apply_chat_template(doc.messages, tokenize=False,
+                                                add_generation_prompt=self.generation_prompt)
         except Exception as e:
             raise UserError(f"data {self.data_key!r} document {doc.index}: the chat template rejected it: {e}") from None
         span = None
@@ -874,6 +931,18 @@ class _Encoder:
             for i, r in zip(idx, rows):
                 out[i] = r["long"]
         return [bool(x) for x in out]
+
+    def lengths(self, docs: Sequence[Document]) -> list[int]:
+        """Exact token count of each rendered document (for sort_by_length)."""
+        out = [0] * len(docs)
+        rendered = [self.render(d) for d in docs]
+        for add_special in (True, False):
+            idx = [i for i, r in enumerate(rendered) if r[1] is add_special]
+            if idx:
+                enc = self._tokenize([rendered[i][0] for i in idx], add_special, offsets=False)
+                for i, ids in zip(idx, enc["input_ids"]):
+                    out[i] = len(ids)
+        return out
 
     def encode(self, docs: Sequence[Document]) -> list[tuple[Any, Any, bool]]:
         """(ids truncated to seq_length, content mask, was_longer) per document."""
@@ -933,7 +1002,8 @@ class BatchStream:
     """
 
     def __init__(self, spec: Any, tokenizer, worker: int = 0, num_workers: int = 1, *,
-                 base_dir: str | os.PathLike | None = None, source: SourceSpec | None = None):
+                 base_dir: str | os.PathLike | None = None, source: SourceSpec | None = None,
+                 max_new_tokens: int = 0):
         self.spec = spec
         self.tokenizer = tokenizer
         self.worker = int(worker)
@@ -955,19 +1025,35 @@ class BatchStream:
             raise ConfigError(f"data_config.start_batch: must be >= 0, got {self.start_batch}")
         if self.num_workers < 1 or not 0 <= self.worker < self.num_workers:
             raise ConfigError(f"worker index {self.worker} is not in [0, num_runs={self.num_workers})")
-        if _spec_value(spec, "packing", False):
-            raise ConfigError("data_config.packing: packing several documents per sequence is not supported yet (one document per sequence)")
-        self.source = source if source is not None else resolve_data_key(_spec_value(spec, "data_key"), base_dir)
-        self.encoder = _Encoder(
-            tokenizer, self.seq_length,
-            bool(_spec_value(spec, "clean_added_tokens", False)),
-            bool(_spec_value(spec, "clean_default_system_prompt", False)),
-            data_key=self.source.key,
-        )
+        self.packing = bool(_spec_value(spec, "packing", False))
+        self.max_new_tokens = int(max_new_tokens or 0)
+        if self.packing and (self.skip_cache or self.max_new_tokens):
+            raise ConfigError("data_config.packing: cannot be combined with skip_cache or generation (max_new_tokens)")
+        if self.max_new_tokens >= self.seq_length:
+            raise ConfigError(f"inference.max_new_tokens: {self.max_new_tokens} leaves no room for the prompt "
+                              f"(seq_length {self.seq_length})")
+        # generation mode: rows are prompts of up to seq_length - max_new_tokens tokens; a longer prompt
+        # is dropped like skip_cache does (a cut prompt would lose the chat template's generation prompt)
+        self.row_length = self.seq_length - self.max_new_tokens
+        self.skip_cache = self.skip_cache or self.max_new_tokens > 0
+        from collector.datasources import plan_sources
+
+        self.sources = [source] if source is not None else plan_sources(spec, base_dir)
+        self.source = self.sources[0]
+        self.description = " + ".join(s.key for s in self.sources)
+        clean_added = bool(_spec_value(spec, "clean_added_tokens", False))
+        clean_sys = bool(_spec_value(spec, "clean_default_system_prompt", False))
+        self.encoder = _Encoder(tokenizer, self.row_length, clean_added, clean_sys,
+                                data_key=self.description, generation_prompt=self.max_new_tokens > 0)
+        # packing tokenises whole documents (no truncation: they continue on the next row)
+        self._full_encoder = _Encoder(tokenizer, 1 << 40, clean_added, clean_sys, data_key=self.description)
         pad = getattr(tokenizer, "pad_token_id", None)
         if pad is None:
             pad = getattr(tokenizer, "eos_token_id", None)
         self.pad_id = int(pad) if pad is not None else 0
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos_id = int(eos) if eos is not None else self.pad_id
+        self.eos_keep = not (clean_added and self.eos_id in self.encoder.special_ids)
         self.produced = 0
         self.exhausted = False
         self.available_batches: int | None = None
@@ -1024,16 +1110,17 @@ class BatchStream:
     def _mark_exhausted(self, b: int) -> None:
         self.exhausted = True
         self.available_batches = b
+        what = "packed rows" if self.packing else "usable documents"
         if b == 0:
             raise UserError(
-                f"data_config.data_key: {self.source.key!r} has fewer than batch_size={self.batch_size} usable documents"
+                f"data_config.data_key: {self.description!r} has fewer than batch_size={self.batch_size} {what}"
                 + (" (skip_cache drops documents longer than seq_length)" if self.skip_cache else "")
             )
         if self.n_batches is None:
-            log.info("data source %r ran out after %d global batches", self.source.key, b)
+            log.info("data source %r ran out after %d global batches", self.description, b)
         elif b < self.n_batches:
             log.warning("data source %r ran out after %d global batches (n_batches=%s); worker %d produced %d",
-                        self.source.key, b, self.n_batches, self.worker, self.produced)
+                        self.description, b, self.n_batches, self.worker, self.produced)
 
     def __iter__(self) -> Iterator[Batch]:
         self.produced = 0
@@ -1042,20 +1129,65 @@ class BatchStream:
         last = self._last_owned()
         if last is not None and last < 0:
             return
-        docs = iter_documents(self.source, seed=self.seed)
+        docs = self.documents()
         try:
+            if self.packing:
+                for b, rows in self._packed_groups(docs, last):
+                    if rows is not None:
+                        yield self._make_packed_batch(b, rows)
+                        self.produced += 1
+                return
             for b, group, encs in self._groups(docs, last):
                 if encs is None:
                     continue
                 yield self._make_batch(b, group, encs)
                 self.produced += 1
         finally:
-            docs.close()
+            close = getattr(docs, "close", None)
+            if close is not None:
+                close()
+
+    def documents(self) -> Iterator[Document]:
+        """The whole document stream (sources, labels, interleaving, shaping), as every worker sees it."""
+        from collector.datasources import document_stream
+
+        return document_stream(self.spec, self.sources, self.seed, self.encoder.lengths)
+
+    def _packed_groups(self, docs: Iterator[Document], last: int | None) -> Iterator[tuple[int, list | None]]:
+        """(global index, rows if owned) of packed batches 0, 1, ... up to last."""
+        from collector.packing import pack_rows
+
+        def encoded() -> Iterator[tuple[Any, Any, int]]:
+            while True:
+                chunk = list(itertools.islice(docs, 64))
+                if not chunk:
+                    return
+                for d, (ids, keep, _long) in zip(chunk, self._full_encoder.encode(chunk)):
+                    yield ids, keep, d.index
+
+        rows = pack_rows(encoded(), self.seq_length, self.eos_id, self.eos_keep)
+        b = 0
+        while last is None or b <= last:
+            group = list(itertools.islice(rows, self.batch_size))
+            if len(group) < self.batch_size:
+                self._mark_exhausted(b)
+                return
+            yield b, (group if self._owned(b) else None)
+            b += 1
+
+    def _make_packed_batch(self, b: int, rows: list) -> Batch:
+        import numpy as np
+        import torch
+
+        ids = torch.from_numpy(np.stack([r[0] for r in rows]))
+        mask = torch.from_numpy(np.stack([r[1] for r in rows]))
+        return Batch(index=b, input_ids=ids, attention_mask=torch.ones_like(ids), mask=mask,
+                     n_tokens=int(mask.sum()), doc_index=[r[2] for r in rows])
 
     def _make_batch(self, b: int, docs: list[Document], encs: list) -> Batch:
         import torch
 
-        B, T = len(encs), self.seq_length
+        B, T = len(encs), self.row_length
         ids = torch.full((B, T), self.pad_id, dtype=torch.long)
         att = torch.zeros((B, T), dtype=torch.long)
         mask = torch.zeros((B, T), dtype=torch.bool)
@@ -1065,5 +1197,8 @@ class BatchStream:
                 ids[i, :n] = torch.from_numpy(row)
                 att[i, :n] = 1
                 mask[i, :n] = torch.from_numpy(keep)
+        names = sorted({k for d in docs for k in d.labels})
+        labels = {k: [d.labels.get(k) for d in docs] for k in names}
         return Batch(index=b, input_ids=ids, attention_mask=att, mask=mask,
-                     n_tokens=int(mask.sum()), doc_index=[d.index for d in docs])
+                     n_tokens=int(mask.sum()), doc_index=[d.index for d in docs], labels=labels,
+                     documents=list(docs))

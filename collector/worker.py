@@ -8,7 +8,9 @@ upload overwrites the same key instead of duplicating data.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import signal
 import threading
 import time
@@ -18,6 +20,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from collector.events import EventSink
+from collector.generation import generations_jsonl, label_tensors
 from collector.uploader import Uploader
 from vaultsh import megabatch as mbf
 from vaultsh.errors import ConfigError, UserError
@@ -28,6 +31,7 @@ from vaultsh.store import open_store
 FORMAT_VERSION = 1
 _MEMORY_EVERY_S = 2.0
 _PROGRESS_EVERY_S = 0.25
+_MERGE_EVERY_S = 300.0  # per run: each of K workers merges every K * this
 
 
 class StopFlag:
@@ -53,23 +57,52 @@ class _Pending:
     input_ids: Any
     mask: Any
     stats: dict[str, RunningStats]
+    labels: dict[str, list] = field(default_factory=dict)  # label name -> one value per stored row
+    generations: list[dict] = field(default_factory=list)  # generation mode: text records
     filled: int = 0
     tokens: int = 0
     batch_end: int = 0
     futures: list[Future] = field(default_factory=list)
 
 
+_ACTIVAULT_DATA = {"data_key", "n_batches", "seq_length", "batch_size", "seed", "skip_cache", "start_batch",
+                   "clean_added_tokens", "clean_default_system_prompt"}
+
+
 def config_fingerprint(cfg) -> dict:
-    """The parts of a config that decide what is collected (resume must match them)."""
+    """The parts of a config that decide what is collected (resume must match them).
+
+    Data fields beyond Activault's count only when set (runs made before they
+    existed keep their fingerprint); inference settings only in generation mode.
+    """
     dump = cfg.model_dump(mode="json")
-    return {
+    defaults = _data_defaults(cfg)
+    data = {k: v for k, v in dump["data"].items()
+            if k != "bucket_name" and (k in _ACTIVAULT_DATA or v != defaults.get(k))}
+    out = {
         "model": {k: dump["model"].get(k) for k in ("name", "dtype")},
-        "data": {k: v for k, v in dump["data"].items() if k != "bucket_name"},
+        "data": data,
         "hooks": dump["upload"]["hooks"],
         "batches_per_upload": dump["upload"]["batches_per_upload"],
         "num_runs": dump["num_runs"],
         "storage": {k: dump["storage"].get(k) for k in ("format", "dtype")},
     }
+    inference = getattr(cfg, "inference", None)
+    if inference is not None and inference.max_new_tokens > 0:
+        out["inference"] = {k: v for k, v in dump["inference"].items() if k not in ("auto_find_batch_size", "batch_size")}
+    return out
+
+
+def _data_defaults(cfg) -> dict:
+    """Default values of the data section's optional fields."""
+    fields = type(cfg.data).model_fields
+    out = {}
+    for k, f in fields.items():
+        if f.default_factory is not None:
+            out[k] = f.default_factory()
+        elif not f.is_required():
+            out[k] = f.default
+    return out
 
 
 def _check_same_config(existing: dict, mine: dict, run_uri: str) -> None:
@@ -105,6 +138,7 @@ def run_worker(
     from collector.config import read_model_facts, validate_against_model
     from collector.data import BatchStream
     from collector.layers import ActivationCapture, describe
+    from collector.generation import ChunkRunner, forward_chunks, generate_batch
     from collector.model import load_model_and_tokenizer
 
     sink = sink or EventSink(worker)
@@ -116,6 +150,11 @@ def run_worker(
     # Validate against the model's config before loading any weights.
     facts = read_model_facts(cfg.model)
     specs = validate_against_model(cfg, facts)
+    inference = getattr(cfg, "inference", None)
+    max_new = inference.max_new_tokens if inference is not None else 0
+    save_acts = inference.save_activations if inference is not None else True
+    if not save_acts:
+        specs = []  # generation only: the text is stored, no activations
     hooks = [s.name for s in specs]
     store = store if store is not None else open_store(cfg.storage.uri)
     run = Run(store, cfg.run_name)
@@ -143,16 +182,23 @@ def run_worker(
     if commits:
         sink.emit("resume", from_megabatch=next_index, from_batch=done_local)
     if done_local >= total_batches:
+        _clean_leftovers(run, worker, hooks)
         sink.emit("done", status="complete", batches=done_local, tokens=tokens_total, megabatches=len(commits), elapsed=0.0)
         return {"status": "complete", "batches": done_local, "megabatches": len(commits), "tokens": tokens_total}
 
     sink.emit("loading", what="model", detail=cfg.model.name)
     model, tokenizer, device = load_model_and_tokenizer(cfg.model)
     storage_dtype = _storage_dtype(cfg, model)
-    sink.emit("loading", what="data", detail=cfg.data.data_key)
+    sink.emit("loading", what="data", detail=cfg.data.data_key or cfg.data.path or cfg.data.mix or "datasets")
     # Resume exactly after the last committed batch: commit records hold global batch indices.
     data_spec = cfg.data.model_copy(update={"start_batch": commits[-1].batch_end}) if commits else cfg.data
-    stream = BatchStream(data_spec, tokenizer, worker=worker, num_workers=cfg.num_runs)
+    stream = BatchStream(data_spec, tokenizer, worker=worker, num_workers=cfg.num_runs, max_new_tokens=max_new)
+    label_vocabs = {"category": list(cfg.data.categories)} if cfg.data.categories else {}
+
+    def on_halve(old: int, new: int) -> None:
+        sink.emit("warning", message=f"out of memory with a forward batch of {old}: continuing with {new}")
+
+    runner = ChunkRunner(B, bool(inference and inference.auto_find_batch_size), on_halve)
 
     if existing is None or force:
         run.write_cfg(_cfg_json(cfg, facts, specs, fingerprint, tokenizer, storage_dtype))
@@ -180,6 +226,9 @@ def run_worker(
     last_progress = last_memory = 0.0
     status = "complete"
 
+    # Statistics merged while the run grows: about one merge every _MERGE_EVERY_S across all workers.
+    merge_clock = [time.monotonic() - _MERGE_EVERY_S * worker]
+
     def commit_ready(block: bool) -> None:
         nonlocal committed
         while inflight and (block or all(f.done() for f in inflight[0].futures)):
@@ -193,6 +242,7 @@ def run_worker(
             run.commit(record)
             committed += 1
             _delete_old_partials(run, worker, hooks, mb.index)
+            _maybe_merge_statistics(run, hooks, worker, cfg.num_runs, merge_clock)
             sink.emit("committed", megabatch=mb.index, batch_start=mb.batch_start, batch_end=mb.batch_end,
                       tokens=mb.tokens, bytes=sum(f.size for f in files.values()))
 
@@ -201,6 +251,11 @@ def run_worker(
         copier.sync()
         n = mb.filled * B
         ids, msk = mb.input_ids[:n], mb.mask[:n]
+        labels, vocabs = label_tensors({k: (v + [None] * (n - len(v)))[:n] for k, v in mb.labels.items()}, label_vocabs)
+        if mb.generations:
+            gkey = f"{run.internal_prefix}generations/w{worker:04d}/{mb.index:07d}.jsonl"
+            blob = generations_jsonl(mb.generations)
+            mb.futures.append(uploader.submit(gkey, len(blob), lambda k=gkey, b=blob: store.put_bytes(k, b)))
         for h in hooks:
             stats[h].merge_(mb.stats[h])
             snapshot = stats[h].to_bytes()
@@ -209,15 +264,18 @@ def run_worker(
             meta = {"run": cfg.run_name, "hook": h, "model": cfg.model.name, "worker": worker, "megabatch": mb.index,
                     "batch_start": mb.batch_start, "batch_end": mb.batch_end, "tokenizer": cfg.model.name,
                     "created": datetime.now(timezone.utc).isoformat()}
+            if vocabs:
+                meta["label_values"] = json.dumps(vocabs, ensure_ascii=False)
             nbytes = states.numel() * states.element_size()
-            mb.futures.append(uploader.submit(key, nbytes, _upload_job(store, run, h, key, states, ids, msk, meta, fmt, worker, mb)))
+            mb.futures.append(uploader.submit(key, nbytes, _upload_job(store, run, h, key, states, ids, msk, meta, fmt,
+                                                                        worker, mb, labels)))
             pkey = run.partial_stats_key(worker, h, mb.index)
             mb.futures.append(uploader.submit(pkey, len(snapshot), lambda k=pkey, b=snapshot: store.put_bytes(k, b)))
         inflight.append(mb)
 
     t_loop = time.monotonic()
     try:
-        capture_ctx = ActivationCapture(model, specs)
+        capture_ctx = ActivationCapture(model, specs) if specs else contextlib.nullcontext()
         with capture_ctx as capture, torch.inference_mode():
             for batch in stream:
                 uploader.check()
@@ -226,15 +284,29 @@ def run_worker(
                         status = "stopped"
                         break
                     pending = _new_pending(next_index, batch.index, hooks, B, T, facts.d_model, bpu, storage_dtype, device)
-                inputs = {"input_ids": batch.input_ids.to(device), "attention_mask": batch.attention_mask.to(device)}
-                outputs = capture.run(**inputs)
+                if max_new:
+                    if capture is not None:
+                        capture.detach()  # generate() runs the whole model: no capture, no early stop
+                    batch, records = generate_batch(
+                        model, tokenizer, batch, max_new_tokens=max_new, seq_length=T, pad_id=stream.pad_id,
+                        eos_id=stream.eos_id, special_ids=stream.encoder.special_ids,
+                        clean_added_tokens=cfg.data.clean_added_tokens, runner=runner, device=device,
+                        seed=cfg.data.seed, do_sample=inference.do_sample, temperature=inference.temperature,
+                        top_p=inference.top_p)
+                    pending.generations.extend(records)
+                    if capture is not None:
+                        capture.attach()
                 row = pending.filled * B
                 nb = batch.input_ids.shape[0]
-                mask_dev = batch.mask.to(device)
-                for h in hooks:
-                    out = outputs[h]
-                    pending.stats[h].update(out.reshape(-1, out.shape[-1]), mask_dev.reshape(-1))
-                    copier.copy(pending.states[h][row:row + nb], out)
+                if capture is not None:
+                    outputs = forward_chunks(capture, runner, batch.input_ids, batch.attention_mask, device)
+                    mask_dev = batch.mask.to(device)
+                    for h in hooks:
+                        out = outputs[h]
+                        pending.stats[h].update(out.reshape(-1, out.shape[-1]), mask_dev.reshape(-1))
+                        copier.copy(pending.states[h][row:row + nb], out)
+                for name, vals in batch.labels.items():
+                    pending.labels.setdefault(name, [None] * row).extend(vals)
                 pending.input_ids[row:row + nb] = batch.input_ids
                 pending.mask[row:row + nb] = batch.mask
                 pending.filled += 1
@@ -288,6 +360,8 @@ def run_worker(
         sink.emit("done", status=status, batches=batches_done, tokens=tokens_total, megabatches=committed,
                   elapsed=time.monotonic() - t_start)
         raise
+    if status == "complete":
+        _clean_leftovers(run, worker, hooks)
     _write_statistics(run, hooks)
     result = {"status": status, "batches": batches_done, "tokens": tokens_total, "megabatches": committed,
               "elapsed": time.monotonic() - t_start}
@@ -361,10 +435,10 @@ class _DeviceCopier:
         self._events.clear()
 
 
-def _upload_job(store, run, hook, key, states, ids, mask, meta, fmt, worker, mb) -> Callable[[], FileRecord]:
+def _upload_job(store, run, hook, key, states, ids, mask, meta, fmt, worker, mb, labels=None) -> Callable[[], FileRecord]:
     def job() -> FileRecord:
         hasher = _HashingStore(store)
-        size = mbf.write_megabatch(hasher, key, states, ids, mask, metadata=meta, fmt=fmt)
+        size = mbf.write_megabatch(hasher, key, states, ids, mask, labels=labels or None, metadata=meta, fmt=fmt)
         return FileRecord(hook=hook, key=key, size=size, sha256=hasher.digest, n_sequences=int(states.shape[0]),
                           n_tokens=int(mask.sum()), worker=worker, index=mb.index)
 
@@ -415,6 +489,35 @@ def _delete_old_partials(run: Run, worker: int, hooks: list[str], index: int) ->
         return
     for h in hooks:
         run.store.delete(run.partial_stats_key(worker, h, index - 1))
+
+
+def _maybe_merge_statistics(run: Run, hooks: list[str], worker: int, num_runs: int, clock: list[float]) -> None:
+    """Refresh {hook}/statistics.json now and then, so a growing run is usable (finalize makes it exact)."""
+    now = time.monotonic()
+    if now - clock[0] < _MERGE_EVERY_S * num_runs:
+        return
+    clock[0] = now
+    _write_statistics(run, hooks)
+
+
+def _clean_leftovers(run: Run, worker: int, hooks: list[str]) -> None:
+    """After a complete run: delete this worker's files no commit names (from a crash or a changed config).
+
+    Only keys of this worker past its last commit (and statistics snapshots
+    older than it) go: Activault's reader loads every file under a hook directory.
+    """
+    from vaultsh.run import parse_megabatch_name
+
+    done = run.committed_indices(worker)
+    last = done[-1] if done else -1
+    for h in hooks:
+        for o in run.store.iter_objects(f"{run.hook_prefix(h)}w{worker:04d}--"):  # this worker's files only
+            parsed = parse_megabatch_name(o.name)
+            if parsed and parsed[0] == worker and parsed[1] > last:
+                run.store.delete(o.key)
+    for w, _h, i, key in run.list_partial_stats(worker=worker):
+        if w == worker and i != last:
+            run.store.delete(key)
 
 
 def _write_statistics(run: Run, hooks: list[str]) -> None:

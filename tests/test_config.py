@@ -116,6 +116,13 @@ def test_activault_form_normalises():
     assert cfg.upload.upload_workers == 4 and cfg.upload.max_queued_megabatches == 2
 
 
+def test_plan_section_is_accepted_and_does_not_change_the_collection():
+    """`plan:` (prices for `vaultsh plan`) may sit in a config the collector runs."""
+    data = activault()
+    data["plan"] = {"price_gb_month": 0.023}
+    assert load_config(data) == load_config(activault())
+
+
 def test_three_forms_are_equal():
     a = load_config(activault())
     b = load_config(refusal_form())
@@ -277,7 +284,7 @@ def test_error_unknown_key_in_normalised_form_uses_its_spelling():
         (lambda d: d.pop("data_config"), "data_config: required but missing"),
         (lambda d: d.pop("transformer_config"), "the model is missing: write transformer_config.model_name"),
         (lambda d: d["upload_config"].update(hooks=[]), "upload_config.hooks: no hooks given"),
-        (lambda d: d.update(inference={"max_new_tokens": 20}), "inference: unknown key; generation settings are not used"),
+        (lambda d: d.update(output={"result_dir": "results"}), "output: unknown key; write storage.uri"),
         (lambda d: d.update(format="pt"), "format: unknown key; 'format' belongs in storage"),
         (lambda d: d.update(transformer_config=None), "the model is missing"),
     ],

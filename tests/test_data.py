@@ -475,7 +475,7 @@ def test_end_of_data_stops_at_last_full_batch(tok, tmp_path, caplog):
 
 def test_bad_stream_arguments(tok):
     with pytest.raises(ConfigError, match="packing"):
-        BatchStream(DataSpec("pydoc", 16, 2, 2, packing=True), tok)
+        BatchStream(DataSpec("pydoc", 16, 2, 2, packing=True, skip_cache=True), tok)
     with pytest.raises(ConfigError, match="worker index 3"):
         BatchStream(DataSpec("pydoc", 16, 2, 2), tok, worker=3, num_workers=3)
     with pytest.raises(ConfigError, match="seq_length"):

@@ -558,6 +558,8 @@ class Run:
         megabatch has no commit record are ignored (when the run has any).
         Returns None when there is nothing to merge (and no `d`).
         """
+        if cumulative and committed_only:
+            return self._merge_latest_committed(hook, d)
         items = self.list_partial_stats(hook)
         if committed_only:
             done = {(w, i) for w, i, _ in self._commit_keys()}
@@ -574,6 +576,47 @@ class Run:
             return RunningStats.from_bytes(self.store.get_bytes(t[3]), where=self.store.child_uri(t[3]))
 
         stats = self._parallel(load, items)
+        if not stats:
+            return RunningStats(d) if d is not None else None
+        return merge_all(stats)
+
+    def _merge_latest_committed(self, hook: str, d: int | None) -> RunningStats | None:
+        """Each worker's newest cumulative snapshot that has a commit record, merged in worker order.
+
+        Costs one listing of the (small) partial-statistics prefix plus a HEAD
+        per candidate, never a listing of every commit record of the run, so a
+        worker can afford it while the run grows. A snapshot deleted under us
+        (its worker committed a newer one meanwhile) makes that worker be
+        looked at again.
+        """
+        any_commits: bool | None = None
+        by_worker: dict[int, list[tuple]] = {}
+        for t in self.list_partial_stats(hook):
+            by_worker.setdefault(t[0], []).append(t)
+
+        def pick(w: int, candidates: list[tuple]) -> RunningStats | None:
+            nonlocal any_commits
+            for _attempt in range(3):
+                for t in sorted(candidates, key=lambda t: -t[2]):
+                    if not self.store.exists(self.commit_key(w, t[2])):
+                        continue
+                    try:
+                        data = self.store.get_bytes(t[3])
+                    except NotFoundError:
+                        break  # replaced by a newer snapshot: list this worker again
+                    return RunningStats.from_bytes(data, where=self.store.child_uri(t[3]))
+                else:
+                    if any_commits is None:
+                        any_commits = self.has_commit_records()
+                    if any_commits or not candidates:
+                        return None
+                    t = max(candidates, key=lambda t: t[2])  # a run without commit records: take the newest
+                    return RunningStats.from_bytes(self.store.get_bytes(t[3]), where=self.store.child_uri(t[3]))
+                candidates = [t for t in self.list_partial_stats(hook, worker=w)]
+            return None
+
+        picked = self._parallel(lambda w: pick(w, by_worker[w]), sorted(by_worker))
+        stats = [s for s in picked if s is not None]
         if not stats:
             return RunningStats(d) if d is not None else None
         return merge_all(stats)

@@ -1,0 +1,283 @@
+"""Where documents come from: `datasets:` entries, named mixes, labelled `path` data.
+
+`plan_sources(spec, base_dir)` turns the data section into a list of
+:class:`collector.data.SourceSpec` (one per dataset; a `data_key` gives one),
+and `document_stream(...)` reads them into one deterministic stream of
+:class:`collector.data.Document`: each source's records in a seeded order,
+labels attached (category, `label_columns`, the dataset's name in a mix),
+the sources interleaved by weight (collector/mixing.py), then shaped
+(collector/shaping.py).
+
+`datasets` entries are loaded with Hugging Face `datasets`: a hub id with
+`load_dataset(path, subset, split=..., streaming=...)`, a local file or
+directory with the json/csv/text/parquet builders, a `save_to_disk`
+directory with `load_from_disk`. Streaming entries are shuffled with a seeded
+buffer, others with a seeded permutation.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from collector.data import Document, SourceSpec, _record_to_document, resolve_data_key
+from collector.datacheck import LOCAL_SUFFIXES
+from vaultsh.errors import ConfigError, UserError
+
+_BUILDERS = {"json": "json", "jsonl": "json", "csv": "csv", "text": "text", "parquet": "parquet"}
+_FORMAT_SUFFIXES = {
+    "json": (".json", ".jsonl"), "jsonl": (".jsonl", ".json"), "csv": (".csv",),
+    "text": (".txt", ".text"), "parquet": (".parquet",),
+}
+
+
+def _get(spec: Any, name: str, default: Any = None) -> Any:
+    v = getattr(spec, name, default)
+    return default if v is None and default is not None else v
+
+
+def _entry_field(e: Any, name: str, default: Any = None) -> Any:
+    return e.get(name, default) if isinstance(e, dict) else getattr(e, name, default)
+
+
+def entry_to_source(entry: Any, where: str) -> SourceSpec:
+    """A `datasets:` entry (DatasetEntry or dict) as a SourceSpec of kind 'datasets'."""
+    path = str(_entry_field(entry, "path"))
+    fmt = _entry_field(entry, "format")
+    p = Path(path).expanduser()
+    local = fmt is not None or p.exists()  # otherwise a hub dataset id
+    if local:
+        path = str(p.resolve()) if p.exists() else str(p)
+    if local and fmt is None:
+        fmt = _infer_format(Path(path), where)
+    template = _entry_field(entry, "text_template")
+    name = str(_entry_field(entry, "name") or path)
+    return SourceSpec(
+        key=name, name=name, source=f"datasets:{path}", kind="datasets",
+        chat=_entry_field(entry, "chat"), text_field=_entry_field(entry, "text_field"), template=template,
+        hf_subset=_entry_field(entry, "subset"), hf_split=_entry_field(entry, "split") or "train",
+        ds_path=path, ds_local=bool(local), ds_format=fmt,
+        streaming=bool(_entry_field(entry, "streaming", False)), weight=float(_entry_field(entry, "weight", 1.0)),
+    )
+
+
+def _infer_format(p: Path, where: str) -> str | None:
+    if p.is_file():
+        fmt = LOCAL_SUFFIXES.get(p.suffix.lower())
+        if fmt is None:
+            raise ConfigError(f"{where}: cannot tell the format of {str(p)!r} from its name; "
+                              f"set format: one of {', '.join(_BUILDERS)}")
+        return fmt
+    if p.is_dir():
+        if _is_saved_dataset(p):
+            return None
+        found = sorted({LOCAL_SUFFIXES[x.suffix.lower()] for x in p.rglob("*")
+                        if x.is_file() and x.suffix.lower() in LOCAL_SUFFIXES})
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            raise ConfigError(f"{where}: directory {str(p)!r} holds no .json/.jsonl/.csv/.txt/.parquet files")
+        raise ConfigError(f"{where}: directory {str(p)!r} mixes formats ({', '.join(found)}); set format")
+    return None
+
+
+def _is_saved_dataset(p: Path) -> bool:
+    return any((p / n).is_file() for n in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def plan_sources(spec: Any, base_dir: str | os.PathLike | None = None) -> list[SourceSpec]:
+    """The data section's sources, in order (one for data_key / path, one per dataset of a mix)."""
+    label = "data"
+    if _get(spec, "datasets") is not None:
+        return [entry_to_source(e, f"{label}.datasets[{i}]") for i, e in enumerate(spec.datasets)]
+    if _get(spec, "data_mixes") is not None:
+        from collector.datacheck import load_mix
+
+        errors, _, entries = load_mix(spec.data_mixes, spec.mix, label, Path(base_dir) if base_dir else None)
+        if errors:
+            raise ConfigError(errors[0])
+        return [entry_to_source(e, f"mix {spec.mix!r} datasets[{i}]") for i, e in enumerate(entries)]
+    if _get(spec, "path") is not None:
+        entry = {"name": Path(spec.path).name or spec.path, "path": spec.path, "subset": _get(spec, "subset"),
+                 "split": _get(spec, "split", "train"), "format": None,
+                 "text_field": _get(spec, "text_field"), "text_template": _get(spec, "text_template"),
+                 "chat": _get(spec, "chat"), "streaming": False}
+        return [entry_to_source(entry, f"{label}.path")]
+    key = _get(spec, "data_key")
+    if key is None:
+        raise ConfigError("data.data_key: required but missing (or give datasets, data_mixes with mix, or path)")
+    src = resolve_data_key(key, base_dir)
+    chat = _get(spec, "chat")
+    if chat is not None:
+        from dataclasses import replace
+
+        src = replace(src, chat=chat)
+    if not _get(spec, "shuffle", True):
+        from dataclasses import replace
+
+        src = replace(src, shuffle=False)
+    return [src]
+
+
+def is_finite(src: SourceSpec) -> bool:
+    """Whether a source can be read to its end cheaply (not a streamed hub dataset)."""
+    return not (src.kind == "hf" or (src.kind == "datasets" and src.streaming and not src.ds_local))
+
+
+# ---------------------------------------------------------------- records
+
+
+def iter_dataset_records(spec: SourceSpec, seed: int | None) -> Iterator[tuple[int, Any]]:
+    """(index, record) of a 'datasets' source: source order (seed None) or seeded shuffled order."""
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        raise UserError(f"dataset {spec.name!r} is loaded with Hugging Face datasets: pip install datasets") from None
+    where = f"dataset {spec.name!r} ({spec.ds_path})"
+    try:
+        ds = _open(spec)
+    except UserError:
+        raise
+    except Exception as e:  # missing files, unknown split/subset, network, auth: one clear line
+        raise UserError(f"{where}: could not load: {type(e).__name__}: {_first_line(e)}") from None
+    shuffle = seed is not None and spec.shuffle
+    if spec.streaming:
+        if shuffle:
+            ds = ds.shuffle(seed=seed, buffer_size=spec.shuffle_buffer)
+        it = _guard(enumerate(ds), where)
+        yield from it
+        return
+    n = len(ds)
+    if shuffle:
+        import numpy as np
+
+        order = (int(i) for i in np.random.default_rng(seed).permutation(n))
+    else:
+        order = iter(range(n))
+    for i in _guard(order, where):
+        yield i, ds[i]
+
+
+def _guard(it: Iterator, where: str) -> Iterator:
+    """Re-raise errors from inside `datasets` (bad rows, parse errors) as one-line UserErrors."""
+    while True:
+        try:
+            x = next(it)
+        except StopIteration:
+            return
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"{where}: could not read a record: {type(e).__name__}: {_first_line(e)}") from None
+        yield x
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:300] if lines else ""
+
+
+def _open(spec: SourceSpec):
+    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+    split = spec.hf_split or "train"
+    if not spec.ds_local:
+        return load_dataset(spec.ds_path, spec.hf_subset, split=split, streaming=spec.streaming)
+    p = Path(spec.ds_path or "")
+    if p.is_dir() and _is_saved_dataset(p):
+        ds = load_from_disk(str(p))
+        if isinstance(ds, DatasetDict):
+            if split not in ds:
+                raise UserError(f"dataset {spec.name!r}: {p} has no split {split!r} (has: {', '.join(ds)})")
+            ds = ds[split]
+        assert isinstance(ds, Dataset)
+        return ds.to_iterable_dataset() if spec.streaming else ds
+    fmt = spec.ds_format or "json"
+    if p.is_dir():
+        files = sorted(str(x) for x in p.rglob("*") if x.is_file() and x.suffix.lower() in _FORMAT_SUFFIXES[fmt])
+        if not files:
+            raise UserError(f"dataset {spec.name!r}: no {fmt} files under {p}")
+    elif p.is_file():
+        files = [str(p)]
+    else:
+        raise UserError(f"dataset {spec.name!r}: {p} does not exist")
+    return load_dataset(_BUILDERS[fmt], data_files={split: files}, split=split, streaming=spec.streaming)
+
+
+# ---------------------------------------------------------------- documents
+
+
+def _source_seed(seed: int, j: int) -> int:
+    """Seed of source j: the run's seed for the first (a single data_key reads as before)."""
+    if j == 0:
+        return seed
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, j]).generate_state(1)[0])
+
+
+def iter_labelled_documents(src: SourceSpec, seed: int | None, category_field: str | None,
+                            label_columns: Sequence[str], source_label: str | None,
+                            keep=None) -> Iterator[Document]:
+    """Documents of one source with their labels; `keep(record, where)` filters records first."""
+    from collector.data import _iter_records
+
+    for i, rec in _iter_records(src, seed):
+        if keep is not None and not keep(rec, f"data {src.name!r} record {i}"):
+            continue
+        doc = _record_to_document(rec, i, src)
+        if doc is None:
+            continue
+        if category_field or label_columns:
+            where = f"data {src.name!r} record {i}"
+            if not isinstance(rec, dict):
+                raise UserError(f"{where}: labels need object records, got {type(rec).__name__}")
+            if category_field:
+                if rec.get(category_field) is None:  # HF datasets fill a field some records lack with null
+                    present = ", ".join(str(k) for k, v in rec.items() if v is not None)
+                    raise UserError(f"{where}: record has no category field {category_field!r} "
+                                    f"(fields: {present}); set data.category_field")
+                doc.labels["category"] = str(rec[category_field])
+            for c in label_columns:
+                if c not in rec:
+                    raise UserError(f"{where}: record has no label column {c!r} (fields: {', '.join(map(str, rec))})")
+                doc.labels[c] = rec[c]
+        if source_label is not None:
+            doc.labels["dataset"] = source_label
+        yield doc
+
+
+def category_field_of(spec: Any) -> str | None:
+    """The record field holding the category, or None when the run is not labelled by category."""
+    f = _get(spec, "category_field")
+    if f:
+        return f
+    if (_get(spec, "path") is not None or _get(spec, "categories") or
+            _get(spec, "category_balance_strategy", "use_all") == "equalize"):
+        return "category"
+    return None
+
+
+def document_stream(spec: Any, sources: list[SourceSpec], seed: int, length_fn=None) -> Iterator[Document]:
+    """The one deterministic document stream of the data section (every worker reads the same)."""
+    from collector.mixing import interleave
+    from collector import shaping
+
+    cat = category_field_of(spec)
+    labels = list(_get(spec, "label_columns", []) or [])
+    packing = bool(_get(spec, "packing", False))
+    multi = len(sources) > 1 and not packing
+    flt = _get(spec, "filter")
+    keep = shaping.parse_filter(flt) if flt else None
+    streams = [
+        iter_labelled_documents(s, _source_seed(seed, j) if _get(spec, "shuffle", True) else None,
+                                cat, labels, s.name if multi else None, keep)
+        for j, s in enumerate(sources)
+    ]
+    if len(streams) == 1:
+        docs: Iterator[Document] = streams[0]
+    else:
+        docs = interleave(streams, [s.weight for s in sources], seed,
+                          _get(spec, "stopping_strategy", "first_exhausted"))
+    return shaping.shape(docs, spec, seed, length_fn, finite=all(is_finite(s) for s in sources))
