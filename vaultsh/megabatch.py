@@ -29,7 +29,6 @@ import math
 import re
 import struct
 import sys
-import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
 
@@ -572,9 +571,8 @@ def _load_pt(data: bytes, key: str | None) -> dict:
     import torch
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            obj = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        # No warnings.catch_warnings() here: it is process-global, and readers load in threads.
+        obj = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
         reason = _weights_only_reason(e)
         if "global" in reason.lower():

@@ -1,0 +1,262 @@
+"""Where the bytes come from: (re)opening stores, ranged reads straight into a buffer, retries.
+
+A file is read into one preallocated buffer by several ranged reads at once;
+each read writes in place (LocalStore: `readinto`; S3Store: `readinto` from
+the HTTP response under botocore's body when it is plain, else the body
+copied 1 MB at a time, so no whole-range temporary is made). Network errors
+that may pass are retried with backoff on top of botocore's own retries;
+anything else (a missing object, bad credentials) is raised at once.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import os
+import pickle
+import random
+import threading
+from pathlib import Path
+from typing import Any
+
+from vaultsh.errors import FormatError, NotFoundError, StoreError, UserError
+from vaultsh.store import LocalStore, is_s3_uri, normalize_key, open_store, split_uri
+
+logger = logging.getLogger("vaultsh.reader")
+
+_READ_CHUNK = 1 << 20  # bytes copied per read() from an HTTP body
+_READINTO_CHUNK = 8 << 20  # bytes read straight into the buffer per call (a close() is seen between calls)
+
+
+class Closed(Exception):
+    """The reader was closed while a background thread worked or waited."""
+
+
+class TransientExhausted(StoreError):
+    """A network error that persisted through every retry (never skipped: not the file's fault)."""
+
+
+# -- opening stores ----------------------------------------------------------
+def s3_client(endpoint_url: str | None, access_key: str | None, secret_key: str | None,
+              session_token: str | None, pool: int):
+    """A boto3 S3 client with explicit credentials (None: boto3's default chain)."""
+    import boto3
+    from botocore.config import Config
+
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
+    session = boto3.session.Session(aws_access_key_id=access_key, aws_secret_access_key=secret_key,
+                                    aws_session_token=session_token, region_name=region)
+    config = Config(
+        retries={"total_max_attempts": 8, "mode": "standard"},
+        max_pool_connections=max(10, pool),
+        connect_timeout=10,
+        read_timeout=120,
+        s3={"addressing_style": "path"} if endpoint_url else None,
+        user_agent_extra="vaultsh-reader",
+    )
+    return session.client("s3", endpoint_url=endpoint_url or None, config=config)
+
+
+class StoreSpec:
+    """Enough to reopen a store in another process (DataLoader workers). Never printed."""
+
+    def __init__(self, kind: str, **kw: Any):
+        self.kind = kind
+        self.kw = kw
+
+    def __repr__(self) -> str:  # no credentials, ever
+        return f"StoreSpec({self.kind!r})"
+
+    def open(self):
+        kw = self.kw
+        if self.kind == "local":
+            return LocalStore(kw["root"], create=False)
+        if self.kind == "uri":
+            return open_store(kw["uri"], create=False)
+        if self.kind == "s3-creds":
+            from vaultsh.store.s3 import S3Store
+
+            client = s3_client(kw["endpoint_url"], kw["access_key"], kw["secret_key"], kw["session_token"], kw["pool"])
+            return S3Store(kw["bucket"], endpoint_url=kw["endpoint_url"], client=client)
+        if self.kind == "object":
+            store = kw["store"]
+            try:  # a fresh copy: S3Store drops its client when pickled and builds a new one
+                return pickle.loads(pickle.dumps(store))
+            except Exception:  # noqa: BLE001 - not picklable: share it
+                return store
+        raise ValueError(f"unknown store kind {self.kind!r}")
+
+
+def resolve(source: str, store=None) -> tuple[StoreSpec, Any, str, str]:
+    """(spec, store, run name, hook) of a hook directory: an s3:// URI, a local path, or RUN/HOOK in `store`."""
+    source = os.fspath(source) if isinstance(source, os.PathLike) else source
+    if not isinstance(source, str):
+        raise UserError(f"source {source!r} is not a hook directory (s3://bucket/run/hook, a path, or RUN/HOOK)")
+    if store is not None:
+        try:
+            key = normalize_key(source).strip("/")
+        except StoreError as exc:
+            raise UserError(f"invalid hook directory {source!r}: {exc}") from None
+        spec = StoreSpec("object", store=store)
+    elif is_s3_uri(source):
+        root, key = split_uri(source)
+        try:
+            key = normalize_key(key).strip("/")
+        except StoreError as exc:
+            raise UserError(f"invalid S3 URI {source!r}: {exc}") from None
+        spec = StoreSpec("uri", uri=root)
+        store = spec.open()
+    else:
+        path = Path(source).expanduser()
+        if not path.is_dir():
+            raise UserError(f"{source}: no such directory (give a hook directory RUN/HOOK of a local store, "
+                            "or an s3:// URI)")
+        path = path.resolve()
+        if path.parent == path or path.parent.parent == path.parent:
+            raise UserError(f"{source}: a hook directory is STORE/RUN/HOOK; this path is too short")
+        spec = StoreSpec("local", root=str(path.parent.parent))
+        store = spec.open()
+        key = f"{path.parent.name}/{path.name}"
+    run, _, hook = key.rpartition("/")
+    if not run or not hook:
+        raise UserError(f"{source!r}: expected a hook directory RUN/HOOK (e.g. my-run/residuals_10), got {key!r}")
+    return spec, store, run, hook
+
+
+# -- errors ------------------------------------------------------------------
+_TRANSIENT_NAMES = {
+    "IncompleteReadError", "ResponseStreamingError", "ReadTimeoutError", "ConnectionClosedError",
+    "EndpointConnectionError", "ConnectTimeoutError", "ProtocolError", "IncompleteRead", "HTTPClientError",
+    "ReadTimeout", "ConnectTimeout", "NewConnectionError", "RemoteDisconnected",
+}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Network trouble that may pass (retry), as opposed to a missing/corrupt file or bad credentials."""
+    seen = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, (NotFoundError, FormatError)):
+            return False
+        if isinstance(cur, StoreError):
+            if cur.retryable:
+                return True
+        elif isinstance(cur, (ConnectionError, TimeoutError, http.client.HTTPException)):
+            return True
+        if type(cur).__name__ in _TRANSIENT_NAMES:
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+# -- ranged reads into a buffer ---------------------------------------------
+def _read_into_local(store: LocalStore, key: str, start: int, mv: memoryview) -> int:
+    with store.open_read(key) as f:
+        f.seek(start)
+        got = 0
+        while got < len(mv):
+            n = f.readinto(mv[got:])
+            if not n:
+                break
+            got += n
+    return got
+
+
+def _is_s3store(store) -> bool:
+    return type(store).__name__ == "S3Store" and hasattr(store, "client") and hasattr(store, "bucket")
+
+
+def _read_into_s3(store, key: str, start: int, mv: memoryview, stop: threading.Event) -> int:
+    """One ranged GET copied into `mv` chunk by chunk; errors translated by the store's own handler."""
+    rel = normalize_key(key).rstrip("/")
+    full = (store.prefix + "/" if store.prefix else "") + rel
+    n = len(mv)
+    with store._reading(rel, "read a range of"):
+        try:
+            resp = store.client.get_object(Bucket=store.bucket, Key=full, Range=f"bytes={start}-{start + n - 1}")
+        except Exception as exc:
+            response = getattr(exc, "response", None) or {}
+            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            if (response.get("Error") or {}).get("Code") == "InvalidRange" or status == 416:
+                return 0  # the object is shorter than the recorded size
+            raise
+        body = resp["Body"]
+        try:
+            if start and not resp.get("ContentRange"):  # an endpoint that ignored Range
+                body.close()
+                data = store.get_range(key, start, n)
+                mv[: len(data)] = data
+                return len(data)
+            fp = _plain_socket_stream(body)
+            got = 0
+            while got < n:
+                if stop.is_set():
+                    raise Closed()
+                if fp is not None:  # straight from the socket into the buffer: no intermediate bytes
+                    k = fp.readinto(mv[got : got + min(_READINTO_CHUNK, n - got)])
+                else:
+                    chunk = body.read(min(_READ_CHUNK, n - got))
+                    k = len(chunk)
+                    mv[got : got + k] = chunk
+                if not k:
+                    break
+                got += k
+            if fp is not None and fp.isclosed():
+                body._raw_stream.release_conn()  # the body is fully read: the connection can be reused
+            return got
+        finally:
+            body.close()
+
+
+def _plain_socket_stream(body):
+    """The http.client response under botocore's StreamingBody when the body can be read into a
+    buffer directly (identity encoding, a Content-Length, not chunked); else None (use body.read())."""
+    raw = getattr(body, "_raw_stream", None)  # urllib3's HTTPResponse
+    fp = getattr(raw, "_fp", None)  # http.client.HTTPResponse
+    if fp is None or not hasattr(fp, "readinto") or not hasattr(raw, "release_conn"):
+        return None
+    headers = getattr(raw, "headers", None) or {}
+    if (headers.get("content-encoding") or "identity").lower() != "identity" or getattr(raw, "chunked", True):
+        return None
+    if getattr(raw, "_fp_bytes_read", 1) != 0 or getattr(fp, "length", None) is None:
+        return None
+    return fp
+
+
+def read_into(store, key: str, start: int, mv: memoryview, stop: threading.Event) -> int:
+    """Read bytes start.. of `key` into `mv`; returns how many there were (fewer: the object is shorter)."""
+    if isinstance(store, LocalStore):
+        return _read_into_local(store, key, start, mv)
+    if _is_s3store(store):
+        return _read_into_s3(store, key, start, mv, stop)
+    data = store.get_range(key, start, len(mv))  # any other Store: one extra copy
+    mv[: len(data)] = data
+    return len(data)
+
+
+def read_with_retries(store, key: str, uri: str, start: int, mv: memoryview, stop: threading.Event,
+                      retries: int, backoff: float, on_retry=None) -> int:
+    """`read_into` with up to `retries` retries of transient errors (exponential backoff, jittered)."""
+    attempt = 0
+    while True:
+        try:
+            return read_into(store, key, start, mv, stop)
+        except Closed:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if not is_transient(exc) or stop.is_set():
+                raise
+            attempt += 1
+            if attempt > retries:
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise TransientExhausted(
+                    f"cannot read {uri} (bytes {start}-{start + len(mv) - 1}) after {attempt} attempts: {first}",
+                    retryable=True,
+                ) from exc
+            if on_retry is not None:
+                on_retry()
+            delay = min(8.0, backoff * (2 ** (attempt - 1))) * (0.5 + random.random())
+            logger.info("retrying %s (attempt %d/%d) after %s", uri, attempt + 1, retries + 1, type(exc).__name__)
+            if stop.wait(delay):
+                raise Closed() from None

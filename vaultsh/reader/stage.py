@@ -1,0 +1,182 @@
+"""Staging: checked CPU tensors -> what the caller gets (device, dtype, normalisation, token view).
+
+Runs in the prefetcher's background threads. On CUDA the copies are
+`non_blocking` from pinned buffers on a side stream; the consumer's stream
+waits on an event before it touches them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vaultsh.errors import UserError
+from vaultsh.stats import RunningStats
+
+NORMALIZE_MODES = ("center", "unit_norm", "center_unit_norm", "standardize")
+
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32",
+                  "double": "float64", "fp64": "float64"}
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    """A floating torch dtype from a dtype or a name ("bfloat16", "torch.float16", "bf16"); None stays None."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        dt = dtype
+    else:
+        name = str(dtype).strip()
+        name = name[len("torch."):] if name.startswith("torch.") else name
+        name = _DTYPE_ALIASES.get(name, name)
+        dt = getattr(torch, name, None) if name.replace("_", "").isalnum() else None
+        if not isinstance(dt, torch.dtype):
+            raise UserError(f"dtype {dtype!r} is not a torch floating point dtype (e.g. float32, bfloat16, float16)")
+    if not dt.is_floating_point:
+        raise UserError(f"dtype {dtype!r} is not a floating point dtype (states are activations)")
+    return dt
+
+
+def seed_of(*parts: int) -> int:
+    """A deterministic 63-bit seed from integers (never Python's per-process salted hash)."""
+    h = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(h[:8], "little") & 0x7FFFFFFFFFFFFFFF
+
+
+Norm = tuple[torch.Tensor | None, "torch.Tensor | float"]
+
+
+def normalizer(stats: RunningStats, mode: str) -> Norm:
+    """(shift, scale) with y = (x - shift) * scale for a normalisation mode."""
+    mean = torch.from_numpy(stats.mean.copy())
+    if mode == "center":
+        return mean, 1.0
+    if mode == "unit_norm":
+        if not stats.mean_norm > 0:
+            raise UserError("normalize='unit_norm' needs a positive mean norm in statistics.json")
+        return None, 1.0 / stats.mean_norm
+    if mode == "center_unit_norm":
+        rms = math.sqrt(float(stats.var.sum()))
+        if not rms > 0:
+            raise UserError("normalize='center_unit_norm' needs a positive variance in statistics.json")
+        return mean, 1.0 / rms
+    if mode == "standardize":
+        std = torch.from_numpy(stats.std.copy())
+        return mean, torch.where(std > 0, 1.0 / std, torch.ones_like(std))
+    raise UserError(f"normalize={mode!r} is not allowed; use one of {', '.join(NORMALIZE_MODES)} or None")
+
+
+@dataclass
+class Staged:
+    """One megabatch ready for the consumer."""
+
+    states: torch.Tensor
+    input_ids: torch.Tensor | None
+    mask: torch.Tensor | None
+    labels: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: int = 0  # real (unmasked) tokens
+    positions: int = 0  # N * T
+    sequences: int = 0
+    event: Any = None  # a CUDA event the consumer's stream waits on
+    aliases: bool = False  # the tensors are views of the download buffer
+
+
+class Stager:
+    """Device copy, dtype conversion, normalisation and (token mode) masked-token removal."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype | None, norms: list[Norm] | None, tokens: bool,
+                 return_ids: bool, return_mask: bool, return_labels: bool, token_shuffle_seed: int | None):
+        self.device = device
+        self.dtype = dtype
+        self.norms = norms
+        self.tokens = tokens
+        self.return_ids = return_ids or tokens  # token mode keeps ids aligned through the mixer
+        self.return_mask = return_mask and not tokens
+        self.return_labels = return_labels and not tokens
+        self.token_shuffle_seed = token_shuffle_seed
+        self.tls = threading.local()
+
+    def _stream(self):
+        if self.device.type != "cuda":
+            return None
+        s = getattr(self.tls, "stream", None)
+        if s is None:
+            s = self.tls.stream = torch.cuda.Stream(device=self.device)
+        return s
+
+    def _convert(self, states: torch.Tensor, source: int) -> torch.Tensor:
+        out_dtype = self.dtype or states.dtype
+        if self.norms is None:
+            return states if states.dtype == out_dtype else states.to(out_dtype)
+        shift, scale = self.norms[source]
+        work = torch.float64 if out_dtype == torch.float64 else torch.float32
+        x = states.to(work, copy=True)
+        if shift is not None:
+            x.sub_(shift.to(device=x.device, dtype=work))
+        if isinstance(scale, torch.Tensor):
+            x.mul_(scale.to(device=x.device, dtype=work))
+        elif scale != 1.0:
+            x.mul_(scale)
+        return x if x.dtype == out_dtype else x.to(out_dtype)
+
+    def stage(self, states, ids, mask, labels, buf: torch.Tensor, source: int, pos: int) -> Staged:
+        n, t, d = states.shape
+        out = Staged(states, None, None, sequences=n, positions=n * t)
+        out.tokens = int(mask.sum())
+        stream = self._stream()
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            if stream is not None:
+                states = states.to(self.device, non_blocking=True)
+                ids = ids.to(self.device, non_blocking=True)
+                mask = mask.to(self.device, non_blocking=True)
+                labels = {k: v.to(self.device, non_blocking=True) for k, v in labels.items()}
+            states = self._convert(states, source)
+            if self.token_shuffle_seed is not None:  # Activault: tokens shuffled within the megabatch
+                g = torch.Generator().manual_seed(seed_of(self.token_shuffle_seed, pos, 1))
+                perm = torch.randperm(n * t, generator=g).to(states.device)
+                states = states.reshape(n * t, d)[perm].reshape(n, t, d)
+            if self.tokens:
+                keep = mask.reshape(n * t)
+                states, ids = states.reshape(n * t, d), ids.reshape(n * t)
+                if out.tokens != n * t:
+                    states, ids = states[keep], ids[keep]
+            if ids.dtype != torch.int64:
+                ids = ids.to(torch.int64)
+            if stream is not None:
+                out.event = torch.cuda.Event()
+                out.event.record(stream)
+        if out.event is not None:
+            out.event.synchronize()  # the pinned buffer is released once the copies are done
+        out.states = states
+        out.input_ids = ids if self.return_ids else None
+        out.mask = mask if self.return_mask else None
+        out.labels = labels if self.return_labels else {}
+        raw = buf.untyped_storage().data_ptr()
+
+        def view(x: torch.Tensor | None) -> bool:
+            return x is not None and x.device.type == "cpu" and x.untyped_storage().data_ptr() == raw
+
+        out.aliases = view(out.states) and not self.tokens
+        if not out.aliases:
+            # the states are a copy (device, dtype, token mode): copy the small tensors too, so the
+            # download buffer is freed now rather than kept alive by an input_ids view
+            c = lambda x: x.clone() if view(x) else x  # noqa: E731
+            out.states, out.input_ids, out.mask = c(out.states), c(out.input_ids), c(out.mask)
+            out.labels = {k: c(v) for k, v in out.labels.items()}
+        return out
+
+    def deliver(self, item: Staged) -> None:
+        """On the consumer's thread: make its CUDA stream wait for the copies."""
+        if item.event is None:
+            return
+        cur = torch.cuda.current_stream(self.device)
+        cur.wait_event(item.event)
+        for x in (item.states, item.input_ids, item.mask, *item.labels.values()):
+            if x is not None and x.is_cuda:
+                x.record_stream(cur)
