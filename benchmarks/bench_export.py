@@ -1,0 +1,194 @@
+"""Export throughput against reading the same megabatches with the streaming reader, in the same run.
+
+- export-s3: `vaultsh.export.export` of a committed run on the loopback moto S3
+  server (benchmarks/s3server.py, in a child process) to a local directory
+  (sequences mode, float32 states, default options: 50 megabatches per shard,
+  2 shards at once), against `ActivationReader` delivering every
+  megabatch of the same run as tensors (its defaults). Throughput is
+  megabatch bytes read per second on both sides. Target (issue 10): >= 0.7x.
+- export-s3-memory: the same, OUT in /dev/shm: what the pipeline does when the
+  output device is not the bottleneck (this VM's disk writes 150-300 MB/s).
+- export-copy: the export against the least work an export can do, in the
+  same run: a reader pass that writes the same bytes to one file and fsyncs.
+- export-local: the same with the run on a LocalStore (page cache warm), where
+  the reader runs at memory speed and the export's Parquet encoding and
+  writing (which the reader does not do) decide. Target: >= 0.7x.
+
+Both sides are timed from the URI (listing the run's commit records
+included) to the last byte. Each side runs alternately and the best time is kept. The export writes to a
+fresh directory each time (LocalStore: temp file, fsync, rename per shard).
+Full size: 8 files of 64 MB (float32 [16, 1024, 1024]); quick: 4 files of 16 MB.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.harness import BenchResult, benchmark, throughput_ratio
+
+MB = 1 << 20
+SEQ_LEN = 1024
+D_MODEL = 1024
+RUN = "bench.export"
+HOOK = "blocks.12.hook_resid_post"
+
+
+def _shape(quick: bool) -> tuple[int, int, int]:
+    """(files, sequences per file, rounds)."""
+    return (4, 4, 2) if quick else (8, 16, 5)
+
+
+def _write_run(store, n_files: int, n_seq: int) -> int:
+    """A committed run of `n_files` float32 megabatches; returns the bytes of its files."""
+    import torch
+
+    from vaultsh.megabatch import write_megabatch
+    from vaultsh.run import CommitRecord, FileRecord, Run, metadata_for
+
+    run = Run(store, RUN)
+    run.write_metadata(HOOK, metadata_for(batch_size=n_seq, sequence_length=SEQ_LEN, d_in=D_MODEL, batches_per_file=1,
+                                          dtype=torch.float32, hook=HOOK))
+    g = torch.Generator().manual_seed(0)
+    block = torch.randn(1, SEQ_LEN, D_MODEL, generator=g)
+    ids = torch.randint(0, 50_000, (n_seq, SEQ_LEN), generator=g)
+    mask = torch.ones(n_seq, SEQ_LEN, dtype=torch.bool)
+    mask[:, 0] = False
+    total = 0
+    for i in range(n_files):
+        states = (block + i).expand(n_seq, SEQ_LEN, D_MODEL).contiguous()
+        key = run.megabatch_key(HOOK, 0, i)
+        size = write_megabatch(store, key, states, ids, mask, metadata={"hook": HOOK})
+        run.commit(CommitRecord(0, i, i, i + 1, {HOOK: FileRecord(HOOK, key, size, None, n_seq, n_seq * SEQ_LEN, 0, i)},
+                                tokens=n_seq * SEQ_LEN))
+        total += size
+    return total
+
+
+def _compare(source: str, total: int, rounds: int, out_base: str | None = None, copy_baseline: bool = False,
+             **export_kw) -> tuple[float, float, dict]:
+    """Best times of (baseline, export) over alternating rounds.
+
+    The baseline is a reader pass; with `copy_baseline`, a reader pass that also
+    writes every megabatch's bytes to one file in `out_base` and fsyncs it (the
+    least any export must do: read everything, write as much durably).
+    """
+    from vaultsh.export import ExportOptions, export
+    from vaultsh.reader import ActivationReader
+
+    scratch = Path(tempfile.mkdtemp(prefix="vaultsh-bench-export-", dir=out_base))
+    info: dict = {}
+
+    def read() -> float:
+        t0 = time.perf_counter()  # both sides start from a URI: listing the committed files counts
+        reader = ActivationReader(source)
+        n = 0
+        sink = open(scratch / "copy.bin", "wb") if copy_baseline else None
+        for batch in reader:
+            n += batch["states"].numel()
+            if sink is not None:
+                for name in ("states", "input_ids", "mask"):
+                    sink.write(memoryview(batch[name].contiguous().view(-1).numpy()).cast("B"))
+                sink.flush()
+                os.fdatasync(sink.fileno())
+        if sink is not None:
+            sink.close()
+            os.unlink(scratch / "copy.bin")
+        dt = time.perf_counter() - t0
+        if reader.stats.bytes_downloaded != total:
+            raise RuntimeError(f"reader read {reader.stats.bytes_downloaded} bytes, expected {total}")
+        return dt
+
+    def exp(k: int) -> float:
+        out = scratch / f"out{k}"
+        t0 = time.perf_counter()
+        res = export(source, str(out), ExportOptions(**export_kw))
+        dt = time.perf_counter() - t0
+        info.update(shards=res.shards_written, parquet_bytes=res.bytes_written, rows=res.rows_written)
+        shutil.rmtree(out, ignore_errors=True)
+        return dt
+
+    try:
+        read(), exp(-1)  # warm-up: imports, connections, page cache
+        t_read = t_exp = float("inf")
+        for r in range(rounds):
+            for side in (("read", "exp") if r % 2 == 0 else ("exp", "read")):
+                if side == "read":
+                    t_read = min(t_read, read())
+                else:
+                    t_exp = min(t_exp, exp(r))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return t_read, t_exp, info
+
+
+def _notes(n_files: int, total: int, info: dict, where: str, out: str = "local disk (system temp)",
+           baseline: str = "ActivationReader (defaults) over the same megabatches") -> str:
+    return (f"{n_files} files, {total / 1e6:.0f} MB on {where}; export to {out}: sequences mode, float32, "
+            f"{info.get('shards')} shard(s), {info.get('parquet_bytes', 0) / 1e6:.0f} MB of Parquet, "
+            f"{os.cpu_count()} CPUs; baseline: {baseline}")
+
+
+def _memory_dir() -> str | None:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+def _from_s3(name: str, quick: bool, out_base: str | None, out_desc: str) -> BenchResult:
+    from benchmarks import s3server
+    from vaultsh.store.s3 import S3Store
+
+    n_files, n_seq, rounds = _shape(quick)
+    url = s3server.endpoint()
+    bucket = s3server.new_bucket()
+    os.environ["S3_ENDPOINT_URL"] = url  # open_location("s3://...") reaches the loopback server
+    try:
+        total = _write_run(S3Store(bucket, endpoint_url=url), n_files, n_seq)
+        t_read, t_exp, info = _compare(f"s3://{bucket}/{RUN}/{HOOK}", total, rounds, out_base)
+    finally:
+        s3server.empty_bucket(bucket)
+        os.environ.pop("S3_ENDPOINT_URL", None)
+    return throughput_ratio(name, total, t_read, t_exp, 0.7, notes=_notes(n_files, total, info, "loopback S3", out_desc),
+                            extra={"bytes": total, "reader_s": round(t_read, 4), "export_s": round(t_exp, 4), **info,
+                                   "server": s3server.describe()})
+
+
+@benchmark("export-s3", "export from the loopback S3 server to Parquet on local disk vs ActivationReader over the same run")
+def bench_export_s3(quick: bool) -> BenchResult:
+    return _from_s3("export-s3", quick, None, "local disk (system temp)")
+
+
+@benchmark("export-s3-memory", "export from the loopback S3 server to Parquet in /dev/shm vs ActivationReader over the same run")
+def bench_export_s3_memory(quick: bool) -> BenchResult:
+    return _from_s3("export-s3-memory", quick, _memory_dir(), "/dev/shm (tmpfs: the output device is not the limit)")
+
+
+@benchmark("export-copy", "export (LocalStore -> local disk) vs reading with the reader and writing the same bytes durably")
+def bench_export_copy(quick: bool) -> BenchResult:
+    from vaultsh.store.local import LocalStore
+
+    n_files, n_seq, rounds = _shape(quick)
+    with tempfile.TemporaryDirectory(prefix="vaultsh-bench-") as tmp:
+        store = LocalStore(Path(tmp) / "store")
+        total = _write_run(store, n_files, n_seq)
+        t_copy, t_exp, info = _compare(str(Path(tmp) / "store" / RUN / HOOK), total, rounds + 1, copy_baseline=True)
+    baseline = "ActivationReader pass that also writes each megabatch's tensors to one file and fsyncs (a raw copy)"
+    return throughput_ratio("export-copy", total, t_copy, t_exp, 0.7,
+                            notes=_notes(n_files, total, info, "a LocalStore (page cache warm)", baseline=baseline),
+                            extra={"bytes": total, "copy_s": round(t_copy, 4), "export_s": round(t_exp, 4), **info})
+
+
+@benchmark("export-local", "export from a LocalStore to local Parquet vs ActivationReader over the same run")
+def bench_export_local(quick: bool) -> BenchResult:
+    from vaultsh.store.local import LocalStore
+
+    n_files, n_seq, rounds = _shape(quick)
+    with tempfile.TemporaryDirectory(prefix="vaultsh-bench-") as tmp:
+        store = LocalStore(Path(tmp) / "store")
+        total = _write_run(store, n_files, n_seq)
+        t_read, t_exp, info = _compare(str(Path(tmp) / "store" / RUN / HOOK), total, rounds + 1)
+    return throughput_ratio("export-local", total, t_read, t_exp, 0.7,
+                            notes=_notes(n_files, total, info, "a LocalStore (page cache warm)"),
+                            extra={"bytes": total, "reader_s": round(t_read, 4), "export_s": round(t_exp, 4), **info})

@@ -1,0 +1,416 @@
+"""`vaultsh export`: sharded Parquet that `datasets` loads back equal to the megabatches.
+
+Runs are written with vaultsh.run / vaultsh.megabatch directly (what the
+collector writes: committed safetensors megabatches), on a LocalStore and on
+the loopback moto S3 server; the exports go to a local directory or to an S3
+prefix and are read back with `datasets.load_dataset("parquet", ...)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from vaultsh.cli import main  # noqa: E402
+from vaultsh.errors import UserError  # noqa: E402
+from vaultsh.export import MANIFEST, ExportOptions, export  # noqa: E402
+from vaultsh.export import core as export_core  # noqa: E402
+from vaultsh.export.shuffle import allocate  # noqa: E402
+from vaultsh.megabatch import read_megabatch, write_megabatch  # noqa: E402
+from vaultsh.run import CommitRecord, FileRecord, Run, metadata_for  # noqa: E402
+from vaultsh.store import LocalStore, open_store  # noqa: E402
+
+RUN = "run1"
+HOOK = "residuals_2"
+N, T, D = 3, 6, 8
+N_FILES = 5
+
+
+def write_run(store, dtype=torch.bfloat16, n_files=N_FILES, uncommitted=0, labels=True, run=RUN, hook=HOOK, seed=0):
+    """A committed run; returns the written megabatches' tensors in commit order."""
+    r = Run(store, run)
+    r.write_metadata(hook, metadata_for(batch_size=N, sequence_length=T, d_in=D, batches_per_file=1, dtype=dtype,
+                                        hook=hook, site="resid_pre", layer=2, model="tiny-llama"))
+    r.write_cfg({"model_name": "tiny-llama"})
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n_files + uncommitted):
+        states = (torch.randn(N, T, D, generator=g) * 3).to(dtype)
+        ids = torch.randint(0, 49152, (N, T), generator=g)
+        mask = torch.rand(N, T, generator=g) > 0.25
+        mask[:, 0] = False  # BOS
+        labs = {"source": torch.arange(N) + 100 * i, "score": torch.rand(N, 2, generator=g).to(torch.bfloat16)} if labels else None
+        key = r.megabatch_key(hook, 0, i)
+        size = write_megabatch(store, key, states, ids, mask, labels=labs, metadata={"hook": hook})
+        if i < n_files:
+            r.commit(CommitRecord(0, i, i, i + 1, {hook: FileRecord(hook, key, size, None, N, N * T, 0, i)}, tokens=N * T))
+            out.append(read_megabatch(store, key))
+    return out
+
+
+@pytest.fixture(params=["local", "s3"])
+def where(request, tmp_path):
+    """(store for writing the run, URI of its root, URI for the export's OUT)."""
+    if request.param == "local":
+        store = LocalStore(tmp_path / "vault")
+        return store, str(tmp_path / "vault"), str(tmp_path / "out")
+    request.getfixturevalue("s3_env")
+    store = request.getfixturevalue("s3_store")
+    return store, store.uri, f"{store.uri}/exports/x"
+
+
+def local_copy(out_uri: str, dest: Path) -> Path:
+    """OUT as a local directory (downloaded when it is an S3 prefix)."""
+    if not out_uri.startswith("s3://"):
+        return Path(out_uri)
+    store = open_store(out_uri)
+    dest.mkdir(parents=True, exist_ok=True)
+    for o in store.iter_objects(""):
+        store.get_file(o.key, dest / o.key)
+    return dest
+
+
+def load(out_dir: Path, tmp_path: Path):
+    import datasets
+
+    ds = datasets.load_dataset("parquet", data_files=f"{out_dir}/*.parquet", split="train",
+                               cache_dir=str(tmp_path / "hf-cache"))
+    return Loaded(ds)
+
+
+class Loaded(dict):
+    """A loaded split as numpy columns (`datasets` numpy format), plus its features."""
+
+    def __init__(self, ds):
+        super().__init__(ds.with_format("numpy")[:])
+        self.features = ds.features
+        self.column_names = ds.column_names
+        self.n = len(ds)
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def parquet_names(out_dir: Path) -> list[str]:
+    return sorted(p.name for p in out_dir.glob("*.parquet"))
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    rc = main(["export", *map(str, argv), "-q"])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+# -- round trips ---------------------------------------------------------------
+def test_sequences_round_trip_bf16_with_labels(where, tmp_path):
+    store, root, out = where
+    mbs = write_run(store)
+    res = export(f"{root}/{RUN}/{HOOK}", out, ExportOptions(batches_per_shard=2))
+    assert (res.shards_total, res.shards_written, res.complete) == (3, 3, True)
+    local = local_copy(out, tmp_path / "dl")
+    assert parquet_names(local) == [f"train-0000{i}-of-00003.parquet" for i in range(3)]
+    ds = load(local, tmp_path)
+    assert len(ds) == N_FILES * N
+    assert str(ds.features["states"].feature.feature.dtype) == "float32"  # bf16 widened, exactly
+    states, ids, mask = ds["states"], ds["input_ids"], ds["mask"]
+    mb, seq = ds["megabatch"], ds["sequence"]
+    for row in range(len(ds)):
+        m = mbs[mb[row]]
+        s = seq[row]
+        assert np.array_equal(states[row], m.states[s].float().numpy())
+        assert np.array_equal(ids[row], m.input_ids[s].numpy())
+        assert np.array_equal(mask[row], m.mask[s].numpy())
+        assert ds["label_source"][row] == m.labels["source"][s].item()
+        assert np.array_equal(ds["label_score"][row], m.labels["score"][s].float().numpy())
+    # in order: megabatch by megabatch
+    assert list(mb) == [i for i in range(N_FILES) for _ in range(N)]
+    card = (local / "README.md").read_text()
+    for needle in ("tiny-llama", HOOK, f"d_model {D}, sequence length {T}", f"{N_FILES * N:,} in 3 of 3 shards",
+                   "widened exactly from the run's bfloat16", "split: train"):
+        assert needle in card
+
+
+def test_tokens_round_trip_float32(tmp_path):
+    store = LocalStore(tmp_path / "vault")
+    mbs = write_run(store, dtype=torch.float32)
+    out = tmp_path / "out"
+    export(str(tmp_path / "vault" / RUN / HOOK), str(out), ExportOptions(mode="tokens", batches_per_shard=3))
+    ds = load(out, tmp_path)
+    real = sum(int(m.mask.sum()) for m in mbs)
+    assert len(ds) == real
+    states, ids, pos, mb, seq = ds["states"], ds["input_ids"], ds["position"], ds["megabatch"], ds["sequence"]
+    assert states.shape == (real, D) and states.dtype == np.float32
+    want_keys = [(i, s, t) for i, m in enumerate(mbs) for s in range(N) for t in range(T) if m.mask[s, t]]
+    assert list(zip(mb.tolist(), seq.tolist(), pos.tolist())) == want_keys
+    for row, (i, s, t) in enumerate(want_keys):
+        assert np.array_equal(states[row], mbs[i].states[s, t].numpy())
+        assert ids[row] == mbs[i].input_ids[s, t].item()
+        assert ds["label_source"][row] == mbs[i].labels["source"][s].item()
+    # the card's YAML names the shards: load_dataset(OUT) works too
+    import datasets
+
+    ds2 = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf2"))
+    assert len(ds2) == real
+    card = (out / "README.md").read_text()
+    assert f"{real:,} unmasked tokens" in card and "one row per unmasked token" in card
+
+
+def test_bf16_as_raw_bits_and_float16(tmp_path):
+    store = LocalStore(tmp_path / "vault")
+    mbs = write_run(store, labels=False)
+    src = str(tmp_path / "vault" / RUN / HOOK)
+    export(src, str(tmp_path / "bits"), ExportOptions(dtype="bfloat16", batches_per_shard=10))
+    ds = load(tmp_path / "bits", tmp_path)
+    assert str(ds.features["states"].feature.feature.dtype) == "uint16"
+    bits = np.asarray(ds["states"], dtype=np.uint16)  # datasets' numpy format widens ints to int64
+    want = torch.cat([m.states for m in mbs]).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(bits, want)
+    # the documented cast gives the bf16 values back exactly
+    f32 = (bits.astype(np.uint32) << 16).view(np.float32)
+    assert np.array_equal(f32, torch.cat([m.states for m in mbs]).float().numpy())
+    import pyarrow.parquet as pq
+
+    field = pq.read_schema(next((tmp_path / "bits").glob("*.parquet"))).field("states")
+    assert field.metadata[b"vaultsh.dtype"] == b"bfloat16"
+    assert "raw uint16 bits" in (tmp_path / "bits" / "README.md").read_text()
+
+    export(src, str(tmp_path / "half"), ExportOptions(dtype="float16", batches_per_shard=10))
+    ds = load(tmp_path / "half", tmp_path)
+    got = np.asarray(ds["states"], dtype=np.float32)
+    assert np.array_equal(got, torch.cat([m.states for m in mbs]).half().float().numpy())
+
+
+def test_label_columns_selected(tmp_path):
+    store = LocalStore(tmp_path / "vault")
+    write_run(store, n_files=2)
+    export(str(tmp_path / "vault" / RUN / HOOK), str(tmp_path / "out"), ExportOptions(label_columns=("source",)))
+    ds = load(tmp_path / "out", tmp_path)
+    assert "label_source" in ds.column_names and "label_score" not in ds.column_names
+    export(str(tmp_path / "vault" / RUN / HOOK), str(tmp_path / "none"), ExportOptions(label_columns=()))
+    assert not [c for c in load(tmp_path / "none", tmp_path).column_names if c.startswith("label_")]
+
+
+def test_activault_pt_run_without_commit_records(tmp_path):
+    store = LocalStore(tmp_path / "vault")
+    r = Run(store, "old")
+    r.write_metadata(HOOK, metadata_for(batch_size=N, sequence_length=T, d_in=D, batches_per_file=1,
+                                        dtype=torch.float16, hook=HOOK, format="pt"))
+    g = torch.Generator().manual_seed(1)
+    want = []
+    for j in range(2):
+        s = torch.randn(N, T, D, generator=g).half()
+        ids = torch.randint(0, 1000, (N, T), generator=g)
+        write_megabatch(store, f"old/{HOOK}/0a1b2c3d--{j}_0.saved.pt", s, ids, fmt="pt")
+        want.append((s, ids))
+    export(str(tmp_path / "vault" / "old" / HOOK), str(tmp_path / "out"), ExportOptions())
+    ds = load(tmp_path / "out", tmp_path)
+    assert str(ds.features["states"].feature.feature.dtype) == "float16"
+    assert np.array_equal(np.asarray(ds["states"], dtype=np.float32), torch.cat([s for s, _ in want]).float().numpy())
+    assert np.array_equal(ds["input_ids"], torch.cat([i for _, i in want]).numpy())
+    assert ds["mask"].all()
+
+
+# -- shards, resume, growth ----------------------------------------------------
+def test_max_shards_then_finish(tmp_path, capsys):
+    store = LocalStore(tmp_path / "vault")
+    write_run(store)
+    src, out = tmp_path / "vault" / RUN / HOOK, tmp_path / "out"
+    rc, stdout, _ = cli(capsys, src, out, "--batches-per-shard", 2, "--max-shards", 2)
+    assert rc == 0
+    assert parquet_names(out) == ["train-00000-of-00003.parquet", "train-00001-of-00003.parquet"]
+    assert "1 shard(s) left" in stdout
+    assert len(load(out, tmp_path)) == 4 * N
+    assert "in 2 of 3 shards" in (out / "README.md").read_text()
+    rc, stdout, _ = cli(capsys, src, out, "--batches-per-shard", 2)
+    assert rc == 0 and "resumed: wrote 1 shard(s)" in stdout and "(3 of 3 shards done)" in stdout
+    ds = load(out, tmp_path / "again")
+    keys = Counter(zip(ds["megabatch"].tolist(), ds["sequence"].tolist()))
+    assert len(keys) == N_FILES * N and set(keys.values()) == {1}
+
+
+class _Boom(KeyboardInterrupt):
+    pass
+
+
+def _interrupt_after(mp: pytest.MonkeyPatch, n_loads: int):
+    """Make the n-th megabatch load raise, as if the user pressed Ctrl-C there."""
+    real = export_core.load
+    calls = {"n": 0}
+
+    def flaky(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == n_loads:
+            raise _Boom()
+        return real(*a, **kw)
+
+    mp.setattr(export_core, "load", flaky)
+    return calls
+
+
+def test_resume_after_interrupt_has_no_duplicates(where, tmp_path):
+    store, root, out = where
+    write_run(store)
+    src = f"{root}/{RUN}/{HOOK}"
+    opts = ExportOptions(mode="tokens", batches_per_shard=2)
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(KeyboardInterrupt):
+        _interrupt_after(mp, 4)  # shard 0 (files 0, 1) done, shard 1 half-written
+        export(src, out, opts, workers=1)
+    outs = open_store(out)
+    names = sorted(o.key for o in outs.iter_objects(""))
+    assert "train-00000-of-00003.parquet" in names and "train-00001-of-00003.parquet" not in names
+    assert not [n for n in names if "tmp" in n or n.startswith(".")]  # no half-written shard left behind
+    manifest = json.loads(outs.get_bytes(MANIFEST))
+    assert list(manifest["finished"]) == ["train-00000-of-00003.parquet"]
+    res = export(src, out, opts, workers=1)
+    assert res.resumed and res.shards_written == 2 and res.complete
+    ds = load(local_copy(out, tmp_path / "dl"), tmp_path)
+    keys = Counter(zip(ds["megabatch"].tolist(), ds["sequence"].tolist(), ds["position"].tolist()))
+    assert set(keys.values()) == {1}
+    mbs = [read_megabatch(store, Run(store, RUN).megabatch_key(HOOK, 0, i)) for i in range(N_FILES)]
+    assert len(keys) == sum(int(m.mask.sum()) for m in mbs)
+
+
+def test_growing_run_exports_committed_only_and_says_so(tmp_path, capsys):
+    store = LocalStore(tmp_path / "vault")
+    write_run(store, n_files=3, uncommitted=2)
+    src, out = tmp_path / "vault" / RUN / HOOK, tmp_path / "out"
+    rc, stdout, stderr = cli(capsys, src, out)
+    assert rc == 0
+    assert "still being written: 2 uncommitted file(s)" in stderr and "exporting the 3 committed" in stderr
+    assert len(load(out, tmp_path)) == 3 * N
+    # two more get committed; the finished export stays as planned and says why
+    r = Run(store, RUN)
+    for i in (3, 4):
+        key = r.megabatch_key(HOOK, 0, i)
+        r.commit(CommitRecord(0, i, i, i + 1, {HOOK: FileRecord(HOOK, key, store.head(key).size, None, N, N * T, 0, i)}))
+    rc, stdout, stderr = cli(capsys, src, out)
+    assert rc == 0 and "2 megabatch(es) committed since this export started are not part of it" in stderr
+    assert len(load(out, tmp_path / "b")) == 3 * N
+
+
+# -- shuffle -------------------------------------------------------------------
+def test_global_shuffle_is_a_permutation(tmp_path):
+    store = LocalStore(tmp_path / "vault")
+    mbs = write_run(store, n_files=6)
+    src = str(tmp_path / "vault" / RUN / HOOK)
+    export(src, str(tmp_path / "a"), ExportOptions(mode="tokens", batches_per_shard=2, shuffle=True, seed=7))
+    ds = load(tmp_path / "a", tmp_path)
+    keys = list(zip(ds["megabatch"].tolist(), ds["sequence"].tolist(), ds["position"].tolist()))
+    want = [(i, s, t) for i, m in enumerate(mbs) for s in range(N) for t in range(T) if m.mask[s, t]]
+    assert sorted(keys) == want and len(keys) == len(want)  # every token exactly once
+    assert keys != want  # and not in collection order
+    states = ds["states"]
+    for row, (i, s, t) in enumerate(keys):  # each row still carries its own values
+        assert np.array_equal(states[row], mbs[i].states[s, t].float().numpy())
+    # across shards: the first shard mixes rows from megabatches other than its own two
+    first = load_file(tmp_path / "a" / "train-00000-of-00003.parquet")
+    assert set(first["megabatch"]) - {0, 1}
+    # seeded: the same seed gives the same rows in the same order, another seed another order
+    export(src, str(tmp_path / "b"), ExportOptions(mode="tokens", batches_per_shard=2, shuffle=True, seed=7))
+    export(src, str(tmp_path / "c"), ExportOptions(mode="tokens", batches_per_shard=2, shuffle=True, seed=8))
+    kb = list(zip(*(load(tmp_path / "b", tmp_path / "b")[c].tolist() for c in ("megabatch", "sequence", "position"))))
+    kc = list(zip(*(load(tmp_path / "c", tmp_path / "c")[c].tolist() for c in ("megabatch", "sequence", "position"))))
+    assert kb == keys and kc != keys and sorted(kc) == want
+
+
+def load_file(path: Path) -> dict:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pydict()
+
+
+def test_shuffled_resume_matches_uninterrupted(tmp_path):
+    store = LocalStore(tmp_path / "vault")
+    write_run(store, n_files=6)
+    src = str(tmp_path / "vault" / RUN / HOOK)
+    opts = ExportOptions(mode="sequences", batches_per_shard=2, shuffle=True, seed=3)
+    export(src, str(tmp_path / "ref"), opts)
+    export(src, str(tmp_path / "part"), opts, max_shards=1)
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(KeyboardInterrupt):
+        _interrupt_after(mp, 3)  # the second run dies during its read pass
+        export(src, str(tmp_path / "part"), opts)
+    export(src, str(tmp_path / "part"), opts)
+    for name in parquet_names(tmp_path / "ref"):
+        a, b = load_file(tmp_path / "ref" / name), load_file(tmp_path / "part" / name)
+        assert a["megabatch"] == b["megabatch"] and a["sequence"] == b["sequence"] and a["states"] == b["states"]
+    assert parquet_names(tmp_path / "ref") == parquet_names(tmp_path / "part")
+
+
+def test_allocate_deals_every_row_once():
+    rng = np.random.default_rng(0)
+    for caps in ([5, 0, 7, 3], [10**9, 2 * 10**9, 5]):  # exact draw, and the large-count branch
+        remaining = np.array(caps, dtype=np.int64)
+        total = 0
+        for r in (4, 4, 3) if caps[0] == 5 else (10**6, 10**6):
+            c = allocate(rng, remaining, r)
+            assert c.sum() == r and (c >= 0).all() and (c <= remaining).all()
+            remaining -= c
+            total += r
+        assert remaining.sum() == sum(caps) - total
+    with pytest.raises(ValueError):
+        allocate(rng, np.array([1, 1]), 3)
+
+
+# -- bad input -----------------------------------------------------------------
+def _one_line_error(rc: int, stderr: str) -> str:
+    assert rc == 2
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("vaultsh: error: "), stderr
+    return lines[0]
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    store = LocalStore(tmp_path / "vault")
+    write_run(store, n_files=2)
+    Run(store, "empty").write_metadata(HOOK, {"hook": HOOK})
+    write_run(store, n_files=0, uncommitted=1, run="pending")  # a worker is still writing its first megabatch
+    write_run(store, n_files=1, run="pending", hook="mlp_2")  # while another hook's is committed
+    hook = tmp_path / "vault" / RUN / HOOK
+
+    msg = _one_line_error(*cli(capsys, tmp_path / "vault" / RUN, tmp_path / "o1")[::2])
+    assert "not a hook directory" in msg and f"hooks: {HOOK}" in msg
+    msg = _one_line_error(*cli(capsys, tmp_path / "vault" / "nope" / HOOK, tmp_path / "o1")[::2])
+    assert "no such file or directory" in msg
+    msg = _one_line_error(*cli(capsys, tmp_path / "vault" / "empty" / HOOK, tmp_path / "o1")[::2])
+    assert "no committed megabatches" in msg
+    msg = _one_line_error(*cli(capsys, tmp_path / "vault" / "pending" / HOOK, tmp_path / "o1")[::2])
+    assert "no committed megabatches" in msg and "1 uncommitted" in msg
+    msg = _one_line_error(*cli(capsys, hook, tmp_path / "o1", "--label-columns", "source", "topic")[::2])
+    assert "unknown label column 'topic'" in msg and "score, source" in msg
+    assert not (tmp_path / "o1" / MANIFEST).exists()
+
+    assert cli(capsys, hook, tmp_path / "o2")[0] == 0
+    before = (tmp_path / "o2" / MANIFEST).read_bytes()
+    msg = _one_line_error(*cli(capsys, hook, tmp_path / "o2", "--tokens")[::2])
+    assert "already holds a different export" in msg and "mode='sequences'" in msg
+    assert (tmp_path / "o2" / MANIFEST).read_bytes() == before
+
+    (tmp_path / "o3").mkdir()
+    (tmp_path / "o3" / "data.parquet").write_bytes(b"PAR1")
+    msg = _one_line_error(*cli(capsys, hook, tmp_path / "o3")[::2])
+    assert "no vaultsh export manifest describes" in msg
+    (tmp_path / "o4").mkdir()
+    (tmp_path / "o4" / MANIFEST).write_text("{not json")
+    msg = _one_line_error(*cli(capsys, hook, tmp_path / "o4")[::2])
+    assert "not a valid export manifest" in msg
+    msg = _one_line_error(*cli(capsys, hook, tmp_path / "o5", "--batches-per-shard", 0)[::2])
+    assert "--batches-per-shard 0" in msg
+
+
+def test_api_rejects_bad_options(tmp_path):
+    store = LocalStore(tmp_path / "vault")
+    write_run(store, n_files=1)
+    src = str(tmp_path / "vault" / RUN / HOOK)
+    for opts, needle in ((ExportOptions(mode="words"), "mode"), (ExportOptions(dtype="int8"), "--dtype"),
+                         (ExportOptions(compression="rar"), "--compression")):
+        with pytest.raises(UserError, match=needle):
+            export(src, str(tmp_path / "o"), opts)

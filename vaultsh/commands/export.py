@@ -1,0 +1,121 @@
+"""`vaultsh export RUN_URI/HOOK OUT --format parquet`: sharded Parquet + a dataset card, resumable."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import threading
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """This subcommand's arguments (vaultsh/cli.py builds the parser from it)."""
+    p.add_argument("source", metavar="RUN_URI/HOOK", help="hook directory of a run (s3://bucket/run/hook or a path)")
+    p.add_argument("out", metavar="OUT", help="output directory or s3:// prefix (created; resumed when it holds this export)")
+    p.add_argument("--format", choices=["parquet"], default="parquet", help="output format (default: parquet)")
+    rows = p.add_mutually_exclusive_group()
+    rows.add_argument("--sequences", dest="mode", action="store_const", const="sequences",
+                      help="one row per sequence: states [T, D], input_ids [T], mask [T] (default)")
+    rows.add_argument("--tokens", dest="mode", action="store_const", const="tokens",
+                      help="one row per unmasked token: states [D], input_ids, position")
+    p.set_defaults(mode="sequences")
+    p.add_argument("--batches-per-shard", type=int, default=50, metavar="N",
+                   help="megabatches per Parquet shard (default 50)")
+    p.add_argument("--max-shards", type=int, default=None, metavar="N",
+                   help="stop once the first N shards exist (run again without it to finish)")
+    p.add_argument("--label-columns", nargs="*", default=None, metavar="NAME",
+                   help="labels to export (default: every label all megabatches carry; no names: none)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16", "float64"],
+                   help="states dtype (default auto: as stored, bf16/fp8 widened to float32; "
+                        "bfloat16 = raw bits in uint16, see docs/export.md)")
+    p.add_argument("--shuffle", action="store_true", help="shuffle rows globally across all shards (a seeded permutation)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --shuffle (default 0)")
+    p.add_argument("--compression", default="none", choices=["none", "snappy", "zstd", "gzip", "brotli"],
+                   help="codec of the states column (default none: activations barely compress); other columns use zstd")
+    p.add_argument("--workers", type=int, default=None, metavar="N", help="shards written at once (default 2; memory: about 3 megabatches per worker)")
+    p.add_argument("--tmp-dir", default=None, metavar="DIR", help="local scratch space for --shuffle (default: system temp)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+class _RichProgress:
+    """Rows, bytes, speed and ETA on a rich progress bar (stderr)."""
+
+    def __init__(self, console, quiet: bool):
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                   TransferSpeedColumn)
+
+        self.console = console
+        self.quiet = quiet
+        self.bar = Progress(
+            TextColumn("[bold]{task.description:<10}"), BarColumn(bar_width=24), TextColumn("{task.fields[rows]} rows"),
+            DownloadColumn(binary_units=True), TransferSpeedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=console, disable=quiet,
+        )
+        self.task = None
+        self.rows = 0
+        self.total_rows = 0
+        self.lock = threading.Lock()
+
+    def __enter__(self):
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.stop()
+
+    def phase(self, name: str, total_bytes: int, total_rows: int) -> None:
+        with self.lock:
+            if self.task is not None:
+                self.bar.update(self.task, completed=self.bar.tasks[self.task].total)
+            self.rows, self.total_rows = 0, total_rows
+            self.task = self.bar.add_task(name, total=max(1, total_bytes), rows=f"0/{total_rows:,}")
+
+    def advance(self, src_bytes: int, rows: int) -> None:
+        with self.lock:
+            self.rows += rows
+            self.bar.update(self.task, advance=src_bytes, rows=f"{self.rows:,}/{self.total_rows:,}")
+
+    def note(self, message: str) -> None:
+        from rich.markup import escape
+
+        self.console.print(f"[yellow]note:[/] {escape(message)}")
+
+
+def run(args) -> int:
+    import humanize
+    from rich.console import Console
+
+    from vaultsh.errors import UserError
+    from vaultsh.export import ExportOptions, export
+
+    if args.batches_per_shard < 1:
+        raise UserError(f"--batches-per-shard {args.batches_per_shard} is not allowed: use a whole number >= 1")
+    if args.max_shards is not None and args.max_shards < 1:
+        raise UserError(f"--max-shards {args.max_shards} is not allowed: use a whole number >= 1")
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers {args.workers} is not allowed: use a whole number >= 1")
+    options = ExportOptions(
+        mode=args.mode,
+        dtype=args.dtype,
+        label_columns=None if args.label_columns is None else tuple(args.label_columns),
+        batches_per_shard=args.batches_per_shard,
+        shuffle=args.shuffle,
+        seed=args.seed,
+        compression=args.compression,
+    )
+    command = f"vaultsh export {shlex.quote(args.source)} {shlex.quote(args.out)} --format parquet {options.flags()}"
+    console = Console(stderr=True)
+    with _RichProgress(console, args.quiet) as prog:
+        result = export(args.source, args.out, options, max_shards=args.max_shards, workers=args.workers,
+                        tmp_dir=args.tmp_dir, progress=prog, command=command)
+    verb = "resumed: wrote" if result.resumed else "wrote"
+    print(
+        f"{verb} {result.shards_written} shard(s), {result.rows_written:,} rows, "
+        f"{humanize.naturalsize(result.bytes_written, binary=True)} to {result.out_uri} "
+        f"({result.shards_done} of {result.shards_total} shards done)",
+        file=sys.stdout,
+    )
+    if not result.complete:
+        left = result.shards_total - result.shards_done
+        print(f"{left} shard(s) left: run the same command without --max-shards to finish", file=sys.stdout)
+    return 0
