@@ -321,7 +321,7 @@ def test_inspect_hook_lists_committed_files(results, kind):
 def test_inspect_megabatch_header(results, kind):
     res = results[f"{kind}-mb"]
     assert res.rc == 0, res
-    assert "model: tiny-llama" in res.out and "hook: residuals_0" in res.out
+    assert "Model: tiny-llama" in res.out and "Hook: residuals_0" in res.out
     assert re.search(rf"states: \[{N}, {T}, {D}\] F32", res.out), res
     assert re.search(rf"input_ids: \[{N}, {T}\] I64", res.out), res
     assert re.search(rf"mask: \[{N}, {T}\] BOOL", res.out), res

@@ -1,16 +1,22 @@
-"""`vaultsh inspect URI`: a run, a hook directory, a megabatch or a JSON file."""
+"""`vaultsh inspect URI`: a run, a hook directory, a megabatch or a JSON file.
+
+A megabatch gets the shell's `inspect` (vaultsh/shell/commands.py), the same
+header view, states check and decoded first sequences as `vaultsh s3`'s, minus
+the interactive batch viewer.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import posixpath
+from typing import TYPE_CHECKING
 
-import humanize
-from rich.console import Console
-from rich.table import Table
-
-from vaultsh.errors import FormatError, NotFoundError, UserError
+from vaultsh.errors import NotFoundError, UserError
 from vaultsh.store import open_location
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rich.console import Console
 
 _JSON_LIMIT = 1 << 20
 
@@ -27,30 +33,29 @@ def _safe(text) -> str:
 
 
 def run_inspect(args) -> int:
+    from rich.console import Console
+
     store, key = open_location(args.uri)
     console = Console()
     as_prefix = str(args.uri).endswith("/")  # `s3://b/run/` names a prefix, never an object
     if key and not as_prefix and store.exists(key):
         if key.endswith(".json"):
             return _show_json(store, key, console)
-        try:
-            return _show_megabatch(store, key, console, as_json=args.json, scan=args.scan)
-        except FormatError as exc:
-            raise _with_uri(exc, store, key) from None
+        return _show_megabatch(store, key, as_json=args.json, scan=not args.no_scan)
     return _show_prefix(store, key, console, as_json=args.json)
 
 
-def _with_uri(exc: FormatError, store, key: str) -> FormatError:
-    """The megabatch reader names files by store key; a user typed a URI or a path: name that."""
-    msg = str(exc)
-    if msg.startswith(key + ":"):
-        msg = store.child_uri(key) + msg[len(key):]
-    elif store.child_uri(key) not in msg:
-        msg = f"{store.child_uri(key)}: {msg}"
-    return FormatError(msg)
+def _show_megabatch(store, key: str, as_json: bool, scan: bool) -> int:
+    """The shell's `inspect` (header, states check, decoded text), run once without the batch viewer."""
+    from vaultsh.shell.app import Shell
+
+    shell = Shell(store=store, cwd=posixpath.dirname(key), json_mode=as_json, interactive=False)
+    return shell.dispatch(["inspect", "/" + key] + ([] if scan else ["--no-scan"]))
 
 
-def _show_json(store, key: str, console: Console) -> int:
+def _show_json(store, key: str, console: "Console") -> int:
+    import humanize
+
     info = store.head(key)
     if info.size > _JSON_LIMIT:
         raise UserError(f"{store.child_uri(key)}: {humanize.naturalsize(info.size)} is too large to print (limit 1 MB)")
@@ -62,50 +67,9 @@ def _show_json(store, key: str, console: Console) -> int:
     return 0
 
 
-def _show_megabatch(store, key: str, console: Console, as_json: bool, scan: bool) -> int:
-    from vaultsh.megabatch import read_header, scan_states
+def _show_prefix(store, key: str, console: "Console", as_json: bool) -> int:
+    from rich.console import Console
 
-    header = read_header(store, key)
-    report = {"uri": store.child_uri(key), **header.to_dict()}
-    if scan:
-        report["scan"] = _scan(store, key, header, console, quiet=as_json, scan_states=scan_states)
-    if as_json:
-        print(json.dumps(report, indent=2, default=str))
-        return 0
-    console.print(f"[bold]Megabatch[/] {_safe(report['uri'])}")
-    console.print(f"  format: {header.format}   model: {_safe(header.model or '?')}   hook: {_safe(header.hook or '?')}")
-    if header.file_size is not None:
-        console.print(f"  size: {humanize.naturalsize(header.file_size, binary=True)} ({header.file_size:,} bytes)")
-    console.print("  tensors:")
-    for name, t in header.tensors.items():
-        console.print(f"    {_safe(name)}: {list(t.shape)} {t.dtype}")
-    extra = {k: v for k, v in header.metadata.items() if k not in ("model", "hook")}
-    if extra:
-        console.print("  metadata: " + ", ".join(f"{_safe(k)}={_safe(v)}" for k, v in sorted(extra.items())))
-    if scan:
-        s = report["scan"]
-        ok = lambda n: "✅" if n == 0 else f"❌ ({n:,})"  # noqa: E731
-        console.print("  states check:")
-        console.print(f"    No NaNs: {ok(s['nan_count'])}   No Infs: {ok(s['inf_count'])}")
-        if s["min"] is None:  # no finite value at all (or an empty megabatch)
-            console.print("    Value range: no finite values")
-        else:
-            console.print(f"    Value range: [{s['min']:.4g}, {s['max']:.4g}]   mean {s['mean']:.4g}   std {s['std']:.4g}")
-        console.print(f"    masked tokens: {s['masked_fraction']:.1%}")
-    return 0
-
-
-def _scan(store, key, header, console, quiet, scan_states) -> dict:
-    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
-
-    if quiet:
-        return scan_states(store, key, header)
-    with Progress("scanning", BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console, transient=True) as progress:
-        task = progress.add_task("scan", total=None)
-        return scan_states(store, key, header, progress=lambda done, total: progress.update(task, completed=done, total=total))
-
-
-def _show_prefix(store, key: str, console: Console, as_json: bool) -> int:
     from vaultsh.run import METADATA, Run, megabatch_format
 
     key = key.strip("/")
@@ -137,7 +101,9 @@ def _show_prefix(store, key: str, console: Console, as_json: bool) -> int:
     return 0
 
 
-def _show_listing(store, key: str, listing, console: Console, as_json: bool) -> int:
+def _show_listing(store, key: str, listing, console: "Console", as_json: bool) -> int:
+    import humanize
+
     uri = store.child_uri(key) if key else store.uri
     if as_json:
         out = {
@@ -156,7 +122,10 @@ def _show_listing(store, key: str, listing, console: Console, as_json: bool) -> 
     return 0
 
 
-def _print_summary(store, key, summary, console: Console) -> None:
+def _print_summary(store, key, summary, console: "Console") -> None:
+    import humanize
+    from rich.table import Table
+
     console.print(f"[bold]run[/] {_safe(store.child_uri(key))}", soft_wrap=True)
     table = Table()
     for col, justify in (("hook", "left"), ("committed", "right"), ("size", "right"), ("tokens", "right"), ("uncommitted", "right")):
@@ -167,7 +136,10 @@ def _print_summary(store, key, summary, console: Console) -> None:
     console.print(table)
 
 
-def _show_hook(run, hook: str, store, console: Console, as_json: bool) -> int:
+def _show_hook(run, hook: str, store, console: "Console", as_json: bool) -> int:
+    import humanize
+    from rich.table import Table
+
     commits = run.iter_commits()
     files = run.committed_files(hook, commits)
     if as_json:
@@ -191,7 +163,9 @@ def add_arguments(p) -> None:
     """This subcommand's arguments (vaultsh/cli.py builds the parser from it)."""
     p.add_argument("uri", help="run, hook directory or megabatch file (s3://... or a path)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--scan", action="store_true", help="also scan states for NaN/Inf and value range")
+    p.add_argument("--no-scan", action="store_true",
+                   help="megabatch: skip the states check (NaN/Inf, value range), which reads every byte of the states")
+    p.add_argument("--scan", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
 
 
 def run(args) -> int:

@@ -1,0 +1,231 @@
+"""The interactive shell driven through prompt_toolkit's pipe input (no terminal).
+
+`create_pipe_input()` + `DummyOutput()` run the real PromptSession the shell
+builds: completion (threaded), history across sessions in a file,
+auto-suggestion, Ctrl-C/Ctrl-D, the batch viewer and rm's confirmations.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+
+import pytest
+import torch
+from prompt_toolkit.application import create_app_session
+from prompt_toolkit.completion import CompleteEvent
+from prompt_toolkit.document import Document
+from prompt_toolkit.history import FileHistory
+from prompt_toolkit.input import create_pipe_input
+from prompt_toolkit.output import DummyOutput
+
+from vaultsh.megabatch import write_megabatch
+from vaultsh.shell.app import Shell
+from vaultsh.shell.completer import ShellCompleter, make_completer
+from vaultsh.shell.registry import REGISTRY
+from vaultsh.store import LocalStore
+
+from .modelfixtures import TOKENIZER_DIR
+
+N, T, D = 4, 24, 8
+
+
+@pytest.fixture(scope="module")
+def texts():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    import pydoc_data.topics as topics
+
+    docs = [topics.topics[k] for k in sorted(topics.topics)[:N]]
+    ids = torch.stack([torch.tensor(tok.encode(d)[:T]) for d in docs])
+    return tok, ids
+
+
+@pytest.fixture
+def store(tmp_path, texts):
+    _, ids = texts
+    s = LocalStore(tmp_path / "vault")
+    s.put_bytes("run1/cfg.json", json.dumps({"tokenizer": {"source": str(TOKENIZER_DIR)}}).encode())
+    s.put_bytes("run1/hook_a/metadata.json", b"{}")
+    mask = torch.ones(N, T, dtype=torch.bool)
+    mask[2, T - 5:] = False
+    write_megabatch(s, "run1/hook_a/w0000--0000000.safetensors", torch.randn(N, T, D), ids, mask,
+                    metadata={"hook": "hook_a", "model": "m"})
+    s.put_bytes("run1/notes.txt", b"hello\n")
+    s.put_bytes("run2/x/y.txt", b"y")
+    s.put_bytes("rubble.txt", b"r")
+    return s
+
+
+def words(completions) -> list[str]:
+    return [c.text for c in completions]
+
+
+def complete(store, text: str, cwd: str = "") -> list[str]:
+    shell = Shell(store=store, cwd=cwd, stdout=io.StringIO(), stderr=io.StringIO(), interactive=False)
+    comp = ShellCompleter(shell.ctx, REGISTRY)
+    return words(comp.get_completions(Document(text), CompleteEvent(completion_requested=True)))
+
+
+def test_completes_commands_flags_and_keys(store):
+    assert complete(store, "insp") == ["inspect"]
+    assert set(complete(store, "")) == set(REGISTRY.names())
+    assert complete(store, "cd ru") == ["run1/", "run2/"]  # directories only for cd
+    assert complete(store, "ls ru") == ["run1/", "run2/", "rubble.txt"]
+    assert complete(store, "ls run1/") == ["run1/hook_a/", "run1/cfg.json", "run1/notes.txt"]
+    assert complete(store, "inspect hook_a/w", cwd="run1") == ["hook_a/w0000--0000000.safetensors"]
+    assert complete(store, "cat ../run2/x/", cwd="run1") == ["../run2/x/y.txt"]
+    assert complete(store, "ls -") == ["-l", "--json"]
+    assert complete(store, "help filec") == ["filecount"]
+    assert complete(store, "pwd; cd run1/h") == ["run1/hook_a/"]
+    assert complete(store, "nosuchcmd ru") == []
+    assert complete(store, "cd ../../..", cwd="run1") == []  # outside the root: nothing, and no error
+
+
+def test_threaded_completion_and_a_failing_listing(store):
+    shell = Shell(store=store, stdout=io.StringIO(), stderr=io.StringIO(), interactive=False)
+    completer = make_completer(shell.ctx, REGISTRY)
+
+    async def collect():
+        return [c.text async for c in completer.get_completions_async(Document("cd ru"), CompleteEvent())]
+
+    import asyncio
+
+    assert asyncio.run(collect()) == ["run1/", "run2/"]
+
+    class Broken:
+        uri = store.uri
+
+        def list_dir(self, prefix=""):
+            raise OSError("listing failed")
+
+    shell.ctx.store = Broken()
+    shell.ctx.invalidate()
+    assert asyncio.run(collect()) == []  # completion never raises into the prompt
+
+
+def wait_for(cond, timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            return
+        time.sleep(0.02)
+
+
+def feed_later(pipe, *chunks: str, delay: float = 0.3) -> threading.Thread:
+    """Send chunks one by one with a pause between (lets threaded completion finish)."""
+
+    def run():
+        for chunk in chunks:
+            time.sleep(delay)
+            pipe.send_text(chunk)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_tab_completion_in_the_prompt(store, tmp_path):
+    with create_pipe_input() as pipe, create_app_session(input=pipe, output=DummyOutput()):
+        shell = Shell(store=store, stdout=io.StringIO(), stderr=io.StringIO(), input=pipe, output=DummyOutput(),
+                      history=FileHistory(str(tmp_path / "h")))
+        session = shell.make_session()
+
+        def keys():
+            buf = session.default_buffer
+            pipe.send_text("cd run1/ho")
+            # completion runs in a thread while typing: Tab once the menu is up, as a person would
+            wait_for(lambda: buf.complete_state is not None and bool(buf.complete_state.completions))
+            pipe.send_text("\t")
+            wait_for(lambda: buf.text != "cd run1/ho")
+            pipe.send_text("\r")
+
+        feeder = threading.Thread(target=keys, daemon=True)
+        feeder.start()
+        assert session.prompt(shell.prompt_text) == "cd run1/hook_a/"
+        feeder.join()
+
+
+def test_history_across_sessions_and_autosuggest(store, tmp_path):
+    path = tmp_path / "hist"
+
+    def session_with(pipe):
+        shell = Shell(store=store, stdout=io.StringIO(), stderr=io.StringIO(), input=pipe, output=DummyOutput(),
+                      history=FileHistory(str(path)))
+        return shell.make_session()
+
+    with create_pipe_input() as pipe, create_app_session(input=pipe, output=DummyOutput()):
+        pipe.send_text("ls -l run1\r")
+        assert session_with(pipe).prompt("> ") == "ls -l run1"
+    assert "+ls -l run1" in path.read_text()
+    with create_pipe_input() as pipe, create_app_session(input=pipe, output=DummyOutput()):
+        pipe.send_text("\x1b[A\r")  # up arrow: the previous session's line
+        assert session_with(pipe).prompt("> ") == "ls -l run1"
+    with create_pipe_input() as pipe, create_app_session(input=pipe, output=DummyOutput()):
+        session = session_with(pipe)
+
+        def keys():
+            pipe.send_text("ls -")
+            wait_for(lambda: session.default_buffer.suggestion is not None)
+            pipe.send_text("\x1b[C\r")  # right arrow takes the grey suggestion from history
+
+        feeder = threading.Thread(target=keys, daemon=True)
+        feeder.start()
+        assert session.prompt("> ") == "ls -l run1"
+        feeder.join()
+
+
+def interactive(store, tmp_path, keys: str | list[str]) -> tuple[int, str, str, Shell]:
+    out, err = io.StringIO(), io.StringIO()
+    with create_pipe_input() as pipe, create_app_session(input=pipe, output=DummyOutput()):
+        shell = Shell(store=store, stdout=out, stderr=err, input=pipe, output=DummyOutput(),
+                      history=FileHistory(str(tmp_path / "hist")))
+        if isinstance(keys, str):
+            pipe.send_text(keys)
+            pipe.close()
+            rc = shell.run_interactive()
+        else:
+            feeder = feed_later(pipe, *keys, delay=0.2)
+            rc = shell.run_interactive()
+            feeder.join()
+    return rc, out.getvalue(), err.getvalue(), shell
+
+
+def test_ctrl_c_clears_the_line_and_ctrl_d_leaves(store, tmp_path):
+    rc, out, err, shell = interactive(store, tmp_path, ["cd run1\r", "ls half-typed\x03", "pwd\r", "nope\r", "pwd\r", "\x04"])
+    assert rc == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("vaultsh s3 shell on ") and "Ctrl-D leaves" in lines[0]
+    assert lines[1:] == [f"{store.uri}/run1", f"{store.uri}/run1"]  # `ls half-typed` never ran
+    assert err.strip() == "error: unknown command 'nope'; `help` lists commands"
+
+
+def test_batch_viewer_then_q(store, tmp_path, texts):
+    tok, ids = texts
+    keys = "cd run1/hook_a\rinspect 0 --no-scan\r2\rt 1\r9\rq\rpwd\r"
+    rc, out, err, shell = interactive(store, tmp_path, keys)
+    assert rc == 0 and err == "", err
+    assert "First 4 batches" in out
+    assert f"Batch 2 of {N}: {T} tokens, {T - 5} real, 5 masked" in out
+    real = tok.decode(ids[2, : T - 5].tolist())
+    masked = tok.decode(ids[2, T - 5:].tolist())
+    assert real in out and f"«{masked}»" in out
+    assert f"[{int(ids[1, 0])}]" in out  # `t 1`: token ids and boundaries
+    assert f"batch 9 out of range (0-{N - 1})" in out
+    assert out.rstrip().splitlines()[-1] == f"{store.uri}/run1/hook_a"  # q left the viewer, the shell went on
+
+
+def test_rm_asks_and_respects_the_answers(store, tmp_path):
+    keys = ["rm run1/notes.txt\r", "n\r", "rm run1/notes.txt\r", "y\r", "rm run2\r", "rm -r run2\r", "y\r",
+            "wrong\r", "rm -r run2\r", "y\r", "run2\r", "\x04"]
+    rc, out, err, shell = interactive(store, tmp_path, keys)
+    assert rc == 0
+    assert not store.exists("run1/notes.txt")
+    assert [o.key for o in store.iter_objects("run2/")] == []
+    assert "not deleted:" in out and f"deleted 1 object (6 Bytes): {store.uri}/run1/notes.txt" in out
+    assert f"deleted 1 object (1 Byte): {store.uri}/run2/" in out
+    assert "a directory (prefix) holding objects; `rm -r run2` deletes it after two confirmations" in err
+    assert store.exists("rubble.txt") and store.exists("run1/cfg.json")

@@ -1,0 +1,56 @@
+"""`vaultsh verify RUN_URI`: check every committed megabatch of a run.
+
+Exit status: 0 when everything checks out, 1 when problems were found (listed
+on one screen; `--json` gives them all), 2 for a usage or store error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def add_arguments(p) -> None:
+    """This subcommand's arguments (vaultsh/cli.py builds the parser from it)."""
+    p.add_argument("uri", help="a run (s3://bucket/run or a path), one hook directory of it, or a prefix holding runs")
+    p.add_argument("--nan", action="store_true", help="also scan every file's states for NaN/Inf (reads the states again)")
+    p.add_argument("--json", action="store_true", help="machine-readable report with every problem")
+    p.add_argument("--threads", type=int, default=4, metavar="N", help="files checked in parallel (default 4)")
+
+
+def run(args) -> int:
+    from rich.console import Console
+
+    from vaultsh.errors import UserError
+    from vaultsh.store import open_location
+    from vaultsh.verify import verify
+
+    if args.threads < 1:
+        raise UserError(f"--threads {args.threads}: use a whole number >= 1")
+    store, key = open_location(args.uri)
+    err = Console(stderr=True, highlight=False)
+    if args.json or not err.is_terminal:
+        report = verify(store, key, nan=args.nan, threads=args.threads)
+    else:
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+        with Progress(TextColumn("verifying"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                      console=err, transient=True) as prog:
+            task = prog.add_task("verify", total=None)
+            report = verify(store, key, nan=args.nan, threads=args.threads,
+                            progress=lambda done, total: prog.update(task, completed=done, total=total))
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        out = Console(highlight=False, soft_wrap=True)
+        for style, line in report.lines():
+            out.print(_inert(line), style=style or None, markup=False, emoji=False)
+    sys.stdout.flush()
+    return report.exit_code
+
+
+def _inert(text: str) -> str:
+    """Keys and messages come from the store: control characters shown as \\xNN."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
