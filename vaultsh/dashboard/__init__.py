@@ -1,0 +1,1 @@
+"""The Textual dashboard (`vaultsh collect`, `vaultsh watch`): a view over vaultsh.supervise."""
