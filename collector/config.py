@@ -60,7 +60,7 @@ import re
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping, Optional, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Mapping, Optional, Union, get_args
 
 from pydantic import (
     AfterValidator,
@@ -1012,6 +1012,15 @@ def read_gguf_metadata(path: Union[str, os.PathLike]) -> dict[str, Any]:
     `AutoConfig.from_pretrained(gguf_file=...)` (gguf.GGUFReader) spends ~10 s
     building numpy views of every vocabulary entry.
     """
+    return read_gguf_header(path)[0]
+
+
+def read_gguf_header(path: Union[str, os.PathLike], tensors: bool = False) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+    """(key/value metadata as `read_gguf_metadata` gives it, {tensor name: shape} when `tensors`).
+
+    The tensor table follows the metadata in the header, so the weights are
+    never read either way.
+    """
     p = Path(path)
     with open(p, "rb", buffering=1 << 20) as f:
         rd = f.read
@@ -1041,7 +1050,7 @@ def read_gguf_metadata(path: Union[str, os.PathLike]) -> dict[str, Any]:
         version = u32()
         if version < 2:
             raise ConfigError(f"{p}: GGUF version {version} is too old (need 2 or 3)")
-        _n_tensors, n_kv = u64(), u64()
+        n_tensors, n_kv = u64(), u64()
         meta: dict[str, Any] = {}
         for _ in range(n_kv):
             key = string()
@@ -1057,7 +1066,13 @@ def read_gguf_metadata(path: Union[str, os.PathLike]) -> dict[str, Any]:
                 meta[key] = struct.unpack(fmt, rd(struct.calcsize(fmt)))[0]
             else:
                 raise ConfigError(f"{p}: unreadable GGUF header (value type {vt} for {key!r})")
-    return meta
+        shapes: dict[str, tuple[int, ...]] = {}
+        for _ in range(n_tensors if tensors else 0):
+            name = string()
+            shapes[name] = tuple(u64() for _ in range(u32()))
+            u32()  # ggml type
+            u64()  # offset
+    return meta, shapes
 
 
 def _gguf_model_type(arch: str, general_name: str) -> str:

@@ -104,3 +104,15 @@ def s3_env(s3_server, monkeypatch):
     """S3_ENDPOINT_URL points at the test server, so open_store("s3://...") reaches it."""
     monkeypatch.setenv("S3_ENDPOINT_URL", s3_server)
     return s3_server
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The tiny random Llama with the real SmolLM2 tokenizer, built once per session.
+
+    Test modules that need a model of their own (one they change, or built
+    differently) define a module-level `tiny_dir`, which takes precedence.
+    """
+    from .modelfixtures import make_tiny_llama_dir
+
+    return make_tiny_llama_dir(tmp_path_factory.mktemp("tiny-shared") / "model")

@@ -19,18 +19,9 @@ from vaultsh.megabatch import read_megabatch
 from vaultsh.run import Run
 from vaultsh.stats import RunningStats
 
-from .modelfixtures import TINY_D_MODEL, make_tiny_llama_dir
+from .modelfixtures import TINY_D_MODEL
 
 HOOKS = ["residuals_1", "mlp_2"]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """The tiny model, built once per test session and shared by the multi-worker test modules."""
-    d = tmp_path_factory.getbasetemp() / "vaultsh-tiny-llama-shared"
-    if not (d / "config.json").exists():
-        make_tiny_llama_dir(d)
-    return d
 
 
 def make_cfg(tiny_dir, uri, num_runs=2, n_batches=7, bpu=2):

@@ -16,7 +16,7 @@ from vaultsh.megabatch import read_megabatch
 from vaultsh.run import Run
 from vaultsh.store import LocalStore
 
-from .modelfixtures import TINY_D_MODEL, make_tiny_llama_dir
+from .modelfixtures import TINY_D_MODEL
 
 ray = pytest.importorskip("ray")
 
@@ -28,15 +28,6 @@ def test_resources_parse_into_ray_options():
     for bad, why in (("{CPU: 1}", "not valid JSON"), ("[1]", "JSON object"), ('{"GPU": -1}', "non-negative")):
         with pytest.raises(UserError, match=why):
             parse_resources(bad)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """The tiny model, built once per test session and shared by the multi-worker test modules."""
-    d = tmp_path_factory.getbasetemp() / "vaultsh-tiny-llama-shared"
-    if not (d / "config.json").exists():
-        make_tiny_llama_dir(d)
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import yaml
 from vaultsh.launch.common import make_plan, parse_range, ranges
 from vaultsh.launch.slurm import SlurmOptions, build_jobs
 
-from .modelfixtures import make_tiny_llama_dir
 
 FAKE_SBATCH = """#!/bin/bash
 # Records its arguments, one call per line, and answers like `sbatch --parsable`.
@@ -47,15 +46,6 @@ def vaultsh(*args, cwd, path_prefix: Path | None = None, **env):
         e["PATH"] = f"{path_prefix}{os.pathsep}{e['PATH']}"
     return subprocess.run([sys.executable, "-m", "vaultsh", *map(str, args)], cwd=cwd, env=e,
                           capture_output=True, text=True, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """The tiny model, built once per test session and shared by the multi-worker test modules."""
-    d = tmp_path_factory.getbasetemp() / "vaultsh-tiny-llama-shared"
-    if not (d / "config.json").exists():
-        make_tiny_llama_dir(d)
-    return d
 
 
 @pytest.fixture

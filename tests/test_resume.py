@@ -19,7 +19,6 @@ from vaultsh.run import Run
 from vaultsh.stats import RunningStats
 from vaultsh.store import LocalStore
 
-from .modelfixtures import make_tiny_llama_dir
 
 HOOKS = ["residuals_1", "mlp_1"]
 BPU = 4
@@ -38,15 +37,6 @@ _SLOW_WORKER = (
     "from vaultsh.cli import main\n"
     "sys.exit(main(sys.argv[1:]))\n"
 )
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """The tiny model, built once per test session and shared by the multi-worker test modules."""
-    d = tmp_path_factory.getbasetemp() / "vaultsh-tiny-llama-shared"
-    if not (d / "config.json").exists():
-        make_tiny_llama_dir(d)
-    return d
 
 
 def raw_cfg(tiny_dir, uri, **data):

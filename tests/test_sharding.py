@@ -24,7 +24,7 @@ from vaultsh.megabatch import read_megabatch
 from vaultsh.run import Run
 from vaultsh.store import LocalStore
 
-from .modelfixtures import TOKENIZER_DIR, make_tiny_llama_dir
+from .modelfixtures import TOKENIZER_DIR
 
 WORDS = "the activation of a residual stream is stored in megabatch files on a bucket".split()
 
@@ -110,15 +110,6 @@ def test_union_of_worker_streams_equals_single_stream(tokenizer, text_file, k, n
 
 
 # -- the real thing: K=3 workers of the tiny model vs one worker --------------
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """The tiny model, built once per test session and shared by the multi-worker test modules."""
-    d = tmp_path_factory.getbasetemp() / "vaultsh-tiny-llama-shared"
-    if not (d / "config.json").exists():
-        make_tiny_llama_dir(d)
-    return d
-
 
 def _cfg(tiny_dir, uri, num_runs):
     return load_config({

@@ -101,7 +101,7 @@ def render_card(manifest: Manifest, vaultsh_version: str) -> str:
         + ("" if complete else f"; the full export has {plan.total_rows:,} rows"),
         f"- source: {len(plan.files)} committed megabatches, {sum(f['sequences'] for f in plan.files):,} sequences, "
         f"{positions:,} positions, {tokens:,} unmasked tokens",
-        f"- order: " + (f"globally shuffled across shards (seed {opts['seed']})" if opts["shuffle"]
+        "- order: " + (f"globally shuffled across shards (seed {opts['seed']})" if opts["shuffle"]
                          else "as collected (megabatch by megabatch, in commit order)"),
         "",
         "## Columns",

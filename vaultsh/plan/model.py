@@ -87,62 +87,11 @@ class ModelShape:
 # GGUF: metadata and tensor table
 # --------------------------------------------------------------------------- #
 
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-
-
 def read_gguf_tables(path: Path) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
-    """(scalar/string metadata, {tensor name: shape}) of a GGUF file; arrays are skipped."""
-    with open(path, "rb", buffering=1 << 20) as f:
-        rd = f.read
+    """(scalar/string metadata, {tensor name: shape}) of a GGUF file, from the collector's reader."""
+    from collector.config import read_gguf_header
 
-        def u32() -> int:
-            return struct.unpack("<I", rd(4))[0]
-
-        def u64() -> int:
-            return struct.unpack("<Q", rd(8))[0]
-
-        def string() -> str:
-            return rd(u64()).decode("utf-8", "replace")
-
-        def skip(item_type: int, count: int) -> None:
-            if item_type == _STRING:
-                for _ in range(count):
-                    f.seek(u64(), 1)
-            elif item_type == _ARRAY:
-                for _ in range(count):
-                    it, n = u32(), u64()
-                    skip(it, n)
-            else:
-                f.seek(struct.calcsize(_GGUF_SCALARS[item_type]) * count, 1)
-
-        if rd(4) != b"GGUF":
-            raise ConfigError(f"{path}: not a GGUF file (bad magic)")
-        if u32() < 2:
-            raise ConfigError(f"{path}: GGUF version too old (need 2 or 3)")
-        n_tensors, n_kv = u64(), u64()
-        meta: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key, vt = string(), u32()
-            if vt == _STRING:
-                meta[key] = string()
-            elif vt == _ARRAY:
-                it, n = u32(), u64()
-                skip(it, n)
-                meta[key + ".length"] = n
-            elif vt in _GGUF_SCALARS:
-                fmt = _GGUF_SCALARS[vt]
-                meta[key] = struct.unpack(fmt, rd(struct.calcsize(fmt)))[0]
-            else:
-                raise ConfigError(f"{path}: unreadable GGUF header (value type {vt} for {key!r})")
-        tensors: dict[str, tuple[int, ...]] = {}
-        for _ in range(n_tensors):
-            name = string()
-            dims = tuple(u64() for _ in range(u32()))
-            u32()  # ggml type
-            u64()  # offset
-            tensors[name] = dims
-    return meta, tensors
+    return read_gguf_header(path, tensors=True)
 
 
 def _shape_from_gguf(name: str, path: Path) -> ModelShape:
@@ -170,7 +119,8 @@ def _shape_from_gguf(name: str, path: Path) -> ModelShape:
             other += n
             if tname.startswith("token_embd"):
                 embed += n
-    vocab = get("vocab_size") or meta.get("tokenizer.ggml.tokens.length")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = get("vocab_size") or getattr(tokens, "length", None)
     return ModelShape(
         name=name,
         n_layers=n_layers,
