@@ -261,9 +261,7 @@ def run_worker(
             snapshot = stats[h].to_bytes()
             key = run.megabatch_key(h, worker, mb.index, fmt)
             states = mb.states[h][:n]
-            meta = {"run": cfg.run_name, "hook": h, "model": cfg.model.name, "worker": worker, "megabatch": mb.index,
-                    "batch_start": mb.batch_start, "batch_end": mb.batch_end, "tokenizer": cfg.model.name,
-                    "created": datetime.now(timezone.utc).isoformat()}
+            meta = mbf.file_metadata(cfg.run_name, h, cfg.model.name, worker, mb.index, mb.batch_start, mb.batch_end)
             if vocabs:
                 meta["label_values"] = json.dumps(vocabs, ensure_ascii=False)
             nbytes = states.numel() * states.element_size()

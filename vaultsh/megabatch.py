@@ -422,6 +422,22 @@ def _check_write_args(states, input_ids, mask, labels) -> None:
             raise ValueError(f"label {name!r} must be a tensor with first dimension {n}, got {getattr(lab, 'shape', None)}")
 
 
+def file_metadata(run: str, hook: str, model: str, worker: int, megabatch: int, batch_start: int, batch_end: int,
+                  created: str | None = None) -> dict[str, Any]:
+    """The header metadata a collector worker writes into each megabatch (before format fields).
+
+    One place for it, so `vaultsh plan` sizes headers exactly as workers write
+    them. `created` is an ISO time with microseconds always present (fixed width).
+    """
+    from datetime import datetime, timezone
+
+    return {
+        "run": run, "hook": hook, "model": model, "worker": worker, "megabatch": megabatch,
+        "batch_start": batch_start, "batch_end": batch_end, "tokenizer": model,
+        "created": created or datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+    }
+
+
 def build_header(
     tensors: dict[str, "torch.Tensor"], metadata: dict[str, str] | None
 ) -> tuple[bytes, list[tuple[str, "torch.Tensor"]]]:

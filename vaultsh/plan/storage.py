@@ -93,17 +93,10 @@ def equal_length_runs(count: int, key: Callable[[int], Any]) -> Iterator[tuple[i
 
 def file_metadata(run_name: str, hook: str, model: str, span: MegabatchSpan) -> dict[str, Any]:
     """The `__metadata__` the worker writes into a megabatch (before format/format_version)."""
-    return {
-        "run": run_name,
-        "hook": hook,
-        "model": model,
-        "worker": span.worker,
-        "megabatch": span.index,
-        "batch_start": span.batch_start,
-        "batch_end": span.batch_end,
-        "tokenizer": model,
-        "created": _CREATED,
-    }
+    from vaultsh.megabatch import file_metadata as worker_metadata
+
+    return worker_metadata(run_name, hook, model, span.worker, span.index, span.batch_start, span.batch_end,
+                           created=_CREATED)
 
 
 @lru_cache(maxsize=4096)
