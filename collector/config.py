@@ -967,13 +967,23 @@ def _first_attr(obj: Any, names: tuple[str, ...]) -> Any:
     return None
 
 
-def _facts_from_hf_config(config: Any, name: str) -> ModelFacts:
-    text = config
+def int_attr(obj: Any, *names: str) -> int | None:
+    """The first of `names` that `obj` (an HF config) has as an int: configs spell sizes differently."""
+    return _first_attr(obj, names)
+
+
+def text_config(config: Any) -> Any:
+    """The decoder's text config of an HF config (multimodal configs nest it), else the config itself."""
     if hasattr(config, "get_text_config"):
         try:
-            text = config.get_text_config(decoder=True)
+            return config.get_text_config(decoder=True)
         except TypeError:
-            text = config.get_text_config()
+            return config.get_text_config()
+    return config
+
+
+def _facts_from_hf_config(config: Any, name: str) -> ModelFacts:
+    text = text_config(config)
     n_layers = _first_attr(text, ("num_hidden_layers", "n_layer", "num_layers", "n_layers"))
     d_model = _first_attr(text, ("hidden_size", "n_embd", "d_model", "dim"))
     if n_layers is None or d_model is None:

@@ -161,14 +161,6 @@ def _forced_offline() -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _attr(cfg: Any, *names: str) -> Optional[int]:
-    for n in names:
-        v = getattr(cfg, n, None)
-        if isinstance(v, int) and not isinstance(v, bool):
-            return v
-    return None
-
-
 def _hf_config(model_cfg: Any, local: Optional[Path]) -> Any:
     from transformers import AutoConfig
 
@@ -207,12 +199,10 @@ def _count_on_meta(config: Any) -> tuple[list[int], int, int]:
 
 
 def _shape_from_hf(model_cfg: Any, config: Any, where: str) -> ModelShape:
-    text = config
-    if hasattr(config, "get_text_config"):
-        try:
-            text = config.get_text_config(decoder=True)
-        except TypeError:
-            text = config.get_text_config()
+    from collector.config import int_attr as _attr
+    from collector.config import text_config
+
+    text = text_config(config)
     n_layers = _attr(text, "num_hidden_layers", "n_layer", "num_layers", "n_layers")
     d_model = _attr(text, "hidden_size", "n_embd", "d_model", "dim")
     if not n_layers or not d_model:

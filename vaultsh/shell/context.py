@@ -76,16 +76,11 @@ def safe_text(text: object, keep_newlines: bool = False) -> str:
 
 def open_shell_location(uri: str) -> tuple[Store, str]:
     """(store, cwd) for a URI given on the command line."""
-    from vaultsh.store import open_store, split_uri
+    from vaultsh.store import is_s3_uri, open_location
 
     uri = str(uri)
-    if uri.startswith("s3://"):
-        root, key = split_uri(uri)
-        try:
-            key = normalize_key(key).strip("/")
-        except StoreError as exc:
-            raise StoreError(f"invalid S3 URI {uri!r}: {str(exc).split(': ', 1)[-1]}") from None
-        return open_store(root), key
+    if is_s3_uri(uri):
+        return open_location(uri)
     path = Path(uri).expanduser()
     if not path.exists():
         raise NotFoundError(f"{uri}: no such file or directory")
