@@ -29,12 +29,10 @@ import time
 from pathlib import Path
 
 from benchmarks.harness import BenchResult, benchmark, throughput_ratio
+from benchmarks.runs import HOOK, write_float32_run
 
 MB = 1 << 20
-SEQ_LEN = 1024
-D_MODEL = 1024
 RUN = "bench.export"
-HOOK = "blocks.12.hook_resid_post"
 
 
 def _shape(quick: bool) -> tuple[int, int, int]:
@@ -44,28 +42,7 @@ def _shape(quick: bool) -> tuple[int, int, int]:
 
 def _write_run(store, n_files: int, n_seq: int) -> int:
     """A committed run of `n_files` float32 megabatches; returns the bytes of its files."""
-    import torch
-
-    from vaultsh.megabatch import write_megabatch
-    from vaultsh.run import CommitRecord, FileRecord, Run, metadata_for
-
-    run = Run(store, RUN)
-    run.write_metadata(HOOK, metadata_for(batch_size=n_seq, sequence_length=SEQ_LEN, d_in=D_MODEL, batches_per_file=1,
-                                          dtype=torch.float32, hook=HOOK))
-    g = torch.Generator().manual_seed(0)
-    block = torch.randn(1, SEQ_LEN, D_MODEL, generator=g)
-    ids = torch.randint(0, 50_000, (n_seq, SEQ_LEN), generator=g)
-    mask = torch.ones(n_seq, SEQ_LEN, dtype=torch.bool)
-    mask[:, 0] = False
-    total = 0
-    for i in range(n_files):
-        states = (block + i).expand(n_seq, SEQ_LEN, D_MODEL).contiguous()
-        key = run.megabatch_key(HOOK, 0, i)
-        size = write_megabatch(store, key, states, ids, mask, metadata={"hook": HOOK})
-        run.commit(CommitRecord(0, i, i, i + 1, {HOOK: FileRecord(HOOK, key, size, None, n_seq, n_seq * SEQ_LEN, 0, i)},
-                                tokens=n_seq * SEQ_LEN))
-        total += size
-    return total
+    return sum(size for _, size in write_float32_run(store, RUN, n_files, n_seq))
 
 
 def _compare(source: str, total: int, rounds: int, out_base: str | None = None, copy_baseline: bool = False,

@@ -35,10 +35,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks.harness import BenchResult, benchmark, throughput_ratio
+from benchmarks.runs import HOOK, write_float32_run
 
 MB = 1 << 20
-SEQ_LEN = 1024
-D_MODEL = 1024
 RUN = "bench.reader"
 # Each side reads the run's files this many times over in one pass (the reader is given the hook
 # directory that many times): a training pass streams many files, so the reader's warm-up (its first
@@ -46,7 +45,6 @@ RUN = "bench.reader"
 S3_PASSES = 2
 WAIT_STEP = 1.5  # reader-wait: the consumer's fixed time per megabatch, in bare-download times per file
 LOCAL_PASSES = 8
-HOOK = "blocks.12.hook_resid_post"
 
 
 def _shape(quick: bool) -> tuple[int, int, int]:
@@ -56,30 +54,7 @@ def _shape(quick: bool) -> tuple[int, int, int]:
 
 def _write_run(store, n_files: int, n_seq: int) -> list[tuple[str, int]]:
     """A committed run of `n_files` megabatches; returns [(key, size)] in commit order."""
-    import torch
-
-    from vaultsh.megabatch import write_megabatch
-    from vaultsh.run import CommitRecord, FileRecord, Run, metadata_for
-    from vaultsh.stats import RunningStats
-
-    run = Run(store, RUN)
-    run.write_metadata(HOOK, metadata_for(batch_size=n_seq, sequence_length=SEQ_LEN, d_in=D_MODEL, batches_per_file=1,
-                                          dtype=torch.float32, hook=HOOK))
-    g = torch.Generator().manual_seed(0)
-    block = torch.randn(1, SEQ_LEN, D_MODEL, generator=g)
-    ids = torch.randint(0, 50_000, (n_seq, SEQ_LEN), generator=g)
-    mask = torch.ones(n_seq, SEQ_LEN, dtype=torch.bool)
-    mask[:, 0] = False
-    out = []
-    for i in range(n_files):
-        states = (block + i).expand(n_seq, SEQ_LEN, D_MODEL).contiguous()
-        key = run.megabatch_key(HOOK, 0, i)
-        size = write_megabatch(store, key, states, ids, mask, metadata={"hook": HOOK})
-        run.commit(CommitRecord(0, i, i, i + 1, {HOOK: FileRecord(HOOK, key, size, None, n_seq, n_seq * SEQ_LEN, 0, i)},
-                                tokens=n_seq * SEQ_LEN))
-        out.append((key, size))
-    run.write_statistics(HOOK, RunningStats.from_batch(block[0]))
-    return out
+    return write_float32_run(store, RUN, n_files, n_seq)
 
 
 def _consume_reader(reader) -> int:

@@ -1,0 +1,36 @@
+"""Synthetic committed runs for the benchmarks that read runs back (reader, export)."""
+
+from __future__ import annotations
+
+SEQ_LEN = 1024
+D_MODEL = 1024
+HOOK = "blocks.12.hook_resid_post"
+
+
+def write_float32_run(store, run_name: str, n_files: int, n_seq: int) -> list[tuple[str, int]]:
+    """A committed run of `n_files` float32 megabatches [n_seq, SEQ_LEN, D_MODEL] with metadata and
+    statistics; returns [(key, size)] in commit order."""
+    import torch
+
+    from vaultsh.megabatch import write_megabatch
+    from vaultsh.run import CommitRecord, FileRecord, Run, metadata_for
+    from vaultsh.stats import RunningStats
+
+    run = Run(store, run_name)
+    run.write_metadata(HOOK, metadata_for(batch_size=n_seq, sequence_length=SEQ_LEN, d_in=D_MODEL, batches_per_file=1,
+                                          dtype=torch.float32, hook=HOOK))
+    g = torch.Generator().manual_seed(0)
+    block = torch.randn(1, SEQ_LEN, D_MODEL, generator=g)
+    ids = torch.randint(0, 50_000, (n_seq, SEQ_LEN), generator=g)
+    mask = torch.ones(n_seq, SEQ_LEN, dtype=torch.bool)
+    mask[:, 0] = False
+    out = []
+    for i in range(n_files):
+        states = (block + i).expand(n_seq, SEQ_LEN, D_MODEL).contiguous()
+        key = run.megabatch_key(HOOK, 0, i)
+        size = write_megabatch(store, key, states, ids, mask, metadata={"hook": HOOK})
+        run.commit(CommitRecord(0, i, i, i + 1, {HOOK: FileRecord(HOOK, key, size, None, n_seq, n_seq * SEQ_LEN, 0, i)},
+                                tokens=n_seq * SEQ_LEN))
+        out.append((key, size))
+    run.write_statistics(HOOK, RunningStats.from_batch(block[0]))
+    return out
