@@ -3,20 +3,23 @@
 - export-s3: `vaultsh.export.export` of a committed run on the loopback moto S3
   server (benchmarks/s3server.py, in a child process) to a local directory
   (sequences mode, float32 states, default options: 50 megabatches per shard,
-  2 shards at once), against `ActivationReader` delivering every
+  2 shards at once, no --fsync), against `ActivationReader` delivering every
   megabatch of the same run as tensors (its defaults). Throughput is
   megabatch bytes read per second on both sides. Target (issue 10): >= 0.7x.
-- export-s3-memory: the same, OUT in /dev/shm: what the pipeline does when the
-  output device is not the bottleneck (this VM's disk writes 150-300 MB/s).
-- export-copy: the export against the least work an export can do, in the
-  same run: a reader pass that writes the same bytes to one file and fsyncs.
+  Without --fsync the shards go to the page cache and the kernel writes them
+  back afterwards; an export larger than the kernel's dirty-page limit (20% of
+  RAM by default) runs at the disk's write speed instead (see export-copy).
+- export-s3-memory: the same, OUT in /dev/shm (tmpfs).
+- export-copy: `export(..., fsync=True)` against the least work a durable
+  export can do, in the same run: a reader pass that writes the same bytes to
+  one file and fsyncs (this VM's disk: 300-500 MB/s, below the reader).
 - export-local: the same with the run on a LocalStore (page cache warm), where
   the reader runs at memory speed and the export's Parquet encoding and
   writing (which the reader does not do) decide. Target: >= 0.7x.
 
 Both sides are timed from the URI (listing the run's commit records
 included) to the last byte. Each side runs alternately and the best time is kept. The export writes to a
-fresh directory each time (LocalStore: temp file, fsync, rename per shard).
+fresh directory each time (LocalStore: temp file, rename per shard).
 Full size: 8 files of 64 MB (float32 [16, 1024, 1024]); quick: 4 files of 16 MB.
 """
 
@@ -46,7 +49,7 @@ def _write_run(store, n_files: int, n_seq: int) -> int:
 
 
 def _compare(source: str, total: int, rounds: int, out_base: str | None = None, copy_baseline: bool = False,
-             **export_kw) -> tuple[float, float, dict]:
+             fsync: bool = False, **export_kw) -> tuple[float, float, dict]:
     """Best times of (baseline, export) over alternating rounds.
 
     The baseline is a reader pass; with `copy_baseline`, a reader pass that also
@@ -82,7 +85,7 @@ def _compare(source: str, total: int, rounds: int, out_base: str | None = None, 
     def exp(k: int) -> float:
         out = scratch / f"out{k}"
         t0 = time.perf_counter()
-        res = export(source, str(out), ExportOptions(**export_kw))
+        res = export(source, str(out), ExportOptions(**export_kw), fsync=fsync)
         dt = time.perf_counter() - t0
         info.update(shards=res.shards_written, parquet_bytes=res.bytes_written, rows=res.rows_written)
         shutil.rmtree(out, ignore_errors=True)
@@ -142,7 +145,7 @@ def bench_export_s3_memory(quick: bool) -> BenchResult:
     return _from_s3("export-s3-memory", quick, _memory_dir(), "/dev/shm (tmpfs: the output device is not the limit)")
 
 
-@benchmark("export-copy", "export (LocalStore -> local disk) vs reading with the reader and writing the same bytes durably")
+@benchmark("export-copy", "export --fsync (LocalStore -> local disk) vs reading with the reader and writing the same bytes durably")
 def bench_export_copy(quick: bool) -> BenchResult:
     from vaultsh.store.local import LocalStore
 
@@ -150,7 +153,8 @@ def bench_export_copy(quick: bool) -> BenchResult:
     with tempfile.TemporaryDirectory(prefix="vaultsh-bench-") as tmp:
         store = LocalStore(Path(tmp) / "store")
         total = _write_run(store, n_files, n_seq)
-        t_copy, t_exp, info = _compare(str(Path(tmp) / "store" / RUN / HOOK), total, rounds + 1, copy_baseline=True)
+        t_copy, t_exp, info = _compare(str(Path(tmp) / "store" / RUN / HOOK), total, rounds + 1, copy_baseline=True,
+                                       fsync=True)
     baseline = "ActivationReader pass that also writes each megabatch's tensors to one file and fsyncs (a raw copy)"
     return throughput_ratio("export-copy", total, t_copy, t_exp, 0.7,
                             notes=_notes(n_files, total, info, "a LocalStore (page cache warm)", baseline=baseline),

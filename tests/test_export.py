@@ -414,3 +414,102 @@ def test_api_rejects_bad_options(tmp_path):
                          (ExportOptions(compression="rar"), "--compression")):
         with pytest.raises(UserError, match=needle):
             export(src, str(tmp_path / "o"), opts)
+
+
+# -- durability, resume checks, plan shortcuts ---------------------------------------
+def test_card_counts_unmasked_tokens_as_files_are_written(tmp_path, capsys):
+    store = LocalStore(tmp_path / "vault")
+    mbs = write_run(store)
+    src, out = tmp_path / "vault" / RUN / HOOK, tmp_path / "out"
+    assert cli(capsys, src, out, "--batches-per-shard", 2, "--max-shards", 1)[0] == 0
+    first_two = sum(int(m.mask.sum()) for m in mbs[:2])
+    assert f"{first_two:,} unmasked tokens in the 2 megabatches exported so far" in (out / "README.md").read_text()
+    assert cli(capsys, src, out, "--batches-per-shard", 2)[0] == 0
+    card = (out / "README.md").read_text()
+    assert f"{sum(int(m.mask.sum()) for m in mbs):,} unmasked tokens" in card and "so far" not in card
+    files = json.loads((out / MANIFEST).read_text())["plan"]["files"]
+    assert [f["tokens"] for f in files] == [int(m.mask.sum()) for m in mbs]
+
+
+@pytest.mark.parametrize("damage", ["empty", "short", "no footer", "deleted"])
+def test_resume_rewrites_a_finished_shard_cut_short(tmp_path, damage):
+    """What a power loss can leave of a shard written without --fsync: the next run writes it again."""
+    store = LocalStore(tmp_path / "vault")
+    write_run(store)
+    src, out = str(tmp_path / "vault" / RUN / HOOK), tmp_path / "out"
+    export(src, str(out), ExportOptions(batches_per_shard=2))
+    want = load(out, tmp_path / "a")
+    shard = out / "train-00001-of-00003.parquet"
+    data = shard.read_bytes()
+    if damage == "deleted":
+        shard.unlink()
+    else:
+        shard.write_bytes({"empty": b"", "short": data[: len(data) // 2],
+                           "no footer": data[:-4] + b"\0\0\0\0"}[damage])
+    res = export(src, str(out), ExportOptions(batches_per_shard=2))
+    assert (res.shards_written, res.complete) == (1, True)
+    assert any("not the complete shard" in n for n in res.notes) == (damage != "deleted")
+    assert shard.read_bytes() == data
+    got = load(out, tmp_path / "b")
+    assert np.array_equal(got["states"], want["states"]) and np.array_equal(got["megabatch"], want["megabatch"])
+
+
+def _fsynced_names(mp: pytest.MonkeyPatch) -> list[str]:
+    """Record the file name behind every os.fsync from now on."""
+    real, names = os.fsync, []
+
+    def spy(fd):
+        names.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        return real(fd)
+
+    mp.setattr(os, "fsync", spy)
+    return names
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name the fsynced files")
+def test_fsync_only_when_asked(tmp_path, capsys):
+    store = LocalStore(tmp_path / "vault")
+    write_run(store, n_files=2)
+    src = tmp_path / "vault" / RUN / HOOK
+    with pytest.MonkeyPatch.context() as mp:
+        names = _fsynced_names(mp)
+        assert cli(capsys, src, tmp_path / "plain")[0] == 0
+        assert not [n for n in names if ".parquet" in n]
+        assert any(MANIFEST in n for n in names)  # the manifest is always durable
+        names.clear()
+        assert cli(capsys, src, tmp_path / "durable", "--fsync")[0] == 0
+        assert [n for n in names if n.startswith(".train-00000-of-00001.parquet.")]
+    assert len(load(tmp_path / "durable", tmp_path)) == 2 * N
+
+
+def test_a_file_of_another_shape_stops_the_export_there(tmp_path, capsys):
+    store = LocalStore(tmp_path / "vault")
+    write_run(store, n_files=3, labels=False)
+    r = Run(store, RUN)
+    key = r.megabatch_key(HOOK, 0, 3)
+    size = write_megabatch(store, key, torch.randn(N, T, D + 1), torch.zeros(N, T, dtype=torch.long))
+    r.commit(CommitRecord(0, 3, 3, 4, {HOOK: FileRecord(HOOK, key, size, None, N, N * T, 0, 3)}))
+    src, out = tmp_path / "vault" / RUN / HOOK, tmp_path / "out"
+    # sequences mode plans from the commit records and the first header: the odd file stops it when reached
+    msg = _one_line_error(*cli(capsys, src, out, "--batches-per-shard", 1)[::2])
+    assert key.rsplit("/", 1)[-1] in msg and "one export needs one shape" in msg
+    assert parquet_names(out) == [f"train-0000{i}-of-00004.parquet" for i in range(3)]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    # tokens mode probes every file first: nothing is written
+    msg = _one_line_error(*cli(capsys, src, tmp_path / "out2", "--tokens")[::2])
+    assert key.rsplit("/", 1)[-1] in msg and "one export needs one shape" in msg
+    assert not (tmp_path / "out2").exists() or not parquet_names(tmp_path / "out2")
+
+
+def test_a_commit_record_that_miscounts_sequences_is_named(tmp_path, capsys):
+    store = LocalStore(tmp_path / "vault")
+    write_run(store, n_files=2, labels=False)
+    r = Run(store, RUN)
+    f = r.iter_commits()[1].files[HOOK]
+    # rewrite record 1 with a wrong sequence count (what a hand-edited or foreign record could say)
+    key = [o.key for o in store.iter_objects(r.commits_prefix())][1]
+    body = json.loads(store.get_bytes(key))
+    body["files"][HOOK]["n_sequences"] = N + 1
+    store.put_bytes(key, json.dumps(body).encode())
+    msg = _one_line_error(*cli(capsys, tmp_path / "vault" / RUN / HOOK, tmp_path / "out", "--batches-per-shard", 1)[::2])
+    assert f.key.rsplit("/", 1)[-1] in msg and f"{N} sequences, its commit record says {N + 1}" in msg

@@ -93,3 +93,37 @@ def test_pyarrow_fallback_writes_the_same_export(tmp_path, monkeypatch):
                                   cache_dir=str(tmp_path / f"hf-{n}")) for n in ("fast", "slow"))
     assert a.features == b.features
     assert a.data.table.equals(b.data.table)
+
+
+def _levels_one_by_one(sizes: tuple[int, ...]) -> list[int]:
+    """Repetition levels of one row, value by value, straight from the definition."""
+    n = int(np.prod(sizes))
+    strides = [int(np.prod(sizes[i + 1:])) for i in range(len(sizes))]  # values per list at level i+1
+    levels = []
+    for j in range(n):
+        restarting = [i + 1 for i, st in enumerate(strides) if j % st == 0]
+        levels.append(0 if j == 0 else min(restarting))
+    return levels
+
+
+def _decode_runs(data: bytes, width: int) -> list[int]:
+    out, i = [], 0
+    while i < len(data):
+        header, shift = 0, 0
+        while True:
+            b = data[i]
+            i += 1
+            header |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                break
+        assert header & 1 == 0, "only RLE runs are written"
+        out += [int.from_bytes(data[i:i + width], "little")] * (header >> 1)
+        i += width
+    return out
+
+
+@pytest.mark.parametrize("sizes", [(1,), (7,), (1, 1), (3, 1), (1, 4), (3, 5), (2, 3, 4), (4, 1, 2), (64, 128)])
+def test_repetition_pattern_matches_the_definition(sizes):
+    pqwriter._rep_pattern.cache_clear()
+    assert _decode_runs(pqwriter._rep_pattern(sizes), 1) == _levels_one_by_one(sizes)

@@ -32,7 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of --shuffle (default 0)")
     p.add_argument("--compression", default="none", choices=["none", "snappy", "zstd", "gzip", "brotli"],
                    help="codec of the states column (default none: activations barely compress); other columns use zstd")
-    p.add_argument("--workers", type=int, default=None, metavar="N", help="shards written at once (default 2; memory: about 3 megabatches per worker)")
+    p.add_argument("--workers", type=int, default=None, metavar="N", help="shards written at once (default 2; memory: about 4 megabatches per worker)")
+    p.add_argument("--fsync", action="store_true",
+                   help="make each local shard durable (fsync) before it counts as done; without it shards are still "
+                        "atomic and a rerun rewrites any that a power loss cut short")
     p.add_argument("--tmp-dir", default=None, metavar="DIR", help="local scratch space for --shuffle (default: system temp)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -107,7 +110,7 @@ def run(args) -> int:
     console = Console(stderr=True)
     with _RichProgress(console, args.quiet) as prog:
         result = export(args.source, args.out, options, max_shards=args.max_shards, workers=args.workers,
-                        tmp_dir=args.tmp_dir, progress=prog, command=command)
+                        tmp_dir=args.tmp_dir, progress=prog, command=command, fsync=args.fsync)
     verb = "resumed: wrote" if result.resumed else "wrote"
     print(
         f"{verb} {result.shards_written} shard(s), {result.rows_written:,} rows, "

@@ -47,7 +47,10 @@ def render_card(manifest: Manifest, vaultsh_version: str) -> str:
     done = [s for s in plan.shards if s["name"] in manifest.finished]
     rows_done = sum(manifest.finished[s["name"]]["rows"] for s in done)
     bytes_done = sum(manifest.finished[s["name"]]["bytes"] for s in done)
-    tokens = sum(f["tokens"] for f in plan.files)
+    counted = [f["tokens"] for f in plan.files if f.get("tokens") is not None]
+    tokens = f"{sum(counted):,} unmasked tokens"
+    if len(counted) < len(plan.files):  # sequences mode counts them as files are written
+        tokens += f" in the {len(counted)} megabatches exported so far"
     positions = sum(f["sequences"] for f in plan.files) * shape["seq_len"]
     t, d = shape["seq_len"], shape["d_model"]
     complete = len(done) == len(plan.shards)
@@ -100,7 +103,7 @@ def render_card(manifest: Manifest, vaultsh_version: str) -> str:
         f"- rows: {rows_done:,} in {len(done)} of {len(plan.shards)} shards ({bytes_done:,} bytes)"
         + ("" if complete else f"; the full export has {plan.total_rows:,} rows"),
         f"- source: {len(plan.files)} committed megabatches, {sum(f['sequences'] for f in plan.files):,} sequences, "
-        f"{positions:,} positions, {tokens:,} unmasked tokens",
+        f"{positions:,} positions, {tokens}",
         "- order: " + (f"globally shuffled across shards (seed {opts['seed']})" if opts["shuffle"]
                          else "as collected (megabatch by megabatch, in commit order)"),
         "",

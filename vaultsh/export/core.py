@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -18,8 +18,10 @@ from vaultsh.export.manifest import (
 )
 from vaultsh.export.parquet import Stopped, rows_per_group, write_shard, writer_kwargs
 from vaultsh.export.rows import make_block, nrows, resolve_dtype, row_nbytes, schema_for
-from vaultsh.export.source import RAW_NUMPY, Decoded, Fetcher, Source, describe_labels, load, open_source, probe_all
-from vaultsh.store import LocalStore, Store, open_store
+from vaultsh.export.source import (
+    RAW_NUMPY, Decoded, Fetcher, FileInfo, Source, describe_labels, load, open_source, probe_all, probe_file,
+)
+from vaultsh.store import Store, open_store
 
 CARD = "README.md"
 MODES = ("sequences", "tokens")
@@ -75,9 +77,32 @@ def _source_facts(src: Source) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None or k in ("uri", "run", "hook", "model")}
 
 
+def _probe(src: Source, options: ExportOptions) -> list[FileInfo]:
+    """What the plan needs of every committed file, with as few requests as the mode allows.
+
+    Tokens mode reads every file's header and mask (its rows are the unmasked
+    tokens). Sequences mode with commit records that give each file's sequence
+    count reads the first file's header only: a run has one shape, and every
+    file is checked against it when it is fetched (`_check_decoded`). For
+    100k megabatches on S3 that is 1 request instead of 100k before the first
+    row is written.
+    """
+    if options.mode == "sequences" and all(f.n_sequences > 0 and f.size > 0 for f in src.files):
+        first = probe_file(src.store, src.files[0], count_tokens=False)
+        if first.sequences == src.files[0].n_sequences:
+            return [first] + [replace(first, name=f.name, size=f.size, sequences=f.n_sequences,
+                                      real_tokens=f.n_sequences * first.seq_len) for f in src.files[1:]]
+    # tokens mode needs every file's unmasked count up front; sequences mode counts them while writing
+    return probe_all(src.store, src.files, count_tokens=options.mode == "tokens")
+
+
 def make_plan(src: Source, options: ExportOptions) -> Plan:
-    """Probe every committed file (header; mask too in tokens mode) and cut the shards."""
-    infos = probe_all(src.store, src.files, count_tokens=True)
+    """Probe the committed files (see `_probe`) and cut the shards.
+
+    In sequences mode a file's unmasked `tokens` are None until the file is
+    written (`_count_tokens`); the manifest saved after each shard keeps them.
+    """
+    infos = _probe(src, options)
     first = infos[0]
     for fi in infos[1:]:
         if (fi.seq_len, fi.d_model) != (first.seq_len, first.d_model) or fi.dtype != first.dtype or fi.ids_dtype != first.ids_dtype:
@@ -91,7 +116,8 @@ def make_plan(src: Source, options: ExportOptions) -> Plan:
     rows = [fi.sequences if options.mode == "sequences" else fi.real_tokens for fi in infos]
     if sum(rows) == 0:
         raise UserError(f"{src.uri}: nothing to export: every token of the committed megabatches is masked")
-    files = [{"name": fi.name, "size": fi.size, "sequences": fi.sequences, "tokens": fi.real_tokens, "rows": r}
+    files = [{"name": fi.name, "size": fi.size, "sequences": fi.sequences,
+              "tokens": fi.real_tokens if options.mode == "tokens" else None, "rows": r}
              for fi, r in zip(infos, rows)]
     return Plan(
         source=_source_facts(src),
@@ -103,6 +129,12 @@ def make_plan(src: Source, options: ExportOptions) -> Plan:
         files=files,
         shards=plan_shards(rows, options.batches_per_shard),
     )
+
+
+def _count_tokens(plan: Plan, m: int, dec: Decoded) -> None:
+    """Record file m's unmasked tokens in the plan once it has been decoded."""
+    if plan.files[m].get("tokens") is None:
+        plan.files[m]["tokens"] = int(np.count_nonzero(dec.mask))
 
 
 def _empty_decoded(plan: Plan) -> Decoded:
@@ -121,15 +153,24 @@ def _schema(plan: Plan, fingerprint: str):
     return schema_for(block, plan.dtype, meta), row_nbytes(block)
 
 
-def _check_decoded(dec: Decoded, plan: Plan, name: str, src: Source) -> None:
+def _check_decoded(dec: Decoded, plan: Plan, m: int, src: Source) -> None:
+    """A fetched file must have the plan's shape, dtypes, labels and sequence count (one-line FormatError)."""
+    f = plan.files[m]
     n, t, d = dec.states.shape
     want = plan.shape
-    if (t, d) != (want["seq_len"], want["d_model"]) or dec.states_dtype != want["stored_dtype"]:
-        raise FormatError(f"{src.uri}/{name}: states {dec.states_dtype} [{n}, {t}, {d}] no longer match the export plan "
-                          f"({want['stored_dtype']} [.., {want['seq_len']}, {want['d_model']}])")
+    ids = dec.input_ids.dtype
+    if ((t, d) != (want["seq_len"], want["d_model"]) or dec.states_dtype != want["stored_dtype"]
+            or ids != RAW_NUMPY[want["ids_dtype"]] or dec.input_ids.shape != (n, t)):
+        raise FormatError(f"{src.uri}/{f['name']}: states {dec.states_dtype} [{n}, {t}, {d}] (input_ids {ids}) differ from "
+                          f"the export's {want['stored_dtype']} [.., {want['seq_len']}, {want['d_model']}] "
+                          f"(input_ids {want['ids_dtype']}, from {plan.files[0]['name']}): one export needs one shape")
+    if n != f["sequences"]:
+        raise FormatError(f"{src.uri}/{f['name']}: {n} sequences, its commit record says {f['sequences']} "
+                          "(was the file replaced since it was committed?)")
     missing = [lab for lab in plan.labels if lab not in dec.labels]
     if missing:
-        raise FormatError(f"{src.uri}/{name}: label {missing[0]!r} is missing")
+        raise FormatError(f"{src.uri}/{f['name']}: label {missing[0]!r} is missing (the export takes the labels of "
+                          f"{plan.files[0]['name']}; choose others with --label-columns)")
 
 
 def export(
@@ -142,12 +183,16 @@ def export(
     tmp_dir: str | None = None,
     progress: Progress | None = None,
     command: str = "",
+    fsync: bool = False,
 ) -> ExportResult:
     """Export the committed megabatches of `source_uri` (RUN/HOOK) to Parquet shards in `out_uri`.
 
     Resumes when OUT holds a manifest of the same export; refuses one of a
     different export. `max_shards` caps how many shards exist when this call
     returns (the first N of the plan); `workers` shards are written at once.
+    `fsync` makes each local shard durable before it counts as finished;
+    without it a shard is still atomic (whole or absent after a crash of this
+    process) and a resume rewrites any finished shard that a power loss cut short.
     """
     if options.mode not in MODES:
         raise UserError(f"mode {options.mode!r} is not allowed; use sequences or tokens")
@@ -164,7 +209,7 @@ def export(
     writer_kwargs_check(options)
     notes: list[str] = []
     existing = load_manifest(out)
-    listing = {o.name for o in out.list_dir("").objects}
+    listing = {o.name: o.size for o in out.list_dir("").objects}
     if existing is not None:
         check_same_export(existing, src.uri, options, out.uri)
         manifest = existing
@@ -186,9 +231,13 @@ def export(
     if src.uncommitted:
         notes.append(f"the run is still being written: {src.uncommitted} uncommitted file(s) in {src.hook} are ignored; "
                      f"exporting the {len(plan.files)} committed megabatch(es)")
-    # a finished shard deleted from OUT since is written again
-    for name in [n for n in manifest.finished if n not in listing]:
+    # a finished shard deleted or cut short since is written again
+    broken = [n for n, done in manifest.finished.items() if not shard_intact(out, n, done.get("bytes"), listing.get(n))]
+    for name in broken:
         del manifest.finished[name]
+        if name in listing:
+            notes.append(f"{out.child_uri(name)} is not the complete shard this export wrote "
+                         "(cut short by a crash or power loss?): writing it again")
     resumed = existing is not None and bool(manifest.finished)
     if command:
         manifest.command = command
@@ -213,9 +262,10 @@ def export(
 
     try:
         if todo and options.shuffle:
-            _write_shuffled(src, out, plan, todo, schema, row_bytes, options, workers, tmp_dir, progress, stop, finished)
+            _write_shuffled(src, out, plan, todo, schema, row_bytes, options, workers, tmp_dir, progress, stop, finished,
+                            fsync)
         elif todo:
-            _write_in_order(src, out, plan, todo, schema, options, workers, progress, stop, finished)
+            _write_in_order(src, out, plan, todo, schema, options, workers, progress, stop, finished, fsync)
     except BaseException:
         stop.set()
         if written["shards"]:
@@ -231,6 +281,22 @@ def export(
         shards_written=written["shards"], rows_written=written["rows"], bytes_written=written["bytes"],
         resumed=resumed, complete=len(manifest.finished) == len(plan.shards), notes=notes,
     )
+
+
+def shard_intact(out: Store, name: str, nbytes: int | None, listed_size: int | None) -> bool:
+    """True when OUT holds `name` with the size the manifest recorded and a Parquet footer at its end.
+
+    Catches what a power loss can leave of a shard written without --fsync
+    (missing, empty or short); one small ranged read per shard.
+    """
+    if listed_size is None or not isinstance(nbytes, int) or listed_size != nbytes or nbytes < 12:
+        return False
+    try:
+        tail = out.get_range(name, nbytes - 8, 8)
+    except Exception:  # noqa: BLE001 - unreadable counts as not intact: it is rewritten
+        return False
+    footer = int.from_bytes(tail[:4], "little") if len(tail) == 8 else -1
+    return tail[4:] == b"PAR1" and 0 < footer <= nbytes - 12
 
 
 def _write_card(out: Store, manifest: Manifest) -> None:
@@ -278,32 +344,35 @@ def _run_shards(todo: list[int], work: Callable[[int], tuple[int, int]], workers
         raise error
 
 
-def _write_in_order(src, out: Store, plan: Plan, todo, schema, options, workers, progress, stop, finished) -> None:
+def _write_in_order(src, out: Store, plan: Plan, todo, schema, options, workers, progress, stop, finished,
+                    fsync: bool) -> None:
     mode, labels = plan.options["mode"], plan.labels
     files = plan.files
     total_bytes = sum(f["size"] for i in todo for f in files[slice(*plan.shards[i]["files"])])
     progress.phase("exporting", total_bytes, sum(plan.shards[i]["rows"] for i in todo))
     io_pool = ThreadPoolExecutor(max_workers=2 * workers, thread_name_prefix="vaultsh-export-io")
     fetcher = Fetcher()
-    local_out = isinstance(out, LocalStore) and os.environ.get("VAULTSH_EXPORT_EARLY_FLUSH", "1") == "1"
 
     def fetch(m: int):
         f = files[m]
         dec = load(fetcher, src.store, src.key_of(f["name"]), f["size"])
-        _check_decoded(dec, plan, f["name"], src)
+        _check_decoded(dec, plan, m, src)
         return m, dec
 
     def work(i: int) -> tuple[int, int]:
         shard = plan.shards[i]
 
         def blocks():
-            for m, dec in _prefetched(fetch, range(*shard["files"]), io_pool):
+            for m, dec in _prefetched(fetch, range(*shard["files"]), io_pool, depth=3):
                 if stop.is_set():
                     raise Stopped("export interrupted")
+                _count_tokens(plan, m, dec)
                 yield make_block(dec, m, mode, plan.dtype, labels), dec.nbytes
+                # the writer asks for the next block only once this one is in the file
+                fetcher.recycle(dec)
 
         return write_shard(out, shard["name"], schema, blocks(), options.compression, shard["rows"],
-                           on_block=lambda rows, nb: progress.advance(nb, rows), stop=stop, flush_each_block=local_out)
+                           on_block=lambda rows, nb: progress.advance(nb, rows), stop=stop, durable=fsync)
 
     try:
         _run_shards(todo, work, workers, stop, finished)
@@ -313,7 +382,7 @@ def _write_in_order(src, out: Store, plan: Plan, todo, schema, options, workers,
 
 
 def _write_shuffled(src, out: Store, plan: Plan, todo, schema, row_bytes, options, workers, tmp_dir, progress, stop,
-                    finished) -> None:
+                    finished, fsync: bool) -> None:
     mode, labels = plan.options["mode"], plan.labels
     files = plan.files
     todo_set = set(todo)
@@ -330,13 +399,14 @@ def _write_shuffled(src, out: Store, plan: Plan, todo, schema, row_bytes, option
         def fetch(m: int):
             f = files[m]
             dec = load(fetcher, src.store, src.key_of(f["name"]), f["size"])
-            _check_decoded(dec, plan, f["name"], src)
+            _check_decoded(dec, plan, m, src)
             return m, dec
 
         try:
             for m, dec in _prefetched(fetch, range(len(files)), io_pool):
                 if stop.is_set():
                     raise Stopped("export interrupted")
+                _count_tokens(plan, m, dec)
                 block = make_block(dec, m, mode, plan.dtype, labels)
                 r = nrows(block)
                 if r != files[m]["rows"]:
@@ -360,7 +430,7 @@ def _write_shuffled(src, out: Store, plan: Plan, todo, schema, row_bytes, option
             shard = plan.shards[i]
             blocks = spill.shard_blocks(i, shuffle.shard_rng(options.seed, i), group)
             return write_shard(out, shard["name"], schema, blocks, options.compression, shard["rows"],
-                               on_block=lambda rows, nb: progress.advance(nb, rows), stop=stop)
+                               on_block=lambda rows, nb: progress.advance(nb, rows), stop=stop, durable=fsync)
 
         _run_shards(todo, work, workers, stop, finished)
     finally:

@@ -1,7 +1,9 @@
 """Writing one Parquet shard atomically through a Store.
 
 `Store.put_stream` gives the atomicity: LocalStore writes a hidden temp file
-in OUT, fsyncs it and renames it into place; S3Store spools to a local temp
+in OUT and renames it into place (fsynced first only with `durable`, i.e.
+`vaultsh export --fsync`; otherwise a resume checks finished shards, see
+core.verify_finished); S3Store spools to a local temp
 file and uploads it as one object (multipart when large), which appears only
 when complete. A writer that raises (an interrupt, a row count that does not
 match the plan) leaves nothing under the shard's name.
@@ -76,18 +78,22 @@ def write_shard(
     expect_rows: int,
     on_block: Callable[[int, int], object] | None = None,
     stop: threading.Event | None = None,
-    flush_each_block: bool = False,
+    durable: bool = False,
 ) -> tuple[int, int]:
     """Write the `(block, source_bytes)` pairs as shard `name`; returns (rows, bytes of the file).
 
     Each block is cut into row groups of about ROW_GROUP_BYTES. `on_block(rows,
     source_bytes)` is called after each block. The shard is refused (nothing
-    stored) unless exactly `expect_rows` rows were written. `flush_each_block`
-    syncs the file after each block (LocalStore: spreads the final fsync).
+    stored) unless exactly `expect_rows` rows were written. `durable` fsyncs
+    the shard before it appears, syncing after each block on the way (spreads
+    the write-back over the export instead of one long final fsync).
     """
     import pyarrow.parquet as pq
 
+    from vaultsh.store import LocalStore
+
     kwargs = writer_kwargs(schema, compression)
+    local = isinstance(store, LocalStore)
     fast = fast_path(schema)
     done = {"rows": 0, "bytes": 0}
 
@@ -107,7 +113,7 @@ def write_shard(
             for a in range(0, n, step):
                 put(slice_rows(block, a, min(n, a + step)))
             done["rows"] += n
-            if flush_each_block:  # write back while the next megabatch downloads, not all at the final fsync
+            if durable and local:  # write back while the next megabatch downloads, not all at the final fsync
                 f.flush()
                 os.fdatasync(f.fileno())
             if on_block is not None:
@@ -120,5 +126,5 @@ def write_shard(
             )
         done["bytes"] = f.tell() - start
 
-    store.put_stream(name, write)
+    store.put_stream(name, write, durable=durable)
     return done["rows"], done["bytes"]

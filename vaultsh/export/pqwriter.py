@@ -17,6 +17,7 @@ as fixed-size lists. Column types outside `SUPPORTED` use pyarrow's writer
 from __future__ import annotations
 
 import base64
+import functools
 import struct
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -121,20 +122,6 @@ def _encode(fields) -> bytes:
 # --------------------------------------------------------------------------
 # levels
 # --------------------------------------------------------------------------
-def _rle_runs(values: np.ndarray, width_bytes: int) -> bytes:
-    """RLE-hybrid encoding of `values` as plain RLE runs."""
-    out = bytearray()
-    if len(values) == 0:
-        return b""
-    change = np.flatnonzero(np.diff(values)) + 1
-    starts = np.concatenate([[0], change])
-    ends = np.concatenate([change, [len(values)]])
-    for s, e in zip(starts.tolist(), ends.tolist()):
-        _varint(out, (e - s) << 1)
-        out += int(values[s]).to_bytes(width_bytes, "little")
-    return bytes(out)
-
-
 def _one_run(count: int, value: int, width_bytes: int) -> bytes:
     out = bytearray()
     _varint(out, count << 1)
@@ -166,23 +153,44 @@ class _Leaf:
         return max(1, (self.level.bit_length() + 7) // 8)
 
 
+@functools.lru_cache(maxsize=32)
 def _rep_pattern(sizes: tuple[int, ...]) -> bytes:
-    """Repetition levels of one row of a fixed-size list of `sizes`: 0 first, then the outermost level that restarts."""
+    """Repetition levels of one row of a fixed-size list of `sizes`, RLE-encoded.
+
+    Level 0 opens the row; afterwards each value carries the outermost level
+    whose list restarts at it (the innermost level k when none does). Built
+    run by run: for sizes (T, D) that is 0, D-1 times 2, then T-1 times
+    (1, D-1 times 2): about 2*T runs, never one entry per value.
+    """
     if not sizes:
         return b""
-    n = int(np.prod(sizes, dtype=np.int64))
-    k = np.arange(n, dtype=np.int64)
-    levels = np.full(n, len(sizes), dtype=np.int64)
-    stride = 1
-    strides = []
-    for s in reversed(sizes):
-        strides.append(stride)
-        stride *= s
-    # level i (1-based, outer to inner) restarts where k % stride_i == 0; the outermost wins
-    for i, st in zip(range(len(sizes), 0, -1), strides):
-        levels[k % st == 0] = i
-    levels[0] = 0
-    return _rle_runs(levels, max(1, (len(sizes).bit_length() + 7) // 8))
+    k = len(sizes)
+    runs: list[list[int]] = []  # [value, count], adjacent equal values merged
+
+    def add(value: int, count: int) -> None:
+        if count <= 0:
+            return
+        if runs and runs[-1][0] == value:
+            runs[-1][1] += count
+        else:
+            runs.append([value, count])
+
+    def walk(depth: int, opening: int) -> None:
+        # the values of one list at `depth` (0-based, outer to inner); its first value has level `opening`
+        if depth == k - 1:
+            add(opening, 1)
+            add(k, sizes[depth] - 1)
+            return
+        for i in range(sizes[depth]):
+            walk(depth + 1, opening if i == 0 else depth + 1)
+
+    walk(0, 0)
+    width = max(1, (k.bit_length() + 7) // 8)
+    out = bytearray()
+    for value, count in runs:
+        _varint(out, count << 1)
+        out += value.to_bytes(width, "little")
+    return bytes(out)
 
 
 def supported(arrays: dict[str, np.ndarray]) -> bool:

@@ -49,11 +49,12 @@ class Store(Protocol):
     def put_file(self, key: str, path: str | Path) -> None:
         """Store the local file at `path` under `key` (parallel multipart on S3)."""
 
-    def put_stream(self, key: str, writer: Callable[[BinaryIO], object]) -> None:
+    def put_stream(self, key: str, writer: Callable[[BinaryIO], object], durable: bool = True) -> None:
         """Store whatever `writer(fileobj)` writes, atomically.
 
-        LocalStore streams into a temp file that is renamed into place; S3Store
-        spools to a local temp file and uploads it with parallel multipart.
+        LocalStore streams into a temp file that is renamed into place (fsynced
+        unless `durable=False`); S3Store spools to a local temp file and uploads
+        it with parallel multipart (durable once stored, whatever `durable` says).
         """
 
     def get_bytes(self, key: str) -> bytes:

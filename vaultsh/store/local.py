@@ -162,7 +162,7 @@ class LocalStore:
                     raise self._clash(key, "/".join(parts[:i]), other_is_dir=False) from None
         return created
 
-    def _atomic_write(self, key: str, write) -> None:
+    def _atomic_write(self, key: str, write, durable: bool = True) -> None:
         norm = normalize_key(key)
         if not norm:
             raise StoreError("refusing to write to the store root itself")
@@ -188,7 +188,8 @@ class LocalStore:
                 write(f)
                 f.flush()
                 _chmod_fd(f.fileno(), tmp)  # mkstemp makes 0600; give what open() would
-                os.fsync(f.fileno())
+                if durable:
+                    os.fsync(f.fileno())
             try:
                 os.replace(tmp, path)
             except IsADirectoryError:  # a concurrent writer made `key/` meanwhile
@@ -203,6 +204,8 @@ class LocalStore:
             except FileNotFoundError:
                 pass
             raise
+        if not durable:
+            return
         _fsync_dir(path.parent)  # the rename itself is durable
         for d in created:  # and so are the directories this write created
             _fsync_dir(d.parent)
@@ -217,9 +220,15 @@ class LocalStore:
 
         self._atomic_write(key, copy)
 
-    def put_stream(self, key: str, writer) -> None:
-        """Atomically store what `writer(fileobj)` writes (no intermediate copy)."""
-        self._atomic_write(key, writer)
+    def put_stream(self, key: str, writer, durable: bool = True) -> None:
+        """Atomically store what `writer(fileobj)` writes (no intermediate copy).
+
+        `durable=False` skips the fsyncs: the object still appears whole or not
+        at all to readers and after a crash of this process, but a power loss
+        may leave it empty or short (for derived files that can be checked and
+        rewritten, such as export shards).
+        """
+        self._atomic_write(key, writer, durable)
 
     # -- reads -------------------------------------------------------------
     def _existing(self, key: str) -> Path:

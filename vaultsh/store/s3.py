@@ -353,7 +353,7 @@ class S3Store:
         with self._s3_errors(rel, "upload"):
             self.client.upload_file(path, self.bucket, full, Config=self.transfer_config)
 
-    def put_stream(self, key: str, writer: Callable[[BinaryIO], object]) -> None:
+    def put_stream(self, key: str, writer: Callable[[BinaryIO], object], durable: bool = True) -> None:
         rel, full = self._write_key(key)
         tmpdir = os.environ.get("VAULTSH_TMPDIR") or None
         tmp = tempfile.NamedTemporaryFile(prefix="vaultsh-", suffix=".part", dir=tmpdir, delete=False)
