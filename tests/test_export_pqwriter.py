@@ -127,3 +127,40 @@ def _decode_runs(data: bytes, width: int) -> list[int]:
 def test_repetition_pattern_matches_the_definition(sizes):
     pqwriter._rep_pattern.cache_clear()
     assert _decode_runs(pqwriter._rep_pattern(sizes), 1) == _levels_one_by_one(sizes)
+
+
+def test_rows_are_the_picked_rows_without_a_copy_until_asked():
+    from vaultsh.export.rows import Rows
+
+    base = np.arange(40, dtype=np.float32).reshape(10, 4)
+    sel = np.array([1, 2, 3, 5, 8, 9])
+    rows = Rows(base, sel)
+    assert rows.shape == (6, 4) and len(rows) == 6 and rows.dtype == np.float32
+    assert np.array_equal(np.asarray(rows), base[sel])
+    chunks = list(rows.chunks())
+    assert [len(c) for c in chunks] == [3, 1, 2] and all(np.shares_memory(c, base) for c in chunks)
+    assert np.array_equal(np.concatenate(chunks), base[sel])
+    part = rows[2:5]
+    assert isinstance(part, Rows) and np.array_equal(np.asarray(part), base[sel[2:5]])
+    assert np.array_equal(rows[np.array([4, 0])], base[[8, 1]])
+    assert list(Rows(base, sel[:0]).chunks()) == []
+
+
+def test_fast_writer_writes_picked_rows_like_a_gathered_copy():
+    from vaultsh.export.rows import Rows
+
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((50, 6)).astype(np.float32)
+    sel = np.flatnonzero(rng.random(50) > 0.3)
+    schema = pa.schema([pa.field("states", pa.list_(pa.field("element", pa.float32(), nullable=False), 6), nullable=False)])
+    outs = []
+    for states in (Rows(base, sel), base[sel]):
+        buf = io.BytesIO()
+        w = FastParquetWriter(buf, schema, {"states": "none"})
+        w.write_block({"states": states[: len(sel) // 2]})
+        w.write_block({"states": states[len(sel) // 2:]})
+        w.close()
+        outs.append(buf.getvalue())
+    assert outs[0] == outs[1]
+    got = pq.read_table(io.BytesIO(outs[0])).column("states").to_pylist()
+    assert np.array_equal(np.array(got, dtype=np.float32), base[sel])

@@ -245,9 +245,13 @@ class FastParquetWriter:
         self.row_groups.append([(1, "list:struct", chunks), (2, "i64", total), (3, "i64", rows)])
         self.num_rows += rows
 
-    def _column(self, leaf: _Leaf, arr: np.ndarray, rows: int):
+    def _column(self, leaf: _Leaf, arr, rows: int):
         codec_id, codec = self._codec(leaf.name)
-        flat = np.ascontiguousarray(arr, dtype=leaf.stored).reshape(rows, leaf.per_row)
+        runs = hasattr(arr, "chunks") and arr.dtype == leaf.stored  # rows.Rows: written run by run, no gather
+        if runs:
+            flat = arr
+        else:
+            flat = np.ascontiguousarray(arr, dtype=leaf.stored).reshape(rows, leaf.per_row)
         itemsize = 1 if leaf.physical == _BOOLEAN else np.dtype(leaf.stored).itemsize
         rows_per_page = max(1, PAGE_VALUE_BYTES // max(1, leaf.per_row * itemsize))
         start = self.offset
@@ -263,6 +267,8 @@ class FastParquetWriter:
                 parts += [struct.pack("<I", len(rep)), rep, struct.pack("<I", len(dfn)), dfn]
             if leaf.physical == _BOOLEAN:
                 parts.append(np.packbits(page_rows.reshape(-1), bitorder="little").tobytes())
+            elif runs:
+                parts += [memoryview(np.ascontiguousarray(c).reshape(-1)).cast("B") for c in page_rows.chunks()]
             else:
                 parts.append(memoryview(page_rows.reshape(-1)).cast("B"))
             body_len = sum(memoryview(p).nbytes for p in parts)

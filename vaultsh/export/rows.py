@@ -86,13 +86,73 @@ def convert_label(arr: np.ndarray, stored: str) -> np.ndarray:
     return arr
 
 
+# stored dtype -> the export dtype that keeps its bytes as they are
+_UNCHANGED = {"F32": "float32", "F16": "float16", "F64": "float64", "BF16": "bfloat16"}
+
+
+class Rows:
+    """Some rows of a 2-D array, picked by index but not copied (tokens-mode states).
+
+    Unmasked tokens come in long runs of consecutive positions, so the Parquet
+    writer writes each run straight from the fetched buffer (`chunks`) instead
+    of gathering a copy of the whole megabatch first. Slicing gives another
+    `Rows`; an index array, or numpy itself (`np.asarray`), gathers a copy.
+    """
+
+    def __init__(self, base: np.ndarray, sel: np.ndarray):
+        self.base, self.sel = base, sel
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.sel),) + self.base.shape[1:]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.base.dtype
+
+    @property
+    def itemsize(self) -> int:
+        return self.base.itemsize
+
+    @property
+    def ndim(self) -> int:
+        return self.base.ndim
+
+    def __len__(self) -> int:
+        return len(self.sel)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice) and key.step in (None, 1):
+            return Rows(self.base, self.sel[key])
+        return self.base[self.sel[key]]
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.base[self.sel]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def chunks(self):
+        """Contiguous views of `base`, in order, that together are these rows."""
+        if len(self.sel) == 0:
+            return
+        breaks = np.flatnonzero(np.diff(self.sel) != 1) + 1
+        starts = np.concatenate([[0], breaks]).tolist()
+        stops = np.concatenate([breaks, [len(self.sel)]]).tolist()
+        for a, b in zip(starts, stops):
+            first = int(self.sel[a])
+            yield self.base[first : first + (b - a)]
+
+
 def make_block(dec, megabatch: int, mode: str, out_dtype: str, labels: list[str]) -> Block:
     """The rows of one decoded megabatch (see the module docstring)."""
     n, t, d = dec.states.shape
     block: Block = {}
     if mode == "tokens":
         sel = np.flatnonzero(dec.mask.reshape(-1))
-        block["states"] = convert_states(dec.states.reshape(n * t, d)[sel], dec.states_dtype, out_dtype)
+        flat = dec.states.reshape(n * t, d)
+        if _UNCHANGED.get(dec.states_dtype) == out_dtype:
+            block["states"] = Rows(flat, sel)
+        else:  # the conversion copies anyway
+            block["states"] = convert_states(flat[sel], dec.states_dtype, out_dtype)
         block["input_ids"] = dec.input_ids.reshape(-1)[sel]
         block["position"] = (sel % t).astype(np.int32)
         seq = (sel // t).astype(np.int32)
