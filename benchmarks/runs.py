@@ -29,8 +29,9 @@ def write_float32_run(store, run_name: str, n_files: int, n_seq: int) -> list[tu
         states = (block + i).expand(n_seq, SEQ_LEN, D_MODEL).contiguous()
         key = run.megabatch_key(HOOK, 0, i)
         size = write_megabatch(store, key, states, ids, mask, metadata={"hook": HOOK})
-        run.commit(CommitRecord(0, i, i, i + 1, {HOOK: FileRecord(HOOK, key, size, None, n_seq, n_seq * SEQ_LEN, 0, i)},
-                                tokens=n_seq * SEQ_LEN))
+        real = int(mask.sum())  # as the collector records it: unmasked tokens
+        run.commit(CommitRecord(0, i, i, i + 1, {HOOK: FileRecord(HOOK, key, size, None, n_seq, real, 0, i)},
+                                tokens=real))
         out.append((key, size))
     run.write_statistics(HOOK, RunningStats.from_batch(block[0]))
     return out

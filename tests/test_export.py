@@ -52,7 +52,8 @@ def write_run(store, dtype=torch.bfloat16, n_files=N_FILES, uncommitted=0, label
         key = r.megabatch_key(hook, 0, i)
         size = write_megabatch(store, key, states, ids, mask, labels=labs, metadata={"hook": hook})
         if i < n_files:
-            r.commit(CommitRecord(0, i, i, i + 1, {hook: FileRecord(hook, key, size, None, N, N * T, 0, i)}, tokens=N * T))
+            real = int(mask.sum())  # what the collector records: unmasked tokens
+            r.commit(CommitRecord(0, i, i, i + 1, {hook: FileRecord(hook, key, size, None, N, real, 0, i)}, tokens=real))
             out.append(read_megabatch(store, key))
     return out
 
@@ -417,16 +418,25 @@ def test_api_rejects_bad_options(tmp_path):
 
 
 # -- durability, resume checks, plan shortcuts ---------------------------------------
-def test_card_counts_unmasked_tokens_as_files_are_written(tmp_path, capsys):
+@pytest.mark.parametrize("records", ["collector", "foreign"])
+def test_card_counts_unmasked_tokens(tmp_path, capsys, records):
+    """From the commit records when they hold the collector's counts; else counted as the files are written."""
     store = LocalStore(tmp_path / "vault")
     mbs = write_run(store)
+    if records == "foreign":
+        _set_record_tokens(store, range(N_FILES), N * T)
     src, out = tmp_path / "vault" / RUN / HOOK, tmp_path / "out"
     assert cli(capsys, src, out, "--batches-per-shard", 2, "--max-shards", 1)[0] == 0
+    total = sum(int(m.mask.sum()) for m in mbs)
     first_two = sum(int(m.mask.sum()) for m in mbs[:2])
-    assert f"{first_two:,} unmasked tokens in the 2 megabatches exported so far" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    if records == "collector":
+        assert f"{total:,} unmasked tokens" in card and "so far" not in card
+    else:
+        assert f"{first_two:,} unmasked tokens in the 2 megabatches exported so far" in card
     assert cli(capsys, src, out, "--batches-per-shard", 2)[0] == 0
     card = (out / "README.md").read_text()
-    assert f"{sum(int(m.mask.sum()) for m in mbs):,} unmasked tokens" in card and "so far" not in card
+    assert f"{total:,} unmasked tokens" in card and "so far" not in card
     files = json.loads((out / MANIFEST).read_text())["plan"]["files"]
     assert [f["tokens"] for f in files] == [int(m.mask.sum()) for m in mbs]
 
@@ -513,3 +523,34 @@ def test_a_commit_record_that_miscounts_sequences_is_named(tmp_path, capsys):
     store.put_bytes(key, json.dumps(body).encode())
     msg = _one_line_error(*cli(capsys, tmp_path / "vault" / RUN / HOOK, tmp_path / "out", "--batches-per-shard", 1)[::2])
     assert f.key.rsplit("/", 1)[-1] in msg and f"{N} sequences, its commit record says {N + 1}" in msg
+
+
+def _set_record_tokens(store, which, tokens):
+    """Rewrite commit records `which` (indices) to claim `tokens` unmasked tokens for HOOK."""
+    keys = [o.key for o in store.iter_objects(Run(store, RUN).commits_prefix())]
+    for i in which:
+        body = json.loads(store.get_bytes(keys[i]))
+        body["files"][HOOK]["n_tokens"] = tokens
+        store.put_bytes(keys[i], json.dumps(body).encode())
+
+
+def test_records_of_another_meaning_fall_back_to_reading_every_mask(tmp_path):
+    """Records whose n_tokens counts every position (not the collector's unmasked count) are not trusted."""
+    store = LocalStore(tmp_path / "vault")
+    mbs = write_run(store, labels=False)
+    _set_record_tokens(store, range(N_FILES), N * T)
+    res = export(str(tmp_path / "vault" / RUN / HOOK), str(tmp_path / "out"), ExportOptions(mode="tokens"))
+    assert res.rows_written == sum(int(m.mask.sum()) for m in mbs)
+    files = json.loads((tmp_path / "out" / MANIFEST).read_text())["plan"]["files"]
+    assert [f["tokens"] for f in files] == [int(m.mask.sum()) for m in mbs]
+
+
+def test_a_record_that_miscounts_unmasked_tokens_is_named(tmp_path, capsys):
+    store = LocalStore(tmp_path / "vault")
+    mbs = write_run(store, labels=False)
+    _set_record_tokens(store, [2], int(mbs[2].mask.sum()) + 1)
+    msg = _one_line_error(*cli(capsys, tmp_path / "vault" / RUN / HOOK, tmp_path / "out", "--tokens",
+                               "--batches-per-shard", 1)[::2])
+    name = Run(store, RUN).megabatch_key(HOOK, 0, 2).rsplit("/", 1)[-1]
+    assert name in msg and "unmasked tokens" in msg and "commit record" in msg
+    assert parquet_names(tmp_path / "out") == ["train-00000-of-00005.parquet", "train-00001-of-00005.parquet"]

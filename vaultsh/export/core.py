@@ -77,32 +77,37 @@ def _source_facts(src: Source) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None or k in ("uri", "run", "hook", "model")}
 
 
-def _probe(src: Source, options: ExportOptions) -> list[FileInfo]:
-    """What the plan needs of every committed file, with as few requests as the mode allows.
+def _probe(src: Source, options: ExportOptions) -> tuple[list[FileInfo], bool]:
+    """What the plan needs of every committed file, with as few requests as the data allows.
 
-    Tokens mode reads every file's header and mask (its rows are the unmasked
-    tokens). Sequences mode with commit records that give each file's sequence
-    count reads the first file's header only: a run has one shape, and every
-    file is checked against it when it is fetched (`_check_decoded`). For
-    100k megabatches on S3 that is 1 request instead of 100k before the first
-    row is written.
+    Returns (infos, counted): `counted` when every file's unmasked-token count
+    is known. The collector's commit records give each file's size, sequences
+    and unmasked tokens; when the first file's header and mask agree with its
+    record, the records are taken for all files (2 requests instead of 2 per
+    file: for 100k megabatches on S3 that is minutes before the first row) and
+    every file is checked against them when it is fetched (`_check_decoded`).
+    Otherwise (an Activault run, records of another writer) every file's
+    header is read, and its mask too in tokens mode (whose rows are the
+    unmasked tokens); sequences mode then counts tokens while writing.
     """
-    if options.mode == "sequences" and all(f.n_sequences > 0 and f.size > 0 for f in src.files):
-        first = probe_file(src.store, src.files[0], count_tokens=False)
-        if first.sequences == src.files[0].n_sequences:
-            return [first] + [replace(first, name=f.name, size=f.size, sequences=f.n_sequences,
-                                      real_tokens=f.n_sequences * first.seq_len) for f in src.files[1:]]
-    # tokens mode needs every file's unmasked count up front; sequences mode counts them while writing
-    return probe_all(src.store, src.files, count_tokens=options.mode == "tokens")
+    recs = src.files
+    if all(f.n_sequences > 0 and f.size > 0 for f in recs):
+        first = probe_file(src.store, recs[0], count_tokens=True)
+        if first.sequences == recs[0].n_sequences and first.real_tokens == recs[0].n_tokens:
+            return [first] + [replace(first, name=f.name, size=f.size, sequences=f.n_sequences, real_tokens=f.n_tokens)
+                              for f in recs[1:]], True
+    counted = options.mode == "tokens"
+    return probe_all(src.store, recs, count_tokens=counted), counted
 
 
 def make_plan(src: Source, options: ExportOptions) -> Plan:
     """Probe the committed files (see `_probe`) and cut the shards.
 
-    In sequences mode a file's unmasked `tokens` are None until the file is
-    written (`_count_tokens`); the manifest saved after each shard keeps them.
+    When `_probe` could not count them, a file's unmasked `tokens` are None
+    until it is written (`_count_tokens`); the manifest saved after each
+    shard keeps them.
     """
-    infos = _probe(src, options)
+    infos, counted = _probe(src, options)
     first = infos[0]
     for fi in infos[1:]:
         if (fi.seq_len, fi.d_model) != (first.seq_len, first.d_model) or fi.dtype != first.dtype or fi.ids_dtype != first.ids_dtype:
@@ -117,7 +122,7 @@ def make_plan(src: Source, options: ExportOptions) -> Plan:
     if sum(rows) == 0:
         raise UserError(f"{src.uri}: nothing to export: every token of the committed megabatches is masked")
     files = [{"name": fi.name, "size": fi.size, "sequences": fi.sequences,
-              "tokens": fi.real_tokens if options.mode == "tokens" else None, "rows": r}
+              "tokens": fi.real_tokens if counted else None, "rows": r}
              for fi, r in zip(infos, rows)]
     return Plan(
         source=_source_facts(src),
@@ -167,6 +172,11 @@ def _check_decoded(dec: Decoded, plan: Plan, m: int, src: Source) -> None:
     if n != f["sequences"]:
         raise FormatError(f"{src.uri}/{f['name']}: {n} sequences, its commit record says {f['sequences']} "
                           "(was the file replaced since it was committed?)")
+    if f.get("tokens") is not None:
+        real = int(np.count_nonzero(dec.mask))
+        if real != f["tokens"]:
+            raise FormatError(f"{src.uri}/{f['name']}: {real} unmasked tokens, the export plan (its commit record) "
+                              f"says {f['tokens']} (was the file replaced since it was committed?)")
     missing = [lab for lab in plan.labels if lab not in dec.labels]
     if missing:
         raise FormatError(f"{src.uri}/{f['name']}: label {missing[0]!r} is missing (the export takes the labels of "
