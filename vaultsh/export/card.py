@@ -49,7 +49,7 @@ def render_card(manifest: Manifest, vaultsh_version: str) -> str:
     bytes_done = sum(manifest.finished[s["name"]]["bytes"] for s in done)
     counted = [f["tokens"] for f in plan.files if f.get("tokens") is not None]
     tokens = f"{sum(counted):,} unmasked tokens"
-    if len(counted) < len(plan.files):  # sequences mode counts them as files are written
+    if len(counted) < len(plan.files):  # not known up front: counted as files are written
         tokens += f" in the {len(counted)} megabatches exported so far"
     positions = sum(f["sequences"] for f in plan.files) * shape["seq_len"]
     t, d = shape["seq_len"], shape["d_model"]

@@ -354,6 +354,18 @@ def _run_shards(todo: list[int], work: Callable[[int], tuple[int, int]], workers
         raise error
 
 
+def _checked_loader(fetcher: Fetcher, src: Source, plan: Plan) -> Callable[[int], tuple[int, Decoded]]:
+    """fetch(m) -> (m, file m of the plan fetched, decoded and checked against the plan)."""
+
+    def fetch(m: int) -> tuple[int, Decoded]:
+        f = plan.files[m]
+        dec = load(fetcher, src.store, src.key_of(f["name"]), f["size"])
+        _check_decoded(dec, plan, m, src)
+        return m, dec
+
+    return fetch
+
+
 def _write_in_order(src, out: Store, plan: Plan, todo, schema, options, workers, progress, stop, finished,
                     fsync: bool) -> None:
     mode, labels = plan.options["mode"], plan.labels
@@ -362,12 +374,7 @@ def _write_in_order(src, out: Store, plan: Plan, todo, schema, options, workers,
     progress.phase("exporting", total_bytes, sum(plan.shards[i]["rows"] for i in todo))
     io_pool = ThreadPoolExecutor(max_workers=2 * workers, thread_name_prefix="vaultsh-export-io")
     fetcher = Fetcher()
-
-    def fetch(m: int):
-        f = files[m]
-        dec = load(fetcher, src.store, src.key_of(f["name"]), f["size"])
-        _check_decoded(dec, plan, m, src)
-        return m, dec
+    fetch = _checked_loader(fetcher, src, plan)
 
     def work(i: int) -> tuple[int, int]:
         shard = plan.shards[i]
@@ -405,12 +412,7 @@ def _write_shuffled(src, out: Store, plan: Plan, todo, schema, row_bytes, option
         remaining = np.array([s["rows"] for s in plan.shards], dtype=np.int64)
         io_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vaultsh-export-io")
         fetcher = Fetcher()
-
-        def fetch(m: int):
-            f = files[m]
-            dec = load(fetcher, src.store, src.key_of(f["name"]), f["size"])
-            _check_decoded(dec, plan, m, src)
-            return m, dec
+        fetch = _checked_loader(fetcher, src, plan)
 
         try:
             for m, dec in _prefetched(fetch, range(len(files)), io_pool):

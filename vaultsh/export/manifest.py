@@ -74,7 +74,7 @@ class Plan:
     labels: list[str]  # label columns exported
     label_types: dict[str, list]  # name -> [stored dtype, trailing shape]
     shape: dict[str, Any]  # seq_len, d_model, stored_dtype, ids_dtype
-    files: list[dict[str, Any]]  # name, size, sequences, tokens (unmasked; None until written in sequences mode), rows
+    files: list[dict[str, Any]]  # name, size, sequences, tokens (unmasked; None until written when not known up front), rows
     shards: list[dict[str, Any]]  # name, files [start, stop], rows
 
     def to_dict(self) -> dict[str, Any]:
