@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -31,7 +32,6 @@ from vaultsh.launch.common import LaunchPlan, forwarded_env
 NAMESPACE = "vaultsh"
 _COALESCED = frozenset({"progress", "upload", "memory"})
 _FLUSH_EVERY_S = 0.5
-_STDERR_TAIL = 4000
 
 
 def _import_ray():
@@ -111,104 +111,103 @@ def payload_from_plan(plan: LaunchPlan) -> Payload:
 
 # -- inside a Ray task ---------------------------------------------------------
 
-def _die_with_parent():
-    """Linux: a preexec function that SIGTERMs the worker if the Ray task process dies (no orphans).
+class _Forwarder:
+    """Worker events -> the Ray queue: lifecycle events at once, the frequent ones coalesced (latest
+    of each kind, at most every _FLUSH_EVERY_S), so a busy worker never floods the driver."""
 
-    libc is loaded here, before the fork: the child only makes the one prctl call.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-    import signal
+    def __init__(self, queue, attempt: int):
+        from collector.events import decode
 
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    sigterm = int(signal.SIGTERM)
-    return lambda: prctl(1, sigterm)  # PR_SET_PDEATHSIG
+        self.decode, self.queue, self.attempt = decode, queue, attempt
+        self.started, self.done, self.error = False, None, None
+        self.buffered: list[dict] = []
+        self.latest: dict[str, dict] = {}
+        self.last_flush = time.monotonic()
+        self.lock = threading.Lock()
+
+    def lines(self, raw: list[bytes]) -> None:
+        """WorkerProcess's on_lines callback (its reader thread)."""
+        with self.lock:
+            for line in raw:
+                event = self.decode(line)
+                if event is None:
+                    continue
+                event["attempt"] = self.attempt
+                kind = event["type"]
+                self.started = self.started or kind == "start"
+                if kind == "done":
+                    self.done = event
+                elif kind == "error":
+                    self.error = event.get("message")
+                if kind in _COALESCED:
+                    self.latest[kind] = event
+                else:
+                    self.buffered.append(event)
+                if kind not in _COALESCED or time.monotonic() - self.last_flush >= _FLUSH_EVERY_S:
+                    self._flush()
+
+    def flush(self) -> None:
+        with self.lock:
+            self._flush()
+
+    def _flush(self) -> None:
+        batch = self.buffered + list(self.latest.values())
+        self.buffered, self.latest = [], {}
+        self.last_flush = time.monotonic()
+        if self.queue is not None and batch:
+            try:
+                self.queue.put_nowait_batch(batch)
+            except Exception:  # a full or gone queue never stops the worker
+                pass
 
 
 def run_worker_process(payload: Payload, index: int, attempt: int, queue=None) -> dict:
-    """Run worker `index` as a child process; forward its events to `queue`; return how it ended."""
+    """Run worker `index` as a child process; forward its events to `queue`; return how it ended.
+
+    The child is a `WorkerProcess` (the same spawn as local collection) that
+    also gets SIGTERM if this Ray task's process dies, so no worker outlives it.
+    """
+    import shutil
     import signal
-    import subprocess
+    import socket
     import tempfile
 
     import yaml
 
-    from collector.events import decode
+    from vaultsh.supervise.process import EVENTS_FD_PLACEHOLDER, WorkerProcess, last_log_line
 
     tmp = tempfile.mkdtemp(prefix="vaultsh-ray-")
-    cfg_path = os.path.join(tmp, "config.yaml")
-    with open(cfg_path, "w") as f:
-        yaml.safe_dump(payload.config, f)
-    argv = [sys.executable, "-m", "vaultsh", "collect", cfg_path, "--machine", str(index), "--store", payload.store_uri]
-    if payload.force:
-        argv.append("--force")
-    r, w = os.pipe()
-    argv += ["--events-fd", str(w)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **payload.env)
-    log = tempfile.TemporaryFile(dir=tmp)
-    proc = subprocess.Popen(argv, cwd=payload.cwd if os.path.isdir(payload.cwd) else tmp, env=env, pass_fds=(w,),
-                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent())
-    os.close(w)
-    started, done, error = False, None, None
-    buffered: list[dict] = []
-    latest: dict[str, dict] = {}
-    last_flush = time.monotonic()
-
-    def flush() -> None:
-        nonlocal last_flush
-        batch = buffered + list(latest.values())
-        buffered.clear()
-        latest.clear()
-        last_flush = time.monotonic()
-        if queue is not None and batch:
-            try:
-                queue.put_nowait_batch(batch)
-            except Exception:  # a full or gone queue never stops the worker
-                pass
-
     try:
-        with os.fdopen(r, "rb") as channel:
-            for line in channel:
-                event = decode(line)
-                if event is None:
-                    continue
-                event["attempt"] = attempt
-                kind = event["type"]
-                started = started or kind == "start"
-                if kind == "done":
-                    done = event
-                elif kind == "error":
-                    error = event.get("message")
-                if kind in _COALESCED:
-                    latest[kind] = event
-                else:
-                    buffered.append(event)
-                if kind not in _COALESCED or time.monotonic() - last_flush >= _FLUSH_EVERY_S:
-                    flush()
-        rc = proc.wait()
-    except KeyboardInterrupt:  # ray.cancel(): ask the worker to stop after its megabatch in flight
-        proc.send_signal(signal.SIGTERM)
-        proc.wait()
-        raise
+        cfg_path = os.path.join(tmp, "config.yaml")
+        with open(cfg_path, "w") as f:
+            yaml.safe_dump(payload.config, f)
+        argv = [sys.executable, "-m", "vaultsh", "collect", cfg_path, "--machine", str(index),
+                "--store", payload.store_uri, "--events-fd", EVENTS_FD_PLACEHOLDER]
+        if payload.force:
+            argv.append("--force")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **payload.env)
+        proc = WorkerProcess(argv, os.path.join(tmp, "worker.log"), env=env,
+                             cwd=payload.cwd if os.path.isdir(payload.cwd) else tmp, die_with_parent=True)
+        forward = _Forwarder(queue, attempt)
+        proc.start(forward.lines)
+        try:
+            rc = None
+            while rc is None:  # short waits: a ray.cancel() interrupt is seen promptly
+                rc = proc.wait(0.5)
+        except KeyboardInterrupt:  # ray.cancel(): ask the worker to stop after its megabatch in flight
+            proc.send(signal.SIGTERM)
+            proc.wait()
+            raise
+        finally:
+            proc.reader_done(timeout=10)
+            forward.flush()
+        error = forward.error
+        if error is None and rc != 0:
+            error = last_log_line(proc.log_path) or f"exit status {rc}"
+        return {"index": index, "returncode": rc, "started": forward.started, "done": forward.done, "error": error,
+                "node": socket.gethostname()}
     finally:
-        flush()
-    log.seek(0, os.SEEK_END)
-    log.seek(max(0, log.tell() - _STDERR_TAIL))
-    tail = log.read().decode("utf-8", "replace")
-    log.close()
-    if error is None and rc != 0:
-        lines = [ln for ln in tail.splitlines() if ln.strip()]
-        error = lines[-1] if lines else f"exit status {rc}"
-    import shutil
-    import socket
-
-    shutil.rmtree(tmp, ignore_errors=True)
-    return {"index": index, "returncode": rc, "started": started, "done": done, "error": error,
-            "node": socket.gethostname()}
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # -- supervision ---------------------------------------------------------------

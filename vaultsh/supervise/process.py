@@ -34,11 +34,13 @@ class WorkerHandle(Protocol):
 class WorkerProcess:
     """A worker started from `argv` (where "{events_fd}" is replaced by the pipe's fd)."""
 
-    def __init__(self, argv: Sequence[str], log_path: str | Path, env: dict | None = None, cwd: str | None = None):
+    def __init__(self, argv: Sequence[str], log_path: str | Path, env: dict | None = None, cwd: str | None = None,
+                 die_with_parent: bool = False):
         self.argv = list(argv)
         self.log_path = str(log_path)
         self.env = env
         self.cwd = cwd
+        self.die_with_parent = die_with_parent  # Linux: SIGTERM the worker when the spawning thread's process dies
         self.pid: int | None = None
         self._proc: subprocess.Popen | None = None
         self._ps = None  # psutil.Process, keyed by pid + create time
@@ -56,6 +58,7 @@ class WorkerProcess:
             self._proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 pass_fds=(write_fd,), start_new_session=True, env=self.env, cwd=self.cwd,
+                preexec_fn=die_with_parent_preexec() if self.die_with_parent else None,
             )
         except BaseException:
             os.close(read_fd)
@@ -139,6 +142,26 @@ class WorkerProcess:
             return rss, children
         except psutil.Error:
             return None
+
+
+def die_with_parent_preexec():
+    """Linux: a preexec function that has the child SIGTERMed when its parent dies (no orphans); else None.
+
+    libc is loaded here, before the fork: the child only makes the one prctl call.
+    """
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import signal
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    sigterm = int(signal.SIGTERM)
+    return lambda: prctl(1, sigterm)  # PR_SET_PDEATHSIG
 
 
 def last_log_line(path: str | None, limit: int = 8192) -> str | None:
