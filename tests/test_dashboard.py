@@ -143,6 +143,30 @@ def test_snapshot_wide_terminal_with_failure(snap_compare):
     assert snap_compare(Dashboard(Scripted().steady().fail(1).sup, refresh_s=10), terminal_size=(200, 50))
 
 
+async def test_plan_summary_appears_once_it_is_ready():
+    import threading
+
+    from vaultsh.commands.collect import fill_plan_later
+
+    s = Scripted(n=2)
+    gate = threading.Event()
+
+    def lines():
+        gate.wait(10)
+        return ["15 files, 1.2 GiB in 3 hooks", "memory: fits (batch 4)"]
+
+    thread = fill_plan_later(s.sup, lines)  # the supervisor started first: workers never wait for it
+    app = Dashboard(s.sup, refresh_s=0.05)
+    summary = lambda: str(app.query_one("#summary").render())  # noqa: E731
+    async with app.run_test(size=(200, 50)) as pilot:
+        await settle(pilot)
+        assert "15 files" not in summary() and thread.is_alive()
+        gate.set()
+        thread.join(5)
+        assert await eventually(pilot, lambda: "15 files, 1.2 GiB in 3 hooks" in summary()), summary()
+        assert "memory: fits (batch 4)" in summary()
+
+
 # -- every state, as shown --------------------------------------------------------
 async def test_states_follow_events():
     s = Scripted(n=2, total=4)

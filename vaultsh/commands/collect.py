@@ -114,18 +114,33 @@ def _run_supervised(args, cfg, machines: list[int], interactive: bool) -> int:
     log_dir = log_dir_for(cfg.run_name, args.log_dir)
     store_uri = open_store(cfg.storage.uri).child_uri(cfg.run_name)
     info = RunInfo(run=cfg.run_name, model=cfg.model.name, hooks=list(cfg.upload.hooks), store=store_uri,
-                   config=str(args.config), num_runs=cfg.num_runs, plan=plan_lines(cfg))
+                   config=str(args.config), num_runs=cfg.num_runs)
     launcher = collect_launcher(args.config, log_dir, store=args.store, force=args.force, gpus=gpus)
     if interactive:
         sup = Supervisor(launcher, machines, concurrency, info=info)
-        return _dashboard(sup, log_dir)
+        return _dashboard(sup, log_dir, lambda: plan_lines(cfg))
     return _headless(launcher, machines, concurrency, info, log_dir)
 
 
-def _dashboard(sup, log_dir) -> int:
+def fill_plan_later(sup, make_lines) -> "threading.Thread":
+    """`sup.set_plan(make_lines())` on a thread: the plan summary (seconds when torch is imported
+    cold) never delays the workers; the dashboard shows it once it is there."""
+    import threading
+
+    def fill() -> None:
+        sup.set_plan(make_lines())
+
+    t = threading.Thread(target=fill, name="vaultsh-plan-summary", daemon=True)
+    t.start()
+    return t
+
+
+def _dashboard(sup, log_dir, make_plan_lines=None) -> int:
     from vaultsh.dashboard.app import Dashboard
 
     sup.start()
+    if make_plan_lines is not None:
+        fill_plan_later(sup, make_plan_lines)
     app = Dashboard(sup, mode="collect")
     code = app.run()
     detached = sup.running()

@@ -180,6 +180,12 @@ class Supervisor:
             for event in events:
                 self.on_event(event if worker is None else {**event, "worker": worker})
 
+    def set_plan(self, lines: list[str]) -> None:
+        """Show a plan summary in the run summary (thread-safe; it may arrive after the workers start)."""
+        with self._lock:
+            self.info.plan = [str(line) for line in lines]
+            self._touch()
+
     def _learn_info(self, event: dict) -> None:
         info = self.info
         info.run = info.run or str(event.get("run") or "")
