@@ -429,7 +429,9 @@ def _write_shuffled(src, out: Store, plan: Plan, todo, schema, row_bytes, option
                 cum = np.concatenate([[0], np.cumsum(counts)])
                 parts = [(s, order[cum[s]:cum[s + 1]]) for s in sorted(todo_set) if counts[s]]
                 if parts:
-                    spill.add(m, block, parts)
+                    spill.add(m, block, parts)  # copies the rows out: the buffer is free again
+                del block
+                fetcher.recycle(dec)
                 progress.advance(dec.nbytes, r)
         finally:
             io_pool.shutdown(wait=True, cancel_futures=True)
