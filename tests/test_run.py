@@ -137,6 +137,39 @@ def test_commit_iter_and_last_index(store):
     assert len(run.iter_commits(worker=0)) == 3
 
 
+def test_incremental_commit_reads_only_new_or_changed_records(store):
+    run = Run(store, "r")
+    reads: list[str] = []
+    real = run._read_commit
+
+    def counting(t):
+        reads.append(t[2])
+        return real(t)
+
+    run._read_commit = counting
+    for i in range(4):
+        commit_megabatch(run, 0, i)
+    known: dict = {}
+    assert [r.index for r in run.iter_commits(known=known)] == [0, 1, 2, 3] and len(reads) == 4
+    reads.clear()
+    assert [r.index for r in run.iter_commits(known=known)] == [0, 1, 2, 3] and reads == []  # nothing new: no reads
+    commit_megabatch(run, 1, 0)
+    got = run.iter_commits(known=known)
+    assert [(r.worker, r.index) for r in got] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)]
+    assert reads == [run.commit_key(1, 0)]
+    # a record rewritten with other content (another size) is read again; a deleted one leaves
+    rec = got[2]
+    rec.tokens = 123_456_789
+    run.commit(rec)
+    store.delete(run.commit_key(0, 0))
+    reads.clear()
+    got = run.iter_commits(known=known)
+    assert [(r.worker, r.index) for r in got] == [(0, 1), (0, 2), (0, 3), (1, 0)]
+    assert reads == [run.commit_key(0, 2)] and got[1].tokens == 123_456_789
+    assert sorted(known) == sorted(run.commit_key(w, i) for w, i in [(0, 1), (0, 2), (0, 3), (1, 0)])
+    assert got == run.iter_commits()
+
+
 def test_commit_record_json_round_trip():
     rec = CommitRecord(
         2, 9, 36, 40, {"mlp_1": FileRecord("mlp_1", "r/mlp_1/w0002--0000009.safetensors", 10, None, 4, 30, 2, 9)}, tokens=30

@@ -446,3 +446,33 @@ def test_torch_is_not_imported_by_ls(vault):
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines()[-1] == "[]"
+
+
+def test_a_refreshed_run_summary_reads_only_new_commit_records(tmp_path, monkeypatch):
+    """`ls` in a big run that keeps growing: after the cache expires, only new records are read."""
+    from vaultsh.run import CommitRecord, FileRecord
+    from vaultsh.store import LocalStore
+
+    store = LocalStore(tmp_path / "vault")
+    run = Run(store, "grow")
+    run.write_metadata("h", {"hook": "h"})
+
+    def commit(i: int) -> None:
+        key = run.megabatch_key("h", 0, i)
+        store.put_bytes(key, b"x" * 10)
+        run.commit(CommitRecord(0, i, i, i + 1, {"h": FileRecord("h", key, 10, None, 1, 4, 0, i)}, tokens=4))
+
+    for i in range(5):
+        commit(i)
+    reads: list[str] = []
+    real = Run._read_commit
+    monkeypatch.setattr(Run, "_read_commit", lambda self, t: (reads.append(t[2]), real(self, t))[1])
+    out, err = io.StringIO(), io.StringIO()
+    shell = Shell(store=store, cwd="grow", stdout=out, stderr=err, interactive=False)
+    assert shell.run_lines(["ls"]) == 0 and "5 megabatches" in out.getvalue().replace(",", "")
+    assert len(reads) == 5
+    reads.clear()
+    commit(5)
+    shell.ctx.run_commits("grow", fresh=True)  # what an expired cache does
+    assert reads == [run.commit_key(0, 5)]
+    assert shell.run_lines(["ls"]) == 0 and "6 megabatches" in out.getvalue().replace(",", "")

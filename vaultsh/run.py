@@ -636,13 +636,17 @@ class Run:
         return key
 
     def _commit_keys(self, worker: int | None = None) -> list[tuple[int, int, str]]:
+        return [(w, i, info.key) for w, i, info in self._commit_objects(worker)]
+
+    def _commit_objects(self, worker: int | None = None) -> list[tuple[int, int, ObjectInfo]]:
+        """(worker, index, listing entry) of every commit record, sorted; names only, no reads."""
         base = self.commits_prefix()
         out = []
         for info in self.store.iter_objects(self.commits_prefix(worker)):
             m = _COMMIT_RE.match(info.key[len(base):])
             if m:
-                out.append((int(m.group(1)), int(m.group(2)), info.key))
-        out.sort()
+                out.append((int(m.group(1)), int(m.group(2)), info))
+        out.sort(key=lambda t: (t[0], t[1]))
         return out
 
     def _parallel(self, fn, items: list) -> list:
@@ -674,10 +678,26 @@ class Run:
                 raise FormatError(f"{where}: files[{hook!r}] does not name a megabatch file")
         return rec
 
-    def iter_commits(self, worker: int | None = None) -> list[CommitRecord]:
-        """Every commit record (of one worker, or all), sorted by (worker, index)."""
-        recs = self._parallel(self._read_commit, self._commit_keys(worker))
-        return [r for r in recs if r is not None]
+    def iter_commits(self, worker: int | None = None, known: dict | None = None) -> list[CommitRecord]:
+        """Every commit record (of one worker, or all), sorted by (worker, index).
+
+        `known` (a dict the caller keeps between calls) makes repeated calls
+        incremental: a record listed with the same size and mtime as last time
+        is taken from it, only new or changed ones are read, and records gone
+        from the store leave it. For a shell or viewer polling a big run.
+        """
+        objects = self._commit_objects(worker)
+        if known is None:
+            recs = self._parallel(self._read_commit, [(w, i, o.key) for w, i, o in objects])
+            return [r for r in recs if r is not None]
+        stamp = {o.key: (o.size, o.mtime) for _, _, o in objects}
+        for key in [k for k, (st, _) in known.items() if stamp.get(k) != st]:
+            del known[key]
+        todo = [(w, i, o.key) for w, i, o in objects if o.key not in known]
+        for (_, _, key), rec in zip(todo, self._parallel(self._read_commit, todo)):
+            if rec is not None:
+                known[key] = (stamp[key], rec)
+        return [known[o.key][1] for _, _, o in objects if o.key in known]
 
     def committed_indices(self, worker: int) -> list[int]:
         """Sorted megabatch indices of `worker` that have a commit record (names only, no reads)."""

@@ -125,6 +125,8 @@ class ShellContext:
         self._ask = ask
         self.listings = TTLCache(LISTING_TTL_S)
         self.commits = TTLCache(COMMITS_TTL_S)
+        self._commit_records: dict[tuple[str, str], dict] = {}  # per run: records read so far (Run.iter_commits known=)
+        self._commit_lock = threading.Lock()
         self.shell = None  # the Shell, for interactive follow-ups (the batch viewer)
 
     # -- locations -----------------------------------------------------------
@@ -228,8 +230,14 @@ class ShellContext:
         return run, hook
 
     def run_commits(self, run: str, fresh: bool = False) -> list[CommitRecord]:
-        """The run's commit records (cached for a while; `fresh` rereads)."""
-        return self.commits.get((self.store.uri, run), lambda: Run(self.store, run).iter_commits(), fresh=fresh)
+        """The run's commit records (cached for a while; `fresh` lists again). A refresh reads only
+        the records that are new or changed since the last one: cheap on a big run that keeps growing."""
+        def read() -> list[CommitRecord]:
+            with self._commit_lock:
+                known = self._commit_records.setdefault((self.store.uri, run), {})
+                return Run(self.store, run).iter_commits(known=known)
+
+        return self.commits.get((self.store.uri, run), read, fresh=fresh)
 
     def committed_files(self, run: str, hook: str):
         return Run(self.store, run).committed_files(hook, self.run_commits(run))
