@@ -263,3 +263,75 @@ def bench_header_read(quick: bool) -> BenchResult:
             "server": s3server.describe(),
         },
     )
+
+
+@benchmark("s3-put-stream", "S3Store.put_stream (streamed multipart, no spool) vs boto3 upload_fileobj of the same bytes "
+           "and vs spool-to-file + upload_file")
+def bench_put_stream(quick: bool) -> BenchResult:
+    """A writer producing `size` bytes in 8 MB writes (what write_megabatch and an export shard do).
+
+    Baseline: the faster, per round, of boto3's transfer manager reading the
+    bytes from memory (`upload_fileobj` of a BytesIO, the store's
+    TransferConfig) and what put_stream did before this store streamed: write
+    a local temp file, then `upload_file` it. Best of alternating rounds.
+    Target: >= 0.9x.
+    """
+    import io
+
+    from benchmarks import s3server
+    from vaultsh.store.s3 import S3Store
+
+    size = (32 if quick else 256) * MB
+    rounds = 2 if quick else 4
+    data = os.urandom(size)
+    url = s3server.endpoint()
+    bucket = s3server.new_bucket()
+    st = S3Store(bucket, endpoint_url=url)
+    client = st.client
+
+    def writer(f):
+        view = memoryview(data)
+        for a in range(0, size, 8 * MB):
+            f.write(view[a:a + 8 * MB])
+
+    def ours() -> float:
+        t0 = time.perf_counter()
+        st.put_stream("bench/stream.bin", writer)
+        dt = time.perf_counter() - t0
+        st.delete("bench/stream.bin")
+        return dt
+
+    def from_memory() -> float:
+        t0 = time.perf_counter()
+        client.upload_fileobj(io.BytesIO(data), bucket, "bench/mem.bin", Config=st.transfer_config)
+        dt = time.perf_counter() - t0
+        st.delete("bench/mem.bin")
+        return dt
+
+    def spooled() -> float:
+        t0 = time.perf_counter()
+        with tempfile.NamedTemporaryFile(prefix="vaultsh-bench-") as tmp:
+            writer(tmp)
+            tmp.flush()
+            client.upload_file(tmp.name, bucket, "bench/spool.bin", Config=st.transfer_config)
+        dt = time.perf_counter() - t0
+        st.delete("bench/spool.bin")
+        return dt
+
+    try:
+        ours(), from_memory()  # warm-up: connections, imports
+        best = {"ours": float("inf"), "memory": float("inf"), "spool": float("inf")}
+        sides = [("ours", ours), ("memory", from_memory), ("spool", spooled)]
+        for r in range(rounds):
+            for name, fn in (sides if r % 2 == 0 else sides[::-1]):
+                best[name] = min(best[name], fn())
+    finally:
+        s3server.empty_bucket(bucket)
+    t_base = min(best["memory"], best["spool"])
+    return throughput_ratio(
+        "s3-put-stream", size, t_base, best["ours"], 0.9,
+        notes=(f"{size // MB} MB in 8 MB writes; baseline: the faster of upload_fileobj from memory "
+               f"({size / best['memory'] / 1e6:.0f} MB/s) and temp file + upload_file ({size / best['spool'] / 1e6:.0f} MB/s); "
+               f"{os.cpu_count()} CPUs"),
+        extra={k + "_s": round(v, 4) for k, v in best.items()} | {"server": s3server.describe()},
+    )

@@ -501,7 +501,7 @@ def test_a_file_of_another_shape_stops_the_export_there(tmp_path, capsys):
     r.commit(CommitRecord(0, 3, 3, 4, {HOOK: FileRecord(HOOK, key, size, None, N, N * T, 0, 3)}))
     src, out = tmp_path / "vault" / RUN / HOOK, tmp_path / "out"
     # sequences mode plans from the commit records and the first header: the odd file stops it when reached
-    msg = _one_line_error(*cli(capsys, src, out, "--batches-per-shard", 1)[::2])
+    msg = _one_line_error(*cli(capsys, src, out, "--batches-per-shard", 1, "--workers", 1)[::2])
     assert key.rsplit("/", 1)[-1] in msg and "one export needs one shape" in msg
     assert parquet_names(out) == [f"train-0000{i}-of-00004.parquet" for i in range(3)]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
@@ -550,7 +550,7 @@ def test_a_record_that_miscounts_unmasked_tokens_is_named(tmp_path, capsys):
     mbs = write_run(store, labels=False)
     _set_record_tokens(store, [2], int(mbs[2].mask.sum()) + 1)
     msg = _one_line_error(*cli(capsys, tmp_path / "vault" / RUN / HOOK, tmp_path / "out", "--tokens",
-                               "--batches-per-shard", 1)[::2])
+                               "--batches-per-shard", 1, "--workers", 1)[::2])
     name = Run(store, RUN).megabatch_key(HOOK, 0, 2).rsplit("/", 1)[-1]
     assert name in msg and "unmasked tokens" in msg and "commit record" in msg
     assert parquet_names(tmp_path / "out") == ["train-00000-of-00005.parquet", "train-00001-of-00005.parquet"]

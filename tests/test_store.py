@@ -475,6 +475,77 @@ def test_s3_connection_reset_mid_upload_is_retried(s3_server, s3_bucket, s3_stor
     assert _etag(s3_admin, s3_bucket, "reset/big.bin").endswith("-3")
 
 
+def _pending_uploads(s3_admin, bucket: str) -> list:
+    return s3_admin.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+
+
+def test_s3_put_stream_streams_parts_without_a_local_spool(s3_server, s3_bucket, s3_admin, monkeypatch, tmp_path):
+    """Parts go out while the writer still writes; nothing is written to local disk."""
+    import tempfile
+
+    def no_disk(*a, **kw):
+        raise AssertionError("put_stream must not spool to local disk")
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", no_disk)
+    monkeypatch.setattr(tempfile, "mkstemp", no_disk)
+    data = payload(23 * MiB, seed=8)
+    with FaultProxy(s3_server) as proxy:
+        st = S3Store(s3_bucket, endpoint_url=proxy.url, multipart_threshold=8 * MiB, multipart_chunksize=5 * MiB,
+                     max_concurrency=2)
+        st.put_stream("stream/small.bin", lambda f: [f.write(payload(MiB, seed=k)) for k in range(7)])
+        assert proxy.count("PUT") == 1 and proxy.count("POST", "uploads") == 0  # under the threshold: one PUT
+        seen_parts = []
+
+        def writer(f):
+            view = memoryview(data)
+            for a in range(0, len(data), 3 * MiB):  # writes that do not line up with parts
+                f.write(view[a:a + 3 * MiB])
+                seen_parts.append(proxy.count("PUT", "partNumber="))
+            assert f.tell() == len(data)
+
+        st.put_stream("stream/big.bin", writer)
+        assert proxy.count("PUT", "partNumber=") == 5  # 5+5+5+5+3 MiB
+        assert proxy.count("POST", "uploads") == 1
+    assert S3Store(s3_bucket, endpoint_url=s3_server).get_bytes("stream/small.bin") == b"".join(
+        payload(MiB, seed=k) for k in range(7))
+    assert seen_parts[-1] >= 2, "parts were uploaded while the writer was still writing"
+    assert _etag(s3_admin, s3_bucket, "stream/big.bin").endswith("-5")
+    assert S3Store(s3_bucket, endpoint_url=s3_server).get_bytes("stream/big.bin") == data
+    assert _pending_uploads(s3_admin, s3_bucket) == []
+
+
+def test_s3_put_stream_writer_error_after_parts_leaves_no_object_and_no_parts(s3_server, s3_bucket, s3_admin):
+    st = S3Store(s3_bucket, endpoint_url=s3_server, multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB)
+
+    def crash(f):
+        f.write(payload(12 * MiB, seed=9))  # two parts already uploaded
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        st.put_stream("stream/crash.bin", crash)
+    assert not st.exists("stream/crash.bin")
+    assert _pending_uploads(s3_admin, s3_bucket) == []
+
+
+def test_s3_put_stream_part_lost_mid_upload(s3_server, s3_bucket, s3_admin):
+    """A connection reset during a part is retried; a part that keeps failing is a one-line error, nothing stored."""
+    data = payload(12 * MiB, seed=10)
+    with FaultProxy(s3_server) as proxy:
+        st = S3Store(s3_bucket, endpoint_url=proxy.url, multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB,
+                     max_attempts=3)
+        proxy.fail_next(n=1, method="PUT", mode="reset", path_contains="partNumber=2")
+        st.put_stream("stream/reset.bin", lambda f: f.write(data))
+        assert proxy.faults_injected == 1 and proxy.count("PUT", "partNumber=2") == 2
+        proxy.fail_next(n=10, method="PUT", mode="503", path_contains="partNumber=1")
+        with pytest.raises(StoreError) as exc_info:
+            st.put_stream("stream/fail.bin", lambda f: f.write(data))
+    assert S3Store(s3_bucket, endpoint_url=s3_server).get_bytes("stream/reset.bin") == data
+    msg = str(exc_info.value)
+    assert "\n" not in msg and "SlowDown" in msg and f"s3://{s3_bucket}/stream/fail.bin" in msg
+    assert not S3Store(s3_bucket, endpoint_url=s3_server).exists("stream/fail.bin")
+    assert _pending_uploads(s3_admin, s3_bucket) == []
+
+
 # ---------------------------------------------------------------------------
 # LocalStore
 # ---------------------------------------------------------------------------
@@ -551,3 +622,35 @@ def test_prefix_keys_are_never_objects(store):
 def test_writing_a_prefix_key_is_refused(store):
     with pytest.raises(StoreError, match="invalid key"):
         store.put_bytes("run/", b"x")
+
+
+def test_multipart_sink_parts_grow_for_very_long_streams(monkeypatch):
+    """S3 allows 10,000 parts: every PARTS_PER_DOUBLING parts the part size doubles (a fake client records them)."""
+    import vaultsh.store.s3stream as s3stream
+
+    class Client:
+        def __init__(self):
+            self.parts, self.completed = {}, None
+
+        def create_multipart_upload(self, **kw):
+            return {"UploadId": "u1"}
+
+        def upload_part(self, PartNumber, Body, **kw):
+            self.parts[PartNumber] = bytes(Body)
+            return {"ETag": f'"{PartNumber}"'}
+
+        def complete_multipart_upload(self, MultipartUpload, **kw):
+            self.completed = [p["PartNumber"] for p in MultipartUpload["Parts"]]
+
+    monkeypatch.setattr(s3stream, "MIN_PART", 10)
+    monkeypatch.setattr(s3stream, "PARTS_PER_DOUBLING", 3)
+    client = Client()
+    sink = s3stream.MultipartSink(client, "b", "k", part_size=10, max_in_flight=2)
+    data = payload(200, seed=11)
+    for a in range(0, len(data), 7):
+        sink.write(data[a:a + 7])
+    sink.finish()
+    sizes = [len(client.parts[i]) for i in sorted(client.parts)]
+    assert sizes == [10, 10, 10, 20, 20, 20, 40, 40, 30]
+    assert b"".join(client.parts[i] for i in sorted(client.parts)) == data
+    assert client.completed == sorted(client.parts)

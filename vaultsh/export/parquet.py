@@ -3,9 +3,9 @@
 `Store.put_stream` gives the atomicity: LocalStore writes a hidden temp file
 in OUT and renames it into place (fsynced first only with `durable`, i.e.
 `vaultsh export --fsync`; otherwise a resume checks finished shards, see
-core.shard_intact); S3Store spools to a local temp
-file and uploads it as one object (multipart when large), which appears only
-when complete. A writer that raises (an interrupt, a row count that does not
+core.shard_intact); S3Store streams it as one
+multipart upload (vaultsh/store/s3stream.py), which appears only when
+complete. A writer that raises (an interrupt, a row count that does not
 match the plan) leaves nothing under the shard's name.
 """
 

@@ -53,8 +53,8 @@ class Store(Protocol):
         """Store whatever `writer(fileobj)` writes, atomically.
 
         LocalStore streams into a temp file that is renamed into place (fsynced
-        unless `durable=False`); S3Store spools to a local temp file and uploads
-        it with parallel multipart (durable once stored, whatever `durable` says).
+        unless `durable=False`); S3Store streams it as a multipart upload while it
+        is written, no local spool (durable once stored, whatever `durable` says).
         """
 
     def get_bytes(self, key: str) -> bytes:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -354,20 +353,21 @@ class S3Store:
             self.client.upload_file(path, self.bucket, full, Config=self.transfer_config)
 
     def put_stream(self, key: str, writer: Callable[[BinaryIO], object], durable: bool = True) -> None:
+        """Stream what `writer(fileobj)` writes into one object by multipart upload (no local spool):
+        the object appears only when complete; a writer that raises leaves nothing, not even parts."""
+        from vaultsh.store.s3stream import MultipartSink
+
         rel, full = self._write_key(key)
-        tmpdir = os.environ.get("VAULTSH_TMPDIR") or None
-        tmp = tempfile.NamedTemporaryFile(prefix="vaultsh-", suffix=".part", dir=tmpdir, delete=False)
+        client = self.client
+        sink = MultipartSink(client, self.bucket, full, self.multipart_chunksize,
+                             max_in_flight=min(8, self.max_concurrency), threshold=self.multipart_threshold)
         try:
-            with tmp:
-                writer(tmp)
-                tmp.flush()
             with self._s3_errors(rel, "upload"):
-                self.client.upload_file(tmp.name, self.bucket, full, Config=self.transfer_config)
-        finally:
-            try:
-                os.unlink(tmp.name)
-            except FileNotFoundError:
-                pass
+                writer(sink)
+                sink.finish()
+        except BaseException:
+            sink.abort()
+            raise
 
     # -- reads ---------------------------------------------------------------
     def _read_key(self, key: str) -> tuple[str, str]:

@@ -1,0 +1,154 @@
+"""A write-only file object that streams into one S3 object by multipart upload, atomically.
+
+`S3Store.put_stream` hands this to the writer instead of a local temp file:
+up to `threshold` bytes are kept for a single PUT; a larger object is cut
+into parts of `part_size` and each full part is uploaded on a small thread
+pool while the writer goes on (at most `max_in_flight` parts in
+memory, so a fast writer waits for a slow network instead of growing without
+bound). Nothing touches the local disk: an export shard or a megabatch of
+tens of GB needs no spool space.
+
+The object appears only when `finish()` completes the upload (or, for fewer
+bytes than one part, when the single PUT lands); `abort()`, which
+`put_stream` calls when the writer raises, leaves nothing behind, not even
+uploaded parts. Each request is retried by botocore (standard mode); a part
+that still fails makes the next `write` or `finish` raise.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+CHECKSUM = "CRC32"  # what boto3's transfer manager asks for by default
+MIN_PART = 5 << 20  # S3's smallest part (all but the last)
+MAX_PART = 5 << 30
+PARTS_PER_DOUBLING = 1000  # 16 MiB parts: 16 GB in the first 1000, 10,000 parts hold about 16 TB
+
+
+class MultipartSink:
+    """`write`/`tell`/`flush` over a multipart upload of `bucket`/`key` through `client`."""
+
+    def __init__(self, client, bucket: str, key: str, part_size: int, max_in_flight: int = 4, threshold: int = 0):
+        self.client, self.bucket, self.key = client, bucket, key
+        self.part_size = min(MAX_PART, max(MIN_PART, int(part_size)))
+        self.threshold = max(self.part_size, int(threshold))  # up to this many bytes: one PUT, no multipart
+        self.max_in_flight = max(1, int(max_in_flight))
+        self._buf = bytearray()
+        self._written = 0
+        self._upload_id: str | None = None
+        self._parts: list[Future] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._slots = threading.BoundedSemaphore(self.max_in_flight)
+        self.closed = False
+
+    # -- the file object the writer sees ---------------------------------------
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def readable(self) -> bool:
+        return False
+
+    def tell(self) -> int:
+        return self._written
+
+    def flush(self) -> None:
+        pass
+
+    def write(self, data) -> int:
+        if self.closed:
+            raise ValueError("write to a finished S3 upload")
+        mv = memoryview(data).cast("B")
+        n = len(mv)
+        start = 0
+        if self._upload_id is None:  # still small enough for one PUT?
+            take = min(n, self.threshold - len(self._buf))
+            self._buf += mv[:take]  # a copy: the caller may reuse its buffer
+            start = take
+            if len(self._buf) < self.threshold:
+                self._written += n
+                return n
+            pending, self._buf = self._buf, bytearray()
+            for a in range(0, len(pending), self.part_size):  # the object is large: multipart from here on
+                self._buf = pending[a:a + self.part_size]
+                if len(self._buf) == self.part_size:
+                    self._send_part()
+        while start < n:
+            take = min(self.part_size - len(self._buf), n - start)
+            self._buf += mv[start:start + take]
+            start += take
+            if len(self._buf) >= self.part_size:
+                self._send_part()
+        self._written += n
+        return n
+
+    # -- parts -----------------------------------------------------------------
+    def _send_part(self) -> None:
+        self._raise_failed()
+        if self._upload_id is None:
+            resp = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.key, ChecksumAlgorithm=CHECKSUM)
+            self._upload_id = resp["UploadId"]
+            self._pool = ThreadPoolExecutor(max_workers=self.max_in_flight, thread_name_prefix="vaultsh-s3-part")
+        body, self._buf = bytes(self._buf), bytearray()
+        number = len(self._parts) + 1
+        if number % PARTS_PER_DOUBLING == 0:  # S3 allows 10,000 parts: bigger parts for a very long stream
+            self.part_size = min(MAX_PART, self.part_size * 2)
+        self._slots.acquire()  # at most max_in_flight parts held in memory
+        try:
+            fut = self._pool.submit(self._upload_part, number, body)
+        except BaseException:
+            self._slots.release()
+            raise
+        fut.add_done_callback(lambda _f: self._slots.release())
+        self._parts.append(fut)
+
+    def _upload_part(self, number: int, body: bytes) -> dict:
+        resp = self.client.upload_part(Bucket=self.bucket, Key=self.key, UploadId=self._upload_id,
+                                       PartNumber=number, Body=body, ChecksumAlgorithm=CHECKSUM)
+        part = {"ETag": resp["ETag"], "PartNumber": number}
+        if "Checksum" + CHECKSUM in resp:
+            part["Checksum" + CHECKSUM] = resp["Checksum" + CHECKSUM]
+        return part
+
+    def _raise_failed(self) -> None:
+        for fut in self._parts:
+            if fut.done() and fut.exception() is not None:
+                raise fut.exception()
+
+    # -- the end -------------------------------------------------------------------
+    def finish(self) -> None:
+        """Store the object: one PUT when it fits in a part, else the last part and the completion."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._upload_id is None:
+            self.client.put_object(Bucket=self.bucket, Key=self.key, Body=bytes(self._buf))
+            self._buf = bytearray()
+            return
+        if self._buf:
+            self._send_part()
+        parts = [f.result() for f in self._parts]  # raises the first failed part's error
+        self.client.complete_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self._upload_id,
+                                              MultipartUpload={"Parts": parts})
+        self._shutdown()
+
+    def abort(self) -> None:
+        """Drop everything: no object appears and no uploaded part is left (best effort on the network)."""
+        self.closed = True
+        self._buf = bytearray()
+        for fut in self._parts:
+            fut.cancel()
+        self._shutdown()
+        if self._upload_id is not None:
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self._upload_id)
+            except Exception:  # noqa: BLE001 - the writer's error is the one to report; S3 lifecycle rules clean up
+                pass
+
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
