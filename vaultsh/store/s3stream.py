@@ -27,14 +27,20 @@ PARTS_PER_DOUBLING = 1000  # 16 MiB parts: 16 GB in the first 1000, 10,000 parts
 
 
 class MultipartSink:
-    """`write`/`tell`/`flush` over a multipart upload of `bucket`/`key` through `client`."""
+    """`write`/`tell`/`flush` over a multipart upload of `bucket`/`key` through `client`.
+
+    Each byte is copied once, into the part that sends it (bytearrays go to
+    botocore as they are); the writer's own buffers are never kept.
+    """
 
     def __init__(self, client, bucket: str, key: str, part_size: int, max_in_flight: int = 4, threshold: int = 0):
         self.client, self.bucket, self.key = client, bucket, key
         self.part_size = min(MAX_PART, max(MIN_PART, int(part_size)))
         self.threshold = max(self.part_size, int(threshold))  # up to this many bytes: one PUT, no multipart
         self.max_in_flight = max(1, int(max_in_flight))
-        self._buf = bytearray()
+        self._small = bytearray()  # everything so far, while the object may still be a single PUT
+        self._part: bytearray | None = None  # the part being filled, once multipart
+        self._fill = 0
         self._written = 0
         self._upload_id: str | None = None
         self._parts: list[Future] = []
@@ -65,34 +71,40 @@ class MultipartSink:
         n = len(mv)
         start = 0
         if self._upload_id is None:  # still small enough for one PUT?
-            take = min(n, self.threshold - len(self._buf))
-            self._buf += mv[:take]  # a copy: the caller may reuse its buffer
-            start = take
-            if len(self._buf) < self.threshold:
+            start = min(n, self.threshold - len(self._small))
+            self._small += mv[:start]
+            if len(self._small) < self.threshold:
                 self._written += n
                 return n
-            pending, self._buf = self._buf, bytearray()
-            for a in range(0, len(pending), self.part_size):  # the object is large: multipart from here on
-                self._buf = pending[a:a + self.part_size]
-                if len(self._buf) == self.part_size:
-                    self._send_part()
-        while start < n:
-            take = min(self.part_size - len(self._buf), n - start)
-            self._buf += mv[start:start + take]
-            start += take
-            if len(self._buf) >= self.part_size:
-                self._send_part()
+            small, self._small = self._small, bytearray()  # large after all: multipart from here on
+            self._begin()
+            self._fill_parts(memoryview(small))
+        self._fill_parts(mv[start:])
         self._written += n
         return n
 
     # -- parts -----------------------------------------------------------------
-    def _send_part(self) -> None:
+    def _begin(self) -> None:
+        resp = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.key, ChecksumAlgorithm=CHECKSUM)
+        self._upload_id = resp["UploadId"]
+        self._pool = ThreadPoolExecutor(max_workers=self.max_in_flight, thread_name_prefix="vaultsh-s3-part")
+
+    def _fill_parts(self, mv: memoryview) -> None:
+        """Copy `mv` into part buffers, sending each one as it fills."""
+        pos = 0
+        while pos < len(mv):
+            if self._part is None:
+                self._part, self._fill = bytearray(self.part_size), 0
+            take = min(len(self._part) - self._fill, len(mv) - pos)
+            self._part[self._fill:self._fill + take] = mv[pos:pos + take]
+            self._fill += take
+            pos += take
+            if self._fill == len(self._part):
+                body, self._part = self._part, None
+                self._send(body)
+
+    def _send(self, body: bytearray) -> None:
         self._raise_failed()
-        if self._upload_id is None:
-            resp = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.key, ChecksumAlgorithm=CHECKSUM)
-            self._upload_id = resp["UploadId"]
-            self._pool = ThreadPoolExecutor(max_workers=self.max_in_flight, thread_name_prefix="vaultsh-s3-part")
-        body, self._buf = bytes(self._buf), bytearray()
         number = len(self._parts) + 1
         if number % PARTS_PER_DOUBLING == 0:  # S3 allows 10,000 parts: bigger parts for a very long stream
             self.part_size = min(MAX_PART, self.part_size * 2)
@@ -105,7 +117,7 @@ class MultipartSink:
         fut.add_done_callback(lambda _f: self._slots.release())
         self._parts.append(fut)
 
-    def _upload_part(self, number: int, body: bytes) -> dict:
+    def _upload_part(self, number: int, body: bytearray) -> dict:
         resp = self.client.upload_part(Bucket=self.bucket, Key=self.key, UploadId=self._upload_id,
                                        PartNumber=number, Body=body, ChecksumAlgorithm=CHECKSUM)
         part = {"ETag": resp["ETag"], "PartNumber": number}
@@ -120,16 +132,17 @@ class MultipartSink:
 
     # -- the end -------------------------------------------------------------------
     def finish(self) -> None:
-        """Store the object: one PUT when it fits in a part, else the last part and the completion."""
+        """Store the object: one PUT when it stayed under the threshold, else the last part and the completion."""
         if self.closed:
             return
         self.closed = True
         if self._upload_id is None:
-            self.client.put_object(Bucket=self.bucket, Key=self.key, Body=bytes(self._buf))
-            self._buf = bytearray()
+            body, self._small = self._small, bytearray()
+            self.client.put_object(Bucket=self.bucket, Key=self.key, Body=body)
             return
-        if self._buf:
-            self._send_part()
+        if self._part is not None and self._fill:
+            body, self._part = self._part[:self._fill], None
+            self._send(body)
         parts = [f.result() for f in self._parts]  # raises the first failed part's error
         self.client.complete_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self._upload_id,
                                               MultipartUpload={"Parts": parts})
@@ -138,7 +151,7 @@ class MultipartSink:
     def abort(self) -> None:
         """Drop everything: no object appears and no uploaded part is left (best effort on the network)."""
         self.closed = True
-        self._buf = bytearray()
+        self._small, self._part = bytearray(), None
         for fut in self._parts:
             fut.cancel()
         self._shutdown()
