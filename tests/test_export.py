@@ -554,3 +554,46 @@ def test_a_record_that_miscounts_unmasked_tokens_is_named(tmp_path, capsys):
     name = Run(store, RUN).megabatch_key(HOOK, 0, 2).rsplit("/", 1)[-1]
     assert name in msg and "unmasked tokens" in msg and "commit record" in msg
     assert parquet_names(tmp_path / "out") == ["train-00000-of-00005.parquet", "train-00001-of-00005.parquet"]
+
+
+def test_export_to_s3_streams_multipart_shards_and_an_interrupt_leaves_no_parts(tmp_path, s3_env, s3_store, s3_admin,
+                                                                               monkeypatch):
+    """Shards larger than a part go up as streamed multipart uploads; Ctrl-C mid-shard leaves no object and no
+    orphaned parts, and the resumed export is complete and exact."""
+    from vaultsh.store.s3 import S3Store
+
+    mib = 1 << 20
+    monkeypatch.setattr(S3Store.__init__, "__kwdefaults__",
+                        {**S3Store.__init__.__kwdefaults__, "multipart_threshold": 5 * mib, "multipart_chunksize": 5 * mib})
+    store = LocalStore(tmp_path / "vault")
+    r = Run(store, RUN)
+    r.write_metadata(HOOK, metadata_for(batch_size=8, sequence_length=64, d_in=1024, batches_per_file=1,
+                                        dtype=torch.float32, hook=HOOK))
+    g = torch.Generator().manual_seed(1)
+    mbs = []
+    for i in range(8):  # 2 MiB of states each: 4 per shard -> 8 MiB shards, parts of 5 + 3 MiB
+        key = r.megabatch_key(HOOK, 0, i)
+        states, ids = torch.randn(8, 64, 1024, generator=g), torch.randint(0, 1000, (8, 64), generator=g)
+        size = write_megabatch(store, key, states, ids)
+        r.commit(CommitRecord(0, i, i, i + 1, {HOOK: FileRecord(HOOK, key, size, None, 8, 8 * 64, 0, i)}))
+        mbs.append(states)
+    from vaultsh.store import s3stream
+
+    begun = []
+    real_begin = s3stream.MultipartSink._begin
+    monkeypatch.setattr(s3stream.MultipartSink, "_begin", lambda self: (begun.append(self.key), real_begin(self))[1])
+    src, out = str(tmp_path / "vault" / RUN / HOOK), f"{s3_store.uri}/exports/big"
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(KeyboardInterrupt):
+        _interrupt_after(mp, 4)  # in shard 0, after three megabatches (6 MiB) went into its upload
+        export(src, out, ExportOptions(batches_per_shard=4), workers=1)
+    assert begun == ["exports/big/train-00000-of-00002.parquet"]  # a multipart upload had started ...
+    assert s3_admin.list_multipart_uploads(Bucket=s3_store.bucket).get("Uploads", []) == []  # ... and was aborted
+    assert not [o.key for o in s3_store.iter_objects("exports/big") if o.key.endswith(".parquet")]
+    res = export(src, out, ExportOptions(batches_per_shard=4), workers=1)
+    assert res.complete and res.shards_written == 2
+    etags = [s3_admin.head_object(Bucket=s3_store.bucket, Key=f"exports/big/train-0000{i}-of-00002.parquet")["ETag"]
+             for i in range(2)]
+    assert all(e.strip('"').endswith("-2") for e in etags), etags  # streamed as two parts each
+    ds = load(local_copy(out, tmp_path / "dl"), tmp_path)
+    for row in range(len(ds)):
+        assert np.array_equal(ds["states"][row], mbs[ds["megabatch"][row]][ds["sequence"][row]].numpy())
