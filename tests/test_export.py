@@ -346,6 +346,48 @@ def test_shuffled_resume_matches_uninterrupted(tmp_path):
     assert parquet_names(tmp_path / "ref") == parquet_names(tmp_path / "part")
 
 
+def test_shuffle_in_memory_and_spilled_to_disk_write_the_same_shards(tmp_path, monkeypatch, capsys):
+    """The pass-1 pieces stay in memory when they fit; spilled to --tmp-dir otherwise; the rows are the same."""
+    from vaultsh.export import shuffle
+
+    store = LocalStore(tmp_path / "vault")
+    write_run(store, n_files=6)
+    src = str(tmp_path / "vault" / RUN / HOOK)
+    opts = ExportOptions(mode="tokens", batches_per_shard=2, shuffle=True, seed=5)
+    seen: list[bool] = []
+    real_add = shuffle.Spill.add
+    monkeypatch.setattr(shuffle.Spill, "add", lambda self, *a: (seen.append(self.in_memory), real_add(self, *a))[1])
+    export(src, str(tmp_path / "mem"), opts)
+    assert seen and all(seen)
+    seen.clear()
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    files_seen: list[str] = []
+    real_open = open
+
+    def spying_open(path, *a, **kw):
+        if str(path).startswith(str(scratch)):
+            files_seen.append(str(path))
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr("builtins.open", spying_open)
+    export(src, str(tmp_path / "disk"), opts, tmp_dir=str(scratch), shuffle_memory=0)
+    monkeypatch.setattr("builtins.open", real_open)
+    assert seen and not any(seen)
+    assert any(f.endswith(".spill") for f in files_seen) and list(scratch.iterdir()) == []  # used, then cleaned up
+    assert parquet_names(tmp_path / "mem") == parquet_names(tmp_path / "disk")
+    for name in parquet_names(tmp_path / "mem"):
+        a, b = load_file(tmp_path / "mem" / name), load_file(tmp_path / "disk" / name)
+        assert a == b
+    # scratch problems are one-line errors: a missing --tmp-dir, a disk too small for the spill
+    msg = _one_line_error(*cli(capsys, src, tmp_path / "o1", "--shuffle", "--tmp-dir", tmp_path / "nope")[::2])
+    assert "--tmp-dir" in msg and "no such directory" in msg
+    monkeypatch.setattr(shuffle, "memory_budget", lambda: 0)
+    monkeypatch.setattr(shuffle.shutil, "disk_usage", lambda p: type("U", (), {"free": 10})())
+    msg = _one_line_error(*cli(capsys, src, tmp_path / "o2", "--shuffle", "--tmp-dir", scratch)[::2])
+    assert "local scratch space" in msg and "free" in msg
+
+
 def test_allocate_deals_every_row_once():
     rng = np.random.default_rng(0)
     for caps in ([5, 0, 7, 3], [10**9, 2 * 10**9, 5]):  # exact draw, and the large-count branch

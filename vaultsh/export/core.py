@@ -194,6 +194,7 @@ def export(
     progress: Progress | None = None,
     command: str = "",
     fsync: bool = False,
+    shuffle_memory: int | None = None,
 ) -> ExportResult:
     """Export the committed megabatches of `source_uri` (RUN/HOOK) to Parquet shards in `out_uri`.
 
@@ -203,6 +204,8 @@ def export(
     `fsync` makes each local shard durable before it counts as finished;
     without it a shard is still atomic (whole or absent after a crash of this
     process) and a resume rewrites any finished shard that a power loss cut short.
+    `shuffle_memory`: bytes --shuffle may hold in memory between its passes
+    (default: half the available RAM); a larger shuffle spills to `tmp_dir`.
     """
     if options.mode not in MODES:
         raise UserError(f"mode {options.mode!r} is not allowed; use sequences or tokens")
@@ -273,7 +276,7 @@ def export(
     try:
         if todo and options.shuffle:
             _write_shuffled(src, out, plan, todo, schema, row_bytes, options, workers, tmp_dir, progress, stop, finished,
-                            fsync)
+                            fsync, shuffle_memory)
         elif todo:
             _write_in_order(src, out, plan, todo, schema, options, workers, progress, stop, finished, fsync)
     except BaseException:
@@ -399,14 +402,18 @@ def _write_in_order(src, out: Store, plan: Plan, todo, schema, options, workers,
 
 
 def _write_shuffled(src, out: Store, plan: Plan, todo, schema, row_bytes, options, workers, tmp_dir, progress, stop,
-                    finished, fsync: bool) -> None:
+                    finished, fsync: bool, shuffle_memory: int | None) -> None:
     mode, labels = plan.options["mode"], plan.labels
     files = plan.files
     todo_set = set(todo)
-    directory = shuffle.spill_dir(tmp_dir)
-    spill = shuffle.Spill(directory)
+    shuffle.scratch_base(tmp_dir)  # a wrong --tmp-dir is an error even when the shuffle fits in memory
+    needed = sum(plan.shards[i]["rows"] for i in todo) * row_bytes
+    budget = shuffle.memory_budget() if shuffle_memory is None else shuffle_memory
+    in_memory = needed <= budget
+    spill = shuffle.Spill(None if in_memory else shuffle.spill_dir(tmp_dir))
     try:
-        shuffle.check_space(directory, sum(plan.shards[i]["rows"] for i in todo) * row_bytes)
+        if not in_memory:
+            shuffle.check_space(spill.directory, needed)
         progress.phase("shuffling", sum(f["size"] for f in files), sum(f["rows"] for f in files))
         rng = shuffle.deal_rng(options.seed)
         remaining = np.array([s["rows"] for s in plan.shards], dtype=np.int64)

@@ -4,8 +4,9 @@ Pass 1 reads the megabatches in plan order. For each one, the rows are
 dealt to shards by a multivariate hypergeometric draw against the shards'
 remaining capacities (exactly what cutting a uniform random permutation of
 all rows into the shards gives), in a random order, and the rows of shards
-being written now are spilled to a local file (one per megabatch, grouped
-by shard, column by column). Pass 2 writes each shard by a uniform random
+being written now are kept: in memory when they fit in half the available
+RAM, else spilled to a local file (one per megabatch, grouped by shard,
+column by column). Pass 2 writes each shard by a uniform random
 interleaving of its pieces. Together that is a uniform random permutation
 of all rows; memory stays at one megabatch plus one row group.
 
@@ -73,13 +74,17 @@ class _Column:
 
 @dataclass
 class Spill:
-    """Pass 1's output: pieces of each shard, in local files."""
+    """Pass 1's output: pieces of each shard, in local files, or in memory when they fit (`in_memory`)."""
 
-    directory: str
+    directory: str | None
     columns: list[_Column] = field(default_factory=list)
-    # shard index -> [(path, offset, rows)] in plan (megabatch) order
-    pieces: dict[int, list[tuple[str, int, int]]] = field(default_factory=dict)
+    # shard index -> [(path, offset, rows)] in plan (megabatch) order; in memory: (None, block, rows)
+    pieces: dict[int, list[tuple]] = field(default_factory=dict)
     bytes: int = 0
+
+    @property
+    def in_memory(self) -> bool:
+        return self.directory is None
 
     @property
     def row_bytes(self) -> int:
@@ -89,6 +94,14 @@ class Spill:
         """Spill the rows `idx` of `block` for each (shard, idx); returns bytes written."""
         if not self.columns:
             self.columns = [_Column(k, a.dtype, tuple(a.shape[1:])) for k, a in block.items()]
+        if self.in_memory:  # the gathered copy is the piece: no file written and read back
+            written = 0
+            for s, idx in by_shard:
+                part = take(block, idx)
+                self.pieces.setdefault(s, []).append((None, part, len(idx)))
+                written += sum(a.nbytes for a in part.values())
+            self.bytes += written
+            return written
         path = os.path.join(self.directory, f"{m:08d}.spill")
         written = 0
         with open(path, "wb") as f:
@@ -102,8 +115,10 @@ class Spill:
         self.bytes += written
         return written
 
-    def _read(self, piece: tuple[str, int, int], start: int, n: int) -> Block:
+    def _read(self, piece: tuple, start: int, n: int) -> Block:
         path, offset, rows = piece
+        if path is None:  # in memory: `offset` is the piece's block
+            return {name: arr[start:start + n] for name, arr in offset.items()}
         out: Block = {}
         with open(path, "rb") as f:
             col_off = offset
@@ -139,7 +154,16 @@ class Spill:
             yield block, k * self.row_bytes
 
     def cleanup(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
+        self.pieces.clear()
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def memory_budget() -> int:
+    """Bytes pass 1 may keep in memory instead of spilling: half of what the system has available now."""
+    import psutil
+
+    return psutil.virtual_memory().available // 2
 
 
 def check_space(directory: str, needed: int) -> None:
@@ -169,10 +193,15 @@ def deal_rng(seed: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64([seed, 0]))
 
 
-def spill_dir(tmp_dir: str | None) -> str:
-    import tempfile
-
+def scratch_base(tmp_dir: str | None) -> str | None:
+    """The directory spill files go under (None: the system temp); a one-line error when it does not exist."""
     base = tmp_dir or os.environ.get("VAULTSH_TMPDIR") or None
     if base and not os.path.isdir(base):
         raise UserError(f"--tmp-dir {base}: no such directory")
-    return tempfile.mkdtemp(prefix="vaultsh-export-", dir=base)
+    return base
+
+
+def spill_dir(tmp_dir: str | None) -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="vaultsh-export-", dir=scratch_base(tmp_dir))
