@@ -11,6 +11,9 @@
   RAM by default) runs at the disk's write speed instead (see export-copy).
 - export-s3-tokens: the same with --tokens (one row per unmasked token; every
   file's header and mask are read before the first row).
+- export-s3-shuffle: --tokens --shuffle. A global permutation cannot write a
+  row before every megabatch has been read, so its write pass never overlaps
+  the download: on 2 cores that bounds it near 0.6x of the reader here.
 - export-s3-memory: the same as export-s3, OUT in /dev/shm (tmpfs).
 - export-copy: `export(..., fsync=True)` against the least work a durable
   export can do, in the same run: a reader pass that writes the same bytes to
@@ -124,7 +127,8 @@ def _memory_dir() -> str | None:
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
-def _from_s3(name: str, quick: bool, out_base: str | None, out_desc: str, mode: str = "sequences") -> BenchResult:
+def _from_s3(name: str, quick: bool, out_base: str | None, out_desc: str, mode: str = "sequences",
+             shuffle: bool = False) -> BenchResult:
     from benchmarks import s3server
     from vaultsh.store.s3 import S3Store
 
@@ -134,12 +138,13 @@ def _from_s3(name: str, quick: bool, out_base: str | None, out_desc: str, mode: 
     os.environ["S3_ENDPOINT_URL"] = url  # open_location("s3://...") reaches the loopback server
     try:
         total = _write_run(S3Store(bucket, endpoint_url=url), n_files, n_seq)
-        t_read, t_exp, info = _compare(f"s3://{bucket}/{RUN}/{HOOK}", total, rounds, out_base, mode=mode)
+        t_read, t_exp, info = _compare(f"s3://{bucket}/{RUN}/{HOOK}", total, rounds, out_base, mode=mode,
+                                       shuffle=shuffle)
     finally:
         s3server.empty_bucket(bucket)
         os.environ.pop("S3_ENDPOINT_URL", None)
     return throughput_ratio(name, total, t_read, t_exp, 0.7, notes=_notes(n_files, total, info, "loopback S3", out_desc,
-                                                                       mode=mode),
+                                                                       mode=mode + (" --shuffle" if shuffle else "")),
                             extra={"bytes": total, "reader_s": round(t_read, 4), "export_s": round(t_exp, 4), **info,
                                    "server": s3server.describe()})
 
@@ -153,6 +158,12 @@ def bench_export_s3(quick: bool) -> BenchResult:
            "vs ActivationReader over the same run")
 def bench_export_s3_tokens(quick: bool) -> BenchResult:
     return _from_s3("export-s3-tokens", quick, None, "local disk (system temp)", mode="tokens")
+
+
+@benchmark("export-s3-shuffle", "export --tokens --shuffle (a global permutation, two passes, pieces in memory) from "
+           "the loopback S3 server to local disk vs ActivationReader over the same run")
+def bench_export_s3_shuffle(quick: bool) -> BenchResult:
+    return _from_s3("export-s3-shuffle", quick, None, "local disk (system temp)", mode="tokens", shuffle=True)
 
 
 @benchmark("export-s3-memory", "export from the loopback S3 server to Parquet in /dev/shm vs ActivationReader over the same run")
