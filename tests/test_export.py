@@ -636,6 +636,39 @@ def test_export_to_s3_streams_multipart_shards_and_an_interrupt_leaves_no_parts(
     etags = [s3_admin.head_object(Bucket=s3_store.bucket, Key=f"exports/big/train-0000{i}-of-00002.parquet")["ETag"]
              for i in range(2)]
     assert all(e.strip('"').endswith("-2") for e in etags), etags  # streamed as two parts each
+    assert main(["verify", out, "--json"]) == 0  # footers read by ranged GETs on S3
     ds = load(local_copy(out, tmp_path / "dl"), tmp_path)
     for row in range(len(ds)):
         assert np.array_equal(ds["states"][row], mbs[ds["megabatch"][row]][ds["sequence"][row]].numpy())
+
+
+def test_verify_checks_an_export_read_only(tmp_path, capsys):
+    """`vaultsh verify OUT`: finished shards whole, row counts and fingerprint from each footer, strays named."""
+    store = LocalStore(tmp_path / "vault")
+    write_run(store)
+    src, out = tmp_path / "vault" / RUN / HOOK, tmp_path / "out"
+    assert cli(capsys, src, out, "--batches-per-shard", 2, "--max-shards", 2)[0] == 0
+    rc = main(["verify", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0 and "2 of 3 shards finished" in text and f"{4 * N:,} rows" in text and "not written yet" in text
+    rc = main(["verify", str(out), "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert rc == 0 and doc["kind"] == "export" and doc["ok"] and doc["rows"] == 4 * N
+    # damage: one shard cut short, one replaced by another export's shard of the same size, a stray file
+    first, second = out / "train-00000-of-00003.parquet", out / "train-00001-of-00003.parquet"
+    before = {p: p.read_bytes() for p in (first, second)}
+    first.write_bytes(before[first][: len(before[first]) // 2])
+    import shutil
+
+    shutil.copytree(tmp_path / "vault", tmp_path / "vaulx")  # the same run elsewhere: a different export, same sizes
+    other = tmp_path / "other"
+    export(str(tmp_path / "vaulx" / RUN / HOOK), str(other), ExportOptions(batches_per_shard=2), max_shards=2)
+    foreign = (other / second.name).read_bytes()
+    assert len(foreign) == len(before[second])
+    second.write_bytes(foreign)
+    (out / "extra.parquet").write_bytes(b"PAR1")
+    rc = main(["verify", str(out), "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    checks = {p["uri"].rsplit("/", 1)[-1]: p["check"] for p in doc["problems"]}
+    assert rc == 1 and checks == {first.name: "cut", second.name: "foreign", "extra.parquet": "stray"}
+    assert first.read_bytes() == before[first][: len(before[first]) // 2]  # read-only: nothing repaired
