@@ -67,6 +67,14 @@ class Problem:
     detail: str
 
 
+def problem_lines(problems: list[Problem], limit: int = SCREEN_PROBLEMS) -> list[tuple[str, str]]:
+    """(style, text) lines for the first `limit` problems, and how many more there are."""
+    out = [("red", f"❌ {p.check:<8} {p.uri}: {p.detail}") for p in problems[:limit]]
+    if len(problems) > limit:
+        out.append(("red", f"   ... and {len(problems) - limit:,} more (--json lists them all)"))
+    return out
+
+
 @dataclass
 class VerifyReport:
     """The outcome of one verify: counts and every problem found."""
@@ -124,11 +132,7 @@ class VerifyReport:
 
     def lines(self, limit: int = SCREEN_PROBLEMS) -> list[tuple[str, str]]:
         """The report for a person, one screen: (style, text) lines, problems first (at most `limit`)."""
-        out: list[tuple[str, str]] = []
-        for p in self.problems[:limit]:
-            out.append(("red", f"❌ {p.check:<8} {p.uri}: {p.detail}"))
-        if len(self.problems) > limit:
-            out.append(("red", f"   ... and {len(self.problems) - limit:,} more (--json lists them all)"))
+        out = problem_lines(self.problems, limit)
         out.append(("", "verify: " + self.summary_line()))
         if self.problems:
             by = ", ".join(f"{n:,} {CHECKS.get(c, c)}" for c, n in sorted(self.counts().items(), key=lambda kv: -kv[1]))

@@ -18,6 +18,7 @@ from vaultsh.errors import FormatError, UserError
 from vaultsh.export.core import shard_intact
 from vaultsh.export.manifest import MANIFEST, load_manifest, stray_parquet
 from vaultsh.store import Store
+from vaultsh.verify import SCREEN_PROBLEMS, Problem, problem_lines
 
 
 @dataclass
@@ -29,7 +30,7 @@ class ExportCheck:
     shards_finished: int = 0
     rows: int = 0
     bytes: int = 0
-    problems: list[tuple[str, str, str]] = field(default_factory=list)  # (uri, check, detail)
+    problems: list[Problem] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -38,12 +39,13 @@ class ExportCheck:
     def to_json(self) -> dict:
         return {"uri": self.uri, "kind": "export", "ok": not self.problems, "shards_total": self.shards_total,
                 "shards_finished": self.shards_finished, "rows": self.rows, "bytes": self.bytes,
-                "problems": [{"uri": u, "check": c, "detail": d} for u, c, d in self.problems]}
+                "problems": [{"uri": p.uri, "check": p.check, "detail": p.detail} for p in self.problems]}
 
-    def lines(self, limit: int = 15) -> list[tuple[str, str]]:
-        out = [("red", f"❌ {c:<8} {u}: {d}") for u, c, d in self.problems[:limit]]
-        if len(self.problems) > limit:
-            out.append(("red", f"   ... and {len(self.problems) - limit:,} more (--json lists them all)"))
+    def problem(self, uri: str, check: str, detail: str) -> None:
+        self.problems.append(Problem(uri, check, detail))
+
+    def lines(self, limit: int = SCREEN_PROBLEMS) -> list[tuple[str, str]]:
+        out = problem_lines(self.problems, limit)
         left = self.shards_total - self.shards_finished
         summary = (f"export {self.uri}: {self.shards_finished} of {self.shards_total} shards finished, "
                    f"{self.rows:,} rows, {self.bytes:,} bytes")
@@ -103,7 +105,7 @@ def check_export(out: Store) -> ExportCheck:
     report = ExportCheck(out.uri, shards_total=len(plan.shards))
     listing = {o.name: o.size for o in out.list_dir("").objects}
     for name in stray_parquet(sorted(listing), plan):
-        report.problems.append((out.child_uri(name), "stray", "a Parquet file this export's plan does not name"))
+        report.problem(out.child_uri(name), "stray", "a Parquet file this export's plan does not name")
     for shard in plan.shards:
         name = shard["name"]
         done = manifest.finished.get(name)
@@ -113,20 +115,21 @@ def check_export(out: Store) -> ExportCheck:
         where = out.child_uri(name)
         nbytes, listed = done.get("bytes"), listing.get(name)
         if listed is None:
-            report.problems.append((where, "missing", "the manifest calls it finished, but it is not there"))
+            report.problem(where, "missing", "the manifest calls it finished, but it is not there")
             continue
         if not shard_intact(out, name, nbytes, listed):
-            report.problems.append((where, "cut", f"{listed:,} bytes, the manifest recorded {nbytes:,} and a Parquet "
-                                                 "footer at the end (cut short by a crash or power loss?)"))
+            recorded = f"{nbytes:,}" if isinstance(nbytes, int) else "no size"
+            report.problem(where, "cut", f"{listed:,} bytes, the manifest recorded {recorded} and a Parquet "
+                                         "footer at the end (cut short by a crash or power loss?)")
             continue
         try:
             meta = _footer(out, name, listed)
         except Exception as exc:  # noqa: BLE001 - any unreadable footer is this shard's problem
-            report.problems.append((where, "footer", f"unreadable Parquet footer: {str(exc).splitlines()[0][:160]}"))
+            report.problem(where, "footer", f"unreadable Parquet footer: {str(exc).splitlines()[0][:160]}")
             continue
         if meta.num_rows != done.get("rows") or meta.num_rows != shard["rows"]:
-            report.problems.append((where, "rows", f"{meta.num_rows:,} rows, the manifest says {done.get('rows')} "
-                                                   f"(plan: {shard['rows']:,})"))
+            report.problem(where, "rows", f"{meta.num_rows:,} rows, the manifest says {done.get('rows')} "
+                                          f"(plan: {shard['rows']:,})")
             continue
         raw = (meta.metadata or {}).get(b"vaultsh.export")
         try:
@@ -134,8 +137,8 @@ def check_export(out: Store) -> ExportCheck:
         except (ValueError, UnicodeDecodeError, AttributeError):
             fingerprint = None
         if fingerprint != manifest.fingerprint:
-            report.problems.append((where, "foreign", "its footer does not name this export (written by another "
-                                                      "export or another tool)"))
+            report.problem(where, "foreign", "its footer does not name this export (written by another "
+                                             "export or another tool)")
             continue
         report.rows += meta.num_rows
         report.bytes += listed
