@@ -36,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fsync", action="store_true",
                    help="make each local shard durable (fsync) before it counts as done; without it shards are still "
                         "atomic and a rerun rewrites any that a power loss cut short")
-    p.add_argument("--tmp-dir", default=None, metavar="DIR", help="local scratch space for --shuffle (default: system temp)")
+    p.add_argument("--tmp-dir", default=None, metavar="DIR", help="local scratch space for --shuffle when its rows do not fit in half the available RAM "
+                        "(default: system temp)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
