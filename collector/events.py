@@ -14,6 +14,7 @@ headless progress printer and the launchers all consume this one schema.
 | committed | megabatch, batch_start, batch_end, tokens, bytes                       |
 | warning   | message                                                                |
 | error     | message                                                                |
+| stopping  | megabatch, filled, batches_per_upload: a stop request was seen; the megabatch in flight is finished and committed first |
 | done      | status ("complete", "stopped", "failed"), batches, tokens, megabatches, elapsed |
 """
 
@@ -26,7 +27,7 @@ import time
 from typing import Any, Callable
 
 EVENT_TYPES = frozenset(
-    {"start", "loading", "resume", "progress", "memory", "upload", "committed", "warning", "error", "done"}
+    {"start", "loading", "resume", "progress", "memory", "upload", "committed", "warning", "error", "stopping", "done"}
 )
 
 

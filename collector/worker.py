@@ -272,6 +272,7 @@ def run_worker(
         inflight.append(mb)
 
     t_loop = time.monotonic()
+    stop_announced = False
     try:
         capture_ctx = ActivationCapture(model, specs) if specs else contextlib.nullcontext()
         with capture_ctx as capture, torch.inference_mode():
@@ -312,6 +313,9 @@ def run_worker(
                 pending.batch_end = batch.index + 1
                 batches_done += 1
                 tokens_total += int(batch.n_tokens)
+                if stop and not stop_announced:  # said from here, never from the signal handler (the sink locks)
+                    stop_announced = True
+                    sink.emit("stopping", megabatch=next_index, filled=pending.filled, batches_per_upload=bpu)
                 if pending.filled == bpu:
                     flush(pending)
                     next_index += 1

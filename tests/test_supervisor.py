@@ -59,6 +59,28 @@ def test_events_drive_the_state_machine():
     assert w.state == "done" and w.tokens_per_s == 0
 
 
+def test_a_stop_from_elsewhere_shows_as_stopping():
+    """A worker stopped by a signal the supervisor did not send (Slurm, kill) says so with a `stopping` event."""
+    from vaultsh.progress import HeadlessPrinter
+
+    w, log = WorkerStatus(1), EventLog()
+    apply_event(w, event("progress", 1, batches=3, total_batches=10, tokens=300, tokens_per_s=50.0, megabatch=1), log, 0)
+    apply_event(w, event("stopping", 1, megabatch=1, filled=1, batches_per_upload=2), log, 0)
+    assert w.state == "stopping" and "finishing megabatch 1 (1/2 batches)" in log.lines[-1].message
+    apply_event(w, event("progress", 1, batches=4, total_batches=10, tokens=400, tokens_per_s=50.0, megabatch=2), log, 0)
+    assert w.state == "stopping"  # progress while it finishes does not make it "running" again
+    apply_event(w, event("done", 1, status="stopped", batches=4, tokens=400, megabatches=2, elapsed=1.0), log, 0)
+    assert w.state == "stopped"
+    import io
+
+    from rich.console import Console
+
+    out = io.StringIO()
+    with HeadlessPrinter(Console(file=out, width=200)) as printer:
+        printer(event("stopping", 1, megabatch=1, filled=1, batches_per_upload=2))
+    assert "worker 1: stopping: finishing megabatch 1 (1/2 batches), then exit" in out.getvalue()
+
+
 def test_fake_source_pause_stop_restart_and_exit_codes():
     """Control calls become the right signals; exits settle into the right states."""
     t = [100.0]

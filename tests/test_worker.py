@@ -179,6 +179,11 @@ def test_stop_then_resume_equals_uninterrupted_run(single_run, tiny_dir, tmp_pat
     result, events = collect(cfg2, stop=stop, on_event=lambda e: stop.set() if e["type"] == "progress" else None)
     assert result["status"] == "stopped"
     assert 1 <= result["megabatches"] < 3
+    # the stop is announced once, naming the megabatch it finishes (the last one committed), before "done"
+    types = events.types()
+    assert types.count("stopping") == 1 and types.index("stopping") < types.index("done")
+    stopping = events[types.index("stopping")]
+    assert stopping["megabatch"] == result["megabatches"] - 1 and 1 <= stopping["filled"] <= stopping["batches_per_upload"]
     store2 = LocalStore(tmp_path)
     run2 = Run(store2, cfg2.run_name)
     # The stopped run is consistent: every commit's files exist, statistics.json covers the committed tokens.

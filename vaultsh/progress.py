@@ -67,6 +67,10 @@ class HeadlessPrinter:
             self.console.log(f"[yellow]worker {w}: warning: {event['message']}[/]")
         elif kind == "error":
             self.console.log(f"[red]worker {w}: error: {event['message']}[/]")
+        elif kind == "stopping":
+            self.progress.update(task, state="stopping")
+            self.console.log(f"worker {w}: stopping: finishing megabatch {event.get('megabatch')} "
+                             f"({event.get('filled')}/{event.get('batches_per_upload')} batches), then exit")
         elif kind == "done":
             self.last_done[w] = event
             self.progress.update(task, state=event["status"])

@@ -47,8 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     next_at = time.monotonic()
     tokens = committed = 0
     status = "complete"
+    announced = False
     for b in range(1, args.batches + 1):
         tokens += args.tokens_per_batch
+        if stopping["flag"] and not announced:  # as the real worker: from the loop, not the signal handler
+            announced = True
+            sink.emit("stopping", megabatch=committed, filled=(b - 1) % args.per_megabatch + 1,
+                      batches_per_upload=args.per_megabatch)
         if args.fail_after is not None and b >= args.fail_after:
             sink.emit("error", message=f"RuntimeError: fake failure at batch {b}")
             sink.emit("done", status="failed", batches=b, tokens=tokens, megabatches=committed,
