@@ -8,7 +8,8 @@ being written now are kept: in memory when they fit in half the available
 RAM, else spilled to a local file (one per megabatch, grouped by shard,
 column by column). Pass 2 writes each shard by a uniform random
 interleaving of its pieces. Together that is a uniform random permutation
-of all rows; memory stays at one megabatch plus one row group.
+of all rows. Spilled, memory stays at one megabatch plus one row group; kept
+in memory, the pieces take the size of the shards being written.
 
 Every draw depends only on the seed and the plan, never on which shards are
 already done, so a resumed export writes exactly the rows the first one

@@ -199,7 +199,7 @@ def apply_event(w: WorkerStatus, event: dict, log: EventLog, now: float) -> None
     elif kind == "stopping":  # the worker saw a stop request (ours, or a signal from elsewhere: Slurm, kill)
         w.state = STOPPING
         w._before_pause = None
-        mb, filled, per = _int(event.get("megabatch"), 0), _int(event.get("filled"), 0), event.get("batches_per_upload")
+        mb, filled, per = (_int(event.get(k), 0) for k in ("megabatch", "filled", "batches_per_upload"))
         line = log.add(now, w.index, "info", f"stopping: finishing megabatch {mb} ({filled}/{per} batches), then exit",
                        "event")
         w.log.append(line)
