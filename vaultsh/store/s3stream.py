@@ -8,8 +8,8 @@ memory, so a fast writer waits for a slow network instead of growing without
 bound). Nothing touches the local disk: an export shard or a megabatch of
 tens of GB needs no spool space.
 
-The object appears only when `finish()` completes the upload (or, for fewer
-bytes than one part, when the single PUT lands); `abort()`, which
+The object appears only when `finish()` completes the upload (or, for at
+most `threshold` bytes, when the single PUT lands); `abort()`, which
 `put_stream` calls when the writer raises, leaves nothing behind, not even
 uploaded parts. Each request is retried by botocore (standard mode); a part
 that still fails makes the next `write` or `finish` raise.
@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 CHECKSUM = "CRC32"  # what boto3's transfer manager asks for by default
 MIN_PART = 5 << 20  # S3's smallest part (all but the last)
 MAX_PART = 5 << 30
-PARTS_PER_DOUBLING = 1000  # 16 MiB parts: 16 GB in the first 1000, 10,000 parts hold about 16 TB
+PARTS_PER_DOUBLING = 1000  # from 16 MiB parts: 16 GiB in the first 1000; 10,000 parts pass S3's 5 TB object limit
 
 
 class MultipartSink:
