@@ -1,15 +1,15 @@
 """A write-only file object that streams into one S3 object by multipart upload, atomically.
 
 `S3Store.put_stream` hands this to the writer instead of a local temp file:
-up to `threshold` bytes are kept for a single PUT; a larger object is cut
+an object smaller than `threshold` bytes is one PUT; a larger one is cut
 into parts of `part_size` and each full part is uploaded on a small thread
 pool while the writer goes on (at most `max_in_flight` parts in
 memory, so a fast writer waits for a slow network instead of growing without
 bound). Nothing touches the local disk: an export shard or a megabatch of
 tens of GB needs no spool space.
 
-The object appears only when `finish()` completes the upload (or, for at
-most `threshold` bytes, when the single PUT lands); `abort()`, which
+The object appears only when `finish()` completes the upload (or, for
+fewer than `threshold` bytes, when the single PUT lands); `abort()`, which
 `put_stream` calls when the writer raises, leaves nothing behind, not even
 uploaded parts. Each request is retried by botocore (standard mode); a part
 that still fails makes the next `write` or `finish` raise.
@@ -36,7 +36,7 @@ class MultipartSink:
     def __init__(self, client, bucket: str, key: str, part_size: int, max_in_flight: int = 4, threshold: int = 0):
         self.client, self.bucket, self.key = client, bucket, key
         self.part_size = min(MAX_PART, max(MIN_PART, int(part_size)))
-        self.threshold = max(self.part_size, int(threshold))  # up to this many bytes: one PUT, no multipart
+        self.threshold = max(self.part_size, int(threshold))  # below this many bytes: one PUT, no multipart
         self.max_in_flight = max(1, int(max_in_flight))
         self._small = bytearray()  # everything so far, while the object may still be a single PUT
         self._part: bytearray | None = None  # the part being filled, once multipart
