@@ -335,3 +335,52 @@ def bench_put_stream(quick: bool) -> BenchResult:
                f"{os.cpu_count()} CPUs"),
         extra={k + "_s": round(v, 4) for k, v in best.items()} | {"server": s3server.describe()},
     )
+
+
+@benchmark("commits-read", "reading a run's commit records on S3 (Run.iter_commits): with commit chunks vs one GET per record")
+def bench_commits_read(quick: bool) -> BenchResult:
+    """2,000 (quick: 300) commit records of one worker, written as the collector writes them (a chunk after
+    each 100th). Baseline: the same run read record by record (its chunks deleted). Best of 3 each.
+    Target: >= 5x faster (on real S3, where each GET is a round trip, the gain follows the request count)."""
+    from benchmarks import s3server
+    from vaultsh.run import COMMIT_CHUNK, CommitRecord, FileRecord, Run
+    from vaultsh.store.s3 import S3Store
+
+    n = 300 if quick else 2_000
+    url = s3server.endpoint()
+    bucket = s3server.new_bucket()
+    store = S3Store(bucket, endpoint_url=url)
+    run = Run(store, "bench.commits")
+    records = []
+    for i in range(n):
+        key = run.megabatch_key("residuals_10", 0, i)
+        rec = CommitRecord(0, i, 8 * i, 8 * i + 8, {"residuals_10": FileRecord("residuals_10", key, 1 << 30, "0" * 64,
+                                                                              32, 32 * 2048, 0, i)}, tokens=32 * 2048)
+        run.commit(rec)
+        records.append(rec)
+        if (i + 1) % COMMIT_CHUNK == 0:
+            run.write_commit_chunk(records[-COMMIT_CHUNK:])
+
+    def timed() -> tuple[float, list]:
+        best, out = float("inf"), None
+        for _ in range(3):
+            t0 = time.perf_counter()
+            out = Run(S3Store(bucket, endpoint_url=url), "bench.commits").iter_commits()
+            best = min(best, time.perf_counter() - t0)
+        return best, out
+
+    try:
+        t_chunked, got = timed()
+        for o in list(store.iter_objects(run.commit_chunks_prefix())):
+            store.delete(o.key)
+        t_plain, want = timed()
+    finally:
+        s3server.empty_bucket(bucket)
+    if got != want or len(got) != n:
+        raise RuntimeError("chunked and record-by-record reads differ")
+    ratio = t_plain / t_chunked
+    return BenchResult(
+        "commits-read", "records/s", round(n / t_plain, 1), round(n / t_chunked, 1), round(ratio, 2), ">= 5x",
+        ratio >= 5, notes=f"{n} records of one worker, {n // COMMIT_CHUNK} chunks; loopback moto; {os.cpu_count()} CPUs",
+        extra={"chunked_s": round(t_chunked, 4), "plain_s": round(t_plain, 4), "server": s3server.describe()},
+    )

@@ -24,7 +24,7 @@ from collector.generation import generations_jsonl, label_tensors
 from collector.uploader import Uploader
 from vaultsh import megabatch as mbf
 from vaultsh.errors import ConfigError, UserError
-from vaultsh.run import CommitRecord, FileRecord, Run, metadata_for
+from vaultsh.run import COMMIT_CHUNK, CommitRecord, FileRecord, Run, metadata_for
 from vaultsh.stats import RunningStats
 from vaultsh.store import open_store
 
@@ -229,6 +229,8 @@ def run_worker(
     # Statistics merged while the run grows: about one merge every _MERGE_EVERY_S across all workers.
     merge_clock = [time.monotonic() - _MERGE_EVERY_S * worker]
 
+    chunk: list[CommitRecord] = []  # this worker's records since the last multiple of COMMIT_CHUNK
+
     def commit_ready(block: bool) -> None:
         nonlocal committed
         while inflight and (block or all(f.done() for f in inflight[0].futures)):
@@ -240,6 +242,7 @@ def run_worker(
                 files=files, created=datetime.now(timezone.utc).isoformat(), tokens=mb.tokens,
             )
             run.commit(record)
+            _chunk_commits(run, record, chunk, sink)
             committed += 1
             _delete_old_partials(run, worker, hooks, mb.index)
             _maybe_merge_statistics(run, hooks, worker, cfg.num_runs, merge_clock)
@@ -568,6 +571,22 @@ def memory_snapshot(device: str) -> dict:
         snap["gpu_allocated"] = torch.cuda.memory_allocated()
         snap["gpu_reserved"] = torch.cuda.memory_reserved()
     return snap
+
+
+def _chunk_commits(run: Run, record: CommitRecord, chunk: list[CommitRecord], sink) -> None:
+    """Collect consecutive records; at each COMMIT_CHUNK-th, store them as one chunk (readers then need
+    one GET for 100 records). A worker that resumed mid-chunk skips that chunk; a failed write only
+    costs readers the shortcut, so it is a warning."""
+    if record.index % COMMIT_CHUNK == 0 or (chunk and chunk[-1].index + 1 != record.index):
+        chunk.clear()
+    if record.index % COMMIT_CHUNK == 0 or chunk:
+        chunk.append(record)
+    if len(chunk) == COMMIT_CHUNK:
+        try:
+            run.write_commit_chunk(list(chunk))
+        except UserError as exc:
+            sink.emit("warning", message=f"could not store commit chunk {record.index}: {exc}")
+        chunk.clear()
 
 
 def install_signal_handlers(stop: StopFlag, on_first: Callable[[], None] | None = None) -> None:

@@ -170,6 +170,62 @@ def test_incremental_commit_reads_only_new_or_changed_records(store):
     assert got == run.iter_commits()
 
 
+def _count_reads(run: Run) -> list[str]:
+    reads: list[str] = []
+    real = run._read_commit
+
+    def counting(t):
+        reads.append(t[2])
+        return real(t)
+
+    run._read_commit = counting
+    return reads
+
+
+def test_commit_chunks_replace_record_reads_and_never_override_a_record(store):
+    """A chunk holds copies of 100 records: one GET instead of 100; a record rewritten since, or a broken
+    chunk, is read directly, so readers always see the records themselves."""
+    run = Run(store, "r")
+    recs = []
+    for i in range(run_mod.COMMIT_CHUNK + 7):
+        rec = CommitRecord(0, i, 4 * i, 4 * i + 4, {}, tokens=16)
+        run.commit(rec)
+        recs.append(rec)
+    run.commit(CommitRecord(1, 0, 0, 4, {}, tokens=16))
+    plain = run.iter_commits()
+    key = run.write_commit_chunk(recs[:run_mod.COMMIT_CHUNK])
+    assert key == run.commit_chunk_key(0, run_mod.COMMIT_CHUNK - 1)
+    reads = _count_reads(run)
+    assert run.iter_commits() == plain
+    assert sorted(reads) == sorted([run.commit_key(0, i) for i in range(run_mod.COMMIT_CHUNK, run_mod.COMMIT_CHUNK + 7)]
+                                   + [run.commit_key(1, 0)])
+    reads.clear()
+    assert run.iter_commits(worker=1) == [plain[-1]] and reads == [run.commit_key(1, 0)]
+    # a record rewritten after the chunk (here: other content, another size) is read, not taken from the chunk
+    recs[5].tokens = 123_456_789
+    run.commit(recs[5])
+    reads.clear()
+    got = run.iter_commits(worker=0)
+    assert got[5].tokens == 123_456_789 and run.commit_key(0, 5) in reads and len(reads) == 8
+    # a deleted record stays deleted; a broken chunk only costs the shortcut
+    store.delete(run.commit_key(0, 7))
+    store.put_bytes(key, b'{"format": "vaultsh-commit-chunk", "records": [{"key": 1}')
+    reads.clear()
+    got = run.iter_commits(worker=0)
+    assert [r.index for r in got] == [i for i in range(run_mod.COMMIT_CHUNK + 7) if i != 7]
+    assert len(reads) == run_mod.COMMIT_CHUNK + 6 and got[5].tokens == 123_456_789
+
+
+def test_commit_chunk_holds_consecutive_records_of_one_worker(store):
+    run = Run(store, "r")
+    with pytest.raises(ValueError):
+        run.write_commit_chunk([CommitRecord(0, 0, 0, 4, {}), CommitRecord(0, 2, 8, 12, {})])
+    with pytest.raises(ValueError):
+        run.write_commit_chunk([CommitRecord(0, 0, 0, 4, {}), CommitRecord(1, 1, 4, 8, {})])
+    with pytest.raises(ValueError):
+        run.write_commit_chunk([])
+
+
 def test_commit_record_json_round_trip():
     rec = CommitRecord(
         2, 9, 36, 40, {"mlp_1": FileRecord("mlp_1", "r/mlp_1/w0002--0000009.safetensors", 10, None, 4, 30, 2, 9)}, tokens=30

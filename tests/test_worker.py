@@ -16,7 +16,7 @@ from collector.uploader import UploadFailed
 from collector.worker import StopFlag, run_worker
 from vaultsh.errors import StoreError
 from vaultsh.megabatch import read_header, read_megabatch
-from vaultsh.run import Run
+from vaultsh.run import CommitRecord, Run
 from vaultsh.stats import RunningStats
 from vaultsh.store import LocalStore
 
@@ -331,3 +331,53 @@ def test_s3_fault_mid_upload_is_retried(tiny_dir, s3_server, s3_bucket):
     for c in run.iter_commits():
         for f in c.files.values():
             assert hashlib.sha256(store.get_bytes(f.key)).hexdigest() == f.sha256
+
+
+def test_worker_writes_commit_chunks_that_readers_use(tiny_dir, tmp_path, monkeypatch):
+    """Every COMMIT_CHUNK-th commit, the worker stores the last COMMIT_CHUNK records as one chunk."""
+    import collector.worker as worker_mod
+
+    monkeypatch.setattr(worker_mod, "COMMIT_CHUNK", 2)
+    cfg = make_cfg(tiny_dir, tmp_path)
+    result, _ = collect(cfg)
+    assert result["megabatches"] == 3
+    store = LocalStore(tmp_path)
+    run = Run(store, cfg.run_name)
+    chunks = [o.key for o in store.iter_objects(run.commit_chunks_prefix())]
+    assert chunks == [run.commit_chunk_key(0, 1)]  # records 0-1; record 2 starts the next chunk
+    plain = [run._read_commit((c.worker, c.index, run.commit_key(c.worker, c.index))) for c in run.iter_commits()]
+    reads: list[str] = []
+    real = run._read_commit
+    run._read_commit = lambda t: (reads.append(t[2]), real(t))[1]
+    assert run.iter_commits() == plain and reads == [run.commit_key(0, 2)]
+
+
+def test_commit_chunks_skip_a_chunk_a_resumed_worker_started_inside(monkeypatch):
+    import collector.worker as worker_mod
+    from vaultsh.errors import StoreError
+
+    monkeypatch.setattr(worker_mod, "COMMIT_CHUNK", 4)
+
+    class FakeRun:
+        def __init__(self, fail=False):
+            self.chunks, self.fail = [], fail
+
+        def write_commit_chunk(self, records):
+            if self.fail:
+                raise StoreError("S3 could not upload s3://b/r/_vaultsh/commit-chunks/w0000/0000003.json: SlowDown")
+            self.chunks.append([r.index for r in records])
+
+    def feed(run, indices, sink=None):
+        chunk: list = []
+        for i in indices:
+            worker_mod._chunk_commits(run, CommitRecord(0, i, i, i + 1, {}), chunk, sink)
+
+    run = FakeRun()
+    feed(run, range(10))
+    assert run.chunks == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    run = FakeRun()
+    feed(run, range(5, 12))  # resumed at megabatch 5: 4-7 is incomplete here, 8-11 is whole
+    assert run.chunks == [[8, 9, 10, 11]]
+    events = []
+    feed(FakeRun(fail=True), range(4), sink=EventSink(0, callback=events.append))
+    assert [e["type"] for e in events] == ["warning"] and "commit chunk 3" in events[0]["message"]

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
-from vaultsh.errors import FormatError, NotFoundError, StoreError
+from vaultsh.errors import FormatError, NotFoundError, StoreError, UserError
 from vaultsh.stats import RunningStats, merge_all
 from vaultsh.store.base import ObjectInfo, Store, normalize_key
 
@@ -58,6 +58,8 @@ METADATA = "metadata.json"
 STATISTICS = "statistics.json"
 INTERNAL = "_vaultsh"
 COMMITS = "commits"
+COMMIT_CHUNKS = "commit-chunks"
+COMMIT_CHUNK = 100  # commit records per chunk: one GET instead of 100 when a run is read
 PARTIAL_STATS = "stats"
 
 MAX_JSON_BYTES = 16 * 1024 * 1024
@@ -462,6 +464,13 @@ class Run:
     def commit_key(self, worker: int, index: int) -> str:
         return f"{self.commits_prefix(worker)}{_check_nonneg('index', index):07d}.json"
 
+    def commit_chunks_prefix(self, worker: int | None = None) -> str:
+        base = f"{self.internal_prefix}{COMMIT_CHUNKS}/"
+        return base if worker is None else f"{base}w{_check_nonneg('worker', worker):04d}/"
+
+    def commit_chunk_key(self, worker: int, last_index: int) -> str:
+        return f"{self.commit_chunks_prefix(worker)}{_check_nonneg('index', last_index):07d}.json"
+
     def partial_stats_prefix(self, worker: int | None = None) -> str:
         base = f"{self.internal_prefix}{PARTIAL_STATS}/"
         return base if worker is None else f"{base}w{_check_nonneg('worker', worker):04d}/"
@@ -632,7 +641,32 @@ class Run:
             if f.key != self.hook_prefix(hook) + f.name:
                 raise ValueError(f"file {f.key!r} of hook {hook!r} is not in {self.hook_prefix(hook)!r}")
         key = self.commit_key(record.worker, record.index)
-        self.store.put_bytes(key, (record.to_json() + "\n").encode("utf-8"))
+        self.store.put_bytes(key, self.record_bytes(record))
+        return key
+
+    @staticmethod
+    def record_bytes(record: CommitRecord) -> bytes:
+        """A commit record exactly as `commit` stores it."""
+        return (record.to_json() + "\n").encode("utf-8")
+
+    def write_commit_chunk(self, records: list[CommitRecord]) -> str:
+        """Store copies of consecutive commit records of one worker in one object, for fast reading.
+
+        The records stay the source of truth: a reader takes a chunk's copy of a
+        record only while the record itself is listed with the copy's size and
+        no newer than the chunk, and reads it directly otherwise.
+        """
+        if not records:
+            raise ValueError("an empty commit chunk")
+        w = records[0].worker
+        if any(r.worker != w for r in records) or [r.index for r in records] != list(
+                range(records[0].index, records[0].index + len(records))):
+            raise ValueError("a commit chunk holds consecutive records of one worker")
+        entries = [{"key": self.commit_key(r.worker, r.index), "size": len(self.record_bytes(r)), "record": r.to_dict()}
+                   for r in records]
+        key = self.commit_chunk_key(w, records[-1].index)
+        self.store.put_bytes(key, json.dumps({"format": "vaultsh-commit-chunk", "version": 1, "records": entries},
+                                             separators=(",", ":")).encode("utf-8"))
         return key
 
     def _commit_keys(self, worker: int | None = None) -> list[tuple[int, int, str]]:
@@ -657,10 +691,12 @@ class Run:
 
     def _read_commit(self, t: tuple[int, int, str]) -> CommitRecord | None:
         worker, index, key = t
-        where = self.store.child_uri(key)
         obj = self._read_json(key)
         if obj is None:  # deleted between listing and reading
             return None
+        return self._parse_commit(obj, worker, index, self.store.child_uri(key))
+
+    def _parse_commit(self, obj: Any, worker: int, index: int, where: str) -> CommitRecord:
         rec = CommitRecord.from_dict(obj, where)
         if (rec.worker, rec.index) != (worker, index):
             raise FormatError(
@@ -685,19 +721,61 @@ class Run:
         incremental: a record listed with the same size and mtime as last time
         is taken from it, only new or changed ones are read, and records gone
         from the store leave it. For a shell or viewer polling a big run.
+        Records that a commit chunk holds a current copy of come from the chunk
+        (one GET per 100 records; see `write_commit_chunk`).
         """
         objects = self._commit_objects(worker)
-        if known is None:
-            recs = self._parallel(self._read_commit, [(w, i, o.key) for w, i, o in objects])
-            return [r for r in recs if r is not None]
         stamp = {o.key: (o.size, o.mtime) for _, _, o in objects}
+        if known is None:
+            known = {}
         for key in [k for k, (st, _) in known.items() if stamp.get(k) != st]:
             del known[key]
+        if len(known) < len(objects):
+            for key, rec in self._chunked_records(worker, {o.key: o for _, _, o in objects if o.key not in known}).items():
+                known[key] = (stamp[key], rec)
         todo = [(w, i, o.key) for w, i, o in objects if o.key not in known]
         for (_, _, key), rec in zip(todo, self._parallel(self._read_commit, todo)):
             if rec is not None:
                 known[key] = (stamp[key], rec)
         return [known[o.key][1] for _, _, o in objects if o.key in known]
+
+    def _chunked_records(self, worker: int | None, wanted: dict[str, ObjectInfo]) -> dict[str, CommitRecord]:
+        """Records of `wanted` (key -> listing) that commit chunks hold a current copy of.
+
+        A chunk entry counts when its record is listed with the entry's size and
+        is no newer than the chunk; a chunk that cannot be read or parsed is
+        skipped (its records are then read one by one).
+        """
+        if not wanted:
+            return {}
+        chunks = [o for o in self.store.iter_objects(self.commit_chunks_prefix(worker)) if o.key.endswith(".json")]
+        base = self.commits_prefix()
+
+        def read(chunk: ObjectInfo) -> dict[str, CommitRecord]:
+            out: dict[str, CommitRecord] = {}
+            try:
+                doc = self._read_json(chunk.key)
+                if not isinstance(doc, dict) or doc.get("format") != "vaultsh-commit-chunk":
+                    return out
+                for entry in doc.get("records") or []:
+                    key = entry.get("key") if isinstance(entry, dict) else None
+                    listed = wanted.get(key) if isinstance(key, str) else None
+                    if listed is None or listed.size != entry.get("size"):
+                        continue
+                    if listed.mtime is not None and chunk.mtime is not None and listed.mtime > chunk.mtime:
+                        continue  # the record was rewritten after the chunk
+                    m = _COMMIT_RE.match(key[len(base):])
+                    if m:
+                        out[key] = self._parse_commit(entry.get("record"), int(m.group(1)), int(m.group(2)),
+                                                      self.store.child_uri(key))
+            except (UserError, ValueError, TypeError, AttributeError):
+                return {}  # an unreadable chunk is only a lost shortcut
+            return out
+
+        found: dict[str, CommitRecord] = {}
+        for part in self._parallel(read, chunks):
+            found.update(part)
+        return found
 
     def committed_indices(self, worker: int) -> list[int]:
         """Sorted megabatch indices of `worker` that have a commit record (names only, no reads)."""
