@@ -122,6 +122,24 @@ def test_missing_file_and_broken_record(stores, kind):
 
 
 @STORES
+def test_commit_chunks_that_differ_from_their_records(stores, kind):
+    """Readers take a chunk's copy of a record when the sizes match: verify compares every copy."""
+    store = stores[kind]
+    run = fresh_copy(store)
+    commits = [c for c in run.iter_commits() if c.worker == 0]
+    key = run.write_commit_chunk(commits[:2])
+    assert verify(store, run.name).problems == []
+    doc = json.loads(store.get_bytes(key))
+    doc["records"][1]["record"]["batch_end"] += 10 if doc["records"][1]["record"]["batch_end"] < 90 else -10
+    store.put_bytes(key, json.dumps(doc).encode())  # the copy changed, its recorded size not: readers would take it
+    report = verify(store, run.name)
+    assert checks(report) == ["chunks"] and "differs from the record" in report.problems[0].detail
+    assert report.problems[0].uri == store.child_uri(key)
+    store.put_bytes(key, b"not json")
+    assert checks(verify(store, run.name)) == ["chunks"]
+
+
+@STORES
 def test_overlapping_shards(stores, kind):
     store = stores[kind]
     run = fresh_copy(store)

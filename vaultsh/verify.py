@@ -44,6 +44,7 @@ SCREEN_PROBLEMS = 15  # problems listed in the text report; --json has them all
 
 CHECKS = {
     "records": "commit records",
+    "chunks": "commit chunks",
     "overlap": "overlapping shards",
     "missing": "missing files",
     "size": "size mismatches",
@@ -412,6 +413,34 @@ def _read_records(run: Run, report: VerifyReport, uri: Callable[[str], str]) -> 
     return out
 
 
+def check_chunks(run: Run, commits: list[CommitRecord], uri: Callable[[str], str]) -> list[Problem]:
+    """Commit chunks must copy their records exactly: readers take a copy whose size matches its record."""
+    import json
+
+    by_key = {run.commit_key(c.worker, c.index): c for c in commits}
+    base = run.commits_prefix()
+    out: list[Problem] = []
+    for o in run.store.iter_objects(run.commit_chunks_prefix()):
+        where = uri(o.key)
+        try:
+            doc = json.loads(run.store.get_bytes(o.key))
+            entries = doc["records"] if isinstance(doc, dict) and doc.get("format") == "vaultsh-commit-chunk" else None
+            if not isinstance(entries, list):
+                raise ValueError("not a vaultsh commit chunk")
+            for e in entries:
+                rec = by_key.get(e["key"])
+                if rec is None:
+                    continue  # its record is gone: readers ignore the copy
+                w, i = (int(x) for x in e["key"][len(base):].removesuffix(".json").lstrip("w").split("/"))
+                copy = run._parse_commit(e["record"], w, i, where)
+                if copy != rec and e.get("size") == len(run.record_bytes(rec)):
+                    out.append(Problem(where, "chunks", f"its copy of {uri(e['key'])} differs from the record "
+                                                        "(readers would take the copy): delete the chunk"))
+        except (UserError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            out.append(Problem(where, "chunks", f"unreadable ({str(exc).splitlines()[0][:120]}): readers skip it"))
+    return out
+
+
 def verify(store: Store, key: str = "", *, nan: bool = False, threads: int = THREADS,
            progress: Callable[[int, int], object] | None = None,
            uri: Callable[[str], str] | None = None) -> VerifyReport:
@@ -438,6 +467,7 @@ def verify(store: Store, key: str = "", *, nan: bool = False, threads: int = THR
         except UserError:
             cfg = None
         n_runs = _num_runs(cfg, commits)
+        report.problems.extend(check_chunks(run, commits, uri))
         if commits:
             report.problems.extend(check_records(
                 commits, n_runs,
