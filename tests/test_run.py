@@ -137,8 +137,7 @@ def test_commit_iter_and_last_index(store):
     assert len(run.iter_commits(worker=0)) == 3
 
 
-def test_incremental_commit_reads_only_new_or_changed_records(store):
-    run = Run(store, "r")
+def _count_reads(run: Run) -> list[str]:
     reads: list[str] = []
     real = run._read_commit
 
@@ -147,6 +146,12 @@ def test_incremental_commit_reads_only_new_or_changed_records(store):
         return real(t)
 
     run._read_commit = counting
+    return reads
+
+
+def test_incremental_commit_reads_only_new_or_changed_records(store):
+    run = Run(store, "r")
+    reads = _count_reads(run)
     for i in range(4):
         commit_megabatch(run, 0, i)
     known: dict = {}
@@ -168,18 +173,6 @@ def test_incremental_commit_reads_only_new_or_changed_records(store):
     assert reads == [run.commit_key(0, 2)] and got[1].tokens == 123_456_789
     assert sorted(known) == sorted(run.commit_key(w, i) for w, i in [(0, 1), (0, 2), (0, 3), (1, 0)])
     assert got == run.iter_commits()
-
-
-def _count_reads(run: Run) -> list[str]:
-    reads: list[str] = []
-    real = run._read_commit
-
-    def counting(t):
-        reads.append(t[2])
-        return real(t)
-
-    run._read_commit = counting
-    return reads
 
 
 def test_commit_chunks_replace_record_reads_and_never_override_a_record(store):
