@@ -739,6 +739,23 @@ class Run:
                 known[key] = (stamp[key], rec)
         return [known[o.key][1] for _, _, o in objects if o.key in known]
 
+    def read_commit_chunk(self, key: str) -> list:
+        """The raw entries of the commit chunk at `key` (FormatError when it is not one)."""
+        doc = self._read_json(key)
+        entries = doc.get("records") if isinstance(doc, dict) and doc.get("format") == "vaultsh-commit-chunk" else None
+        if not isinstance(entries, list):
+            raise FormatError(f"{self.store.child_uri(key)}: not a vaultsh commit chunk")
+        return entries
+
+    def chunk_entry_key(self, entry: Any) -> tuple[str, int, int] | None:
+        """(record key, worker, index) a chunk entry copies; None for an entry that names no commit record."""
+        prefix = self.commits_prefix()
+        key = entry.get("key") if isinstance(entry, dict) else None
+        if not isinstance(key, str) or not key.startswith(prefix):
+            return None
+        m = _COMMIT_RE.match(key[len(prefix):])
+        return None if m is None else (key, int(m.group(1)), int(m.group(2)))
+
     def _chunked_records(self, worker: int | None, wanted: dict[str, ObjectInfo]) -> dict[str, CommitRecord]:
         """Records of `wanted` (key -> listing) that commit chunks hold a current copy of.
 
@@ -749,25 +766,19 @@ class Run:
         if not wanted:
             return {}
         chunks = [o for o in self.store.iter_objects(self.commit_chunks_prefix(worker)) if o.key.endswith(".json")]
-        base = self.commits_prefix()
 
         def read(chunk: ObjectInfo) -> dict[str, CommitRecord]:
             out: dict[str, CommitRecord] = {}
             try:
-                doc = self._read_json(chunk.key)
-                if not isinstance(doc, dict) or doc.get("format") != "vaultsh-commit-chunk":
-                    return out
-                for entry in doc.get("records") or []:
-                    key = entry.get("key") if isinstance(entry, dict) else None
-                    listed = wanted.get(key) if isinstance(key, str) else None
+                for entry in self.read_commit_chunk(chunk.key):
+                    parsed = self.chunk_entry_key(entry)
+                    listed = wanted.get(parsed[0]) if parsed else None
                     if listed is None or listed.size != entry.get("size"):
                         continue
                     if listed.mtime is not None and chunk.mtime is not None and listed.mtime > chunk.mtime:
                         continue  # the record was rewritten after the chunk
-                    m = _COMMIT_RE.match(key[len(base):])
-                    if m:
-                        out[key] = self._parse_commit(entry.get("record"), int(m.group(1)), int(m.group(2)),
-                                                      self.store.child_uri(key))
+                    key, w, i = parsed
+                    out[key] = self._parse_commit(entry.get("record"), w, i, self.store.child_uri(key))
             except (UserError, ValueError, TypeError, AttributeError):
                 return {}  # an unreadable chunk is only a lost shortcut
             return out

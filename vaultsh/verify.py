@@ -415,26 +415,22 @@ def _read_records(run: Run, report: VerifyReport, uri: Callable[[str], str]) -> 
 
 def check_chunks(run: Run, commits: list[CommitRecord], uri: Callable[[str], str]) -> list[Problem]:
     """Commit chunks must copy their records exactly: readers take a copy whose size matches its record."""
-    import json
-
     by_key = {run.commit_key(c.worker, c.index): c for c in commits}
-    base = run.commits_prefix()
     out: list[Problem] = []
     for o in run.store.iter_objects(run.commit_chunks_prefix()):
         where = uri(o.key)
         try:
-            doc = json.loads(run.store.get_bytes(o.key))
-            entries = doc["records"] if isinstance(doc, dict) and doc.get("format") == "vaultsh-commit-chunk" else None
-            if not isinstance(entries, list):
-                raise ValueError("not a vaultsh commit chunk")
-            for e in entries:
-                rec = by_key.get(e["key"])
+            for e in run.read_commit_chunk(o.key):
+                parsed = run.chunk_entry_key(e)
+                if parsed is None:
+                    raise ValueError("an entry names no commit record")
+                key, w, i = parsed
+                rec = by_key.get(key)
                 if rec is None:
                     continue  # its record is gone: readers ignore the copy
-                w, i = (int(x) for x in e["key"][len(base):].removesuffix(".json").lstrip("w").split("/"))
-                copy = run._parse_commit(e["record"], w, i, where)
+                copy = run._parse_commit(e.get("record"), w, i, where)
                 if copy != rec and e.get("size") == len(run.record_bytes(rec)):
-                    out.append(Problem(where, "chunks", f"its copy of {uri(e['key'])} differs from the record "
+                    out.append(Problem(where, "chunks", f"its copy of {uri(key)} differs from the record "
                                                         "(readers would take the copy): delete the chunk"))
         except (UserError, ValueError, TypeError, KeyError, AttributeError) as exc:
             out.append(Problem(where, "chunks", f"unreadable ({str(exc).splitlines()[0][:120]}): readers skip it"))
