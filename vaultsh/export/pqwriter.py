@@ -193,10 +193,6 @@ def _rep_pattern(sizes: tuple[int, ...]) -> bytes:
     return bytes(out)
 
 
-def supported(arrays: dict[str, np.ndarray]) -> bool:
-    return all(a.dtype in SUPPORTED for a in arrays.values())
-
-
 class FastParquetWriter:
     """Write blocks of numpy columns as row groups of one Parquet file (see the module docstring)."""
 
