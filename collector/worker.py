@@ -57,12 +57,30 @@ class _Pending:
     input_ids: Any
     mask: Any
     stats: dict[str, RunningStats]
+    rows: int = 0
+    seq_len: int = 0
     labels: dict[str, list] = field(default_factory=dict)  # label name -> one value per stored row
     generations: list[dict] = field(default_factory=list)  # generation mode: text records
     filled: int = 0
     tokens: int = 0
     batch_end: int = 0
     futures: list[Future] = field(default_factory=list)
+
+    def buffer_for(self, hook: str, width: int, dtype, device):
+        """The host buffer of `hook`'s states (pinned when copying from a GPU)."""
+        buf = self.states.get(hook)
+        if buf is None:
+            import torch
+
+            pin = str(device).startswith("cuda")
+            buf = self.states[hook] = torch.empty((self.rows, self.seq_len, width), dtype=dtype, pin_memory=pin)
+        return buf
+
+    def stats_for(self, hook: str, width: int) -> RunningStats:
+        st = self.stats.get(hook)
+        if st is None:
+            st = self.stats[hook] = RunningStats(width)
+        return st
 
 
 _ACTIVAULT_DATA = {"data_key", "n_batches", "seq_length", "batch_size", "seed", "skip_cache", "start_batch",
@@ -137,7 +155,7 @@ def run_worker(
 
     from collector.config import read_model_facts, validate_against_model
     from collector.data import BatchStream
-    from collector.layers import ActivationCapture, describe
+    from collector.capture import ActivationCapture, expand_module_globs, hook_description
     from collector.generation import ChunkRunner, forward_chunks, generate_batch
     from collector.model import load_model_and_tokenizer
 
@@ -177,7 +195,6 @@ def run_worker(
     commits = run.iter_commits(worker=worker)
     next_index = commits[-1].index + 1 if commits else 0
     done_local = sum(len(range(c.batch_start, c.batch_end, cfg.num_runs)) for c in commits)
-    stats = {h: _load_partial_stats(run, worker, h, commits[-1].index if commits else None, facts.d_model) for h in hooks}
     tokens_total = sum(c.tokens for c in commits)
     if commits:
         sink.emit("resume", from_megabatch=next_index, from_batch=done_local)
@@ -189,6 +206,18 @@ def run_worker(
     sink.emit("loading", what="model", detail=cfg.model.name)
     model, tokenizer, device = load_model_and_tokenizer(cfg.model)
     storage_dtype = _storage_dtype(cfg, model)
+    capture = None
+    if specs:  # where each hook is in this model; a site the family lacks is a config error, before anything is stored
+        specs = expand_module_globs(model, specs)
+        hooks = [s.name for s in specs]
+        capture = ActivationCapture(model, specs).resolve()
+        for probe in capture.probes:
+            if probe.spec.site == "attn.hook_pattern":
+                per_token = (probe.heads or 1) * T * torch.empty((), dtype=storage_dtype).element_size()
+                sink.emit("warning", message=(
+                    f"{probe.spec.name}: attention patterns are {probe.heads} heads x {T} key positions per token, "
+                    f"{per_token:,} bytes per token ({per_token * T:,} per sequence)"))
+    stats = {h: _load_partial_stats(run, worker, h, commits[-1].index if commits else None) for h in hooks}
     sink.emit("loading", what="data", detail=cfg.data.data_key or cfg.data.path or cfg.data.mix or "datasets")
     # Resume exactly after the last committed batch: commit records hold global batch indices.
     data_spec = cfg.data.model_copy(update={"start_batch": commits[-1].batch_end}) if commits else cfg.data
@@ -202,15 +231,22 @@ def run_worker(
 
     if existing is None or force:
         run.write_cfg(_cfg_json(cfg, facts, specs, fingerprint, tokenizer, storage_dtype))
-    for spec in specs:
-        meta = metadata_for(
-            batch_size=B, sequence_length=T, dtype=model.dtype, d_in=facts.d_model, batches_per_file=bpu,
-            hook=spec.name, site=spec.site, layer=spec.layer, format=fmt, storage_dtype=storage_dtype,
-            model=cfg.model.name,
-        )
-        meta.setdefault("description", describe(spec).get("description"))
-        if not store.exists(run.metadata_key(spec.name)):
-            run.write_metadata(spec.name, meta)
+
+    def write_hook_metadata(outputs: dict, check: dict | None) -> None:
+        """Each hook's metadata.json, once its width is known from the first batch."""
+        for probe in capture.probes:
+            name = probe.spec.name
+            if store.exists(run.metadata_key(name)):
+                continue
+            meta = metadata_for(
+                batch_size=B, sequence_length=T, dtype=model.dtype, d_in=int(outputs[name].shape[-1]),
+                batches_per_file=bpu, hook=name, site=probe.spec.site, layer=probe.spec.layer, format=fmt,
+                storage_dtype=storage_dtype, model=cfg.model.name,
+            )
+            meta.update(hook_description(probe, int(outputs[name].shape[-1])))
+            if check is not None and probe.spec.is_transformerlens:
+                meta["self_check"] = check
+            run.write_metadata(name, meta)
 
     def on_retry(label, attempt, exc):
         sink.emit("warning", message=f"retrying upload of {label} (attempt {attempt}): {exc}")
@@ -260,6 +296,8 @@ def run_worker(
             blob = generations_jsonl(mb.generations)
             mb.futures.append(uploader.submit(gkey, len(blob), lambda k=gkey, b=blob: store.put_bytes(k, b)))
         for h in hooks:
+            if stats[h] is None:
+                stats[h] = RunningStats(mb.stats[h].d)
             stats[h].merge_(mb.stats[h])
             snapshot = stats[h].to_bytes()
             key = run.megabatch_key(h, worker, mb.index, fmt)
@@ -277,15 +315,15 @@ def run_worker(
     t_loop = time.monotonic()
     stop_announced = False
     try:
-        capture_ctx = ActivationCapture(model, specs) if specs else contextlib.nullcontext()
-        with capture_ctx as capture, torch.inference_mode():
+        first = True
+        with capture if capture is not None else contextlib.nullcontext(), torch.inference_mode():
             for batch in stream:
                 uploader.check()
                 if pending is None:
                     if stop:
                         status = "stopped"
                         break
-                    pending = _new_pending(next_index, batch.index, hooks, B, T, facts.d_model, bpu, storage_dtype, device)
+                    pending = _new_pending(next_index, batch.index, B, T, bpu)
                 if max_new:
                     if capture is not None:
                         capture.detach()  # generate() runs the whole model: no capture, no early stop
@@ -302,11 +340,14 @@ def run_worker(
                 nb = batch.input_ids.shape[0]
                 if capture is not None:
                     outputs = forward_chunks(capture, runner, batch.input_ids, batch.attention_mask, device)
+                    if first:  # the self-check, then each hook's metadata with its width
+                        first = False
+                        write_hook_metadata(outputs, _self_check(capture, batch, device))
                     mask_dev = batch.mask.to(device)
                     for h in hooks:
                         out = outputs[h]
-                        pending.stats[h].update(out.reshape(-1, out.shape[-1]), mask_dev.reshape(-1))
-                        copier.copy(pending.states[h][row:row + nb], out)
+                        pending.stats_for(h, out.shape[-1]).update(out.reshape(-1, out.shape[-1]), mask_dev.reshape(-1))
+                        copier.copy(pending.buffer_for(h, out.shape[-1], storage_dtype, device)[row:row + nb], out)
                 for name, vals in batch.labels.items():
                     pending.labels.setdefault(name, [None] * row).extend(vals)
                 pending.input_ids[row:row + nb] = batch.input_ids
@@ -397,17 +438,29 @@ def _storage_dtype(cfg, model):
     return getattr(torch, name)
 
 
-def _new_pending(index, batch_start, hooks, B, T, D, bpu, dtype, device) -> _Pending:
+def _new_pending(index, batch_start, B, T, bpu) -> _Pending:
+    """A megabatch to fill; each hook's buffer is allocated by its first batch (hooks differ in width)."""
     import torch
 
-    pin = str(device).startswith("cuda")
     rows = B * bpu
-    states = {h: torch.empty((rows, T, D), dtype=dtype, pin_memory=pin) for h in hooks}
     return _Pending(
-        index=index, batch_start=batch_start, states=states,
+        index=index, batch_start=batch_start, states={}, rows=rows, seq_len=T,
         input_ids=torch.zeros((rows, T), dtype=torch.int64), mask=torch.zeros((rows, T), dtype=torch.bool),
-        stats={h: RunningStats(D) for h in hooks},
+        stats={},
     )
+
+
+def _self_check(capture, batch, device) -> dict | None:
+    """The residual identity on the first batch's first sequence (hooks detached meanwhile: one capture at a time)."""
+    from collector.capture import self_check
+
+    rows = slice(0, 1)
+    inputs = {"input_ids": batch.input_ids[rows].to(device), "attention_mask": batch.attention_mask[rows].to(device)}
+    capture.detach()
+    try:
+        return self_check(capture.model, capture.specs, inputs)
+    finally:
+        capture.attach()
 
 
 class _DeviceCopier:
@@ -478,9 +531,9 @@ class _HashingStore:
         return getattr(self._store, name)
 
 
-def _load_partial_stats(run: Run, worker: int, hook: str, index: int | None, d: int) -> RunningStats:
+def _load_partial_stats(run: Run, worker: int, hook: str, index: int | None) -> RunningStats | None:
     if index is None:
-        return RunningStats(d)
+        return None  # created with the hook's width at the first flush
     stats = run.read_partial_stats(worker, hook, index)
     if stats is None:
         key = run.partial_stats_key(worker, hook, index)

@@ -163,7 +163,7 @@ def test_activation_layers_alone_need_no_upload_config(tmp_path):
     assert cfg.upload.batches_per_upload == 8  # default megabatch size
     specs = validate_against_model(cfg, ModelFacts(32, 4096, 4096, "llama", 32000))
     assert len(specs) == 11 + 12 + 2
-    assert specs[-1] == HookSpec("attention_15", "attn_out", 15)
+    assert specs[-1] == HookSpec("attention_15", "hook_attn_out", 15)
 
 
 def test_trust_remote_code_in_kwargs_is_honoured():
@@ -344,7 +344,7 @@ def test_error_unknown_hook_name_with_suggestion():
     d["model"]["activation_layers"] = ["bogus_layer"]
     msg = err(d)
     assert "model.activation_layers: 'bogus_layer' is not a known hook name" in msg
-    assert "accepted: residuals_N" in msg
+    assert "(accepted: blocks.N.hook_resid_pre, " in msg and ", residuals_N, " in msg
 
 
 def test_error_hook_name_found_only_against_the_model():
@@ -444,7 +444,7 @@ def test_validate_returns_resolved_hooks(llama30_dir):
     specs = validate_against_model(load_config(d), read_model_facts(ModelConfig(name=str(llama30_dir))))
     assert [s.name for s in specs[:3]] == ["residuals_0", "residuals_1", "residuals_2"]
     assert len(specs) == 32  # 30 residuals (blocks.3.hook_resid_pre duplicates residuals_3) + 2
-    assert specs[-2:] == [HookSpec("mlp_29", "mlp_out", 29), HookSpec("models.layers.5.self_attn.pre", "attn_in", 5)]
+    assert specs[-2:] == [HookSpec("mlp_29", "hook_mlp_out", 29), HookSpec("models.layers.5.self_attn.pre", "attn.module_in", 5)]
 
 
 def test_error_model_not_found_offline():

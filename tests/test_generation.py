@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import collector.layers as layers
+import collector.capture as layers
 from collector.config import load_config
 from collector.data import BatchStream
 from collector.events import EventSink
@@ -198,7 +198,8 @@ def test_simulated_oom_halves_the_batch_and_carries_on(tiny_dir, prompts, tmp_pa
     warnings = [e["message"] for e in events if e["type"] == "warning"]
     assert warnings == ["out of memory with a forward batch of 4: continuing with 2",
                         "out of memory with a forward batch of 2: continuing with 1"]
-    assert sizes == [4, 2, 1, 1, 1, 1] + [1] * 4  # the halved size stays for the next batch
+    # the halved size stays for the next batch; the one-sequence forward after the first batch is the self-check
+    assert sizes == [4, 2, 1, 1, 1, 1] + [1] + [1] * 4
     for hook in HOOKS:
         _, _, a = stored(tmp_path / "ref", ref_cfg, hook)
         _, _, b = stored(tmp_path / "oom", cfg, hook)

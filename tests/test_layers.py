@@ -1,4 +1,7 @@
-"""Hook-name grammar and activation capture (collector/layers.py) on a tiny random Llama."""
+"""Hook-name grammar (collector/layers.py) and activation capture (collector/capture.py) on a tiny random Llama.
+
+What each site means on every family is tested in test_hook_families.py.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +9,9 @@ import os
 
 import pytest
 
-from collector.layers import (
-    SITES,
-    ActivationCapture,
-    HookSpec,
-    check_hook_syntax,
-    describe,
-    expand_hooks,
-    find_decoder_layers,
-    submodule_for,
-)
+from collector.capture import ActivationCapture, SelfCheckError, expand_module_globs, find_decoder_layers, resolve_probes
+from collector.layers import HookSpec, check_hook_syntax, describe, expand_hooks
+from collector.sites import RAW_SITES, SITES
 from tests.modelfixtures import TINY_D_MODEL, TINY_LAYERS, make_tiny_llama_dir
 from vaultsh.errors import ConfigError
 
@@ -32,22 +28,28 @@ def names(specs):
 @pytest.mark.parametrize(
     "text,site,layer",
     [
-        ("residuals_3", "resid_pre", 3),
-        ("blocks.3.hook_resid_pre", "resid_pre", 3),
-        ("blocks.3.hook_resid_post", "resid_post", 3),
-        ("mlp_3", "mlp_out", 3),
-        ("blocks.3.hook_mlp_out", "mlp_out", 3),
-        ("blocks.3.hook_mlp_post", "mlp_out", 3),
-        ("models.layers.3.mlp.post", "mlp_out", 3),
-        ("model.layers.3.mlp.post", "mlp_out", 3),
-        ("attention_3", "attn_out", 3),
-        ("blocks.3.hook_attn_out", "attn_out", 3),
-        ("blocks.3.hook_attn_post", "attn_out", 3),
-        ("models.layers.3.self_attn.post", "attn_out", 3),
-        ("models.layers.3.mlp.pre", "mlp_in", 3),
-        ("model.layers.3.mlp.pre", "mlp_in", 3),
-        ("models.layers.3.self_attn.pre", "attn_in", 3),
-        ("model.layers.3.self_attn.pre", "attn_in", 3),
+        ("residuals_3", "hook_resid_pre", 3),
+        ("blocks.3.hook_resid_pre", "hook_resid_pre", 3),
+        ("blocks.3.hook_resid_mid", "hook_resid_mid", 3),
+        ("blocks.3.hook_mlp_in", "hook_mlp_in", 3),
+        ("blocks.3.hook_resid_post", "hook_resid_post", 3),
+        ("mlp_3", "hook_mlp_out", 3),
+        ("blocks.3.hook_mlp_out", "hook_mlp_out", 3),
+        ("blocks.3.attn.hook_z", "attn.hook_z", 3),
+        ("blocks.3.attn.hook_pattern", "attn.hook_pattern", 3),
+        ("blocks.3.mlp.hook_pre_linear", "mlp.hook_pre_linear", 3),
+        ("blocks.3.ln2.hook_normalized", "ln2.hook_normalized", 3),
+        ("blocks.3.hook_mlp_post", "mlp.module_out", 3),
+        ("models.layers.3.mlp.post", "mlp.module_out", 3),
+        ("model.layers.3.mlp.post", "mlp.module_out", 3),
+        ("attention_3", "hook_attn_out", 3),
+        ("blocks.3.hook_attn_out", "hook_attn_out", 3),
+        ("blocks.3.hook_attn_post", "attn.module_out", 3),
+        ("models.layers.3.self_attn.post", "attn.module_out", 3),
+        ("models.layers.3.mlp.pre", "mlp.module_in", 3),
+        ("model.layers.3.mlp.pre", "mlp.module_in", 3),
+        ("models.layers.3.self_attn.pre", "attn.module_in", 3),
+        ("model.layers.3.self_attn.pre", "attn.module_in", 3),
     ],
 )
 def test_every_spelling_resolves_and_keeps_its_name(text, site, layer):
@@ -56,14 +58,38 @@ def test_every_spelling_resolves_and_keeps_its_name(text, site, layer):
 
 def test_all_expands_to_residuals():
     assert names(expand_hooks(["all"], 4)) == ["residuals_0", "residuals_1", "residuals_2", "residuals_3"]
-    assert {s.site for s in expand_hooks(["all"], 4)} == {"resid_pre"}
+    assert {s.site for s in expand_hooks(["all"], 4)} == {"hook_resid_pre"}
 
 
-@pytest.mark.parametrize("kind,site", [("residuals", "resid_pre"), ("mlp", "mlp_out"), ("attention", "attn_out")])
+@pytest.mark.parametrize("kind,site", [("residuals", "hook_resid_pre"), ("mlp", "hook_mlp_out"),
+                                       ("attention", "hook_attn_out")])
 def test_kind_all_and_ranges(kind, site):
     assert expand_hooks([f"{kind}_all"], 3) == [HookSpec(f"{kind}_{i}", site, i) for i in range(3)]
     assert expand_hooks([f"{kind}_1-2"], 4) == [HookSpec(f"{kind}_{i}", site, i) for i in (1, 2)]
     assert expand_hooks([f"{kind}_2-2"], 4) == [HookSpec(f"{kind}_2", site, 2)]
+
+
+def test_layer_ranges_and_globs_in_transformerlens_names():
+    assert names(expand_hooks(["blocks.1-2.attn.hook_z"], 4)) == ["blocks.1.attn.hook_z", "blocks.2.attn.hook_z"]
+    specs = expand_hooks(["blocks.*.hook_resid_post"], 3)
+    assert specs == [HookSpec(f"blocks.{i}.hook_resid_post", "hook_resid_post", i) for i in range(3)]
+    assert names(expand_hooks(["models.layers.0-1.mlp.post"], 3)) == ["models.layers.0.mlp.post", "models.layers.1.mlp.post"]
+    assert expand_hooks(["hook_embed", "ln_final.hook_normalized"], 3) == [
+        HookSpec("hook_embed", "hook_embed", None), HookSpec("ln_final.hook_normalized", "ln_final.hook_normalized", None)]
+    with pytest.raises(ConfigError, match=r"'blocks\.2-9\.attn\.hook_z' names layers up to 9 .*closest valid: blocks\.2-3\.attn\.hook_z"):
+        expand_hooks(["blocks.2-9.attn.hook_z"], 4)
+    with pytest.raises(ConfigError, match=r"empty range"):
+        expand_hooks(["blocks.3-1.hook_resid_pre"], 4)
+
+
+def test_module_paths_parse():
+    assert expand_hooks(["module:model.layers.3.mlp.down_proj"], 4) == [
+        HookSpec("module:model.layers.3.mlp.down_proj", "module_out", None, "model.layers.3.mlp.down_proj")]
+    assert expand_hooks(["module:model.layers.3.mlp.down_proj:input"], 4)[0].site == "module_in"
+    assert expand_hooks(["module:model.layers.*.mlp"], 4)[0].module == "model.layers.*.mlp"
+    for bad in ("module:", "module:model..x", "module:model.layers.3:inputs", "module:__import__('os')"):
+        with pytest.raises(ConfigError, match="is not a module path"):
+            expand_hooks([bad], 4)
 
 
 def test_mixed_lists_keep_order_and_drop_duplicates():
@@ -78,8 +104,11 @@ def test_mixed_lists_keep_order_and_drop_duplicates():
 
 
 def test_duplicates_across_spellings_keep_the_first_spelling():
-    specs = expand_hooks(["blocks.2.hook_resid_pre", "all", "models.layers.1.mlp.post", "mlp_1"], 3)
-    assert names(specs) == ["blocks.2.hook_resid_pre", "residuals_0", "residuals_1", "models.layers.1.mlp.post"]
+    specs = expand_hooks(["blocks.2.hook_resid_pre", "all", "models.layers.1.mlp.post", "blocks.1.hook_mlp_post",
+                          "mlp_1", "blocks.1.hook_mlp_out"], 3)
+    # the raw MLP output (Activault) and TransformerLens' hook_mlp_out are different sites, each kept once
+    assert names(specs) == ["blocks.2.hook_resid_pre", "residuals_0", "residuals_1", "models.layers.1.mlp.post",
+                            "mlp_1"]
 
 
 def test_syntax_check_without_model():
@@ -111,11 +140,13 @@ def test_out_of_range_names_layer_count_and_closest():
 
 
 def test_describe():
-    d = describe(HookSpec("residuals_2", "resid_pre", 2))
-    assert d["site"] == "resid_pre" and d["layer"] == 2 and "hidden_states[2]" in d["description"]
-    assert set(SITES) == {"resid_pre", "resid_post", "attn_in", "attn_out", "mlp_in", "mlp_out"}
-    for site in SITES:
-        assert describe(HookSpec("x", site, 1))["description"]
+    d = describe(HookSpec("residuals_2", "hook_resid_pre", 2))
+    assert d["site"] == "hook_resid_pre" and d["layer"] == 2 and "hidden_states[2]" in d["description"]
+    assert d["vocabulary"] == "transformerlens"
+    raw = describe(HookSpec("models.layers.1.mlp.post", "mlp.module_out", 1))
+    assert raw["vocabulary"] == "module" and "raw output" in raw["description"]
+    for site in list(SITES) + list(RAW_SITES):
+        assert describe(HookSpec("x", site, 1, "a.b"))["description"]
 
 
 # --------------------------------------------------------------------------- capture on a tiny Llama
@@ -146,10 +177,12 @@ def test_find_layers_and_submodules(tiny):
     model, _, _ = tiny
     layers = find_decoder_layers(model)
     assert layers is model.model.layers and len(layers) == TINY_LAYERS
-    assert submodule_for(layers[1], "mlp_out") is layers[1].mlp
-    assert submodule_for(layers[1], "mlp_in") is layers[1].mlp
-    assert submodule_for(layers[1], "attn_in") is layers[1].self_attn
-    assert submodule_for(layers[1], "resid_post") is layers[1]
+    probes = resolve_probes(model, expand_hooks(["mlp_1", "models.layers.1.mlp.pre", "models.layers.1.self_attn.pre",
+                                                 "blocks.1.hook_resid_post", "blocks.1.mlp.hook_post"], TINY_LAYERS))
+    assert [(p.module, p.direction) for p in probes] == [
+        (layers[1].mlp, "out"), (layers[1].mlp, "in"), (layers[1].self_attn, "in"), (layers[1], "out"),
+        (layers[1].mlp.down_proj, "in")]
+    assert probes[4].module_path == "model.layers.1.mlp.down_proj" and probes[0].family == "llama"
     with pytest.raises(ConfigError, match="cannot find the decoder layers"):
         import torch
 
@@ -176,7 +209,7 @@ def test_last_layer_resid_post_is_before_the_final_norm(tiny):
 
     model, inputs, ref = tiny
     last = TINY_LAYERS - 1
-    with ActivationCapture(model, [HookSpec("post", "resid_post", last)]) as cap:
+    with ActivationCapture(model, [HookSpec("post", "hook_resid_post", last)]) as cap:
         out = cap.run(**inputs)
     assert not torch.allclose(out["post"], ref.hidden_states[-1])  # HF's last entry is final-normed
     torch.testing.assert_close(model.model.norm(out["post"]), ref.hidden_states[-1])
@@ -261,14 +294,14 @@ def test_hooks_removed_on_exit_even_after_errors(tiny):
         assert _hook_counts(model) == before + 2 * TINY_LAYERS + 1
     assert _hook_counts(model) == before
     with pytest.raises(RuntimeError, match="boom"):
-        with ActivationCapture(model, [HookSpec("residuals_0", "resid_pre", 0)]):
+        with ActivationCapture(model, [HookSpec("residuals_0", "hook_resid_pre", 0)]):
             raise RuntimeError("boom")
     assert _hook_counts(model) == before
     with pytest.raises(ConfigError, match=r"names layer 9 but the model has 4 layers"):
-        ActivationCapture(model, [HookSpec("residuals_0", "resid_pre", 0), HookSpec("x", "resid_pre", 9)]).attach()
+        ActivationCapture(model, [HookSpec("residuals_0", "hook_resid_pre", 0), HookSpec("x", "hook_resid_pre", 9)]).attach()
     assert _hook_counts(model) == before
     with pytest.raises(RuntimeError, match="outside its `with` block"):
-        ActivationCapture(model, [HookSpec("residuals_0", "resid_pre", 0)]).run(**inputs)
+        ActivationCapture(model, [HookSpec("residuals_0", "hook_resid_pre", 0)]).run(**inputs)
 
 
 def test_capture_works_when_hidden_states_passed_positionally():
@@ -305,11 +338,51 @@ def test_capture_works_when_hidden_states_passed_positionally():
 
     net = Net()
     x = torch.ones(1, 2, 3)
-    specs = expand_hooks(["models.layers.1.self_attn.pre", "mlp_0", "blocks.0.hook_resid_post", "residuals_1"], 2)
+    specs = expand_hooks(["models.layers.1.self_attn.pre", "models.layers.0.mlp.post", "module:transformer.h.0",
+                          "module:transformer.h.1:input"], 2)
     with ActivationCapture(net, specs) as cap:
         out = cap.run(x=x)
     h0 = x + 2 * x
-    torch.testing.assert_close(out["mlp_0"], h0 + 1)
-    torch.testing.assert_close(out["blocks.0.hook_resid_post"], h0 + h0 + 1)
-    torch.testing.assert_close(out["residuals_1"], out["blocks.0.hook_resid_post"])
-    torch.testing.assert_close(out["models.layers.1.self_attn.pre"], out["residuals_1"])
+    torch.testing.assert_close(out["models.layers.0.mlp.post"], h0 + 1)
+    torch.testing.assert_close(out["module:transformer.h.0"], h0 + h0 + 1)
+    torch.testing.assert_close(out["module:transformer.h.1:input"], out["module:transformer.h.0"])
+    torch.testing.assert_close(out["models.layers.1.self_attn.pre"], out["module:transformer.h.1:input"])
+    # a TransformerLens name needs a known block layout: this architecture has none
+    with pytest.raises(ConfigError, match=r"'mlp_0' is a TransformerLens name, .*use module: paths"):
+        ActivationCapture(net, expand_hooks(["mlp_0"], 2)).attach()
+
+
+def test_module_globs_expand_against_the_model_and_unknown_paths_name_the_closest(tiny):
+    import torch
+
+    model, inputs, _ = tiny
+    specs = expand_module_globs(model, expand_hooks(["module:model.layers.*.mlp.down_proj:input"], TINY_LAYERS))
+    assert names(specs) == [f"module:model.layers.{i}.mlp.down_proj:input" for i in range(TINY_LAYERS)]
+    with ActivationCapture(model, specs + expand_hooks(["blocks.2.mlp.hook_post"], TINY_LAYERS)) as cap:
+        out = cap.run(**inputs)
+    torch.testing.assert_close(out["module:model.layers.2.mlp.down_proj:input"], out["blocks.2.mlp.hook_post"],
+                               rtol=0, atol=0)
+    with pytest.raises(ConfigError, match=r"'module:model.layers.\*.mlp.dwn_proj' matches no module .*closest: "
+                                          r"model.layers.0.mlp.down_proj"):
+        expand_module_globs(model, expand_hooks(["module:model.layers.*.mlp.dwn_proj"], TINY_LAYERS))
+    with pytest.raises(ConfigError, match=r"names no module of LlamaForCausalLM; closest: model.layers.1.mlp.up_proj"):
+        ActivationCapture(model, expand_hooks(["module:model.layers.1.mlp.upproj"], TINY_LAYERS)).attach()
+
+
+def test_a_wrong_table_entry_stops_the_self_check(tiny, monkeypatch):
+    """The self-check is what stands between a wrong table and wrong data: feed it a wrong entry."""
+    import dataclasses
+
+    import collector.capture as capture
+
+    model, inputs, _ = tiny
+    specs = expand_hooks(["blocks.1.hook_mlp_out"], TINY_LAYERS)
+    report = capture.self_check(model, specs, inputs)
+    assert report["family"] == "llama" and report["layers"] == [1] and report["max_rel_error"] < 1e-6
+    real = capture.model_layout
+    # Llama's hook_mlp_out is the MLP's output; claim it is the post-attention norm's output instead
+    monkeypatch.setattr(capture, "model_layout",
+                        lambda m: dataclasses.replace(real(m), mlp_post_norm="post_attention_layernorm"))
+    with pytest.raises(SelfCheckError, match=r"hook self-check failed on llama layer 1: hook_resid_mid \+ "
+                                             r"hook_mlp_out = hook_resid_post is off by a relative error of"):
+        capture.self_check(model, specs, inputs)

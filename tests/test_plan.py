@@ -72,6 +72,10 @@ CASES = {
                               storage={"format": "safetensors", "dtype": "float16"}),
     # pt drops each worker's short final megabatch
     "pt": dict(num_runs=1, bpu=2, data={"n_batches": 5}, storage={"format": "pt"}),
+    # sites of other widths (per head, d_mlp, a module glob), sized on the meta device
+    "other-widths": dict(num_runs=1, bpu=2, data={"n_batches": 3},
+                         hooks=["residuals_0", "blocks.1.attn.hook_k", "blocks.2.mlp.hook_post",
+                                "module:model.layers.*.mlp.up_proj"]),
 }
 
 
@@ -270,7 +274,8 @@ def test_json_output_parses_and_matches_make_plan(tiny_dir, tmp_path, capsys):
     want = json.loads(make_plan(load_config(path)).to_json())
     assert got == want
     assert [h["written"] for h in got["hooks"]] == HOOKS
-    assert [(h["site"], h["layer"]) for h in got["hooks"]] == [("resid_pre", 0), ("resid_post", 1), ("mlp_out", 2)]
+    assert [(h["site"], h["layer"]) for h in got["hooks"]] == [("hook_resid_pre", 0), ("hook_resid_post", 1),
+                                                                ("hook_mlp_out", 2)]
     st = got["storage"]
     assert st["totals"]["files"] == sum(h["files"] for h in st["hooks"]) == 3 * 5  # 9 batches, 2 workers, bpu 2
     assert [w["batches"] for w in st["per_worker"]] == [5, 4]

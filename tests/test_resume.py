@@ -28,7 +28,7 @@ N_BATCHES = 24  # 12 batches, 3 megabatches for worker 1 of 2
 # mid-megabatch on any machine; everything else about it is the real worker process.
 _SLOW_WORKER = (
     "import sys, time\n"
-    "import collector.layers as L\n"
+    "import collector.capture as L\n"
     "run = L.ActivationCapture.run\n"
     "def slow(self, **kw):\n"
     "    time.sleep(0.3)\n"

@@ -381,3 +381,56 @@ def test_commit_chunks_skip_a_chunk_a_resumed_worker_started_inside(monkeypatch)
     events = []
     feed(FakeRun(fail=True), range(4), sink=EventSink(0, callback=events.append))
     assert [e["type"] for e in events] == ["warning"] and "commit chunk 3" in events[0]["message"]
+
+
+def test_sites_of_other_widths_store_their_shape_meaning_and_the_self_check(tiny_dir, tmp_path):
+    """Per-head, MLP-width and module-path hooks next to residual ones: each file, stats and metadata
+    hold the site's own width; TransformerLens hooks record the self-check."""
+    from transformers import AutoModelForCausalLM
+
+    from collector.capture import ActivationCapture
+    from collector.layers import expand_hooks
+
+    hooks = ["blocks.1.attn.hook_z", "blocks.1.attn.hook_k", "blocks.2.mlp.hook_post", "blocks.2.hook_resid_mid",
+             "module:model.layers.*.mlp.up_proj"]
+    cfg = make_cfg(tiny_dir, tmp_path, hooks=hooks, data={"n_batches": 2})
+    result, events = collect(cfg)
+    assert result["status"] == "complete"
+    store = LocalStore(tmp_path)
+    run = Run(store, cfg.run_name)
+    d_mlp, heads, kv, d_head = 2 * TINY_D_MODEL, 4, 2, TINY_D_MODEL // 4
+    widths = {"blocks.1.attn.hook_z": heads * d_head, "blocks.1.attn.hook_k": kv * d_head,
+              "blocks.2.mlp.hook_post": d_mlp, "blocks.2.hook_resid_mid": TINY_D_MODEL}
+    widths.update({f"module:model.layers.{i}.mlp.up_proj": d_mlp for i in range(4)})
+    assert sorted(run.read_cfg()["hooks"]) == sorted(widths)  # the module glob expanded against the model
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    for hook, w in widths.items():
+        meta = run.read_metadata(hook)
+        assert meta["d_in"] == w and meta["shape"] == [4, 32, w]
+        f = run.committed_files(hook)[0]
+        mb = read_megabatch(store, f.key)
+        assert mb.states.shape == (4, 32, w)
+        assert run.read_statistics(hook).d == w
+        if hook.startswith("module:"):
+            assert meta["vocabulary"] == "module" and "self_check" not in meta
+            continue
+        assert meta["vocabulary"] == "transformerlens" and meta["family"] == "llama"
+        check = meta["self_check"]
+        assert check["block"] == "sequential" and check["layers"] == [1, 2] and check["max_rel_error"] < 1e-5
+        # the stored values are the capture's on the same tokens
+        with ActivationCapture(model, expand_hooks([hook], 4)) as cap:
+            want = cap.run(input_ids=mb.input_ids, attention_mask=(mb.input_ids != model.config.pad_token_id).long())
+        real = mb.mask
+        torch.testing.assert_close(mb.states[real], want[hook][real], rtol=1e-4, atol=1e-4)
+    z = run.read_metadata("blocks.1.attn.hook_z")
+    assert z["axes"] == ["batch", "pos", "head", "d_head"] and z["per_token_shape"] == [heads, d_head]
+    assert run.read_metadata("blocks.1.attn.hook_k")["per_token_shape"] == [kv, d_head]
+
+
+def test_a_site_the_family_lacks_stops_before_anything_is_stored(tiny_dir, tmp_path):
+    from vaultsh.errors import ConfigError
+
+    cfg = make_cfg(tiny_dir, tmp_path, hooks=["blocks.1.hook_resid_post", "module:model.layers.1.mlp.nothing"])
+    with pytest.raises(ConfigError, match=r"'module:model.layers.1.mlp.nothing' names no module .*closest"):
+        collect(cfg)
+    assert not list(LocalStore(tmp_path).iter_objects(""))

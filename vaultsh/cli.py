@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, int]] = {
     "verify": ("check every committed megabatch of a run", 8),
     "finalize": ("merge per-worker statistics of a run", 8),
     "plan": ("estimate storage, memory, time and cost of a config", 11),
+    "hooks": ("list a model's hook points: shape, dtype, bytes per token (offline, no weights)", 17),
     "bench": ("run benchmarks and print ratios against in-run baselines", 3),
 }
 

@@ -162,6 +162,7 @@ def make_plan(
     facts = ModelFacts(n_layers=shape.n_layers, d_model=shape.d_model, max_context=shape.max_context,
                        model_type=shape.model_type, vocab_size=shape.vocab_size)
     specs = validate_against_model(cfg, facts)
+    specs, widths = _sized_hooks(cfg, specs, shape.d_model)
 
     cpu, device_note = _device_kind(cfg)
     compute, storage_dtype = _resolve_dtypes(cfg, shape, cpu)
@@ -173,15 +174,17 @@ def make_plan(
     notes.append(device_note)
 
     # ---- hooks and the forward pass -------------------------------------------
-    hooks = [dict(describe(s), written=s.name) for s in specs]
+    hooks = [dict(describe(s), written=s.name, width=w) for s, w in zip(specs, widths)]
     deepest = max(specs, key=lambda s: s.order)
+    # model-level sites: the embedding runs no block; the final norm and module paths may need them all
+    last = deepest.layer if deepest.layer is not None else -1 if deepest.site == "hook_embed" else shape.n_layers - 1
     forward = {
         "n_layers": shape.n_layers,
         "deepest_hook": deepest.name,
-        "deepest_layer": deepest.layer,
-        "stops_at": f"{deepest.site} of layer {deepest.layer}",
-        "layers_run": deepest.layer + 1,
-        "layers_skipped": shape.n_layers - deepest.layer - 1,
+        "deepest_layer": last,
+        "stops_at": f"{deepest.site} of layer {last}" if deepest.layer is not None else deepest.site,
+        "layers_run": last + 1,
+        "layers_skipped": shape.n_layers - last - 1,
     }
 
     # ---- storage -------------------------------------------------------------
@@ -189,9 +192,9 @@ def make_plan(
     itemsize = dtype_bytes(storage_dtype)
     per_hook = [
         hook_storage(run_name=cfg.run_name, hook=s.name, model=cfg.model.name, fmt=fmt, dtype=storage_dtype,
-                     itemsize=itemsize, B=B, T=T, D=D, bpu=bpu, n_batches=cfg.data.n_batches,
+                     itemsize=itemsize, B=B, T=T, D=w, bpu=bpu, n_batches=cfg.data.n_batches,
                      start_batch=cfg.data.start_batch, num_runs=k)
-        for s in specs
+        for s, w in zip(specs, widths)
     ]
     first = per_hook[0]
     per_worker = []
@@ -219,6 +222,10 @@ def make_plan(
             f"dropped (Activault readers need full files); make n_batches/num_runs a multiple of "
             f"batches_per_upload ({bpu}) to keep them"
         )
+    for s, w in zip(specs, widths):
+        if s.site == "attn.hook_pattern":
+            warnings.append(f"{s.name}: attention patterns are {w:,} values per token ({w * itemsize * T:,} bytes "
+                            "per sequence), the size of the model's attention matrix")
     labels = [n for n in ("categories", "label_columns") if getattr(cfg.data, n, None)]
     if labels:
         warnings.append(
@@ -238,9 +245,9 @@ def make_plan(
     # ---- memory --------------------------------------------------------------
     limit, limit_source = _limit(cfg, cpu)
     mem_in = MemoryInputs(
-        params=shape.params, params_used=shape.params_through(deepest.layer), compute_bytes=dtype_bytes(compute),
+        params=shape.params, params_used=shape.params_through(max(last, 0)), compute_bytes=dtype_bytes(compute),
         storage_bytes=itemsize, B=B, T=T, D=D, d_mlp=shape.d_mlp or 4 * D, kv_dim=shape.kv_dim,
-        n_hooks=len(specs), bpu=bpu, queued=cfg.upload.max_queued_megabatches, cpu=cpu,
+        n_hooks=len(specs), hook_widths=sum(widths), bpu=bpu, queued=cfg.upload.max_queued_megabatches, cpu=cpu,
         devices=max(1, devices or 1), limit=limit, limit_source=limit_source,
     )
     memory = estimate_memory(mem_in)
@@ -308,6 +315,24 @@ def _time_section(cfg: Any, specs: list, plan: Plan, measure: bool, batches: int
         if m.peak_device_bytes is not None and plan.memory.limit and m.peak_device_bytes > plan.memory.limit:
             plan.warnings.append("measured peak GPU memory exceeds the limit")
     return out
+
+
+# Sites that are d_model wide on every family: sized without building the model.
+_RESIDUAL_WIDE = {"hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "hook_embed",
+                  "ln_final.hook_normalized", "attn.module_out", "mlp.module_out", "mlp.module_in", "attn.module_in"}
+
+
+def _sized_hooks(cfg: Any, specs: list, d_model: int) -> tuple[list, list[int]]:
+    """(hooks, width of each): d_model for residual-wide sites; the others from the model's shapes on the
+    meta device (`vaultsh hooks` uses the same), which also expands module globs and refuses sites the
+    family lacks."""
+    if all(s.site in _RESIDUAL_WIDE for s in specs):
+        return specs, [d_model] * len(specs)
+    from collector.capture import meta_model, shapes_on_meta
+    from vaultsh.plan.model import read_hf_config
+
+    sized = shapes_on_meta(meta_model(read_hf_config(cfg.model)), specs, cfg.data.seq_length)
+    return [p.spec for p, _ in sized], [w for _, w in sized]
 
 
 def summary_lines(cfg: Any) -> list[str]:

@@ -2,7 +2,7 @@
 
 The compute side reuses the collector's own parts: `collector.model` loads the
 model as a worker does, `collector.data.BatchStream` makes worker 0's first
-batches, `collector.layers.ActivationCapture` runs the truncated forward pass,
+batches, `collector.capture.ActivationCapture` runs the truncated forward pass,
 and each hook's output is copied into a host buffer of the storage dtype and
 folded into running statistics, as the worker loop does. The first batch is a
 warm-up and is not timed.
@@ -45,7 +45,7 @@ def measure_compute(cfg: Any, specs: list, batches: int = 3) -> ComputeMeasureme
     import torch
 
     from collector.data import BatchStream
-    from collector.layers import ActivationCapture
+    from collector.capture import ActivationCapture
     from collector.model import load_model_and_tokenizer
     from vaultsh.stats import RunningStats
 

@@ -62,6 +62,11 @@ class MemoryInputs:
     devices: int = 1
     limit: Optional[int] = None  # bytes per device
     limit_source: str = ""
+    hook_widths: int = 0  # the hooks' widths summed (0: n_hooks * D)
+
+    @property
+    def stored_width(self) -> int:
+        return self.hook_widths or self.n_hooks * self.D
 
 
 @dataclass
@@ -88,14 +93,14 @@ class MemoryEstimate:
 def activations_per_batch(m: MemoryInputs, B: Optional[int] = None) -> int:
     B = m.B if B is None else B
     tok = B * m.T
-    per_token = (2 * m.D + m.n_hooks * m.D + max(2 * m.D + 2 * m.kv_dim, 3 * m.d_mlp)) * m.compute_bytes
+    per_token = (2 * m.D + m.stored_width + max(2 * m.D + 2 * m.kv_dim, 3 * m.d_mlp)) * m.compute_bytes
     return tok * per_token + B * m.T * m.T  # + the [B, T, T] boolean attention mask
 
 
 def upload_buffer_per_megabatch(m: MemoryInputs, B: Optional[int] = None) -> int:
     B = m.B if B is None else B
     rows = B * m.bpu
-    return m.n_hooks * rows * m.T * m.D * m.storage_bytes + rows * m.T * (8 + 1)
+    return rows * m.T * m.stored_width * m.storage_bytes + rows * m.T * (8 + 1)
 
 
 def per_device_bytes(m: MemoryInputs, B: Optional[int] = None) -> int:

@@ -178,7 +178,7 @@ def _count_on_meta(config: Any) -> tuple[list[int], int, int]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from collector.layers import find_decoder_layers
+    from collector.capture import find_decoder_layers
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -349,3 +349,41 @@ def read_model_shape(model_cfg: Any, overrides: Optional[Mapping[str, Optional[i
             "parameter count is a rough Llama-style estimate (missing " + ", ".join("--" + m.replace("_", "-") for m in missing) + ")"
         )
     return shape
+
+
+def read_hf_config(model_cfg: Any) -> Any:
+    """The Hugging Face config of the config's model, offline and without weights (GGUF: from its header).
+
+    Raises ConfigError naming the model when it cannot be read here.
+    """
+    from collector.config import locate_gguf, resolve_pkg
+
+    name = model_cfg.name
+    resolved = resolve_pkg(name)
+    gg = locate_gguf(resolved, model_cfg.kwargs)
+    try:
+        with _forced_offline():
+            if gg is not None:
+                from transformers import AutoConfig
+
+                from collector.model import ModelSource, gguf_cache_dir
+
+                if not (gg[0] / gg[1]).is_file():
+                    raise ConfigError(f"model {name!r}: GGUF file {str(gg[0] / gg[1])!r} does not exist")
+                converted = gguf_cache_dir(ModelSource(str(gg[0]), gg[1], True))
+                if (converted / "config.json").is_file():  # the collector's converted copy: no GGUF parse
+                    return AutoConfig.from_pretrained(str(converted))
+                return AutoConfig.from_pretrained(str(gg[0]), gguf_file=gg[1])
+            p = Path(resolved).expanduser()
+            if p.is_file() and p.name == "config.json":
+                p = p.parent
+            local = p if (p / "config.json").is_file() else None
+            if local is None and (p.exists() or resolved.startswith((".", "/", "~"))):
+                raise ConfigError(f"model {name!r}: no such model directory, config.json or .gguf file")
+            return _hf_config(model_cfg, local)
+    except ConfigError:
+        raise
+    except Exception as e:  # OSError / ValueError from transformers
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"model {name!r}: cannot read its config here (local files and the HF cache only): "
+                          f"{first[:200]}") from None

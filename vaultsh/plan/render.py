@@ -56,9 +56,11 @@ def render_plan(plan: "Plan") -> Any:
     hooks.add_column("as written")
     hooks.add_column("site")
     hooks.add_column("layer", justify="right")
+    hooks.add_column("width", justify="right")
     hooks.add_column("meaning", style="dim")
     for h in plan.hooks:
-        hooks.add_row(h["written"], h["site"], str(h["layer"]), h["description"])
+        layer = "" if h["layer"] is None else str(h["layer"])
+        hooks.add_row(h["written"], h["site"], layer, f"{h.get('width', '')}", h["description"])
     parts.append(hooks)
     parts.append(Text(f"forward pass: embeddings + layers 0-{fw['deepest_layer']} of {fw['n_layers']} "
                       f"(stops at {fw['stops_at']}; {fw['layers_skipped']} layers and the LM head never run)"))
