@@ -6,6 +6,11 @@
   sequence length, no hooks) measured in the same process. Both count B*T
   positions per batch. The hook set includes the last layer, so the collector
   cannot win by stopping the forward pass early. Target: >= 0.9x.
+- collect-truncated: hooks of several widths (per head, d_mlp, residual) up to
+  layer 14 of 30, against the bare forward of the truncated model (layers 0-14,
+  no final norm, no LM head) in the same process; the collector stops the forward
+  after the deepest hook, so it also shows the speed-up over the full forward
+  (`extra.vs_full_forward`). Target: >= 0.9x of the truncated forward.
 - collect-rss: peak RSS over a 20-megabatch run stays flat (second half vs.
   first half of the run). Target: growth < 5%.
 
@@ -26,7 +31,11 @@ HOOKS = ["residuals_10", "mlp_20", "blocks.29.hook_resid_post"]
 _model_cache: dict = {}
 
 
-def _config(uri: str, n_batches: int, bpu: int):
+TRUNCATED_HOOKS = ["blocks.7.attn.hook_z", "blocks.14.mlp.hook_post", "blocks.14.hook_resid_post"]
+TRUNCATED_AT = 15  # blocks 0-14 run
+
+
+def _config(uri: str, n_batches: int, bpu: int, hooks: list[str] = HOOKS):
     from collector.config import load_config
 
     return load_config({
@@ -34,13 +43,14 @@ def _config(uri: str, n_batches: int, bpu: int):
         "num_runs": 1,
         "transformer_config": {"model_name": MODEL, "dtype": "float32"},
         "data_config": {"data_key": "pydoc", "n_batches": n_batches, "seq_length": SEQ, "batch_size": BATCH},
-        "upload_config": {"batches_per_upload": bpu, "hooks": HOOKS},
+        "upload_config": {"batches_per_upload": bpu, "hooks": hooks},
         "storage": {"uri": uri, "dtype": "float16"},
     })
 
 
-def _bare_forward_tokens_per_s(n_batches: int) -> float:
-    """Full model forward (with LM head), no hooks, on the same token batches."""
+def _bare_forward_tokens_per_s(n_batches: int, layers: int | None = None) -> float:
+    """Full model forward (with LM head), no hooks, on the same token batches; with `layers`, only the
+    first `layers` decoder layers of the base model run (no final norm or LM head cost to speak of)."""
     import torch
 
     from collector.data import BatchStream
@@ -48,6 +58,11 @@ def _bare_forward_tokens_per_s(n_batches: int) -> float:
 
     cfg = _config("/tmp/unused", n_batches, 1)
     model, tok, device = load_model_and_tokenizer(cfg.model)
+    if layers is not None:
+        base = model.model
+        base.layers = torch.nn.ModuleList(list(base.layers)[:layers])
+        base.config.num_hidden_layers = layers
+        model = base
     batches = list(BatchStream(cfg.data, tok))
     with torch.inference_mode():
         model(input_ids=batches[0].input_ids, attention_mask=batches[0].attention_mask)  # warm-up
@@ -58,13 +73,14 @@ def _bare_forward_tokens_per_s(n_batches: int) -> float:
     return len(batches) * BATCH * SEQ / dt
 
 
-def _collect_tokens_per_s(uri: str, n_batches: int, bpu: int, store=None) -> tuple[float, list[dict]]:
+def _collect_tokens_per_s(uri: str, n_batches: int, bpu: int, store=None,
+                          hooks: list[str] = HOOKS) -> tuple[float, list[dict]]:
     """Collector tokens/s over the collection loop (model load excluded), plus its events."""
     from collector.events import EventSink
     from collector.worker import run_worker
 
     events: list[dict] = []
-    cfg = _config(uri, n_batches, bpu)
+    cfg = _config(uri, n_batches, bpu, hooks)
     run_worker(cfg, 0, sink=EventSink(0, callback=events.append), store=store)
     t_start = next(e["time"] for e in events if e["type"] == "loading" and e["what"] == "data")
     t_end = events[-1]["time"]
@@ -84,6 +100,19 @@ def bench_collect_local(quick: bool) -> BenchResult:
     with tempfile.TemporaryDirectory(prefix="vaultsh-bench-") as tmp:
         ours, _ = _collect_tokens_per_s(tmp, n, 4)
     return _ratio_result("collect-local", base, ours, f"SmolLM2-135M CPU, {n} batches of {BATCH}x{SEQ}, hooks {', '.join(HOOKS)}")
+
+
+@benchmark("collect-truncated", "collector tokens/s with hooks up to layer 14 vs the bare truncated forward")
+def bench_collect_truncated(quick: bool) -> BenchResult:
+    n = 8 if quick else 24
+    base = _bare_forward_tokens_per_s(n, TRUNCATED_AT)
+    full = _bare_forward_tokens_per_s(n)
+    with tempfile.TemporaryDirectory(prefix="vaultsh-bench-") as tmp:
+        ours, _ = _collect_tokens_per_s(tmp, n, 4, hooks=TRUNCATED_HOOKS)
+    res = _ratio_result("collect-truncated", base, ours,
+                        f"SmolLM2-135M CPU, {n} batches of {BATCH}x{SEQ}, hooks {', '.join(TRUNCATED_HOOKS)}")
+    res.extra = {"full_forward_tokens_per_s": round(full, 1), "vs_full_forward": round(ours / full, 3)}
+    return res
 
 
 @benchmark("collect-s3", "collector tokens/s writing to the loopback S3 server vs the bare model forward")
