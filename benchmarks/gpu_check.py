@@ -314,6 +314,23 @@ def reader_check(store_root: Path, hooks: list[str], size: Size, device: str) ->
 
 # -- the whole check ----------------------------------------------------------
 
+DEFINITIONS = {
+    "clock": "CUDA events on the GPU timeline on a GPU; time.perf_counter on CPU",
+    "tokens_per_s": "batch x seq positions per second (padding included, as the bare forward counts them)",
+    "bare.tokens_per_s": "LlamaModel with layers 0..deepest only (whole model resident), no LM head, "
+                         "pre-tokenised batches on the device, first start to last end",
+    "collect.tokens_per_s": "vaultsh collect --headless in this process: forwards steady_from_forward..last, "
+                            "start to start, so every per-batch cost of the worker counts",
+    "collect.busy_fraction": "time inside the worker's forward calls / wall time, over the same window",
+    "collect.states_gb_per_s": "activation bytes the store must take at the steady tokens/s",
+    "d2h.worker.bytes_per_s": "bytes of the worker's _DeviceCopier copies / their summed duration on the copy stream",
+    "d2h.worker.overlap_fraction": "share of copy time during which a forward was running",
+    "d2h.bare_pinned": "copy_ of one hook's [batch, seq, d_model] tensor into pinned memory (plain memory on CPU)",
+    "reader": "store file bytes per second: ActivationReader(device) over every hook vs reading each file into "
+              "two alternating pinned buffers and copying it to the device; best of `rounds`, alternated",
+    "memory": "cuda: torch.cuda.max_memory_allocated over each phase; cpu: process RSS sampled every 5 ms",
+}
+
 def run_check(out: Path, size: Size, device: str, work: Path) -> dict:
     """Every measurement in order; returns the report (also written to `out`)."""
     import torch
@@ -322,7 +339,8 @@ def run_check(out: Path, size: Size, device: str, work: Path) -> dict:
     hooks = [f"blocks.{i}.hook_resid_post" for i in layers]
     model_dir, store = work / "model", work / "store"
     n_params = build_model_dir(model_dir, size, device)
-    text = write_text(work / "text.txt", (max(size.bare_batches, size.collect_batches) + 2) * size.batch, size.seq * 6)
+    n_docs = (max(size.bare_batches, size.collect_batches) + 2) * size.batch
+    text = write_text(work / "text.txt", n_docs, size.seq * 5)  # ~5 chars/token: every row full
     cfg = write_config(work / "config.yaml", model_dir, text, store, size, device, hooks)
     bare = bare_forward(cfg, size, max(layers))
     coll, copies = collect(cfg, size, device)
@@ -338,7 +356,8 @@ def run_check(out: Path, size: Size, device: str, work: Path) -> dict:
                   "expected_copy_bytes": size.collect_batches * size.batch * size.seq * size.d_model * len(hooks)
                   * itemsize},
         "bare": bare,
-        "collect": {**coll, "ratio": coll["tokens_per_s"] / bare["tokens_per_s"]},
+        "collect": {**coll, "ratio": coll["tokens_per_s"] / bare["tokens_per_s"],
+                    "states_gb_per_s": coll["tokens_per_s"] * size.d_model * len(hooks) * itemsize / 1e9},
         "d2h": {"worker": copies, "bare_pinned": d2h, "ratio": copies["bytes_per_s"] / d2h["bytes_per_s"],
                 "side_stream": device.startswith("cuda"),
                 "overlaps_forward": copies["overlap_fraction"] > 0.5},
@@ -347,6 +366,7 @@ def run_check(out: Path, size: Size, device: str, work: Path) -> dict:
                    "worker_peak_bytes": coll["peak_memory_bytes"],
                    "ratio": coll["peak_memory_bytes"] / bare["peak_memory_bytes"]},
     }
+    report["definitions"] = DEFINITIONS
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "gpu_check.txt").write_text(text_report(report))
@@ -364,7 +384,7 @@ def text_report(r: dict) -> str:
         f"busy {r['bare']['busy_fraction']:.1%}",
         f"    vaultsh collect --headless: {c['tokens_per_s']:,.0f} tokens/s steady "
         f"({c['tokens_per_s_whole_command']:,.0f} over the whole command, model load included) "
-        f"= {c['ratio']:.3f}x; GPU busy {c['busy_fraction']:.1%}",
+        f"= {c['ratio']:.3f}x; GPU busy {c['busy_fraction']:.1%}; store takes {c['states_gb_per_s']:.2f} GB/s",
         f"3   worker D2H copies: {d['worker']['bytes_per_s'] / 1e9:.2f} GB/s vs bare "
         f"{'pinned ' if d['bare_pinned']['pinned'] else ''}copy_ {d['bare_pinned']['bytes_per_s'] / 1e9:.2f} GB/s "
         f"= {d['ratio']:.3f}x; {d['worker']['overlap_fraction']:.1%} of copy time overlaps a forward "
@@ -395,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     missing = missing_modules()
     if missing:
         print(f"gpu_check: missing Python packages: {', '.join(missing)}; carry them as wheels in .whl/ "
-              "(see benchmarks/README.md)", file=sys.stderr)
+              "(README.md, Performance, 'The GPU check')", file=sys.stderr)
         return 2
     import torch
 

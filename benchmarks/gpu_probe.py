@@ -78,11 +78,11 @@ class CollectProbe:
     clock: Clock
     forwards: list = field(default_factory=list)  # (start mark, end mark, rows)
     copies: list = field(default_factory=list)  # (start mark, end mark, bytes)
-    host_starts: list = field(default_factory=list)  # perf_counter at each forward call
 
     def check(self) -> None:
         if not self.forwards:
-            raise RuntimeError("the probe saw no forward: does run_worker still call collector.generation.forward_chunks?")
+            raise RuntimeError("the probe saw no forward: does run_worker still call "
+                               "collector.generation.forward_chunks?")
         if not self.copies:
             raise RuntimeError("the probe saw no device-to-host copy: does run_worker still use _DeviceCopier.copy?")
 
@@ -111,7 +111,6 @@ def install(device: str):
     lock = threading.Lock()
 
     def forward_chunks(capture, runner, input_ids, attention_mask, dev):
-        probe.host_starts.append(time.perf_counter())
         start = probe.clock.mark()
         out = orig_fwd(capture, runner, input_ids, attention_mask, dev)
         with lock:

@@ -78,7 +78,7 @@ def test_smoke_reports_every_figure_with_sane_values(smoke):
     s = r["setup"]
     assert r["device"] == "cpu" and s["hooks"] == [f"blocks.{i}.hook_resid_post" for i in hook_layers(s["n_layers"])]
     for fig in (r["bare"]["tokens_per_s"], r["collect"]["tokens_per_s"], r["collect"]["tokens_per_s_whole_command"],
-                r["collect"]["ratio"], r["d2h"]["worker"]["bytes_per_s"], r["d2h"]["bare_pinned"]["bytes_per_s"],
+                r["collect"]["ratio"], r["collect"]["states_gb_per_s"], r["d2h"]["worker"]["bytes_per_s"], r["d2h"]["bare_pinned"]["bytes_per_s"],
                 r["d2h"]["ratio"], r["reader"]["reader_gb_per_s"], r["reader"]["raw_gb_per_s"], r["reader"]["ratio"],
                 r["memory"]["bare_peak_bytes"], r["memory"]["worker_peak_bytes"], r["memory"]["ratio"]):
         assert _finite_positive(fig), fig
@@ -87,6 +87,7 @@ def test_smoke_reports_every_figure_with_sane_values(smoke):
     # on CPU the worker copies synchronously: nothing can overlap the forward
     assert r["d2h"]["side_stream"] is False and r["d2h"]["worker"]["overlap_fraction"] == 0
     assert r["d2h"]["overlaps_forward"] is False
+    assert r["memory"]["kind"] == "process_rss_sampled" and r["definitions"]["memory"]
 
 
 def test_smoke_byte_counts_match_the_shapes(smoke):
