@@ -331,44 +331,58 @@ DEFINITIONS = {
     "memory": "cuda: torch.cuda.max_memory_allocated over each phase; cpu: process RSS sampled every 5 ms",
 }
 
+def _timed(report: dict, name: str, fn):
+    """Run `fn`, record its seconds under report["phase_s"][name]; returns its result."""
+    t0 = time.perf_counter()
+    result = fn()
+    report["phase_s"][name] = round(time.perf_counter() - t0, 2)
+    return result
+
+
+def _save(out: Path, report: dict) -> None:
+    """Write the JSON so far (a run killed at its time limit still leaves the phases it finished)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _prepare(work: Path, size: Size, device: str, hooks: list[str]) -> tuple[Path, int]:
+    """Model dir, text and config under `work`; (config path, parameter count)."""
+    n_params = build_model_dir(work / "model", size, device)
+    n_docs = (max(size.bare_batches, size.collect_batches) + 2) * size.batch
+    text = write_text(work / "text.txt", n_docs, size.seq * 6)  # ~4 chars/token: every row full
+    return write_config(work / "config.yaml", work / "model", text, work / "store", size, device, hooks), n_params
+
+
 def run_check(out: Path, size: Size, device: str, work: Path) -> dict:
-    """Every measurement in order; returns the report (also written to `out`)."""
+    """Every measurement in order, the JSON rewritten after each; returns the report."""
     import torch
 
     layers = hook_layers(size.n_layers)
     hooks = [f"blocks.{i}.hook_resid_post" for i in layers]
-    model_dir, store = work / "model", work / "store"
-    n_params = build_model_dir(model_dir, size, device)
-    n_docs = (max(size.bare_batches, size.collect_batches) + 2) * size.batch
-    text = write_text(work / "text.txt", n_docs, size.seq * 5)  # ~5 chars/token: every row full
-    cfg = write_config(work / "config.yaml", model_dir, text, store, size, device, hooks)
-    bare = bare_forward(cfg, size, max(layers))
-    coll, copies = collect(cfg, size, device)
-    d2h = d2h_baseline(size, device)
-    reader = reader_check(store, hooks, size, device)
     itemsize = torch.empty((), dtype=getattr(torch, size.dtype)).element_size()
-    report = {
-        "device": device,
-        "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
-        "torch": torch.__version__,
-        "setup": {**asdict(size), "params": n_params, "hooks": hooks, "hook_layers": layers,
-                  "itemsize": itemsize,
-                  "expected_copy_bytes": size.collect_batches * size.batch * size.seq * size.d_model * len(hooks)
-                  * itemsize},
-        "bare": bare,
-        "collect": {**coll, "ratio": coll["tokens_per_s"] / bare["tokens_per_s"],
-                    "states_gb_per_s": coll["tokens_per_s"] * size.d_model * len(hooks) * itemsize / 1e9},
-        "d2h": {"worker": copies, "bare_pinned": d2h, "ratio": copies["bytes_per_s"] / d2h["bytes_per_s"],
-                "side_stream": device.startswith("cuda"),
-                "overlaps_forward": copies["overlap_fraction"] > 0.5},
-        "reader": reader,
-        "memory": {"kind": bare["memory_kind"], "bare_peak_bytes": bare["peak_memory_bytes"],
-                   "worker_peak_bytes": coll["peak_memory_bytes"],
-                   "ratio": coll["peak_memory_bytes"] / bare["peak_memory_bytes"]},
-    }
-    report["definitions"] = DEFINITIONS
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
+    report = {"device": device, "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+              "torch": torch.__version__, "complete": False, "phase_s": {}, "definitions": DEFINITIONS}
+    cfg, n_params = _timed(report, "setup", lambda: _prepare(work, size, device, hooks))
+    report["setup"] = {**asdict(size), "params": n_params, "hooks": hooks, "hook_layers": layers, "itemsize": itemsize,
+                       "expected_copy_bytes": size.collect_batches * size.batch * size.seq * size.d_model
+                       * len(hooks) * itemsize}
+    _save(out, report)
+    bare = report["bare"] = _timed(report, "bare", lambda: bare_forward(cfg, size, max(layers)))
+    _save(out, report)
+    coll, copies = _timed(report, "collect", lambda: collect(cfg, size, device))
+    report["collect"] = {**coll, "ratio": coll["tokens_per_s"] / bare["tokens_per_s"],
+                         "states_gb_per_s": coll["tokens_per_s"] * size.d_model * len(hooks) * itemsize / 1e9}
+    _save(out, report)
+    d2h = _timed(report, "d2h", lambda: d2h_baseline(size, device))
+    report["d2h"] = {"worker": copies, "bare_pinned": d2h, "ratio": copies["bytes_per_s"] / d2h["bytes_per_s"],
+                     "side_stream": device.startswith("cuda"), "overlaps_forward": copies["overlap_fraction"] > 0.5}
+    _save(out, report)
+    report["reader"] = _timed(report, "reader", lambda: reader_check(work / "store", hooks, size, device))
+    report["memory"] = {"kind": bare["memory_kind"], "bare_peak_bytes": bare["peak_memory_bytes"],
+                        "worker_peak_bytes": coll["peak_memory_bytes"],
+                        "ratio": coll["peak_memory_bytes"] / bare["peak_memory_bytes"]}
+    report["complete"] = True
+    _save(out, report)
     (out / "gpu_check.txt").write_text(text_report(report))
     return report
 
@@ -384,7 +398,7 @@ def text_report(r: dict) -> str:
         f"busy {r['bare']['busy_fraction']:.1%}",
         f"    vaultsh collect --headless: {c['tokens_per_s']:,.0f} tokens/s steady "
         f"({c['tokens_per_s_whole_command']:,.0f} over the whole command, model load included) "
-        f"= {c['ratio']:.3f}x; GPU busy {c['busy_fraction']:.1%}; store takes {c['states_gb_per_s']:.2f} GB/s",
+        f"= {c['ratio']:.3f}x; busy {c['busy_fraction']:.1%}; store takes {c['states_gb_per_s'] * 1e3:,.0f} MB/s",
         f"3   worker D2H copies: {d['worker']['bytes_per_s'] / 1e9:.2f} GB/s vs bare "
         f"{'pinned ' if d['bare_pinned']['pinned'] else ''}copy_ {d['bare_pinned']['bytes_per_s'] / 1e9:.2f} GB/s "
         f"= {d['ratio']:.3f}x; {d['worker']['overlap_fraction']:.1%} of copy time overlaps a forward "
