@@ -151,6 +151,18 @@ def _steady_skip(n: int) -> int:
     return min(max(2, n // 5), n - 3)
 
 
+def _layers_called(layers, fn) -> int:
+    """How many of `layers` run during `fn()`."""
+    called: set[int] = set()
+    handles = [m.register_forward_pre_hook(lambda mod, args, i=i: called.add(i)) for i, m in enumerate(layers)]
+    try:
+        fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return len(called)
+
+
 def bare_forward(cfg_path: Path, size: Size, deepest: int) -> dict:
     """Tokens/s, busy fraction and peak memory of the bare forward of layers 0..deepest (no LM head)."""
     import torch
@@ -172,6 +184,10 @@ def bare_forward(cfg_path: Path, size: Size, deepest: int) -> dict:
     base.layers = torch.nn.ModuleList(every_layer[:deepest + 1])  # every layer's weights stay resident
     try:
         with torch.inference_mode():
+            layers_run = _layers_called(every_layer, lambda: base(input_ids=batches[0][0], attention_mask=batches[0][1],
+                                                                  use_cache=False))
+            if layers_run != deepest + 1:
+                raise RuntimeError(f"the bare forward ran {layers_run} layers, not 0..{deepest}")
             for ids, am in batches[:2]:  # warm-up
                 base(input_ids=ids, attention_mask=am, use_cache=False)
             clock = Clock(device)
@@ -186,7 +202,7 @@ def bare_forward(cfg_path: Path, size: Size, deepest: int) -> dict:
         base.layers = every_layer
     iv = [(clock.ms(s), clock.ms(e)) for s, e in marks]
     wall = iv[-1][1] - iv[0][0]
-    out = {"device": str(device), "batches": len(iv), "layers_run": deepest + 1,
+    out = {"device": str(device), "batches": len(iv), "layers_run": layers_run,
            "tokens_per_s": len(iv) * size.batch * size.seq / wall * 1e3,
            "busy_fraction": union_ms(iv) / wall, "peak_memory_bytes": mem.peak, "memory_kind": mem.kind}
     del model, batches, base, every_layer

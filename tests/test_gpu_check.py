@@ -77,6 +77,7 @@ def test_smoke_reports_every_figure_with_sane_values(smoke):
     r, _ = smoke
     s = r["setup"]
     assert r["complete"] is True and set(r["phase_s"]) == {"setup", "bare", "collect", "d2h", "reader"}
+    assert r["bare"]["layers_run"] == max(s["hook_layers"]) + 1 < s["n_layers"]
     assert r["device"] == "cpu" and s["hooks"] == [f"blocks.{i}.hook_resid_post" for i in hook_layers(s["n_layers"])]
     for fig in (r["bare"]["tokens_per_s"], r["collect"]["tokens_per_s"], r["collect"]["tokens_per_s_whole_command"],
                 r["collect"]["ratio"], r["collect"]["states_gb_per_s"], r["d2h"]["worker"]["bytes_per_s"], r["d2h"]["bare_pinned"]["bytes_per_s"],
