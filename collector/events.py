@@ -15,7 +15,7 @@ headless progress printer and the launchers all consume this one schema.
 | warning   | message                                                                |
 | error     | message                                                                |
 | stopping  | megabatch, filled, batches_per_upload: a stop request was seen; the megabatch in flight is finished and committed first |
-| done      | status ("complete", "stopped", "failed"), batches, tokens, megabatches, elapsed |
+| done      | status ("complete", "stopped", "failed"), batches, tokens, megabatches, elapsed; already_complete: true when the shard was complete before this run (nothing written) |
 """
 
 from __future__ import annotations

@@ -183,8 +183,8 @@ def run_worker(
         sink.emit("resume", from_megabatch=next_index, from_batch=done_local)
     if done_local >= total_batches:
         _clean_leftovers(run, worker, hooks)
-        sink.emit("done", status="complete", batches=done_local, tokens=tokens_total, megabatches=len(commits), elapsed=0.0)
-        return {"status": "complete", "batches": done_local, "megabatches": len(commits), "tokens": tokens_total}
+        sink.emit("done", status="complete", batches=done_local, tokens=tokens_total, megabatches=len(commits), elapsed=0.0, already_complete=True)
+        return {"status": "complete", "batches": done_local, "megabatches": len(commits), "tokens": tokens_total, "elapsed": 0.0, "already_complete": True}
 
     sink.emit("loading", what="model", detail=cfg.model.name)
     model, tokenizer, device = load_model_and_tokenizer(cfg.model)

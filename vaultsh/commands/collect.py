@@ -72,12 +72,17 @@ def _run_in_process(args, cfg, machine: int) -> int:
         install_signal_handlers(stop, on_first=lambda: printer.console.log(
             "stopping after the megabatch in flight (press Ctrl-C again to abort)"))
         result = run_worker(cfg, machine, sink=sink, stop=stop, force=args.force)
-    print(
-        f"worker {machine}: {result['status']}: {result['batches']} batches, {humanize.intcomma(result['tokens'])} tokens, "
-        f"{result['megabatches']} megabatches committed in {humanize.naturaldelta(result['elapsed'])} "
-        f"-> {cfg.storage.uri.rstrip('/')}/{cfg.run_name}"
-    )
+    print(_result_line(machine, result, f"{cfg.storage.uri.rstrip('/')}/{cfg.run_name}"))
     return 0 if result["status"] in ("complete", "stopped") else 1
+
+
+def _result_line(machine: int, result: dict, where: str) -> str:
+    """The one line a headless worker ends with; a shard finished earlier says so."""
+    totals = (f"{result['batches']} batches, {humanize.intcomma(result['tokens'])} tokens, "
+              f"{result['megabatches']} megabatches committed")
+    if result.get("already_complete"):
+        return f"worker {machine}: already complete: {totals}; nothing to do -> {where}"
+    return f"worker {machine}: {result['status']}: {totals} in {humanize.naturaldelta(result['elapsed'])} -> {where}"
 
 
 def _check_before_launch(cfg) -> None:
