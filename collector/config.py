@@ -88,6 +88,7 @@ __all__ = [
     "load_config",
     "read_model_facts",
     "validate_against_model",
+    "check_model_packages",
     "storage_uri_for_bucket",
     "locate_gguf",
     "STORE_ENV",
@@ -1236,6 +1237,47 @@ def read_model_facts(model: ModelConfig) -> ModelFacts:
 def _first_line(e: BaseException) -> str:
     s = str(e).strip().splitlines()
     return s[0][:300] if s else type(e).__name__
+
+
+# --------------------------------------------------------------------------- #
+# Optional packages a model option needs
+# --------------------------------------------------------------------------- #
+
+# kwarg -> (does this value need the package?, module to import, what to pip install)
+_KWARG_PACKAGES: dict[str, tuple[Any, str, str]] = {
+    "load_in_8bit": (bool, "bitsandbytes", "bitsandbytes"),
+    "load_in_4bit": (bool, "bitsandbytes", "bitsandbytes"),
+    "attn_implementation": (lambda v: v == "flash_attention_2", "flash_attn", "flash-attn"),
+    "device_map": (lambda v: v is not None, "accelerate", "accelerate"),
+}
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def missing_packages(model: ModelConfig, section: str = "transformer_config") -> list[str]:
+    """One message per `kwargs` option whose package is not installed (nothing is imported)."""
+    kwargs = getattr(model, "kwargs", None) or {}
+    problems = []
+    for key, (needs, module, pip_name) in _KWARG_PACKAGES.items():
+        value = kwargs.get(key)
+        if key in kwargs and needs(value) and not _installed(module):
+            problems.append(f"{section}.kwargs.{key}: {_fmt_value(value)} needs the package {module}, "
+                            f"which is not installed (pip install {pip_name}, or remove the option)")
+    return problems
+
+
+def check_model_packages(cfg: CollectConfig) -> None:
+    """Refuse, before any worker starts, model options whose optional package is missing."""
+    problems = missing_packages(cfg.model, cfg.field_label("model"))
+    if problems:
+        raise _join_errors(cfg.source, problems)
 
 
 # --------------------------------------------------------------------------- #

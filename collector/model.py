@@ -116,6 +116,11 @@ def load_model_and_tokenizer(model_cfg: Any):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from collector.config import missing_packages
+
+    problems = missing_packages(model_cfg)
+    if problems:  # launched workers come here without the CLI's check
+        raise ConfigError(problems[0])
     user_kwargs = dict(getattr(model_cfg, "kwargs", None) or {})
     source = resolve_model_source(model_cfg.name, user_kwargs)
     user_kwargs.pop("gguf_file", None)

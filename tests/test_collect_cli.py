@@ -236,3 +236,20 @@ def test_rerunning_a_finished_worker_says_complete_and_writes_nothing(tiny_dir, 
     out = capsys.readouterr().out
     assert "worker 0: already complete: 3 batches" in out and "1 megabatches committed" in out, out
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "vault").rglob("*")} == before
+
+
+def test_load_in_8bit_without_bitsandbytes_stops_before_any_worker(tiny_dir, tmp_path, capsys):
+    import importlib.util
+
+    from vaultsh.cli import main
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed here")
+    cfg = write_cfg(tmp_path / "cfg.yaml", tiny_dir, tmp_path / "vault", n_batches=3)
+    data = yaml.safe_load(cfg.read_text())
+    data["transformer_config"]["kwargs"] = {"load_in_8bit": True}
+    cfg.write_text(yaml.safe_dump(data))
+    assert main(["collect", str(cfg), "--headless"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "transformer_config.kwargs.load_in_8bit: true needs the package bitsandbytes" in lines[0]
+    assert not (tmp_path / "vault").exists()

@@ -18,11 +18,12 @@ import humanize
 
 
 def run_collect(args) -> int:
-    from collector.config import load_config
+    from collector.config import check_model_packages, load_config
 
     if args.store:
         os.environ["VAULTSH_STORE"] = args.store
     cfg = load_config(args.config)
+    check_model_packages(cfg)
     if args.events_fd is not None:
         return _run_worker_for_launcher(args, cfg)
     machines = _machines(args, cfg)
