@@ -172,6 +172,8 @@ def run_worker(
         "start", run=cfg.run_name, model=cfg.model.name, hooks=hooks, store=run_uri,
         n_batches=total_batches, batches_per_upload=bpu, pid=_pid(), format=fmt,
     )
+    for message in cfg.warnings:  # e.g. a dataset_config tokenizer that is not the model's
+        sink.emit("warning", message=message)
 
     # Resume after the last committed megabatch of this worker.
     commits = run.iter_commits(worker=worker)

@@ -381,3 +381,23 @@ def test_commit_chunks_skip_a_chunk_a_resumed_worker_started_inside(monkeypatch)
     events = []
     feed(FakeRun(fail=True), range(4), sink=EventSink(0, callback=events.append))
     assert [e["type"] for e in events] == ["warning"] and "commit chunk 3" in events[0]["message"]
+
+
+def test_lm_training_dataset_config_collects_and_warns_about_its_tokenizer(tiny_dir, tmp_path):
+    import json
+
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": f"alpha document {i}"}) + "\n" for i in range(40)))
+    raw = {
+        "run_name": "lm.form", "transformer_config": {"model_name": str(tiny_dir), "dtype": "float32"},
+        "data_config": {"n_batches": 2, "batch_size": 2},
+        "dataset_config": {"datasets": [{"name": "a", "path": str(tmp_path / "a.jsonl"), "text_field": "text"}],
+                           "tokenizer_name": "gpt2", "max_seq_length": 16},
+        "upload_config": {"batches_per_upload": 2, "hooks": ["residuals_1"]},
+        "storage": {"uri": str(tmp_path / "vault")},
+    }
+    result, events = collect(load_config(raw))
+    assert result["status"] == "complete" and result["megabatches"] == 1
+    warnings = [e["message"] for e in events if e["type"] == "warning"]
+    assert any(m.startswith("dataset_config.tokenizer_name: 'gpt2' is not the model's tokenizer") for m in warnings)
+    run = Run(LocalStore(tmp_path / "vault"), "lm.form")
+    assert json.loads(LocalStore(tmp_path / "vault").get_bytes(run.metadata_key("residuals_1")))["sequence_length"] == 16
