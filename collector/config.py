@@ -28,6 +28,11 @@ returns one normalised, validated `CollectConfig`:
     (`residuals_N`, `mlp_N`, `attention_N`, `all`, `*_all`, `residuals_0-31`,
     `blocks.N.hook_resid_post`, ...).
 
+(b2) **the LM-training config guide's data blocks**: a top-level
+    `dataset_config: {datasets, tokenizer_name, max_seq_length}` or
+    `data_mixes: {NAME: {name, datasets}}`, read as `data_config.datasets`
+    (see `_lm_training_datasets` and docs/data.md).
+
 (c) **our own normalised form**, `CollectConfig.model_dump()`
     (`run_name`, `num_runs`, `model`, `data`, `upload`, `storage`): it loads
     back to an equal `CollectConfig`.
