@@ -167,3 +167,14 @@ def load_model_and_tokenizer(model_cfg: Any):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, device
+
+
+def loaded_summary(model, device: str) -> dict:
+    """What the `loading data` event says about the model just loaded: parameters, bytes, dtype, device."""
+    params = list(model.parameters())
+    return {
+        "model_params": sum(p.numel() for p in params),
+        "model_bytes": sum(p.numel() * p.element_size() for p in params),
+        "dtype": str(getattr(model, "dtype", "")).removeprefix("torch."),
+        "device": str(device),
+    }

@@ -139,7 +139,7 @@ def run_worker(
     from collector.data import BatchStream
     from collector.layers import ActivationCapture, describe
     from collector.generation import ChunkRunner, forward_chunks, generate_batch
-    from collector.model import load_model_and_tokenizer
+    from collector.model import load_model_and_tokenizer, loaded_summary
 
     sink = sink or EventSink(worker)
     stop = stop if stop is not None else StopFlag()
@@ -191,7 +191,8 @@ def run_worker(
     sink.emit("loading", what="model", detail=cfg.model.name)
     model, tokenizer, device = load_model_and_tokenizer(cfg.model)
     storage_dtype = _storage_dtype(cfg, model)
-    sink.emit("loading", what="data", detail=cfg.data.data_key or cfg.data.path or cfg.data.mix or "datasets")
+    sink.emit("loading", what="data", detail=cfg.data.data_key or cfg.data.path or cfg.data.mix or "datasets",
+              **loaded_summary(model, device))
     # Resume exactly after the last committed batch: commit records hold global batch indices.
     data_spec = cfg.data.model_copy(update={"start_batch": commits[-1].batch_end}) if commits else cfg.data
     stream = BatchStream(data_spec, tokenizer, worker=worker, num_workers=cfg.num_runs, max_new_tokens=max_new)
