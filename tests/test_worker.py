@@ -109,6 +109,17 @@ def test_run_commits_every_megabatch_with_metadata(single_run):
     assert events[-1]["status"] == "complete"
 
 
+def test_model_loaded_event_says_size_dtype_and_device(single_run, tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    *_, events = single_run
+    loaded = next(e for e in events if e["type"] == "loading" and e["what"] == "data")
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype="float32")
+    n = sum(p.numel() for p in model.parameters())
+    assert (loaded["model_params"], loaded["model_bytes"]) == (n, 4 * n)
+    assert (loaded["dtype"], loaded["device"]) == ("float32", "cuda" if torch.cuda.is_available() else "cpu")
+
+
 def test_commit_records_match_stored_bytes(single_run):
     cfg, store, run, *_ = single_run
     for c in run.iter_commits():
