@@ -207,7 +207,9 @@ def add_arguments(p) -> None:
     """This subcommand's arguments (vaultsh/cli.py builds the parser from it)."""
     import argparse
 
-    p.add_argument("config", help="YAML config (Activault schema or ours)")
+    p.add_argument("config", help="YAML config: Activault's schema, the refusal-circuit model: form, or the "
+                                  "LM-training dataset_config: block (see docs/data.md). A rerun resumes each "
+                                  "worker after its last commit; a finished one says so and exits 0")
     p.add_argument("--headless", action="store_true", help="print progress instead of opening the dashboard")
     p.add_argument("--machine", type=int, default=None, metavar="I", help="run only worker I of num_runs")
     p.add_argument("--machines", default=None, metavar="SPEC",

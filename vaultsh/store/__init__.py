@@ -39,10 +39,11 @@ def no_sign_request() -> bool:
     return os.environ.get(NO_SIGN_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def add_no_sign_request(parser) -> None:
+def add_no_sign_request(parser, note: str = "") -> None:
     """The read commands' `--no-sign-request` (as in the AWS CLI)."""
     parser.add_argument("--no-sign-request", action="store_true",
-                        help=f"send S3 requests unsigned, to read a public bucket without credentials (same as {NO_SIGN_ENV}=1)")
+                        help=f"send S3 requests unsigned, to read a public bucket without credentials "
+                             f"(same as {NO_SIGN_ENV}=1){note}")
 
 
 def apply_no_sign_request(args) -> None:
