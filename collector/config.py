@@ -28,6 +28,11 @@ returns one normalised, validated `CollectConfig`:
     (`residuals_N`, `mlp_N`, `attention_N`, `all`, `*_all`, `residuals_0-31`,
     `blocks.N.hook_resid_post`, ...).
 
+(b2) **the LM-training config guide's data blocks**: a top-level
+    `dataset_config: {datasets, tokenizer_name, max_seq_length}` or
+    `data_mixes: {NAME: {name, datasets}}`, read as `data_config.datasets`
+    (see `_lm_training_datasets` and docs/data.md).
+
 (c) **our own normalised form**, `CollectConfig.model_dump()`
     (`run_name`, `num_runs`, `model`, `data`, `upload`, `storage`): it loads
     back to an equal `CollectConfig`.
@@ -88,6 +93,7 @@ __all__ = [
     "load_config",
     "read_model_facts",
     "validate_against_model",
+    "check_model_packages",
     "storage_uri_for_bucket",
     "locate_gguf",
     "STORE_ENV",
@@ -410,6 +416,7 @@ class CollectConfig(_Strict):
     _source: str = PrivateAttr(default="<config>")
     _fields: dict[str, str] = PrivateAttr(default_factory=dict)
     _hook_fields: dict[str, str] = PrivateAttr(default_factory=dict)
+    _warnings: list[str] = PrivateAttr(default_factory=list)
 
     def __eq__(self, other: object) -> bool:
         # equal content is equal config, however it was spelled (private attrs ignored)
@@ -433,6 +440,11 @@ class CollectConfig(_Strict):
         if section in self._fields:
             return f"{self._fields[section]}.{rest}" if rest else self._fields[section]
         return normalized
+
+    @property
+    def warnings(self) -> list[str]:
+        """Things worth saying that do not stop the run (e.g. a dataset_config tokenizer that is not the model's)."""
+        return list(self._warnings)
 
     def hook_field(self, name: str) -> str:
         """Where a hook entry was written ('upload_config.hooks', 'activation_layers', ...)."""
@@ -485,6 +497,21 @@ class _StorageIn(_Strict):
     dtype: Optional[StorageDType] = None
 
 
+class _DatasetConfigIn(_Strict):
+    """The LM-training config guide's `dataset_config:` block: the datasets, tokenizer and length."""
+
+    datasets: Annotated[list[DatasetEntry], Field(min_length=1)]
+    tokenizer_name: Optional[NonEmptyStr] = None
+    max_seq_length: Optional[Annotated[int, BeforeValidator(_no_bool), Field(ge=2)]] = None
+
+
+class _MixIn(_Strict):
+    """One named mix of the LM-training guide's `data_mixes:` block."""
+
+    name: Optional[str] = None
+    datasets: Annotated[list[DatasetEntry], Field(min_length=1)]
+
+
 class _RawConfig(_Strict):
     run_name: RunName
     num_runs: PosInt = 1
@@ -492,6 +519,8 @@ class _RawConfig(_Strict):
     model: Optional[_ModelSectionIn] = None
     data_config: Optional[DataConfig] = None
     data: Optional[DataConfig] = None
+    dataset_config: Optional[_DatasetConfigIn] = None
+    data_mixes: Optional[dict[str, _MixIn]] = None
     upload_config: Optional[_UploadIn] = None
     upload: Optional[_UploadIn] = None
     storage: Annotated[Optional[_StorageIn], BeforeValidator(_storage_shorthand)] = None
@@ -575,6 +604,11 @@ def _model_at(cls: type[BaseModel], loc: tuple) -> Optional[type[BaseModel]]:
 # Top-level sections of the refusal-circuit collector that have no meaning here.
 _FOREIGN_SECTIONS = {
     "output": "write storage.uri (or data_config.bucket_name) instead",
+    # the LM-training guide's other sections: only its dataset_config / data_mixes concern collection
+    "model_config": "describe the model with transformer_config.model_name",
+    "train_config": "training settings have no meaning for collection; remove the section",
+    "eval_config": "evaluation settings have no meaning for collection; remove the section",
+    "wandb_config": "Weights & Biases settings have no meaning for collection; remove the section",
 }
 
 
@@ -716,6 +750,79 @@ def _inference_batch_size_into_data(data: dict) -> None:
             d["batch_size"] = inf["batch_size"]
 
 
+def _seq_length_from_dataset_config(data: dict) -> bool:
+    """Copy `dataset_config.max_seq_length` into a data section that has no seq_length; True if copied."""
+    dc = data.get("dataset_config")
+    n = dc.get("max_seq_length") if isinstance(dc, Mapping) else None
+    if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+        return False  # absent or invalid: _DatasetConfigIn reports it
+    copied = False
+    for section in ("data_config", "data"):
+        d = data.get(section)
+        if isinstance(d, dict) and "seq_length" not in d:
+            d["seq_length"] = n
+            copied = True
+    return copied
+
+
+def _inline_mix(mixes: dict[str, _MixIn], chosen: Optional[str], label: str) -> tuple[Optional[str], str, list]:
+    """(error or None, where the datasets were written, entries) of the top-level `data_mixes:` block."""
+    names = ", ".join(mixes) or "none"
+    if chosen is None and len(mixes) != 1:
+        return f"data_mixes: holds {len(mixes)} mixes ({names}); pick one with {label}.mix", "data_mixes", []
+    name = chosen if chosen is not None else next(iter(mixes))
+    if name not in mixes:
+        return f"{label}.mix: {name!r} is not in data_mixes (available: {names})", "data_mixes", []
+    return None, f"data_mixes.{name}.datasets", mixes[name].datasets
+
+
+def _lm_training_datasets(raw: _RawConfig, data_cfg: DataConfig, fields: dict[str, str]) -> tuple[list[str], DataConfig]:
+    """The LM-training guide's `dataset_config:` / `data_mixes:` blocks as `data_config.datasets`."""
+    label = fields["data"]
+    picked: list[tuple[str, list]] = []
+    errors: list[str] = []
+    update: dict[str, Any] = {}
+    if raw.dataset_config is not None:
+        picked.append(("dataset_config.datasets", raw.dataset_config.datasets))
+        n = raw.dataset_config.max_seq_length
+        if n is not None and n != data_cfg.seq_length:
+            errors.append(f"dataset_config.max_seq_length: {n} contradicts {label}.seq_length "
+                          f"{data_cfg.seq_length}; write one of them")
+    if raw.data_mixes is not None:
+        err, where, entries = _inline_mix(raw.data_mixes, data_cfg.mix, label)
+        errors += [err] if err else []
+        picked.append((where, entries))
+        update["mix"] = None  # chosen here; `mix` alone would ask for a data_mixes file
+    if not picked:
+        return [], data_cfg
+    if len(picked) > 1:
+        errors.append("dataset_config and data_mixes both give the datasets; keep one")
+    where, entries = picked[0]
+    own = [n for n in ("data_key", "datasets", "data_mixes", "path") if getattr(data_cfg, n) is not None]
+    if own:
+        errors.append(f"{where.split('.')[0]} and {label}.{own[0]} both give the text; keep one")
+    fields["data.datasets"] = where
+    update["datasets"] = entries
+    return errors, data_cfg.model_copy(update=update)
+
+
+def _same_source(a: str, b: str, base_dir: Optional[Path]) -> bool:
+    """Whether two model/tokenizer names mean the same thing (equal, or the same local directory)."""
+    if a.strip() == b.strip():
+        return True
+    paths = [Path(x).expanduser() if Path(x).expanduser().is_absolute() or base_dir is None else base_dir / x
+             for x in (a, b)]
+    return all(p.exists() for p in paths) and paths[0].resolve() == paths[1].resolve()
+
+
+def _tokenizer_warning(raw: _RawConfig, model_name: str, base_dir: Optional[Path]) -> Optional[str]:
+    tok = raw.dataset_config.tokenizer_name if raw.dataset_config is not None else None
+    if tok is None or _same_source(tok, model_name, base_dir):
+        return None
+    return (f"dataset_config.tokenizer_name: {tok!r} is not the model's tokenizer ({model_name!r}); "
+            "the text is tokenized with the model's own tokenizer")
+
+
 def load_config(source: Union[str, os.PathLike, Mapping[str, Any]], *, name: Optional[str] = None) -> CollectConfig:
     """Load, normalise and validate a config (a YAML path, or an already-parsed mapping).
 
@@ -742,6 +849,7 @@ def load_config(source: Union[str, os.PathLike, Mapping[str, Any]], *, name: Opt
         raise ConfigError(f"{label}: key {_fmt_value(bad_keys[0])} is not a string")
 
     _inference_batch_size_into_data(data)
+    seq_from_dataset_config = _seq_length_from_dataset_config(data)
     try:
         raw = _RawConfig.model_validate(data)
     except ValidationError as e:
@@ -826,8 +934,16 @@ def load_config(source: Union[str, os.PathLike, Mapping[str, Any]], *, name: Opt
     elif raw.data is not None:
         data_cfg = raw.data
         fields["data"] = "data"
+    elif raw.dataset_config is not None or raw.data_mixes is not None:
+        errors.append("data_config: required but missing (n_batches and batch_size; the datasets come from "
+                      f"{'dataset_config' if raw.dataset_config is not None else 'data_mixes'})")
     else:
         errors.append("data_config: required but missing (data_key, n_batches, seq_length, batch_size)")
+    if data_cfg is not None:
+        if seq_from_dataset_config:
+            fields["data.seq_length"] = "dataset_config.max_seq_length"
+        lm_errors, data_cfg = _lm_training_datasets(raw, data_cfg, fields)
+        errors.extend(lm_errors)
 
     # ---- upload + hooks -----------------------------------------------------
     upload_in: Optional[_UploadIn] = None
@@ -872,7 +988,8 @@ def load_config(source: Union[str, os.PathLike, Mapping[str, Any]], *, name: Opt
         from collector.datacheck import check_data_section
 
         fmt = (raw.storage.format if raw.storage is not None else "safetensors")
-        data_errors, data_cfg = check_data_section(data_cfg, fields["data"], base_dir, inference, fmt)
+        data_errors, data_cfg = check_data_section(data_cfg, fields["data"], base_dir, inference, fmt,
+                                                   datasets_label=fields.get("data.datasets"))
         errors.extend(data_errors)
         ib = data.get("inference", {}).get("batch_size") if isinstance(data.get("inference"), Mapping) else None
         if ib is not None and ib != data_cfg.batch_size:
@@ -930,6 +1047,7 @@ def load_config(source: Union[str, os.PathLike, Mapping[str, Any]], *, name: Opt
     cfg._source = label
     cfg._fields = fields
     cfg._hook_fields = hook_fields
+    cfg._warnings = [w for w in (_tokenizer_warning(raw, cfg.model.name, base_dir),) if w]
     return cfg
 
 
@@ -1236,6 +1354,47 @@ def read_model_facts(model: ModelConfig) -> ModelFacts:
 def _first_line(e: BaseException) -> str:
     s = str(e).strip().splitlines()
     return s[0][:300] if s else type(e).__name__
+
+
+# --------------------------------------------------------------------------- #
+# Optional packages a model option needs
+# --------------------------------------------------------------------------- #
+
+# kwarg -> (does this value need the package?, module to import, what to pip install)
+_KWARG_PACKAGES: dict[str, tuple[Any, str, str]] = {
+    "load_in_8bit": (bool, "bitsandbytes", "bitsandbytes"),
+    "load_in_4bit": (bool, "bitsandbytes", "bitsandbytes"),
+    "attn_implementation": (lambda v: v == "flash_attention_2", "flash_attn", "flash-attn"),
+    "device_map": (lambda v: v is not None, "accelerate", "accelerate"),
+}
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def missing_packages(model: ModelConfig, section: str = "transformer_config") -> list[str]:
+    """One message per `kwargs` option whose package is not installed (nothing is imported)."""
+    kwargs = getattr(model, "kwargs", None) or {}
+    problems = []
+    for key, (needs, module, pip_name) in _KWARG_PACKAGES.items():
+        value = kwargs.get(key)
+        if key in kwargs and needs(value) and not _installed(module):
+            problems.append(f"{section}.kwargs.{key}: {_fmt_value(value)} needs the package {module}, "
+                            f"which is not installed (pip install {pip_name}, or remove the option)")
+    return problems
+
+
+def check_model_packages(cfg: CollectConfig) -> None:
+    """Refuse, before any worker starts, model options whose optional package is missing."""
+    problems = missing_packages(cfg.model, cfg.field_label("model"))
+    if problems:
+        raise _join_errors(cfg.source, problems)
 
 
 # --------------------------------------------------------------------------- #

@@ -110,8 +110,12 @@ def load_mix(path: str, mix: str, label: str, base_dir: Optional[Path]) -> tuple
     return errs, local, entries
 
 
-def check_data_section(d, label: str, base_dir: Optional[Path], inference, storage_format: str):
-    """Cross-field checks of the data section; returns (errors, data config with absolute paths)."""
+def check_data_section(d, label: str, base_dir: Optional[Path], inference, storage_format: str,
+                       datasets_label: Optional[str] = None):
+    """Cross-field checks of the data section; returns (errors, data config with absolute paths).
+
+    `datasets_label` is where the datasets were written when not in the data section
+    (the LM-training form's `dataset_config.datasets`)."""
     errors: list[str] = []
     update: dict[str, Any] = {}
     given = [n for n, v in (("data_key", d.data_key), ("datasets", d.datasets), ("data_mixes", d.data_mixes),
@@ -126,7 +130,7 @@ def check_data_section(d, label: str, base_dir: Optional[Path], inference, stora
         errors.append(f"{label}: give one data source, not {' and '.join(given)} "
                       "(data_key, datasets, data_mixes + mix, or path)")
     if d.datasets is not None:
-        errs, entries = check_entries(d.datasets, f"{label}.datasets", base_dir)
+        errs, entries = check_entries(d.datasets, datasets_label or f"{label}.datasets", base_dir)
         errors += errs
         update["datasets"] = entries
     if d.data_mixes is not None:

@@ -6,7 +6,7 @@ headless progress printer and the launchers all consume this one schema.
 | type      | fields                                                                 |
 |-----------|------------------------------------------------------------------------|
 | start     | run, model, hooks, store, n_batches, batches_per_upload, pid           |
-| loading   | what ("model", "tokenizer", "data"), detail                           |
+| loading   | what ("model", "tokenizer", "data"), detail; "data" (sent once the model is loaded) also has model_params, model_bytes, dtype, device |
 | resume    | from_megabatch, from_batch                                             |
 | progress  | batches, total_batches, tokens, tokens_per_s, megabatch                |
 | memory    | rss, children_rss, gpu_allocated, gpu_reserved, system_used, system_total |
@@ -15,7 +15,7 @@ headless progress printer and the launchers all consume this one schema.
 | warning   | message                                                                |
 | error     | message                                                                |
 | stopping  | megabatch, filled, batches_per_upload: a stop request was seen; the megabatch in flight is finished and committed first |
-| done      | status ("complete", "stopped", "failed"), batches, tokens, megabatches, elapsed |
+| done      | status ("complete", "stopped", "failed"), batches, tokens, megabatches, elapsed; already_complete: true when the shard was complete before this run (nothing written) |
 """
 
 from __future__ import annotations

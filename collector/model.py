@@ -116,6 +116,11 @@ def load_model_and_tokenizer(model_cfg: Any):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from collector.config import missing_packages
+
+    problems = missing_packages(model_cfg)
+    if problems:  # launched workers come here without the CLI's check
+        raise ConfigError(problems[0])
     user_kwargs = dict(getattr(model_cfg, "kwargs", None) or {})
     source = resolve_model_source(model_cfg.name, user_kwargs)
     user_kwargs.pop("gguf_file", None)
@@ -162,3 +167,14 @@ def load_model_and_tokenizer(model_cfg: Any):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, device
+
+
+def loaded_summary(model, device: str) -> dict:
+    """What the `loading data` event says about the model just loaded: parameters, bytes, dtype, device."""
+    params = list(model.parameters())
+    return {
+        "model_params": sum(p.numel() for p in params),
+        "model_bytes": sum(p.numel() * p.element_size() for p in params),
+        "dtype": str(getattr(model, "dtype", "")).removeprefix("torch."),
+        "device": str(device),
+    }

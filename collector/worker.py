@@ -157,7 +157,7 @@ def run_worker(
     from collector.data import BatchStream
     from collector.capture import ActivationCapture, expand_module_globs, hook_description
     from collector.generation import ChunkRunner, forward_chunks, generate_batch
-    from collector.model import load_model_and_tokenizer
+    from collector.model import load_model_and_tokenizer, loaded_summary
 
     sink = sink or EventSink(worker)
     stop = stop if stop is not None else StopFlag()
@@ -190,6 +190,8 @@ def run_worker(
         "start", run=cfg.run_name, model=cfg.model.name, hooks=hooks, store=run_uri,
         n_batches=total_batches, batches_per_upload=bpu, pid=_pid(), format=fmt,
     )
+    for message in cfg.warnings:  # e.g. a dataset_config tokenizer that is not the model's
+        sink.emit("warning", message=message)
 
     # Resume after the last committed megabatch of this worker.
     commits = run.iter_commits(worker=worker)
@@ -200,8 +202,8 @@ def run_worker(
         sink.emit("resume", from_megabatch=next_index, from_batch=done_local)
     if done_local >= total_batches:
         _clean_leftovers(run, worker, hooks)
-        sink.emit("done", status="complete", batches=done_local, tokens=tokens_total, megabatches=len(commits), elapsed=0.0)
-        return {"status": "complete", "batches": done_local, "megabatches": len(commits), "tokens": tokens_total}
+        sink.emit("done", status="complete", batches=done_local, tokens=tokens_total, megabatches=len(commits), elapsed=0.0, already_complete=True)
+        return {"status": "complete", "batches": done_local, "megabatches": len(commits), "tokens": tokens_total, "elapsed": 0.0, "already_complete": True}
 
     sink.emit("loading", what="model", detail=cfg.model.name)
     model, tokenizer, device = load_model_and_tokenizer(cfg.model)
@@ -218,7 +220,8 @@ def run_worker(
                     f"{probe.spec.name}: attention patterns are {probe.heads} heads x {T} key positions per token, "
                     f"{per_token:,} bytes per token ({per_token * T:,} per sequence)"))
     stats = {h: _load_partial_stats(run, worker, h, commits[-1].index if commits else None) for h in hooks}
-    sink.emit("loading", what="data", detail=cfg.data.data_key or cfg.data.path or cfg.data.mix or "datasets")
+    sink.emit("loading", what="data", detail=cfg.data.data_key or cfg.data.path or cfg.data.mix or "datasets",
+              **loaded_summary(model, device))
     # Resume exactly after the last committed batch: commit records hold global batch indices.
     data_spec = cfg.data.model_copy(update={"start_batch": commits[-1].batch_end}) if commits else cfg.data
     stream = BatchStream(data_spec, tokenizer, worker=worker, num_workers=cfg.num_runs, max_new_tokens=max_new)

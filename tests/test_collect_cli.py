@@ -223,3 +223,33 @@ def test_hub_id_loads_offline_from_a_filled_cache(tiny_dir, tmp_path):
     run = Run(LocalStore(tmp_path / "vault"), "sig.pydoc")
     assert len(run.iter_commits()) == 1
     assert run.read_cfg()["model_name"] == "vaultsh-test/tiny-llama"
+
+
+def test_rerunning_a_finished_worker_says_complete_and_writes_nothing(tiny_dir, tmp_path, capsys):
+    from vaultsh.cli import main
+
+    cfg = write_cfg(tmp_path / "cfg.yaml", tiny_dir, tmp_path / "vault", n_batches=3)
+    assert main(["collect", str(cfg), "--headless", "--machine", "0"]) == 0
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "vault").rglob("*")}
+    capsys.readouterr()
+    assert main(["collect", str(cfg), "--headless", "--machine", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "worker 0: already complete: 3 batches" in out and "1 megabatches committed" in out, out
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "vault").rglob("*")} == before
+
+
+def test_load_in_8bit_without_bitsandbytes_stops_before_any_worker(tiny_dir, tmp_path, capsys):
+    import importlib.util
+
+    from vaultsh.cli import main
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed here")
+    cfg = write_cfg(tmp_path / "cfg.yaml", tiny_dir, tmp_path / "vault", n_batches=3)
+    data = yaml.safe_load(cfg.read_text())
+    data["transformer_config"]["kwargs"] = {"load_in_8bit": True}
+    cfg.write_text(yaml.safe_dump(data))
+    assert main(["collect", str(cfg), "--headless"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "transformer_config.kwargs.load_in_8bit: true needs the package bitsandbytes" in lines[0]
+    assert not (tmp_path / "vault").exists()

@@ -537,3 +537,38 @@ def test_deep_copy_input_untouched():
     before["transformer_config"]["kwargs"]["trust_remote_code"] = True
     load_config(d)
     assert d == before
+
+
+@pytest.mark.parametrize("kwargs,module", [
+    ({"load_in_8bit": True}, "bitsandbytes"),
+    ({"load_in_4bit": True}, "bitsandbytes"),
+    ({"attn_implementation": "flash_attention_2"}, "flash_attn"),
+    ({"device_map": "auto"}, "accelerate"),
+])
+def test_model_option_without_its_package_is_one_line_error(monkeypatch, kwargs, module):
+    from collector import config as config_mod
+
+    monkeypatch.setattr(config_mod, "_installed", lambda m: m != module)
+    d = activault()
+    d["transformer_config"]["kwargs"] = kwargs
+    cfg = load_config(d, name="configs/x.yaml")  # the schema itself is fine
+    with pytest.raises(ConfigError) as ei:
+        config_mod.check_model_packages(cfg)
+    (key, value), = kwargs.items()
+    msg = str(ei.value)
+    assert msg.startswith(f"configs/x.yaml: transformer_config.kwargs.{key}: ") and "\n" not in msg
+    assert f"needs the package {module}, which is not installed" in msg
+
+
+def test_model_options_with_their_packages_or_switched_off_pass(monkeypatch):
+    from collector import config as config_mod
+
+    d = activault()
+    d["transformer_config"]["kwargs"] = {"load_in_8bit": False, "attn_implementation": "sdpa"}
+    config_mod.check_model_packages(load_config(d))
+    monkeypatch.setattr(config_mod, "_installed", lambda m: True)
+    d["transformer_config"]["kwargs"] = {"load_in_8bit": True, "device_map": "auto"}
+    config_mod.check_model_packages(load_config(d))
+    monkeypatch.setattr(config_mod, "_installed", lambda m: False)
+    with pytest.raises(ConfigError, match="model.kwargs.device_map"):
+        config_mod.check_model_packages(load_config(refusal_form() | {"model": {**refusal_form()["model"], "kwargs": {"device_map": "auto"}}}))

@@ -14,6 +14,7 @@ import psutil
 import pytest
 import yaml
 
+from vaultsh.dashboard import format as fmt
 from vaultsh.dashboard.app import Dashboard
 from vaultsh.dashboard.screens import HelpScreen, QuitScreen
 from vaultsh.dashboard.widgets import WorkerTable, bar, columns_for
@@ -202,6 +203,66 @@ async def test_states_follow_events():
         assert "1 done" in title and "1 failed" in title
         summary = lambda: str(app.query_one("#summary").render())  # noqa: E731
         assert await eventually(pilot, lambda: "4.0 MB" in summary() and "2 megabatches" in summary()), summary()
+
+
+async def test_events_pane_shows_a_healthy_runs_milestones_and_highlights_errors():
+    s = Scripted(n=2, total=4)
+    app = Dashboard(s.sup, refresh_s=0.05)
+    async with app.run_test(size=(120, 30)) as pilot:
+        s.feed("start", 0, run="r", model="m", hooks=["h"], store="s", n_batches=4, batches_per_upload=2, pid=4000)
+        s.feed("loading", 0, what="model", detail="tiny/llama")
+        s.t += 3
+        s.feed("loading", 0, what="data", detail="pydoc", model_params=135_000_000, model_bytes=540_000_000,
+               dtype="float32", device="cuda:0")
+        s.t += 2
+        s.feed("progress", 0, batches=1, total_batches=4, tokens=100, tokens_per_s=50.0, megabatch=0)
+        s.feed("progress", 0, batches=2, total_batches=4, tokens=200, tokens_per_s=50.0, megabatch=1)
+        s.feed("committed", 0, megabatch=0, batch_start=0, batch_end=2, tokens=200, bytes=2_000_000)
+        s.feed("warning", 0, message="retrying upload of h/w0000--0000001.safetensors (attempt 2): SlowDown")
+        s.feed("done", 0, status="complete", batches=4, tokens=400, megabatches=2, elapsed=12.0)
+        s.launcher.latest(0).exit(0)
+        s.feed("error", 1, message="boom: disk full")
+        s.launcher.latest(1).exit(1)
+        s.sup.tick()
+        assert s.sup.restart(1)
+        s.feed("done", 1, status="complete", batches=2, tokens=200, megabatches=1, elapsed=0.0, already_complete=True)
+        s.launcher.latest(1).exit(0)
+        await settle(pilot)
+        text = log_text(app)
+        for expected in [
+            "w0   started (pid 4000): 4 batches to collect",
+            "w0   loading model tiny/llama",
+            "w0   model loaded: 135M parameters, 540.0 MB float32 on cuda:0 in 3.0s",
+            "w0   first batch done (100 tokens so far), 5.0s after start",
+            "w0   megabatch 0 committed: 2.0 MB, 200 tokens (batches 0-1)",
+            "w0 ! retrying upload of h/w0000--0000001.safetensors (attempt 2): SlowDown",
+            "w0   finished: 4 batches, 400 tokens, 2 megabatches in 12s; statistics written",
+            "w1 ✘ boom: disk full",
+            "w1   restarting worker 1 (it resumes after its last commit)",
+            "w1   already complete: 2 batches, 200 tokens, 1 megabatches; nothing to do",
+            "--   run finished (2 done): 600 tokens, 1 megabatches, 2.0 MB committed",
+        ]:
+            assert expected in text, f"{expected!r} not in\n{text}"
+        assert text.count("first batch done") == 1
+        from textual.widgets import RichLog
+
+        error = next(strip for strip in app.query_one("#log", RichLog).lines if "boom" in strip.text)
+        assert any(seg.style and seg.style.bgcolor and seg.style.bgcolor.name == "red"
+                   for seg in error if "boom" in seg.text)
+
+
+async def test_charts_show_their_scale():
+    s = Scripted(n=4).steady()
+    s.sup.tokens_history.clear()
+    s.sup.tokens_history.extend([0.0] * 10 + [16_000.0] * 10 + [32_000.0] * 5 + [8_000.0] * 5)  # 30 s of samples
+    app = Dashboard(s.sup, refresh_s=0.05)
+    async with app.run_test(size=(100, 30)) as pilot:
+        label = lambda: str(app.query_one("#chart-tokens .chart-label").render())  # noqa: E731
+        assert await eventually(pilot, lambda: "last 30s" in label()), label()
+        assert label() == "tokens/s 8.0k  peak 32.0k  last 30s"
+        bars = str(app.query_one("#chart-tokens .chart-bars").render())
+        assert bars == " " * 10 + "▄" * 10 + "█" * 5 + "▂" * 5  # from 0 (blank) to the peak (full)
+        assert "peak" in str(app.query_one("#chart-upload .chart-label").render())
 
 
 async def test_queued_worker_starts_when_a_slot_frees_and_stopped_shows():

@@ -401,3 +401,119 @@ def test_hub_entry_goes_to_load_dataset_streaming_and_shuffled(monkeypatch, tok)
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(UserError, match=r"dataset 'c4' \(allenai/c4\): could not load: ConnectionError: Couldn't reach"):
         docs_of(tok, datasets=entry)
+
+
+# ---------------------------------------------------------------- the LM-training guide's form
+
+LM_DATASET_CONFIG = """\
+run_name: r
+transformer_config: {model_name: some/model}
+data_config: {n_batches: 4, batch_size: 2}
+upload_config: {hooks: [residuals_0]}
+dataset_config:
+  datasets:
+    - name: "pile-uncopyrighted"
+      path: "a.jsonl"
+      split: "train"
+      streaming: true
+      weight: 0.7
+      text_field: "text"
+    - name: "inst"
+      path: "b.jsonl"
+      split: "train"
+      streaming: true
+      weight: 0.3
+      text_template: "Instruction:\\n{instruction}\\n\\nOutput:\\n{output}"
+  tokenizer_name: "some/model"
+  max_seq_length: 32
+"""
+
+
+def lm_files(tmp_path):
+    jsonl(tmp_path / "a.jsonl", [{"text": f"alpha {i}"} for i in range(20)])
+    jsonl(tmp_path / "b.jsonl", [{"instruction": f"do {i}", "output": "done"} for i in range(20)])
+
+
+def test_dataset_config_block_is_the_datasets_form(tmp_path, tok):
+    lm_files(tmp_path)
+    (tmp_path / "lm.yaml").write_text(LM_DATASET_CONFIG)
+    cfg = load_config(tmp_path / "lm.yaml")
+    plain = json.loads(json.dumps(cfg_dict({"seq_length": 32})))
+    plain["data_config"]["datasets"] = [
+        {"name": "pile-uncopyrighted", "path": "a.jsonl", "streaming": True, "weight": 0.7, "text_field": "text"},
+        {"name": "inst", "path": "b.jsonl", "streaming": True, "weight": 0.3,
+         "text_template": "Instruction:\n{instruction}\n\nOutput:\n{output}"}]
+    (tmp_path / "plain.yaml").write_text(json.dumps(plain))
+    assert cfg == load_config(tmp_path / "plain.yaml")
+    assert cfg.data.seq_length == 32 and cfg.warnings == []
+    docs = list(BatchStream(cfg.data, tok).documents())
+    assert {d.labels["dataset"] for d in docs} == {"pile-uncopyrighted", "inst"}
+
+
+def test_dataset_config_tokenizer_other_than_the_models_is_a_warning(tmp_path):
+    lm_files(tmp_path)
+    (tmp_path / "lm.yaml").write_text(LM_DATASET_CONFIG.replace('tokenizer_name: "some/model"', 'tokenizer_name: "gpt2"'))
+    cfg = load_config(tmp_path / "lm.yaml")
+    assert cfg.warnings == ["dataset_config.tokenizer_name: 'gpt2' is not the model's tokenizer ('some/model'); "
+                            "the text is tokenized with the model's own tokenizer"]
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (lambda t: t.replace("data_config: {n_batches: 4, batch_size: 2}", "data_config: {n_batches: 4, batch_size: 2, seq_length: 64}"),
+     "dataset_config.max_seq_length: 32 contradicts data_config.seq_length 64; write one of them"),
+    (lambda t: t.replace("batch_size: 2}", "batch_size: 2, data_key: pydoc}"),
+     "dataset_config and data_config.data_key both give the text; keep one"),
+    (lambda t: t.replace('      text_field: "text"\n', ""),
+     "dataset_config.datasets[0] ('pile-uncopyrighted'): give exactly one of text_field or text_template (neither given)"),
+    (lambda t: t.replace("weight: 0.7", "weight: -1"),
+     "dataset_config.datasets[0].weight: -1 is not allowed (must be > 0)"),
+    (lambda t: t.replace("max_seq_length: 32", "max_seq_length: 1"),
+     "dataset_config.max_seq_length: 1 is not allowed (must be >= 2)"),
+    (lambda t: t.replace("data_config: {n_batches: 4, batch_size: 2}\n", ""),
+     "data_config: required but missing (n_batches and batch_size; the datasets come from dataset_config)"),
+    (lambda t: t + "train_config: {learning_rate: 5e-5}\n",
+     "train_config: unknown key; training settings have no meaning for collection"),
+])
+def test_dataset_config_errors_name_its_fields(tmp_path, edit, expected):
+    lm_files(tmp_path)
+    (tmp_path / "lm.yaml").write_text(edit(LM_DATASET_CONFIG))
+    with pytest.raises(ConfigError) as ei:
+        load_config(tmp_path / "lm.yaml")
+    assert expected in str(ei.value), str(ei.value)
+
+
+DATA_MIXES = """\
+data_mixes:
+  high_quality_mix:
+    name: "high_quality_mix"
+    datasets:
+      - name: "custom_dataset_1"
+        path: "a.jsonl"
+        format: "json"
+        split: "train"
+        streaming: true
+        weight: 0.4
+        text_field: "text"
+  science_mix:
+    name: "science_mix"
+    datasets:
+      - {name: inst, path: b.jsonl, weight: 1, text_template: "{instruction} {output}"}
+"""
+
+
+def test_top_level_data_mixes_block(tmp_path):
+    lm_files(tmp_path)
+    head = "run_name: r\ntransformer_config: {model_name: some/model}\nupload_config: {hooks: [residuals_0]}\n"
+    (tmp_path / "m.yaml").write_text(head + "data_config: {n_batches: 4, batch_size: 2, seq_length: 32, mix: science_mix}\n"
+                                     + DATA_MIXES)
+    cfg = load_config(tmp_path / "m.yaml")
+    assert [d.name for d in cfg.data.datasets] == ["inst"] and cfg.data.mix is None
+    assert cfg.data.datasets[0].path == str((tmp_path / "b.jsonl").resolve())
+    (tmp_path / "m.yaml").write_text(head + "data_config: {n_batches: 4, batch_size: 2, seq_length: 32}\n" + DATA_MIXES)
+    with pytest.raises(ConfigError, match=r"data_mixes: holds 2 mixes \(high_quality_mix, science_mix\); "
+                                          r"pick one with data_config.mix"):
+        load_config(tmp_path / "m.yaml")
+    (tmp_path / "m.yaml").write_text(head + "data_config: {n_batches: 4, batch_size: 2, seq_length: 32, mix: art}\n"
+                                     + DATA_MIXES)
+    with pytest.raises(ConfigError, match=r"data_config.mix: 'art' is not in data_mixes \(available: high_quality_mix, science_mix\)"):
+        load_config(tmp_path / "m.yaml")

@@ -415,6 +415,72 @@ def test_s3_no_credentials(s3_server, s3_bucket, monkeypatch):
     assert "AWS_ACCESS_KEY_ID" in msg and "AWS_SECRET_ACCESS_KEY" in msg
 
 
+_CRED_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+
+
+def public_bucket(s3_admin, s3_bucket) -> str:
+    """`s3_bucket` made public-read, holding k.bin and run/cfg.json (written with credentials)."""
+    s3_admin.put_bucket_acl(Bucket=s3_bucket, ACL="public-read")
+    for key, body in (("k.bin", b"public bytes"), ("run/cfg.json", b'{"run_name": "run"}')):
+        s3_admin.put_object(Bucket=s3_bucket, Key=key, Body=body, ACL="public-read")
+    return s3_bucket
+
+
+@pytest.mark.parametrize("how", ["argument", "env"])
+def test_s3_unsigned_client_reads_a_public_bucket(s3_server, s3_bucket, s3_admin, monkeypatch, how):
+    import botocore
+
+    public_bucket(s3_admin, s3_bucket)
+    for name in _CRED_VARS:
+        monkeypatch.delenv(name, raising=False)
+    if how == "env":
+        monkeypatch.setenv("AWS_NO_SIGN_REQUEST", "1")
+    st = S3Store(s3_bucket, endpoint_url=s3_server, max_attempts=1, **({"unsigned": True} if how == "argument" else {}))
+    assert st.client.meta.config.signature_version is botocore.UNSIGNED
+    assert st.get_bytes("k.bin") == b"public bytes"
+    assert st.get_range("k.bin", 7, 5) == b"bytes"
+    assert [o.key for o in st.iter_objects()] == ["k.bin", "run/cfg.json"]
+
+
+def test_activault_reader_client_is_unsigned_with_the_env(s3_server, s3_bucket, s3_admin, monkeypatch):
+    from vaultsh.reader.fetch import s3_client
+
+    public_bucket(s3_admin, s3_bucket)
+    for name in _CRED_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_NO_SIGN_REQUEST", "1")
+    client = s3_client(s3_server, None, None, None, pool=4)
+    assert client.get_object(Bucket=s3_bucket, Key="k.bin")["Body"].read() == b"public bytes"
+
+
+def test_s3_read_without_credentials_suggests_no_sign_request(s3_server, s3_bucket, monkeypatch):
+    for name in _CRED_VARS:
+        monkeypatch.delenv(name, raising=False)
+    st = S3Store(s3_bucket, endpoint_url=s3_server, max_attempts=1)
+    with pytest.raises(StoreError) as read_err:
+        st.get_bytes("k.bin")
+    assert "for a public bucket add --no-sign-request (or set AWS_NO_SIGN_REQUEST=1)" in str(read_err.value)
+    assert "\n" not in str(read_err.value)
+    with pytest.raises(StoreError) as write_err:  # unsigned writes would not help
+        st.put_bytes("k.bin", b"x")
+    assert "no-sign-request" not in str(write_err.value)
+
+
+def test_cli_no_sign_request_reads_a_public_bucket(s3_env, s3_bucket, s3_admin, monkeypatch, capsys):
+    from vaultsh.cli import main
+
+    public_bucket(s3_admin, s3_bucket)
+    for name in _CRED_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_NO_SIGN_REQUEST", "")  # recorded, so what --no-sign-request sets is undone after
+    assert main(["s3", f"s3://{s3_bucket}", "-c", "ls"]) == 2
+    assert "--no-sign-request" in capsys.readouterr().err
+    assert main(["inspect", "--no-sign-request", f"s3://{s3_bucket}/run/cfg.json"]) == 0
+    assert '"run_name": "run"' in capsys.readouterr().out
+    assert main(["s3", "--no-sign-request", f"s3://{s3_bucket}", "-c", "ls"]) == 0
+    assert "k.bin" in capsys.readouterr().out
+
+
 def test_s3_unreachable_endpoint():
     port = free_port()  # nothing listens there: connection refused
     endpoint = f"http://127.0.0.1:{port}"

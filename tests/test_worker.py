@@ -109,6 +109,17 @@ def test_run_commits_every_megabatch_with_metadata(single_run):
     assert events[-1]["status"] == "complete"
 
 
+def test_model_loaded_event_says_size_dtype_and_device(single_run, tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    *_, events = single_run
+    loaded = next(e for e in events if e["type"] == "loading" and e["what"] == "data")
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype="float32")
+    n = sum(p.numel() for p in model.parameters())
+    assert (loaded["model_params"], loaded["model_bytes"]) == (n, 4 * n)
+    assert (loaded["dtype"], loaded["device"]) == ("float32", "cuda" if torch.cuda.is_available() else "cpu")
+
+
 def test_commit_records_match_stored_bytes(single_run):
     cfg, store, run, *_ = single_run
     for c in run.iter_commits():
@@ -434,3 +445,23 @@ def test_a_site_the_family_lacks_stops_before_anything_is_stored(tiny_dir, tmp_p
     with pytest.raises(ConfigError, match=r"'module:model.layers.1.mlp.nothing' names no module .*closest"):
         collect(cfg)
     assert not list(LocalStore(tmp_path).iter_objects(""))
+
+
+def test_lm_training_dataset_config_collects_and_warns_about_its_tokenizer(tiny_dir, tmp_path):
+    import json
+
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": f"alpha document {i}"}) + "\n" for i in range(40)))
+    raw = {
+        "run_name": "lm.form", "transformer_config": {"model_name": str(tiny_dir), "dtype": "float32"},
+        "data_config": {"n_batches": 2, "batch_size": 2},
+        "dataset_config": {"datasets": [{"name": "a", "path": str(tmp_path / "a.jsonl"), "text_field": "text"}],
+                           "tokenizer_name": "gpt2", "max_seq_length": 16},
+        "upload_config": {"batches_per_upload": 2, "hooks": ["residuals_1"]},
+        "storage": {"uri": str(tmp_path / "vault")},
+    }
+    result, events = collect(load_config(raw))
+    assert result["status"] == "complete" and result["megabatches"] == 1
+    warnings = [e["message"] for e in events if e["type"] == "warning"]
+    assert any(m.startswith("dataset_config.tokenizer_name: 'gpt2' is not the model's tokenizer") for m in warnings)
+    run = Run(LocalStore(tmp_path / "vault"), "lm.form")
+    assert json.loads(LocalStore(tmp_path / "vault").get_bytes(run.metadata_key("residuals_1")))["sequence_length"] == 16

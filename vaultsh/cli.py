@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from vaultsh.store import apply_no_sign_request
+
+    apply_no_sign_request(args)
     debug = bool(os.environ.get("VAULTSH_DEBUG"))  # show tracebacks for user errors too
     try:
         return int(args.func(args) or 0)

@@ -73,6 +73,9 @@ class HeadlessPrinter:
                              f"({event.get('filled')}/{event.get('batches_per_upload')} batches), then exit")
         elif kind == "done":
             self.last_done[w] = event
+            if event.get("already_complete"):
+                self.console.log(f"worker {w}: shard already complete ({event['batches']} batches, "
+                                 f"{event['megabatches']} megabatches committed); nothing to do")
             self.progress.update(task, state=event["status"])
 
 

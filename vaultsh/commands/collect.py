@@ -18,11 +18,12 @@ import humanize
 
 
 def run_collect(args) -> int:
-    from collector.config import load_config
+    from collector.config import check_model_packages, load_config
 
     if args.store:
         os.environ["VAULTSH_STORE"] = args.store
     cfg = load_config(args.config)
+    check_model_packages(cfg)
     if args.events_fd is not None:
         return _run_worker_for_launcher(args, cfg)
     machines = _machines(args, cfg)
@@ -72,12 +73,17 @@ def _run_in_process(args, cfg, machine: int) -> int:
         install_signal_handlers(stop, on_first=lambda: printer.console.log(
             "stopping after the megabatch in flight (press Ctrl-C again to abort)"))
         result = run_worker(cfg, machine, sink=sink, stop=stop, force=args.force)
-    print(
-        f"worker {machine}: {result['status']}: {result['batches']} batches, {humanize.intcomma(result['tokens'])} tokens, "
-        f"{result['megabatches']} megabatches committed in {humanize.naturaldelta(result['elapsed'])} "
-        f"-> {cfg.storage.uri.rstrip('/')}/{cfg.run_name}"
-    )
+    print(_result_line(machine, result, f"{cfg.storage.uri.rstrip('/')}/{cfg.run_name}"))
     return 0 if result["status"] in ("complete", "stopped") else 1
+
+
+def _result_line(machine: int, result: dict, where: str) -> str:
+    """The one line a headless worker ends with; a shard finished earlier says so."""
+    totals = (f"{result['batches']} batches, {humanize.intcomma(result['tokens'])} tokens, "
+              f"{result['megabatches']} megabatches committed")
+    if result.get("already_complete"):
+        return f"worker {machine}: already complete: {totals}; nothing to do -> {where}"
+    return f"worker {machine}: {result['status']}: {totals} in {humanize.naturaldelta(result['elapsed'])} -> {where}"
 
 
 def _check_before_launch(cfg) -> None:
@@ -201,7 +207,9 @@ def add_arguments(p) -> None:
     """This subcommand's arguments (vaultsh/cli.py builds the parser from it)."""
     import argparse
 
-    p.add_argument("config", help="YAML config (Activault schema or ours)")
+    p.add_argument("config", help="YAML config: Activault's schema, the refusal-circuit model: form, or the "
+                                  "LM-training dataset_config: block (see docs/data.md). A rerun resumes each "
+                                  "worker after its last commit; a finished one says so and exits 0")
     p.add_argument("--headless", action="store_true", help="print progress instead of opening the dashboard")
     p.add_argument("--machine", type=int, default=None, metavar="I", help="run only worker I of num_runs")
     p.add_argument("--machines", default=None, metavar="SPEC",

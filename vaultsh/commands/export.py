@@ -12,6 +12,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """This subcommand's arguments (vaultsh/cli.py builds the parser from it)."""
     p.add_argument("source", metavar="RUN_URI/HOOK", help="hook directory of a run (s3://bucket/run/hook or a path)")
     p.add_argument("out", metavar="OUT", help="output directory or s3:// prefix (created; resumed when it holds this export)")
+    from vaultsh.store import add_no_sign_request
+
+    add_no_sign_request(p, "; every s3:// URI of the command, so OUT must then be a local path")
     p.add_argument("--format", choices=["parquet"], default="parquet", help="output format (default: parquet)")
     rows = p.add_mutually_exclusive_group()
     rows.add_argument("--sequences", dest="mode", action="store_const", const="sequences",

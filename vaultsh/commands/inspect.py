@@ -162,6 +162,9 @@ def _show_hook(run, hook: str, store, console: "Console", as_json: bool) -> int:
 def add_arguments(p) -> None:
     """This subcommand's arguments (vaultsh/cli.py builds the parser from it)."""
     p.add_argument("uri", help="run, hook directory or megabatch file (s3://... or a path)")
+    from vaultsh.store import add_no_sign_request
+
+    add_no_sign_request(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--no-scan", action="store_true",
                    help="megabatch: skip the states check (NaN/Inf, value range), which reads every byte of the states")

@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("-c", "--command", default=None, metavar="COMMANDS",
                    help='run commands and exit, e.g. -c "cd run/hook; ls; inspect 0" (exit 2 on error)')
     p.add_argument("--json", action="store_true", help="machine-readable output (ls, filecount, sizecheck, inspect, stats, ...)")
+    from vaultsh.store import add_no_sign_request
+
+    add_no_sign_request(p)
     return p
 
 
@@ -48,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from vaultsh.errors import UserError
 
+    from vaultsh.store import apply_no_sign_request
+
     args = build_parser().parse_args(argv)
+    apply_no_sign_request(args)
     try:
         return run_s3(args)
     except UserError as exc:

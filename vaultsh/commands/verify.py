@@ -15,6 +15,9 @@ def add_arguments(p) -> None:
     p.add_argument("uri", help="a run (s3://bucket/run or a path), one hook directory of it, a prefix holding runs, "
                                "or the OUT of a vaultsh export")
     p.add_argument("--nan", action="store_true", help="also scan every file's states for NaN/Inf (reads the states again)")
+    from vaultsh.store import add_no_sign_request
+
+    add_no_sign_request(p)
     p.add_argument("--json", action="store_true", help="machine-readable report with every problem")
     p.add_argument("--threads", type=int, default=4, metavar="N", help="files checked in parallel (default 4)")
 

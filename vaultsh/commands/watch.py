@@ -13,6 +13,9 @@ def add_arguments(p) -> None:
     """This subcommand's arguments (vaultsh/cli.py builds the parser from it)."""
     p.add_argument("run_uri", metavar="RUN_URI", help="the run: s3://bucket/prefix/run_name or a local path")
     p.add_argument("--interval", type=float, default=5.0, metavar="S", help="seconds between polls (default 5)")
+    from vaultsh.store import add_no_sign_request
+
+    add_no_sign_request(p)
     p.add_argument("--once", action="store_true", help="print the run's progress once and exit (no dashboard)")
 
 

@@ -23,8 +23,10 @@ from vaultsh.dashboard import format as fmt
 from vaultsh.dashboard.screens import HelpScreen, QuitScreen
 from vaultsh.dashboard.widgets import Charts, SummaryPanel, TitleBar, WorkerTable
 from vaultsh.supervise.state import FAILED, STOPPED, LogLine
+from vaultsh.supervise.supervisor import SAMPLE_EVERY_S
 
-LEVEL_STYLE = {"info": "dim", "warning": "yellow", "error": "bold red"}
+LEVEL_STYLE = {"info": "", "warning": "yellow", "error": "bold white on red"}
+LEVEL_MARK = {"info": " ", "warning": "!", "error": "✘"}
 
 
 class Dashboard(App):
@@ -67,7 +69,7 @@ class Dashboard(App):
         self._panels_dirty = False
         self._title_shown: tuple | None = None
         self._elapsed_shown = ""
-        self._history_len = (-1, -1)
+        self._history_len: tuple | None = None
         # (wall time the screen showed it) - (worker's event time), seconds: for the benchmark
         self.latencies: deque[float] = deque(maxlen=10000)
         self._shown_progress: dict[int, float] = {}
@@ -89,6 +91,7 @@ class Dashboard(App):
         self.screen.set_class(self.size.height >= 40, "tall")
         table.focus()
         self.redraw(force=True)
+        self.call_after_refresh(self._draw_charts)  # again once laid out: the charts' width sets their span
         self.set_interval(self.refresh_s, self.redraw)
 
     def on_resize(self, event) -> None:
@@ -136,15 +139,16 @@ class Dashboard(App):
 
     def _draw_charts(self) -> None:
         src = self.source
-        sig = (len(src.tokens_history), src.tokens_history[-1] if src.tokens_history else None,
+        charts = self.query_one(Charts)
+        n = max(10, charts.size.width // 2 - 2)
+        sig = (n, len(src.tokens_history), src.tokens_history[-1] if src.tokens_history else None,
                len(src.upload_history), src.upload_history[-1] if src.upload_history else None)
         if sig == self._history_len:
             return
         self._history_len = sig
-        charts = self.query_one(Charts)
-        n = max(10, charts.size.width // 2 - 2)
-        charts.query_one("#chart-tokens").show(list(src.tokens_history)[-n:])
-        charts.query_one("#chart-upload").show(list(src.upload_history)[-n:])
+        every = getattr(src, "sample_every_s", SAMPLE_EVERY_S)
+        charts.query_one("#chart-tokens").show(list(src.tokens_history)[-n:], every)
+        charts.query_one("#chart-upload").show(list(src.upload_history)[-n:], every)
 
     def _draw_log(self, workers) -> None:
         log = self.query_one("#log", RichLog)
@@ -173,7 +177,8 @@ class Dashboard(App):
         start = self.source.started_at or line.time
         who = f"w{line.worker}" if line.worker is not None else "--"
         style = LEVEL_STYLE.get(line.level, "")
-        return f"[dim]{fmt.clock(line.time - start)}[/] [b]{who:>3}[/] [{style}]{escape(line.message)}[/]"
+        text = f"{LEVEL_MARK.get(line.level, ' ')} {escape(line.message)}"
+        return f"[dim]{fmt.clock(line.time - start)}[/] [b]{who:>3}[/] " + (f"[{style}]{text}[/]" if style else text)
 
     def _track_latency(self, workers) -> None:
         fresh = []

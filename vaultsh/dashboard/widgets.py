@@ -7,7 +7,7 @@ from rich.text import Text
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
-from textual.widgets import Sparkline, Static
+from textual.widgets import Static
 
 from vaultsh.dashboard import format as fmt
 from vaultsh.supervise.state import (
@@ -321,8 +321,26 @@ class SummaryPanel(Static):
         self.update("\n".join(lines), layout=False)
 
 
+_BARS = " ▁▂▃▄▅▆▇█"
+
+
+def spark(data: list[float], width: int, height: int = 1) -> str:
+    """`data` as `height` rows of bars scaled from 0 (blank) to its peak (full height), one
+    sample a cell, the latest on the right (older samples beyond `width` are dropped)."""
+    data = data[-width:] if width > 0 else data
+    peak = max(data, default=0.0)
+    levels = [round(v / peak * 8 * height) if peak > 0 and v > 0 else 0 for v in data]
+    rows = []
+    for r in reversed(range(height)):
+        rows.append("".join(_BARS[max(0, min(8, n - 8 * r))] for n in levels))
+    return "\n".join(rows)
+
+
 class Chart(Vertical):
-    """A labelled sparkline of one rate over time."""
+    """A labelled chart of one rate over time: bars from 0 to the peak, one sample per cell.
+
+    The label is its scale: the current value, the peak (a full bar) and the time the bars span.
+    """
 
     def __init__(self, label: str, unit: str, **kw):
         super().__init__(**kw)
@@ -330,18 +348,24 @@ class Chart(Vertical):
 
     def compose(self):
         yield Static(f"{self.label}", classes="chart-label")
-        yield Sparkline([0.0], summary_function=max)
+        yield Static("", classes="chart-bars")
 
-    def show(self, data: list[float]) -> None:
+    def _value(self, v: float) -> str:
+        return fmt.count(v) if self.unit == "tok/s" else fmt.rate(v)
+
+    def show(self, data: list[float], every_s: float = 1.0) -> None:
         now = data[-1] if data else 0.0
         peak = max(data) if data else 0.0
+        bars = self.query_one(".chart-bars", Static)
+        width = min(len(data), bars.size.width or len(data))
+        line = spark(list(data), width, max(1, bars.size.height))
+        span = fmt.duration(width * every_s) if width else "-"
         self.query_one(".chart-label", Static).update(layout=False, content=
-            f"[b]{self.label}[/] {fmt.count(now) if self.unit == 'tok/s' else fmt.rate(now)} {self.unit}"
-            f"  [dim]peak {fmt.count(peak) if self.unit == 'tok/s' else fmt.rate(peak)}[/]")
-        self.query_one(Sparkline).data = list(data) or [0.0]
+            f"[b]{self.label}[/] {self._value(now)}  [dim]peak[/] {self._value(peak)}  [dim]last {span}[/]")
+        bars.update(line, layout=False)
 
 
 class Charts(Horizontal):
     def compose(self):
         yield Chart("tokens/s", "tok/s", id="chart-tokens")
-        yield Chart("upload", "MB/s", id="chart-upload")
+        yield Chart("upload MB/s", "MB/s", id="chart-upload")

@@ -39,9 +39,13 @@ class TransientExhausted(StoreError):
 # -- opening stores ----------------------------------------------------------
 def s3_client(endpoint_url: str | None, access_key: str | None, secret_key: str | None,
               session_token: str | None, pool: int):
-    """A boto3 S3 client with explicit credentials (None: boto3's default chain)."""
+    """A boto3 S3 client with explicit credentials (None: boto3's default chain, or unsigned
+    requests when AWS_NO_SIGN_REQUEST is set)."""
     import boto3
+    import botocore
     from botocore.config import Config
+
+    from vaultsh.store import no_sign_request
 
     region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
     session = boto3.session.Session(aws_access_key_id=access_key, aws_secret_access_key=secret_key,
@@ -53,6 +57,7 @@ def s3_client(endpoint_url: str | None, access_key: str | None, secret_key: str 
         read_timeout=120,
         s3={"addressing_style": "path"} if endpoint_url else None,
         user_agent_extra="vaultsh-reader",
+        **({"signature_version": botocore.UNSIGNED} if access_key is None and no_sign_request() else {}),
     )
     return session.client("s3", endpoint_url=endpoint_url or None, config=config)
 

@@ -4,8 +4,10 @@
 `s3://bucket/prefix` -> S3Store, anything else -> LocalStore (a path).
 
 Environment (S3): `S3_ENDPOINT_URL` and the `AWS_*` variables (read by S3Store),
-`S3_BUCKET_NAME` (the default bucket, see `default_s3_uri`), and
-`VAULTSH_S3_MAX_ATTEMPTS` (attempts per S3 request, retries included; default 8).
+`S3_BUCKET_NAME` (the default bucket, see `default_s3_uri`),
+`VAULTSH_S3_MAX_ATTEMPTS` (attempts per S3 request, retries included; default 8)
+and `AWS_NO_SIGN_REQUEST=1` (unsigned requests, for public buckets; the read
+commands' `--no-sign-request` sets it).
 """
 
 from __future__ import annotations
@@ -29,6 +31,25 @@ __all__ = [
 ]
 
 MAX_ATTEMPTS_ENV = "VAULTSH_S3_MAX_ATTEMPTS"
+NO_SIGN_ENV = "AWS_NO_SIGN_REQUEST"
+
+
+def no_sign_request() -> bool:
+    """Whether S3 requests go unsigned (`AWS_NO_SIGN_REQUEST` is 1/true/yes/on)."""
+    return os.environ.get(NO_SIGN_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def add_no_sign_request(parser, note: str = "") -> None:
+    """The read commands' `--no-sign-request` (as in the AWS CLI)."""
+    parser.add_argument("--no-sign-request", action="store_true",
+                        help=f"send S3 requests unsigned, to read a public bucket without credentials "
+                             f"(same as {NO_SIGN_ENV}=1){note}")
+
+
+def apply_no_sign_request(args) -> None:
+    """`--no-sign-request` given: every store opened from here on (and child processes) sends unsigned requests."""
+    if getattr(args, "no_sign_request", False):
+        os.environ[NO_SIGN_ENV] = "1"
 
 
 def is_s3_uri(uri: str) -> bool:

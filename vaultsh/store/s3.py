@@ -44,6 +44,7 @@ _CRED_CODES = {
 }
 _DENIED_CODES = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled"}
 _DEFAULT_REGION = "us-east-1"
+_WRITE_ACTIONS = {"upload", "delete"}  # a public bucket does not help these
 
 _loader_lock = threading.Lock()
 _shared_loader = None
@@ -116,6 +117,7 @@ class S3Store:
         max_attempts: int = 8,
         connect_timeout: float = 10,
         read_timeout: float = 120,
+        unsigned: bool | None = None,
     ):
         bucket = (bucket or "").strip()
         if not bucket or "/" in bucket:
@@ -131,6 +133,11 @@ class S3Store:
         self.max_attempts = max(1, int(max_attempts))
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        if unsigned is None:
+            from vaultsh.store import no_sign_request
+
+            unsigned = no_sign_request()
+        self.unsigned = bool(unsigned)  # public buckets: no credentials, requests not signed
         self._client = client
         self._lock = threading.Lock()
         self._bucket_seen = False  # a request proved the bucket exists
@@ -174,6 +181,7 @@ class S3Store:
 
     def _make_client(self):
         with self._s3_errors(None, "connect to"):
+            import botocore
             from botocore.config import Config
 
             endpoint = self._endpoint_arg or os.environ.get("S3_ENDPOINT_URL") or None
@@ -188,6 +196,7 @@ class S3Store:
                 read_timeout=self.read_timeout,
                 s3=s3_opts or None,
                 user_agent_extra="vaultsh",
+                **({"signature_version": botocore.UNSIGNED} if self.unsigned else {}),
             )
             return session.client("s3", endpoint_url=endpoint, config=config)
 
@@ -261,6 +270,12 @@ class S3Store:
                     f"S3 rejected the credentials ({code}) while trying to {action} {what}: "
                     f"check {_CRED_ENV} or the AWS profile in use (endpoint {endpoint})"
                 )
+            if (code in _DENIED_CODES or status == 403) and self.unsigned:
+                return StoreError(
+                    f"access denied ({code or status}) while trying to {action} {what} with unsigned requests "
+                    f"(--no-sign-request / AWS_NO_SIGN_REQUEST): the bucket does not allow this anonymously; "
+                    f"drop the option and set {_CRED_ENV}"
+                )
             if code in _DENIED_CODES or status == 403:
                 return StoreError(
                     f"access denied ({code or status}) while trying to {action} {what}: the credentials "
@@ -278,9 +293,10 @@ class S3Store:
                 f"S3 could not {action} {what}: {code or status}{': ' + message if message else ''}"
             )
         if isinstance(cause, (bce.NoCredentialsError, bce.PartialCredentialsError, bce.CredentialRetrievalError)):
+            public = "; for a public bucket add --no-sign-request (or set AWS_NO_SIGN_REQUEST=1)"
             return StoreError(
                 f"no usable AWS credentials to {action} {what}: set {_CRED_ENV}, "
-                f"or configure an AWS profile"
+                f"or configure an AWS profile{public if action not in _WRITE_ACTIONS else ''}"
             )
         if isinstance(cause, bce.NoRegionError):
             return StoreError(f"no AWS region configured for {what}: set AWS_DEFAULT_REGION")

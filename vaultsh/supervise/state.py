@@ -12,6 +12,8 @@ import signal
 from collections import deque
 from dataclasses import dataclass, field
 
+from vaultsh.dashboard import format as fmt  # plain number formatting (humanize); no textual
+
 # Display states, in the order a healthy worker goes through them.
 QUEUED = "queued"
 STARTING = "starting"
@@ -87,6 +89,10 @@ class WorkerStatus:
     log: deque = field(default_factory=lambda: deque(maxlen=LOG_LINES))
     log_path: str | None = None
     _before_pause: str | None = None
+    # milestones: the worker's own event times (its clock) of its start and model load
+    _started_event: float | None = None
+    _loading_model_since: float | None = None
+    _first_batch_seen: bool = False
 
     @property
     def active(self) -> bool:
@@ -139,7 +145,56 @@ class EventLog:
 
 
 def apply_event(w: WorkerStatus, event: dict, log: EventLog, now: float) -> None:
-    """Update `w` from one worker event (collector/events.py); warnings/errors go to `log`."""
+    """Update `w` from one worker event (collector/events.py); milestones, warnings and errors go to `log`."""
+    _update(w, event, log, now)
+    message = milestone(w, event)
+    if message:
+        w.log.append(log.add(now, w.index, "info", message, "event"))
+
+
+def milestone(w: WorkerStatus, event: dict) -> str | None:
+    """The events pane's line for a healthy run's step (start, model loaded, first batch, commit, done), or None."""
+    kind, t = event.get("type"), _float(event.get("time"), None)
+    if kind == "start":
+        w._started_event, w._first_batch_seen = t, False
+        return f"started (pid {event.get('pid', '?')}): {event.get('n_batches', '?')} batches to collect"
+    if kind == "loading" and event.get("what") == "model":
+        w._loading_model_since = t
+        return f"loading model {event.get('detail') or ''}".rstrip()
+    if kind == "loading" and "model_bytes" in event:
+        took = _since(w._loading_model_since, t)
+        return (f"model loaded: {fmt.count(_int(event.get('model_params'), 0))} parameters, "
+                f"{fmt.size(_int(event.get('model_bytes'), 0))} {event.get('dtype', '')} on {event.get('device', '?')}"
+                + (f" in {took}" if took else ""))
+    if kind == "progress" and not w._first_batch_seen:
+        w._first_batch_seen = True
+        took = _since(w._started_event, t)
+        return f"first batch done ({_int(event.get('tokens'), 0):,} tokens so far)" + (f", {took} after start" if took else "")
+    if kind == "committed":
+        return (f"megabatch {event.get('megabatch')} committed: {fmt.size(_int(event.get('bytes'), 0))}, "
+                f"{_int(event.get('tokens'), 0):,} tokens (batches {event.get('batch_start')}-"
+                f"{_int(event.get('batch_end'), 0) - 1})")
+    if kind == "done":
+        return _done_line(event)
+    return None
+
+
+def _done_line(event: dict) -> str:
+    status = str(event.get("status", ""))
+    totals = (f"{_int(event.get('batches'), 0)} batches, {_int(event.get('tokens'), 0):,} tokens, "
+              f"{_int(event.get('megabatches'), 0)} megabatches")
+    if event.get("already_complete"):
+        return f"already complete: {totals}; nothing to do"
+    elapsed = _float(event.get("elapsed"), None)
+    took = f" in {_duration(elapsed)}" if elapsed is not None else ""
+    if status == "complete":
+        return f"finished: {totals}{took}; statistics written"
+    if status == "stopped":
+        return f"stopped: {totals} committed{took}; statistics written"
+    return f"ended ({status or 'unknown'}): {totals} committed{took}"
+
+
+def _update(w: WorkerStatus, event: dict, log: EventLog, now: float) -> None:
     kind = event.get("type")
     held = w.state in (PAUSED, STOPPING)  # set by the supervisor; events do not override them
 
@@ -241,6 +296,14 @@ def describe_exit(code: int) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exited with code {code}"
+
+
+def _since(t0: float | None, t1: float | None) -> str | None:
+    return _duration(t1 - t0) if t0 is not None and t1 is not None and t1 >= t0 else None
+
+
+def _duration(s: float) -> str:
+    return f"{s:.1f}s" if s < 10 else fmt.duration(s)
 
 
 def _int(v, default):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from collector.events import decode
+from vaultsh.dashboard import format as fmt
 from vaultsh.supervise.process import WorkerHandle, last_log_line, tail_lines, tree_memory
 from vaultsh.supervise.state import (
     ACTIVE,
@@ -229,7 +230,7 @@ class Supervisor:
         t = self.totals(list(self.workers.values()))
         counts = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
         return (f"run finished ({counts}): {t.tokens:,} tokens, {t.committed} megabatches, "
-                f"{t.committed_bytes:,} bytes committed")
+                f"{fmt.size(t.committed_bytes)} committed")
 
     def _settle_exit(self, i: int, code: int, now: float) -> None:
         w = self.workers[i]
