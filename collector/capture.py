@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 from collector.layers import HookSpec, describe
-from collector.sites import SITES, Layout, known_families, layout_for, site_axes
+from collector.sites import Layout, known_families, layout_for, site_axes
 from vaultsh.errors import ConfigError, UserError
 
 if TYPE_CHECKING:  # torch is imported lazily: `vaultsh s3` must start fast

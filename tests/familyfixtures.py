@@ -105,6 +105,16 @@ def build(family: str, vocab_size: int, seed: int = 0):
     return unit_scale_(model.float().eval(), seed)
 
 
+def build_or_skip(family: str, vocab_size: int, seed: int = 0):
+    """`build`, or skip the test with the reason when the installed transformers lacks the family."""
+    import pytest
+
+    try:
+        return build(family, vocab_size, seed)
+    except ImportError as e:
+        pytest.skip(str(e))
+
+
 def module_of(obj: Any):
     """The modeling module a model class lives in (to reach its helper functions)."""
     return importlib.import_module(type(obj).__module__)

@@ -18,7 +18,7 @@ import pytest
 from collector.capture import ActivationCapture, resolve_probes, self_check
 from collector.layers import expand_hooks
 from collector.sites import SITES, layout_for
-from tests.familyfixtures import FAMILIES, HEADS, LAYERS, build, module_of, tokenizer
+from tests.familyfixtures import FAMILIES, HEADS, LAYERS, build_or_skip, module_of, tokenizer
 from vaultsh.errors import ConfigError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -85,10 +85,7 @@ class _RotaryInputs:
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_every_site_means_what_it_says(family, tok, monkeypatch):
-    try:
-        model = build(family, len(tok))
-    except ImportError as e:
-        pytest.skip(str(e))
+    model = build_or_skip(family, len(tok))
     layout = layout_for(model.config)
     assert layout is not None
     inputs = _inputs(tok)

@@ -15,7 +15,7 @@ import pytest
 from collector.capture import ActivationCapture
 from collector.layers import expand_hooks
 from collector.sites import SITES
-from tests.familyfixtures import FAMILIES, LAYERS, build, tokenizer
+from tests.familyfixtures import FAMILIES, LAYERS, build, build_or_skip, tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
@@ -39,10 +39,7 @@ def _as_ours(name: str, theirs, ours_shape):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_sites_equal_transformerlens_run_with_cache(family, tok, tmp_path):
-    try:
-        model = build(family, len(tok))
-    except ImportError as e:
-        pytest.skip(str(e))
+    model = build_or_skip(family, len(tok))
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     theirs = build(family, len(tok))  # the bridge rewires the model it wraps (fused projections split): a copy
