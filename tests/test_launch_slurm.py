@@ -8,6 +8,7 @@ skipped with the script's reason when it cannot start.
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -226,3 +227,192 @@ def test_range_helpers():
     assert parse_range(4, None, None, None) == [0, 1, 2, 3]
     assert parse_range(8, 8, 2, 5) == [2, 3, 4, 5]
     assert ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+
+
+# -- a real one-node cluster ---------------------------------------------------------------------
+
+TINY_SLURM = {"gpus": 0, "cpus": 1, "mem": "1G"}
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """A one-node Slurm cluster on this machine (scripts/slurm-up.sh), or a skip saying why not."""
+    try:
+        proc = subprocess.run(["bash", str(ROOT / "scripts" / "slurm-up.sh"), "--no-install"], capture_output=True,
+                              text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.skip("no Slurm cluster: scripts/slurm-up.sh took over 180 s")
+    if proc.returncode != 0:
+        why = (proc.stdout.strip().splitlines() or ["scripts/slurm-up.sh failed"])[-1]
+        pytest.skip(f"no Slurm cluster ({why}); .ci/run installs and starts one")
+
+
+def wait_for(predicate, timeout: float, what: str, step: float = 0.05):
+    """Poll until predicate() is truthy; return its value."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def events_of(out: Path, index: int) -> list[dict]:
+    path = out / "events" / f"slurm.pydoc-{index}.ndjson"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def scontrol_job(job_id: str) -> dict[str, str]:
+    from vaultsh.launch.slurmstate import _fields
+
+    proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+    return _fields(proc.stdout.splitlines()[0]) if proc.returncode == 0 and proc.stdout.strip() else {}
+
+
+def release_when_requeued(job_id: str) -> None:
+    """A requeued job waits 2 minutes (Slurm's BeginTime); start it as soon as it is pending again."""
+    def requeued():
+        f = scontrol_job(job_id)
+        return f.get("JobState") == "PENDING" and f.get("Restarts", "0") != "0"
+
+    wait_for(requeued, 90, f"job {job_id} back in the queue", step=0.2)
+    subprocess.run(["scontrol", "update", f"jobid={job_id}", "starttime=now"], check=True, timeout=30)
+
+
+@pytest.mark.slurm
+def test_requeued_and_time_limited_array_tasks_resume_to_the_one_worker_run(slurm_cluster, tiny_dir, tmp_path):
+    """An array job of 2 workers, --wait: task 1 gets `scontrol requeue`, task 0 the time-limit USR1.
+
+    Each worker is held (SIGSTOP) right after its first commit so the signal
+    lands mid-run however fast the tiny model is; Slurm itself sends SIGCONT
+    before SIGTERM on a requeue, and for USR1 the test resumes the worker once
+    the job script has forwarded it. Both stop cleanly, are requeued, resume
+    after their last commit; the union is the one-worker run, `verify` is clean.
+    """
+    import signal
+
+    from collector.config import load_config
+    from collector.events import EventSink
+    from collector.worker import run_worker
+    from vaultsh.finalize import finalize
+    from vaultsh.run import Run
+    from vaultsh.store import LocalStore
+
+    from .test_sharding import _by_batch
+
+    n = 80
+    cfg = write_cfg(tmp_path / "cfg.yaml", model=str(tiny_dir), num_runs=2, n_batches=n, slurm=TINY_SLURM)
+    launch = subprocess.Popen([sys.executable, "-m", "vaultsh", "launch", "slurm", str(cfg), "--array", "--wait",
+                               "--interval", "1"], cwd=tmp_path, env=worker_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        out = tmp_path / "slurm" / "slurm.pydoc"
+        held: dict[int, int] = {}
+
+        def hold_after_first_commit():
+            for i in (0, 1):
+                evs = events_of(out, i)
+                if i not in held and any(e["type"] == "committed" for e in evs):
+                    held[i] = next(e["pid"] for e in evs if e["type"] == "start")
+                    os.kill(held[i], signal.SIGSTOP)
+            return len(held) == 2
+
+        wait_for(hold_after_first_commit, 90, "both workers' first commit")
+        jobs = json.loads((out / "jobs.json").read_text())["jobs"]
+        committed = {i: sum(e["type"] == "committed" for e in events_of(out, i)) for i in (0, 1)}
+        assert all(c < n // 2 // 2 for c in committed.values()), f"a worker finished before it was held: {committed}"
+
+        subprocess.run(["scontrol", "requeue", jobs["1"]], check=True, timeout=30)
+        subprocess.run(["scancel", "--batch", "--signal=USR1", jobs["0"]], check=True, timeout=30)
+        log0 = out / "logs" / f"slurm.pydoc-0-{jobs['0'].split('_')[0]}.out"
+        wait_for(lambda: "USR1" in log0.read_text(), 30, "the job script to forward USR1")
+        os.kill(held[0], signal.SIGCONT)
+        for i in (1, 0):
+            release_when_requeued(jobs[str(i)])
+        stdout, stderr = launch.communicate(timeout=180)
+    finally:
+        launch.kill()
+    assert launch.returncode == 0, stdout + stderr[-3000:]
+    for i in (0, 1):
+        # the final table: done, COMPLETED, exit 0:0, one restart, the whole share committed
+        assert re.search(rf"^\s+{i}\s+done\s+{jobs[str(i)]}\s+COMPLETED\s+0:0\s+1\s+{n // 2}/{n // 2}", stdout, re.M), stdout
+        # attempt 1 stopped cleanly on the signal, attempt 2 resumed after its commits and completed
+        types = [(e["type"], e.get("status")) for e in events_of(out, i) if e["type"] in ("done", "resume")]
+        assert types == [("done", "stopped"), ("resume", None), ("done", "complete")], types
+        resume = next(e for e in events_of(out, i) if e["type"] == "resume")
+        assert resume["from_megabatch"] >= committed[i], resume
+    assert f"worker 1: pending (job {jobs['1']} PENDING, restart 1" in " ".join(stderr.split())
+    assert "requeueing job" in log0.read_text()
+
+    single = load_config(yaml.safe_load(write_cfg(tmp_path / "one" / "cfg.yaml", model=str(tiny_dir), num_runs=1,
+                                                  n_batches=n).read_text()))
+    run_worker(single, 0, sink=EventSink(0))
+    one, two = LocalStore(tmp_path / "one" / "vault"), LocalStore(tmp_path / "vault")
+    run1, run2 = Run(one, "slurm.pydoc"), Run(two, "slurm.pydoc")
+    a, b = _by_batch(one, run1, "residuals_1"), _by_batch(two, run2, "residuals_1")
+    assert sorted(a) == sorted(b) == list(range(n))
+    for k in range(n):
+        assert torch_equal(a[k][0], b[k][0]) and torch_equal(a[k][1], b[k][1]), f"batch {k} differs"
+        assert torch_close(a[k][2], b[k][2]), f"batch {k}: activations differ"
+    finalize(run2)
+    assert run2.read_statistics("residuals_1").count == run1.read_statistics("residuals_1").count
+    proc = vaultsh("verify", tmp_path / "vault" / "slurm.pydoc", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def torch_equal(x, y) -> bool:
+    import torch
+
+    return bool(torch.equal(x, y))
+
+
+def torch_close(x, y) -> bool:
+    import torch
+
+    return bool(torch.allclose(x, y, rtol=1e-5, atol=1e-5))
+
+
+@pytest.mark.slurm
+def test_failed_task_is_reported_and_only_it_is_resubmitted(slurm_cluster, tiny_dir, tmp_path, monkeypatch):
+    """Worker 1's script names a config that is not there: --wait reports its log tail and exit status;
+    once the file exists, --resubmit-failed submits worker 1 alone and the run completes."""
+    from vaultsh.launch import slurm
+    from vaultsh.run import Run
+    from vaultsh.store import LocalStore
+
+    monkeypatch.chdir(tmp_path)
+    cfg = write_cfg(tmp_path / "cfg.yaml", model=str(tiny_dir), num_runs=2, n_batches=8, slurm=TINY_SLURM)
+    proc = vaultsh("launch", "slurm", cfg, "--start", 0, "--end", 0, cwd=tmp_path)
+    assert proc.returncode == 0 and "worker 0: job " in proc.stdout, proc.stdout + proc.stderr
+    plan = make_plan(cfg, start=1, end=1)
+    plan.config_path = tmp_path / "moved" / "cfg.yaml"  # not there (yet)
+    jobs = slurm.build_jobs(plan, options_from(plan.config.slurm, plan.config.source))
+    slurm.write_jobs(jobs)
+    slurm.submit(jobs, slurm.find_sbatch())
+    slurm.write_job_map(plan, jobs)
+    out = tmp_path / "slurm" / "slurm.pydoc"
+    first = json.loads((out / "jobs.json").read_text())["jobs"]
+
+    proc = vaultsh("launch", "slurm", "--status", out, "--wait", "--interval", "1", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    err = " ".join(proc.stderr.split())
+    assert f"worker 1 failed: FAILED, exit status 2:0" in err and "moved/cfg.yaml: no such file" in err, proc.stderr
+    assert re.search(r"^\s+0\s+done\s.*\n\s+1\s+failed\s+\d+\s+FAILED\s+2:0", proc.stdout, re.M), proc.stdout
+    proc = vaultsh("launch", "slurm", "--status", "slurm.pydoc", cwd=tmp_path)  # by run name, no waiting
+    assert proc.returncode == 0 and "done: 0  failed: 1" in proc.stdout, proc.stdout + proc.stderr
+
+    (tmp_path / "moved").mkdir()
+    shutil.copy(cfg, tmp_path / "moved" / "cfg.yaml")
+    proc = vaultsh("launch", "slurm", "--resubmit-failed", "slurm.pydoc", "--wait", "--interval", "1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("resubmitted as job") == 1 and "worker 1: resubmitted" in proc.stdout
+    now = json.loads((out / "jobs.json").read_text())["jobs"]
+    assert now["0"] == first["0"] and now["1"] != first["1"]
+    run = Run(LocalStore(tmp_path / "vault"), "slurm.pydoc")
+    assert sorted(b for c in run.iter_commits() for b in range(c.batch_start, c.batch_end, 2)) == list(range(8))
+    for args in (("finalize",), ("verify",)):
+        proc = vaultsh(*args, tmp_path / "vault" / "slurm.pydoc", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout + proc.stderr

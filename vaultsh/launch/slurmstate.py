@@ -293,8 +293,8 @@ def failure_lines(s: TaskStatus, n: int = 20) -> list[str]:
     """A failed index: its exit status and the tail of its log."""
     from vaultsh.supervise.process import tail_lines
 
-    code = s.slurm.exit_code if s.slurm else "?"
-    lines = [f"worker {s.index} failed: {s.why}; exit status {code or '?'}; log {s.log}"]
+    code = f"; exit status {(s.slurm.exit_code if s.slurm else '') or '?'}" if "exit status" not in s.why else ""
+    lines = [f"worker {s.index} failed: {s.why}{code}; log {s.log}"]
     lines += [f"  | {line}" for line in tail_lines(str(s.log) if s.log else None, n)]
     return lines
 
