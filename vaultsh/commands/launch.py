@@ -125,7 +125,7 @@ def _slurm_existing(args) -> int:
     _check_interval(args)
     record = st.find_record(args.status or args.resubmit_failed, args.out)
     if args.status and not args.wait:
-        for line in st.status_lines(st.status(record)):
+        for line in st.status_lines(st.status(record, need_slurm=False)):
             print(line)
         return 0
     indices = record.indices()

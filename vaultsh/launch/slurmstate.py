@@ -20,8 +20,8 @@ from vaultsh.errors import NotFoundError, UserError
 from vaultsh.launch import slurm as sl
 from vaultsh.launch.common import ranges
 
-PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
-STATES = (PENDING, RUNNING, DONE, FAILED)
+PENDING, RUNNING, DONE, FAILED, UNKNOWN = "pending", "running", "done", "failed", "unknown"
+STATES = (PENDING, RUNNING, DONE, FAILED, UNKNOWN)
 _SLURM_PENDING = {"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "CONFIGURING", "RESIZING", "SUSPENDED",
                   "SPECIAL_EXIT"}
 _SLURM_RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING", "STOPPED"}
@@ -230,10 +230,20 @@ def classify(index: int, job_id: str | None, task: SlurmTask | None, batches: in
     return FAILED, f"Slurm no longer knows job {job_id} and {batches}/{total if total is not None else '?'} batches are committed"
 
 
-def status(record: LaunchRecord, indices: list[int] | None = None, commits: CommitView | None = None) -> list[TaskStatus]:
-    """Every index's state now: Slurm first, then the commit records (a worker commits before it exits)."""
+def status(record: LaunchRecord, indices: list[int] | None = None, commits: CommitView | None = None,
+           need_slurm: bool = True) -> list[TaskStatus]:
+    """Every index's state now: Slurm first, then the commit records (a worker commits before it exits).
+
+    Where Slurm cannot be asked (`need_slurm=False`: e.g. on a laptop reading
+    the store) an index is done when its share is committed, else unknown.
+    """
     indices = record.indices() if indices is None else indices
-    tasks = query(j for i in indices if (j := record.jobs.get(str(i))))
+    try:
+        tasks, no_slurm = query(j for i in indices if (j := record.jobs.get(str(i)))), None
+    except SlurmUnavailable as exc:
+        if need_slurm:
+            raise
+        tasks, no_slurm = {}, str(exc)
     progress = (commits or CommitView(record.run_uri)).progress()
     out = []
     for i in indices:
@@ -241,6 +251,8 @@ def status(record: LaunchRecord, indices: list[int] | None = None, commits: Comm
         task = tasks.get(job) if job else None
         batches, total = progress.get(i, (0, None))
         state, why = classify(i, job, task, batches, total)
+        if no_slurm and state != DONE:
+            state, why = UNKNOWN, f"{batches}/{total if total is not None else '?'} batches committed; {no_slurm}"
         out.append(TaskStatus(i, state, job, task, batches, total, record.log_for(i), why))
     return out
 
