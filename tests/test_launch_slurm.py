@@ -171,6 +171,10 @@ def test_fake_sbatch_records_submissions_and_job_map(tmp_path, fake_sbatch):
     proc = vaultsh("launch", "slurm", cfg, "--start", 0, "--end", 0, cwd=tmp_path, path_prefix=bindir, SBATCH_LOG=log)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out_dir / "jobs.json").read_text())["jobs"] == {"0": "4101", "1": "4101", "2": "4102", "3": "4103"}
+    # --status where Slurm cannot be asked: from the commit records alone (none yet), said plainly
+    proc = vaultsh("launch", "slurm", "--status", out_dir, cwd=tmp_path, PATH=str(bindir))
+    assert proc.returncode == 0, proc.stderr
+    assert "unknown: 0-3" in proc.stdout and "0/? batches committed; scontrol show job 4101: not available" in proc.stdout
 
 
 def test_array_job_map(tmp_path, fake_sbatch):
