@@ -55,7 +55,8 @@ def write_cfg(path: Path, model: str = "tiny-model", num_runs: int = 4, store: s
 
 def worker_env(**env) -> dict:
     """This checkout's code for the launcher and for the jobs it submits (sbatch exports the environment)."""
-    return dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", **env)
+    # COLUMNS: rich wraps the headless log at 80 columns otherwise, splitting the lines the tests look for
+    return dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", COLUMNS="400", **env)
 
 
 def vaultsh(*args, cwd, path_prefix: Path | None = None, **env):
@@ -174,7 +175,7 @@ def test_fake_sbatch_records_submissions_and_job_map(tmp_path, fake_sbatch):
     # --status where Slurm cannot be asked: from the commit records alone (none yet), said plainly
     proc = vaultsh("launch", "slurm", "--status", out_dir, cwd=tmp_path, PATH=str(bindir))
     assert proc.returncode == 0, proc.stderr
-    assert "unknown: 0-3" in proc.stdout and "0/? batches committed; scontrol show job 4101: not available" in proc.stdout
+    assert "unknown: 4 (0-3)" in proc.stdout and "0/? batches committed; scontrol show job 4101: not available" in proc.stdout
 
 
 def test_array_job_map(tmp_path, fake_sbatch):
@@ -251,6 +252,15 @@ def slurm_cluster():
         pytest.skip(f"no Slurm cluster ({why}); .ci/run installs and starts one")
 
 
+@pytest.fixture
+def slurm_jobs_cancelled(slurm_cluster, tmp_path):
+    """After the test, cancel every job its launches recorded (a failed test leaves no job on the node)."""
+    yield
+    ids = [j for path in tmp_path.glob("slurm/*/jobs.json") for j in json.loads(path.read_text())["jobs"].values()]
+    if ids:
+        subprocess.run(["scancel", *ids], capture_output=True, timeout=30)
+
+
 def wait_for(predicate, timeout: float, what: str, step: float = 0.05):
     """Poll until predicate() is truthy; return its value."""
     import time
@@ -282,12 +292,17 @@ def release_when_requeued(job_id: str) -> None:
         f = scontrol_job(job_id)
         return f.get("JobState") == "PENDING" and f.get("Restarts", "0") != "0"
 
+    import time
+
     wait_for(requeued, 90, f"job {job_id} back in the queue", step=0.2)
+    # Released at once, the job may start before slurmd has cleaned up its previous run, and Slurm kills it
+    # ("Job credential revoked"); a few seconds in the queue avoid that.
+    time.sleep(5)
     subprocess.run(["scontrol", "update", f"jobid={job_id}", "starttime=now"], check=True, timeout=30)
 
 
 @pytest.mark.slurm
-def test_requeued_and_time_limited_array_tasks_resume_to_the_one_worker_run(slurm_cluster, tiny_dir, tmp_path):
+def test_requeued_and_time_limited_array_tasks_resume_to_the_one_worker_run(slurm_jobs_cancelled, tiny_dir, tmp_path):
     """An array job of 2 workers, --wait: task 1 gets `scontrol requeue`, task 0 the time-limit USR1.
 
     Each worker is held (SIGSTOP) right after its first commit so the signal
@@ -380,7 +395,7 @@ def torch_close(x, y) -> bool:
 
 
 @pytest.mark.slurm
-def test_failed_task_is_reported_and_only_it_is_resubmitted(slurm_cluster, tiny_dir, tmp_path, monkeypatch):
+def test_failed_task_is_reported_and_only_it_is_resubmitted(slurm_jobs_cancelled, tiny_dir, tmp_path, monkeypatch):
     """Worker 1's script names a config that is not there: --wait reports its log tail and exit status;
     once the file exists, --resubmit-failed submits worker 1 alone and the run completes."""
     from vaultsh.launch import slurm
@@ -406,7 +421,7 @@ def test_failed_task_is_reported_and_only_it_is_resubmitted(slurm_cluster, tiny_
     assert f"worker 1 failed: FAILED, exit status 2:0" in err and "moved/cfg.yaml: no such file" in err, proc.stderr
     assert re.search(r"^\s+0\s+done\s.*\n\s+1\s+failed\s+\d+\s+FAILED\s+2:0", proc.stdout, re.M), proc.stdout
     proc = vaultsh("launch", "slurm", "--status", "slurm.pydoc", cwd=tmp_path)  # by run name, no waiting
-    assert proc.returncode == 0 and "done: 0  failed: 1" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "done: 1 (0)  failed: 1 (1)" in proc.stdout, proc.stdout + proc.stderr
 
     (tmp_path / "moved").mkdir()
     shutil.copy(cfg, tmp_path / "moved" / "cfg.yaml")

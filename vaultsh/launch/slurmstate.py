@@ -266,7 +266,7 @@ def status_lines(statuses: list[TaskStatus]) -> list[str]:
         lines.append(f"{s.index:>5}  {s.state:<8} {s.job_id or '-':<12} {t.state if t else '-':<11} "
                      f"{(t.exit_code if t else '') or '-':<5} {t.restarts if t else 0:>8}  {f'{s.batches}/{total}':>9}  {s.why}")
     counts = {k: [s.index for s in statuses if s.state == k] for k in STATES}
-    lines.append("  ".join(f"{k}: {ranges(v) if v else '-'}" for k, v in counts.items()))
+    lines.append("  ".join(f"{k}: {len(v)} ({ranges(v)})" if v else f"{k}: 0" for k, v in counts.items()))
     return lines
 
 
