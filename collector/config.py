@@ -401,6 +401,24 @@ class StorageConfig(_Strict):
     dtype: Optional[StorageDType] = None
 
 
+class SlurmConfig(_Strict):
+    """`slurm:` defaults for `vaultsh launch slurm` (its flags override them); the collector ignores it.
+
+    Values are checked for Slurm syntax by the launcher (vaultsh/launch/slurm.py).
+    """
+
+    partition: Optional[NonEmptyStr] = None
+    account: Optional[NonEmptyStr] = None
+    qos: Optional[NonEmptyStr] = None
+    constraint: Optional[NonEmptyStr] = None
+    time: Optional[NonEmptyStr] = None
+    gpus: Optional[NonNegInt] = None
+    cpus: Optional[PosInt] = None
+    mem: Optional[NonEmptyStr] = None
+    sbatch: list[NonEmptyStr] = Field(default_factory=list)  # more #SBATCH options, e.g. "--exclusive"
+    setup: Optional[NonEmptyStr] = None  # one shell line before the worker: module load ..., source venv/bin/activate
+
+
 class CollectConfig(_Strict):
     """A validated collection config (see the module docstring for the input forms)."""
 
@@ -411,6 +429,7 @@ class CollectConfig(_Strict):
     upload: UploadConfig
     storage: StorageConfig = Field(default_factory=StorageConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    slurm: Optional[SlurmConfig] = None
 
     # Where it came from, and how the user spelled things (for error messages).
     _source: str = PrivateAttr(default="<config>")
@@ -527,6 +546,7 @@ class _RawConfig(_Strict):
     activation_layers: Optional[_HookList] = None
     inference: Optional[InferenceConfig] = None
     plan: Optional[dict[str, Any]] = None  # prices etc. for `vaultsh plan`; the collector ignores it
+    slurm: Optional[SlurmConfig] = None
 
 
 # Keys that belong somewhere else (for "did you mean" across sections).
@@ -537,6 +557,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "upload_config": _UploadIn,
     "storage": _StorageIn,
     "inference": InferenceConfig,
+    "slurm": SlurmConfig,
 }
 
 # kwargs that collide with fields: the loader passes these itself.
@@ -1040,6 +1061,7 @@ def load_config(source: Union[str, os.PathLike, Mapping[str, Any]], *, name: Opt
             ),
             storage=StorageConfig(uri=uri, format=st.format, dtype=st.dtype),
             inference=inference,
+            slurm=raw.slurm,
         )
     except ValidationError as e:  # should not happen: inputs were validated above
         msgs = [_one_error(CollectConfig, err) for err in e.errors()]

@@ -42,9 +42,9 @@ class LaunchPlan:
             argv.append("--force")
         return argv
 
-    def worker_shell(self, index: int | str) -> str:
+    def worker_shell(self, index: int | str, events_fd: int | None = None) -> str:
         """`worker_argv` as one shell line; a `$VAR` index is left for the shell to expand."""
-        parts = [shlex.quote(a) for a in self.worker_argv(0)]
+        parts = [shlex.quote(a) for a in self.worker_argv(0, events_fd=events_fd)]
         i = parts.index("--machine") + 1
         parts[i] = f'"{index}"' if isinstance(index, str) and index.startswith("$") else shlex.quote(str(index))
         return " ".join(parts)
