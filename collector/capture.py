@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
+from collector.config import text_config
 from collector.layers import HookSpec, describe
 from collector.sites import Layout, known_families, layout_for, site_axes
 from vaultsh.errors import ConfigError, UserError
@@ -39,6 +40,7 @@ __all__ = [
     "SelfCheckError",
     "expand_module_globs",
     "hook_description",
+    "per_token_shape",
     "meta_model",
     "shapes_on_meta",
     "find_decoder_layers",
@@ -81,12 +83,7 @@ def _get_path(obj: Any, path: str) -> Any:
 
 def _text_config(model: Any) -> Any:
     cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(cfg, "get_text_config"):
-        try:
-            return cfg.get_text_config(decoder=True)
-        except TypeError:
-            return cfg.get_text_config()
-    return cfg
+    return text_config(cfg) if cfg is not None else None
 
 
 def layers_path(model: Any) -> str:
@@ -572,12 +569,16 @@ class ActivationCapture:
         return dict(self.outputs)
 
 
+def per_token_shape(probe: Probe, width: int) -> list[int]:
+    """The sizes of a probe's per-token axes, given its flat width ([heads, d_head] for per-head sites)."""
+    return [probe.heads, width // probe.heads] if probe.heads and len(probe.axes) == 2 else [width]
+
+
 def hook_description(probe: Probe, width: int) -> dict[str, Any]:
     """What a resolved hook means and how its flat `[N, T, width]` states are shaped, for metadata.json."""
-    sizes = [probe.heads, width // probe.heads] if probe.heads and len(probe.axes) == 2 else [width]
     out = describe(probe.spec)
     out.update(family=probe.family, module=probe.module_path, axes=["batch", "pos", *probe.axes],
-               per_token_shape=sizes)
+               per_token_shape=per_token_shape(probe, width))
     return out
 
 

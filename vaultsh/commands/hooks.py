@@ -47,7 +47,8 @@ def list_hooks(arg: str, *, seq_length: int | None = None, dtype: str | None = N
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from collector.capture import layers_path, meta_model, model_layout, resolve_probes, shapes_on_meta
+    from collector.capture import (layers_path, meta_model, model_layout, per_token_shape, resolve_probes,
+                                   shapes_on_meta)
     from collector.layers import HookSpec
     from collector.sites import SITES
     from vaultsh.errors import ConfigError
@@ -78,9 +79,8 @@ def list_hooks(arg: str, *, seq_length: int | None = None, dtype: str | None = N
             refused[spec.name] = str(e).removeprefix(f"hooks: {spec.name!r} ")
     rows = []
     for probe, width in (shapes_on_meta(model, ok, T) if ok else []):
-        sizes = [probe.heads, width // probe.heads] if probe.heads and len(probe.axes) == 2 else [width]
         rows.append({"name": probe.spec.name, "site": probe.spec.site, "module": probe.module_path,
-                     "axes": list(probe.axes), "shape": sizes, "width": width, "bytes_per_token": width * itemsize})
+                     "axes": list(probe.axes), "shape": per_token_shape(probe, width), "width": width, "bytes_per_token": width * itemsize})
     return {"model": model_cfg.name, "model_type": getattr(config, "model_type", None),
             "family": layout.family if layout else None,
             "block": (("parallel" if layout.parallel else "sequential") if layout else None),
