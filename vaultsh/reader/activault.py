@@ -139,11 +139,7 @@ class S3RCache:
 
     def sync(self) -> None:
         """Re-list the committed files (new megabatches since construction); applies to the next pass."""
-        r = self._reader
-        records = []
-        for i, s in enumerate(r._sources):
-            records.extend((i, f) for f in Run(s.store, s.run).committed_files(s.hook))
-        r._records = records
+        self._reader.refresh()
 
     @property
     def stats(self) -> ReaderStats:

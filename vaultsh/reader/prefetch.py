@@ -1,10 +1,12 @@
-"""One pass over a list of files: background downloads with parallel ranged reads, staged in order.
+"""One pass over a list of megabatches: background downloads with parallel ranged reads, staged in order.
 
-A scheduler thread starts up to `prefetch` files ahead of the consumer, each
-into a buffer from a pool under a byte limit (pinned when the device is
-CUDA), its ranges
-spread over a pool of `connections` threads. When a file's last range lands a
-staging thread checks and stages it; the consumer takes items in file order.
+A task is one megabatch: one file, or (aligned reads) the files of the same
+megabatch in several hook directories or runs, laid out side by side in one
+buffer. A scheduler thread starts up to `prefetch` tasks ahead of the
+consumer, each into a buffer from a pool under a byte limit (pinned when the
+device is CUDA), its ranges spread over a pool of `connections` threads. When
+a task's last range lands a staging thread checks and stages it; the consumer
+takes items in order.
 """
 
 from __future__ import annotations
@@ -29,15 +31,40 @@ from vaultsh.reader.stage import Staged
 _POLL_S = 0.1
 
 
+_ALIGN = 64  # parts start at multiples of this in a task's buffer, so every tensor view is aligned
+
+
 @dataclass
-class FileTask:
-    pos: int  # position in the ordered list of every file (the resume index)
+class Part:
+    """One file of a task, at `offset` in the task's buffer."""
+
     source: int  # which hook directory
     key: str
     uri: str
     size: int
     sha256: str | None
     n_sequences: int
+    offset: int = 0
+
+
+@dataclass
+class FileTask:
+    """One megabatch to fetch: its position in the ordered list (the resume index) and its file(s)."""
+
+    pos: int
+    parts: list[Part]
+    size: int = 0  # bytes of the buffer holding every part
+
+    def __post_init__(self) -> None:
+        off = 0
+        for p in self.parts:
+            p.offset = off
+            off += -(-p.size // _ALIGN) * _ALIGN
+        self.size = off if len(self.parts) > 1 else (self.parts[0].size if self.parts else 0)
+
+    @property
+    def uri(self) -> str:
+        return self.parts[0].uri if self.parts else ""
 
 
 @dataclass
@@ -51,14 +78,14 @@ class Item:
 
 
 class _Download:
-    def __init__(self, task: FileTask, buf: torch.Tensor, lease: Lease, parts: int):
+    def __init__(self, task: FileTask, buf: torch.Tensor, lease: Lease, ranges: int):
         self.task = task
         self.buf: torch.Tensor | None = buf
         self.lease: Lease | None = lease
-        self.remaining = parts
+        self.remaining = ranges
         self.lock = threading.Lock()
         self.error: BaseException | None = None
-        self.short: int | None = None
+        self.short: dict[int, int] = {}  # part index -> bytes readable, for parts shorter than listed
         self.future: Future = Future()
 
 
@@ -116,15 +143,16 @@ class Prefetcher:
                 self.slots.acquire(self.stop)
                 buf, lease = self.pool.acquire(task.size, self.stop)
                 per = self.o.range_bytes
-                parts = [(s, min(per, task.size - s)) for s in range(0, task.size, per)]
-                dl = _Download(task, buf, lease, len(parts))
+                ranges = [(i, s, min(per, p.size - s)) for i, p in enumerate(task.parts)
+                          for s in range(0, p.size, per)]
+                dl = _Download(task, buf, lease, len(ranges))
                 self.ready.put(dl)
-                if not parts:
+                if not ranges:
                     self.stager.submit(self._finish, dl)
                     del buf, lease, dl
                     continue
-                for start, length in parts:
-                    self.io.submit(self._range, dl, start, length)
+                for part, start, length in ranges:
+                    self.io.submit(self._range, dl, part, start, length)
                 del buf, lease, dl  # never keep a buffer alive here while waiting for the next slot
             self.ready.put(None)
         except Closed:
@@ -135,22 +163,23 @@ class Prefetcher:
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             self.ready.put(exc)
 
-    def _fetch(self, dl: _Download, start: int, length: int) -> int:
-        t = dl.task
-        mv = memoryview(dl.buf.numpy()).cast("B")[start : start + length]
-        return read_with_retries(self.stores[t.source], t.key, t.uri, start, mv, self.stop, self.o.retries,
+    def _fetch(self, dl: _Download, part: int, start: int, length: int) -> int:
+        p = dl.task.parts[part]
+        at = p.offset + start
+        mv = memoryview(dl.buf.numpy()).cast("B")[at : at + length]
+        return read_with_retries(self.stores[p.source], p.key, p.uri, start, mv, self.stop, self.o.retries,
                                  self.o.retry_backoff, on_retry=lambda: self.counters.add(retries=1))
 
-    def _range(self, dl: _Download, start: int, length: int) -> None:
+    def _range(self, dl: _Download, part: int, start: int, length: int) -> None:
         # Only dl refers to the buffer here (no memoryview argument or local outlives _fetch), so once
         # _finish drops dl.buf the memory is really free when the pool says so.
         try:
             if dl.error is None and not self.stop.is_set():
-                got = self._fetch(dl, start, length)
+                got = self._fetch(dl, part, start, length)
                 self.counters.add(bytes_downloaded=got)
                 if got < length:
                     with dl.lock:
-                        dl.short = min(dl.short if dl.short is not None else start + got, start + got)
+                        dl.short[part] = min(dl.short.get(part, start + got), start + got)
         except BaseException as exc:  # noqa: BLE001 - reported with the file
             traceback.clear_frames(exc.__traceback__)  # the frames' memoryviews would pin the buffer
             with dl.lock:
@@ -172,9 +201,11 @@ class Prefetcher:
         try:
             if dl.error is not None:
                 raise dl.error
-            if dl.short is not None:
-                raise FormatError(f"{dl.task.uri}: truncated or replaced: {dl.short} bytes readable, "
-                                  f"{dl.task.size} expected (listed size)")
+            if dl.short:
+                i = min(dl.short)
+                p = dl.task.parts[i]
+                raise FormatError(f"{p.uri}: truncated or replaced: {dl.short[i]} bytes readable, "
+                                  f"{p.size} expected (listed size)")
             item.staged = self.stage_fn(dl.buf, dl.task)
         except BaseException as exc:  # noqa: BLE001 - the consumer applies on_error
             traceback.clear_frames(exc.__traceback__)

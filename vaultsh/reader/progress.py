@@ -14,7 +14,8 @@ class ReaderStats:
     `bytes_downloaded` counts file bytes fetched from the store; `states_bytes`
     the bytes of the `states` tensors handed out (in the output dtype);
     `tokens` the real (unmasked) tokens handed out and `positions` every
-    position (N*T) of the megabatches read. `wait_s` is the time the consumer
+    position (N*T) of the megabatches read; `dropped` how many tokens each
+    filter dropped (masked, skip_positions, exclude_token_ids, max_norm). `wait_s` is the time the consumer
     spent blocked inside `next()` waiting for data. `peak_buffered_bytes` is
     the most download-buffer memory the reader held at once (at most
     `buffer_bytes`, unless a single file is larger than that).
@@ -24,6 +25,7 @@ class ReaderStats:
     files_read: int = 0
     files_skipped: int = 0
     skipped: list = field(default_factory=list)  # [(uri, reason)]
+    dropped: dict = field(default_factory=dict)  # filter name -> tokens dropped
     sequences: int = 0
     tokens: int = 0
     positions: int = 0
@@ -62,6 +64,7 @@ class ReaderStats:
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["skipped"] = [list(s) for s in self.skipped]
+        out["dropped"] = dict(self.dropped)
         out.update(mb_per_s=self.mb_per_s, states_mb_per_s=self.states_mb_per_s,
                    tokens_per_s=self.tokens_per_s, wait_fraction=self.wait_fraction)
         return out
@@ -87,6 +90,11 @@ class Counters:
             for k, v in kw.items():
                 setattr(self.s, k, getattr(self.s, k) + v)
 
+    def drop(self, counts: dict[str, int]) -> None:
+        with self.lock:
+            for k, v in counts.items():
+                self.s.dropped[k] = self.s.dropped.get(k, 0) + v
+
     def skipped(self, uri: str, reason: str) -> None:
         with self.lock:
             self.s.files_skipped += 1
@@ -97,6 +105,7 @@ class Counters:
         with self.lock:
             out = ReaderStats(**{f.name: getattr(self.s, f.name) for f in fields(self.s)})
             out.skipped = list(self.s.skipped)
+            out.dropped = dict(self.s.dropped)
             if self.t0 is not None:
                 out.elapsed_s = (self.t_end or time.perf_counter()) - self.t0
         if buffered is not None:

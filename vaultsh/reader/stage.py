@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from vaultsh.errors import UserError
+from vaultsh.reader.filters import TokenFilter, check_aligned
 from vaultsh.stats import RunningStats
 
-NORMALIZE_MODES = ("center", "unit_norm", "center_unit_norm", "standardize")
+NORMALIZE_MODES = ("center", "unit_norm", "mean_norm_sqrt_d", "center_unit_norm", "standardize")
 
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32",
                   "double": "float64", "fp64": "float64"}
@@ -61,6 +62,10 @@ def normalizer(stats: RunningStats, mode: str) -> Norm:
         if not stats.mean_norm > 0:
             raise UserError("normalize='unit_norm' needs a positive mean norm in statistics.json")
         return None, 1.0 / stats.mean_norm
+    if mode == "mean_norm_sqrt_d":  # SAELens' expected_average_only_in: mean norm sqrt(d_model)
+        if not stats.mean_norm > 0:
+            raise UserError("normalize='mean_norm_sqrt_d' needs a positive mean norm in statistics.json")
+        return None, math.sqrt(stats.d) / stats.mean_norm
     if mode == "center_unit_norm":
         rms = math.sqrt(float(stats.var.sum()))
         if not rms > 0:
@@ -74,24 +79,43 @@ def normalizer(stats: RunningStats, mode: str) -> Norm:
 
 @dataclass
 class Staged:
-    """One megabatch ready for the consumer."""
+    """One megabatch ready for the consumer: the states of each of its files (hooks), in task order."""
 
-    states: torch.Tensor
+    states: list[torch.Tensor]
     input_ids: torch.Tensor | None
     mask: torch.Tensor | None
     labels: dict[str, torch.Tensor] = field(default_factory=dict)
-    tokens: int = 0  # real (unmasked) tokens
+    tokens: int = 0  # tokens kept (unmasked and not filtered)
     positions: int = 0  # N * T
     sequences: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)  # tokens each filter dropped
     event: Any = None  # a CUDA event the consumer's stream waits on
-    aliases: bool = False  # the tensors are views of the download buffer
+    aliases: bool = False  # some tensors are views of the download buffer
+
+
+@dataclass
+class StagedPart:
+    """One decoded file of a megabatch: which source (hook directory) it came from, its tensors, its URI."""
+
+    source: int
+    states: torch.Tensor
+    input_ids: torch.Tensor
+    mask: torch.Tensor
+    labels: dict[str, torch.Tensor]
+    uri: str
 
 
 class Stager:
-    """Device copy, dtype conversion, normalisation and (token mode) masked-token removal."""
+    """Device copy, dtype conversion, normalisation, token filters and (token mode) masked-token removal.
+
+    Every file of a megabatch keeps the same tokens in the same order: one keep
+    mask (from the first file's mask and ids and the filter's reference hook)
+    and one permutation serve all of them.
+    """
 
     def __init__(self, device: torch.device, dtype: torch.dtype | None, norms: list[Norm] | None, tokens: bool,
-                 return_ids: bool, return_mask: bool, return_labels: bool, token_shuffle_seed: int | None):
+                 return_ids: bool, return_mask: bool, return_labels: bool, token_shuffle_seed: int | None,
+                 token_filter: TokenFilter | None = None):
         self.device = device
         self.dtype = dtype
         self.norms = norms
@@ -100,6 +124,7 @@ class Stager:
         self.return_mask = return_mask and not tokens
         self.return_labels = return_labels and not tokens
         self.token_shuffle_seed = token_shuffle_seed
+        self.filter = token_filter if token_filter is not None and token_filter.active else None
         self.tls = threading.local()
 
     def _stream(self):
@@ -125,27 +150,48 @@ class Stager:
             x.mul_(scale)
         return x if x.dtype == out_dtype else x.to(out_dtype)
 
-    def stage(self, states, ids, mask, labels, buf: torch.Tensor, source: int, pos: int) -> Staged:
-        n, t, d = states.shape
-        out = Staged(states, None, None, sequences=n, positions=n * t)
+    def stage(self, parts: list[StagedPart], buf: torch.Tensor, pos: int) -> Staged:
+        first = parts[0]
+        for p in parts[1:]:
+            check_aligned(first.input_ids, p.input_ids, first.uri, p.uri)
+        ids, mask, labels = first.input_ids, first.mask, first.labels
+        n, t = ids.shape
+        dropped: dict[str, int] = {}
+        if self.filter is not None:
+            ref = parts[self.filter.norm_part].states if self.filter.max_norm is not None else None
+            mask, dropped = self.filter.keep(ids, mask, ref)
+        elif self.tokens:
+            dropped = {"masked": int(mask.numel() - int(mask.sum()))}
+        out = Staged([p.states for p in parts], None, None, sequences=n, positions=n * t, dropped=dropped)
         out.tokens = int(mask.sum())
         stream = self._stream()
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             if stream is not None:
-                states = states.to(self.device, non_blocking=True)
                 ids = ids.to(self.device, non_blocking=True)
                 mask = mask.to(self.device, non_blocking=True)
                 labels = {k: v.to(self.device, non_blocking=True) for k, v in labels.items()}
-            states = self._convert(states, source)
+            perm = None
             if self.token_shuffle_seed is not None:  # Activault: tokens shuffled within the megabatch
                 g = torch.Generator().manual_seed(seed_of(self.token_shuffle_seed, pos, 1))
-                perm = torch.randperm(n * t, generator=g).to(states.device)
-                states = states.reshape(n * t, d)[perm].reshape(n, t, d)
+                perm = torch.randperm(n * t, generator=g).to(ids.device)
+                ids, mask = ids.reshape(n * t)[perm].reshape(n, t), mask.reshape(n * t)[perm].reshape(n, t)
+            keep = mask.reshape(n * t) if self.tokens and out.tokens != n * t else None
+            states = []
+            for p in parts:
+                x = p.states.to(self.device, non_blocking=True) if stream is not None else p.states
+                x = self._convert(x, p.source)
+                d = x.shape[-1]
+                if perm is not None:
+                    x = x.reshape(n * t, d)[perm].reshape(n, t, d)
+                if self.tokens:
+                    x = x.reshape(n * t, d)
+                    if keep is not None:
+                        x = x[keep]
+                states.append(x)
             if self.tokens:
-                keep = mask.reshape(n * t)
-                states, ids = states.reshape(n * t, d), ids.reshape(n * t)
-                if out.tokens != n * t:
-                    states, ids = states[keep], ids[keep]
+                ids = ids.reshape(n * t)
+                if keep is not None:
+                    ids = ids[keep]
             if ids.dtype != torch.int64:
                 ids = ids.to(torch.int64)
             if stream is not None:
@@ -162,12 +208,12 @@ class Stager:
         def view(x: torch.Tensor | None) -> bool:
             return x is not None and x.device.type == "cpu" and x.untyped_storage().data_ptr() == raw
 
-        out.aliases = view(out.states) and not self.tokens
+        out.aliases = any(view(x) for x in out.states)
         if not out.aliases:
-            # the states are a copy (device, dtype, token mode): copy the small tensors too, so the
+            # the states are copies (device, dtype, token mode): copy the small tensors too, so the
             # download buffer is freed now rather than kept alive by an input_ids view
             c = lambda x: x.clone() if view(x) else x  # noqa: E731
-            out.states, out.input_ids, out.mask = c(out.states), c(out.input_ids), c(out.mask)
+            out.input_ids, out.mask = c(out.input_ids), c(out.mask)
             out.labels = {k: c(v) for k, v in out.labels.items()}
         return out
 
@@ -177,6 +223,6 @@ class Stager:
             return
         cur = torch.cuda.current_stream(self.device)
         cur.wait_event(item.event)
-        for x in (item.states, item.input_ids, item.mask, *item.labels.values()):
+        for x in (*item.states, item.input_ids, item.mask, *item.labels.values()):
             if x is not None and x.is_cuda:
                 x.record_stream(cur)

@@ -1,10 +1,17 @@
-"""Token mode: a seeded mixing buffer across megabatches, and fixed-size flat batches."""
+"""Token mode: a seeded mixing buffer across megabatches, and fixed-size flat batches.
+
+Both work on a list of aligned "columns" (the states of each hook, the token
+ids, ...), all with the same number of rows: a row is one token, and every
+column moves with it, so aligned hooks stay aligned through the mixing.
+"""
 
 from __future__ import annotations
 
 from typing import Iterator
 
 import torch
+
+Columns = list[torch.Tensor]
 
 
 class Mixer:
@@ -19,81 +26,63 @@ class Mixer:
         self.cap = max(1, int(capacity))
         self.g = generator
         self.fill = 0
-        self.pool: torch.Tensor | None = None
-        self.ids: torch.Tensor | None = None
+        self.pools: Columns | None = None
 
-    def _alloc(self, x: torch.Tensor, ids: torch.Tensor | None) -> None:
-        self.pool = torch.empty((self.cap, x.shape[1]), dtype=x.dtype, device=x.device)
-        if ids is not None:
-            self.ids = torch.empty(self.cap, dtype=ids.dtype, device=ids.device)
-
-    def add(self, x: torch.Tensor, ids: torch.Tensor | None):
-        if self.pool is None:
-            self._alloc(x, ids)
-        m = x.shape[0]
+    def add(self, cols: Columns) -> Columns | None:
+        if self.pools is None:
+            self.pools = [torch.empty((self.cap, *c.shape[1:]), dtype=c.dtype, device=c.device) for c in cols]
+        m = cols[0].shape[0]
         take = min(self.cap - self.fill, m)
         if take:
-            self.pool[self.fill : self.fill + take] = x[:take]
-            if self.ids is not None:
-                self.ids[self.fill : self.fill + take] = ids[:take]
+            for pool, c in zip(self.pools, cols):
+                pool[self.fill : self.fill + take] = c[:take]
             self.fill += take
-        outs, out_ids, pos = [], [], take
+        outs: list[Columns] = []
+        pos = take
         while pos < m:
             r = min(m - pos, self.cap)
-            slots = torch.randperm(self.cap, generator=self.g)[:r].to(self.pool.device)
-            outs.append(self.pool[slots])
-            self.pool[slots] = x[pos : pos + r]
-            if self.ids is not None:
-                out_ids.append(self.ids[slots])
-                self.ids[slots] = ids[pos : pos + r]
+            slots = torch.randperm(self.cap, generator=self.g)[:r].to(self.pools[0].device)
+            outs.append([pool[slots] for pool in self.pools])
+            for pool, c in zip(self.pools, cols):
+                pool[slots] = c[pos : pos + r]
             pos += r
         if not outs:
-            return None, None
-        return torch.cat(outs) if len(outs) > 1 else outs[0], (
-            (torch.cat(out_ids) if len(out_ids) > 1 else out_ids[0]) if out_ids else None
-        )
+            return None
+        return outs[0] if len(outs) == 1 else [torch.cat(parts) for parts in zip(*outs)]
 
-    def drain(self):
-        if self.pool is None or self.fill == 0:
-            return None, None
-        perm = torch.randperm(self.fill, generator=self.g).to(self.pool.device)
-        x = self.pool[: self.fill][perm]
-        ids = self.ids[: self.fill][perm] if self.ids is not None else None
+    def drain(self) -> Columns | None:
+        if self.pools is None or self.fill == 0:
+            return None
+        perm = torch.randperm(self.fill, generator=self.g).to(self.pools[0].device)
+        out = [pool[: self.fill][perm] for pool in self.pools]
         self.fill = 0
-        return x, ids
+        return out
 
 
 class Batcher:
-    """Cuts a stream of [m, D] token tensors into [batch_size, D] batches (views where possible)."""
+    """Cuts a stream of row-aligned columns into batches of `batch_size` rows (views where possible)."""
 
     def __init__(self, batch_size: int):
         self.b = batch_size
-        self.left: torch.Tensor | None = None
-        self.left_ids: torch.Tensor | None = None
+        self.left: Columns | None = None
 
-    def push(self, x: torch.Tensor, ids: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    def push(self, cols: Columns) -> Iterator[Columns]:
         pos = 0
         if self.left is not None:
-            need = self.b - self.left.shape[0]
-            if x.shape[0] < need:
-                self.left = torch.cat([self.left, x])
-                self.left_ids = torch.cat([self.left_ids, ids]) if ids is not None else None
+            need = self.b - self.left[0].shape[0]
+            if cols[0].shape[0] < need:
+                self.left = [torch.cat([a, c]) for a, c in zip(self.left, cols)]
                 return
-            yield (torch.cat([self.left, x[:need]]),
-                   torch.cat([self.left_ids, ids[:need]]) if ids is not None else None)
-            self.left = self.left_ids = None
+            yield [torch.cat([a, c[:need]]) for a, c in zip(self.left, cols)]
+            self.left = None
             pos = need
-        m = x.shape[0]
+        m = cols[0].shape[0]
         while m - pos >= self.b:
-            yield x[pos : pos + self.b], (ids[pos : pos + self.b] if ids is not None else None)
+            yield [c[pos : pos + self.b] for c in cols]
             pos += self.b
         if pos < m:
-            self.left = x[pos:]
-            self.left_ids = ids[pos:] if ids is not None else None
+            self.left = [c[pos:] for c in cols]
 
-    def flush(self):
-        if self.left is None:
-            return None
-        out = (self.left, self.left_ids)
-        self.left = self.left_ids = None
+    def flush(self) -> Columns | None:
+        out, self.left = self.left, None
         return out
