@@ -374,3 +374,24 @@ def test_transcoder_pairs_from_a_real_run_match_the_model(collected_pair):
             torch.testing.assert_close(layer.mlp(layer.post_attention_layernorm(x)), y, rtol=1e-4, atol=1e-5)
             n += x.shape[0]
     assert n == r.stats.tokens > 0
+
+
+def test_s3rcache_reads_aligned_hooks_with_one_shuffle(s3_server, s3_bucket, monkeypatch):
+    """Activault's API with hooks=: each item a dict hook -> [N, T, D], tokens shuffled alike in every hook."""
+    from vaultsh.reader import S3RCache
+    from vaultsh.store.s3 import S3Store
+
+    writer = S3Store(s3_bucket, endpoint_url=s3_server)
+    planted = make_aligned_run(writer, workers=1, files_per_worker=3)
+    monkeypatch.setenv("S3_ENDPOINT_URL", s3_server)
+    cache = S3RCache.from_credentials("testing", "testing", s3_prefix="pair", bucket_name=s3_bucket,
+                                      hooks=[A, B], concurrency=4)
+    out = list(cache)
+    cache.finalize()
+    assert len(out) == 3
+    originals = [a for a, _, _ in planted.values()]
+    for item in out:
+        check_pairs(item)
+        flat = item[A].reshape(-1, DA)
+        match = [a for a in originals if np.array_equal(sorted_rows(a.reshape(-1, DA)), sorted_rows(flat))]
+        assert len(match) == 1 and not torch.equal(match[0], item[A])  # the same tokens, shuffled

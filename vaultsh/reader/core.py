@@ -565,7 +565,10 @@ class ActivationReader:
         opts = FetchOptions(
             prefetch=self.prefetch,
             buffer_bytes=self.buffer_bytes or max(1, (self.prefetch + 2) * biggest),
-            connections=self.connections, range_bytes=self.range_bytes, stage_threads=self.stage_threads,
+            connections=self.connections, range_bytes=self.range_bytes,
+            # a task of an aligned read stages one file per hook: as many threads per task keep the same
+            # staging parallelism per file as a single-hook read
+            stage_threads=min(8, self.stage_threads * len(self._sources)) if self._layout else self.stage_threads,
             retries=self.retries, retry_backoff=self.retry_backoff, pin=self._pin,
         )
         stager = Stager(self.device, self.dtype, self._norms, self.tokens, self.return_ids, self.return_mask,
