@@ -720,3 +720,35 @@ def test_multipart_sink_parts_grow_for_very_long_streams(monkeypatch):
     assert sizes == [10, 10, 10, 20, 20, 20, 40, 40, 30]
     assert b"".join(client.parts[i] for i in sorted(client.parts)) == data
     assert client.completed == sorted(client.parts)
+
+
+def test_read_into_fills_the_callers_buffer_in_place(store):
+    import threading
+
+    from vaultsh.errors import Cancelled
+
+    data = bytes(range(256)) * 4096  # 1 MiB
+    store.put_bytes("r/obj", data)
+    buf = bytearray(300_000)
+    mv = memoryview(buf)
+    assert store.read_into("r/obj", 1000, mv) == len(buf)
+    assert bytes(buf) == data[1000:301_000]
+    tail = memoryview(bytearray(5000))
+    assert store.read_into("r/obj", len(data) - 1234, tail) == 1234  # short at the end of the object
+    assert bytes(tail[:1234]) == data[-1234:]
+    assert store.read_into("r/obj", len(data) + 10, memoryview(bytearray(10))) == 0
+    with pytest.raises(NotFoundError):
+        store.read_into("r/missing", 0, memoryview(bytearray(10)))
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Cancelled):
+        store.read_into("r/obj", 0, mv, stop)
+
+
+def test_head_etag_changes_when_an_object_is_replaced(store):
+    store.put_bytes("r/e", b"one")
+    first = store.head("r/e").etag
+    time.sleep(0.01)
+    store.put_bytes("r/e", b"two!")
+    second = store.head("r/e").etag
+    assert first and second and first != second

@@ -35,3 +35,7 @@ class NotFoundError(StoreError):
 
 class FormatError(UserError):
     """A file that is not a valid megabatch (truncated, foreign, wrong header)."""
+
+
+class Cancelled(Exception):
+    """A read was given up because its caller asked to stop (a `stop` event was set)."""

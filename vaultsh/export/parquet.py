@@ -90,15 +90,13 @@ def write_shard(
     """
     import pyarrow.parquet as pq
 
-    from vaultsh.store import LocalStore
-
     kwargs = writer_kwargs(schema, compression)
-    local = isinstance(store, LocalStore)
     fast = fast_path(schema)
     done = {"rows": 0, "bytes": 0}
 
     def write(f) -> None:
         start = f.tell()
+        local = _has_fd(f)  # a real file (LocalStore's temp file), not a multipart upload stream
         if fast:
             w = FastParquetWriter(f, schema, kwargs["compression"])
             put = w.write_block
@@ -128,3 +126,12 @@ def write_shard(
 
     store.put_stream(name, write, durable=durable)
     return done["rows"], done["bytes"]
+
+
+def _has_fd(f) -> bool:
+    """True when `f` is backed by an OS file descriptor (so fdatasync applies)."""
+    try:
+        f.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    return True

@@ -1,9 +1,8 @@
 """Where the bytes come from: (re)opening stores, ranged reads straight into a buffer, retries.
 
 A file is read into one preallocated buffer by several ranged reads at once;
-each read writes in place (LocalStore: `readinto`; S3Store: `readinto` from
-the HTTP response under botocore's body when it is plain, else the body
-copied 1 MB at a time, so no whole-range temporary is made). Network errors
+each read writes in place through the store protocol's `read_into` (see
+LocalStore.read_into and S3Store.read_into). Network errors
 that may pass are retried with backoff on top of botocore's own retries;
 anything else (a missing object, bad credentials) is raised at once.
 """
@@ -19,7 +18,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from vaultsh.errors import FormatError, NotFoundError, StoreError, UserError
+from vaultsh.errors import Cancelled, FormatError, NotFoundError, StoreError, UserError
 from vaultsh.store import LocalStore, is_s3_uri, normalize_key, open_store, split_uri
 
 logger = logging.getLogger("vaultsh.reader")
@@ -28,8 +27,7 @@ _READ_CHUNK = 1 << 20  # bytes copied per read() from an HTTP body
 _READINTO_CHUNK = 8 << 20  # bytes read straight into the buffer per call (a close() is seen between calls)
 
 
-class Closed(Exception):
-    """The reader was closed while a background thread worked or waited."""
+Closed = Cancelled  # the reader was closed while a background thread worked or waited
 
 
 class TransientExhausted(StoreError):
@@ -156,86 +154,12 @@ def is_transient(exc: BaseException) -> bool:
 
 
 # -- ranged reads into a buffer ---------------------------------------------
-def _read_into_local(store: LocalStore, key: str, start: int, mv: memoryview) -> int:
-    with store.open_read(key) as f:
-        f.seek(start)
-        got = 0
-        while got < len(mv):
-            n = f.readinto(mv[got:])
-            if not n:
-                break
-            got += n
-    return got
-
-
-def _is_s3store(store) -> bool:
-    return type(store).__name__ == "S3Store" and hasattr(store, "client") and hasattr(store, "bucket")
-
-
-def _read_into_s3(store, key: str, start: int, mv: memoryview, stop: threading.Event) -> int:
-    """One ranged GET copied into `mv` chunk by chunk; errors translated by the store's own handler."""
-    rel = normalize_key(key).rstrip("/")
-    full = (store.prefix + "/" if store.prefix else "") + rel
-    n = len(mv)
-    with store._reading(rel, "read a range of"):
-        try:
-            resp = store.client.get_object(Bucket=store.bucket, Key=full, Range=f"bytes={start}-{start + n - 1}")
-        except Exception as exc:
-            response = getattr(exc, "response", None) or {}
-            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
-            if (response.get("Error") or {}).get("Code") == "InvalidRange" or status == 416:
-                return 0  # the object is shorter than the recorded size
-            raise
-        body = resp["Body"]
-        try:
-            if start and not resp.get("ContentRange"):  # an endpoint that ignored Range
-                body.close()
-                data = store.get_range(key, start, n)
-                mv[: len(data)] = data
-                return len(data)
-            fp = _plain_socket_stream(body)
-            got = 0
-            while got < n:
-                if stop.is_set():
-                    raise Closed()
-                if fp is not None:  # straight from the socket into the buffer: no intermediate bytes
-                    k = fp.readinto(mv[got : got + min(_READINTO_CHUNK, n - got)])
-                else:
-                    chunk = body.read(min(_READ_CHUNK, n - got))
-                    k = len(chunk)
-                    mv[got : got + k] = chunk
-                if not k:
-                    break
-                got += k
-            if fp is not None and fp.isclosed():
-                body._raw_stream.release_conn()  # the body is fully read: the connection can be reused
-            return got
-        finally:
-            body.close()
-
-
-def _plain_socket_stream(body):
-    """The http.client response under botocore's StreamingBody when the body can be read into a
-    buffer directly (identity encoding, a Content-Length, not chunked); else None (use body.read())."""
-    raw = getattr(body, "_raw_stream", None)  # urllib3's HTTPResponse
-    fp = getattr(raw, "_fp", None)  # http.client.HTTPResponse
-    if fp is None or not hasattr(fp, "readinto") or not hasattr(raw, "release_conn"):
-        return None
-    headers = getattr(raw, "headers", None) or {}
-    if (headers.get("content-encoding") or "identity").lower() != "identity" or getattr(raw, "chunked", True):
-        return None
-    if getattr(raw, "_fp_bytes_read", 1) != 0 or getattr(fp, "length", None) is None:
-        return None
-    return fp
-
-
 def read_into(store, key: str, start: int, mv: memoryview, stop: threading.Event) -> int:
-    """Read bytes start.. of `key` into `mv`; returns how many there were (fewer: the object is shorter)."""
-    if isinstance(store, LocalStore):
-        return _read_into_local(store, key, start, mv)
-    if _is_s3store(store):
-        return _read_into_s3(store, key, start, mv, stop)
-    data = store.get_range(key, start, len(mv))  # any other Store: one extra copy
+    """Read bytes start.. of `key` into `mv` through the store's `read_into`; returns how many there were."""
+    reader = getattr(store, "read_into", None)
+    if reader is not None:
+        return reader(key, start, mv, stop)
+    data = store.get_range(key, start, len(mv))  # a store without read_into: one extra copy
     mv[: len(data)] = data
     return len(data)
 

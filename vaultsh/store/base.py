@@ -8,6 +8,7 @@ prefix ending in '/'.
 from __future__ import annotations
 
 import posixpath
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -23,6 +24,7 @@ class ObjectInfo:
     key: str
     size: int
     mtime: datetime | None = None
+    etag: str | None = None  # changes when the object is replaced (S3's ETag; size and mtime locally)
 
     @property
     def name(self) -> str:
@@ -63,6 +65,10 @@ class Store(Protocol):
     def get_range(self, key: str, start: int, length: int) -> bytes:
         """`length` bytes from offset `start` (fewer at the end of the object)."""
 
+    def read_into(self, key: str, start: int, buf: memoryview, stop: threading.Event | None = None) -> int:
+        """Read bytes start..start+len(buf) of `key` straight into `buf`; returns how many there were
+        (fewer: the object is shorter). Raises NotFoundError, or Cancelled once `stop` is set."""
+
     def get_file(self, key: str, path: str | Path) -> None:
         """Download the object to a local file (parallel ranged GETs on S3)."""
 
@@ -70,7 +76,7 @@ class Store(Protocol):
         """A streaming, read-only file object over the object."""
 
     def head(self, key: str) -> ObjectInfo:
-        """Size and mtime of one object. Raises NotFoundError."""
+        """Size, mtime and etag of one object. Raises NotFoundError."""
 
     def exists(self, key: str) -> bool:
         """True when an object is stored under exactly this key."""

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from vaultsh.errors import NotFoundError, StoreError
+from vaultsh.errors import Cancelled, NotFoundError, StoreError
 from vaultsh.store.base import Listing, ObjectInfo, normalize_key
 
 _TMP_SUFFIX = ".vaultsh-tmp"
@@ -264,6 +264,25 @@ class LocalStore:
         except OSError as exc:
             raise self._read_error(key, exc) from None
 
+    def read_into(self, key: str, start: int, buf: memoryview, stop=None) -> int:
+        if start < 0:
+            raise StoreError(f"invalid range start {start} for {key!r}")
+        path = self._existing(key)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                f.seek(start)
+                got = 0
+                while got < len(buf):
+                    if stop is not None and stop.is_set():
+                        raise Cancelled()
+                    n = f.readinto(buf[got:])
+                    if not n:
+                        break
+                    got += n
+        except OSError as exc:
+            raise self._read_error(key, exc) from None
+        return got
+
     def get_file(self, key: str, path: str | Path) -> None:
         """Copy the object to `path` through a temp file renamed into place (atomic)."""
         src = self._existing(key)
@@ -300,7 +319,8 @@ class LocalStore:
             st = path.stat()
         except OSError as exc:
             raise self._read_error(key, exc) from None
-        return ObjectInfo(normalize_key(key), st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc))
+        return ObjectInfo(normalize_key(key), st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc),
+                          f"{st.st_size:x}-{st.st_mtime_ns:x}")
 
     def exists(self, key: str) -> bool:
         try:

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator
 
-from vaultsh.errors import NotFoundError, StoreError, UserError
+from vaultsh.errors import Cancelled, NotFoundError, StoreError, UserError
 from vaultsh.store.base import Listing, ObjectInfo, normalize_key
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -426,6 +426,52 @@ class S3Store:
             data = data[start : start + length]
         return data
 
+    def read_into(self, key: str, start: int, buf: memoryview, stop: threading.Event | None = None) -> int:
+        """One ranged GET copied into `buf` as it arrives: from the socket straight into the buffer when
+        the body is plain (identity encoding, a Content-Length), else 1 MB at a time; no whole-range copy."""
+        if start < 0:
+            raise StoreError(f"invalid range start {start} for {key!r}")
+        rel, full = self._read_key(key)
+        n = len(buf)
+        if n == 0:
+            self.head(key)
+            return 0
+        with self._reading(rel, "read a range of"):
+            try:
+                resp = self.client.get_object(Bucket=self.bucket, Key=full, Range=f"bytes={start}-{start + n - 1}")
+            except Exception as exc:
+                response = getattr(_root_cause(exc), "response", None) or {}
+                status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+                if (response.get("Error") or {}).get("Code") == "InvalidRange" or status == 416:
+                    return 0  # the object is shorter than the caller thought
+                raise
+            body = resp["Body"]
+            try:
+                if start and not resp.get("ContentRange"):  # an endpoint that ignored Range
+                    body.close()
+                    data = self.get_range(key, start, n)
+                    buf[: len(data)] = data
+                    return len(data)
+                fp = _plain_socket_stream(body)
+                got = 0
+                while got < n:
+                    if stop is not None and stop.is_set():
+                        raise Cancelled()
+                    if fp is not None:
+                        k = fp.readinto(buf[got : got + min(_READINTO_CHUNK, n - got)])
+                    else:
+                        chunk = body.read(min(_READ_CHUNK, n - got))
+                        k = len(chunk)
+                        buf[got : got + k] = chunk
+                    if not k:
+                        break
+                    got += k
+                if fp is not None and fp.isclosed():
+                    body._raw_stream.release_conn()  # fully read: the connection can be reused
+                return got
+            finally:
+                body.close()
+
     def get_file(self, key: str, path: str | Path) -> None:
         rel, full = self._read_key(key)
         dest = Path(path)
@@ -443,7 +489,9 @@ class S3Store:
         with self._reading(rel, "stat"):
             resp = self.client.head_object(Bucket=self.bucket, Key=full)
         self._bucket_seen = True
-        return ObjectInfo(rel, int(resp.get("ContentLength", 0)), resp.get("LastModified"))
+        etag = resp.get("ETag")
+        return ObjectInfo(rel, int(resp.get("ContentLength", 0)), resp.get("LastModified"),
+                          etag.strip('"') if isinstance(etag, str) else None)
 
     def exists(self, key: str) -> bool:
         try:
@@ -508,3 +556,22 @@ class S3Store:
             return
         with self._s3_errors(rel, "delete"):
             self.client.delete_object(Bucket=self.bucket, Key=self._full(rel))
+
+
+_READ_CHUNK = 1 << 20  # bytes copied per read() from an HTTP body
+_READINTO_CHUNK = 8 << 20  # bytes read straight into the buffer per call (a stop is seen between calls)
+
+
+def _plain_socket_stream(body):
+    """The http.client response under botocore's StreamingBody when the body can be read into a
+    buffer directly (identity encoding, a Content-Length, not chunked); else None (use body.read())."""
+    raw = getattr(body, "_raw_stream", None)  # urllib3's HTTPResponse
+    fp = getattr(raw, "_fp", None)  # http.client.HTTPResponse
+    if fp is None or not hasattr(fp, "readinto") or not hasattr(raw, "release_conn"):
+        return None
+    headers = getattr(raw, "headers", None) or {}
+    if (headers.get("content-encoding") or "identity").lower() != "identity" or getattr(raw, "chunked", True):
+        return None
+    if getattr(raw, "_fp_bytes_read", 1) != 0 or getattr(fp, "length", None) is None:
+        return None
+    return fp
