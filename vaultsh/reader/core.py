@@ -105,6 +105,10 @@ class ActivationReader:
     return_ids / return_mask / return_labels / return_file: include
         `input_ids` / `mask` / `labels` (a dict) / `file` (its URI) and
         `file_index` in each megabatch dict.
+    return_source: include `source`, where each sequence came from: [N, 3]
+        int64 (source index into metadata.json's `sources`, document or row
+        index, token offset in the document; -1 where unknown); in token mode
+        [batch, 4] per token, the 4th column its position in the sequence.
     tokens: False (default) yields one dict per megabatch, `states [N, T, D]`,
         `input_ids [N, T]`, `mask [N, T]`. True yields flat token batches
         `states [batch_size, D]` (+ `input_ids [batch_size]`) with masked
@@ -159,6 +163,7 @@ class ActivationReader:
         return_mask: bool = True,
         return_labels: bool = False,
         return_file: bool = False,
+        return_source: bool = False,
         tokens: bool = False,
         batch_size: int | None = None,
         drop_last: bool = False,
@@ -218,6 +223,7 @@ class ActivationReader:
         self.dtype = parse_dtype(dtype)
         self.return_ids, self.return_mask = bool(return_ids), bool(return_mask)
         self.return_labels, self.return_file = bool(return_labels), bool(return_file)
+        self.return_source = bool(return_source)
         self.tokens = bool(tokens)
         self.batch_size = int(batch_size or 4096)
         self.drop_last = bool(drop_last)
@@ -543,7 +549,7 @@ class ActivationReader:
                 dec.check_sha256(memoryview(view.numpy()).cast("B"), p.sha256, p.uri)
             d = dec.decode(view, p.uri, labels=self.return_labels and not self.tokens)
             dec.check(d, p.uri, src.shape, src.dtype, p.n_sequences)
-            parts.append(StagedPart(p.source, d.states, d.input_ids, d.mask, d.labels, p.uri))
+            parts.append(StagedPart(p.source, d.states, d.input_ids, d.mask, d.labels, p.uri, d.source))
         return stager.stage(parts, buf, task.pos)
 
     def __iter__(self) -> Iterator[dict]:
@@ -573,7 +579,7 @@ class ActivationReader:
         )
         stager = Stager(self.device, self.dtype, self._norms, self.tokens, self.return_ids, self.return_mask,
                         self.return_labels, seed_of(self.seed, self.epoch) if self._token_shuffle else None,
-                        self._filter)
+                        self._filter, self.return_source)
         self._counters.start()
         pf = self._pf = Prefetcher(tasks, [s.store for s in self._sources], opts,
                                    lambda buf, task: self._stage(stager, buf, task), self._counters)
@@ -613,6 +619,8 @@ class ActivationReader:
                 out["mask"] = st.mask
             if self.return_labels:
                 out["labels"] = st.labels
+            if self.return_source:
+                out["source"] = st.source
             if self.return_file:
                 out["file"], out["file_index"] = item.task.uri, item.task.pos
             self._counters.add(files_read=1, sequences=st.sequences, tokens=st.tokens, positions=st.positions,
@@ -630,11 +638,15 @@ class ActivationReader:
         mixer: Mixer | None = None
         batcher = Batcher(self.batch_size)
 
-        def emit(cols):  # cols: the states of each source, then the token ids
-            xs = cols[:-1]
+        extra = 2 if self.return_source else 1
+
+        def emit(cols):  # cols: the states of each source, the token ids, then (return_source) provenance
+            xs = cols[:-extra]
             out = {"states": self._shape(xs)}
             if self.return_ids:
-                out["input_ids"] = cols[-1]
+                out["input_ids"] = cols[len(xs)]
+            if self.return_source:
+                out["source"] = cols[-1]
             self._counters.add(batches=1, tokens=cols[0].shape[0],
                                states_bytes=sum(x.numel() * x.element_size() for x in xs))
             return out
@@ -647,7 +659,7 @@ class ActivationReader:
             stager.deliver(st)
             self._counters.add(files_read=1, sequences=st.sequences, positions=st.positions)
             self._counters.drop(st.dropped)
-            cols = [*st.states, st.input_ids]
+            cols = [*st.states, st.input_ids] + ([st.source] if self.return_source else [])
             pf.done(item)
             self._files_done += 1
             if self.shuffle_buffer:

@@ -19,6 +19,7 @@ from vaultsh.errors import FormatError
 from vaultsh.megabatch import MAX_HEADER_BYTES, _load_pt, parse_header, to_torch_dtype
 
 _PROBE = 64 << 10
+SOURCE_TENSOR = "source"  # int64 [N, 3]: source index, document index, token offset of each sequence
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Decoded:
     input_ids: torch.Tensor
     mask: torch.Tensor
     labels: dict[str, torch.Tensor] = field(default_factory=dict)
+    source: torch.Tensor | None = None  # provenance per sequence [N, 3], where the file has it
 
 
 def metadata_shape(md: dict | None) -> tuple[int, int, int] | None:
@@ -108,7 +110,8 @@ def decode(buf: torch.Tensor, uri: str, labels: bool = False) -> Decoded:
     got_labels = {}
     if labels:
         got_labels = {k[len("labels."):]: view(k) for k in header.tensors if k.startswith("labels.")}
-    return Decoded(view("states"), ids, mask, got_labels)
+    source = view(SOURCE_TENSOR) if SOURCE_TENSOR in header.tensors else None
+    return Decoded(view("states"), ids, mask, got_labels, source)
 
 
 def check(d: Decoded, uri: str, shape: tuple[int, int, int] | None, dtype: torch.dtype | None,

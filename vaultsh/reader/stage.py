@@ -88,6 +88,7 @@ class Staged:
     tokens: int = 0  # tokens kept (unmasked and not filtered)
     positions: int = 0  # N * T
     sequences: int = 0
+    source: torch.Tensor | None = None  # provenance: [N, 3] per sequence, [tokens, 4] in token mode
     dropped: dict[str, int] = field(default_factory=dict)  # tokens each filter dropped
     event: Any = None  # a CUDA event the consumer's stream waits on
     aliases: bool = False  # some tensors are views of the download buffer
@@ -103,6 +104,7 @@ class StagedPart:
     mask: torch.Tensor
     labels: dict[str, torch.Tensor]
     uri: str
+    provenance: torch.Tensor | None = None  # [N, 3] as stored, where the file has it
 
 
 class Stager:
@@ -115,7 +117,7 @@ class Stager:
 
     def __init__(self, device: torch.device, dtype: torch.dtype | None, norms: list[Norm] | None, tokens: bool,
                  return_ids: bool, return_mask: bool, return_labels: bool, token_shuffle_seed: int | None,
-                 token_filter: TokenFilter | None = None):
+                 token_filter: TokenFilter | None = None, return_source: bool = False):
         self.device = device
         self.dtype = dtype
         self.norms = norms
@@ -125,6 +127,7 @@ class Stager:
         self.return_labels = return_labels and not tokens
         self.token_shuffle_seed = token_shuffle_seed
         self.filter = token_filter if token_filter is not None and token_filter.active else None
+        self.return_source = return_source
         self.tls = threading.local()
 
     def _stream(self):
@@ -164,6 +167,7 @@ class Stager:
             dropped = {"masked": int(mask.numel() - int(mask.sum()))}
         out = Staged([p.states for p in parts], None, None, sequences=n, positions=n * t, dropped=dropped)
         out.tokens = int(mask.sum())
+        src = self._source(first, n, t) if self.return_source else None
         stream = self._stream()
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             if stream is not None:
@@ -192,6 +196,12 @@ class Stager:
                 ids = ids.reshape(n * t)
                 if keep is not None:
                     ids = ids[keep]
+                if src is not None:
+                    src = src.reshape(n * t, 4)
+                    if perm is not None:
+                        src = src[perm.cpu()]
+                    if keep is not None:
+                        src = src[keep.cpu()]
             if ids.dtype != torch.int64:
                 ids = ids.to(torch.int64)
             if stream is not None:
@@ -203,6 +213,7 @@ class Stager:
         out.input_ids = ids if self.return_ids else None
         out.mask = mask if self.return_mask else None
         out.labels = labels if self.return_labels else {}
+        out.source = src
         raw = buf.untyped_storage().data_ptr()
 
         def view(x: torch.Tensor | None) -> bool:
@@ -216,6 +227,15 @@ class Stager:
             out.input_ids, out.mask = c(out.input_ids), c(out.mask)
             out.labels = {k: c(v) for k, v in out.labels.items()}
         return out
+
+    def _source(self, part: StagedPart, n: int, t: int) -> torch.Tensor:
+        """Provenance: [N, 3] per sequence as stored (-1 where the file has none); in token mode
+        [N, T, 4] per token: the sequence's three values and the token's position in the sequence."""
+        seq = part.provenance.to(torch.int64) if part.provenance is not None else torch.full((n, 3), -1, dtype=torch.int64)
+        if not self.tokens:
+            return seq.clone()
+        pos = torch.arange(t, dtype=torch.int64).expand(n, t)
+        return torch.cat([seq[:, None, :].expand(n, t, 3), pos[..., None]], dim=-1)
 
     def deliver(self, item: Staged) -> None:
         """On the consumer's thread: make its CUDA stream wait for the copies."""
