@@ -58,18 +58,23 @@ class Tokens:
             self.header.tensors[n].nbytes for n in ("input_ids", "mask") if n in self.header.tensors)
 
 
-def read_small_header(io: ByteCounter, key: str, size: int | None = None) -> MegabatchHeader | None:
-    """The safetensors header with one (rarely two) small ranged reads; None for a pt file."""
-    if size is None:
-        size = io.store.head(key).size
+def _read_header(io: ByteCounter, key: str, size: int) -> tuple[MegabatchHeader | None, bytes]:
+    """(the safetensors header, the first bytes of the file read for it); (None, ...) for a pt file."""
     buf = io.get_range(key, 0, min(HEADER_GUESS, size))
     if len(buf) >= 8:
         (n,) = struct.unpack("<Q", buf[:8])
         if buf[8:9] == b"{" and 8 + n <= size:
             if len(buf) < 8 + n:
                 buf += io.get_range(key, len(buf), 8 + n - len(buf))
-            return parse_header(buf, size, key)
-    return parse_header(buf, size, key) if not _pickle_like(buf) else None
+            return parse_header(buf, size, key), buf
+    if _pickle_like(buf):
+        return None, buf
+    return parse_header(buf, size, key), buf
+
+
+def read_small_header(io: ByteCounter, key: str, size: int | None = None) -> MegabatchHeader | None:
+    """The safetensors header with one (rarely two) small ranged reads; None for a pt file."""
+    return _read_header(io, key, io.store.head(key).size if size is None else size)[0]
 
 
 def _pickle_like(buf: bytes) -> bool:
@@ -77,8 +82,14 @@ def _pickle_like(buf: bytes) -> bool:
 
 
 def read_tokens(io: ByteCounter, key: str, size: int | None = None) -> Tokens:
-    """`input_ids` and `mask` of megabatch `key` (all-true mask when the file has none)."""
-    header = read_small_header(io, key, size)
+    """`input_ids` and `mask` of megabatch `key` (all-true mask when the file has none).
+
+    The header read overshoots into the data section, where the writer puts
+    `input_ids` first (largest element size first): those bytes are used, not read again.
+    """
+    if size is None:
+        size = io.store.head(key).size
+    header, prefix = _read_header(io, key, size)
     if header is None:  # .saved.pt: no random access into a pickle
         from vaultsh.megabatch import _load_pt, _pt_header
 
@@ -91,7 +102,13 @@ def read_tokens(io: ByteCounter, key: str, size: int | None = None) -> Tokens:
         info = header.tensors.get(name)
         if info is None:
             continue
-        raw = io.get_range(key, header.data_offset + info.start, info.nbytes)
+        a, b = header.data_offset + info.start, header.data_offset + info.end
+        if b <= len(prefix):
+            raw = prefix[a:b]
+        elif a < len(prefix):
+            raw = prefix[a:] + io.get_range(key, len(prefix), b - len(prefix))
+        else:
+            raw = io.get_range(key, a, b - a)
         out[name] = np.frombuffer(raw, dtype=_NP[info.dtype]).reshape(info.shape)
     ids = out["input_ids"]
     mask = out.get("mask")

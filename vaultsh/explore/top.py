@@ -74,8 +74,9 @@ def top(store, key: str, hook: str | None, vf: ValueFn, *, k: int = 20, context_
         if not real:
             continue
         tv, ti = vals.topk(min(k, real))
+        floor = best[-1].value if len(best) >= k else float("-inf")  # best is sorted: its k-th value
         for v, i in zip(tv.tolist(), ti.tolist()):
-            if best and len(best) >= k and v <= best[-1].value:
+            if v <= floor:
                 break
             s, p = divmod(i, t)
             lo, hi = max(0, p - context_tokens), min(t, p + context_tokens + 1)
