@@ -47,6 +47,6 @@ def token_values(vf, states):
 
     n, t, d = states.shape
     if vf.name.startswith("dim "):  # one column: no need to convert the whole tensor
-        return vf.fn(states).to(torch.float32)
+        return vf.fn(states).to(torch.float32, copy=True)  # callers may write into it
     x = states.reshape(n * t, d).to(torch.float32)
     return chunked(vf.fn, x).reshape(n, t)

@@ -68,8 +68,8 @@ def top(store, key: str, hook: str | None, vf: ValueFn, *, k: int = 20, context_
             vf.check(d, ref.key)
         result.files += 1
         vals = token_values(vf, states)
-        vals = torch.where(mask, vals, torch.full_like(vals, float("-inf"))).reshape(-1)
-        real = int(mask.sum())
+        vals = vals.masked_fill_(~mask, float("-inf")).reshape(-1)
+        real = int(torch.count_nonzero(mask))
         result.tokens += real
         if not real:
             continue
