@@ -19,6 +19,7 @@ from vaultsh.explore.top import TopResult
 from vaultsh.shell.context import safe_text
 
 HIGHLIGHT = "bold black on yellow"
+OPEN, CLOSE = "⟦", "⟧"  # the highlight stays visible without colour (pipes, logs)
 BAR = "█"
 
 
@@ -29,7 +30,7 @@ def _p(console: Console, text: str | Text = "", style: str | None = None) -> Non
 def _ctx_text(c: Context) -> Text:
     t = Text()
     t.append(safe_text(c.before))
-    t.append(safe_text(c.match), style=HIGHLIGHT)
+    t.append(f"{OPEN}{safe_text(c.match)}{CLOSE}", style=HIGHLIGHT)
     t.append(safe_text(c.after))
     return t
 
@@ -80,8 +81,8 @@ def heat_text(r: HeatResult) -> Text:
 
 
 def render_heat(r: HeatResult, console: Console) -> None:
-    lo = "-" if r.signed else "0"
-    _p(console, f"{safe_text(r.file)} #{r.sequence}: {r.value}, scale {lo}{r.scale:.4g} .. {r.scale:.4g} "
+    lo = f"{-r.scale:.4g}" if r.signed else "0"
+    _p(console, f"{safe_text(r.file)} #{r.sequence}: {r.value}, scale {lo} .. {r.scale:.4g} "
                 f"(grey: masked)", "bold")
     _p(console, heat_text(r))
     if r.png:
