@@ -399,3 +399,14 @@ def test_cli_grep_top_norms(planted, tmp_path, capsys):
     key = planted["data"]["keys"][0]
     assert main(["view", f"{base}/{key}", "0", "--heat", "--dim", "11", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"][0]["value"] == pytest.approx(300.0)
+
+
+def test_registry_options_take_values():
+    from vaultsh.shell.registry import REGISTRY, UsageError
+
+    cmd = REGISTRY.get("grep")
+    a = REGISTRY.parse(cmd, ["-n", "3", "--context=2", "--regex", "a b"])
+    assert (a.n, a.context, a.regex, a.pattern, a.hook, a.i) == ("3", "2", True, "a b", None, False)
+    with pytest.raises(UsageError, match="needs a value"):
+        REGISTRY.parse(cmd, ["x", "--hook"])
+    assert "[-n N]" in cmd.syntax

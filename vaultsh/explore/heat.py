@@ -10,7 +10,6 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass, field
 
-from vaultsh.errors import UserError
 from vaultsh.explore.text import load_pieces
 from vaultsh.explore.values import ValueFn
 

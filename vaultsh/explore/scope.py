@@ -30,8 +30,11 @@ def _is_run(store: Store, key: str) -> bool:
 
 
 def _is_hook(store: Store, key: str) -> bool:
-    return "/" in key and store.exists(key + "/" + METADATA) or (
-        "/" in key and Run(store, posixpath.dirname(key)).hooks().count(posixpath.basename(key)) > 0)
+    if "/" not in key:
+        return False
+    if store.exists(key + "/" + METADATA):
+        return True
+    return posixpath.basename(key) in Run(store, posixpath.dirname(key)).hooks()
 
 
 def runs_under(store: Store, key: str) -> list[str]:
