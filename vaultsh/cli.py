@@ -32,6 +32,11 @@ COMMANDS: dict[str, tuple[str, int]] = {
     "plan": ("estimate storage, memory, time and cost of a config", 11),
     "hooks": ("list a model's hook points: shape, dtype, bytes per token (offline, no weights)", 17),
     "bench": ("run benchmarks and print ratios against in-run baselines", 3),
+    "grep": ("find text in a run's decoded tokens (reads only input_ids and mask)", 18),
+    "top": ("exact top-k tokens of a hook by a dimension, direction or SAE feature", 18),
+    "sae-eval": ("L0, FVU, dead and dense latents of an SAE on a hook's tokens", 18),
+    "view": ("one sequence with each token coloured by a value (--heat, --png)", 18),
+    "norms": ("token-norm distribution, massive dims, outliers; writes HOOK/_outliers.json", 18),
 }
 
 
@@ -40,7 +45,7 @@ def command_module(name: str):
     import importlib
     import importlib.util
 
-    modname = f"vaultsh.commands.{name}"
+    modname = f"vaultsh.commands.{name.replace('-', '_')}"
     if importlib.util.find_spec(modname) is None:
         return None
     return importlib.import_module(modname)

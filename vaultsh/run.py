@@ -39,6 +39,7 @@ __all__ = [
     "CFG",
     "METADATA",
     "STATISTICS",
+    "OUTLIERS",
     "INTERNAL",
     "MAX_JSON_BYTES",
     "FORMATS",
@@ -56,6 +57,7 @@ __all__ = [
 CFG = "cfg.json"
 METADATA = "metadata.json"
 STATISTICS = "statistics.json"
+OUTLIERS = "_outliers.json"  # written by `vaultsh norms`; a hook side file, never a megabatch
 INTERNAL = "_vaultsh"
 COMMITS = "commits"
 COMMIT_CHUNKS = "commit-chunks"
@@ -818,9 +820,9 @@ class Run:
         return sorted(out, key=_natural_key)
 
     def _hook_objects(self, hook: str) -> list[ObjectInfo]:
-        """Every object under the hook directory except metadata.json/statistics.json (what RCache loads)."""
+        """Every object under the hook directory except metadata.json/statistics.json/_outliers.json."""
         prefix = self.hook_prefix(hook)
-        skip = {prefix + METADATA, prefix + STATISTICS}
+        skip = {prefix + METADATA, prefix + STATISTICS, prefix + OUTLIERS}
         return [o for o in self.store.iter_objects(prefix) if o.key not in skip]
 
     @staticmethod

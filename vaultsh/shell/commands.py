@@ -417,10 +417,17 @@ def _batch_arg(batch: str, n: int) -> int:
     "view",
     help="full text of one sequence of a megabatch, masked tokens marked «like this» (the batch viewer, as a command)",
     args=[Arg("target", "file"), Arg("batch")],
-    flags={"--tokens": "show every token as [id]piece"},
+    flags={"--tokens": "show every token as [id]piece",
+           "--heat": "colour each token by a value: --norm, --dim D or --sae CKPT --feature F",
+           "--norm": "heat: the token's norm", "--dim D": "heat: dimension D", "--sae CKPT": "heat: an SAE checkpoint",
+           "--feature F": "heat: the SAE latent", "--png FILE": "heat: also write the picture as a PNG"},
 )
-def view(ctx: ShellContext, a) -> SequenceView:
+def view(ctx: ShellContext, a):
     t = megabatch_target(ctx, a.target)
+    if a.heat or a.png:
+        from vaultsh.shell.explore import heat_view
+
+        return heat_view(ctx, t.key, a.batch, a)
     store = _OneObjectCache(ctx.store)
     try:
         ids, mask = _ids_and_mask(store, t.key)
@@ -696,3 +703,6 @@ def clear(ctx: ShellContext, a) -> None:
 @command("exit", aliases=("quit",), help="leave the shell (Ctrl-D does too)")
 def exit_(ctx: ShellContext, a):
     raise ExitShell()
+
+
+from vaultsh.shell import explore as _explore  # noqa: E402,F401 - registers grep, top, sae-eval, norms

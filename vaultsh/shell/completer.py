@@ -47,7 +47,7 @@ class ShellCompleter(Completer):
         if word.startswith("-"):
             for flag in [*cmd.flags, "--json"]:
                 if flag.startswith(word):
-                    yield Completion(flag, -len(word), display_meta=cmd.flags.get(flag, "JSON output"))
+                    yield Completion(flag.split()[0], -len(word), display_meta=cmd.flags.get(flag, "JSON output"))
             return
         position = sum(1 for w in before if not (w.startswith("-") and w != "-"))
         if position >= len(cmd.args):

@@ -46,7 +46,7 @@ class Command:
     help: str
     aliases: tuple[str, ...] = ()
     args: tuple[Arg, ...] = ()
-    flags: dict[str, str] = field(default_factory=dict)  # "-l" -> what it does
+    flags: dict[str, str] = field(default_factory=dict)  # "-l" -> what it does; "-n N" takes a value
     details: str = ""
 
     @property
@@ -69,8 +69,8 @@ class Parsed:
 
 
 def flag_attr(flag: str) -> str:
-    """'-l' -> 'l', '--no-scan' -> 'no_scan'."""
-    return flag.lstrip("-").replace("-", "_")
+    """'-l' -> 'l', '--no-scan' -> 'no_scan', '--context K' (an option taking a value) -> 'context'."""
+    return flag.split()[0].lstrip("-").replace("-", "_")
 
 
 class Registry:
@@ -118,10 +118,20 @@ class Registry:
 
     def parse(self, cmd: Command, argv: list[str]) -> Parsed:
         """Match `argv` (the words after the command name) against the command's flags and args."""
-        values: dict[str, object] = {flag_attr(f): False for f in cmd.flags}
+        values: dict[str, object] = {flag_attr(f): (None if " " in f else False) for f in cmd.flags}
+        options = {f.split()[0]: f for f in cmd.flags if " " in f}  # "-n N": takes a value
         positional: list[str] = []
         only_positional = False
-        for word in argv:
+        words = iter(argv)
+        for word in words:
+            if not only_positional and word.split("=", 1)[0] in options:
+                name, eq, value = word.partition("=")
+                if not eq:
+                    value = next(words, None)
+                    if value is None:
+                        raise UsageError(f"{cmd.name}: {options[name]} needs a value; usage: {cmd.syntax}")
+                values[flag_attr(options[name])] = value
+                continue
             if only_positional or word == "-" or not word.startswith("-") or _is_number(word):
                 positional.append(word)
                 continue

@@ -1,0 +1,412 @@
+"""The explore commands on a store with planted answers, on LocalStore and on moto's S3 server.
+
+Expected answers come from the planted positions and from brute-force numpy
+over every array written (tests/explorefixtures.py), never typed in.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import uuid
+
+import numpy as np
+import pytest
+
+from vaultsh.errors import UserError
+from vaultsh.explore.grep import grep
+from vaultsh.explore.norms import norms
+from vaultsh.explore.sae import CheckpointError, load_sae
+from vaultsh.explore.saeeval import sae_eval
+from vaultsh.explore.top import top
+from vaultsh.explore.values import value_fn
+from vaultsh.run import OUTLIERS, Run
+from vaultsh.shell.app import Shell
+from vaultsh.store import LocalStore
+
+from . import explorefixtures as fx
+
+STORES = pytest.mark.parametrize("kind", ["local", "s3"])
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory, s3_server, s3_admin):
+    from vaultsh.store.s3 import S3Store
+
+    local = LocalStore(tmp_path_factory.mktemp("explore") / "vault")
+    data = fx.build(local)
+    bucket = f"vaultsh-explore-{uuid.uuid4().hex[:8]}"
+    s3_admin.create_bucket(Bucket=bucket)
+    s3 = S3Store(bucket, prefix="", endpoint_url=s3_server)
+    fx.build(s3)
+    ckpts = tmp_path_factory.mktemp("ckpts")
+    return {"local": local, "s3": s3, "data": data, "saelens": fx.write_saelens(ckpts / "saelens"),
+            "topk": fx.write_saelens(ckpts / "saelens-topk", "topk"), "sparsify": fx.write_sparsify(ckpts / "sparsify"),
+            "dir": ckpts}
+
+
+def flat_real(data):
+    """(values [M, D], (file, seq, pos) [M, 3]) of every real token, in file order."""
+    idx = np.argwhere(data["mask"])
+    return data["states"][data["mask"]], idx
+
+
+def hook_key():
+    return f"{fx.RUN}/{fx.HOOK}"
+
+
+# ---------------------------------------------------------------------------
+# grep
+# ---------------------------------------------------------------------------
+
+
+@STORES
+def test_grep_finds_the_phrase_across_tokens_and_skips_the_masked_one(planted, kind):
+    store, data = planted[kind], planted["data"]
+    r = grep(store, fx.RUN, fx.QUERY, context_tokens=3)
+    tok = fx.tokenizer()
+    found = sorted((data["keys"].index(m.file), m.sequence, m.start, m.end) for m in r.matches)
+    n_phrase = len(data["phrase"])
+    # the query starts inside the phrase's first token(s) and ends inside a later one
+    assert [(f, s) for f, s, _, _ in found] == [(f, s) for f, s, _ in fx.PHRASE_AT]
+    for (f, s, start, end), (_, _, p) in zip(found, fx.PHRASE_AT):
+        ids = data["ids"][f, s].tolist()
+        assert p <= start < end <= p + n_phrase and end - start >= 2  # spans a token boundary
+        assert fx.QUERY in tok.decode(ids[start:end])
+        assert fx.QUERY not in tok.decode(ids[start + 1:end]) and fx.QUERY not in tok.decode(ids[start:end - 1])
+    for m in r.matches:
+        assert m.text == fx.QUERY and fx.QUERY in m.context.match and m.hook == fx.HOOK
+    # brute force over every run of real tokens, decoded whole by the tokenizer itself
+    expect = 0
+    for f in range(fx.N_FILES):
+        for s in range(fx.N):
+            m, ids = data["mask"][f, s], data["ids"][f, s]
+            edges = np.flatnonzero(np.diff(np.concatenate([[0], m.astype(int), [0]])))
+            for a, b in zip(edges[::2], edges[1::2]):
+                expect += tok.decode(ids[a:b].tolist(), skip_special_tokens=False).count(fx.QUERY)
+    assert len(r.matches) == expect == len(fx.PHRASE_AT)
+    # only input_ids and mask were read: headers add a little
+    ids_mask = sum(data["ids"][i].nbytes + data["mask"][i].nbytes for i in range(fx.N_FILES))
+    assert r.ids_mask_bytes == ids_mask
+    assert ids_mask <= r.bytes_read <= 1.2 * ids_mask
+    assert r.files == fx.N_FILES and not r.truncated
+
+
+def test_grep_regex_limit_and_bad_pattern(planted):
+    store = planted["local"]
+    r = grep(store, fx.RUN, r"zebra\s+cross(ing)?", regex=True, limit=1)
+    assert len(r.matches) == 1 and r.truncated
+    assert len(grep(store, fx.RUN, "ZEBRA", ignore_case=True).matches) == 3  # the masked copy's first word is real
+    with pytest.raises(UserError, match="bad regular expression"):
+        grep(store, fx.RUN, "(", regex=True)
+    with pytest.raises(UserError, match="no run"):
+        grep(store, "nope", "x")
+
+
+# ---------------------------------------------------------------------------
+# top
+# ---------------------------------------------------------------------------
+
+
+def brute_top(data, values: np.ndarray, k: int):
+    x, where = flat_real(data)
+    order = np.argsort(-values, kind="stable")[:k]
+    return [(tuple(where[i]), float(values[i])) for i in order], len(values)
+
+
+def got(r, data):
+    return [((data["keys"].index(t.file), t.sequence, t.position), t.value) for t in r.top]
+
+
+@STORES
+def test_top_dim_equals_brute_force_and_finds_the_planted_row(planted, kind):
+    store, data = planted[kind], planted["data"]
+    r = top(store, hook_key(), None, value_fn(dim=fx.DIM), k=12, context_tokens=2)
+    x, _ = flat_real(data)
+    expect, total = brute_top(data, x[:, fx.DIM], 12)
+    assert [w for w, _ in got(r, data)] == [tuple(map(int, w)) for w, _ in expect]
+    np.testing.assert_allclose([v for _, v in got(r, data)], [v for _, v in expect], rtol=1e-6)
+    assert got(r, data)[0][0] == fx.DIM_AT and r.tokens == total == int(data["mask"].sum())
+    assert r.top[0].quantile == 1.0 and r.top[1].quantile == pytest.approx((total - 1) / total)
+    assert r.top[0].token_id == int(data["ids"][fx.DIM_AT])
+    tok = fx.tokenizer()
+    assert r.top[0].context.match == tok.decode([int(data["ids"][fx.DIM_AT])])
+
+
+def test_top_direction_npy_and_safetensors(planted, tmp_path):
+    from safetensors.numpy import save_file
+
+    data = planted["data"]
+    v = np.random.default_rng(5).standard_normal(fx.D).astype(np.float32)
+    np.save(tmp_path / "v.npy", v)
+    save_file({"direction": v}, str(tmp_path / "v.safetensors"))
+    x, _ = flat_real(data)
+    expect, _ = brute_top(data, x @ v, 5)
+    for name in ("v.npy", "v.safetensors"):
+        r = top(planted["local"], hook_key(), None, value_fn(direction=str(tmp_path / name)), k=5)
+        assert [w for w, _ in got(r, data)] == [tuple(map(int, w)) for w, _ in expect]
+    np.save(tmp_path / "bad.npy", np.zeros(fx.D + 1, dtype=np.float32))
+    with pytest.raises(UserError, match="d_model=16"):
+        top(planted["local"], hook_key(), None, value_fn(direction=str(tmp_path / "bad.npy")))
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(UserError, match="not a plain .npy"):
+        value_fn(direction=str(tmp_path / "obj.npy"))
+
+
+@STORES
+def test_top_sae_feature_saelens_jumprelu(planted, kind):
+    store, data = planted[kind], planted["data"]
+    r = top(store, fx.RUN, fx.HOOK, value_fn(sae=str(planted["saelens"]), feature=fx.FEATURE), k=6)
+    x, _ = flat_real(data)
+    vals = fx.np_encode(data["sae"], x, "jumprelu")[:, fx.FEATURE]
+    expect, _ = brute_top(data, vals, 6)
+    assert got(r, data)[0][0] == fx.SAE_AT
+    assert [w for w, _ in got(r, data)] == [tuple(map(int, w)) for w, _ in expect]
+    np.testing.assert_allclose([v for _, v in got(r, data)], [v for _, v in expect], rtol=1e-5)
+
+
+def test_top_sample_of_files_and_bad_args(planted):
+    r = top(planted["local"], hook_key(), None, value_fn(dim=0), k=3, files=2)
+    assert r.files == 2 and len({t.file for t in r.top}) <= 2
+    with pytest.raises(UserError, match="out of range"):
+        top(planted["local"], hook_key(), None, value_fn(dim=99))
+    with pytest.raises(UserError, match="exactly one"):
+        value_fn(dim=1, direction="x.npy")
+    with pytest.raises(UserError, match="name one hook|no hook"):
+        top(planted["local"], fx.RUN, "nope", value_fn(dim=1))
+
+
+# ---------------------------------------------------------------------------
+# SAE checkpoints and sae-eval
+# ---------------------------------------------------------------------------
+
+
+class _Boom:
+    """Unpickling this creates a file: proof that nobody unpickled it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickle_checkpoints_are_refused_unopened(tmp_path):
+    marker = tmp_path / "unpickled"
+    for name in ("sae.pt", "sae_weights.safetensors"):  # a pickle under a safetensors name too
+        d = tmp_path / name.split(".")[0]
+        d.mkdir()
+        (d / name).write_bytes(pickle.dumps(_Boom(str(marker)), protocol=4))
+        with pytest.raises(CheckpointError, match="pickle"):
+            load_sae(d / name)
+        with pytest.raises(CheckpointError, match="pickle"):
+            load_sae(d)
+    assert not marker.exists()
+
+
+def test_saelens_and_sparsify_layouts_encode_like_numpy(planted):
+    data = planted["data"]
+    x = flat_real(data)[0][:200]
+    import torch
+
+    for path, arch, weights in ((planted["saelens"], "jumprelu", fx.sae_weights()),
+                                (planted["topk"], "topk", fx.sae_weights()),
+                                (planted["sparsify"], "topk", fx.sae_weights(2))):
+        sae = load_sae(path)
+        assert (sae.d_in, sae.d_sae, sae.architecture) == (fx.D, fx.D_SAE, arch)
+        h = sae.encode(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(h, fx.np_encode(weights, x, arch, fx.K_SPARSIFY), rtol=1e-4, atol=1e-5)
+    assert load_sae(planted["sparsify"]).layout == "sparsify"
+    assert load_sae(planted["saelens"] / "sae_weights.safetensors").layout == "saelens"
+
+
+@STORES
+def test_sae_eval_equals_brute_force(planted, kind):
+    store, data = planted[kind], planted["data"]
+    n = 700
+    r = sae_eval(store, hook_key(), None, str(planted["sparsify"]), tokens=n, dense=0.2)
+    x = flat_real(data)[0][:n].astype(np.float64)
+    w = {k: v.astype(np.float64) for k, v in fx.sae_weights(2).items()}
+    h = fx.np_encode(w, x, "topk", fx.K_SPARSIFY)
+    xhat = h @ w["W_dec"] + w["b_dec"]
+    fvu = ((x - xhat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    freq = (h > 0).mean(0)
+    assert r.tokens == n
+    assert r.l0 == pytest.approx((h > 0).sum(1).mean())
+    assert r.fvu == pytest.approx(fvu, rel=1e-4)
+    assert (r.dead, r.dense) == (int((freq == 0).sum()), int((freq > 0.2).sum()))
+    with pytest.raises(CheckpointError, match="d_in"):
+        bad = planted["dir"] / "bad"
+        bad.mkdir(exist_ok=True)
+        from safetensors.numpy import save_file
+
+        save_file({k: np.zeros((8, 4) if k == "W_enc" else (4, 8) if k == "W_dec" else (4,) if k == "b_enc" else (8,),
+                               dtype=np.float32) for k in ("W_enc", "b_enc", "W_dec", "b_dec")},
+                  str(bad / "sae_weights.safetensors"))
+        sae_eval(store, hook_key(), None, str(bad), tokens=10)
+
+
+# ---------------------------------------------------------------------------
+# norms and _outliers.json
+# ---------------------------------------------------------------------------
+
+
+@STORES
+def test_norms_find_the_sink_and_write_outliers_json(planted, kind):
+    store, data = planted[kind], planted["data"]
+    r = norms(store, hook_key(), None, factor=5.0, massive_ratio=10.0)
+    x, where = flat_real(data)
+    nrm = np.linalg.norm(x.astype(np.float64), axis=1)
+    med = np.median(nrm)
+    assert r.median_norm == pytest.approx(med, rel=1e-5) and r.tokens == len(nrm)
+    for q in ("0.5", "0.9", "0.99", "0.999"):
+        assert r.quantiles[q] == pytest.approx(np.quantile(nrm, float(q)), rel=1e-5)
+    assert r.quantiles["max"] == pytest.approx(300.0)
+    out = [(data["keys"].index(o["file"]), o["sequence"], o["position"]) for o in r.outliers]
+    expect = [tuple(map(int, where[i])) for i in np.argsort(-nrm) if nrm[i] >= 5 * med]
+    assert out == expect and out[0] == fx.SINK_AT and {fx.DIM_AT, fx.SAE_AT} <= set(out)
+    max_abs = np.abs(x).max(0)
+    ratio = max_abs / np.median(max_abs)
+    assert [d["dim"] for d in r.massive_dims] == [int(j) for j in np.argsort(-max_abs) if ratio[j] >= 10]
+    assert r.massive_dims[0]["dim"] == fx.SINK_DIM
+    assert r.by_position[0] == pytest.approx(nrm[where[:, 2] == 0].mean(), rel=1e-5)
+    doc = json.loads(store.get_bytes(f"{hook_key()}/{OUTLIERS}"))
+    assert {"version", "hook", "tokens", "median_norm", "mean_norm", "quantiles", "massive_dims",
+            "outliers"} <= set(doc)
+    assert doc["version"] == 1 and doc["hook"] == fx.HOOK and set(doc["quantiles"]) == {"0.5", "0.9", "0.99",
+                                                                                        "0.999", "max"}
+    assert set(doc["outliers"][0]) == {"file", "sequence", "position", "token_id", "norm"}
+    assert set(doc["massive_dims"][0]) == {"dim", "max_abs", "ratio_to_median"}
+    assert doc["outliers"][0]["token_id"] == int(data["ids"][fx.SINK_AT])
+
+
+def test_outliers_json_is_never_a_megabatch(tmp_path):
+    """An Activault-style run (no commit records) lists every hook file: _outliers.json must stay out."""
+    from vaultsh.reader import S3RCache
+
+    store = LocalStore(tmp_path / "v")
+    data = fx.build(store, commit=False)
+    norms(store, hook_key(), None)
+    assert store.exists(f"{hook_key()}/{OUTLIERS}")
+    files = Run(store, fx.RUN).committed_files(fx.HOOK)
+    assert sorted(f.key for f in files) == sorted(data["keys"])
+    cache = S3RCache(s3_prefix=str(tmp_path / "v" / fx.RUN / fx.HOOK), preserve_file_order=True, return_ids=True)
+    assert sum(1 for _ in cache) == fx.N_FILES
+    cache.finalize()
+
+
+# ---------------------------------------------------------------------------
+# view --heat and PNGs
+# ---------------------------------------------------------------------------
+
+
+def test_heat_values_and_png_decode(planted, tmp_path):
+    from PIL import Image
+
+    from vaultsh.explore.heat import heat
+
+    data = planted["data"]
+    f, s, p = fx.SINK_AT
+    png = tmp_path / "heat.png"
+    r = heat(planted["local"], data["keys"][f], s, value_fn(norm=True), png=str(png))
+    np.testing.assert_allclose([t.value for t in r.tokens], np.linalg.norm(data["states"][f, s], axis=1), rtol=1e-5)
+    assert r.scale == pytest.approx(300.0)
+    assert [t.real for t in r.tokens] == data["mask"][f, s].tolist()
+    img = Image.open(png)
+    img.load()
+    assert img.format == "PNG" and img.size == r.png_size and img.size[0] == 900 and img.size[1] > 40
+    colours = {c for _, c in img.convert("RGB").getcolors(1 << 20)}
+    assert (255, 0, 0) in colours  # the sink, the hottest cell
+    r2 = heat(planted["local"], data["keys"][2], 3, value_fn(dim=fx.DIM))
+    assert r2.signed and r2.tokens[10].value == pytest.approx(50.0)
+
+
+def test_norms_png_decodes(planted, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "norms.png"
+    rc, _, err = sh(planted["local"], f"cd {hook_key()}; norms --no-write --png {out}")
+    assert rc == 0, err
+    img = Image.open(out)
+    img.load()
+    assert img.format == "PNG" and img.size[0] == 640
+
+
+# ---------------------------------------------------------------------------
+# the shell and the CLI
+# ---------------------------------------------------------------------------
+
+
+def sh(store, commands: str, json_mode: bool = False):
+    out, err = io.StringIO(), io.StringIO()
+    rc = Shell(store=store, cwd="", stdout=out, stderr=err, json_mode=json_mode, interactive=False).run_lines(
+        [commands])
+    return rc, out.getvalue(), err.getvalue()
+
+
+@STORES
+def test_shell_commands(planted, kind):
+    store, data = planted[kind], planted["data"]
+    rc, out, err = sh(store, f'cd {fx.RUN}; grep "{fx.QUERY}" --context 2 --json')
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert len(doc["matches"]) == 2 and doc["read_ratio"] <= 1.2
+    rc, out, err = sh(store, f"cd {fx.RUN}; top {fx.HOOK} --dim {fx.DIM} -k 2 --json")
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert (data["keys"].index(doc["top"][0]["file"]), doc["top"][0]["sequence"], doc["top"][0]["position"]) == fx.DIM_AT
+    rc, out, err = sh(store, f"cd {hook_key()}; top --dim {fx.DIM} -k 2")
+    assert rc == 0 and "q=1.000000" in out and "seq 3 pos 10" in out
+    rc, out, err = sh(store, f"cd {hook_key()}; view 0 0 --heat --norm --json")
+    assert rc == 0, err
+    assert json.loads(out)["scale"] == pytest.approx(300.0)
+    rc, out, err = sh(store, f"cd {hook_key()}; sae-eval . {planted['saelens']} --tokens 100 --json")
+    assert rc == 0, err
+    assert json.loads(out)["tokens"] == 100
+
+
+def test_shell_errors_are_one_line(planted):
+    store = planted["local"]
+    for cmd, needle in ((f"cd {hook_key()}; top --dim 99", "out of range"),
+                        (f"cd {fx.RUN}; grep ( --regex", "bad regular expression"),
+                        (f"cd {hook_key()}; top -k", "needs a value"),
+                        (f"cd {hook_key()}; top --dim x", "not a whole number"),
+                        (f"cd {hook_key()}; top --sae /nonexistent --feature 1", "no such SAE checkpoint")):
+        rc, out, err = sh(store, cmd)
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and needle in lines[0] and "Traceback" not in err, (cmd, err)
+
+
+def test_cli_grep_top_norms(planted, tmp_path, capsys):
+    from vaultsh.cli import main
+
+    root = planted["local"].root if hasattr(planted["local"], "root") else None
+    base = str(root) if root else None
+    assert base is not None
+    assert main(["grep", f"{base}/{fx.RUN}", fx.QUERY, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert len(doc["matches"]) == 2
+    assert main(["top", f"{base}/{fx.RUN}/{fx.HOOK}", "--dim", str(fx.DIM), "-k", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["top"][0]["value"] == pytest.approx(50.0)
+    assert main(["norms", f"{base}/{fx.RUN}/{fx.HOOK}", "--no-write"]) == 0
+    assert "outliers (norm >=" in capsys.readouterr().out
+    assert main(["top", f"{base}/{fx.RUN}/{fx.HOOK}", "--sae", str(tmp_path / "x.pt"), "--feature", "0"]) == 2
+    assert "no such SAE checkpoint" in capsys.readouterr().err
+    (tmp_path / "x.pt").write_bytes(b"\x80\x04N.")
+    assert main(["sae-eval", f"{base}/{fx.RUN}/{fx.HOOK}", str(tmp_path / "x.pt")]) == 2
+    assert "pickle" in capsys.readouterr().err
+    key = planted["data"]["keys"][0]
+    assert main(["view", f"{base}/{key}", "0", "--heat", "--dim", "11", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"][0]["value"] == pytest.approx(300.0)
+
+
+def test_registry_options_take_values():
+    from vaultsh.shell.registry import REGISTRY, UsageError
+
+    cmd = REGISTRY.get("grep")
+    a = REGISTRY.parse(cmd, ["-n", "3", "--context=2", "--regex", "a b"])
+    assert (a.n, a.context, a.regex, a.pattern, a.hook, a.i) == ("3", "2", True, "a b", None, False)
+    with pytest.raises(UsageError, match="needs a value"):
+        REGISTRY.parse(cmd, ["x", "--hook"])
+    assert "[-n N]" in cmd.syntax

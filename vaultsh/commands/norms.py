@@ -1,0 +1,34 @@
+"""`vaultsh norms URI`: token-norm distribution, massive dims, outlier tokens; writes HOOK/_outliers.json."""
+
+from __future__ import annotations
+
+import argparse
+
+from vaultsh.commands.explore_common import add_json, emit, open_uri, progress
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("uri", help="a hook directory, or a run with --hook")
+    p.add_argument("--hook", default=None, help="the hook, when URI is a run")
+    p.add_argument("--png", default=None, metavar="FILE", help="also draw the histogram and the by-position curve")
+    p.add_argument("--factor", type=float, default=5.0, help="outlier: norm >= FACTOR x the median (default 5)")
+    p.add_argument("--massive-ratio", type=float, default=10.0,
+                   help="massive dim: max|x| >= RATIO x the median dim's (default 10)")
+    p.add_argument("--files", type=int, default=None, metavar="N", help="a seeded random sample of N files")
+    p.add_argument("--no-write", action="store_true", help="do not write _outliers.json")
+    add_json(p)
+    return p
+
+
+def run(args) -> int:
+    from vaultsh.explore.norms import norms
+
+    store, key = open_uri(args.uri)
+    with progress("norms") as cb:
+        r = norms(store, key, args.hook, factor=args.factor, massive_ratio=args.massive_ratio, files=args.files,
+                  write=not args.no_write, progress=cb)
+    if args.png:
+        from vaultsh.explore.png import histogram_png
+
+        histogram_png(r.hist_edges, r.hist_counts, r.by_position, f"{r.run}/{r.hook}", args.png)
+    return emit(r, args.json)

@@ -1,0 +1,101 @@
+"""`top`: the exact top-k tokens of a hook by a value (a dimension, a direction, an SAE feature).
+
+One pass over the states through the reader; per megabatch the k best real
+tokens are merged into the running top k, so the result equals a full sort.
+Each token's quantile is exact: every token above it is in the top k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vaultsh.errors import UserError
+from vaultsh.explore.scope import one_hook
+from vaultsh.explore.stream import Progress, megabatches, token_values
+from vaultsh.explore.text import Context, context, load_pieces
+from vaultsh.explore.values import ValueFn
+
+
+@dataclass
+class TopToken:
+    value: float
+    file: str
+    sequence: int
+    position: int
+    token_id: int
+    quantile: float = 1.0
+    context: Context | None = None
+    window: tuple = ()  # (ids, mask, offset of the token in them) until decoded
+
+    def to_json(self) -> dict:
+        return {"value": self.value, "file": self.file, "sequence": self.sequence, "position": self.position,
+                "token_id": self.token_id, "quantile": self.quantile,
+                "context": self.context.to_json() if self.context else None}
+
+
+@dataclass
+class TopResult:
+    run: str
+    hook: str
+    value: str
+    k: int
+    tokens: int = 0  # real tokens scanned
+    files: int = 0
+    top: list[TopToken] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"run": self.run, "hook": self.hook, "value": self.value, "k": self.k, "tokens": self.tokens,
+                "files": self.files, "top": [t.to_json() for t in self.top]}
+
+
+def top(store, key: str, hook: str | None, vf: ValueFn, *, k: int = 20, context_tokens: int = 8,
+        files: int | None = None, seed: int = 0, progress: Progress | None = None) -> TopResult:
+    """The k tokens with the largest value over the hook's committed files (or a sample of `files`)."""
+    import torch
+
+    if k < 1:
+        raise UserError(f"top: -k {k}: use a whole number >= 1")
+    if files is not None and files < 1:
+        raise UserError(f"top: --files {files}: use a whole number >= 1")
+    ref = one_hook(store, key, hook)
+    result = TopResult(ref.run, ref.hook, vf.name, k)
+    best: list[TopToken] = []
+    first_meta = None
+    for fkey, mb in megabatches(store, ref, files, seed, progress):
+        states, ids, mask = mb["states"], mb["input_ids"], mb["mask"]
+        n, t, d = states.shape
+        if result.files == 0:
+            vf.check(d, ref.key)
+        result.files += 1
+        vals = token_values(vf, states)
+        vals = vals.masked_fill_(~mask, float("-inf")).reshape(-1)
+        real = int(torch.count_nonzero(mask))
+        result.tokens += real
+        if not real:
+            continue
+        tv, ti = vals.topk(min(k, real))
+        floor = best[-1].value if len(best) >= k else float("-inf")  # best is sorted: its k-th value
+        for v, i in zip(tv.tolist(), ti.tolist()):
+            if v <= floor:
+                break
+            s, p = divmod(i, t)
+            lo, hi = max(0, p - context_tokens), min(t, p + context_tokens + 1)
+            best.append(TopToken(float(v), fkey, s, p, int(ids[s, p]),
+                                 window=(ids[s, lo:hi].tolist(), mask[s, lo:hi].tolist(), p - lo)))
+        best.sort(key=lambda x: -x.value)  # stable: earlier files first among equal values
+        del best[k:]
+        if first_meta is None:
+            first_meta = fkey
+    if result.tokens == 0:
+        raise UserError(f"{store.child_uri(ref.key)}: no real (unmasked) tokens to rank")
+    from vaultsh.megabatch import read_header
+
+    pieces = load_pieces(store, ref.run, read_header(store, first_meta).metadata if first_meta else None)
+    for t_ in best:
+        above = sum(1 for o in best if o.value > t_.value)
+        t_.quantile = (result.tokens - above) / result.tokens
+        wids, wmask, off = t_.window
+        t_.context = context(pieces, wids, wmask, off, off + 1, context_tokens)
+        t_.window = ()
+    result.top = best
+    return result
