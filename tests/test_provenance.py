@@ -56,14 +56,28 @@ def _rows(store, run, hook="residuals_1"):
             yield f.key, i, mb
 
 
-def test_planted_document_comes_back_with_its_source_row_and_offset(tiny_dir, tmp_path, tok):
+@pytest.fixture(scope="module")
+def mixed(tiny_dir, tmp_path_factory):
+    """A run over two sources (a text file, a JSONL file with the planted row), in file order."""
+    tmp_path = tmp_path_factory.mktemp("mixed")
     texts = _texts(tmp_path)
     datasets = [{"name": "notes", "path": str(tmp_path / "notes.txt"), "text_field": "text"},
                 {"name": "my_jsonl", "path": str(tmp_path / "my.jsonl"), "text_field": "text"}]
     cfg = _cfg(tiny_dir, tmp_path, tmp_path / "vault", datasets=datasets, n_batches=40)
     assert run_worker(cfg, 0, sink=EventSink(0))["status"] == "complete"
     store = LocalStore(tmp_path / "vault")
-    run = Run(store, "prov")
+    return texts, store, Run(store, "prov")
+
+
+def _planted(store, run):
+    for key, i, mb in _rows(store, run):
+        if mb.source[i].tolist() == [1, PLANTED_ROW, 0]:
+            return key, i
+    raise AssertionError("planted document not stored")
+
+
+def test_planted_document_comes_back_with_its_source_row_and_offset(mixed, tok):
+    texts, store, run = mixed
     meta = run.read_metadata("residuals_1")
     assert meta["sources"] == ["notes", "my_jsonl"]
     assert meta["source_columns"] == ["source_index", "document_index", "token_offset"]
@@ -161,3 +175,52 @@ def test_describe_names_the_source():
     assert describe([1, 17, 0], ["notes", "my_jsonl"]) == "my_jsonl doc 17 @ token 0"
     assert describe([-1, -1, -1], ["notes"]) == "unknown"
     assert describe([4, 2, 3], ["notes"]) == "source 4 doc 2 @ token 3"
+
+
+@pytest.fixture(params=["local", "s3"])
+def shell_store(request, mixed):
+    _texts_, store, _run = mixed
+    if request.param == "local":
+        return store
+    from vaultsh.store.s3 import S3Store
+
+    from .test_shell_fixtures import copy_tree
+
+    server, admin = request.getfixturevalue("s3_server"), request.getfixturevalue("s3_admin")
+    import uuid
+
+    bucket = f"vaultsh-prov-{uuid.uuid4().hex[:8]}"
+    admin.create_bucket(Bucket=bucket)
+    s3 = S3Store(bucket, endpoint_url=server)
+    copy_tree(store, s3)
+    return s3
+
+
+def _shell(store, line, json_mode):
+    import io
+
+    from vaultsh.shell.app import Shell
+
+    out, err = io.StringIO(), io.StringIO()
+    rc = Shell(store=store, cwd="", stdout=out, stderr=err, json_mode=json_mode, interactive=False).run_lines([line])
+    assert rc == 0, err.getvalue()
+    return out.getvalue()
+
+
+def test_shell_tokens_view_and_inspect_show_the_source(mixed, shell_store):
+    _texts_, store, run = mixed
+    key, i = _planted(store, run)
+    files = [f.key for f in run.committed_files("residuals_1")]
+    n = files.index(key)
+    got = json.loads(_shell(shell_store, f"cd prov/residuals_1; tokens {n} {i}", json_mode=True))
+    assert got["source"] == {"source": "my_jsonl", "source_index": 1, "document_index": PLANTED_ROW, "token_offset": 0}
+    text = _shell(shell_store, f"cd prov/residuals_1; view {n} {i}", json_mode=False)
+    assert f"Source: my_jsonl doc {PLANTED_ROW} @ token 0" in text
+    # inspect's previews: the first sequences of the file, each with its source from the stored tensor
+    docs = json.loads("[" + _shell(shell_store, f"cd prov/residuals_1; inspect --no-scan {n}",
+                                   json_mode=True).strip().replace("}\n{", "},{") + "]")
+    preview = next(d for d in docs if "preview" in d)["preview"]
+    src = mbf.read_megabatch(store, key).source
+    names = run.read_metadata("residuals_1")["sources"]
+    assert [p["source"]["source"] for p in preview] == [names[int(r[0])] for r in src[: len(preview)]]
+    assert [p["source"]["document_index"] for p in preview] == src[: len(preview), 1].tolist()

@@ -29,3 +29,10 @@ def source_names(metadata: dict | None) -> list[str] | None:
     """The `sources` list of a hook's metadata.json (None for runs made before provenance)."""
     names = (metadata or {}).get("sources")
     return [str(n) for n in names] if isinstance(names, list) else None
+
+
+def as_dict(source_row: Sequence[int], names: Sequence[str] | None) -> dict:
+    """A sequence's provenance for --json: the source's name (None if unknown) and the three numbers."""
+    src, doc, off = (int(x) for x in source_row)
+    name = str(names[src]) if names and 0 <= src < len(names) else None
+    return {"source": name, "source_index": src, "document_index": doc, "token_offset": off}
