@@ -366,6 +366,8 @@ class DataConfig(_Strict):
     sort_by_length: bool = False
     reversed: bool = False
     packing: bool = False
+    # feed the exact sequences of an earlier run (collector/reuse.py)
+    reuse_sequences_from: Optional[NonEmptyStr] = None
 
 
 class InferenceConfig(_Strict):

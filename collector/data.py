@@ -230,6 +230,7 @@ class Document:
     messages: list[dict] | None = None
     index: int = -1  # record index in source order (stream position for hub sources)
     labels: dict[str, Any] = field(default_factory=dict)  # per-sequence labels (category, label_columns, ...)
+    source: int = -1  # index of its source in BatchStream.sources (the `sources` of metadata.json)
 
     @property
     def is_chat(self) -> bool:
@@ -248,6 +249,10 @@ class Batch:
     doc_index: list[int] = field(default_factory=list)  # Document.index of each row
     labels: dict[str, list] = field(default_factory=dict)  # label name -> one value per row
     documents: list[Document] = field(default_factory=list)  # the rows' documents (not with packing)
+    # provenance of each row's first token: (source index, document index, token offset); see collector/provenance.py
+    source: list[tuple[int, int, int]] = field(default_factory=list)
+    # packing only: every document piece of every row, (row, position, source, document, token offset)
+    segments: list[tuple[int, int, int, int, int]] = field(default_factory=list)
 
     @property
     def batch_size(self) -> int:
@@ -1163,7 +1168,7 @@ class BatchStream:
                 if not chunk:
                     return
                 for d, (ids, keep, _long) in zip(chunk, self._full_encoder.encode(chunk)):
-                    yield ids, keep, d.index
+                    yield ids, keep, (d.source, d.index)
 
         rows = pack_rows(encoded(), self.seq_length, self.eos_id, self.eos_keep)
         b = 0
@@ -1179,10 +1184,14 @@ class BatchStream:
         import numpy as np
         import torch
 
-        ids = torch.from_numpy(np.stack([r[0] for r in rows]))
-        mask = torch.from_numpy(np.stack([r[1] for r in rows]))
+        ids = torch.from_numpy(np.stack([r.ids for r in rows]))
+        mask = torch.from_numpy(np.stack([r.keep for r in rows]))
+        first = [r.segments[0] for r in rows]
         return Batch(index=b, input_ids=ids, attention_mask=torch.ones_like(ids), mask=mask,
-                     n_tokens=int(mask.sum()), doc_index=[r[2] for r in rows])
+                     n_tokens=int(mask.sum()), doc_index=[doc for _pos, (_src, doc), _off in first],
+                     source=[(src, doc, off) for _pos, (src, doc), off in first],
+                     segments=[(i, pos, src, doc, off) for i, r in enumerate(rows)
+                               for pos, (src, doc), off in r.segments])
 
     def _make_batch(self, b: int, docs: list[Document], encs: list) -> Batch:
         import torch
@@ -1201,4 +1210,4 @@ class BatchStream:
         labels = {k: [d.labels.get(k) for d in docs] for k in names}
         return Batch(index=b, input_ids=ids, attention_mask=att, mask=mask,
                      n_tokens=int(mask.sum()), doc_index=[d.index for d in docs], labels=labels,
-                     documents=list(docs))
+                     documents=list(docs), source=[(d.source, d.index, 0) for d in docs])

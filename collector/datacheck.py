@@ -119,7 +119,13 @@ def check_data_section(d, label: str, base_dir: Optional[Path], inference, stora
     errors: list[str] = []
     update: dict[str, Any] = {}
     given = [n for n, v in (("data_key", d.data_key), ("datasets", d.datasets), ("data_mixes", d.data_mixes),
-                            ("path", d.path)) if v is not None]
+                            ("path", d.path), ("reuse_sequences_from", d.reuse_sequences_from)) if v is not None]
+    if d.reuse_sequences_from is not None:
+        from collector.reuse import check_reuse_section
+
+        errors += check_reuse_section(d, label, inference)
+        if base_dir is not None and "://" not in d.reuse_sequences_from:
+            update["reuse_sequences_from"] = str((base_dir / Path(d.reuse_sequences_from).expanduser()).resolve())
     if not given:
         if d.mix is not None:
             errors.append(f"{label}.mix: {d.mix!r} needs {label}.data_mixes (the file that defines it)")
@@ -128,7 +134,7 @@ def check_data_section(d, label: str, base_dir: Optional[Path], inference, stora
                           f"{label}.data_mixes with {label}.mix, or {label}.path)")
     elif len(given) > 1:
         errors.append(f"{label}: give one data source, not {' and '.join(given)} "
-                      "(data_key, datasets, data_mixes + mix, or path)")
+                      "(data_key, datasets, data_mixes + mix, path, or reuse_sequences_from)")
     if d.datasets is not None:
         errs, entries = check_entries(d.datasets, datasets_label or f"{label}.datasets", base_dir)
         errors += errs

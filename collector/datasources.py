@@ -219,8 +219,11 @@ def _source_seed(seed: int, j: int) -> int:
 
 def iter_labelled_documents(src: SourceSpec, seed: int | None, category_field: str | None,
                             label_columns: Sequence[str], source_label: str | None,
-                            keep=None) -> Iterator[Document]:
-    """Documents of one source with their labels; `keep(record, where)` filters records first."""
+                            keep=None, source_index: int = -1) -> Iterator[Document]:
+    """Documents of one source with their labels; `keep(record, where)` filters records first.
+
+    `source_index` is recorded on each document (its provenance: which source of the run).
+    """
     from collector.data import _iter_records
 
     for i, rec in _iter_records(src, seed):
@@ -229,6 +232,7 @@ def iter_labelled_documents(src: SourceSpec, seed: int | None, category_field: s
         doc = _record_to_document(rec, i, src)
         if doc is None:
             continue
+        doc.source = source_index
         if category_field or label_columns:
             where = f"data {src.name!r} record {i}"
             if not isinstance(rec, dict):
@@ -272,7 +276,7 @@ def document_stream(spec: Any, sources: list[SourceSpec], seed: int, length_fn=N
     keep = shaping.parse_filter(flt) if flt else None
     streams = [
         iter_labelled_documents(s, _source_seed(seed, j) if _get(spec, "shuffle", True) else None,
-                                cat, labels, s.name if multi else None, keep)
+                                cat, labels, s.name if multi else None, keep, source_index=j)
         for j, s in enumerate(sources)
     ]
     if len(streams) == 1:

@@ -149,7 +149,8 @@ def generate_batch(model, tokenizer, batch: Batch, *, max_new_tokens: int, seq_l
     labels["generated"] = list(generated)
     labels["prompt_length"] = [int(n) for n in lens]
     out = Batch(index=batch.index, input_ids=ids, attention_mask=am, mask=mask, n_tokens=int(mask.sum()),
-                doc_index=list(batch.doc_index), labels=labels, documents=list(batch.documents))
+                doc_index=list(batch.doc_index), labels=labels, documents=list(batch.documents),
+                source=list(batch.source), segments=list(batch.segments))
     return out, records
 
 

@@ -12,16 +12,26 @@ before its last batch (row boundaries depend on their lengths).
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, NamedTuple
 
 
-def pack_rows(docs: Iterable[tuple[Any, Any, int]], seq_length: int, eos_id: int,
-              eos_keep: bool) -> Iterator[tuple[Any, Any, int]]:
-    """(ids, content mask, index of the document the row starts in) rows of exactly seq_length tokens.
+class PackedRow(NamedTuple):
+    """One packed row: ids, content mask, and its document pieces as (position in row, tag, token offset)."""
 
-    ``docs`` yields (ids, keep, doc_index) per document (numpy int64/bool,
-    untruncated). An EOS is appended to each document unless it already ends
-    with one. The final partial row is not yielded.
+    ids: Any
+    keep: Any
+    segments: list[tuple[int, Any, int]]
+
+
+def pack_rows(docs: Iterable[tuple[Any, Any, Any]], seq_length: int, eos_id: int,
+              eos_keep: bool) -> Iterator[PackedRow]:
+    """Rows of exactly seq_length tokens; each piece records where in its document it starts.
+
+    ``docs`` yields (ids, keep, tag) per document (numpy int64/bool,
+    untruncated; ``tag`` says which document it is and comes back in
+    ``segments``). An EOS is appended to each document unless it already ends
+    with one (the EOS counts as the document's last token for offsets). The
+    final partial row is not yielded.
     """
     import numpy as np
 
@@ -29,8 +39,8 @@ def pack_rows(docs: Iterable[tuple[Any, Any, int]], seq_length: int, eos_id: int
     ids_buf = np.empty(T, dtype=np.int64)
     keep_buf = np.empty(T, dtype=bool)
     fill = 0
-    start_doc = -1
-    for ids, keep, di in docs:
+    segments: list[tuple[int, Any, int]] = []
+    for ids, keep, tag in docs:
         ids = np.asarray(ids, dtype=np.int64)
         keep = np.asarray(keep, dtype=bool)
         if not len(ids) or ids[-1] != eos_id:
@@ -38,13 +48,13 @@ def pack_rows(docs: Iterable[tuple[Any, Any, int]], seq_length: int, eos_id: int
             keep = np.append(keep, eos_keep)
         pos = 0
         while pos < len(ids):
-            if fill == 0:
-                start_doc = di
+            segments.append((fill, tag, pos))
             n = min(T - fill, len(ids) - pos)
             ids_buf[fill:fill + n] = ids[pos:pos + n]
             keep_buf[fill:fill + n] = keep[pos:pos + n]
             fill += n
             pos += n
             if fill == T:
-                yield ids_buf.copy(), keep_buf.copy(), start_doc
+                yield PackedRow(ids_buf.copy(), keep_buf.copy(), segments)
                 fill = 0
+                segments = []

@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from collector.events import EventSink
+from collector import provenance
 from collector.generation import generations_jsonl, label_tensors
 from collector.uploader import Uploader
 from vaultsh import megabatch as mbf
@@ -65,6 +66,8 @@ class _Pending:
     tokens: int = 0
     batch_end: int = 0
     futures: list[Future] = field(default_factory=list)
+    source: Any = None  # int64 [rows, 3] provenance (collector/provenance.py)
+    segments: list = field(default_factory=list)  # packing: (row, position, source, document, offset)
 
     def buffer_for(self, hook: str, width: int, dtype, device):
         """The host buffer of `hook`'s states (pinned when copying from a GPU)."""
@@ -154,7 +157,7 @@ def run_worker(
     import torch
 
     from collector.config import read_model_facts, validate_against_model
-    from collector.data import BatchStream
+    from collector.reuse import open_batch_stream
     from collector.capture import ActivationCapture, expand_module_globs, hook_description
     from collector.generation import ChunkRunner, forward_chunks, generate_batch
     from collector.model import load_model_and_tokenizer, loaded_summary
@@ -224,7 +227,7 @@ def run_worker(
               **loaded_summary(model, device))
     # Resume exactly after the last committed batch: commit records hold global batch indices.
     data_spec = cfg.data.model_copy(update={"start_batch": commits[-1].batch_end}) if commits else cfg.data
-    stream = BatchStream(data_spec, tokenizer, worker=worker, num_workers=cfg.num_runs, max_new_tokens=max_new)
+    stream = open_batch_stream(cfg, data_spec, tokenizer, worker, max_new)
     label_vocabs = {"category": list(cfg.data.categories)} if cfg.data.categories else {}
 
     def on_halve(old: int, new: int) -> None:
@@ -247,6 +250,7 @@ def run_worker(
                 storage_dtype=storage_dtype, model=cfg.model.name,
             )
             meta.update(hook_description(probe, int(outputs[name].shape[-1])))
+            meta.update(provenance.hook_metadata(stream, tokenizer))
             if check is not None and probe.spec.is_transformerlens:
                 meta["self_check"] = check
             run.write_metadata(name, meta)
@@ -293,6 +297,7 @@ def run_worker(
         copier.sync()
         n = mb.filled * B
         ids, msk = mb.input_ids[:n], mb.mask[:n]
+        src, seg = mb.source[:n], provenance.segments_tensor(mb.segments, n)
         labels, vocabs = label_tensors({k: (v + [None] * (n - len(v)))[:n] for k, v in mb.labels.items()}, label_vocabs)
         if mb.generations:
             gkey = f"{run.internal_prefix}generations/w{worker:04d}/{mb.index:07d}.jsonl"
@@ -310,7 +315,7 @@ def run_worker(
                 meta["label_values"] = json.dumps(vocabs, ensure_ascii=False)
             nbytes = states.numel() * states.element_size()
             mb.futures.append(uploader.submit(key, nbytes, _upload_job(store, run, h, key, states, ids, msk, meta, fmt,
-                                                                        worker, mb, labels)))
+                                                                        worker, mb, labels, (src, seg))))
             pkey = run.partial_stats_key(worker, h, mb.index)
             mb.futures.append(uploader.submit(pkey, len(snapshot), lambda k=pkey, b=snapshot: store.put_bytes(k, b)))
         inflight.append(mb)
@@ -355,6 +360,7 @@ def run_worker(
                     pending.labels.setdefault(name, [None] * row).extend(vals)
                 pending.input_ids[row:row + nb] = batch.input_ids
                 pending.mask[row:row + nb] = batch.mask
+                provenance.record_batch(pending.source, pending.segments, row, batch)
                 pending.filled += 1
                 pending.tokens += int(batch.n_tokens)
                 pending.batch_end = batch.index + 1
@@ -449,7 +455,7 @@ def _new_pending(index, batch_start, B, T, bpu) -> _Pending:
     return _Pending(
         index=index, batch_start=batch_start, states={}, rows=rows, seq_len=T,
         input_ids=torch.zeros((rows, T), dtype=torch.int64), mask=torch.zeros((rows, T), dtype=torch.bool),
-        stats={},
+        stats={}, source=provenance.empty_source(rows),
     )
 
 
@@ -496,10 +502,12 @@ class _DeviceCopier:
         self._events.clear()
 
 
-def _upload_job(store, run, hook, key, states, ids, mask, meta, fmt, worker, mb, labels=None) -> Callable[[], FileRecord]:
+def _upload_job(store, run, hook, key, states, ids, mask, meta, fmt, worker, mb, labels=None,
+                source=(None, None)) -> Callable[[], FileRecord]:
     def job() -> FileRecord:
         hasher = _HashingStore(store)
-        size = mbf.write_megabatch(hasher, key, states, ids, mask, labels=labels or None, metadata=meta, fmt=fmt)
+        size = mbf.write_megabatch(hasher, key, states, ids, mask, labels=labels or None, metadata=meta, fmt=fmt,
+                                   source=source[0], source_segments=source[1])
         return FileRecord(hook=hook, key=key, size=size, sha256=hasher.digest, n_sequences=int(states.shape[0]),
                           n_tokens=int(mask.sum()), worker=worker, index=mb.index)
 

@@ -124,6 +124,7 @@ def test_sigkill_mid_megabatch_then_resume_equals_uninterrupted_run(tiny_dir, tm
             a, b = read_megabatch(store, c.files[hook].key), read_megabatch(ref_store, rc.files[hook].key)
             assert torch.equal(a.input_ids, b.input_ids), f"{c.files[hook].key}: different sequences"
             assert torch.equal(a.mask, b.mask)
+            assert a.source is not None and torch.equal(a.source, b.source)  # provenance survives the crash
             assert torch.equal(a.states, b.states)
             assert _strip(a.header.metadata) == _strip(b.header.metadata)
             assert len(got[c.files[hook].key[len(run.prefix):]]) == len(want[rc.files[hook].key[len(ref_run.prefix):]])

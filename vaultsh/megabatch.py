@@ -5,7 +5,12 @@ Default format is **safetensors** (one file per hook per megabatch)::
     [8 bytes: little-endian u64 N][N bytes: JSON header, space-padded][data section]
 
 with tensors ``states [N, T, D]``, ``input_ids [N, T]``, ``mask [N, T]`` (bool)
-and optional per-sequence ``labels.<name>`` (first dim N). The JSON header's
+optional per-sequence ``labels.<name>`` (first dim N), and the provenance
+tensors ``source`` (int64 ``[N, 3]``: source index, document index, token
+offset of each sequence's first token; -1 where unknown) and, with packing,
+``source_segments`` (int64 ``[M, 5]``: row, position, source, document, token
+offset of every document piece). Files written before provenance have neither
+and still read (``Megabatch.source`` is None). The JSON header's
 ``__metadata__`` carries ``format`` (``FORMAT_NAME``), ``format_version`` and
 whatever the writer adds (run, hook, model, ...), all as strings.
 
@@ -38,6 +43,10 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 FORMAT_NAME = "vaultsh.megabatch"
+SOURCE = "source"  # int64 [N, 3]: (source index, document index, token offset) of each sequence's first token
+SOURCE_SEGMENTS = "source_segments"  # int64 [M, 5]: (row, position, source, document, offset) per document piece
+SOURCE_COLUMNS = ("source_index", "document_index", "token_offset")
+SEGMENT_COLUMNS = ("row", "position", "source_index", "document_index", "token_offset")
 FORMAT_VERSION = 1
 EXTENSIONS = {"safetensors": ".safetensors", "pt": ".saved.pt"}
 
@@ -174,6 +183,11 @@ class MegabatchHeader:
     @property
     def has_mask(self) -> bool:
         return "mask" in self.tensors
+
+    @property
+    def has_source(self) -> bool:
+        """Whether the file records provenance (the ``source`` tensor)."""
+        return SOURCE in self.tensors
 
     @property
     def hook(self) -> str | None:
@@ -378,6 +392,15 @@ def _check_megabatch_shapes(h: MegabatchHeader, key: str | None) -> None:
     for name, info in t.items():
         if name.startswith("labels.") and (not info.shape or info.shape[0] != s.shape[0]):
             raise _fail(key, f"tensor {name!r} has shape {list(info.shape)}, expected first dimension {s.shape[0]}")
+    for name, width, first in ((SOURCE, len(SOURCE_COLUMNS), s.shape[0]), (SOURCE_SEGMENTS, len(SEGMENT_COLUMNS), None)):
+        info = t.get(name)
+        if info is None:
+            continue
+        if len(info.shape) != 2 or info.shape[1] != width or (first is not None and info.shape[0] != first):
+            want = f"[{first if first is not None else 'M'}, {width}]"
+            raise _fail(key, f"tensor {name!r} has shape {list(info.shape)}, expected {want}")
+        if info.dtype != "I64":
+            raise _fail(key, f"tensor {name!r} has dtype {info.dtype}, expected I64")
 
 
 # --------------------------------------------------------------------------
@@ -401,7 +424,7 @@ def _raw_view(t: "torch.Tensor") -> memoryview:
     return memoryview(flat.numpy()).cast("B")
 
 
-def _check_write_args(states, input_ids, mask, labels) -> None:
+def _check_write_args(states, input_ids, mask, labels, source=None, segments=None) -> None:
     import torch
 
     if not isinstance(states, torch.Tensor) or states.dim() != 3:
@@ -420,6 +443,14 @@ def _check_write_args(states, input_ids, mask, labels) -> None:
             raise ValueError(f"label names must be non-empty strings, got {name!r}")
         if not isinstance(lab, torch.Tensor) or lab.dim() < 1 or lab.shape[0] != n:
             raise ValueError(f"label {name!r} must be a tensor with first dimension {n}, got {getattr(lab, 'shape', None)}")
+    for name, t, first, width in ((SOURCE, source, n, len(SOURCE_COLUMNS)),
+                                  (SOURCE_SEGMENTS, segments, None, len(SEGMENT_COLUMNS))):
+        if t is None:
+            continue
+        ok = isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] == width and t.dtype == torch.int64
+        if not ok or (first is not None and t.shape[0] != first):
+            raise ValueError(f"{name} must be an int64 tensor of shape [{first if first is not None else 'M'}, {width}], "
+                             f"got {getattr(t, 'dtype', type(t))} {list(getattr(t, 'shape', []))}")
 
 
 def file_metadata(run: str, hook: str, model: str, worker: int, megabatch: int, batch_start: int, batch_end: int,
@@ -469,6 +500,8 @@ def write_megabatch(
     labels: "dict[str, torch.Tensor] | None" = None,
     metadata: dict[str, str | int | float] | None = None,
     fmt: str = "safetensors",
+    source: "torch.Tensor | None" = None,
+    source_segments: "torch.Tensor | None" = None,
 ) -> int:
     """Write one megabatch to ``store`` under ``key``; returns the bytes written.
 
@@ -476,18 +509,19 @@ def write_megabatch(
     ``input_ids`` [N,T] (int64/int32 as given), ``mask`` [N,T] (bool; default all
     true), ``labels`` (per-sequence tensors, first dim N, stored as
     ``labels.<name>``), ``metadata`` (stringified into ``__metadata__`` together
-    with ``format``/``format_version``). The file is streamed through
+    with ``format``/``format_version``), ``source`` / ``source_segments``
+    (provenance, int64 ``[N, 3]`` / ``[M, 5]``, see the module docstring). The file is streamed through
     ``store.put_stream``: prefix, then each tensor's bytes straight from memory.
 
     pt: Activault's ``torch.save({"states", "input_ids", "tensor_bytes"})``;
-    ``mask``, ``labels`` and ``metadata`` have no place in that layout and are
-    not written.
+    ``mask``, ``labels``, provenance and ``metadata`` have no place in that
+    layout and are not written.
     """
     import torch
 
     if fmt not in EXTENSIONS:
         raise UserError(f"unknown megabatch format {fmt!r} (allowed: {', '.join(EXTENSIONS)})")
-    _check_write_args(states, input_ids, mask, labels)
+    _check_write_args(states, input_ids, mask, labels, source, source_segments)
     states = _cpu_contig(states)
     input_ids = _cpu_contig(input_ids)
 
@@ -513,6 +547,10 @@ def write_megabatch(
     tensors = {"states": states, "input_ids": input_ids, "mask": mask}
     for name, lab in (labels or {}).items():
         tensors[f"labels.{name}"] = _cpu_contig(lab)
+    if source is not None:
+        tensors[SOURCE] = _cpu_contig(source)
+    if source_segments is not None:
+        tensors[SOURCE_SEGMENTS] = _cpu_contig(source_segments)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta["format"] = FORMAT_NAME
     meta["format_version"] = str(FORMAT_VERSION)
@@ -540,7 +578,8 @@ class Megabatch:
     """A megabatch read back: tensors plus its header.
 
     ``mask`` is all-true for files without one (pt). With ``read_megabatch(names=...)``
-    the tensors not asked for are None.
+    the tensors not asked for are None. ``source`` / ``source_segments`` are the
+    provenance tensors, None in files without them (pt, files written before).
     """
 
     states: "torch.Tensor | None"
@@ -548,6 +587,8 @@ class Megabatch:
     mask: "torch.Tensor | None"
     labels: "dict[str, torch.Tensor]" = field(default_factory=dict)
     header: MegabatchHeader | None = None
+    source: "torch.Tensor | None" = None
+    source_segments: "torch.Tensor | None" = None
 
 
 def _tensor_from_bytes(data, info: TensorInfo, shape: tuple[int, ...], key: str | None, name: str) -> "torch.Tensor":
@@ -720,7 +761,28 @@ def read_megabatch(store, key: str, names: list[str] | None = None) -> Megabatch
         mask=got.get("mask"),
         labels={k[len("labels."):]: v for k, v in got.items() if k.startswith("labels.")},
         header=header,
+        source=got.get(SOURCE),
+        source_segments=got.get(SOURCE_SEGMENTS),
     )
+
+
+def read_source(store, key: str, header: MegabatchHeader | None = None) -> "tuple[torch.Tensor | None, torch.Tensor | None]":
+    """(``source`` [N, 3], ``source_segments`` [M, 5] or None) of a megabatch; (None, None) without provenance.
+
+    safetensors: the header plus one small ranged read per tensor. pt files
+    (Activault's layout) never have provenance.
+    """
+    if header is None:
+        header = read_header(store, key)
+    out = []
+    for name in (SOURCE, SOURCE_SEGMENTS):
+        info = header.tensors.get(name)
+        if header.format != "safetensors" or info is None:
+            out.append(None)
+            continue
+        data = store.get_range(key, header.data_offset + info.start, info.nbytes)
+        out.append(_tensor_from_bytes(data, info, info.shape, key, name))
+    return out[0], out[1]
 
 
 def _as_bool(t: "torch.Tensor") -> "torch.Tensor":
@@ -747,7 +809,8 @@ def _check_index(header: MegabatchHeader, i: int, key: str) -> int:
 def read_sequence(store, key: str, i: int, header: MegabatchHeader | None = None) -> dict:
     """Sequence ``i`` of a megabatch without reading the rest.
 
-    Returns ``{"index", "states" [T,D], "input_ids" [T], "mask" [T], "labels": {name: tensor}}``.
+    Returns ``{"index", "states" [T,D], "input_ids" [T], "mask" [T], "labels": {name: tensor},
+    "source": [3] int64 or None}`` (``source``: source index, document index, token offset).
     safetensors: one ranged read per tensor of exactly sequence i's bytes. pt:
     the whole file is read (pickles have no random access). Negative ``i``
     counts from the end; out-of-range raises ``SequenceIndexError`` (a
@@ -767,11 +830,12 @@ def read_sequence(store, key: str, i: int, header: MegabatchHeader | None = None
             "input_ids": ids[j].clone(),
             "mask": _all_true_mask(1, ids.shape[1])[0],
             "labels": {},
+            "source": None,
         }
     j = _check_index(header, i, key)
-    out: dict[str, Any] = {"index": j, "labels": {}}
+    out: dict[str, Any] = {"index": j, "labels": {}, "source": None}
     for name, info in header.tensors.items():
-        if name not in ("states", "input_ids", "mask") and not name.startswith("labels."):
+        if name not in ("states", "input_ids", "mask", SOURCE) and not name.startswith("labels."):
             continue
         row = info.row_bytes()
         data = store.get_range(key, header.data_offset + info.start + j * row, row)

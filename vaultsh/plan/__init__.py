@@ -231,6 +231,9 @@ def make_plan(
         warnings.append(
             f"data.{'/'.join(labels)}: per-sequence labels.* tensors (8 bytes per sequence and label) and their "
             "vocabulary in each header are not in the byte counts (they depend on the data)")
+    if getattr(cfg.data, "packing", False):
+        warnings.append("data.packing: the source_segments provenance tensor (40 bytes per document piece) is "
+                        "not in the byte counts (it depends on the document lengths)")
     inference = getattr(cfg, "inference", None)
     if inference is not None and getattr(inference, "max_new_tokens", 0):
         if not getattr(inference, "save_activations", True):

@@ -4,7 +4,7 @@ Every megabatch file's size is computed the way the worker writes it:
 
 - safetensors: `vaultsh.megabatch.build_header` is called on ``meta``-device
   tensors of the real shapes and dtypes (``states [n, T, D]`` in the storage
-  dtype, ``input_ids`` int64, ``mask`` bool) with the header metadata the
+  dtype, ``input_ids`` int64, ``mask`` bool, ``source`` int64 [n, 3]) with the header metadata the
   worker puts in (run, hook, model, worker, megabatch, batch range, tokenizer,
   creation time), so the JSON header, its padding and the data offsets are
   the real ones. Header lengths change only where a number gains a digit, so
@@ -31,6 +31,7 @@ _CREATED = "2026-01-01T00:00:00.000000+00:00"
 
 ID_BYTES = 8  # input_ids are int64
 MASK_BYTES = 1  # mask is bool
+SOURCE_BYTES = 3 * 8  # provenance: source [N, 3] int64 per sequence
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ def _safetensors_prefix_len(rows: int, T: int, D: int, dtype: str, meta_items: t
             "states": torch.empty((rows, T, D), dtype=getattr(torch, dtype)),
             "input_ids": torch.empty((rows, T), dtype=torch.int64),
             "mask": torch.empty((rows, T), dtype=torch.bool),
+            mbf.SOURCE: torch.empty((rows, 3), dtype=torch.int64),
         }
     meta = {str(k): str(v) for k, v in meta_items}
     meta["format"] = mbf.FORMAT_NAME
@@ -119,8 +121,8 @@ def _safetensors_prefix_len(rows: int, T: int, D: int, dtype: str, meta_items: t
 
 
 def data_bytes(rows: int, T: int, D: int, itemsize: int) -> int:
-    """Tensor bytes of one safetensors megabatch: states + input_ids + mask."""
-    return rows * T * (D * itemsize + ID_BYTES + MASK_BYTES)
+    """Tensor bytes of one safetensors megabatch: states + input_ids + mask + source."""
+    return rows * T * (D * itemsize + ID_BYTES + MASK_BYTES) + rows * SOURCE_BYTES
 
 
 def safetensors_file_size(rows: int, T: int, D: int, dtype: str, itemsize: int, meta: dict[str, Any]) -> int:

@@ -303,9 +303,29 @@ def _ids_and_mask(store, key: str) -> tuple[list[list[int]], list[list[bool]]]:
     return mb.input_ids.tolist(), mb.mask.tolist()
 
 
+def _sources(ctx: ShellContext, store, t: "Target", header) -> list[dict] | None:
+    """Each sequence's provenance (source name from the hook's metadata.json), or None for files without it."""
+    from vaultsh.megabatch import read_source
+    from vaultsh.provenance import as_dict, source_names
+
+    if not header.has_source:
+        return None
+    try:
+        src, _segments = read_source(store, t.key, header)
+    except UserError as exc:
+        raise _named(exc, ctx, t.key) from None
+    names = None
+    if t.run and t.hook:
+        try:
+            names = source_names(Run(ctx.store, t.run).read_metadata(t.hook))
+        except UserError:
+            names = None
+    return [as_dict(row, names) for row in src.tolist()]
+
+
 def sequence_view(uri: str, batch: int, n: int, ids: list[int], mask: list[bool], handle: dec.TokenizerHandle,
-                  tokens: bool) -> SequenceView:
-    view = SequenceView(uri, batch, n, ids, mask, note=handle.note)
+                  tokens: bool, source: dict | None = None) -> SequenceView:
+    view = SequenceView(uri, batch, n, ids, mask, note=handle.note, source=source)
     if tokens:
         view.tokens = dec.token_pieces(handle, ids, mask)
     else:
@@ -316,8 +336,9 @@ def sequence_view(uri: str, batch: int, n: int, ids: list[int], mask: list[bool]
 class BatchViewer(Result):
     """Asks for a batch number and shows its full text until 'q' (interactive shell only)."""
 
-    def __init__(self, uri: str, ids: list[list[int]], mask: list[list[bool]], handle: dec.TokenizerHandle):
-        self.uri, self.ids, self.mask, self.handle = uri, ids, mask, handle
+    def __init__(self, uri: str, ids: list[list[int]], mask: list[list[bool]], handle: dec.TokenizerHandle,
+                 sources: list[dict] | None = None):
+        self.uri, self.ids, self.mask, self.handle, self.sources = uri, ids, mask, handle, sources
 
     def to_json(self):
         return None
@@ -350,8 +371,9 @@ class BatchViewer(Result):
             if not 0 <= b < n:
                 ctx.out.print(f"batch {b} out of range (0-{n - 1})", markup=False, highlight=False)
                 continue
-            render(sequence_view(self.uri, b, n, self.ids[b], self.mask[b], self.handle, tokens_mode or bool(m.group(1))),
-                   ctx.out)
+            source = self.sources[b] if self.sources else None
+            render(sequence_view(self.uri, b, n, self.ids[b], self.mask[b], self.handle, tokens_mode or bool(m.group(1)),
+                                 source), ctx.out)
 
 
 @command(
@@ -393,13 +415,15 @@ def inspect(ctx: ShellContext, a):
     except UserError as exc:
         raise _named(exc, ctx, t.key) from None
     handle = _tokenizer(ctx, t.run, t.key, header.metadata)
+    sources = _sources(ctx, store, t, header)
     previews = []
     for b in range(min(PREVIEW_SEQUENCES, len(ids))):
         real = [i for i, m in zip(ids[b], mask[b]) if m]
         text = dec.decode(handle, real)
-        previews.append(Preview(b, text[:PREVIEW_CHARS], len(text) > PREVIEW_CHARS, len(real), len(ids[b])))
+        previews.append(Preview(b, text[:PREVIEW_CHARS], len(text) > PREVIEW_CHARS, len(real), len(ids[b]),
+                                source=sources[b] if sources else None))
     yield InspectPreview(previews, len(ids), handle.source, handle.note, PREVIEW_CHARS)
-    yield BatchViewer(uri, ids, mask, handle)
+    yield BatchViewer(uri, ids, mask, handle, sources)
 
 
 def _batch_arg(batch: str, n: int) -> int:
@@ -438,7 +462,9 @@ def view(ctx: ShellContext, a):
 
     header = read_header(store, t.key)
     handle = _tokenizer(ctx, t.run, t.key, header.metadata)
-    return sequence_view(ctx.display(t.key), b, len(ids), ids[b], mask[b], handle, a.tokens)
+    sources = _sources(ctx, store, t, header)
+    return sequence_view(ctx.display(t.key), b, len(ids), ids[b], mask[b], handle, a.tokens,
+                         sources[b] if sources else None)
 
 
 @command(
@@ -447,13 +473,18 @@ def view(ctx: ShellContext, a):
     args=[Arg("target", "file"), Arg("batch")],
 )
 def tokens(ctx: ShellContext, a) -> TokensResult:
+    from vaultsh.megabatch import read_header
+
     t = megabatch_target(ctx, a.target)
+    store = _OneObjectCache(ctx.store)
     try:
-        ids, mask = _ids_and_mask(_OneObjectCache(ctx.store), t.key)
+        ids, mask = _ids_and_mask(store, t.key)
+        header = read_header(store, t.key)
     except UserError as exc:
         raise _named(exc, ctx, t.key) from None
     b = _batch_arg(a.batch, len(ids))
-    return TokensResult(ctx.display(t.key), b, ids[b], mask[b])
+    sources = _sources(ctx, store, t, header)
+    return TokensResult(ctx.display(t.key), b, ids[b], mask[b], sources[b] if sources else None)
 
 
 # ---------------------------------------------------------------------------

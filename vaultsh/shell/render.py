@@ -186,6 +186,8 @@ def _(p: InspectPreview, console: Console) -> None:
         _p(console, f"Batch {pv.batch}: {preview_text(pv.text)}{tail}")
         if masked and not pv.real_tokens:
             _p(console, f"  (all {pv.tokens} tokens masked)", style="dim")
+        if pv.source is not None:
+            _p(console, f"  source: {_source_line(pv.source)}", style="dim")
     _p(console)
 
 
@@ -195,6 +197,8 @@ def _(v: SequenceView, console: Console) -> None:
     masked = len(v.mask) - real
     _p(console, f"Batch {v.batch} of {v.n_sequences}: {len(v.ids):,} tokens, {real:,} real, {masked:,} masked"
                 + (f" (shown {MASK_OPEN}like this{MASK_CLOSE})" if masked else ""), style="bold")
+    if v.source is not None:
+        _p(console, f"Source: {_source_line(v.source)}")
     if v.note:
         _p(console, f"{safe_text(v.note)}; showing token ids", style="yellow")
     _p(console, RULE)
@@ -225,6 +229,17 @@ def _(t: TokensResult, console: Console) -> None:
     _p(console, f"{safe_text(t.uri)} batch {t.batch}: {len(t.ids):,} tokens ({real:,} real, {len(t.ids) - real:,} masked)")
     _p(console, "input_ids: " + " ".join(str(i) for i in t.ids))
     _p(console, "mask:      " + "".join("1" if m else "0" for m in t.mask))
+    if t.source is not None:
+        _p(console, f"source:    {_source_line(t.source)}")
+
+
+def _source_line(d: dict) -> str:
+    """A provenance dict (vaultsh.provenance.as_dict) as one safe line."""
+    from vaultsh.provenance import describe
+
+    names = [d["source"]] if d.get("source") is not None else None
+    row = (0 if names else d["source_index"], d["document_index"], d["token_offset"])
+    return safe_text(describe(row, names))
 
 
 @render.register

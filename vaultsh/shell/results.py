@@ -159,6 +159,7 @@ class Preview:
     truncated: bool
     real_tokens: int
     tokens: int
+    source: dict | None = None  # provenance (vaultsh.provenance.as_dict), None for files without it
 
 
 @dataclass
@@ -174,7 +175,8 @@ class InspectPreview(Result):
             "tokenizer": self.tokenizer,
             "tokenizer_note": self.note,
             "preview": [{"batch": p.batch, "text": p.text, "truncated": p.truncated,
-                         "real_tokens": p.real_tokens, "tokens": p.tokens} for p in self.previews],
+                         "real_tokens": p.real_tokens, "tokens": p.tokens,
+                         **({"source": p.source} if p.source is not None else {})} for p in self.previews],
         }
 
 
@@ -190,9 +192,12 @@ class SequenceView(Result):
     segments: list[tuple[str, bool]] | None = None  # (text, real)
     tokens: list[tuple[int, str, bool]] | None = None  # (id, piece, real) in token mode
     note: str | None = None
+    source: dict | None = None  # provenance (vaultsh.provenance.as_dict)
 
     def to_json(self):
         out: dict = {"uri": self.uri, "batch": self.batch, "input_ids": self.ids, "mask": self.mask}
+        if self.source is not None:
+            out["source"] = self.source
         if self.segments is not None:
             out["text"] = "".join(t for t, real in self.segments if real)
             out["segments"] = [{"text": t, "masked": not real} for t, real in self.segments]
@@ -209,9 +214,13 @@ class TokensResult(Result):
     batch: int
     ids: list[int]
     mask: list[bool]
+    source: dict | None = None  # provenance (vaultsh.provenance.as_dict)
 
     def to_json(self):
-        return {"uri": self.uri, "batch": self.batch, "input_ids": self.ids, "mask": self.mask}
+        out = {"uri": self.uri, "batch": self.batch, "input_ids": self.ids, "mask": self.mask}
+        if self.source is not None:
+            out["source"] = self.source
+        return out
 
 
 @dataclass
