@@ -395,3 +395,30 @@ def test_s3rcache_reads_aligned_hooks_with_one_shuffle(s3_server, s3_bucket, mon
         flat = item[A].reshape(-1, DA)
         match = [a for a in originals if np.array_equal(sorted_rows(a.reshape(-1, DA)), sorted_rows(flat))]
         assert len(match) == 1 and not torch.equal(match[0], item[A])  # the same tokens, shuffled
+
+
+def test_return_source_gives_each_sequence_and_token_its_provenance(collected_pair):
+    """Megabatch mode: the stored `source` rows as written; token mode: the same per token, plus its position."""
+    _, root = collected_pair
+    store = LocalStore(root)
+    run = Run(store, "pair")
+    meta = run.read_metadata(A)
+    assert meta["sources"], "the collector records its source names"
+    by_key = {}
+    for mb in ActivationReader(str(root / "pair"), hooks=[A, B], return_source=True, return_file=True):
+        stored = read_megabatch(store, mb["file"].split(str(root) + "/", 1)[-1])
+        assert stored.source is not None and torch.equal(mb["source"], stored.source.long())
+        assert (mb["source"][:, 0] >= 0).all() and (mb["source"][:, 0] < len(meta["sources"])).all()
+        for n in range(mb["source"].shape[0]):
+            for t in range(mb["input_ids"].shape[1]):
+                by_key[(*mb["source"][n].tolist(), t)] = int(mb["input_ids"][n, t])
+    r = ActivationReader(str(root / "pair"), hooks=[A, B], tokens=True, batch_size=13, shuffle=True,
+                         shuffle_buffer=2, return_source=True)
+    n = 0
+    for batch in r:
+        src, ids = batch["source"], batch["input_ids"]
+        assert src.shape == (ids.shape[0], 4)
+        for row, tok in zip(src.tolist(), ids.tolist()):
+            assert by_key[tuple(row)] == tok  # the token at that sequence's position
+        n += ids.shape[0]
+    assert n == r.stats.tokens > 0

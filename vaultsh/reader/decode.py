@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 import torch
 
 from vaultsh.errors import FormatError
-from vaultsh.megabatch import MAX_HEADER_BYTES, _load_pt, parse_header, to_torch_dtype
+from vaultsh.megabatch import MAX_HEADER_BYTES, SOURCE, _load_pt, parse_header, to_torch_dtype
 
 _PROBE = 64 << 10
-SOURCE_TENSOR = "source"  # int64 [N, 3]: source index, document index, token offset of each sequence
 
 
 @dataclass
@@ -110,7 +109,7 @@ def decode(buf: torch.Tensor, uri: str, labels: bool = False) -> Decoded:
     got_labels = {}
     if labels:
         got_labels = {k[len("labels."):]: view(k) for k in header.tensors if k.startswith("labels.")}
-    source = view(SOURCE_TENSOR) if SOURCE_TENSOR in header.tensors else None
+    source = view(SOURCE) if SOURCE in header.tensors else None
     return Decoded(view("states"), ids, mask, got_labels, source)
 
 
