@@ -520,7 +520,7 @@ def export_saelens(
                    f"(`exclude_token_ids` in {out / MANIFEST}) to skip them")
             if kept:
                 msg += (f"; {kept:,} of them have token ids that also occur unmasked, so SAELens will train on those "
-                        "(drop them with the reader's token filters instead)")
+                        "(no id list can skip them)")
             notes.append(msg)
             progress.note(msg)
     return SaelensResult(str(out), len(shards), written["shards"], written["rows"], written["bytes"], complete,
