@@ -1,4 +1,8 @@
-"""`vaultsh export RUN_URI/HOOK OUT --format parquet`: sharded Parquet + a dataset card, resumable."""
+"""`vaultsh export RUN_URI/HOOK OUT --format parquet`: sharded Parquet + a dataset card, resumable.
+
+`vaultsh export RUN_URI OUT --format saelens --hooks H1,H2`: SAELens's cached-activations layout
+(vaultsh/export/saelens.py).
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,15 @@ import threading
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """This subcommand's arguments (vaultsh/cli.py builds the parser from it)."""
-    p.add_argument("source", metavar="RUN_URI/HOOK", help="hook directory of a run (s3://bucket/run/hook or a path)")
+    p.add_argument("source", metavar="RUN_URI/HOOK", help="hook directory of a run (s3://bucket/run/hook or a path); with --format saelens --hooks: the run")
     p.add_argument("out", metavar="OUT", help="output directory or s3:// prefix (created; resumed when it holds this export)")
     from vaultsh.store import add_no_sign_request
 
     add_no_sign_request(p, "; every s3:// URI of the command, so OUT must then be a local path")
-    p.add_argument("--format", choices=["parquet"], default="parquet", help="output format (default: parquet)")
+    p.add_argument("--format", choices=["parquet", "saelens"], default="parquet",
+                   help="output format (default: parquet); saelens: SAELens's cached activations, see docs/export.md")
+    p.add_argument("--hooks", default=None, metavar="H1[,H2...]",
+                   help="--format saelens: the hooks, one column each (default: the hook of RUN_URI/HOOK)")
     rows = p.add_mutually_exclusive_group()
     rows.add_argument("--sequences", dest="mode", action="store_const", const="sequences",
                       help="one row per sequence: states [T, D], input_ids [T], mask [T] (default)")
@@ -88,13 +95,58 @@ class _RichProgress:
         self.console.print(f"[yellow]note:[/] {escape(message)}")
 
 
+def _run_saelens(args) -> int:
+    """--format saelens: refuse the Parquet-only options, export, print what to pass SAELens."""
+    import humanize
+    from rich.console import Console
+
+    from vaultsh.errors import UserError
+    from vaultsh.export.saelens import export_saelens, split_hook_uri
+
+    parquet_only = {"--tokens": args.mode != "sequences", "--shuffle": args.shuffle,
+                    "--label-columns": args.label_columns is not None, "--compression": args.compression != "none",
+                    "--tmp-dir": args.tmp_dir is not None, "--workers": args.workers is not None}
+    bad = [k for k, given in parquet_only.items() if given]
+    if bad:
+        raise UserError(f"{bad[0]} is not allowed with --format saelens (SAELens's layout is one row per sequence)")
+    if args.dtype == "bfloat16":
+        raise UserError("--dtype bfloat16 is not allowed with --format saelens (Arrow has no bfloat16): use auto, "
+                        "float32, float16 or float64")
+    if args.hooks:
+        run_uri, hooks = args.source, [h.strip() for h in args.hooks.split(",") if h.strip()]
+    else:
+        run_uri, hook = split_hook_uri(args.source)
+        hooks = [hook]
+    command = (f"vaultsh export {shlex.quote(args.source)} {shlex.quote(args.out)} --format saelens "
+               f"--hooks {shlex.quote(','.join(hooks))} --dtype {args.dtype} --batches-per-shard {args.batches_per_shard}")
+    console = Console(stderr=True)
+    with _RichProgress(console, args.quiet) as prog:
+        res = export_saelens(run_uri, args.out, hooks, dtype=args.dtype, batches_per_shard=args.batches_per_shard,
+                             max_shards=args.max_shards, fsync=args.fsync, progress=prog, command=command)
+    verb = "resumed: wrote" if res.resumed else "wrote"
+    print(f"{verb} {res.shards_written} shard(s), {res.sequences_written:,} sequences, "
+          f"{humanize.naturalsize(res.bytes_written, binary=True)} to {res.out} "
+          f"({res.shards_total} shard(s) in all)", file=sys.stdout)
+    if not res.complete:
+        print("shards left: run the same command without --max-shards to finish", file=sys.stdout)
+    else:
+        print(f"SAELens: use_cached_activations=True, cached_activations_path={res.out}/activations, "
+              f"override_dataset=load_from_disk({res.out}/tokens), exclude_special_tokens={res.exclude_token_ids}",
+              file=sys.stdout)
+    return 0
+
+
 def run(args) -> int:
+    if args.format == "saelens":
+        return _run_saelens(args)
     import humanize
     from rich.console import Console
 
     from vaultsh.errors import UserError
     from vaultsh.export import ExportOptions, export
 
+    if args.hooks is not None:
+        raise UserError("--hooks is for --format saelens; --format parquet exports the one hook of RUN_URI/HOOK")
     if args.batches_per_shard < 1:
         raise UserError(f"--batches-per-shard {args.batches_per_shard} is not allowed: use a whole number >= 1")
     if args.max_shards is not None and args.max_shards < 1:
