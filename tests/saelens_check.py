@@ -102,5 +102,49 @@ def main(argv: list[str]) -> dict:
     }
 
 
+def adapter(argv: list[str]) -> dict:
+    """SAELens's SAETrainer fed by `ActivationReader.as_data_provider()` straight from the store (no export).
+
+        python tests/saelens_check.py --adapter RUN_DIR HOOK D_IN STEPS
+    """
+    import torch
+    from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig, StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    from vaultsh.export.saelens import saelens_scaling_factor
+    from vaultsh.reader import ActivationReader
+
+    run, hook, d_in, steps = argv
+    d_in, steps = int(d_in), int(steps)
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    cfg = LanguageModelSAERunnerConfig(
+        sae=StandardTrainingSAEConfig(d_in=d_in, d_sae=2 * d_in, l1_coefficient=1e-3,
+                                      normalize_activations="expected_average_only_in"),
+        hook_name=hook, context_size=8, train_batch_size_tokens=64, training_tokens=64 * steps, lr=3e-3,
+        device="cpu", dtype="float32", logger=LoggingConfig(log_to_wandb=False), n_checkpoints=0,
+        save_final_checkpoint=False, checkpoint_path=None, output_path=None, verbose=False,
+    )
+    reader = ActivationReader(f"{run}/{hook}", tokens=True, batch_size=64, drop_last=True, shuffle=True,
+                              shuffle_buffer=2)
+    trainer = SAETrainer(cfg=cfg.to_sae_trainer_config(), sae=StandardTrainingSAE(cfg.sae),
+                         data_provider=reader.as_data_provider())
+    trainer.activation_scaler.scaling_factor = saelens_scaling_factor(run, hook)
+    losses: list[float] = []
+    step = trainer._train_step
+
+    def recording_step(sae, sae_in):
+        res = step(sae, sae_in)
+        losses.append(float(res.loss.detach()))
+        return res
+
+    trainer._train_step = recording_step
+    trainer.fit()
+    return {"losses": losses, "epochs": reader.epoch, "tokens_per_pass": reader.stats.tokens}
+
+
 if __name__ == "__main__":
-    print("SAELENS-RESULT " + json.dumps(main(sys.argv[1:])))
+    if sys.argv[1:2] == ["--adapter"]:
+        print("SAELENS-RESULT " + json.dumps(adapter(sys.argv[2:])))
+    else:
+        print("SAELENS-RESULT " + json.dumps(main(sys.argv[1:])))

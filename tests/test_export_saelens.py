@@ -332,3 +332,20 @@ def test_a_tiny_sae_trains_from_the_export_and_its_loss_goes_down(saelens_run):
     losses = res["losses"]
     assert len(losses) == 60 and all(math.isfinite(v) for v in losses)
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
+
+
+def test_a_tiny_sae_trains_from_the_reader_adapter_without_an_export(collected):
+    """SAELens's SAETrainer pulls `next()` from `reader.as_data_provider()`: endless, bare [64, d_in] tensors."""
+    python = saelens_python()
+    if python is None:
+        pytest.skip("sae-lens is not installed (see docs/export.md for the install line)")
+    root, run = collected
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
+    proc = subprocess.run([python, str(ROOT / "tests" / "saelens_check.py"), "--adapter", str(root / run), HOOKS[0],
+                           str(TINY_D_MODEL), "60"], capture_output=True, text=True, timeout=280, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("SAELENS-RESULT "))[15:])
+    losses = res["losses"]
+    assert len(losses) == 60 and all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
+    assert res["epochs"] >= 1  # 60 x 64 tokens is more than one pass over the tiny run: the provider kept going
