@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from collector.data import Document, SourceSpec, _record_to_document, resolve_data_key
-from collector.datacheck import LOCAL_SUFFIXES
+from collector.config.datacheck import LOCAL_SUFFIXES
 from vaultsh.errors import ConfigError, UserError
 
 _BUILDERS = {"json": "json", "jsonl": "json", "csv": "csv", "text": "text", "parquet": "parquet"}
@@ -92,7 +92,7 @@ def plan_sources(spec: Any, base_dir: str | os.PathLike | None = None) -> list[S
     if _get(spec, "datasets") is not None:
         return [entry_to_source(e, f"{label}.datasets[{i}]") for i, e in enumerate(spec.datasets)]
     if _get(spec, "data_mixes") is not None:
-        from collector.datacheck import load_mix
+        from collector.config.datacheck import load_mix
 
         errors, _, entries = load_mix(spec.data_mixes, spec.mix, label, Path(base_dir) if base_dir else None)
         if errors:

@@ -1,6 +1,6 @@
 """Validation of the data section beyond field types: sources, mixes, labels, shaping.
 
-Called by `collector.config.load_config`; pure Python (no torch, no datasets).
+Called by `load_config` (collector/config/forms.py); pure Python (no torch, no datasets).
 Every problem is one message naming the field as the user spelled it, the bad
 value and what is allowed. Local paths are made absolute here (relative to the
 config file's directory, then the current directory) so the normalised config
@@ -13,6 +13,8 @@ import string
 from pathlib import Path
 from typing import Any, Optional
 
+from collector.config.errors import one_error
+from collector.config.schema import DatasetEntry
 from vaultsh.errors import ConfigError
 
 LOCAL_SUFFIXES = {
@@ -80,8 +82,6 @@ def load_mix(path: str, mix: str, label: str, base_dir: Optional[Path]) -> tuple
     import yaml
     from pydantic import ValidationError
 
-    from collector.config import DatasetEntry, _one_error
-
     local, err = resolve_local(path, base_dir, True)
     if err or local is None:
         return [f"{label}.data_mixes: {err}"], None, []
@@ -103,7 +103,7 @@ def load_mix(path: str, mix: str, label: str, base_dir: Optional[Path]) -> tuple
         try:
             entries.append(DatasetEntry.model_validate(d))
         except ValidationError as e:
-            errors += [f"{where}[{i}].{_one_error(DatasetEntry, x)}" for x in e.errors()]
+            errors += [f"{where}[{i}].{one_error(DatasetEntry, x)}" for x in e.errors()]
     if errors:
         return errors, local, []
     errs, entries = check_entries(entries, where, Path(local).parent)
