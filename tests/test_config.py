@@ -1,4 +1,4 @@
-"""Config schema, normalisation and validation (collector/config.py). No model is loaded."""
+"""Config schema, normalisation and validation (collector/config/). No model is loaded."""
 
 from __future__ import annotations
 
