@@ -40,10 +40,10 @@ from collector.config.schema import (
     SlurmConfig,
     StorageConfig,
     StorageDType,
+    StrictModel,
     UploadConfig,
     Uri,
-    _no_bool,
-    _Strict,
+    no_bool,
 )
 from collector.layers import check_hook_syntax
 from vaultsh.errors import ConfigError
@@ -55,7 +55,7 @@ from vaultsh.errors import ConfigError
 _HookList = Annotated[list[str], Field(min_length=0)]
 
 
-class _TransformerConfigIn(_Strict):
+class _TransformerConfigIn(StrictModel):
     model_name: NonEmptyStr
     dtype: DType = "float16"
     device: Device = "auto"
@@ -65,7 +65,7 @@ class _TransformerConfigIn(_Strict):
     kwargs: Optional[dict[str, Any]] = None
 
 
-class _ModelSectionIn(_Strict):
+class _ModelSectionIn(StrictModel):
     name: NonEmptyStr
     dtype: Optional[DType] = None
     torch_dtype: Optional[DType] = None
@@ -77,7 +77,7 @@ class _ModelSectionIn(_Strict):
     activation_layers: Optional[_HookList] = None
 
 
-class _UploadIn(_Strict):
+class _UploadIn(StrictModel):
     batches_per_upload: PosInt = 8
     hooks: Optional[_HookList] = None
     upload_workers: PosInt = 4
@@ -88,28 +88,28 @@ def _storage_shorthand(v: Any) -> Any:
     return {"uri": v} if isinstance(v, str) else v
 
 
-class _StorageIn(_Strict):
+class _StorageIn(StrictModel):
     uri: Optional[Uri] = None
     format: Literal["safetensors", "pt"] = "safetensors"
     dtype: Optional[StorageDType] = None
 
 
-class _DatasetConfigIn(_Strict):
+class _DatasetConfigIn(StrictModel):
     """The LM-training config guide's `dataset_config:` block: the datasets, tokenizer and length."""
 
     datasets: Annotated[list[DatasetEntry], Field(min_length=1)]
     tokenizer_name: Optional[NonEmptyStr] = None
-    max_seq_length: Optional[Annotated[int, BeforeValidator(_no_bool), Field(ge=2)]] = None
+    max_seq_length: Optional[Annotated[int, BeforeValidator(no_bool), Field(ge=2)]] = None
 
 
-class _MixIn(_Strict):
+class _MixIn(StrictModel):
     """One named mix of the LM-training guide's `data_mixes:` block."""
 
     name: Optional[str] = None
     datasets: Annotated[list[DatasetEntry], Field(min_length=1)]
 
 
-class _RawConfig(_Strict):
+class _RawConfig(StrictModel):
     run_name: RunName
     num_runs: PosInt = 1
     transformer_config: Optional[_TransformerConfigIn] = None

@@ -30,7 +30,7 @@ from collector.config.paths import DEFAULT_STORE, check_bucket_name, check_uri
 
 
 
-def _no_bool(v: Any) -> Any:
+def no_bool(v: Any) -> Any:
     if isinstance(v, bool):
         raise field_error("is not an integer (write a number)")
     return v
@@ -110,9 +110,9 @@ def _check_nonempty(v: str) -> str:
 
 
 
-PosInt = Annotated[int, BeforeValidator(_no_bool), Field(ge=1)]
-NonNegInt = Annotated[int, BeforeValidator(_no_bool), Field(ge=0)]
-AnyInt = Annotated[int, BeforeValidator(_no_bool)]
+PosInt = Annotated[int, BeforeValidator(no_bool), Field(ge=1)]
+NonNegInt = Annotated[int, BeforeValidator(no_bool), Field(ge=0)]
+AnyInt = Annotated[int, BeforeValidator(no_bool)]
 NonEmptyStr = Annotated[str, AfterValidator(_check_nonempty)]
 RunName = Annotated[str, AfterValidator(_check_run_name)]
 DType = Annotated[Literal["float16", "bfloat16", "float32", "auto"], BeforeValidator(_dtype_alias)]
@@ -123,7 +123,9 @@ Uri = Annotated[str, AfterValidator(check_uri)]
 BucketName = Annotated[Optional[str], AfterValidator(check_bucket_name)]
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True)
 
 
@@ -132,7 +134,7 @@ class _Strict(BaseModel):
 # --------------------------------------------------------------------------- #
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     """Which model, how to load it. `kwargs` go to `from_pretrained` unchanged."""
 
     name: NonEmptyStr
@@ -161,10 +163,10 @@ def _check_sample(v: Any) -> Any:
 
 
 LocalFormat = Literal["json", "jsonl", "csv", "text", "parquet"]
-Weight = Annotated[float, BeforeValidator(_no_bool), Field(gt=0)]
+Weight = Annotated[float, BeforeValidator(no_bool), Field(gt=0)]
 
 
-class DatasetEntry(_Strict):
+class DatasetEntry(StrictModel):
     """One entry of `data.datasets` (the LM-training `dataset_config` form).
 
     Exactly one of `text_field` / `text_template` (checked in `load_config`).
@@ -184,7 +186,7 @@ class DatasetEntry(_Strict):
     chat: Optional[bool] = None
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     """Activault's `data_config`, field for field, plus data sources and input shaping.
 
     Exactly one source: `data_key` (registry/file/hub key), `datasets` (weighted
@@ -194,7 +196,7 @@ class DataConfig(_Strict):
 
     data_key: Optional[NonEmptyStr] = None
     n_batches: PosInt
-    seq_length: Annotated[int, BeforeValidator(_no_bool), Field(ge=2)]
+    seq_length: Annotated[int, BeforeValidator(no_bool), Field(ge=2)]
     batch_size: PosInt
     seed: AnyInt = 42
     skip_cache: bool = False
@@ -230,7 +232,7 @@ class DataConfig(_Strict):
     reuse_sequences_from: Optional[NonEmptyStr] = None
 
 
-class InferenceConfig(_Strict):
+class InferenceConfig(StrictModel):
     """The refusal-circuit collector's `inference:` section: generation and batch sizing."""
 
     batch_size: Optional[PosInt] = None
@@ -238,11 +240,11 @@ class InferenceConfig(_Strict):
     save_activations: bool = True
     auto_find_batch_size: bool = False
     do_sample: bool = False
-    temperature: Annotated[float, BeforeValidator(_no_bool), Field(gt=0)] = 1.0
-    top_p: Annotated[float, BeforeValidator(_no_bool), Field(gt=0, le=1)] = 1.0
+    temperature: Annotated[float, BeforeValidator(no_bool), Field(gt=0)] = 1.0
+    top_p: Annotated[float, BeforeValidator(no_bool), Field(gt=0, le=1)] = 1.0
 
 
-class UploadConfig(_Strict):
+class UploadConfig(StrictModel):
     """Activault's `upload_config` plus the upload queue's knobs.
 
     `hooks` are kept as written (expansions such as `all` are resolved by
@@ -255,7 +257,7 @@ class UploadConfig(_Strict):
     max_queued_megabatches: PosInt = 2
 
 
-class StorageConfig(_Strict):
+class StorageConfig(StrictModel):
     """Where and how megabatches are written."""
 
     uri: Uri = DEFAULT_STORE
@@ -263,7 +265,7 @@ class StorageConfig(_Strict):
     dtype: Optional[StorageDType] = None
 
 
-class SlurmConfig(_Strict):
+class SlurmConfig(StrictModel):
     """`slurm:` defaults for `vaultsh launch slurm` (its flags override them); the collector ignores it.
 
     Values are checked for Slurm syntax by the launcher (vaultsh/launch/slurm.py).
@@ -281,7 +283,7 @@ class SlurmConfig(_Strict):
     setup: Optional[NonEmptyStr] = None  # one shell line before the worker: module load ..., source venv/bin/activate
 
 
-class CollectConfig(_Strict):
+class CollectConfig(StrictModel):
     """A validated collection config (see the module docstring for the input forms)."""
 
     run_name: RunName

@@ -100,7 +100,7 @@ from __future__ import annotations
 from collector.data.batches import BatchStream
 from collector.data.encode import Encoder, find_default_system_block
 from collector.data.records import (
-    _buffer_shuffle,
+    buffer_shuffle,
     iter_documents,
     iter_records,
     record_to_document,
@@ -126,7 +126,7 @@ from collector.data.specs import (
     batch_to_model_inputs,
 )
 
-_Encoder = Encoder  # the name tests reach for
+_Encoder, _buffer_shuffle = Encoder, buffer_shuffle  # the names tests reach for
 
 __all__ = [
     "Batch",
@@ -151,5 +151,5 @@ __all__ = [
     "REGISTRY_PATH",
     "REPO_ROOT",
     "TXT_SPLITS",
-    "_buffer_shuffle",
+    "buffer_shuffle",
 ]

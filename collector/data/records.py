@@ -151,7 +151,7 @@ def _iter_hf(spec: SourceSpec, seed: int | None) -> Iterator[tuple[int, Any]]:
             if hasattr(ds, "shuffle"):
                 ds = ds.shuffle(seed=seed, buffer_size=spec.shuffle_buffer)
             else:
-                ds = _buffer_shuffle(iter(ds), seed, spec.shuffle_buffer)
+                ds = buffer_shuffle(iter(ds), seed, spec.shuffle_buffer)
         it = iter(ds)
     except UserError:
         raise
@@ -165,7 +165,7 @@ def _iter_hf(spec: SourceSpec, seed: int | None) -> Iterator[tuple[int, Any]]:
         yield i, rec
 
 
-def _buffer_shuffle(it: Iterator[Any], seed: int, size: int) -> Iterator[Any]:
+def buffer_shuffle(it: Iterator[Any], seed: int, size: int) -> Iterator[Any]:
     """Seeded shuffle buffer (reservoir-style) over an iterator."""
     import random
 
