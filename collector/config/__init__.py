@@ -31,7 +31,7 @@ returns one normalised, validated `CollectConfig`:
 (b2) **the LM-training config guide's data blocks**: a top-level
     `dataset_config: {datasets, tokenizer_name, max_seq_length}` or
     `data_mixes: {NAME: {name, datasets}}`, read as `data_config.datasets`
-    (see `_lm_training_datasets` and docs/data.md).
+    (see collector/config/forms.py and docs/data.md).
 
 (c) **our own normalised form**, `CollectConfig.model_dump()`
     (`run_name`, `num_runs`, `model`, `data`, `upload`, `storage`): it loads
