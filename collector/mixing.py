@@ -11,6 +11,16 @@ Stopping strategies (the names of ``datasets.interleave_datasets``):
   so the proportions hold over the whole mixed stream;
 - ``all_exhausted``: drop streams as they run out and renormalise the weights
   of the rest, until every stream is used up (no stream is repeated).
+
+Why not ``datasets.interleave_datasets``: the streams here are plain Python
+iterators of `Document`s from every kind of source (the pydoc topics, local
+files read by byte offset, ``hf:`` keys, labelled ``path`` data), most of
+which are not `datasets.Dataset` objects and should not need the optional
+``datasets`` package; the library's ``all_exhausted`` oversamples (repeats)
+streams that ran out, where this one drops them (as the newer
+``all_exhausted_without_replacement`` does); and the choices come from
+one numpy generator seeded from the run's seed, so every worker rebuilds the
+same mixed stream up to its own batches without coordination.
 """
 
 from __future__ import annotations

@@ -27,25 +27,8 @@ from typing import Any, Iterator
 
 from vaultsh.errors import ConfigError, UserError
 
-# data fields that shape sequences: with reuse the first run already did that, so setting them is a mistake
-_NOT_WITH_REUSE = ("packing", "skip_cache", "filter", "sample", "max_samples", "sort_by_length", "categories",
-                   "category_field", "label_columns", "clean_added_tokens", "clean_default_system_prompt")
-
-
-def check_reuse_section(d: Any, label: str, inference: Any) -> list[str]:
-    """Config-time checks of `reuse_sequences_from` (no store access)."""
-    errors = []
-    if getattr(inference, "max_new_tokens", 0) > 0:
-        errors.append(f"{label}.reuse_sequences_from: cannot be combined with inference.max_new_tokens > 0 "
-                      "(the stored sequences are fed as they are)")
-    defaults = type(d).model_fields
-    for name in _NOT_WITH_REUSE:
-        f = defaults[name]
-        default = f.default_factory() if f.default_factory is not None else f.default
-        if getattr(d, name) != default:
-            errors.append(f"{label}.{name}: does not apply with {label}.reuse_sequences_from "
-                          "(the sequences and their masks come from that run as stored)")
-    return errors
+# The config-time checks of `reuse_sequences_from` are `check_reuse_section` in
+# collector/config/datacheck.py (with the rest of the data section's checks).
 
 
 def open_batch_stream(cfg: Any, data_spec: Any, tokenizer: Any, worker: int, max_new_tokens: int = 0):

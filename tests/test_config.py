@@ -1,4 +1,4 @@
-"""Config schema, normalisation and validation (collector/config.py). No model is loaded."""
+"""Config schema, normalisation and validation (collector/config/). No model is loaded."""
 
 from __future__ import annotations
 
@@ -546,7 +546,7 @@ def test_deep_copy_input_untouched():
     ({"device_map": "auto"}, "accelerate"),
 ])
 def test_model_option_without_its_package_is_one_line_error(monkeypatch, kwargs, module):
-    from collector import config as config_mod
+    from collector.config import checks as config_mod
 
     monkeypatch.setattr(config_mod, "_installed", lambda m: m != module)
     d = activault()
@@ -561,7 +561,7 @@ def test_model_option_without_its_package_is_one_line_error(monkeypatch, kwargs,
 
 
 def test_model_options_with_their_packages_or_switched_off_pass(monkeypatch):
-    from collector import config as config_mod
+    from collector.config import checks as config_mod
 
     d = activault()
     d["transformer_config"]["kwargs"] = {"load_in_8bit": False, "attn_implementation": "sdpa"}

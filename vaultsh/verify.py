@@ -8,7 +8,7 @@ prefix), it checks:
   batches of its own worker; no two records of a hook cover the same global
   batch (a duplicated shard: the same sequences of the data stream stored
   twice). Worker `w` of `num_runs` owns the global batches `b` with
-  `b % num_runs == w` (collector/data.py BatchStream), so a record
+  `b % num_runs == w` (collector/data/batches.py BatchStream), so a record
   `[batch_start, batch_end)` covers `range(batch_start, batch_end)` taken
   with stride `num_runs`;
 - files: each file a record names exists; its size and sha256 equal the

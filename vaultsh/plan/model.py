@@ -25,6 +25,17 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
+from collector.config.model_facts import (
+    D_MODEL_ATTRS,
+    MAX_CONTEXT_ATTRS,
+    N_LAYERS_ATTRS,
+    gguf_int,
+    int_attr,
+    locate_gguf,
+    read_gguf_header,
+    resolve_pkg,
+    text_config,
+)
 from vaultsh.errors import ConfigError
 
 __all__ = ["ModelShape", "read_model_shape", "dtype_bytes"]
@@ -89,8 +100,6 @@ class ModelShape:
 
 def read_gguf_tables(path: Path) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
     """(scalar/string metadata, {tensor name: shape}) of a GGUF file, from the collector's reader."""
-    from collector.config import read_gguf_header
-
     return read_gguf_header(path, tensors=True)
 
 
@@ -102,8 +111,7 @@ def _shape_from_gguf(name: str, path: Path) -> ModelShape:
     arch = str(meta.get("general.architecture", ""))
 
     def get(key: str) -> Optional[int]:
-        v = meta.get(f"{arch}.{key}")
-        return int(v) if isinstance(v, int) and not isinstance(v, bool) else None
+        return gguf_int(meta, arch, key)
 
     n_layers, d_model = get("block_count"), get("embedding_length")
     if not n_layers or not d_model:
@@ -199,12 +207,9 @@ def _count_on_meta(config: Any) -> tuple[list[int], int, int]:
 
 
 def _shape_from_hf(model_cfg: Any, config: Any, where: str) -> ModelShape:
-    from collector.config import int_attr as _attr
-    from collector.config import text_config
-
     text = text_config(config)
-    n_layers = _attr(text, "num_hidden_layers", "n_layer", "num_layers", "n_layers")
-    d_model = _attr(text, "hidden_size", "n_embd", "d_model", "dim")
+    n_layers = int_attr(text, *N_LAYERS_ATTRS)
+    d_model = int_attr(text, *D_MODEL_ATTRS)
     if not n_layers or not d_model:
         raise ConfigError(f"model {model_cfg.name!r}: its config has no layer count or hidden size")
     dt = getattr(text, "dtype", None) or getattr(text, "torch_dtype", None) or getattr(config, "torch_dtype", None)
@@ -213,11 +218,12 @@ def _shape_from_hf(model_cfg: Any, config: Any, where: str) -> ModelShape:
         name=model_cfg.name,
         n_layers=n_layers,
         d_model=d_model,
-        d_mlp=_attr(text, "intermediate_size", "n_inner", "ffn_dim", "d_ff"),
-        n_heads=_attr(text, "num_attention_heads", "n_head", "num_heads"),
-        n_kv_heads=_attr(text, "num_key_value_heads", "num_kv_heads") or _attr(text, "num_attention_heads", "n_head"),
-        vocab_size=_attr(text, "vocab_size") or _attr(config, "vocab_size"),
-        max_context=_attr(text, "max_position_embeddings", "n_positions", "max_sequence_length", "n_ctx"),
+        d_mlp=int_attr(text, "intermediate_size", "n_inner", "ffn_dim", "d_ff"),
+        n_heads=int_attr(text, "num_attention_heads", "n_head", "num_heads"),
+        n_kv_heads=int_attr(text, "num_key_value_heads", "num_kv_heads") or int_attr(text, "num_attention_heads", "n_head"),
+        vocab_size=int_attr(text, "vocab_size") or int_attr(config, "vocab_size"),
+        # as validation reads it, except `seq_length` (which some configs use for the training length)
+        max_context=int_attr(text, *(a for a in MAX_CONTEXT_ATTRS if a != "seq_length")),
         model_type=str(getattr(text, "model_type", "") or "unknown"),
         config_dtype=dt_name if dt_name in _DTYPE_BYTES else None,
         source=where,
@@ -289,8 +295,6 @@ def read_model_shape(model_cfg: Any, overrides: Optional[Mapping[str, Optional[i
     cannot be read here and the overrides do not suffice (n_layers and
     d_model at least).
     """
-    from collector.config import locate_gguf, resolve_pkg
-
     overrides = dict(overrides or {})
     name = model_cfg.name
     try:
@@ -356,8 +360,6 @@ def read_hf_config(model_cfg: Any) -> Any:
 
     Raises ConfigError naming the model when it cannot be read here.
     """
-    from collector.config import locate_gguf, resolve_pkg
-
     name = model_cfg.name
     resolved = resolve_pkg(name)
     gg = locate_gguf(resolved, model_cfg.kwargs)

@@ -1,18 +1,14 @@
 """Where documents come from: `datasets:` entries, named mixes, labelled `path` data.
 
 `plan_sources(spec, base_dir)` turns the data section into a list of
-:class:`collector.data.SourceSpec` (one per dataset; a `data_key` gives one),
+:class:`SourceSpec` (one per dataset; a `data_key` gives one),
 and `document_stream(...)` reads them into one deterministic stream of
-:class:`collector.data.Document`: each source's records in a seeded order,
+:class:`Document`: each source's records in a seeded order,
 labels attached (category, `label_columns`, the dataset's name in a mix),
 the sources interleaved by weight (collector/mixing.py), then shaped
 (collector/shaping.py).
 
-`datasets` entries are loaded with Hugging Face `datasets`: a hub id with
-`load_dataset(path, subset, split=..., streaming=...)`, a local file or
-directory with the json/csv/text/parquet builders, a `save_to_disk`
-directory with `load_from_disk`. Streaming entries are shuffled with a seeded
-buffer, others with a seeded permutation.
+`datasets` entries are read by collector/data/hfdatasets.py.
 """
 
 from __future__ import annotations
@@ -21,15 +17,12 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from collector.data import Document, SourceSpec, _record_to_document, resolve_data_key
-from collector.datacheck import LOCAL_SUFFIXES
+from collector.config.datacheck import LOCAL_SUFFIXES
+from collector.data.hfdatasets import BUILDERS, is_saved_dataset
+from collector.data.records import iter_records, record_to_document
+from collector.data.registry import resolve_data_key
+from collector.data.specs import Document, SourceSpec
 from vaultsh.errors import ConfigError, UserError
-
-_BUILDERS = {"json": "json", "jsonl": "json", "csv": "csv", "text": "text", "parquet": "parquet"}
-_FORMAT_SUFFIXES = {
-    "json": (".json", ".jsonl"), "jsonl": (".jsonl", ".json"), "csv": (".csv",),
-    "text": (".txt", ".text"), "parquet": (".parquet",),
-}
 
 
 def _get(spec: Any, name: str, default: Any = None) -> Any:
@@ -67,10 +60,10 @@ def _infer_format(p: Path, where: str) -> str | None:
         fmt = LOCAL_SUFFIXES.get(p.suffix.lower())
         if fmt is None:
             raise ConfigError(f"{where}: cannot tell the format of {str(p)!r} from its name; "
-                              f"set format: one of {', '.join(_BUILDERS)}")
+                              f"set format: one of {', '.join(BUILDERS)}")
         return fmt
     if p.is_dir():
-        if _is_saved_dataset(p):
+        if is_saved_dataset(p):
             return None
         found = sorted({LOCAL_SUFFIXES[x.suffix.lower()] for x in p.rglob("*")
                         if x.is_file() and x.suffix.lower() in LOCAL_SUFFIXES})
@@ -82,17 +75,13 @@ def _infer_format(p: Path, where: str) -> str | None:
     return None
 
 
-def _is_saved_dataset(p: Path) -> bool:
-    return any((p / n).is_file() for n in ("dataset_info.json", "state.json", "dataset_dict.json"))
-
-
 def plan_sources(spec: Any, base_dir: str | os.PathLike | None = None) -> list[SourceSpec]:
     """The data section's sources, in order (one for data_key / path, one per dataset of a mix)."""
     label = "data"
     if _get(spec, "datasets") is not None:
         return [entry_to_source(e, f"{label}.datasets[{i}]") for i, e in enumerate(spec.datasets)]
     if _get(spec, "data_mixes") is not None:
-        from collector.datacheck import load_mix
+        from collector.config.datacheck import load_mix
 
         errors, _, entries = load_mix(spec.data_mixes, spec.mix, label, Path(base_dir) if base_dir else None)
         if errors:
@@ -127,84 +116,6 @@ def is_finite(src: SourceSpec) -> bool:
 
 # ---------------------------------------------------------------- records
 
-
-def iter_dataset_records(spec: SourceSpec, seed: int | None) -> Iterator[tuple[int, Any]]:
-    """(index, record) of a 'datasets' source: source order (seed None) or seeded shuffled order."""
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        raise UserError(f"dataset {spec.name!r} is loaded with Hugging Face datasets: pip install datasets") from None
-    where = f"dataset {spec.name!r} ({spec.ds_path})"
-    try:
-        ds = _open(spec)
-    except UserError:
-        raise
-    except Exception as e:  # missing files, unknown split/subset, network, auth: one clear line
-        raise UserError(f"{where}: could not load: {type(e).__name__}: {_first_line(e)}") from None
-    shuffle = seed is not None and spec.shuffle
-    if spec.streaming:
-        if shuffle:
-            ds = ds.shuffle(seed=seed, buffer_size=spec.shuffle_buffer)
-        it = _guard(enumerate(ds), where)
-        yield from it
-        return
-    n = len(ds)
-    if shuffle:
-        import numpy as np
-
-        order = (int(i) for i in np.random.default_rng(seed).permutation(n))
-    else:
-        order = iter(range(n))
-    for i in _guard(order, where):
-        yield i, ds[i]
-
-
-def _guard(it: Iterator, where: str) -> Iterator:
-    """Re-raise errors from inside `datasets` (bad rows, parse errors) as one-line UserErrors."""
-    while True:
-        try:
-            x = next(it)
-        except StopIteration:
-            return
-        except UserError:
-            raise
-        except Exception as e:
-            raise UserError(f"{where}: could not read a record: {type(e).__name__}: {_first_line(e)}") from None
-        yield x
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:300] if lines else ""
-
-
-def _open(spec: SourceSpec):
-    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
-
-    split = spec.hf_split or "train"
-    if not spec.ds_local:
-        return load_dataset(spec.ds_path, spec.hf_subset, split=split, streaming=spec.streaming)
-    p = Path(spec.ds_path or "")
-    if p.is_dir() and _is_saved_dataset(p):
-        ds = load_from_disk(str(p))
-        if isinstance(ds, DatasetDict):
-            if split not in ds:
-                raise UserError(f"dataset {spec.name!r}: {p} has no split {split!r} (has: {', '.join(ds)})")
-            ds = ds[split]
-        assert isinstance(ds, Dataset)
-        return ds.to_iterable_dataset() if spec.streaming else ds
-    fmt = spec.ds_format or "json"
-    if p.is_dir():
-        files = sorted(str(x) for x in p.rglob("*") if x.is_file() and x.suffix.lower() in _FORMAT_SUFFIXES[fmt])
-        if not files:
-            raise UserError(f"dataset {spec.name!r}: no {fmt} files under {p}")
-    elif p.is_file():
-        files = [str(p)]
-    else:
-        raise UserError(f"dataset {spec.name!r}: {p} does not exist")
-    return load_dataset(_BUILDERS[fmt], data_files={split: files}, split=split, streaming=spec.streaming)
-
-
 # ---------------------------------------------------------------- documents
 
 
@@ -224,12 +135,11 @@ def iter_labelled_documents(src: SourceSpec, seed: int | None, category_field: s
 
     `source_index` is recorded on each document (its provenance: which source of the run).
     """
-    from collector.data import _iter_records
 
-    for i, rec in _iter_records(src, seed):
+    for i, rec in iter_records(src, seed):
         if keep is not None and not keep(rec, f"data {src.name!r} record {i}"):
             continue
-        doc = _record_to_document(rec, i, src)
+        doc = record_to_document(rec, i, src)
         if doc is None:
             continue
         doc.source = source_index
@@ -265,8 +175,8 @@ def category_field_of(spec: Any) -> str | None:
 
 def document_stream(spec: Any, sources: list[SourceSpec], seed: int, length_fn=None) -> Iterator[Document]:
     """The one deterministic document stream of the data section (every worker reads the same)."""
-    from collector.mixing import interleave
     from collector import shaping
+    from collector.mixing import interleave
 
     cat = category_field_of(spec)
     labels = list(_get(spec, "label_columns", []) or [])

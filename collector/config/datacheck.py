@@ -1,6 +1,6 @@
 """Validation of the data section beyond field types: sources, mixes, labels, shaping.
 
-Called by `collector.config.load_config`; pure Python (no torch, no datasets).
+Called by `load_config` (collector/config/forms.py); pure Python (no torch, no datasets).
 Every problem is one message naming the field as the user spelled it, the bad
 value and what is allowed. Local paths are made absolute here (relative to the
 config file's directory, then the current directory) so the normalised config
@@ -13,6 +13,8 @@ import string
 from pathlib import Path
 from typing import Any, Optional
 
+from collector.config.errors import one_error
+from collector.config.schema import DatasetEntry
 from vaultsh.errors import ConfigError
 
 LOCAL_SUFFIXES = {
@@ -80,8 +82,6 @@ def load_mix(path: str, mix: str, label: str, base_dir: Optional[Path]) -> tuple
     import yaml
     from pydantic import ValidationError
 
-    from collector.config import DatasetEntry, _one_error
-
     local, err = resolve_local(path, base_dir, True)
     if err or local is None:
         return [f"{label}.data_mixes: {err}"], None, []
@@ -103,11 +103,32 @@ def load_mix(path: str, mix: str, label: str, base_dir: Optional[Path]) -> tuple
         try:
             entries.append(DatasetEntry.model_validate(d))
         except ValidationError as e:
-            errors += [f"{where}[{i}].{_one_error(DatasetEntry, x)}" for x in e.errors()]
+            errors += [f"{where}[{i}].{one_error(DatasetEntry, x)}" for x in e.errors()]
     if errors:
         return errors, local, []
     errs, entries = check_entries(entries, where, Path(local).parent)
     return errs, local, entries
+
+
+# data fields that shape sequences: with reuse the first run already did that, so setting them is a mistake
+_NOT_WITH_REUSE = ("packing", "skip_cache", "filter", "sample", "max_samples", "sort_by_length", "categories",
+                   "category_field", "label_columns", "clean_added_tokens", "clean_default_system_prompt")
+
+
+def check_reuse_section(d: Any, label: str, inference: Any) -> list[str]:
+    """Config-time checks of `reuse_sequences_from` (no store access)."""
+    errors = []
+    if getattr(inference, "max_new_tokens", 0) > 0:
+        errors.append(f"{label}.reuse_sequences_from: cannot be combined with inference.max_new_tokens > 0 "
+                      "(the stored sequences are fed as they are)")
+    defaults = type(d).model_fields
+    for name in _NOT_WITH_REUSE:
+        f = defaults[name]
+        default = f.default_factory() if f.default_factory is not None else f.default
+        if getattr(d, name) != default:
+            errors.append(f"{label}.{name}: does not apply with {label}.reuse_sequences_from "
+                          "(the sequences and their masks come from that run as stored)")
+    return errors
 
 
 def check_data_section(d, label: str, base_dir: Optional[Path], inference, storage_format: str,
@@ -121,8 +142,6 @@ def check_data_section(d, label: str, base_dir: Optional[Path], inference, stora
     given = [n for n, v in (("data_key", d.data_key), ("datasets", d.datasets), ("data_mixes", d.data_mixes),
                             ("path", d.path), ("reuse_sequences_from", d.reuse_sequences_from)) if v is not None]
     if d.reuse_sequences_from is not None:
-        from collector.reuse import check_reuse_section
-
         errors += check_reuse_section(d, label, inference)
         if base_dir is not None and "://" not in d.reuse_sequences_from:
             update["reuse_sequences_from"] = str((base_dir / Path(d.reuse_sequences_from).expanduser()).resolve())
