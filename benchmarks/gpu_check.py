@@ -184,7 +184,7 @@ def bare_forward(cfg_path: Path, size: Size, deepest: int) -> dict:
     base.layers = torch.nn.ModuleList(every_layer[:deepest + 1])  # every layer's weights stay resident
     try:
         with torch.inference_mode():
-            layers_run = _layers_called(every_layer, lambda: base(input_ids=batches[0][0], attention_mask=batches[0][1],
+            layers_run = _layers_called(every_layer, lambda: base(input_ids=batches[0][0], attention_mask=batches[0][1],  # noqa: F821 (called before the `del` below)
                                                                   use_cache=False))
             if layers_run != deepest + 1:
                 raise RuntimeError(f"the bare forward ran {layers_run} layers, not 0..{deepest}")

@@ -14,7 +14,6 @@ import psutil
 import pytest
 import yaml
 
-from vaultsh.dashboard import format as fmt
 from vaultsh.dashboard.app import Dashboard
 from vaultsh.dashboard.screens import HelpScreen, QuitScreen
 from vaultsh.dashboard.widgets import WorkerTable, bar, columns_for

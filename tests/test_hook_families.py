@@ -102,7 +102,7 @@ def test_every_site_means_what_it_says(family, tok, monkeypatch):
     out, probes = _capture(model, ok, inputs)
 
     # -- what each family refuses, and why
-    for name, why in refused.items():
+    for _name, why in refused.items():
         assert "is not available for" in why, why
     refused_sites = {n.split(".", 2)[2] for n in refused if n.startswith("blocks.")}
     expect_refused = set()

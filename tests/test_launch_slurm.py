@@ -418,7 +418,7 @@ def test_failed_task_is_reported_and_only_it_is_resubmitted(slurm_jobs_cancelled
     proc = vaultsh("launch", "slurm", "--status", out, "--wait", "--interval", "1", cwd=tmp_path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     err = " ".join(proc.stderr.split())
-    assert f"worker 1 failed: FAILED, exit status 2:0" in err and "moved/cfg.yaml: no such file" in err, proc.stderr
+    assert "worker 1 failed: FAILED, exit status 2:0" in err and "moved/cfg.yaml: no such file" in err, proc.stderr
     assert re.search(r"^\s+0\s+done\s.*\n\s+1\s+failed\s+\d+\s+FAILED\s+2:0", proc.stdout, re.M), proc.stdout
     proc = vaultsh("launch", "slurm", "--status", "slurm.pydoc", cwd=tmp_path)  # by run name, no waiting
     assert proc.returncode == 0 and "done: 1 (0)  failed: 1 (1)" in proc.stdout, proc.stdout + proc.stderr

@@ -539,7 +539,6 @@ def test_parse_header_only_raises_format_error(data, size):
 @given(st.data())
 def test_parse_header_survives_corrupted_real_headers(data):
     states, ids, mask = make(n=2, t=3, d=4)
-    buf = io.BytesIO()
     prefix, order = mb.build_header({"states": states, "input_ids": ids, "mask": mask}, {"a": "b"})
     blob = bytearray(prefix + b"".join(bytes(mb._raw_view(t)) for _, t in order))
     pos = data.draw(st.integers(0, len(prefix) - 1))

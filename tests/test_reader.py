@@ -358,7 +358,7 @@ def test_file_order_is_a_seeded_permutation(store):
 
 
 def test_resume_from_a_file_index(store):
-    keys = make_run(store, n_files=6)
+    make_run(store, n_files=6)
     full = idents(reader_for(store, shuffle=True, seed=3))
     reader = reader_for(store, shuffle=True, seed=3)
     first = []
@@ -493,7 +493,7 @@ def test_memory_bound_is_respected(store, monkeypatch):
     # a `for` loop holds the previous megabatch while the next is fetched: one file more, never more
     live.peak = 0
     reader = reader_for(store, prefetch=4, buffer_bytes=bound, range_bytes=64 << 10, connections=4)
-    for batch in reader:
+    for batch in reader:  # noqa: B007 (held on purpose: the loop variable keeps the previous megabatch alive)
         time.sleep(0.02)
     assert live.peak <= bound + size
     del batch

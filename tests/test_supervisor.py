@@ -157,7 +157,7 @@ def test_processes_pause_stop_kill_restart(tmp_path):
     try:
         wait_until(lambda: all(w.state == "running" and w.batches > 5 for w in sup.snapshot()), sup, what="running")
         pids = {w.index: w.pid for w in sup.snapshot()}
-        for i, pid in pids.items():
+        for _i, pid in pids.items():
             assert os.getpgid(pid) == pid and os.getsid(pid) == pid  # own session, own group
         assert (tmp_path / "logs" / "worker-0.log").exists()
 

@@ -17,7 +17,6 @@ from collector.worker import StopFlag, run_worker
 from vaultsh.errors import StoreError
 from vaultsh.megabatch import read_header, read_megabatch
 from vaultsh.run import CommitRecord, Run
-from vaultsh.stats import RunningStats
 from vaultsh.store import LocalStore
 
 from .modelfixtures import TINY_D_MODEL, make_tiny_llama_dir
@@ -123,7 +122,7 @@ def test_model_loaded_event_says_size_dtype_and_device(single_run, tiny_dir):
 def test_commit_records_match_stored_bytes(single_run):
     cfg, store, run, *_ = single_run
     for c in run.iter_commits():
-        for hook, f in c.files.items():
+        for _hook, f in c.files.items():
             data = store.get_bytes(f.key)
             assert len(data) == f.size
             assert hashlib.sha256(data).hexdigest() == f.sha256

@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import humanize
+
+if TYPE_CHECKING:
+    import threading
 
 
 def run_collect(args) -> int:
