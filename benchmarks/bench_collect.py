@@ -117,7 +117,7 @@ def bench_collect_truncated(quick: bool) -> BenchResult:
 
 @benchmark("collect-s3", "collector tokens/s writing to the loopback S3 server vs the bare model forward")
 def bench_collect_s3(quick: bool) -> BenchResult:
-    from benchmarks import s3server
+    from vaultsh.testing import s3server
     from vaultsh.store.s3 import S3Store
 
     n = 8 if quick else 24

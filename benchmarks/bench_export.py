@@ -1,7 +1,7 @@
 """Export throughput against reading the same megabatches with the streaming reader, in the same run.
 
 - export-s3: `vaultsh.export.export` of a committed run on the loopback moto S3
-  server (benchmarks/s3server.py, in a child process) to a local directory
+  server (vaultsh/testing/s3server.py, in a child process) to a local directory
   (sequences mode, float32 states, default options: 50 megabatches per shard,
   2 shards at once, no --fsync), against `ActivationReader` delivering every
   megabatch of the same run as tensors (its defaults). Throughput is
@@ -129,7 +129,7 @@ def _memory_dir() -> str | None:
 
 def _from_s3(name: str, quick: bool, out_base: str | None, out_desc: str, mode: str = "sequences",
              shuffle: bool = False) -> BenchResult:
-    from benchmarks import s3server
+    from vaultsh.testing import s3server
     from vaultsh.store.s3 import S3Store
 
     n_files, n_seq, rounds = _shape(quick)

@@ -1,7 +1,7 @@
 """Streaming-reader throughput against bare downloads of the same files, in the same run.
 
 - reader-s3: `ActivationReader` over a committed run on the loopback moto S3
-  server (benchmarks/s3server.py, in a child process), every megabatch
+  server (vaultsh/testing/s3server.py, in a child process), every megabatch
   delivered as tensors (`states`, `input_ids`, `mask`), against a bare
   parallel ranged-GET download of the same objects into memory with raw
   boto3 (one ThreadPoolExecutor, every range of every file queued at once, each
@@ -83,7 +83,7 @@ def _bare_download(client, bucket: str, files, part: int, threads: int) -> int:
 
 
 def _reader_s3(quick: bool):
-    from benchmarks import s3server
+    from vaultsh.testing import s3server
     from vaultsh.reader import ActivationReader
     from vaultsh.store.s3 import S3Store
 
@@ -241,7 +241,7 @@ def bench_reader_local(quick: bool) -> BenchResult:
 
 @benchmark("reader-wait", "consumer wait time with a fixed-time-per-batch consumer (loopback S3)")
 def bench_reader_wait(quick: bool) -> BenchResult:
-    from benchmarks import s3server
+    from vaultsh.testing import s3server
     from vaultsh.reader import ActivationReader
     from vaultsh.store.s3 import S3Store
 

@@ -25,7 +25,7 @@
   counts every byte on the wire, both directions (HTTP heads included).
   Target: < 1 MB.
 
-The server (benchmarks/s3server.py) is started once per process and stopped
+The server (vaultsh/testing/s3server.py) is started once per process and stopped
 at exit; it runs moto in a child process and makes moto serve ranged GETs by
 reading only the requested bytes (stock moto reads the whole object for each
 one, a quadratic cost real S3 does not have).
@@ -86,7 +86,7 @@ def _defaults_desc(store) -> str:
 
 
 def _transfer_bench(name: str, quick: bool, upload: bool) -> BenchResult:
-    from benchmarks import s3server
+    from vaultsh.testing import s3server
     from vaultsh.store.s3 import S3Store
 
     size, chunks, rounds = _sizes(quick)
@@ -203,7 +203,7 @@ WIRE_LIMIT = 1_000_000
 def bench_header_read(quick: bool) -> BenchResult:
     import torch
 
-    from benchmarks import s3server
+    from vaultsh.testing import s3server
     from vaultsh.megabatch import read_header, write_megabatch
     from vaultsh.store.s3 import S3Store
 
@@ -278,7 +278,7 @@ def bench_put_stream(quick: bool) -> BenchResult:
     """
     import io
 
-    from benchmarks import s3server
+    from vaultsh.testing import s3server
     from vaultsh.store.s3 import S3Store
 
     size = (32 if quick else 256) * MB
@@ -342,7 +342,7 @@ def bench_commits_read(quick: bool) -> BenchResult:
     """2,000 (quick: 300) commit records of one worker, written as the collector writes them (a chunk after
     each 100th). Baseline: the same run read record by record (its chunks deleted). Best of 3 each.
     Target: >= 5x faster (on real S3, where each GET is a round trip, the gain follows the request count)."""
-    from benchmarks import s3server
+    from vaultsh.testing import s3server
     from vaultsh.run import COMMIT_CHUNK, CommitRecord, FileRecord, Run
     from vaultsh.store.s3 import S3Store
 

@@ -134,7 +134,7 @@ def _run_k(k: int, n_batches: int, bucket: str, endpoint: str) -> dict:
 
 @benchmark("scaling-k2", "2 worker processes vs 1: tokens per CPU-second of each worker, and aggregate tokens/s")
 def bench_scaling_k2(quick: bool) -> BenchResult:
-    from benchmarks import s3server
+    from vaultsh.testing import s3server
 
     n = 48 if quick else 128
     s3server.use_fake_credentials()
@@ -186,7 +186,7 @@ class _RequestCounter:
 
 @benchmark("store-load", "S3 requests and bytes per committed megabatch (one worker, loopback S3)")
 def bench_store_load(quick: bool) -> BenchResult:
-    from benchmarks import s3server
+    from vaultsh.testing import s3server
     from collector.config import load_config
     from collector.events import EventSink
     from collector.worker import run_worker

@@ -1,4 +1,4 @@
-"""The `vaultsh s3` shell against a moto S3 server on loopback (benchmarks/s3server.py).
+"""The `vaultsh s3` shell against a moto S3 server on loopback (vaultsh/testing/s3server.py).
 
 - shell-inspect-header-time / shell-inspect-header-bytes: `inspect 0` in a
   hook directory, up to the header view (model, hook, dtype, shapes; the part
@@ -61,7 +61,7 @@ def _write_run(store, run: str, n_sequences: int) -> int:
 
 def _header_view(url: str, bucket: str, run: str) -> tuple[float, int, int]:
     """(seconds, wire bytes, requests) of `inspect 0` up to its header view, from a fresh shell."""
-    from benchmarks import s3server
+    from vaultsh.testing import s3server
     from vaultsh.shell.commands import inspect
     from vaultsh.shell.registry import REGISTRY
     from vaultsh.shell.render import render
@@ -89,7 +89,7 @@ def _header_view(url: str, bucket: str, run: str) -> tuple[float, int, int]:
 def _inspect_setup(quick: bool) -> dict:
     key = ("inspect", quick)
     if key not in _cache:
-        from benchmarks import s3server
+        from vaultsh.testing import s3server
         from vaultsh.store.s3 import S3Store
 
         url = s3server.endpoint()
@@ -135,7 +135,7 @@ def bench_inspect_bytes(quick: bool) -> BenchResult:
 
 def _fill(bucket: str, n_keys: int) -> int:
     """A run layout of about `n_keys` tiny objects; returns how many were written."""
-    from benchmarks import s3server
+    from vaultsh.testing import s3server
 
     per = n_keys // 4
     keys = [f"{RUN}/cfg.json"]
@@ -152,7 +152,7 @@ def _fill(bucket: str, n_keys: int) -> int:
 
 @benchmark("shell-filecount", "shell `filecount` over 20k keys on S3 vs a bare paginated list_objects_v2 loop")
 def bench_filecount(quick: bool) -> BenchResult:
-    from benchmarks import s3server
+    from vaultsh.testing import s3server
     from vaultsh.store.s3 import S3Store
 
     n_keys = 5_000 if quick else 20_000

@@ -14,9 +14,9 @@ import uuid
 
 import pytest
 
-from benchmarks.s3server import AWS_ENV_TO_UNSET, FAKE_CREDS, speed_up_moto_dispatch
+from vaultsh.testing.faultproxy import free_port
+from vaultsh.testing.s3server import AWS_ENV_TO_UNSET, FAKE_CREDS, speed_up_moto_dispatch
 
-from .faultproxy import free_port
 
 @pytest.fixture(scope="session", autouse=True)
 def aws_test_env(tmp_path_factory):

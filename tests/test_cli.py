@@ -24,7 +24,7 @@ import pytest
 
 from vaultsh import cli
 
-from .faultproxy import free_port
+from vaultsh.testing.faultproxy import free_port
 from .test_store import moto_auth
 
 REPO = Path(__file__).resolve().parent.parent

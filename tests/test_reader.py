@@ -34,7 +34,7 @@ from vaultsh.run import CommitRecord, FileRecord, Run, metadata_for
 from vaultsh.stats import RunningStats
 from vaultsh.store import LocalStore
 
-from .faultproxy import FaultProxy
+from vaultsh.testing.faultproxy import FaultProxy
 
 HOOK = "residuals_3"
 N, T, D = 4, 8, 16

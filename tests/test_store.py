@@ -16,7 +16,7 @@ from vaultsh.errors import NotFoundError, StoreError, UserError
 from vaultsh.store import LocalStore, Store, open_store
 from vaultsh.store.s3 import S3Store
 
-from .faultproxy import FaultProxy, free_port
+from vaultsh.testing.faultproxy import FaultProxy, free_port
 
 MiB = 1 << 20
 

@@ -324,7 +324,7 @@ def test_s3_fault_mid_upload_is_retried(tiny_dir, s3_server, s3_bucket):
     """503s and a connection reset through a real HTTP proxy in front of the S3 server."""
     from vaultsh.store.s3 import S3Store
 
-    from .faultproxy import FaultProxy
+    from vaultsh.testing.faultproxy import FaultProxy
 
     with FaultProxy(s3_server) as proxy:
         store = S3Store(s3_bucket, endpoint_url=proxy.url, max_attempts=2)

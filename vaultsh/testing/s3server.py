@@ -1,4 +1,4 @@
-"""A moto S3 server on loopback for the S3 benchmarks, and a byte-counting TCP relay.
+"""A moto S3 server on loopback for the S3 benchmarks and tests, and a byte-counting TCP relay.
 
 The server is moto's ThreadedMotoServer on 127.0.0.1 (an OS-chosen free port),
 run in a child Python process by default: moto and the benchmarked client then
@@ -7,7 +7,7 @@ inflated by the server's Python work competing for the same lock, which is
 closer to a real remote endpoint. `VAULTSH_BENCH_MOTO=thread` runs it in a
 thread of the benchmark process instead.
 
-    from benchmarks import s3server
+    from vaultsh.testing import s3server
     url = s3server.endpoint()          # started once per process, stopped at exit
     bucket = s3server.new_bucket()
     with s3server.CountingRelay(url) as relay:
@@ -19,8 +19,8 @@ Nothing here can reach real AWS: `endpoint()` puts fake credentials in this
 process's environment (the benchmark process's only), points the AWS config
 files at a path that does not exist and disables the instance-metadata lookup;
 every client is given the loopback endpoint explicitly. This module imports
-nothing from tests/; tests/conftest.py takes its fake credentials and the
-moto speed-up from here.
+nothing from tests/ or benchmarks/; tests/conftest.py takes its fake
+credentials and the moto speed-up from here.
 """
 
 from __future__ import annotations
