@@ -21,7 +21,7 @@ from vaultsh.run import CommitRecord, FileRecord, Run
 from vaultsh.store import LocalStore
 from vaultsh.supervise import RunInfo, Supervisor
 from vaultsh.supervise.fake import FakeLauncher, event
-from vaultsh.supervise.launch import collect_launcher
+from vaultsh.supervise.spawn import collect_launcher
 from vaultsh.supervise.watcher import StoreWatcher
 
 from .modelfixtures import make_tiny_llama_dir
@@ -146,7 +146,7 @@ def test_snapshot_wide_terminal_with_failure(snap_compare):
 async def test_plan_summary_appears_once_it_is_ready():
     import threading
 
-    from vaultsh.commands.collect import fill_plan_later
+    from vaultsh.subcommands.collect import fill_plan_later
 
     s = Scripted(n=2)
     gate = threading.Event()

@@ -440,7 +440,7 @@ def test_plain_inspect_is_the_shell_inspect(stores, vault, capsys):
 
 
 def test_torch_is_not_imported_by_ls(vault):
-    code = ("import sys; from vaultsh.commands.s3 import main; "
+    code = ("import sys; from vaultsh.subcommands.s3 import main; "
             f"rc = main([{str(vault['root'])!r}, '-c', 'ls; filecount']); "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules)); sys.exit(rc)")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)

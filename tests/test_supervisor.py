@@ -16,7 +16,7 @@ import pytest
 from vaultsh.errors import UserError
 from vaultsh.supervise import RunInfo, Supervisor
 from vaultsh.supervise.fake import FakeLauncher, event, fakeworker_launcher
-from vaultsh.supervise.launch import default_concurrency, parse_machines
+from vaultsh.supervise.spawn import default_concurrency, parse_machines
 from vaultsh.supervise.state import EventLog, WorkerStatus, apply_event
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,7 +142,7 @@ def test_machines_and_default_concurrency():
 
 
 def test_supervisor_does_not_import_textual():
-    code = ("import sys, vaultsh.supervise, vaultsh.supervise.watcher, vaultsh.supervise.launch, vaultsh.progress\n"
+    code = ("import sys, vaultsh.supervise, vaultsh.supervise.watcher, vaultsh.supervise.spawn, vaultsh.progress\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('textual', 'torch')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -211,7 +211,7 @@ def test_crash_message_comes_from_the_error_event(tmp_path):
 
 def test_headless_collect_with_several_workers_uses_the_supervisor(tmp_path, capsys):
     """`vaultsh collect --headless` with several workers: the printer is fed by the supervisor's events."""
-    from vaultsh.commands.collect import _headless
+    from vaultsh.subcommands.collect import _headless
 
     info = RunInfo(run="fake.run", store="mem://fake/fake.run")
     launcher = fakeworker_launcher(tmp_path, rate=400, batches=60, per_megabatch=20)

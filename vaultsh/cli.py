@@ -8,62 +8,41 @@ inside the subcommand that needs them, so `vaultsh --help` and
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
-from typing import Callable
+from types import ModuleType
 
 from vaultsh import __version__
 from vaultsh.errors import UserError
 
-# Every subcommand, in the order `vaultsh --help` lists them: name -> (one-line help, issue).
-# A subcommand lives in `vaultsh/commands/<name>.py`, which defines
-# `add_arguments(parser)` and `run(args) -> int` and imports only the standard
-# library at module level (so `--help` stays fast and torch-free). Until that
-# module exists the subcommand says plainly that it is not built yet.
-COMMANDS: dict[str, tuple[str, int]] = {
-    "collect": ("collect activations from a config (dashboard, or --headless)", 4),
-    "s3": ("interactive shell over a store: ls, cd, filecount, sizecheck, inspect", 5),
-    "inspect": ("show a run (committed megabatches per hook) or one megabatch's header", 3),
-    "watch": ("follow a run written elsewhere (Slurm, Ray) on the dashboard", 6),
-    "export": ("export a hook to sharded Parquet / HF datasets", 10),
-    "launch": ("run workers on a Ray or Slurm cluster", 8),
-    "verify": ("check every committed megabatch of a run", 8),
-    "finalize": ("merge per-worker statistics of a run", 8),
-    "plan": ("estimate storage, memory, time and cost of a config", 11),
-    "hooks": ("list a model's hook points: shape, dtype, bytes per token (offline, no weights)", 17),
-    "bench": ("run benchmarks and print ratios against in-run baselines", 3),
-    "grep": ("find text in a run's decoded tokens (reads only input_ids and mask)", 18),
-    "top": ("exact top-k tokens of a hook by a dimension, direction or SAE feature", 18),
-    "sae-eval": ("L0, FVU, dead and dense latents of an SAE on a hook's tokens", 18),
-    "view": ("one sequence with each token coloured by a value (--heat, --png)", 18),
-    "norms": ("token-norm distribution, massive dims, outliers; writes HOOK/_outliers.json", 18),
+# Every subcommand, in the order `vaultsh --help` lists them: name -> one-line help.
+# A subcommand lives in `vaultsh/subcommands/<name>.py` (dashes become underscores), which defines
+# `add_arguments(parser)` and `run(args) -> int` and imports only the standard library at module
+# level, so `--help` stays fast and torch-free.
+COMMANDS: dict[str, str] = {
+    "collect": "collect activations from a config (dashboard, or --headless)",
+    "s3": "interactive shell over a store: ls, cd, filecount, sizecheck, inspect",
+    "inspect": "show a run (committed megabatches per hook) or one megabatch's header",
+    "watch": "follow a run written elsewhere (Slurm, Ray) on the dashboard",
+    "export": "export a hook to sharded Parquet / HF datasets",
+    "launch": "run workers on a Ray or Slurm cluster",
+    "verify": "check every committed megabatch of a run",
+    "finalize": "merge per-worker statistics of a run",
+    "plan": "estimate storage, memory, time and cost of a config",
+    "hooks": "list a model's hook points: shape, dtype, bytes per token (offline, no weights)",
+    "bench": "run benchmarks and print ratios against in-run baselines",
+    "grep": "find text in a run's decoded tokens (reads only input_ids and mask)",
+    "top": "exact top-k tokens of a hook by a dimension, direction or SAE feature",
+    "sae-eval": "L0, FVU, dead and dense latents of an SAE on a hook's tokens",
+    "view": "one sequence with each token coloured by a value (--heat, --png)",
+    "norms": "token-norm distribution, massive dims, outliers; writes HOOK/_outliers.json",
 }
 
 
-def command_module(name: str):
-    """The module that implements subcommand `name`, or None while it is not built."""
-    import importlib
-    import importlib.util
-
-    modname = f"vaultsh.commands.{name.replace('-', '_')}"
-    if importlib.util.find_spec(modname) is None:
-        return None
-    return importlib.import_module(modname)
-
-
-def planned_commands() -> list[str]:
-    """Subcommands listed in --help whose implementation does not exist yet."""
-    return [name for name in COMMANDS if command_module(name) is None]
-
-
-def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
-    help_text, issue = COMMANDS[name]
-
-    def run(args: argparse.Namespace) -> int:
-        print(f"vaultsh {name}: not built yet ({help_text}; tracked in issue #{issue}).", file=sys.stderr)
-        return 2
-
-    return run
+def command_module(name: str) -> ModuleType:
+    """The module that implements subcommand `name`."""
+    return importlib.import_module(f"vaultsh.subcommands.{name.replace('-', '_')}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,16 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"vaultsh {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (help_text, _issue) in COMMANDS.items():
+    for name, help_text in COMMANDS.items():
         module = command_module(name)
-        if module is None:
-            p = sub.add_parser(name, help=f"{help_text} (not built yet)")
-            p.add_argument("rest", nargs=argparse.REMAINDER)
-            p.set_defaults(func=_not_built(name))
-        else:
-            p = sub.add_parser(name, help=help_text, description=help_text)
-            module.add_arguments(p)
-            p.set_defaults(func=module.run)
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
     return parser
 
 

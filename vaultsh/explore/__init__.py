@@ -2,7 +2,7 @@
 
 One module per command, each a plain function returning a result with
 `to_json()`; the shell (`vaultsh/shell/explore.py`) and the CLI
-(`vaultsh/commands/{grep,top,sae_eval,view,norms}.py`) are thin wrappers.
+(`vaultsh/subcommands/{grep,top,sae_eval,view,norms}.py`) are thin wrappers.
 
 - `scope.py`   which runs and hooks a URI or shell directory means
 - `text.py`    token pieces, character offsets, decoded contexts

@@ -39,7 +39,7 @@ def run_collect(args) -> int:
 
 def _machines(args, cfg) -> list[int]:
     from vaultsh.errors import UserError
-    from vaultsh.supervise.launch import parse_machines
+    from vaultsh.supervise.spawn import parse_machines
 
     if args.machine is not None and args.machines is not None:
         raise UserError("give --machine or --machines, not both")
@@ -98,15 +98,10 @@ def _check_before_launch(cfg) -> None:
 
 
 def plan_lines(cfg) -> list[str]:
-    """A short plan summary for the run summary, when `vaultsh plan` provides one.
+    """The first lines of `vaultsh plan`'s summary for the run summary; a plan that cannot be made never stops a
+    collection."""
+    from vaultsh.plan import summary_lines
 
-    Hook for issue 11: `vaultsh.plan.summary_lines(cfg) -> list[str]`. A plan
-    that cannot be made never stops a collection.
-    """
-    try:
-        from vaultsh.plan import summary_lines  # type: ignore[attr-defined]
-    except ImportError:
-        return []
     try:
         return [str(line) for line in summary_lines(cfg)][:4]
     except Exception:  # noqa: BLE001 - an estimate must not block the real run
@@ -116,7 +111,7 @@ def plan_lines(cfg) -> list[str]:
 def _run_supervised(args, cfg, machines: list[int], interactive: bool) -> int:
     from vaultsh.store import open_store
     from vaultsh.supervise import RunInfo, Supervisor
-    from vaultsh.supervise.launch import collect_launcher, default_concurrency, gpu_count, log_dir_for
+    from vaultsh.supervise.spawn import collect_launcher, default_concurrency, gpu_count, log_dir_for
 
     _check_before_launch(cfg)
     gpus = gpu_count()

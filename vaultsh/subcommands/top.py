@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vaultsh.commands.explore_common import add_json, add_value_args, emit, open_uri, progress, value_from_args
+from vaultsh.subcommands.explore_common import add_json, add_value_args, emit, open_uri, progress, value_from_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

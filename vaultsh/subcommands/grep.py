@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vaultsh.commands.explore_common import add_json, emit, open_uri, progress
+from vaultsh.subcommands.explore_common import add_json, emit, open_uri, progress
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
