@@ -1,1 +1,6 @@
-"""One module per CLI subcommand; each exposes run_<name>(args) -> exit code."""
+"""The CLI's subcommands, one module each (`vaultsh.cli.COMMANDS` lists them).
+
+Each module defines `add_arguments(parser)` and `run(args) -> exit code` and imports only the standard library at
+module level, so `vaultsh --help` stays fast. The shell's own commands (`ls`, `cd`, `inspect`, ...) are a different
+thing: `vaultsh/shell/commands.py`.
+"""

@@ -3,7 +3,7 @@
 - `state`: `WorkerStatus` and how events update it
 - `process`: one worker subprocess (own session, log file, events pipe)
 - `supervisor`: `Supervisor` (start, pause, resume, stop, restart, tick, snapshot)
-- `launch`: `vaultsh collect` argv, `--machines` parsing, default concurrency, log dir
+- `spawn`: local worker processes for `vaultsh collect`: argv, `--machines` parsing, default concurrency, log dir
 - `watcher`: `StoreWatcher`, the same view of a run read from its commit records
 - `fake`, `fakeworker`: stand-ins for tests and benchmarks
 """
