@@ -76,7 +76,7 @@ def _bare_forward_tokens_per_s(n_batches: int, layers: int | None = None) -> flo
 def _collect_tokens_per_s(uri: str, n_batches: int, bpu: int, store=None,
                           hooks: list[str] = HOOKS) -> tuple[float, list[dict]]:
     """Collector tokens/s over the collection loop (model load excluded), plus its events."""
-    from collector.events import EventSink
+    from vaultsh.events import EventSink
     from collector.worker import run_worker
 
     events: list[dict] = []

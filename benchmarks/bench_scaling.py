@@ -67,7 +67,7 @@ def _run_k(k: int, n_batches: int, bucket: str, endpoint: str) -> dict:
     import psutil
     import yaml
 
-    from collector.events import decode
+    from vaultsh.events import decode
 
     tmp = Path(tempfile.mkdtemp(prefix="vaultsh-bench-scaling-"))
     cfg = tmp / "cfg.yaml"
@@ -188,7 +188,7 @@ class _RequestCounter:
 def bench_store_load(quick: bool) -> BenchResult:
     from vaultsh.testing import s3server
     from collector.config import load_config
-    from collector.events import EventSink
+    from vaultsh.events import EventSink
     from collector.worker import run_worker
     from vaultsh.store.s3 import S3Store
 

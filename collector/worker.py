@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from collector.events import EventSink
+from vaultsh.events import EventSink
 from collector import provenance
 from collector.generation import generations_jsonl, label_tensors
 from collector.uploader import Uploader

@@ -181,7 +181,7 @@ def test_default_config_with_real_model_into_s3(s3_server, s3_bucket, tmp_path):
 
 def test_events_fd_carries_ndjson_events(tiny_dir, tmp_path):
     """A launcher gives the worker a pipe: every event arrives there as one JSON line."""
-    from collector.events import decode
+    from vaultsh.events import decode
 
     cfg = write_cfg(tmp_path / "cfg.yaml", tiny_dir, tmp_path / "vault", n_batches=6, bpu=3)
     r, w = os.pipe()

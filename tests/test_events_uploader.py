@@ -10,7 +10,7 @@ import time
 import pytest
 from rich.console import Console
 
-from collector.events import EventSink, decode, encode, make_event
+from vaultsh.events import EventSink, decode, encode, make_event
 from collector.uploader import UploadFailed, Uploader
 from vaultsh.errors import StoreError
 from vaultsh.progress import HeadlessPrinter

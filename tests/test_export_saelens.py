@@ -28,7 +28,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from collector.config import load_config  # noqa: E402
-from collector.events import EventSink  # noqa: E402
+from vaultsh.events import EventSink  # noqa: E402
 from collector.worker import run_worker  # noqa: E402
 from vaultsh.cli import main  # noqa: E402
 from vaultsh.errors import FormatError, UserError  # noqa: E402

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from collector.config import load_config
-from collector.events import EventSink
+from vaultsh.events import EventSink
 from collector.worker import run_worker
 from vaultsh.errors import UserError
 from vaultsh.finalize import finalize, open_run, summary_lines

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import collector.capture as layers
 from collector.config import load_config
 from collector.data import BatchStream
-from collector.events import EventSink
+from vaultsh.events import EventSink
 from collector.generation import ChunkRunner, decode_label, label_tensors
 from collector.worker import run_worker
 from vaultsh.megabatch import read_megabatch

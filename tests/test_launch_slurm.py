@@ -314,7 +314,7 @@ def test_requeued_and_time_limited_array_tasks_resume_to_the_one_worker_run(slur
     import signal
 
     from collector.config import load_config
-    from collector.events import EventSink
+    from vaultsh.events import EventSink
     from collector.worker import run_worker
     from vaultsh.finalize import finalize
     from vaultsh.run import Run

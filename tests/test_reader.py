@@ -118,7 +118,7 @@ def collected(tmp_path_factory):
     """(store root, run name): a complete collector run (3 megabatches per hook) plus one uncommitted file."""
     pytest.importorskip("transformers")
     from collector.config import load_config
-    from collector.events import EventSink
+    from vaultsh.events import EventSink
     from collector.worker import run_worker
 
     from .modelfixtures import make_tiny_llama_dir

@@ -339,7 +339,7 @@ def test_data_provider_is_an_endless_iterator_of_bare_tensors(local_store):
 def collected_pair(tmp_path_factory):
     pytest.importorskip("transformers")
     from collector.config import load_config
-    from collector.events import EventSink
+    from vaultsh.events import EventSink
     from collector.worker import run_worker
 
     from .modelfixtures import make_tiny_llama_dir

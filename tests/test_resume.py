@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from collector.config import load_config
-from collector.events import EventSink, decode
+from vaultsh.events import EventSink, decode
 from collector.worker import run_worker
 from vaultsh.megabatch import read_megabatch
 from vaultsh.run import Run

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from collector.config import load_config
-from collector.events import EventSink
+from vaultsh.events import EventSink
 from collector.worker import run_worker
 from vaultsh import megabatch as mbf
 from vaultsh.errors import ConfigError, UserError

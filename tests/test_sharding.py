@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from collector.config import load_config
 from collector.data import BatchStream, DataSpec
-from collector.events import EventSink
+from vaultsh.events import EventSink
 from collector.worker import _worker_batches, run_worker
 from vaultsh.finalize import finalize
 from vaultsh.megabatch import read_megabatch

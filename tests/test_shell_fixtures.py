@@ -45,7 +45,7 @@ def make_cfg(model_dir: Path, uri: str, run_name: str, **over):
 
 
 def collect(cfg, worker: int = 0, store=None) -> dict:
-    from collector.events import EventSink
+    from vaultsh.events import EventSink
     from collector.worker import run_worker
 
     return run_worker(cfg, worker, sink=EventSink(worker, callback=lambda e: None), store=store)

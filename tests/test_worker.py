@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from collector.config import load_config
-from collector.events import EventSink
+from vaultsh.events import EventSink
 from collector.uploader import UploadFailed
 from collector.worker import StopFlag, run_worker
 from vaultsh.errors import StoreError

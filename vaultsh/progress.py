@@ -1,17 +1,25 @@
 """Headless progress: turns worker events into a rich progress display.
 
-The same event stream (collector/events.py) feeds the dashboard; this is the
-printer for `--headless`, scripts and clusters.
+The same events (vaultsh/events.py), folded into the same per-worker state,
+feed the dashboard; this is the printer for `--headless`, scripts and clusters.
 """
 
 from __future__ import annotations
 
+import time
+
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from vaultsh.events import Done, Event, Note, Start, WorkerState, as_event, fold
+
+_QUIET = frozenset({"start", "committed"})  # notes the bars already show (the start line is the printer's own)
+_STYLE = {"warning": "yellow", "error": "red"}
 
 
 class HeadlessPrinter:
-    """Callback for worker events: one progress bar per worker, warnings/errors logged above."""
+    """Callback for worker events (typed or wire dicts): one progress bar per worker, notes logged above."""
 
     def __init__(self, console: Console | None = None):
         self.console = console or Console(stderr=True)
@@ -26,9 +34,10 @@ class HeadlessPrinter:
             console=self.console,
         )
         self._tasks: dict[int, TaskID] = {}
-        self.last_done: dict[int, dict] = {}
+        self.workers: dict[int, WorkerState] = {}
+        self.last_done: dict[int, Done] = {}
 
-    def __enter__(self) -> "HeadlessPrinter":
+    def __enter__(self) -> HeadlessPrinter:
         self.progress.start()
         return self
 
@@ -37,46 +46,35 @@ class HeadlessPrinter:
 
     def _task(self, worker: int) -> TaskID:
         if worker not in self._tasks:
+            self.workers[worker] = WorkerState(worker)
             self._tasks[worker] = self.progress.add_task(
                 "", total=None, worker=worker, state="starting", tokens="0", rate="0", committed=0, queue=0
             )
         return self._tasks[worker]
 
-    def __call__(self, event: dict) -> None:
-        w = event.get("worker", 0)
-        task = self._task(w)
-        kind = event["type"]
-        if kind == "start":
-            self.progress.update(task, total=event.get("n_batches"), state="starting")
-            self.console.log(f"worker {w}: run {event['run']} -> {event['store']}  hooks: {', '.join(event['hooks'])}")
-        elif kind == "loading":
-            self.progress.update(task, state=f"loading {event['what']}")
-        elif kind == "resume":
-            self.console.log(f"worker {w}: resuming at megabatch {event['from_megabatch']} (batch {event['from_batch']})")
-            self.progress.update(task, completed=event["from_batch"])
-        elif kind == "progress":
-            self.progress.update(
-                task, completed=event["batches"], total=event["total_batches"], state="running",
-                tokens=_short(event["tokens"]), rate=_short(event["tokens_per_s"]),
-            )
-        elif kind == "upload":
-            self.progress.update(task, queue=event["queued"])
-        elif kind == "committed":
-            self.progress.update(task, committed=event["megabatch"] + 1)
-        elif kind == "warning":
-            self.console.log(f"[yellow]worker {w}: warning: {event['message']}[/]")
-        elif kind == "error":
-            self.console.log(f"[red]worker {w}: error: {event['message']}[/]")
-        elif kind == "stopping":
-            self.progress.update(task, state="stopping")
-            self.console.log(f"worker {w}: stopping: finishing megabatch {event.get('megabatch')} "
-                             f"({event.get('filled')}/{event.get('batches_per_upload')} batches), then exit")
-        elif kind == "done":
-            self.last_done[w] = event
-            if event.get("already_complete"):
-                self.console.log(f"worker {w}: shard already complete ({event['batches']} batches, "
-                                 f"{event['megabatches']} megabatches committed); nothing to do")
-            self.progress.update(task, state=event["status"])
+    def __call__(self, event: Event | dict) -> None:
+        e = as_event(event)
+        i = e.worker if e.worker is not None else 0
+        task = self._task(i)
+        w = self.workers[i]
+        notes = fold(w, e, time.monotonic())
+        if isinstance(e, Start):
+            self.console.log(f"worker {i}: run {escape(e.run or '?')} -> {escape(e.store or '?')}  "
+                             f"hooks: {escape(', '.join(e.hooks or []))}")
+        elif isinstance(e, Done):
+            self.last_done[i] = e
+        for note in notes:
+            self._log(i, note)
+        state = w.done_status or (f"loading {w.detail}" if w.state == "loading" else w.state)
+        self.progress.update(task, completed=w.batches, total=w.total_batches, state=state, tokens=_short(w.tokens),
+                             rate=_short(w.tokens_per_s), committed=w.committed, queue=w.queued)
+
+    def _log(self, i: int, note: Note) -> None:
+        if note.kind in _QUIET:
+            return
+        style = _STYLE.get(note.level)
+        text = f"worker {i}: " + (f"{note.level}: " if style else "") + escape(note.message)
+        self.console.log(f"[{style}]{text}[/]" if style else text)
 
 
 def _short(n: float) -> str:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from vaultsh.errors import UserError
+from vaultsh.events import Done, Event, WorkerState, WorkerWarning, fold, parse
 from vaultsh.launch.common import LaunchPlan, forwarded_env
 
 NAMESPACE = "vaultsh"
@@ -113,15 +114,14 @@ def payload_from_plan(plan: LaunchPlan) -> Payload:
 
 class _Forwarder:
     """Worker events -> the Ray queue: lifecycle events at once, the frequent ones coalesced (latest
-    of each kind, at most every _FLUSH_EVERY_S), so a busy worker never floods the driver."""
+    of each kind, at most every _FLUSH_EVERY_S), so a busy worker never floods the driver. Each event is
+    also folded into the worker's state, which says whether it started, how it ended and its last error."""
 
-    def __init__(self, queue, attempt: int):
-        from collector.events import decode
-
-        self.decode, self.queue, self.attempt = decode, queue, attempt
-        self.started, self.done, self.error = False, None, None
-        self.buffered: list[dict] = []
-        self.latest: dict[str, dict] = {}
+    def __init__(self, queue, index: int, attempt: int):
+        self.queue, self.attempt = queue, attempt
+        self.state = WorkerState(index)
+        self.buffered: list[Event] = []
+        self.latest: dict[str, Event] = {}
         self.last_flush = time.monotonic()
         self.lock = threading.Lock()
 
@@ -129,16 +129,14 @@ class _Forwarder:
         """WorkerProcess's on_lines callback (its reader thread)."""
         with self.lock:
             for line in raw:
-                event = self.decode(line)
+                event = parse(line)
                 if event is None:
                     continue
-                event["attempt"] = self.attempt
-                kind = event["type"]
-                self.started = self.started or kind == "start"
-                if kind == "done":
-                    self.done = event
-                elif kind == "error":
-                    self.error = event.get("message")
+                if event.worker is None:  # a line that was not an event: it came from this worker all the same
+                    event.worker = self.state.index
+                event.extra["attempt"] = self.attempt
+                fold(self.state, event, time.monotonic())
+                kind = event.type
                 if kind in _COALESCED:
                     self.latest[kind] = event
                 else:
@@ -188,7 +186,7 @@ def run_worker_process(payload: Payload, index: int, attempt: int, queue=None) -
         env = dict(os.environ, PYTHONUNBUFFERED="1", **payload.env)
         proc = WorkerProcess(argv, os.path.join(tmp, "worker.log"), env=env,
                              cwd=payload.cwd if os.path.isdir(payload.cwd) else tmp, die_with_parent=True)
-        forward = _Forwarder(queue, attempt)
+        forward = _Forwarder(queue, index, attempt)
         proc.start(forward.lines)
         try:
             rc = None
@@ -201,10 +199,11 @@ def run_worker_process(payload: Payload, index: int, attempt: int, queue=None) -
         finally:
             proc.reader_done(timeout=10)
             forward.flush()
-        error = forward.error
+        state = forward.state
+        error = state.last_error
         if error is None and rc != 0:
             error = last_log_line(proc.log_path) or f"exit status {rc}"
-        return {"index": index, "returncode": rc, "started": forward.started, "done": forward.done, "error": error,
+        return {"index": index, "returncode": rc, "started": state.started, "done": state.done, "error": error,
                 "node": socket.gethostname()}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -217,7 +216,7 @@ def _remote_task(ray):
 
 
 def supervise(payload: Payload, indices: list[int], options: dict[str, Any], retries: int,
-              queue=None, on_event: Callable[[dict], None] | None = None, poll_s: float = 0.2) -> list[WorkerResult]:
+              queue=None, on_event: Callable[[Event], None] | None = None, poll_s: float = 0.2) -> list[WorkerResult]:
     """Run every index as a Ray task; resubmit failures (they resume); return how each ended."""
     ray = _import_ray()
     from ray.exceptions import RayError
@@ -231,7 +230,7 @@ def supervise(payload: Payload, indices: list[int], options: dict[str, Any], ret
     refs = {submit(i, 1): i for i in indices}
     results: dict[int, WorkerResult] = {}
 
-    def emit(event: dict) -> None:
+    def emit(event: Event) -> None:
         if on_event is not None:
             on_event(event)
 
@@ -258,20 +257,20 @@ def supervise(payload: Payload, indices: list[int], options: dict[str, Any], ret
             except RayError as exc:  # the task process or its node died
                 res = {"returncode": None, "started": True, "done": None,
                        "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"}
-            done = res.get("done") or {}
-            ok = res.get("returncode") == 0 and done.get("status") in ("complete", "stopped")
+            done: Done = res.get("done") or Done()
+            ok = res.get("returncode") == 0 and done.status in ("complete", "stopped")
             retryable = res.get("started") or res.get("returncode") not in (2,)
             if not ok and retryable and attempts[i] <= retries:
                 attempts[i] += 1
-                emit({"type": "warning", "time": time.time(), "worker": i,
-                      "message": f"failed ({res.get('error')}); retrying, attempt {attempts[i]} of {retries + 1} "
-                                 "(resumes after its last commit)"})
+                emit(WorkerWarning(worker=i, time=time.time(),
+                                   message=f"failed ({res.get('error')}); retrying, attempt {attempts[i]} of "
+                                           f"{retries + 1} (resumes after its last commit)"))
                 refs[submit(i, attempts[i])] = i
                 continue
             results[i] = WorkerResult(
-                index=i, status=done["status"] if ok else "failed",
-                attempts=attempts[i], returncode=res.get("returncode"), batches=done.get("batches", 0),
-                tokens=done.get("tokens", 0), megabatches=done.get("megabatches", 0),
+                index=i, status=done.status if ok and done.status else "failed",
+                attempts=attempts[i], returncode=res.get("returncode"), batches=done.batches or 0,
+                tokens=done.tokens or 0, megabatches=done.megabatches or 0,
                 error=None if ok else res.get("error"), node=res.get("node"),
             )
     drain()
@@ -313,7 +312,7 @@ def _connect(address: str | None):
 
 
 def launch(plan: LaunchPlan, *, resources: dict[str, float], address: str | None = None, wait: bool = True,
-           retries: int = 2, on_event: Callable[[dict], None] | None = None) -> list[WorkerResult] | str:
+           retries: int = 2, on_event: Callable[[Event], None] | None = None) -> list[WorkerResult] | str:
     """Start plan.indices on Ray. With `wait`, block and return the results; else return the supervisor's name."""
     ray = _connect(address)
     payload = payload_from_plan(plan)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from vaultsh.errors import NotFoundError, UserError
+from vaultsh.events import Event, parse
 from vaultsh.launch import slurm as sl
 from vaultsh.launch.common import ranges
 
@@ -272,16 +273,16 @@ def status_lines(statuses: list[TaskStatus]) -> list[str]:
 
 # -- following -------------------------------------------------------------------------------------
 class EventTail:
-    """New events appended to one worker's events file since the tail was made."""
+    """New events appended to worker `index`'s events file since the tail was made (typed; a line that is not an
+    event comes as `Invalid`, for the printer to count and show)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, index: int | None = None):
         self.path = path
+        self.index = index
         self.offset = path.stat().st_size if path.exists() else 0
         self._partial = b""
 
-    def read(self) -> list[dict]:
-        from collector.events import decode
-
+    def read(self) -> list[Event]:
         try:
             with open(self.path, "rb") as f:
                 f.seek(self.offset)
@@ -290,7 +291,11 @@ class EventTail:
             return []
         self.offset += len(data)
         *lines, self._partial = (self._partial + data).split(b"\n")
-        return [e for e in map(decode, lines) if e is not None]
+        events = [e for e in map(parse, lines) if e is not None]
+        for e in events:
+            if e.worker is None:
+                e.worker = self.index
+        return events
 
 
 def describe(s: TaskStatus) -> str:
@@ -311,10 +316,10 @@ def failure_lines(s: TaskStatus, n: int = 20) -> list[str]:
     return lines
 
 
-def follow(record: LaunchRecord, indices: list[int], on_event: Callable[[dict], None],
+def follow(record: LaunchRecord, indices: list[int], on_event: Callable[[Event], None],
            log: Callable[[str], None], interval: float = 5.0, clock=time.sleep) -> list[TaskStatus]:
     """Until every index is done or failed: feed its events to `on_event`, `log` Slurm state changes and failures."""
-    tails = [EventTail(sl.events_path(record.out, record.run, i)) for i in indices]
+    tails = [EventTail(sl.events_path(record.out, record.run, i), i) for i in indices]
     commits = CommitView(record.run_uri)
     seen: dict[int, tuple] = {}
     while True:

@@ -54,7 +54,7 @@ def _machines(args, cfg) -> list[int]:
 
 def _run_worker_for_launcher(args, cfg) -> int:
     """Launched by the dashboard/a launcher: events go to the channel, logs to stderr (a log file)."""
-    from collector.events import EventSink
+    from vaultsh.events import EventSink
     from collector.worker import StopFlag, install_signal_handlers, run_worker
 
     machine = args.machine if args.machine is not None else 0
@@ -67,7 +67,7 @@ def _run_worker_for_launcher(args, cfg) -> int:
 
 def _run_in_process(args, cfg, machine: int) -> int:
     """One worker in this process, progress printed (scripts, clusters, `--headless`)."""
-    from collector.events import EventSink
+    from vaultsh.events import EventSink
     from collector.worker import StopFlag, install_signal_handlers, run_worker
     from vaultsh.progress import HeadlessPrinter
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from collector.events import make_event
+from vaultsh.events import make_event
 from vaultsh.supervise.process import EVENTS_FD_PLACEHOLDER, WorkerProcess
 
 

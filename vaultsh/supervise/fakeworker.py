@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 
-from collector.events import EventSink
+from vaultsh.events import EventSink
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ field, so high-rate progress events coalesce into one redraw.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import signal
 import threading
 import time
@@ -19,8 +20,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from collector.events import decode
 from vaultsh.dashboard import format as fmt
+from vaultsh.events import Event, Start, as_event, parse
 from vaultsh.supervise.process import WorkerHandle, last_log_line, tail_lines, tree_memory
 from vaultsh.supervise.state import (
     ACTIVE,
@@ -89,7 +90,7 @@ class Supervisor:
         concurrency: int | None = None,
         info: RunInfo | None = None,
         clock: Callable[[], float] = time.monotonic,
-        on_event: Callable[[dict], None] | None = None,
+        on_event: Callable[[Event], None] | None = None,
         sample_memory: bool = True,
     ):
         self.launcher = launcher
@@ -156,30 +157,32 @@ class Supervisor:
 
     # -- events -----------------------------------------------------------
     def _on_lines(self, i: int, lines: list[bytes]) -> None:
-        events = [e for e in map(decode, lines) if e is not None]
+        events = [e for e in map(parse, lines) if e is not None]  # a bad line is an `Invalid` event: counted, shown
         if events:
             self.feed_many(events, worker=i)
 
-    def feed(self, event: dict, worker: int | None = None) -> None:
-        """Apply one worker event (thread-safe). `worker` overrides the event's own index."""
+    def feed(self, event: Event | dict, worker: int | None = None) -> None:
+        """Apply one worker event, typed or its wire dict (thread-safe). `worker` overrides the event's own index."""
         self.feed_many([event], worker)
 
-    def feed_many(self, events: list[dict], worker: int | None = None) -> None:
-        """Apply events in order under one lock (a reader thread's batch)."""
+    def feed_many(self, events: Iterable[Event | dict], worker: int | None = None) -> None:
+        """Apply events in order under one lock (a reader thread's batch); `on_event` then gets them typed."""
+        typed = [as_event(e) for e in events]
+        if worker is not None:
+            typed = [e if e.worker == worker else dataclasses.replace(e, worker=worker) for e in typed]
         with self._lock:
             now = self.clock()
-            for event in events:
-                i = worker if worker is not None else event.get("worker")
-                w = self.workers.get(i)
+            for event in typed:
+                w = self.workers.get(event.worker) if event.worker is not None else None
                 if w is None:
                     continue
                 apply_event(w, event, self.log, now)
-                if event.get("type") == "start":
+                if isinstance(event, Start):
                     self._learn_info(event)
             self.version += 1
         if self.on_event is not None:
-            for event in events:
-                self.on_event(event if worker is None else {**event, "worker": worker})
+            for event in typed:
+                self.on_event(event)
 
     def set_plan(self, lines: list[str]) -> None:
         """Show a plan summary in the run summary (thread-safe; it may arrive after the workers start)."""
@@ -187,14 +190,14 @@ class Supervisor:
             self.info.plan = [str(line) for line in lines]
             self._touch()
 
-    def _learn_info(self, event: dict) -> None:
+    def _learn_info(self, event: Start) -> None:
         info = self.info
-        info.run = info.run or str(event.get("run") or "")
-        info.model = info.model or str(event.get("model") or "")
-        if not info.hooks and isinstance(event.get("hooks"), list):
-            info.hooks = [str(h) for h in event["hooks"]]
-        if event.get("store"):
-            info.store = str(event["store"])
+        info.run = info.run or (event.run or "")
+        info.model = info.model or (event.model or "")
+        if not info.hooks and event.hooks is not None:
+            info.hooks = list(event.hooks)
+        if event.store:
+            info.store = event.store
 
     # -- the caller's loop ------------------------------------------------
     def tick(self) -> None:

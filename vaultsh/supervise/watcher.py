@@ -1,5 +1,9 @@
 """Follow a run written elsewhere (Slurm, Ray) by polling its commit records.
 
+Each new commit record is folded into its worker's state as the `committed`
+event its worker sent when it wrote it (vaultsh/events.py), so a watched run
+counts commits exactly as a supervised one.
+
 `StoreWatcher` presents the same interface as `Supervisor` (snapshot, totals,
 logs, history), read-only: it owns no process, so it cannot pause or stop
 anything. Only commit records that are new since the last poll are read.
@@ -14,6 +18,7 @@ from collections import deque
 from typing import Callable
 
 from vaultsh.errors import NotFoundError, UserError
+from vaultsh.events import Committed, fold
 from vaultsh.run import CommitRecord, Run
 from vaultsh.store import open_location
 from vaultsh.supervise.state import DONE, IDLE, RUNNING, WAITING
@@ -94,13 +99,14 @@ class StoreWatcher(Supervisor):
                 w = self.workers.get(rec.worker)
                 if w is None:
                     continue
-                w.committed = max(w.committed, rec.index + 1)
+                size = sum(f.size for f in rec.files.values())
+                # a commit record says what the worker's `committed` event said: the same fold counts it (its
+                # notes are left out: the first poll of a long run would fill the events pane with old commits)
+                fold(w, Committed(worker=rec.worker, megabatch=rec.index, batch_start=rec.batch_start,
+                                  batch_end=rec.batch_end, tokens=rec.tokens, bytes=size), now)
                 w.batches += len(range(rec.batch_start, rec.batch_end, num_runs)) if num_runs > 1 else rec.batch_end - rec.batch_start
                 w.tokens += rec.tokens
-                w.committed_tokens += rec.tokens
-                w.committed_bytes += sum(f.size for f in rec.files.values())
                 self._last_commit[rec.worker] = now
-                size = sum(f.size for f in rec.files.values())
                 self._recent[rec.worker].append(
                     f"{rec.created}  megabatch {rec.index}: batches {rec.batch_start}-{rec.batch_end - 1}, "
                     f"{rec.tokens:,} tokens, {size:,} bytes")
