@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 _MEMORY_EVERY_S = 2.0
 _PROGRESS_EVERY_S = 0.25
-_MERGE_EVERY_S = 300.0  # per run: each of K workers merges every K * this
+MERGE_EVERY_S = 300.0  # per run: each of K workers merges every K * this
 
 
 class StopFlag:
@@ -186,7 +186,7 @@ class Worker:
     stream: Any  # this worker's batches (collector.reuse.open_batch_stream)
     runner: ChunkRunner  # forward/generate in chunks, halved on out-of-memory
     uploader: Uploader
-    copier: _DeviceCopier
+    copier: DeviceCopier
     t_loop: float  # when the loop started (tokens/s counts from here)
     tokens_at_loop: int
     last_merge: float  # when statistics.json was last refreshed (staggered across workers)
@@ -205,7 +205,7 @@ class Worker:
         self.fmt: str = cfg.storage.format
         self.inference: Any = getattr(cfg, "inference", None)
         self.max_new: int = self.inference.max_new_tokens if self.inference is not None else 0
-        self.total_batches = _worker_batches(cfg, worker)
+        self.total_batches = worker_batches(cfg, worker)
         self.label_vocabs = {"category": list(cfg.data.categories)} if cfg.data.categories else {}
         # The loop's state.
         self.status = "complete"
@@ -336,11 +336,11 @@ class Worker:
         self.uploader = Uploader(threads=cfg.upload.upload_workers,
                                  max_pending=cfg.upload.max_queued_megabatches * (len(self.hooks) + 1),
                                  on_retry=self._on_retry)
-        self.copier = _DeviceCopier(self.device)
+        self.copier = DeviceCopier(self.device)
         self.t_loop = time.monotonic()
         self.tokens_at_loop = self.tokens_total
-        # Statistics merged while the run grows: about one merge every _MERGE_EVERY_S across all workers.
-        self.last_merge = time.monotonic() - _MERGE_EVERY_S * self.worker
+        # Statistics merged while the run grows: about one merge every MERGE_EVERY_S across all workers.
+        self.last_merge = time.monotonic() - MERGE_EVERY_S * self.worker
 
     def _resumed_stats(self, hook: str) -> RunningStats | None:
         """`hook`'s statistics of the megabatches resumed after (None: created with the hook's width at the first flush)."""
@@ -568,7 +568,7 @@ class Worker:
             files=files, created=datetime.now(timezone.utc).isoformat(), tokens=mb.tokens,
         )
         self.layout.commit(record)
-        _chunk_commits(self.layout, record, self.chunk, self.sink)
+        chunk_commits(self.layout, record, self.chunk, self.sink)
         self.committed += 1
         self._delete_old_partials(mb.index)
         self._maybe_merge_statistics()
@@ -585,7 +585,7 @@ class Worker:
     def _maybe_merge_statistics(self) -> None:
         """Refresh {hook}/statistics.json now and then, so a growing run is usable (finalize makes it exact)."""
         now = time.monotonic()
-        if now - self.last_merge < _MERGE_EVERY_S * self.cfg.num_runs:
+        if now - self.last_merge < MERGE_EVERY_S * self.cfg.num_runs:
             return
         self.last_merge = now
         self._write_statistics()
@@ -653,7 +653,7 @@ def run_worker(
 
 # -- helpers -----------------------------------------------------------------
 
-def _worker_batches(cfg, worker: int) -> int:
+def worker_batches(cfg, worker: int) -> int:
     """How many global batches in [start_batch, n_batches) belong to this worker."""
     k, start, end = cfg.num_runs, cfg.data.start_batch, cfg.data.n_batches
     return len(range(start + (worker - start) % k, end, k)) if end > start else 0
@@ -681,7 +681,7 @@ def _self_check(capture, batch, device) -> dict | None:
         capture.attach()
 
 
-class _DeviceCopier:
+class DeviceCopier:
     """Copies activations off the GPU on a side stream into pinned buffers without stalling."""
 
     def __init__(self, device: str):
@@ -694,15 +694,16 @@ class _DeviceCopier:
     def copy(self, dest, src) -> None:
         import torch
 
-        if not self.cuda:
+        stream = self.stream  # None off CUDA
+        if stream is None:
             dest.copy_(src)
             return
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
             dest.copy_(src, non_blocking=True)
-            src.record_stream(self.stream)
+            src.record_stream(stream)
             ev = torch.cuda.Event()
-            ev.record(self.stream)
+            ev.record(stream)
             self._events.append(ev)
 
     def sync(self) -> None:
@@ -761,7 +762,7 @@ def memory_snapshot(device: str) -> dict:
     return snap
 
 
-def _chunk_commits(run: Run, record: CommitRecord, chunk: list[CommitRecord], sink) -> None:
+def chunk_commits(run: Run, record: CommitRecord, chunk: list[CommitRecord], sink) -> None:
     """Collect consecutive records; at each COMMIT_CHUNK-th, store them as one chunk (readers then need
     one GET for 100 records). A worker that resumed mid-chunk skips that chunk; a failed write only
     costs readers the shortcut, so it is a warning."""
