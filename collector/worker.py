@@ -482,7 +482,7 @@ class Worker:
         labels, vocabs = label_tensors({k: (v + [None] * (n - len(v)))[:n] for k, v in mb.labels.items()},
                                        self.label_vocabs)
         if mb.generations:
-            gkey = f"{self.layout.internal_prefix}generations/w{self.worker:04d}/{mb.index:07d}.jsonl"
+            gkey = self.layout.generations_key(self.worker, mb.index)
             blob = generations_jsonl(mb.generations)
             mb.futures.append(self.uploader.submit(gkey, len(blob), functools.partial(self.store.put_bytes, gkey, blob)))
         for h in self.hooks:
@@ -623,7 +623,7 @@ class Worker:
         done = run.committed_indices(worker)
         last = done[-1] if done else -1
         for h in self.hooks:
-            for o in run.store.iter_objects(f"{run.hook_prefix(h)}w{worker:04d}--"):  # this worker's files only
+            for o in run.store.iter_objects(run.worker_files_prefix(h, worker)):
                 parsed = parse_megabatch_name(o.name)
                 if parsed and parsed[0] == worker and parsed[1] > last:
                     run.store.delete(o.key)
