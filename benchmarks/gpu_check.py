@@ -339,7 +339,7 @@ DEFINITIONS = {
                             "start to start, so every per-batch cost of the worker counts",
     "collect.busy_fraction": "time inside the worker's forward calls / wall time, over the same window",
     "collect.states_gb_per_s": "activation bytes the store must take at the steady tokens/s",
-    "d2h.worker.bytes_per_s": "bytes of the worker's _DeviceCopier copies / their summed duration on the copy stream",
+    "d2h.worker.bytes_per_s": "bytes of the worker's DeviceCopier copies / their summed duration on the copy stream",
     "d2h.worker.overlap_fraction": "share of copy time during which a forward was running",
     "d2h.bare_pinned": "copy_ of one hook's [batch, seq, d_model] tensor into pinned memory (plain memory on CPU)",
     "reader": "store file bytes per second: ActivationReader(device) over every hook vs reading each file into "

@@ -7,8 +7,8 @@ is the same code on both, so `gpu_check.py --smoke` on CPU exercises the path
 the GPU run takes.
 
 The probe wraps two names from outside the worker (it never edits it):
-`collector.generation.forward_chunks` (which `run_worker` imports when it
-starts) and `collector.worker._DeviceCopier.copy`. If either disappears, or
+`collector.generation.forward_chunks` (which `Worker._capture` imports on
+each call) and `collector.worker.DeviceCopier.copy`. If either disappears, or
 the worker stops calling them, `install` or `CollectProbe.check` says so
 instead of reporting empty figures.
 """
@@ -84,7 +84,7 @@ class CollectProbe:
             raise RuntimeError("the probe saw no forward: does run_worker still call "
                                "collector.generation.forward_chunks?")
         if not self.copies:
-            raise RuntimeError("the probe saw no device-to-host copy: does run_worker still use _DeviceCopier.copy?")
+            raise RuntimeError("the probe saw no device-to-host copy: does run_worker still use DeviceCopier.copy?")
 
     def forward_ms(self) -> list[tuple[float, float]]:
         return [(self.clock.ms(s), self.clock.ms(e)) for s, e, _ in self.forwards]
@@ -103,11 +103,11 @@ def install(device: str):
     import collector.generation as generation
     import collector.worker as worker
 
-    if not hasattr(generation, "forward_chunks") or not hasattr(getattr(worker, "_DeviceCopier", None), "copy"):
-        raise RuntimeError("collector.generation.forward_chunks or collector.worker._DeviceCopier.copy is gone: "
+    if not hasattr(generation, "forward_chunks") or not hasattr(getattr(worker, "DeviceCopier", None), "copy"):
+        raise RuntimeError("collector.generation.forward_chunks or collector.worker.DeviceCopier.copy is gone: "
                            "update benchmarks/gpu_probe.py")
     probe = CollectProbe(Clock(device))
-    orig_fwd, orig_copy = generation.forward_chunks, worker._DeviceCopier.copy
+    orig_fwd, orig_copy = generation.forward_chunks, worker.DeviceCopier.copy
     lock = threading.Lock()
 
     def forward_chunks(capture, runner, input_ids, attention_mask, dev):
@@ -128,11 +128,11 @@ def install(device: str):
         with lock:
             probe.copies.append((start, probe.clock.mark(stream), dest.numel() * dest.element_size()))
 
-    generation.forward_chunks, worker._DeviceCopier.copy = forward_chunks, copy
+    generation.forward_chunks, worker.DeviceCopier.copy = forward_chunks, copy
     try:
         yield probe
     finally:
-        generation.forward_chunks, worker._DeviceCopier.copy = orig_fwd, orig_copy
+        generation.forward_chunks, worker.DeviceCopier.copy = orig_fwd, orig_copy
         probe.clock.sync()
 
 

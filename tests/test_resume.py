@@ -179,7 +179,7 @@ def test_leftovers_of_a_worker_are_cleaned_when_it_completes(tiny_dir, tmp_path)
 def test_statistics_are_merged_while_the_run_grows(tiny_dir, tmp_path, monkeypatch):
     import collector.worker as worker_mod
 
-    monkeypatch.setattr(worker_mod, "_MERGE_EVERY_S", 0.0)  # merge after every commit
+    monkeypatch.setattr(worker_mod, "MERGE_EVERY_S", 0.0)  # merge after every commit
     cfg = load_config(raw_cfg(tiny_dir, tmp_path, n_batches=16))
     run_worker(cfg, 0, sink=EventSink(0))
     store = LocalStore(tmp_path)

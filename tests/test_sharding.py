@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from collector.config import load_config
 from collector.data import BatchStream, DataSpec
+from collector.worker import run_worker, worker_batches
 from vaultsh.events import EventSink
-from collector.worker import _worker_batches, run_worker
 from vaultsh.finalize import finalize
 from vaultsh.megabatch import read_megabatch
 from vaultsh.run import Run
@@ -69,7 +69,7 @@ def test_batch_plan_is_disjoint_and_complete(tokenizer, k, n_batches, start, dat
     })
     kk, w = cfg.num_runs, min(w, cfg.num_runs - 1)
     stream = BatchStream(cfg.data, tokenizer, worker=w, num_workers=kk)
-    assert _worker_batches(cfg, w) == stream.planned_batches
+    assert worker_batches(cfg, w) == stream.planned_batches
 
 
 def _batches(spec, tokenizer, w, k, path):

@@ -380,7 +380,7 @@ def test_commit_chunks_skip_a_chunk_a_resumed_worker_started_inside(monkeypatch)
     def feed(run, indices, sink=None):
         chunk: list = []
         for i in indices:
-            worker_mod._chunk_commits(run, CommitRecord(0, i, i, i + 1, {}), chunk, sink)
+            worker_mod.chunk_commits(run, CommitRecord(0, i, i, i + 1, {}), chunk, sink)
 
     run = FakeRun()
     feed(run, range(10))

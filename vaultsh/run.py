@@ -7,6 +7,7 @@
 {run}/{hook}/w0003--0000012.safetensors   megabatch files (deterministic names)
 {run}/_vaultsh/commits/w0003/0000012.json one commit record per (worker, index)
 {run}/_vaultsh/stats/w0003/{hook}/0000012.safetensors  per-worker partial stats
+{run}/_vaultsh/generations/w0003/0000012.jsonl  generated texts (generation mode)
 ```
 
 Activault's RCache loads every key under `{hook}/` except metadata.json and
@@ -63,6 +64,7 @@ COMMITS = "commits"
 COMMIT_CHUNKS = "commit-chunks"
 COMMIT_CHUNK = 100  # commit records per chunk: one GET instead of 100 when a run is read
 PARTIAL_STATS = "stats"
+GENERATIONS = "generations"  # generation mode: each megabatch's texts, one JSON object a line
 
 MAX_JSON_BYTES = 16 * 1024 * 1024
 COMMIT_FORMAT = "vaultsh-commit"
@@ -458,6 +460,15 @@ class Run:
 
     def megabatch_key(self, hook: str, worker: int, index: int, fmt: str = "safetensors") -> str:
         return self.hook_prefix(hook) + megabatch_name(worker, index, fmt)
+
+    def worker_files_prefix(self, hook: str, worker: int) -> str:
+        """The key prefix of every megabatch file of `worker` under `hook` (see `megabatch_name`)."""
+        return f"{self.hook_prefix(hook)}w{_check_nonneg('worker', worker):04d}--"
+
+    def generations_key(self, worker: int, index: int) -> str:
+        """Generation mode: where `worker` stores the texts of its megabatch `index`."""
+        return (f"{self.internal_prefix}{GENERATIONS}/w{_check_nonneg('worker', worker):04d}/"
+                f"{_check_nonneg('index', index):07d}.jsonl")
 
     def commits_prefix(self, worker: int | None = None) -> str:
         base = f"{self.internal_prefix}{COMMITS}/"
