@@ -78,6 +78,10 @@ def _align_key(f: FileRecord) -> tuple:
     return ("mb", f.worker, f.index) if f.worker is not None and f.index is not None else ("name", f.name)
 
 
+def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
+    return sum(x.numel() * x.element_size() for x in tensors)
+
+
 def _whole(name: str, v: Any, lo: int) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
         raise UserError(f"{name}={v!r} is not allowed: use a whole number >= {lo}")
@@ -602,16 +606,28 @@ class ActivationReader:
         reason = str(exc)
         self._counters.skipped(item.task.uri, reason)
         logger.warning("skipping %s: %s", item.task.uri, reason)
-        warnings.warn(f"vaultsh reader: skipping {item.task.uri}: {reason}", SkippedFileWarning, stacklevel=4)
+        # stacklevel: past _take, _megabatches/_token_batches and _iterate, to the code iterating the reader
+        warnings.warn(f"vaultsh reader: skipping {item.task.uri}: {reason}", SkippedFileWarning, stacklevel=5)
         self._files_done += 1
+
+    def _take(self, item: Item, stager: Stager) -> Staged | None:
+        """A prefetched file's staged tensors, delivered to `stager` and counted; None for a file that failed
+        (after _handle_error skipped it, or raised)."""
+        if item.error is not None:
+            self._handle_error(item)
+            return None
+        st = item.staged
+        assert st is not None  # an item without an error is staged
+        stager.deliver(st)
+        self._counters.add(files_read=1, sequences=st.sequences, positions=st.positions)
+        self._counters.drop(st.dropped)
+        return st
 
     def _megabatches(self, pf: Prefetcher, stager: Stager):
         for item in pf.items():
-            if item.error is not None:
-                self._handle_error(item)
+            st = self._take(item, stager)
+            if st is None:
                 continue
-            st = item.staged
-            stager.deliver(st)
             out: dict[str, Any] = {"states": self._shape(st.states)}
             if self.return_ids:
                 out["input_ids"] = st.input_ids
@@ -623,9 +639,7 @@ class ActivationReader:
                 out["source"] = st.source
             if self.return_file:
                 out["file"], out["file_index"] = item.task.uri, item.task.pos
-            self._counters.add(files_read=1, sequences=st.sequences, tokens=st.tokens, positions=st.positions,
-                               batches=1, states_bytes=sum(x.numel() * x.element_size() for x in st.states))
-            self._counters.drop(st.dropped)
+            self._counters.add(tokens=st.tokens, batches=1, states_bytes=_nbytes(st.states))
             try:
                 yield out
             finally:
@@ -647,18 +661,13 @@ class ActivationReader:
                 out["input_ids"] = cols[len(xs)]
             if self.return_source:
                 out["source"] = cols[-1]
-            self._counters.add(batches=1, tokens=cols[0].shape[0],
-                               states_bytes=sum(x.numel() * x.element_size() for x in xs))
+            self._counters.add(batches=1, tokens=cols[0].shape[0], states_bytes=_nbytes(xs))
             return out
 
         for item in pf.items():
-            if item.error is not None:
-                self._handle_error(item)
+            st = self._take(item, stager)
+            if st is None:
                 continue
-            st = item.staged
-            stager.deliver(st)
-            self._counters.add(files_read=1, sequences=st.sequences, positions=st.positions)
-            self._counters.drop(st.dropped)
             cols = [*st.states, st.input_ids] + ([st.source] if self.return_source else [])
             pf.done(item)
             self._files_done += 1
