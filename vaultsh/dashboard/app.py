@@ -208,18 +208,20 @@ class Dashboard(App):
             self.notify(what, severity="warning", timeout=3)
         self.redraw(force=True)
 
-    def action_pause(self) -> None:
+    def _on_running(self, act: Callable[[int], list[int]]) -> None:
+        """`act` on the selected worker, which must be running."""
         i = self._selected()
         if i is not None:
-            self._after(self.source.toggle_pause(i), f"worker {i} is not running")
+            self._after(act(i), f"worker {i} is not running")
+
+    def action_pause(self) -> None:
+        self._on_running(self.source.toggle_pause)
 
     def action_pause_all(self) -> None:
         self._after(self.source.toggle_pause(None), "no worker is running")
 
     def action_stop(self) -> None:
-        i = self._selected()
-        if i is not None:
-            self._after(self.source.stop(i), f"worker {i} is not running")
+        self._on_running(self.source.stop)
 
     def action_stop_all(self) -> None:
         self._after(self.source.stop(None), "no worker is running")
