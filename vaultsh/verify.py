@@ -77,10 +77,34 @@ def problem_lines(problems: list[Problem], limit: int = SCREEN_PROBLEMS) -> list
 
 
 @dataclass
-class VerifyReport:
-    """The outcome of one verify: counts and every problem found."""
+class ProblemReport:
+    """The outcome of checking one location (a run, an export): every problem found, and how to show it."""
 
     uri: str
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.problems else 0
+
+    def problem(self, uri: str, check: str, detail: str) -> None:
+        self.problems.append(Problem(uri, check, detail))
+
+    def problems_json(self) -> list[dict]:
+        return [{"uri": p.uri, "check": p.check, "detail": p.detail} for p in self.problems]
+
+    def to_json(self) -> dict:
+        raise NotImplementedError
+
+    def lines(self, limit: int = SCREEN_PROBLEMS) -> list[tuple[str, str]]:
+        """The report for a person, one screen: (style, text) lines."""
+        raise NotImplementedError
+
+
+@dataclass
+class VerifyReport(ProblemReport):
+    """The outcome of one verify: counts and every problem found."""
+
     runs: int = 0
     hooks: int = 0
     files: int = 0
@@ -90,7 +114,6 @@ class VerifyReport:
     no_checksum: int = 0
     scanned: int = 0
     uncommitted: int = 0
-    problems: list[Problem] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -99,10 +122,6 @@ class VerifyReport:
     @property
     def failed(self) -> bool:
         return bool(self.problems)
-
-    @property
-    def exit_code(self) -> int:
-        return 1 if self.problems else 0
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -116,7 +135,7 @@ class VerifyReport:
             "records": self.records, "hashed": self.hashed, "bytes_hashed": self.bytes_hashed,
             "no_checksum": self.no_checksum, "scanned": self.scanned, "uncommitted": self.uncommitted,
             "problem_counts": self.counts(),
-            "problems": [{"uri": p.uri, "check": p.check, "detail": p.detail} for p in self.problems],
+            "problems": self.problems_json(),
         }
 
     def summary_line(self) -> str:
