@@ -20,7 +20,7 @@ from vaultsh.reader.prefetch import FetchOptions, FileTask, Item, Part, Prefetch
 from vaultsh.reader.progress import Counters, ReaderStats
 from vaultsh.reader.stage import (NORMALIZE_MODES, Norm, Staged, StagedPart, Stager, normalizer, parse_dtype,
                                   seed_of)
-from vaultsh.reader.tokens import Batcher, Mixer
+from vaultsh.reader.tokens import Batcher, Columns, Mixer
 from vaultsh.run import FileRecord, Run
 from vaultsh.stats import RunningStats
 
@@ -550,7 +550,7 @@ class ActivationReader:
             src = self._sources[p.source]
             view = buf if len(task.parts) == 1 else buf[p.offset : p.offset + p.size]
             if self.verify == "sha256" and p.sha256:
-                dec.check_sha256(memoryview(view.numpy()).cast("B"), p.sha256, p.uri)
+                dec.check_sha256(view.numpy().data.cast("B"), p.sha256, p.uri)
             d = dec.decode(view, p.uri, labels=self.return_labels and not self.tokens)
             dec.check(d, p.uri, src.shape, src.dtype, p.n_sequences)
             parts.append(StagedPart(p.source, d.states, d.input_ids, d.mask, d.labels, p.uri, d.source))
@@ -597,6 +597,7 @@ class ActivationReader:
     def _handle_error(self, item: Item) -> None:
         """on_error="skip": warn, log and count a bad file; otherwise (or a network error) raise."""
         exc = item.error
+        assert exc is not None  # called for a failed item
         if isinstance(exc, Closed):
             raise UserError("the reader was closed during iteration")
         content = (isinstance(exc, (FormatError, NotFoundError)) and not isinstance(exc, TransientExhausted)
@@ -668,7 +669,11 @@ class ActivationReader:
             st = self._take(item, stager)
             if st is None:
                 continue
-            cols = [*st.states, st.input_ids] + ([st.source] if self.return_source else [])
+            assert st.input_ids is not None  # token mode: the stager keeps the ids (aligned through the mixer)
+            cols: Columns = [*st.states, st.input_ids]
+            if self.return_source:
+                assert st.source is not None  # asked for
+                cols.append(st.source)
             pf.done(item)
             self._files_done += 1
             if self.shuffle_buffer:
@@ -676,14 +681,15 @@ class ActivationReader:
                     per_file = max((s.shape[0] * s.shape[1] for s in self._sources if s.shape),
                                    default=st.positions)
                     mixer = Mixer(self.shuffle_buffer * max(1, per_file), g)
-                cols = mixer.add(cols)
-                if cols is None:
+                mixed = mixer.add(cols)
+                if mixed is None:
                     continue
+                cols = mixed
             yield from (emit(b) for b in batcher.push(cols))
         if mixer is not None:
-            cols = mixer.drain()
-            if cols is not None:
-                yield from (emit(b) for b in batcher.push(cols))
+            drained = mixer.drain()
+            if drained is not None:
+                yield from (emit(b) for b in batcher.push(drained))
         rest = batcher.flush()
         if rest is not None and not self.drop_last:
             yield emit(rest)
