@@ -151,7 +151,7 @@ def make_plan(run_uri: str, hooks: list[str], dtype: str, batches_per_shard: int
     run_uri = str(run_uri).rstrip("/")
     sources = [open_source(f"{run_uri}/{h}") for h in hooks]
     files = _align(sources)
-    shapes = {}
+    shapes: dict[str, dict[str, Any]] = {}
     for s in sources:
         t, d, stored = _shape_of(s)
         shapes[s.hook] = {"seq_len": t, "d_in": d, "stored_dtype": stored, "dtype": resolve_dtype(dtype, stored)}
@@ -538,8 +538,9 @@ def _finish(out: Path, plan: dict, manifest: dict, act_features, tok_features) -
         info = {"citation": "", "description": f"vaultsh export of {src}: {what} (SAELens cached-activations layout)",
                 "features": feats.to_dict(), "homepage": "", "license": ""}
         _save_json(out / sub / "dataset_info.json", info)
-        state = {"_data_files": files, "_fingerprint": f"{fp}{sub[:1]}", "_format_columns": None,
-                 "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False, "_split": None}
+        state: dict[str, Any] = {"_data_files": files, "_fingerprint": f"{fp}{sub[:1]}", "_format_columns": None,
+                                 "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
+                                 "_split": None}
         _save_json(out / sub / "state.json", state)
 
 
