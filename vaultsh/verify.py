@@ -270,10 +270,10 @@ def check_records(commits: list[CommitRecord], num_runs: int, uri_of: Callable[[
                     clashes.setdefault((prev.worker, prev.index, c.worker, c.index), []).append(b)
         by_key = {(c.worker, c.index): c for c in commits}
         for (w0, i0, w1, i1), batches in sorted(clashes.items()):
-            a, b = by_key[(w0, i0)], by_key[(w1, i1)]
+            first, second = by_key[(w0, i0)], by_key[(w1, i1)]
             problems.append(Problem(
                 hook_uri(hook), "overlap",
-                f"{a.files[hook].name} and {b.files[hook].name} both hold global batch{'es' if len(batches) > 1 else ''} "
+                f"{first.files[hook].name} and {second.files[hook].name} both hold global batch{'es' if len(batches) > 1 else ''} "
                 f"{_span(sorted(batches))} (records w{w0:04d}/{i0:07d} and w{w1:04d}/{i1:07d}): the same sequences stored twice"))
     return problems
 
@@ -341,7 +341,7 @@ def _shape_problems(job: _Job, header) -> list[Problem]:
         out.append(Problem(job.uri, "shape", f"input_ids {list(ids.shape)} do not match states {[n, t]}"))
     want = expected_dtype(job.meta)
     if want is not None and header.dtype != want:
-        out.append(Problem(job.uri, "dtype", f"states are {header.dtype}, metadata.json says {job.meta.get('dtype')}"))
+        out.append(Problem(job.uri, "dtype", f"states are {header.dtype}, metadata.json says {(job.meta or {}).get('dtype')}"))
     if header.hook is not None and header.hook != job.hook:
         out.append(Problem(job.uri, "hook", f"the header names hook {header.hook!r}, the file is in {job.hook!r}"))
     md = header.metadata
@@ -484,12 +484,13 @@ def verify(store: Store, key: str = "", *, nan: bool = False, threads: int = THR
         n_runs = _num_runs(cfg, commits)
         report.problems.extend(check_chunks(run, commits, uri))
         if commits:
-            report.problems.extend(check_records(
-                commits, n_runs,
-                lambda c, r=run: uri(r.commit_key(c.worker, c.index)),
-                lambda h, r=run: uri(r.hook_prefix(h).rstrip("/")),
-                only,
-            ))
+            def record_uri(c: CommitRecord, r: Run = run) -> str:
+                return uri(r.commit_key(c.worker, c.index))
+
+            def hook_uri(h: str, r: Run = run) -> str:
+                return uri(r.hook_prefix(h).rstrip("/"))
+
+            report.problems.extend(check_records(commits, n_runs, record_uri, hook_uri, only))
         hooks = only or sorted(set(run.hooks()) | {h for c in commits for h in c.files})
         for hook in hooks:
             report.hooks += 1
