@@ -21,7 +21,7 @@ from textual.widgets import Footer, RichLog
 
 from vaultsh.dashboard import format as fmt
 from vaultsh.dashboard.screens import HelpScreen, QuitScreen
-from vaultsh.dashboard.widgets import Charts, SummaryPanel, TitleBar, WorkerTable
+from vaultsh.dashboard.widgets import Chart, Charts, SummaryPanel, TitleBar, WorkerTable
 from vaultsh.supervise.state import FAILED, STOPPED, LogLine
 from vaultsh.supervise.supervisor import SAMPLE_EVERY_S
 
@@ -147,8 +147,8 @@ class Dashboard(App):
             return
         self._history_len = sig
         every = getattr(src, "sample_every_s", SAMPLE_EVERY_S)
-        charts.query_one("#chart-tokens").show(list(src.tokens_history)[-n:], every)
-        charts.query_one("#chart-upload").show(list(src.upload_history)[-n:], every)
+        charts.query_one("#chart-tokens", Chart).show(list(src.tokens_history)[-n:], every)
+        charts.query_one("#chart-upload", Chart).show(list(src.upload_history)[-n:], every)
 
     def _draw_log(self, workers) -> None:
         log = self.query_one("#log", RichLog)
