@@ -154,9 +154,12 @@ class Encoder:
                 else:
                     rows[i] = row
             todo, limit = again, limit * 4
+        out: list[dict] = []
         for r in rows:
+            assert r is not None  # every text has its row once nothing is left to do
             r["long"] = len(r["input_ids"]) > self.seq_length
-        return rows  # type: ignore[return-value]
+            out.append(r)
+        return out
 
     @staticmethod
     def _by_special(rendered: Sequence[Rendered]) -> Iterator[tuple[bool, list[int]]]:
