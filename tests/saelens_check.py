@@ -24,6 +24,21 @@ import sys
 import warnings
 
 
+def fit_recording_losses(trainer) -> list[float]:
+    """Run `trainer.fit()`; the loss of every training step."""
+    losses: list[float] = []
+    step = trainer._train_step
+
+    def recording_step(sae, sae_in):
+        res = step(sae, sae_in)
+        losses.append(float(res.loss.detach()))
+        return res
+
+    trainer._train_step = recording_step
+    trainer.fit()
+    return losses
+
+
 def main(argv: list[str]) -> dict:
     import torch
     from datasets import load_from_disk
@@ -80,16 +95,7 @@ def main(argv: list[str]) -> dict:
     sae = StandardTrainingSAE(cfg.sae)
     trainer = SAETrainer(cfg=cfg.to_sae_trainer_config(), sae=sae, data_provider=store)
     trainer.activation_scaler.scaling_factor = factor
-    losses: list[float] = []
-    step = trainer._train_step
-
-    def recording_step(sae, sae_in):
-        res = step(sae, sae_in)
-        losses.append(float(res.loss.detach()))
-        return res
-
-    trainer._train_step = recording_step
-    trainer.fit()
+    losses = fit_recording_losses(trainer)
     return {
         "columns": sorted(store.cached_activation_dataset.column_names),
         "first_raw_batch": first_raw[: context * batch_prompts].tolist(),
@@ -130,16 +136,7 @@ def adapter(argv: list[str]) -> dict:
     trainer = SAETrainer(cfg=cfg.to_sae_trainer_config(), sae=StandardTrainingSAE(cfg.sae),
                          data_provider=reader.as_data_provider())
     trainer.activation_scaler.scaling_factor = saelens_scaling_factor(run, hook)
-    losses: list[float] = []
-    step = trainer._train_step
-
-    def recording_step(sae, sae_in):
-        res = step(sae, sae_in)
-        losses.append(float(res.loss.detach()))
-        return res
-
-    trainer._train_step = recording_step
-    trainer.fit()
+    losses = fit_recording_losses(trainer)
     return {"losses": losses, "epochs": reader.epoch, "tokens_per_pass": reader.stats.tokens}
 
 

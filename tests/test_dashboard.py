@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import psutil
@@ -115,6 +116,21 @@ async def settle(pilot, s: float = 0.15) -> None:
     await pilot.pause(s)
 
 
+async def press(pilot, *keys: str) -> None:
+    """Press `keys`, then let the app settle."""
+    await pilot.press(*keys)
+    await settle(pilot)
+
+
+@asynccontextmanager
+async def dashboard(source, size: tuple[int, int] = (100, 30)):
+    """A Dashboard over `source` running under a test pilot, settled once: yields (app, pilot)."""
+    app = Dashboard(source, refresh_s=0.05)
+    async with app.run_test(size=size) as pilot:
+        await settle(pilot)
+        yield app, pilot
+
+
 async def eventually(pilot, predicate, timeout: float = 5.0) -> bool:
     """Poll `predicate` while the app runs: the run-wide panels redraw on their own
     (slower) clock, so a loaded machine may need more than one settle."""
@@ -170,9 +186,7 @@ async def test_plan_summary_appears_once_it_is_ready():
 # -- every state, as shown --------------------------------------------------------
 async def test_states_follow_events():
     s = Scripted(n=2, total=4)
-    app = Dashboard(s.sup, refresh_s=0.05)
-    async with app.run_test(size=(120, 30)) as pilot:
-        await settle(pilot)
+    async with dashboard(s.sup, (120, 30)) as (app, pilot):
         assert row(app, 0)["state"].endswith("starting") and row(app, 0)["progress"].strip().endswith("?")
         s.feed("start", 0, run="r", model="m", hooks=["h"], store="s", n_batches=4, batches_per_upload=2, pid=1)
         s.feed("loading", 0, what="model", detail="m")
@@ -269,9 +283,7 @@ async def test_queued_worker_starts_when_a_slot_frees_and_stopped_shows():
     t = [0.0]
     sup = Supervisor(launcher, [0, 1], concurrency=1, clock=lambda: t[0], sample_memory=False, info=RunInfo(run="q"))
     sup.start()
-    app = Dashboard(sup, refresh_s=0.05)
-    async with app.run_test(size=(100, 30)) as pilot:
-        await settle(pilot)
+    async with dashboard(sup) as (app, pilot):
         assert row(app, 1)["state"].endswith("queued") and 1 not in launcher.handles
         sup.feed(event("done", 0, status="stopped", batches=3, tokens=30, megabatches=1, elapsed=1.0))
         launcher.latest(0).exit(0)
@@ -283,45 +295,33 @@ async def test_queued_worker_starts_when_a_slot_frees_and_stopped_shows():
 # -- every key ------------------------------------------------------------------------
 async def test_keys_pause_stop_restart_on_the_selected_worker():
     s = Scripted(n=3).steady()
-    app = Dashboard(s.sup, refresh_s=0.05)
-    async with app.run_test(size=(100, 30)) as pilot:
-        await settle(pilot)
+    async with dashboard(s.sup) as (app, pilot):
         h = {i: s.launcher.latest(i) for i in range(3)}
-        await pilot.press("p")  # worker 0 is selected first
-        await settle(pilot)
+        await press(pilot, "p")  # worker 0 is selected first
         assert h[0].signals[-1] == (signal.SIGSTOP, True) and row(app, 0)["state"].endswith("paused")
-        await pilot.press("p")
-        await settle(pilot)
+        await press(pilot, "p")
         assert h[0].signals[-1] == (signal.SIGCONT, True) and row(app, 0)["state"].endswith("running")
-        await pilot.press("down", "s")
-        await settle(pilot)
+        await press(pilot, "down", "s")
         assert h[1].signals == [(signal.SIGTERM, False)] and row(app, 1)["state"].endswith("stopping")
         assert h[0].signals[-1][0] != signal.SIGTERM
         # restart refuses a worker that is not failed/stopped, and says so
-        await pilot.press("down", "r")
-        await settle(pilot)
+        await press(pilot, "down", "r")
         assert len(s.launcher.handles[2]) == 1
         assert any("only a failed or stopped worker" in str(n.message) for n in app._notifications)
         s.fail(2)
-        await pilot.press("r")
-        await settle(pilot)
+        await press(pilot, "r")
         assert len(s.launcher.handles[2]) == 2 and row(app, 2)["state"].endswith("starting")
         assert "restarting worker 2" in log_text(app)
 
 
 async def test_keys_pause_all_and_stop_all():
     s = Scripted(n=3).steady()
-    app = Dashboard(s.sup, refresh_s=0.05)
-    async with app.run_test(size=(100, 30)) as pilot:
-        await settle(pilot)
-        await pilot.press("P")
-        await settle(pilot)
+    async with dashboard(s.sup) as (app, pilot):
+        await press(pilot, "P")
         assert all(row(app, i)["state"].endswith("paused") for i in range(3))
-        await pilot.press("P")
-        await settle(pilot)
+        await press(pilot, "P")
         assert not any(row(app, i)["state"].endswith("paused") for i in range(3))
-        await pilot.press("S")
-        await settle(pilot)
+        await press(pilot, "S")
         assert all(s.launcher.latest(i).signals[-1] == (signal.SIGTERM, False) for i in range(3))
         assert all(row(app, i)["state"].endswith("stopping") for i in range(3))
 
@@ -334,16 +334,13 @@ async def test_keys_log_pane_worker_log_and_help(tmp_path):
     (tmp_path / "worker-1.log").write_text("loading weights\nTraceback (most recent call last):\nValueError: bad\n")
     s.feed("warning", 0, message="from worker zero")
     s.feed("warning", 1, message="from worker one")
-    app = Dashboard(s.sup, refresh_s=0.05)
-    async with app.run_test(size=(100, 30)) as pilot:
-        await settle(pilot)
+    async with dashboard(s.sup) as (app, pilot):
         assert "from worker zero" in log_text(app) and "from worker one" in log_text(app)
         await pilot.press("l")
         assert not app.query_one("#logbox").display
         await pilot.press("l")
         assert app.query_one("#logbox").display
-        await pilot.press("down", "enter")  # worker 1's log file and its own events
-        await settle(pilot)
+        await press(pilot, "down", "enter")  # worker 1's log file and its own events
         text = log_text(app)
         assert "ValueError: bad" in text and "from worker one" in text and "from worker zero" not in text
         assert "worker 1" in str(app.query_one("#logbox").border_title)
@@ -351,11 +348,9 @@ async def test_keys_log_pane_worker_log_and_help(tmp_path):
             f.write("a new line\n")
         await settle(pilot, 0.9)
         assert "a new line" in log_text(app)  # the tail follows the file
-        await pilot.press("escape")
-        await settle(pilot)
+        await press(pilot, "escape")
         assert "from worker zero" in log_text(app) and "ValueError" not in log_text(app)
-        await pilot.press("question_mark")
-        await settle(pilot)
+        await press(pilot, "question_mark")
         assert isinstance(app.screen, HelpScreen)
         from rich.console import Console
 
@@ -364,40 +359,29 @@ async def test_keys_log_pane_worker_log_and_help(tmp_path):
         help_text = console.export_text() + str(app.screen.query_one("#help-states").render())
         for word in ("pause", "restart", "stop", "quit", "log"):
             assert word in help_text.lower()
-        await pilot.press("escape")
-        await settle(pilot)
+        await press(pilot, "escape")
         assert not isinstance(app.screen, HelpScreen)
 
 
 async def test_quit_asks_while_workers_run_cancel_and_detach():
     s = Scripted(n=2).steady()
-    app = Dashboard(s.sup, refresh_s=0.05)
-    async with app.run_test(size=(100, 30)) as pilot:
-        await settle(pilot)
-        await pilot.press("q")
-        await settle(pilot)
+    async with dashboard(s.sup) as (app, pilot):
+        await press(pilot, "q")
         assert isinstance(app.screen, QuitScreen)
-        await pilot.press("c")
-        await settle(pilot)
+        await press(pilot, "c")
         assert not isinstance(app.screen, QuitScreen) and app.is_running
-        await pilot.press("ctrl+c")
-        await settle(pilot)
+        await press(pilot, "ctrl+c")
         assert isinstance(app.screen, QuitScreen)
-        await pilot.press("d")
-        await settle(pilot)
+        await press(pilot, "d")
     assert app.return_value == 0
     assert all(not s.launcher.latest(i).signals for i in range(2))  # detached: nobody was signalled
 
 
 async def test_quit_stop_waits_for_workers_to_commit_then_exits():
     s = Scripted(n=2).steady()
-    app = Dashboard(s.sup, refresh_s=0.05)
-    async with app.run_test(size=(100, 30)) as pilot:
-        await settle(pilot)
-        await pilot.press("q")
-        await settle(pilot)
-        await pilot.press("s")
-        await settle(pilot)
+    async with dashboard(s.sup) as (app, pilot):
+        await press(pilot, "q")
+        await press(pilot, "s")
         assert app.is_running and app.quitting
         assert all(s.launcher.latest(i).signals[-1] == (signal.SIGTERM, False) for i in range(2))
         assert "waiting for workers" in str(app.query_one("#title").render())
@@ -410,11 +394,8 @@ async def test_quit_stop_waits_for_workers_to_commit_then_exits():
 
 async def test_quit_without_running_workers_does_not_ask():
     s = Scripted(n=1).steady().finish()
-    app = Dashboard(s.sup, refresh_s=0.05)
-    async with app.run_test(size=(80, 24)) as pilot:
-        await settle(pilot)
-        await pilot.press("q")
-        await settle(pilot)
+    async with dashboard(s.sup, (80, 24)) as (app, pilot):
+        await press(pilot, "q")
     assert app.return_value == 0  # it exited: no question was asked
 
 
@@ -455,8 +436,7 @@ async def test_watch_follows_commit_records_read_only(tmp_path):
         assert row(app, 0)["state"].endswith("running") and row(app, 0)["batches"].strip() == "2/4"
         assert row(app, 1)["state"].endswith("waiting")
         assert "read-only" in str(app.query_one("#title").render())
-        await pilot.press("p", "S", "r")  # control keys do nothing in watch mode
-        await settle(pilot)
+        await press(pilot, "p", "S", "r")  # control keys do nothing in watch mode
         assert row(app, 0)["state"].endswith("running")
         # more commits appear (written "elsewhere"); the next poll reads only the new ones
         store = run.store
@@ -470,11 +450,9 @@ async def test_watch_follows_commit_records_read_only(tmp_path):
         await settle(pilot)
         assert row(app, 0)["state"].endswith("done") and row(app, 1)["state"].endswith("done")
         assert await eventually(pilot, lambda: "256" in str(app.query_one("#summary").render()))  # 4 commits x 64 tokens
-        await pilot.press("enter")
-        await settle(pilot)
+        await press(pilot, "enter")
         assert "megabatch 1: batches" in log_text(app)
-        await pilot.press("q")  # nothing of ours runs: no question
-        await settle(pilot)
+        await press(pilot, "q")  # nothing of ours runs: no question
     watcher.close()
 
 
@@ -557,8 +535,7 @@ async def test_real_workers_pause_kill_restart_and_finish(tiny_dir, tmp_path):
             await wait_for(pilot, lambda: all(row(app, i)["state"].endswith("done") for i in (0, 1)),
                            timeout=150, what="both done")
             assert "resuming at megabatch" in log_text(app)
-            await pilot.press("q")  # nothing runs any more: quits without asking
-            await settle(pilot)
+            await press(pilot, "q")  # nothing runs any more: quits without asking
     finally:
         sup.stop(None)
         sup.wait(timeout=30)

@@ -24,6 +24,7 @@ from collector.data import (
     load_registry,
     resolve_data_key,
 )
+from tests.fakes import fake_load_dataset
 from tests.modelfixtures import TOKENIZER_DIR
 from vaultsh.errors import ConfigError, UserError
 
@@ -230,23 +231,8 @@ def test_hub_source_needs_datasets(monkeypatch, tok):
 
 
 def test_hub_source_with_fake_datasets(monkeypatch):
-    calls = {}
-
-    class FakeDS:
-        def __init__(self, rows):
-            self.rows = rows
-
-        def shuffle(self, seed, buffer_size):
-            calls["shuffle"] = (seed, buffer_size)
-            return FakeDS(list(reversed(self.rows)))
-
-        def __iter__(self):
-            return iter(self.rows)
-
-    def load_dataset(repo, subset, split, streaming):
-        calls["load"] = (repo, subset, split, streaming)
-        return FakeDS([{"conversation": [{"role": "user", "content": f"msg {i}"}]} for i in range(3)])
-
+    load_dataset, calls = fake_load_dataset([{"conversation": [{"role": "user", "content": f"msg {i}"}]}
+                                             for i in range(3)])
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     docs = list(iter_documents(resolve_data_key("lmsys-chat"), seed=7))
     assert calls == {"load": ("lmsys/lmsys-chat-1m", None, "train", True), "shuffle": (7, D.DEFAULT_SHUFFLE_BUFFER)}

@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 from collector.config import load_config
 from collector.data import BatchStream, DataSpec
 from collector.mixing import interleave
+from tests.fakes import fake_load_dataset
 from tests.modelfixtures import TOKENIZER_DIR
 from vaultsh.errors import ConfigError, UserError
 
@@ -369,23 +370,7 @@ def test_chat_records_default_system_prompt_masked_not_deleted(tmp_path, tok):
 def test_hub_entry_goes_to_load_dataset_streaming_and_shuffled(monkeypatch, tok):
     import datasets
 
-    calls = {}
-
-    class FakeIterable:
-        def __init__(self, rows):
-            self.rows = rows
-
-        def shuffle(self, seed, buffer_size):
-            calls["shuffle"] = (seed, buffer_size)
-            return FakeIterable(self.rows[::-1])
-
-        def __iter__(self):
-            return iter(self.rows)
-
-    def load_dataset(path, name=None, split=None, streaming=False):
-        calls["load"] = (path, name, split, streaming)
-        return FakeIterable([{"text": f"web page {i}"} for i in range(6)])
-
+    load_dataset, calls = fake_load_dataset([{"text": f"web page {i}"} for i in range(6)])
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     entry = [{"name": "c4", "path": "allenai/c4", "subset": "en", "split": "validation", "streaming": True,
               "text_field": "text"}]

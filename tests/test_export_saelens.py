@@ -237,21 +237,18 @@ def write_two_hook_run(store, run="r", hooks=("a", "b"), n_files=3, bad_ids_at=N
         r.commit(CommitRecord(0, i, i, i + 1, recs, tokens=10))
 
 
-def test_hooks_with_different_tokens_are_refused_naming_file_and_position(tmp_path):
-    store = LocalStore(tmp_path / "v")
-    write_two_hook_run(store, bad_ids_at=("b", 1))
-    with pytest.raises(FormatError, match=r"b/w0000--0000001\.safetensors and .*a/w0000--0000001\.safetensors do not "
-                                          r"hold the same tokens \(sequence 1, position 3"):
+@pytest.mark.parametrize("flaw,match", [
+    (dict(bad_ids_at=("b", 1)),  # a token differs
+     r"b/w0000--0000001\.safetensors and .*a/w0000--0000001\.safetensors do not hold the same tokens "
+     r"\(sequence 1, position 3"),
+    (dict(missing_at=("b", 2)),  # a megabatch one hook lacks
+     r"a/w0000--0000002\.safetensors has no committed counterpart in .*/b \(worker 0, megabatch 2\)"),
+], ids=["different-tokens", "missing-megabatch"])
+def test_unaligned_hooks_are_refused_naming_file_and_position(tmp_path, flaw, match):
+    write_two_hook_run(LocalStore(tmp_path / "v"), **flaw)
+    with pytest.raises(FormatError, match=match):
         export_saelens(str(tmp_path / "v" / "r"), str(tmp_path / "o"), ["a", "b"])
     assert not list((tmp_path / "o" / "activations").glob("*.arrow"))
-
-
-def test_a_megabatch_one_hook_lacks_is_refused(tmp_path):
-    store = LocalStore(tmp_path / "v")
-    write_two_hook_run(store, missing_at=("b", 2))
-    with pytest.raises(FormatError, match=r"a/w0000--0000002\.safetensors has no committed counterpart in .*/b "
-                                          r"\(worker 0, megabatch 2\)"):
-        export_saelens(str(tmp_path / "v" / "r"), str(tmp_path / "o"), ["a", "b"])
 
 
 # -- the scaling factor ------------------------------------------------------------

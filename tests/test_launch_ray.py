@@ -40,22 +40,27 @@ def cluster():
         ray.shutdown()
 
 
+def write_cfg(tmp_path, model_dir, run_name: str, n_batches: int, seq_length: int, hook: str):
+    """A two-run pydoc config of the tiny model into the store tmp_path/vault, written to tmp_path/cfg.yaml."""
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump({
+        "run_name": run_name,
+        "num_runs": 2,
+        "transformer_config": {"model_name": str(model_dir), "dtype": "float32"},
+        "data_config": {"data_key": "pydoc", "n_batches": n_batches, "seq_length": seq_length, "batch_size": 2},
+        "upload_config": {"batches_per_upload": 2, "hooks": [hook]},
+        "storage": {"uri": str(tmp_path / "vault")},
+    }))
+    return cfg_path
+
+
 @pytest.mark.slow
 def test_two_workers_on_a_local_ray_cluster_with_a_retry(cluster, tiny_dir, tmp_path):
     """Both workers run as Ray tasks; worker 1 is SIGKILLed after its first commit, retried, and resumes."""
     from vaultsh.finalize import finalize
     from vaultsh.launch.ray import launch
 
-    tiny = tiny_dir
-    cfg_path = tmp_path / "cfg.yaml"
-    cfg_path.write_text(yaml.safe_dump({
-        "run_name": "ray.pydoc",
-        "num_runs": 2,
-        "transformer_config": {"model_name": str(tiny), "dtype": "float32"},
-        "data_config": {"data_key": "pydoc", "n_batches": 24, "seq_length": 32, "batch_size": 2},
-        "upload_config": {"batches_per_upload": 2, "hooks": ["residuals_1"]},
-        "storage": {"uri": str(tmp_path / "vault")},
-    }))
+    cfg_path = write_cfg(tmp_path, tiny_dir, "ray.pydoc", n_batches=24, seq_length=32, hook="residuals_1")
     plan = make_plan(cfg_path, workers=2, start=0, end=1)
     events: list[dict] = []
     killed: list[int] = []
@@ -102,16 +107,7 @@ def test_launch_without_wait_runs_in_a_detached_supervisor(cluster, tiny_dir, tm
 
     from vaultsh.launch.ray import NAMESPACE, launch
 
-    tiny = tiny_dir
-    cfg_path = tmp_path / "cfg.yaml"
-    cfg_path.write_text(yaml.safe_dump({
-        "run_name": "detached.pydoc",
-        "num_runs": 2,
-        "transformer_config": {"model_name": str(tiny), "dtype": "float32"},
-        "data_config": {"data_key": "pydoc", "n_batches": 4, "seq_length": 16, "batch_size": 2},
-        "upload_config": {"batches_per_upload": 2, "hooks": ["residuals_0"]},
-        "storage": {"uri": str(tmp_path / "vault")},
-    }))
+    cfg_path = write_cfg(tmp_path, tiny_dir, "detached.pydoc", n_batches=4, seq_length=16, hook="residuals_0")
     plan = make_plan(cfg_path)
     name = launch(plan, resources={"CPU": 1}, wait=False)
     assert name == "vaultsh-detached.pydoc-0-1"

@@ -17,40 +17,10 @@ from hypothesis import strategies as st
 
 import safetensors
 import safetensors.torch
+from tests.fakes import CountingStore
 from vaultsh import megabatch as mb
 from vaultsh.errors import FormatError, UserError
 from vaultsh.store.local import LocalStore
-
-
-class CountingStore:
-    """Proxy over a store that counts ranged reads, whole reads and bytes read."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.uri = inner.uri
-        self.range_calls: list[tuple[str, int, int]] = []
-        self.bytes_read = 0
-        self.get_bytes_calls = 0
-
-    def get_range(self, key, start, length):
-        data = self.inner.get_range(key, start, length)
-        self.range_calls.append((key, start, length))
-        self.bytes_read += len(data)
-        return data
-
-    def get_bytes(self, key):
-        data = self.inner.get_bytes(key)
-        self.get_bytes_calls += 1
-        self.bytes_read += len(data)
-        return data
-
-    def reset(self):
-        self.range_calls.clear()
-        self.bytes_read = 0
-        self.get_bytes_calls = 0
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 @pytest.fixture

@@ -117,32 +117,21 @@ COLLECT_HOOKS = ["residuals_0", "mlp_2"]
 def collected(tmp_path_factory):
     """(store root, run name): a complete collector run (3 megabatches per hook) plus one uncommitted file."""
     pytest.importorskip("transformers")
-    from collector.config import load_config
-    from vaultsh.events import EventSink
-    from collector.worker import run_worker
+    from .modelfixtures import collect_tiny_run
 
-    from .modelfixtures import make_tiny_llama_dir
-
-    tiny = make_tiny_llama_dir(tmp_path_factory.mktemp("tiny") / "model")
-    root = tmp_path_factory.mktemp("vault")
-    cfg = load_config({
-        "run_name": "tiny.reader",
-        "num_runs": 1,
-        "transformer_config": {"model_name": str(tiny), "dtype": "float32"},
-        "data_config": {"data_key": "pydoc", "n_batches": 6, "seq_length": 32, "batch_size": 2, "seed": 7,
-                        "clean_added_tokens": True},
-        "upload_config": {"batches_per_upload": 2, "hooks": COLLECT_HOOKS, "max_queued_megabatches": 2},
-        "storage": {"uri": str(root)},
-    })
-    result = run_worker(cfg, 0, sink=EventSink(0, callback=lambda e: None))
+    run_name = "tiny.reader"
+    _, root, result = collect_tiny_run(
+        tmp_path_factory, run_name,
+        {"data_key": "pydoc", "n_batches": 6, "seq_length": 32, "batch_size": 2, "seed": 7, "clean_added_tokens": True},
+        {"batches_per_upload": 2, "hooks": COLLECT_HOOKS, "max_queued_megabatches": 2})
     assert result["status"] == "complete" and result["megabatches"] == 3
     store = LocalStore(root)
-    run = Run(store, cfg.run_name)
+    run = Run(store, run_name)
     # A megabatch uploaded but never committed (the worker died before its commit record).
     for hook in COLLECT_HOOKS:
         last = run.committed_files(hook)[-1]
         store.put_bytes(run.megabatch_key(hook, 0, 3), store.get_bytes(last.key))
-    return root, cfg.run_name
+    return root, run_name
 
 
 def copy_store(src: LocalStore, dst) -> None:

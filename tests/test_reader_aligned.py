@@ -338,23 +338,12 @@ def test_data_provider_is_an_endless_iterator_of_bare_tensors(local_store):
 @pytest.fixture(scope="module")
 def collected_pair(tmp_path_factory):
     pytest.importorskip("transformers")
-    from collector.config import load_config
-    from vaultsh.events import EventSink
-    from collector.worker import run_worker
+    from .modelfixtures import collect_tiny_run
 
-    from .modelfixtures import make_tiny_llama_dir
-
-    tiny = make_tiny_llama_dir(tmp_path_factory.mktemp("tiny") / "model")
-    root = tmp_path_factory.mktemp("vault")
-    cfg = load_config({
-        "run_name": "pair",
-        "num_runs": 1,
-        "transformer_config": {"model_name": str(tiny), "dtype": "float32"},
-        "data_config": {"data_key": "pydoc", "n_batches": 4, "seq_length": 32, "batch_size": 2, "seed": 3},
-        "upload_config": {"batches_per_upload": 2, "hooks": ["blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"]},
-        "storage": {"uri": str(root)},
-    })
-    assert run_worker(cfg, 0, sink=EventSink(0, callback=lambda e: None))["status"] == "complete"
+    tiny, root, result = collect_tiny_run(
+        tmp_path_factory, "pair", {"data_key": "pydoc", "n_batches": 4, "seq_length": 32, "batch_size": 2, "seed": 3},
+        {"batches_per_upload": 2, "hooks": ["blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"]})
+    assert result["status"] == "complete"
     return tiny, root
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from typing import Any
 from vaultsh.errors import FormatError, NotFoundError, UserError
 from vaultsh.run import CommitRecord, Run, _dumps
 from vaultsh.stats import RunningStats, merge_all
@@ -104,6 +105,7 @@ def worker_stats_from_files(store: Store, commits: list[CommitRecord], hook: str
         if f is None:
             continue
         mb = read_megabatch(store, f.key, names=["states", "mask"])
+        assert mb.header is not None and mb.states is not None  # read_megabatch sets the header; states asked for
         if mb.header.format != "safetensors":
             raise FormatError(f"{store.child_uri(f.key)}: statistics can only be recomputed from safetensors files (they keep the mask)")
         s = RunningStats(int(mb.states.shape[-1])).update(mb.states, mb.mask)
@@ -201,7 +203,7 @@ def finalize(run: Run, *, recompute: bool = False, dry_run: bool = False) -> Fin
 
     workers = sorted(by_worker)
     missing = [w for w in range(num_runs) if w not in by_worker] if num_runs else []
-    totals = {
+    totals: dict[str, Any] = {
         "megabatches": len(commits),
         "files": sum(r.files for r in results.values()),
         "bytes": sum(r.bytes for r in results.values()),

@@ -77,10 +77,34 @@ def problem_lines(problems: list[Problem], limit: int = SCREEN_PROBLEMS) -> list
 
 
 @dataclass
-class VerifyReport:
-    """The outcome of one verify: counts and every problem found."""
+class ProblemReport:
+    """The outcome of checking one location (a run, an export): every problem found, and how to show it."""
 
     uri: str
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.problems else 0
+
+    def problem(self, uri: str, check: str, detail: str) -> None:
+        self.problems.append(Problem(uri, check, detail))
+
+    def problems_json(self) -> list[dict]:
+        return [{"uri": p.uri, "check": p.check, "detail": p.detail} for p in self.problems]
+
+    def to_json(self) -> dict:
+        raise NotImplementedError
+
+    def lines(self, limit: int = SCREEN_PROBLEMS) -> list[tuple[str, str]]:
+        """The report for a person, one screen: (style, text) lines."""
+        raise NotImplementedError
+
+
+@dataclass
+class VerifyReport(ProblemReport):
+    """The outcome of one verify: counts and every problem found."""
+
     runs: int = 0
     hooks: int = 0
     files: int = 0
@@ -90,7 +114,6 @@ class VerifyReport:
     no_checksum: int = 0
     scanned: int = 0
     uncommitted: int = 0
-    problems: list[Problem] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -99,10 +122,6 @@ class VerifyReport:
     @property
     def failed(self) -> bool:
         return bool(self.problems)
-
-    @property
-    def exit_code(self) -> int:
-        return 1 if self.problems else 0
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -116,7 +135,7 @@ class VerifyReport:
             "records": self.records, "hashed": self.hashed, "bytes_hashed": self.bytes_hashed,
             "no_checksum": self.no_checksum, "scanned": self.scanned, "uncommitted": self.uncommitted,
             "problem_counts": self.counts(),
-            "problems": [{"uri": p.uri, "check": p.check, "detail": p.detail} for p in self.problems],
+            "problems": self.problems_json(),
         }
 
     def summary_line(self) -> str:
@@ -251,10 +270,10 @@ def check_records(commits: list[CommitRecord], num_runs: int, uri_of: Callable[[
                     clashes.setdefault((prev.worker, prev.index, c.worker, c.index), []).append(b)
         by_key = {(c.worker, c.index): c for c in commits}
         for (w0, i0, w1, i1), batches in sorted(clashes.items()):
-            a, b = by_key[(w0, i0)], by_key[(w1, i1)]
+            first, second = by_key[(w0, i0)], by_key[(w1, i1)]
             problems.append(Problem(
                 hook_uri(hook), "overlap",
-                f"{a.files[hook].name} and {b.files[hook].name} both hold global batch{'es' if len(batches) > 1 else ''} "
+                f"{first.files[hook].name} and {second.files[hook].name} both hold global batch{'es' if len(batches) > 1 else ''} "
                 f"{_span(sorted(batches))} (records w{w0:04d}/{i0:07d} and w{w1:04d}/{i1:07d}): the same sequences stored twice"))
     return problems
 
@@ -322,7 +341,7 @@ def _shape_problems(job: _Job, header) -> list[Problem]:
         out.append(Problem(job.uri, "shape", f"input_ids {list(ids.shape)} do not match states {[n, t]}"))
     want = expected_dtype(job.meta)
     if want is not None and header.dtype != want:
-        out.append(Problem(job.uri, "dtype", f"states are {header.dtype}, metadata.json says {job.meta.get('dtype')}"))
+        out.append(Problem(job.uri, "dtype", f"states are {header.dtype}, metadata.json says {(job.meta or {}).get('dtype')}"))
     if header.hook is not None and header.hook != job.hook:
         out.append(Problem(job.uri, "hook", f"the header names hook {header.hook!r}, the file is in {job.hook!r}"))
     md = header.metadata
@@ -465,12 +484,13 @@ def verify(store: Store, key: str = "", *, nan: bool = False, threads: int = THR
         n_runs = _num_runs(cfg, commits)
         report.problems.extend(check_chunks(run, commits, uri))
         if commits:
-            report.problems.extend(check_records(
-                commits, n_runs,
-                lambda c, r=run: uri(r.commit_key(c.worker, c.index)),
-                lambda h, r=run: uri(r.hook_prefix(h).rstrip("/")),
-                only,
-            ))
+            def record_uri(c: CommitRecord, r: Run = run) -> str:
+                return uri(r.commit_key(c.worker, c.index))
+
+            def hook_uri(h: str, r: Run = run) -> str:
+                return uri(r.hook_prefix(h).rstrip("/"))
+
+            report.problems.extend(check_records(commits, n_runs, record_uri, hook_uri, only))
         hooks = only or sorted(set(run.hooks()) | {h for c in commits for h in c.files})
         for hook in hooks:
             report.hooks += 1

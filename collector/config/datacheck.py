@@ -56,7 +56,7 @@ def check_template(template: str) -> Optional[str]:
 def check_entries(entries: list, where: str, base_dir: Optional[Path]) -> tuple[list[str], list]:
     """Check `datasets` entries; returns (errors, entries with local paths made absolute)."""
     errors: list[str] = []
-    out = []
+    out: list = []
     seen: set[str] = set()
     if not entries:
         return [f"{where}: is empty (give at least one dataset)"], out

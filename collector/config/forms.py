@@ -477,6 +477,7 @@ def load_config(source: Union[str, os.PathLike, Mapping[str, Any]], *, name: Opt
 
     if errors:
         raise join_errors(label, errors)
+    assert data_cfg is not None and uri is not None  # without either there was an error above
 
     try:
         cfg = CollectConfig(

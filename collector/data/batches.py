@@ -181,7 +181,7 @@ class BatchStream:
         """(global index, rows if owned) of packed batches 0, 1, ... up to last."""
         from collector.packing import pack_rows
 
-        def encoded() -> Iterator[tuple[Any, Any, int]]:
+        def encoded() -> Iterator[tuple[Any, Any, tuple[int, int]]]:  # (ids, keep, (source, document))
             while True:
                 chunk = list(itertools.islice(docs, 64))
                 if not chunk:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from collector.data.specs import Document
 from vaultsh.errors import UserError
@@ -77,6 +77,10 @@ def find_default_system_block(tokenizer) -> _DefaultSystem | None:
     return _DefaultSystem(prefix=A[:end], start=start)
 
 
+# a rendered document: (text, add_special_tokens, masked char span of the default system turn)
+Rendered = tuple[str, bool, tuple[int, int] | None]
+
+
 class Encoder:
     """Renders documents and tokenises them into (ids, content mask) rows."""
 
@@ -104,7 +108,7 @@ class Encoder:
             self._sys = find_default_system_block(self.tok)
         return self._sys  # type: ignore[return-value]
 
-    def render(self, doc: Document) -> tuple[str, bool, tuple[int, int] | None]:
+    def render(self, doc: Document) -> Rendered:
         """(text, add_special_tokens, masked char span of the default system turn)."""
         if doc.messages is None:
             return doc.text or "", True, None
@@ -150,49 +154,50 @@ class Encoder:
                 else:
                     rows[i] = row
             todo, limit = again, limit * 4
+        out: list[dict] = []
         for r in rows:
+            assert r is not None  # every text has its row once nothing is left to do
             r["long"] = len(r["input_ids"]) > self.seq_length
-        return rows  # type: ignore[return-value]
+            out.append(r)
+        return out
+
+    @staticmethod
+    def _by_special(rendered: Sequence[Rendered]) -> Iterator[tuple[bool, list[int]]]:
+        """(add_special_tokens, the indices of the rendered documents that take it): one tokenizer call each."""
+        for add_special in (True, False):
+            idx = [i for i, r in enumerate(rendered) if r[1] is add_special]
+            if idx:
+                yield add_special, idx
+
+    def _encode_rendered(self, rendered: Sequence[Rendered], offsets: bool) -> list[dict]:
+        """_encode_group's row of each rendered document, in document order."""
+        rows: list[dict] = [{} for _ in rendered]
+        for add_special, idx in self._by_special(rendered):
+            for i, r in zip(idx, self._encode_group([rendered[i][0] for i in idx], add_special, offsets)):
+                rows[i] = r
+        return rows
 
     def too_long(self, docs: Sequence[Document]) -> list[bool]:
         """Whether each document has more than seq_length tokens (for skip_cache)."""
-        out: list[bool | None] = [None] * len(docs)
-        rendered = [self.render(d) for d in docs]
-        for add_special in (True, False):
-            idx = [i for i, r in enumerate(rendered) if r[1] is add_special]
-            if not idx:
-                continue
-            rows = self._encode_group([rendered[i][0] for i in idx], add_special, offsets=False)
-            for i, r in zip(idx, rows):
-                out[i] = r["long"]
-        return [bool(x) for x in out]
+        return [bool(r["long"]) for r in self._encode_rendered([self.render(d) for d in docs], offsets=False)]
 
     def lengths(self, docs: Sequence[Document]) -> list[int]:
         """Exact token count of each rendered document (for sort_by_length)."""
         out = [0] * len(docs)
         rendered = [self.render(d) for d in docs]
-        for add_special in (True, False):
-            idx = [i for i, r in enumerate(rendered) if r[1] is add_special]
-            if idx:
-                enc = self._tokenize([rendered[i][0] for i in idx], add_special, offsets=False)
-                for i, ids in zip(idx, enc["input_ids"]):
-                    out[i] = len(ids)
+        for add_special, idx in self._by_special(rendered):
+            enc = self._tokenize([rendered[i][0] for i in idx], add_special, offsets=False)
+            for i, ids in zip(idx, enc["input_ids"]):
+                out[i] = len(ids)
         return out
 
     def encode(self, docs: Sequence[Document]) -> list[tuple[Any, Any, bool]]:
         """(ids truncated to seq_length, content mask, was_longer) per document."""
         rendered = [self.render(d) for d in docs]
-        out: list[Any] = [None] * len(docs)
-        for add_special in (True, False):
-            idx = [i for i, r in enumerate(rendered) if r[1] is add_special]
-            if not idx:
-                continue
-            rows = self._encode_group([rendered[i][0] for i in idx], add_special, offsets=True)
-            for i, r in zip(idx, rows):
-                out[i] = self._mask_row(r, rendered[i])
-        return out
+        rows = self._encode_rendered(rendered, offsets=True)
+        return [self._mask_row(r, rd) for r, rd in zip(rows, rendered)]
 
-    def _mask_row(self, row: dict, rendered: tuple[str, bool, tuple[int, int] | None]) -> tuple[Any, Any, bool]:
+    def _mask_row(self, row: dict, rendered: Rendered) -> tuple[Any, Any, bool]:
         import numpy as np
 
         T = self.seq_length

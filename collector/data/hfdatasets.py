@@ -51,7 +51,7 @@ def iter_dataset_records(spec: SourceSpec, seed: int | None) -> Iterator[tuple[i
     if shuffle:
         import numpy as np
 
-        order = (int(i) for i in np.random.default_rng(seed).permutation(n))
+        order: Iterator[int] = (int(i) for i in np.random.default_rng(seed).permutation(n))
     else:
         order = iter(range(n))
     for i in _guard(order, where):

@@ -61,7 +61,7 @@ class SourceSpec:
 
     def to_dict(self) -> dict:
         """JSON-ready description (for cfg.json)."""
-        out = {
+        out: dict[str, Any] = {
             "data_key": self.key, "name": self.name, "source": self.source,
             "chat": self.chat, "template_name": self.template_name,
             "text_field": self.text_field, "template": self.template,

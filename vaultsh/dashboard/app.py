@@ -21,7 +21,7 @@ from textual.widgets import Footer, RichLog
 
 from vaultsh.dashboard import format as fmt
 from vaultsh.dashboard.screens import HelpScreen, QuitScreen
-from vaultsh.dashboard.widgets import Charts, SummaryPanel, TitleBar, WorkerTable
+from vaultsh.dashboard.widgets import Chart, Charts, SummaryPanel, TitleBar, WorkerTable
 from vaultsh.supervise.state import FAILED, STOPPED, LogLine
 from vaultsh.supervise.supervisor import SAMPLE_EVERY_S
 
@@ -147,8 +147,8 @@ class Dashboard(App):
             return
         self._history_len = sig
         every = getattr(src, "sample_every_s", SAMPLE_EVERY_S)
-        charts.query_one("#chart-tokens").show(list(src.tokens_history)[-n:], every)
-        charts.query_one("#chart-upload").show(list(src.upload_history)[-n:], every)
+        charts.query_one("#chart-tokens", Chart).show(list(src.tokens_history)[-n:], every)
+        charts.query_one("#chart-upload", Chart).show(list(src.upload_history)[-n:], every)
 
     def _draw_log(self, workers) -> None:
         log = self.query_one("#log", RichLog)
@@ -208,18 +208,20 @@ class Dashboard(App):
             self.notify(what, severity="warning", timeout=3)
         self.redraw(force=True)
 
-    def action_pause(self) -> None:
+    def _on_running(self, act: Callable[[int], list[int]]) -> None:
+        """`act` on the selected worker, which must be running."""
         i = self._selected()
         if i is not None:
-            self._after(self.source.toggle_pause(i), f"worker {i} is not running")
+            self._after(act(i), f"worker {i} is not running")
+
+    def action_pause(self) -> None:
+        self._on_running(self.source.toggle_pause)
 
     def action_pause_all(self) -> None:
         self._after(self.source.toggle_pause(None), "no worker is running")
 
     def action_stop(self) -> None:
-        i = self._selected()
-        if i is not None:
-            self._after(self.source.stop(i), f"worker {i} is not running")
+        self._on_running(self.source.stop)
 
     def action_stop_all(self) -> None:
         self._after(self.source.stop(None), "no worker is running")

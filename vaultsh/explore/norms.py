@@ -74,8 +74,9 @@ def norms(store, key: str, hook: str | None, *, factor: float = 5.0, massive_rat
         raise UserError(f"norms: --massive-ratio {massive_ratio}: use a number > 1")
     ref = one_hook(store, key, hook)
     all_norms: list[np.ndarray] = []
-    pos_sum = pos_cnt = None
-    max_abs = None
+    pos_sum: np.ndarray | None = None
+    pos_cnt: np.ndarray | None = None
+    max_abs: torch.Tensor | None = None
     cands: list[tuple[float, str, int, int, int, list, list, int]] = []  # per-file largest norms
     n_files = 0
     for fkey, mb in megabatches(store, ref, files, progress=progress):
@@ -83,7 +84,7 @@ def norms(store, key: str, hook: str | None, *, factor: float = 5.0, massive_rat
         n, t, d = states.shape
         n_files += 1
         nrm = states.to(torch.float32).norm(dim=-1)  # [N, T]
-        if pos_sum is None:
+        if pos_sum is None or pos_cnt is None or max_abs is None:  # the first file
             pos_sum, pos_cnt = np.zeros(t), np.zeros(t, dtype=np.int64)
             max_abs = torch.zeros(d)
         m = mask.numpy()
@@ -107,6 +108,7 @@ def norms(store, key: str, hook: str | None, *, factor: float = 5.0, massive_rat
         del cands[max_outliers:]
     if not all_norms:
         raise UserError(f"{store.child_uri(ref.key)}: no real (unmasked) tokens to measure")
+    assert pos_sum is not None and pos_cnt is not None and max_abs is not None  # made with the first file
     v = np.concatenate(all_norms)
     median = float(np.median(v))
     qs = {q: float(np.quantile(v, float(q))) for q in QUANTILES}

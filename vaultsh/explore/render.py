@@ -6,6 +6,8 @@ printed without markup, so a crafted token cannot inject escapes.
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import humanize
 from rich.console import Console
 from rich.text import Text
@@ -85,7 +87,7 @@ def render_heat(r: HeatResult, console: Console) -> None:
     _p(console, f"{safe_text(r.file)} #{r.sequence}: {r.value}, scale {lo} .. {r.scale:.4g} "
                 f"(grey: masked)", "bold")
     _p(console, heat_text(r))
-    if r.png:
+    if r.png and r.png_size:  # heat() sets both
         _p(console, f"wrote {safe_text(r.png)} ({r.png_size[0]}x{r.png_size[1]})", "dim")
 
 
@@ -106,15 +108,15 @@ def render_norms(r: NormsResult, console: Console) -> None:
     else:
         _p(console, f"  no massive dims (none >= {r.massive_ratio:g}x the median dim's max|x|)")
     _p(console, f"  outliers (norm >= {r.factor:g}x median = {r.factor * r.median_norm:.4g}): {r.outliers_total:,}")
-    for c in r.contexts:
-        head = Text(f"    {c['norm']:>10.4g}  {safe_text(c['file'].rsplit('/', 1)[-1])} seq {c['sequence']} "
-                    f"pos {c['position']}: ", style="cyan")
-        _p(console, head + _ctx_text(Context(**c["context"])))
+    for hit in r.contexts:
+        head = Text(f"    {hit['norm']:>10.4g}  {safe_text(hit['file'].rsplit('/', 1)[-1])} seq {hit['sequence']} "
+                    f"pos {hit['position']}: ", style="cyan")
+        _p(console, head + _ctx_text(Context(**hit["context"])))
     if r.written:
         _p(console, f"wrote {safe_text(r.written)}", "dim")
 
 
-RENDERERS = {GrepResult: render_grep, TopResult: render_top, SaeEvalResult: render_sae_eval,
+RENDERERS: dict[type, Callable[[Any, Console], None]] = {GrepResult: render_grep, TopResult: render_top, SaeEvalResult: render_sae_eval,
              HeatResult: render_heat, NormsResult: render_norms}
 
 

@@ -20,8 +20,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vaultsh.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 SAELENS_FILE = "sae_weights.safetensors"
 SPARSIFY_FILE = "sae.safetensors"
@@ -40,11 +44,11 @@ class SAE:
     source: str
     layout: str  # "saelens" or "sparsify"
     architecture: str  # "standard", "jumprelu", "topk"
-    W_enc: "object"  # [d_in, d_sae]
-    b_enc: "object"
-    W_dec: "object"  # [d_sae, d_in]
-    b_dec: "object"
-    threshold: "object | None" = None
+    W_enc: torch.Tensor  # [d_in, d_sae]
+    b_enc: torch.Tensor
+    W_dec: torch.Tensor  # [d_sae, d_in]
+    b_dec: torch.Tensor
+    threshold: torch.Tensor | None = None
     k: int | None = None
     subtract_b_dec: bool = True
 
@@ -83,6 +87,7 @@ class SAE:
         xin = x - self.b_dec if self.subtract_b_dec else x
         h = torch.relu(xin @ self.W_enc[:, f] + self.b_enc[f])
         if self.architecture == "jumprelu":
+            assert self.threshold is not None  # load_sae refuses a JumpReLU SAE without one
             h = h * (h > self.threshold[f])
         return h
 

@@ -84,6 +84,7 @@ def sae_eval(store, key: str, hook: str | None, ckpt: str, *, tokens: int = 100_
         reader.close()
     if n == 0:
         raise UserError(f"{store.child_uri(ref.key)}: no real (unmasked) tokens to evaluate on")
+    assert s1 is not None and s2 is not None  # made with the first batch
     sst = float((s2 - s1 * s1 / n).sum())
     freq = fired / n
     qs = torch.quantile(freq, torch.tensor([0.0, 0.5, 0.9, 0.99, 1.0], dtype=torch.float64))

@@ -86,6 +86,7 @@ def value_fn(*, dim: int | None = None, direction: str | None = None, sae: str |
         return ValueFn(f"direction {Path(direction).name}", lambda x: x @ v, d=int(v.shape[0]))
     from vaultsh.explore.sae import load_sae
 
+    assert sae is not None  # exactly one was chosen, and it was none of the others
     if feature is None:
         raise UserError("--sae CKPT needs --feature F")
     s = load_sae(sae)

@@ -12,37 +12,28 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from vaultsh.errors import FormatError, UserError
 from vaultsh.export.core import shard_intact
 from vaultsh.export.manifest import MANIFEST, load_manifest, stray_parquet
 from vaultsh.store import Store
-from vaultsh.verify import SCREEN_PROBLEMS, Problem, problem_lines
+from vaultsh.verify import SCREEN_PROBLEMS, ProblemReport, problem_lines
 
 
 @dataclass
-class ExportCheck:
+class ExportCheck(ProblemReport):
     """The outcome of checking one export directory."""
 
-    uri: str
     shards_total: int = 0
     shards_finished: int = 0
     rows: int = 0
     bytes: int = 0
-    problems: list[Problem] = field(default_factory=list)
-
-    @property
-    def exit_code(self) -> int:
-        return 1 if self.problems else 0
 
     def to_json(self) -> dict:
         return {"uri": self.uri, "kind": "export", "ok": not self.problems, "shards_total": self.shards_total,
                 "shards_finished": self.shards_finished, "rows": self.rows, "bytes": self.bytes,
-                "problems": [{"uri": p.uri, "check": p.check, "detail": p.detail} for p in self.problems]}
-
-    def problem(self, uri: str, check: str, detail: str) -> None:
-        self.problems.append(Problem(uri, check, detail))
+                "problems": self.problems_json()}
 
     def lines(self, limit: int = SCREEN_PROBLEMS) -> list[tuple[str, str]]:
         out = problem_lines(self.problems, limit)

@@ -144,7 +144,8 @@ def _count_tokens(plan: Plan, m: int, dec: Decoded) -> None:
 
 def _empty_decoded(plan: Plan) -> Decoded:
     t, d = plan.shape["seq_len"], plan.shape["d_model"]
-    labels = {n: (np.zeros([0] + list(rest), dtype=RAW_NUMPY[dt]), dt) for n, (dt, rest) in plan.label_types.items()}
+    labels: dict[str, tuple[np.ndarray, str]] = {
+        n: (np.zeros([0] + list(rest), dtype=RAW_NUMPY[dt]), dt) for n, (dt, rest) in plan.label_types.items()}
     return Decoded(np.zeros((0, t, d), dtype=RAW_NUMPY[plan.shape["stored_dtype"]]), plan.shape["stored_dtype"],
                    np.zeros((0, t), dtype=RAW_NUMPY[plan.shape["ids_dtype"]]), np.zeros((0, t), dtype=bool), labels, 0)
 
@@ -412,7 +413,7 @@ def _write_shuffled(src, out: Store, plan: Plan, todo, schema, row_bytes, option
     in_memory = needed <= budget
     spill = shuffle.Spill(None if in_memory else shuffle.spill_dir(tmp_dir))
     try:
-        if not in_memory:
+        if spill.directory is not None:  # not in memory
             shuffle.check_space(spill.directory, needed)
         progress.phase("shuffling", sum(f["size"] for f in files), sum(f["rows"] for f in files))
         rng = shuffle.deal_rng(options.seed)

@@ -97,6 +97,7 @@ def write_shard(
     def write(f) -> None:
         start = f.tell()
         local = _has_fd(f)  # a real file (LocalStore's temp file), not a multipart upload stream
+        put: Callable[[Block], object]
         if fast:
             w = FastParquetWriter(f, schema, kwargs["compression"])
             put = w.write_block

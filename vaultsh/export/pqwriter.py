@@ -50,7 +50,8 @@ SUPPORTED = {
 # --------------------------------------------------------------------------
 # Thrift compact protocol (only what the Parquet footer and page headers use)
 # --------------------------------------------------------------------------
-_CT = {"bool": None, "i8": 3, "i32": 5, "i64": 6, "bin": 8, "list": 9, "struct": 12}
+# compact type codes; a bool field's code is its value (1 true, 2 false), and no list holds bools
+_CT: dict[str, int] = {"i8": 3, "i32": 5, "i64": 6, "bin": 8, "list": 9, "struct": 12}
 
 
 def _varint(out: bytearray, n: int) -> None:
@@ -264,9 +265,9 @@ class FastParquetWriter:
             if leaf.physical == _BOOLEAN:
                 parts.append(np.packbits(page_rows.reshape(-1), bitorder="little").tobytes())
             elif runs:
-                parts += [memoryview(np.ascontiguousarray(c).reshape(-1)).cast("B") for c in page_rows.chunks()]
+                parts += [np.ascontiguousarray(c).reshape(-1).data.cast("B") for c in page_rows.chunks()]
             else:
-                parts.append(memoryview(page_rows.reshape(-1)).cast("B"))
+                parts.append(page_rows.reshape(-1).data.cast("B"))
             body_len = sum(memoryview(p).nbytes for p in parts)
             if codec is not None:
                 body = codec.compress(b"".join(bytes(p) for p in parts), asbytes=True)
@@ -303,7 +304,7 @@ class FastParquetWriter:
                             (10, "struct", [(3, "struct", [])])])
                 els.append([(3, "i32", _REPEATED), (4, "bin", "list"), (5, "i32", 1)])
                 name = "element"
-            logical = [(leaf.logical, "struct", [])] if leaf.logical else None
+            logical: list | None = [(leaf.logical, "struct", [])] if leaf.logical else None
             els.append([(1, "i32", leaf.physical), (2, "i32", leaf.type_length), (3, "i32", _REQUIRED),
                         (4, "bin", name), (6, "i32", leaf.converted), (10, "struct", logical)])
         return els

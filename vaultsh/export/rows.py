@@ -28,10 +28,13 @@ BF16_CAST = "(x.astype(np.uint32) << 16).view(np.float32)  # or torch.from_numpy
 Block = dict  # name -> np.ndarray, same first dimension
 
 
-def resolve_dtype(requested: str, stored: str) -> str:
-    """The states dtype of the export: `auto` keeps float32/16/64 and widens bf16/fp8 to float32."""
-    if requested not in OUT_DTYPES:
-        raise UserError(f"--dtype {requested!r} is not allowed; use one of {', '.join(OUT_DTYPES)}")
+def resolve_dtype(requested: str, stored: str, allowed: tuple[str, ...] = OUT_DTYPES, fmt: str = "") -> str:
+    """The states dtype of the export: `auto` keeps float32/16/64 and widens bf16/fp8 to float32.
+
+    `requested` must be one of `allowed`; `fmt` names the --format that allows only those."""
+    if requested not in allowed:
+        with_fmt = f" with --format {fmt}" if fmt else ""
+        raise UserError(f"--dtype {requested!r} is not allowed{with_fmt}; use one of {', '.join(allowed)}")
     if requested != "auto":
         return requested
     return {"F32": "float32", "F16": "float16", "F64": "float64"}.get(stored, "float32")

@@ -44,6 +44,7 @@ import numpy as np
 
 from vaultsh.errors import FormatError, UserError
 from vaultsh.export.rows import convert_states
+from vaultsh.export.rows import resolve_dtype as resolve_out_dtype
 from vaultsh.export.source import Decoded, Fetcher, Source, load, open_source
 
 ACTIVATIONS = "activations"
@@ -136,11 +137,7 @@ def _shape_of(src: Source) -> tuple[int, int, str]:
 
 def resolve_dtype(requested: str, stored: str) -> str:
     """Array2D dtype: `auto` keeps float32/16/64 and widens bf16/fp8 to float32 (Arrow has no bfloat16)."""
-    if requested not in DTYPES:
-        raise UserError(f"--dtype {requested!r} is not allowed with --format saelens; use one of {', '.join(DTYPES)}")
-    if requested != "auto":
-        return requested
-    return {"F32": "float32", "F16": "float16", "F64": "float64"}.get(stored, "float32")
+    return resolve_out_dtype(requested, stored, DTYPES, "saelens")
 
 
 def make_plan(run_uri: str, hooks: list[str], dtype: str, batches_per_shard: int) -> tuple[dict, list[Source]]:
@@ -154,7 +151,7 @@ def make_plan(run_uri: str, hooks: list[str], dtype: str, batches_per_shard: int
     run_uri = str(run_uri).rstrip("/")
     sources = [open_source(f"{run_uri}/{h}") for h in hooks]
     files = _align(sources)
-    shapes = {}
+    shapes: dict[str, dict[str, Any]] = {}
     for s in sources:
         t, d, stored = _shape_of(s)
         shapes[s.hook] = {"seq_len": t, "d_in": d, "stored_dtype": stored, "dtype": resolve_dtype(dtype, stored)}
@@ -541,8 +538,9 @@ def _finish(out: Path, plan: dict, manifest: dict, act_features, tok_features) -
         info = {"citation": "", "description": f"vaultsh export of {src}: {what} (SAELens cached-activations layout)",
                 "features": feats.to_dict(), "homepage": "", "license": ""}
         _save_json(out / sub / "dataset_info.json", info)
-        state = {"_data_files": files, "_fingerprint": f"{fp}{sub[:1]}", "_format_columns": None,
-                 "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False, "_split": None}
+        state: dict[str, Any] = {"_data_files": files, "_fingerprint": f"{fp}{sub[:1]}", "_format_columns": None,
+                                 "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
+                                 "_split": None}
         _save_json(out / sub / "state.json", state)
 
 

@@ -95,7 +95,7 @@ class Spill:
         """Spill the rows `idx` of `block` for each (shard, idx); returns bytes written."""
         if not self.columns:
             self.columns = [_Column(k, a.dtype, tuple(a.shape[1:])) for k, a in block.items()]
-        if self.in_memory:  # the gathered copy is the piece: no file written and read back
+        if self.directory is None:  # in memory: the gathered copy is the piece, no file written and read back
             written = 0
             for s, idx in by_shard:
                 part = take(block, idx)
@@ -111,7 +111,7 @@ class Spill:
                 self.pieces.setdefault(s, []).append((path, written, len(idx)))
                 for c in self.columns:
                     data = np.ascontiguousarray(part[c.name])
-                    f.write(memoryview(data).cast("B"))
+                    f.write(data.data.cast("B"))
                     written += data.nbytes
         self.bytes += written
         return written

@@ -12,7 +12,7 @@ import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -221,11 +221,13 @@ class Fetcher:
         self._free: list[np.ndarray] = []
         self._free_lock = threading.Lock()
         self._keep = keep_buffers
+        self._read_with_retries: Callable[..., int] | None
         try:
             from vaultsh.reader.fetch import read_with_retries
         except ImportError:  # pragma: no cover - the reader is optional here
-            read_with_retries = None
-        self._read_with_retries = read_with_retries
+            self._read_with_retries = None
+        else:
+            self._read_with_retries = read_with_retries
 
     def close(self) -> None:
         self.stop.set()
@@ -263,7 +265,7 @@ class Fetcher:
         """The object's `size` bytes as a uint8 array (a FormatError if it is shorter or longer)."""
         uri = store.child_uri(key)
         buf = self._buffer(size + 1)  # one spare byte tells a longer object
-        mv = memoryview(buf)
+        mv = buf.data
         # ranges over the object, the last one a byte longer: no extra request just for the spare byte
         parts = [(s, min(RANGE_BYTES, size - s)) for s in range(0, size, RANGE_BYTES)] or [(0, 0)]
         parts[-1] = (parts[-1][0], parts[-1][1] + 1)
@@ -278,7 +280,7 @@ class Fetcher:
 def _array(data, header: MegabatchHeader, name: str) -> np.ndarray:
     info = header.tensors[name]
     count = int(np.prod(info.shape)) if info.shape else 1
-    arr = np.frombuffer(data, dtype=RAW_NUMPY[info.dtype], count=count, offset=header.data_offset + info.start)
+    arr: np.ndarray = np.frombuffer(data, dtype=RAW_NUMPY[info.dtype], count=count, offset=header.data_offset + info.start)
     return arr.reshape(info.shape)
 
 

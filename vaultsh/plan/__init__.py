@@ -235,7 +235,7 @@ def make_plan(
         warnings.append("data.packing: the source_segments provenance tensor (40 bytes per document piece) is "
                         "not in the byte counts (it depends on the document lengths)")
     inference = getattr(cfg, "inference", None)
-    if inference is not None and getattr(inference, "max_new_tokens", 0):
+    if inference is not None and getattr(inference, "max_new_tokens", None):
         if not getattr(inference, "save_activations", True):
             warnings.append("inference.save_activations is false: only generated text is stored, "
                             "no megabatch files (the storage figures do not apply)")
@@ -307,14 +307,14 @@ def _time_section(cfg: Any, specs: list, plan: Plan, measure: bool, batches: int
         out["tokens_per_s"] = m.tokens_per_s
         out["run_s"] = slowest["run_s"]
         out["upload_bytes_per_s_needed"] = max(r["upload_bytes_per_s_needed"] for r in per_worker)
+        out["bottleneck"] = None
         if upload_bps:
             out["bottleneck"] = "upload" if out["upload_bytes_per_s_needed"] > upload_bps else "compute"
-        else:
-            out["bottleneck"] = None
-        if out["bottleneck"] == "upload":
-            plan.warnings.append(
-                f"upload is the bottleneck: a worker produces {out['upload_bytes_per_s_needed'] / 1e6:,.1f} MB/s "
-                f"but the store takes {upload_bps / 1e6:,.1f} MB/s; the forward pass will wait on the upload queue")
+            if out["bottleneck"] == "upload":
+                plan.warnings.append(
+                    f"upload is the bottleneck: a worker produces {out['upload_bytes_per_s_needed'] / 1e6:,.1f} "
+                    f"MB/s but the store takes {upload_bps / 1e6:,.1f} MB/s; the forward pass will wait on the "
+                    "upload queue")
         if m.peak_device_bytes is not None and plan.memory.limit and m.peak_device_bytes > plan.memory.limit:
             plan.warnings.append("measured peak GPU memory exceeds the limit")
     return out

@@ -164,7 +164,7 @@ def estimate_memory(m: MemoryInputs) -> MemoryEstimate:
         limit_source=m.limit_source,
         fits=None if m.limit is None else per_dev <= m.limit,
     )
-    if est.fits is False:
+    if est.fits is False and m.limit is not None:  # (it fits unless there is a limit)
         size = humanize.naturalsize
         best = largest_batch_that_fits(m)
         est.suggested_batch_size = best

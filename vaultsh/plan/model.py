@@ -254,8 +254,9 @@ def _formula_params(shape: ModelShape, tied: bool = False) -> None:
     shape.exact_params = False
 
 
-def _apply_overrides(shape: ModelShape, overrides: Mapping[str, int]) -> ModelShape:
-    o = {k: v for k, v in overrides.items() if v is not None and k != "params"}
+def _apply_overrides(shape: ModelShape, overrides: Mapping[str, Optional[int]]) -> ModelShape:
+    # ModelShape's int fields by name (n_layers, d_model, ...): Any, as replace() cannot tell which they are
+    o: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None and k != "params"}
     if not o and overrides.get("params") is None:
         return shape
     changed_arch = any(getattr(shape, k) != v for k, v in o.items())

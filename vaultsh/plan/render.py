@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any, Optional
 import humanize
 
 if TYPE_CHECKING:  # pragma: no cover
+    from rich.console import JustifyMethod
+
     from vaultsh.plan import Plan
 
 
@@ -66,11 +68,12 @@ def render_plan(plan: "Plan") -> Any:
                       f"(stops at {fw['stops_at']}; {fw['layers_skipped']} layers and the LM head never run)"))
 
     st = Table(title="storage", title_justify="left", show_edge=False)
-    for col, just in (("hook", "left"), ("tokens", "right"), ("files", "right"), ("per megabatch", "right"),
-                      ("total", "right")):
+    columns: tuple[tuple[str, JustifyMethod], ...] = (("hook", "left"), ("tokens", "right"), ("files", "right"),
+                                                     ("per megabatch", "right"), ("total", "right"))
+    for col, just in columns:
         st.add_column(col, justify=just, overflow="fold")
-    for h in plan.storage:
-        st.add_row(h.hook, count(h.tokens), count(h.files), size(h.bytes_per_megabatch), size(h.bytes))
+    for hs in plan.storage:
+        st.add_row(hs.hook, count(hs.tokens), count(hs.files), size(hs.bytes_per_megabatch), size(hs.bytes))
     t = plan.totals
     st.add_section()
     st.add_row("total", count(t["tokens"]), count(t["files"]), size(t["bytes_per_megabatch"]), size(t["bytes"]),
@@ -148,8 +151,8 @@ def render_plan(plan: "Plan") -> Any:
             ct.add_row("cost", "-", "no prices given (--price-gb-month, --price-put-1k, --price-get-1k)")
         parts.append(ct)
 
-    for w in plan.warnings:
-        parts.append(Text(f"warning: {w}", style="bold yellow"))
+    for warning in plan.warnings:
+        parts.append(Text(f"warning: {warning}", style="bold yellow"))
     for n in plan.notes:
         parts.append(Text(f"note: {n}", style="dim"))
     return Group(*parts)

@@ -20,7 +20,7 @@ from vaultsh.reader.prefetch import FetchOptions, FileTask, Item, Part, Prefetch
 from vaultsh.reader.progress import Counters, ReaderStats
 from vaultsh.reader.stage import (NORMALIZE_MODES, Norm, Staged, StagedPart, Stager, normalizer, parse_dtype,
                                   seed_of)
-from vaultsh.reader.tokens import Batcher, Mixer
+from vaultsh.reader.tokens import Batcher, Columns, Mixer
 from vaultsh.run import FileRecord, Run
 from vaultsh.stats import RunningStats
 
@@ -76,6 +76,10 @@ def _hook_dirs(run: str | os.PathLike, hooks: Sequence[str]) -> list[str]:
 def _align_key(f: FileRecord) -> tuple:
     """What names the same megabatch in every hook directory (and in runs made over the same data)."""
     return ("mb", f.worker, f.index) if f.worker is not None and f.index is not None else ("name", f.name)
+
+
+def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
+    return sum(x.numel() * x.element_size() for x in tensors)
 
 
 def _whole(name: str, v: Any, lo: int) -> int:
@@ -546,7 +550,7 @@ class ActivationReader:
             src = self._sources[p.source]
             view = buf if len(task.parts) == 1 else buf[p.offset : p.offset + p.size]
             if self.verify == "sha256" and p.sha256:
-                dec.check_sha256(memoryview(view.numpy()).cast("B"), p.sha256, p.uri)
+                dec.check_sha256(view.numpy().data.cast("B"), p.sha256, p.uri)
             d = dec.decode(view, p.uri, labels=self.return_labels and not self.tokens)
             dec.check(d, p.uri, src.shape, src.dtype, p.n_sequences)
             parts.append(StagedPart(p.source, d.states, d.input_ids, d.mask, d.labels, p.uri, d.source))
@@ -593,6 +597,7 @@ class ActivationReader:
     def _handle_error(self, item: Item) -> None:
         """on_error="skip": warn, log and count a bad file; otherwise (or a network error) raise."""
         exc = item.error
+        assert exc is not None  # called for a failed item
         if isinstance(exc, Closed):
             raise UserError("the reader was closed during iteration")
         content = (isinstance(exc, (FormatError, NotFoundError)) and not isinstance(exc, TransientExhausted)
@@ -602,16 +607,28 @@ class ActivationReader:
         reason = str(exc)
         self._counters.skipped(item.task.uri, reason)
         logger.warning("skipping %s: %s", item.task.uri, reason)
-        warnings.warn(f"vaultsh reader: skipping {item.task.uri}: {reason}", SkippedFileWarning, stacklevel=4)
+        # stacklevel: past _take, _megabatches/_token_batches and _iterate, to the code iterating the reader
+        warnings.warn(f"vaultsh reader: skipping {item.task.uri}: {reason}", SkippedFileWarning, stacklevel=5)
         self._files_done += 1
+
+    def _take(self, item: Item, stager: Stager) -> Staged | None:
+        """A prefetched file's staged tensors, delivered to `stager` and counted; None for a file that failed
+        (after _handle_error skipped it, or raised)."""
+        if item.error is not None:
+            self._handle_error(item)
+            return None
+        st = item.staged
+        assert st is not None  # an item without an error is staged
+        stager.deliver(st)
+        self._counters.add(files_read=1, sequences=st.sequences, positions=st.positions)
+        self._counters.drop(st.dropped)
+        return st
 
     def _megabatches(self, pf: Prefetcher, stager: Stager):
         for item in pf.items():
-            if item.error is not None:
-                self._handle_error(item)
+            st = self._take(item, stager)
+            if st is None:
                 continue
-            st = item.staged
-            stager.deliver(st)
             out: dict[str, Any] = {"states": self._shape(st.states)}
             if self.return_ids:
                 out["input_ids"] = st.input_ids
@@ -623,9 +640,7 @@ class ActivationReader:
                 out["source"] = st.source
             if self.return_file:
                 out["file"], out["file_index"] = item.task.uri, item.task.pos
-            self._counters.add(files_read=1, sequences=st.sequences, tokens=st.tokens, positions=st.positions,
-                               batches=1, states_bytes=sum(x.numel() * x.element_size() for x in st.states))
-            self._counters.drop(st.dropped)
+            self._counters.add(tokens=st.tokens, batches=1, states_bytes=_nbytes(st.states))
             try:
                 yield out
             finally:
@@ -647,19 +662,18 @@ class ActivationReader:
                 out["input_ids"] = cols[len(xs)]
             if self.return_source:
                 out["source"] = cols[-1]
-            self._counters.add(batches=1, tokens=cols[0].shape[0],
-                               states_bytes=sum(x.numel() * x.element_size() for x in xs))
+            self._counters.add(batches=1, tokens=cols[0].shape[0], states_bytes=_nbytes(xs))
             return out
 
         for item in pf.items():
-            if item.error is not None:
-                self._handle_error(item)
+            st = self._take(item, stager)
+            if st is None:
                 continue
-            st = item.staged
-            stager.deliver(st)
-            self._counters.add(files_read=1, sequences=st.sequences, positions=st.positions)
-            self._counters.drop(st.dropped)
-            cols = [*st.states, st.input_ids] + ([st.source] if self.return_source else [])
+            assert st.input_ids is not None  # token mode: the stager keeps the ids (aligned through the mixer)
+            cols: Columns = [*st.states, st.input_ids]
+            if self.return_source:
+                assert st.source is not None  # asked for
+                cols.append(st.source)
             pf.done(item)
             self._files_done += 1
             if self.shuffle_buffer:
@@ -667,14 +681,15 @@ class ActivationReader:
                     per_file = max((s.shape[0] * s.shape[1] for s in self._sources if s.shape),
                                    default=st.positions)
                     mixer = Mixer(self.shuffle_buffer * max(1, per_file), g)
-                cols = mixer.add(cols)
-                if cols is None:
+                mixed = mixer.add(cols)
+                if mixed is None:
                     continue
+                cols = mixed
             yield from (emit(b) for b in batcher.push(cols))
         if mixer is not None:
-            cols = mixer.drain()
-            if cols is not None:
-                yield from (emit(b) for b in batcher.push(cols))
+            drained = mixer.drain()
+            if drained is not None:
+                yield from (emit(b) for b in batcher.push(drained))
         rest = batcher.flush()
         if rest is not None and not self.drop_last:
             yield emit(rest)

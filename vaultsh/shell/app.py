@@ -23,7 +23,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import IO, Iterable, Iterator
+from typing import IO, TYPE_CHECKING, Iterable, Iterator
 
 from rich.console import Console
 
@@ -33,6 +33,9 @@ from vaultsh.shell.commands import ExitShell
 from vaultsh.shell.context import ShellContext, open_shell_location, safe_text
 from vaultsh.shell.registry import REGISTRY, split_commands, split_words
 from vaultsh.shell.render import json_text, render
+
+if TYPE_CHECKING:  # prompt_toolkit is imported only when the shell prompts
+    from prompt_toolkit import PromptSession
 
 HISTORY_ENV = "VAULTSH_HISTORY"
 DEBUG_ENV = "VAULTSH_DEBUG"
@@ -101,7 +104,7 @@ class Shell:
         self.json_mode = json_mode
         self.interactive = interactive
         self._history = history
-        self._ask_session = None
+        self._ask_session: PromptSession[str] | None = None
         self.ctx = ShellContext(
             store, "", _console(self.stdout), _console(self.stderr),
             interactive=interactive, ask=self._ask if interactive else None,

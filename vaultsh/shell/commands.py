@@ -300,6 +300,7 @@ def _ids_and_mask(store, key: str) -> tuple[list[list[int]], list[list[bool]]]:
     from vaultsh.megabatch import read_megabatch
 
     mb = read_megabatch(store, key, names=["input_ids", "mask"])
+    assert mb.input_ids is not None and mb.mask is not None  # asked for (the mask is all-true without one)
     return mb.input_ids.tolist(), mb.mask.tolist()
 
 
@@ -320,6 +321,7 @@ def _sources(ctx: ShellContext, store, t: "Target", header) -> list[dict] | None
             names = source_names(Run(ctx.store, t.run).read_metadata(t.hook))
         except UserError:
             names = None
+    assert src is not None  # the header has it (and pt files never do)
     return [as_dict(row, names) for row in src.tolist()]
 
 

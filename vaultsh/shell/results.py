@@ -104,13 +104,10 @@ class Tally(Result):
 
     @property
     def megabatches(self) -> Group:
-        g = Group("megabatches", committed=0, committed_bytes=0)
-        for h in self.hooks.values():
-            g.files += h.files
-            g.bytes += h.bytes
-            g.committed += h.committed or 0
-            g.committed_bytes += h.committed_bytes or 0
-        return g
+        hooks = self.hooks.values()
+        return Group("megabatches", files=sum(h.files for h in hooks), bytes=sum(h.bytes for h in hooks),
+                     committed=sum(h.committed or 0 for h in hooks),
+                     committed_bytes=sum(h.committed_bytes or 0 for h in hooks))
 
     def to_json(self):
         return {

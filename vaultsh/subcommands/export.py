@@ -10,6 +10,10 @@ import argparse
 import shlex
 import sys
 import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -65,7 +69,7 @@ class _RichProgress:
             DownloadColumn(binary_units=True), TransferSpeedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
             console=console, disable=quiet,
         )
-        self.task = None
+        self.task: TaskID | None = None
         self.rows = 0
         self.total_rows = 0
         self.lock = threading.Lock()
@@ -86,6 +90,7 @@ class _RichProgress:
 
     def advance(self, src_bytes: int, rows: int) -> None:
         with self.lock:
+            assert self.task is not None  # the export calls phase() first
             self.rows += rows
             self.bar.update(self.task, advance=src_bytes, rows=f"{self.rows:,}/{self.total_rows:,}")
 

@@ -16,7 +16,7 @@ from vaultsh.errors import NotFoundError, UserError
 from vaultsh.store import open_location
 
 if TYPE_CHECKING:  # pragma: no cover
-    from rich.console import Console
+    from rich.console import Console, JustifyMethod
 
 _JSON_LIMIT = 1 << 20
 
@@ -128,7 +128,9 @@ def _print_summary(store, key, summary, console: "Console") -> None:
 
     console.print(f"[bold]run[/] {_safe(store.child_uri(key))}", soft_wrap=True)
     table = Table()
-    for col, justify in (("hook", "left"), ("committed", "right"), ("size", "right"), ("tokens", "right"), ("uncommitted", "right")):
+    columns: tuple[tuple[str, JustifyMethod], ...] = (("hook", "left"), ("committed", "right"), ("size", "right"),
+                                                     ("tokens", "right"), ("uncommitted", "right"))
+    for col, justify in columns:
         table.add_column(col, justify=justify)
     for h in summary.hooks.values():
         table.add_row(_safe(h.hook), f"{h.megabatches:,}", humanize.naturalsize(h.bytes, binary=True), f"{h.tokens:,}", str(h.uncommitted or ""))

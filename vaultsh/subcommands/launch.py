@@ -182,6 +182,7 @@ def _ray(plan, args) -> int:
     with HeadlessPrinter() as printer:
         results = rl.launch(plan, resources=resources, address=args.address, wait=True, retries=args.retries,
                             on_event=printer)
+    assert not isinstance(results, str)  # with wait=True: the workers' results, not the supervisor's name
     for r in results:
         extra = f": {r.error}" if r.error else ""
         tries = f" after {r.attempts} attempts" if r.attempts > 1 else ""

@@ -28,12 +28,13 @@ def run(args) -> int:
     from vaultsh.errors import UserError
     from vaultsh.export.check import check_export, holds_export
     from vaultsh.store import open_location, open_store
-    from vaultsh.verify import verify
+    from vaultsh.verify import ProblemReport, verify
 
     if args.threads < 1:
         raise UserError(f"--threads {args.threads}: use a whole number >= 1")
     store, key = open_location(args.uri)
     err = Console(stderr=True, highlight=False)
+    report: ProblemReport
     if holds_export(store, key):  # an export's OUT: its shards, not megabatches
         report = check_export(open_store(args.uri, create=False))
     elif args.json or not err.is_terminal:

@@ -21,6 +21,7 @@ import socket
 import socketserver
 import struct
 import threading
+from typing import cast
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -63,7 +64,7 @@ class _Rule:
 
 def _read_head(rfile) -> bytes:
     """Read a request/response head up to and including the blank line."""
-    lines = []
+    lines: list[bytes] = []
     size = 0
     while True:
         line = rfile.readline(_MAX_HEAD + 1)
@@ -170,7 +171,7 @@ class FaultProxy:
     @property
     def url(self) -> str:
         assert self._server is not None, "start the proxy first"
-        host, port = self._server.server_address[:2]
+        host, port = cast("tuple[str, int]", self._server.server_address[:2])  # an AF_INET server
         return f"http://{host}:{port}"
 
     # -- lifecycle -------------------------------------------------------------
@@ -195,6 +196,7 @@ class FaultProxy:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+            assert self._thread is not None  # started with the server
             self._thread.join(timeout=5)
             self._server = None
 

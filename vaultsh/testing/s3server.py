@@ -76,7 +76,7 @@ def speed_up_moto_dispatch() -> None:
     def cached():
         return iter(modules)
 
-    cached._vaultsh_cached = True
+    cached._vaultsh_cached = True  # type: ignore[attr-defined]  # marks moto as patched
     backends.list_of_moto_modules = cached
 
 
@@ -147,9 +147,10 @@ def _serve_ranges_in_place() -> bool:
         finally:
             _tls.ranged = False
 
-    ranged_get_object._vaultsh_ranges = True
-    FakeKey.value = property(value, value_prop.fset)
-    S3Response.get_object = ranged_get_object
+    # monkeypatching moto's classes: the assignments mypy refuses are the point
+    ranged_get_object._vaultsh_ranges = True  # type: ignore[attr-defined]
+    FakeKey.value = property(value, value_prop.fset)  # type: ignore[method-assign, assignment]
+    S3Response.get_object = ranged_get_object  # type: ignore[method-assign]
     return True
 
 
@@ -349,9 +350,11 @@ class CountingRelay:
         self.stop()
 
     def _accept_loop(self) -> None:
+        listener = self._listener
+        assert listener is not None  # start() made it before starting this thread
         while not self._closing:
             try:
-                down, _ = self._listener.accept()
+                down, _ = listener.accept()
             except OSError:
                 return
             try:
