@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
+from vaultsh.dtypes import activault_dtype_name
 from vaultsh.errors import FormatError, NotFoundError, StoreError, UserError
 from vaultsh.stats import RunningStats, merge_all
 from vaultsh.store.base import ObjectInfo, Store, normalize_key
@@ -51,7 +52,6 @@ __all__ = [
     "RunSummary",
     "Run",
     "metadata_for",
-    "torch_dtype_name",
 ]
 
 CFG = "cfg.json"
@@ -296,16 +296,6 @@ def _loads(data: str | bytes, where: str) -> Any:
         raise FormatError(f"{where}: not valid JSON ({e})") from None
 
 
-def torch_dtype_name(dtype: Any) -> str:
-    """Activault's spelling of a dtype, e.g. 'torch.bfloat16' (RCache evals it)."""
-    s = str(dtype)
-    if s.startswith("torch."):
-        return s
-    if not re.fullmatch(r"[a-z0-9_]+", s):
-        raise ValueError(f"not a dtype name: {dtype!r}")
-    return "torch." + s
-
-
 def metadata_for(
     *,
     batch_size: int,
@@ -330,8 +320,8 @@ def metadata_for(
     `[batch_size * batches_per_file, sequence_length, d_in]`. `bytes_per_file`
     is left out when unknown (as Activault does before its first upload).
     """
-    model_dtype = torch_dtype_name(dtype)
-    stored = torch_dtype_name(storage_dtype) if storage_dtype is not None else model_dtype
+    model_dtype = activault_dtype_name(dtype)
+    stored = activault_dtype_name(storage_dtype) if storage_dtype is not None else model_dtype
     if format not in FORMATS:
         raise ValueError(f"unknown megabatch format {format!r}; allowed: {', '.join(FORMATS)}")
     n = batch_size * batches_per_file

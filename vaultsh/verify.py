@@ -33,8 +33,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Callable
 
+from vaultsh.dtypes import code_of_name
 from vaultsh.errors import NotFoundError, UserError
-from vaultsh.megabatch import DTYPES
 from vaultsh.run import CFG, INTERNAL, METADATA, CommitRecord, FileRecord, Run, megabatch_format, parse_megabatch_name
 from vaultsh.store.base import Store
 
@@ -269,11 +269,7 @@ def expected_dtype(meta: dict | None) -> str | None:
     name = (meta or {}).get("dtype")
     if not isinstance(name, str):
         return None
-    attr = name.replace("torch.", "")
-    for st, (a, _) in DTYPES.items():
-        if a == attr:
-            return st
-    return None
+    return code_of_name(name)
 
 
 @dataclass

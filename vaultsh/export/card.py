@@ -13,8 +13,7 @@ import json
 import posixpath
 from typing import Any
 
-import numpy as np
-
+from vaultsh.dtypes import BY_CODE, raw_numpy
 from vaultsh.export.manifest import MANIFEST, SPLIT, Manifest
 from vaultsh.export.rows import BF16_CAST
 
@@ -35,9 +34,7 @@ def _code(text: Any) -> str:
 
 
 def _np_name(st_dtype: str) -> str:
-    from vaultsh.export.source import RAW_NUMPY
-
-    return {"BF16": "bfloat16", "BOOL": "bool"}.get(st_dtype) or np.dtype(RAW_NUMPY[st_dtype]).name
+    return raw_numpy(st_dtype).name if st_dtype.startswith("F8") else BY_CODE[st_dtype].name
 
 
 def render_card(manifest: Manifest, vaultsh_version: str) -> str:

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from vaultsh.dtypes import numpy_float
 from vaultsh.errors import FormatError, UserError
 from vaultsh.export.rows import convert_states
 from vaultsh.export.source import Decoded, Fetcher, Source, load, open_source
@@ -140,7 +141,7 @@ def resolve_dtype(requested: str, stored: str) -> str:
         raise UserError(f"--dtype {requested!r} is not allowed with --format saelens; use one of {', '.join(DTYPES)}")
     if requested != "auto":
         return requested
-    return {"F32": "float32", "F16": "float16", "F64": "float64"}.get(stored, "float32")
+    return numpy_float(stored) or "float32"
 
 
 def make_plan(run_uri: str, hooks: list[str], dtype: str, batches_per_shard: int) -> tuple[dict, list[Source]]:

@@ -16,18 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from vaultsh.dtypes import from_torch_dtype, raw_numpy
 from vaultsh.errors import FormatError, NotFoundError, UserError
 from vaultsh.megabatch import HEADER_PROBE_BYTES, MegabatchHeader, parse_header, read_header
 from vaultsh.run import METADATA, FileRecord, Run, megabatch_format
 from vaultsh.store import Store, open_location
 
-# safetensors dtype name -> numpy dtype of the raw values (bf16/fp8 kept as raw bits)
-RAW_NUMPY = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
-    "F8_E4M3": np.uint8, "F8_E5M2": np.uint8,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
-    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
-}
 PROBE_THREADS = 16
 RANGE_BYTES = 16 << 20
 FETCH_THREADS = 16
@@ -131,8 +125,6 @@ def _pt_info(store: Store, rec: FileRecord) -> FileInfo:
 
 
 def _st_name(dtype) -> str:
-    from vaultsh.megabatch import from_torch_dtype
-
     return from_torch_dtype(dtype)
 
 
@@ -278,7 +270,7 @@ class Fetcher:
 def _array(data, header: MegabatchHeader, name: str) -> np.ndarray:
     info = header.tensors[name]
     count = int(np.prod(info.shape)) if info.shape else 1
-    arr = np.frombuffer(data, dtype=RAW_NUMPY[info.dtype], count=count, offset=header.data_offset + info.start)
+    arr = np.frombuffer(data, dtype=raw_numpy(info.dtype), count=count, offset=header.data_offset + info.start)
     return arr.reshape(info.shape)
 
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 
 from vaultsh.errors import FormatError
-from vaultsh.megabatch import MAX_HEADER_BYTES, SOURCE, _load_pt, parse_header, to_torch_dtype
+from vaultsh.dtypes import to_torch_dtype, torch_dtype_by_name
+from vaultsh.megabatch import MAX_HEADER_BYTES, SOURCE, _load_pt, parse_header
 
 _PROBE = 64 << 10
 
@@ -43,9 +44,7 @@ def metadata_dtype(md: dict | None) -> torch.dtype | None:
     raw = (md.get("storage_dtype") or md.get("dtype")) if md else None
     if not isinstance(raw, str):
         return None
-    name = raw[len("torch."):] if raw.startswith("torch.") else raw
-    dt = getattr(torch, name, None) if name.replace("_", "").isalnum() else None
-    return dt if isinstance(dt, torch.dtype) else None
+    return torch_dtype_by_name(raw)
 
 
 def check_sha256(mv: memoryview, expected: str, uri: str) -> None:

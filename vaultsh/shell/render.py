@@ -134,10 +134,10 @@ def _(h: InspectHeader, console: Console) -> None:
     _p(console, RULE)
     _p(console, f"Model: {safe_text(h.model or '?')}")
     _p(console, f"Hook: {safe_text(h.hook or '?')}")
-    from vaultsh.megabatch import DTYPES
+    from vaultsh.dtypes import BY_CODE
 
     dtype = hd.dtype if "states" in hd.tensors else "?"
-    torch_name = DTYPES.get(dtype, ("?",))[0]
+    torch_name = BY_CODE[dtype].name if dtype in BY_CODE else "?"
     size = f"   size: {_size(hd.file_size)} ({hd.file_size:,} bytes)" if hd.file_size is not None else ""
     _p(console, f"Format: {hd.format}   dtype: {dtype} (torch.{torch_name}){size}")
     _p(console)
