@@ -49,7 +49,7 @@ SOURCE_SEGMENTS = "source_segments"  # int64 [M, 5]: (row, position, source, doc
 SOURCE_COLUMNS = ("source_index", "document_index", "token_offset")
 SEGMENT_COLUMNS = ("row", "position", "source_index", "document_index", "token_offset")
 FORMAT_VERSION = 1
-EXTENSIONS = {"safetensors": ".safetensors", "pt": ".saved.pt"}
+EXTENSIONS = {"safetensors": ".safetensors", "pt": ".saved.pt"}  # format name -> file suffix (the only such map)
 
 HEADER_PROBE_BYTES = 64 << 10  # first ranged read of read_header
 MAX_HEADER_BYTES = 100_000_000  # same limit as safetensors

@@ -33,6 +33,7 @@ from typing import Any, Iterable
 
 from vaultsh.dtypes import activault_dtype_name
 from vaultsh.errors import FormatError, NotFoundError, StoreError, UserError
+from vaultsh.megabatch import EXTENSIONS
 from vaultsh.stats import RunningStats, merge_all
 from vaultsh.store.base import ObjectInfo, Store, normalize_key
 
@@ -43,7 +44,6 @@ __all__ = [
     "OUTLIERS",
     "INTERNAL",
     "MAX_JSON_BYTES",
-    "FORMATS",
     "megabatch_name",
     "parse_megabatch_name",
     "FileRecord",
@@ -68,11 +68,9 @@ MAX_JSON_BYTES = 16 * 1024 * 1024
 COMMIT_FORMAT = "vaultsh-commit"
 COMMIT_VERSION = 1
 
-# format name -> file suffix
-FORMATS = {"safetensors": ".safetensors", "pt": ".saved.pt"}
-_SUFFIX_TO_FORMAT = {v: k for k, v in FORMATS.items()}
+_SUFFIX_TO_FORMAT = {v: k for k, v in EXTENSIONS.items()}  # megabatch.EXTENSIONS: format name -> file suffix
 
-_NAME_RE = re.compile(r"^w(\d{4,})--(\d{7,})(\.safetensors|\.saved\.pt)$")
+_NAME_RE = re.compile(r"^w(\d{4,})--(\d{7,})(" + "|".join(map(re.escape, EXTENSIONS.values())) + r")$")
 _COMMIT_RE = re.compile(r"^w(\d{4,})/(\d{7,})\.json$")
 _PARTIAL_RE = re.compile(r"^w(\d{4,})/(.+)/(\d{7,})\.safetensors$")
 _PARALLEL_READS = 16
@@ -95,9 +93,9 @@ def megabatch_name(worker: int, index: int, fmt: str = "safetensors") -> str:
     """
     _check_nonneg("worker", worker)
     _check_nonneg("index", index)
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown megabatch format {fmt!r}; allowed: {', '.join(FORMATS)}")
-    return f"w{worker:04d}--{index:07d}{FORMATS[fmt]}"
+    if fmt not in EXTENSIONS:
+        raise ValueError(f"unknown megabatch format {fmt!r}; allowed: {', '.join(EXTENSIONS)}")
+    return f"w{worker:04d}--{index:07d}{EXTENSIONS[fmt]}"
 
 
 def parse_megabatch_name(name: str) -> tuple[int, int] | None:
@@ -115,9 +113,9 @@ def parse_megabatch_name(name: str) -> tuple[int, int] | None:
 
 def megabatch_format(name: str) -> str | None:
     """'safetensors' or 'pt' from a file name's suffix (Activault's `.saved.pt`/`.pt` -> 'pt')."""
-    if name.endswith(".safetensors"):
+    if name.endswith(EXTENSIONS["safetensors"]):
         return "safetensors"
-    if name.endswith(".pt"):
+    if name.endswith(".pt"):  # EXTENSIONS["pt"], and Activault's other spellings
         return "pt"
     return None
 
@@ -322,8 +320,8 @@ def metadata_for(
     """
     model_dtype = activault_dtype_name(dtype)
     stored = activault_dtype_name(storage_dtype) if storage_dtype is not None else model_dtype
-    if format not in FORMATS:
-        raise ValueError(f"unknown megabatch format {format!r}; allowed: {', '.join(FORMATS)}")
+    if format not in EXTENSIONS:
+        raise ValueError(f"unknown megabatch format {format!r}; allowed: {', '.join(EXTENSIONS)}")
     n = batch_size * batches_per_file
     md: dict[str, Any] = {
         "batch_size": batch_size,
