@@ -16,12 +16,12 @@ from typing import Any
 from vaultsh.dtypes import BY_CODE, raw_numpy
 from vaultsh.export.manifest import MANIFEST, SPLIT, Manifest
 from vaultsh.export.rows import BF16_CAST
+from vaultsh.terminal import inert
 
 
 def _md(text: Any) -> str:
     """Untrusted text made inert in Markdown (no HTML, links or tables)."""
-    s = str(text)
-    s = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in s)
+    s = inert(text)
     for ch in "\\`*_{}[]<>()#|!":
         s = s.replace(ch, "\\" + ch)
     return s
@@ -29,7 +29,7 @@ def _md(text: Any) -> str:
 
 def _code(text: Any) -> str:
     """Untrusted text for a Markdown code span: printable, no backticks."""
-    s = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in str(text))
+    s = inert(text)
     return s.replace("`", "'").replace("|", "\\|")
 
 

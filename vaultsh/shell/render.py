@@ -7,9 +7,7 @@ token cannot inject terminal escapes or markup.
 
 from __future__ import annotations
 
-import json
 import textwrap
-import unicodedata
 from datetime import timezone
 from functools import singledispatch
 
@@ -17,7 +15,6 @@ import humanize
 from rich.console import Console
 from rich.text import Text
 
-from vaultsh.shell.context import safe_text
 from vaultsh.shell.results import (
     GetResult,
     HelpResult,
@@ -35,6 +32,7 @@ from vaultsh.shell.results import (
     TokensResult,
     VerifyReport,
 )
+from vaultsh.terminal import json_text, safe_text
 
 RULE = "-" * 40
 MASK_OPEN, MASK_CLOSE = "«", "»"
@@ -254,12 +252,6 @@ def _(s: StatsResult, console: Console) -> None:
     for lo, hi, c in zip(s.hist_edges, s.hist_edges[1:], s.hist_counts):
         bar = "█" * max(1 if c else 0, round(30 * c / top))
         _p(console, f"    {lo:>10.4g} – {hi:<10.4g} {bar} {c}")
-
-
-def json_text(data) -> str:
-    """Pretty JSON with every control character (C0, DEL, C1) escaped."""
-    text = json.dumps(data, indent=2, ensure_ascii=False, default=str)
-    return "".join(f"\\u{ord(c):04x}" if unicodedata.category(c) == "Cc" and c != "\n" else c for c in text)
 
 
 @render.register
