@@ -12,7 +12,7 @@ import signal
 from collections import deque
 from dataclasses import dataclass, field
 
-from vaultsh.dashboard import format as fmt  # plain number formatting (humanize); no textual
+from vaultsh import fmt  # plain number formatting (humanize); no textual
 
 # Display states, in the order a healthy worker goes through them.
 QUEUED = "queued"

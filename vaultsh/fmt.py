@@ -1,4 +1,5 @@
-"""Short, fixed-width renderings of numbers for table cells (no textual import)."""
+"""Numbers for people: short, fixed-width renderings for table cells and status lines (humanize, no
+textual), shared by the dashboard, the supervisor and the shell."""
 
 from __future__ import annotations
 
@@ -23,6 +24,11 @@ def size(n: float | None) -> str:
     if n < 1000:
         return f"{n:.0f} B"
     return humanize.naturalsize(n, format="%.1f")
+
+
+def binary_size(n: float) -> str:
+    """Bytes in binary units, as the shell prints them: '1.2 GiB', '340.0 MiB', '12 Bytes'."""
+    return humanize.naturalsize(n, binary=True)
 
 
 def short_size(n: float | None) -> str:
