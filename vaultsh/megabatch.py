@@ -574,7 +574,7 @@ def _weights_only_reason(e: BaseException) -> str:
     return type(e).__name__
 
 
-def _load_pt(data: bytes, key: str | None) -> dict:
+def load_pt(data: bytes, key: str | None) -> dict:
     """torch.load(weights_only=True) of untrusted bytes, validated as an Activault dict."""
     import pickle
 
@@ -602,7 +602,8 @@ def _load_pt(data: bytes, key: str | None) -> dict:
     return obj
 
 
-def _pt_header(obj: dict, file_size: int | None) -> MegabatchHeader:
+def pt_header(obj: dict, file_size: int | None) -> MegabatchHeader:
+    """The header of a loaded Activault dict (`load_pt`): tensor dtypes and shapes as if laid out like safetensors."""
     tensors: dict[str, TensorInfo] = {}
     pos = 0
     for name in ("states", "input_ids"):
@@ -625,8 +626,8 @@ def _probe(store, key: str) -> tuple[MegabatchHeader, dict | None]:
     n = _header_len(buf, size, key)
     if n is None:
         data = store.get_bytes(key)
-        obj = _load_pt(data, key)
-        return _pt_header(obj, len(data)), obj
+        obj = load_pt(data, key)
+        return pt_header(obj, len(data)), obj
     if len(buf) < 8 + n:
         buf += store.get_range(key, len(buf), 8 + n - len(buf))
     return parse_header(buf, size, key), None
@@ -688,8 +689,8 @@ def read_megabatch(store, key: str, names: list[str] | None = None) -> Megabatch
         data = store.get_bytes(key)
         header = parse_header(data, len(data), key)
         if header.format == "pt":
-            obj = _load_pt(data, key)
-            return _megabatch_from_pt(obj, _pt_header(obj, len(data)), None, key)
+            obj = load_pt(data, key)
+            return _megabatch_from_pt(obj, pt_header(obj, len(data)), None, key)
         mv = memoryview(data)
         fetch = lambda info: mv[header.data_offset + info.start : header.data_offset + info.end]  # noqa: E731
     else:
@@ -775,7 +776,7 @@ def read_sequence(store, key: str, i: int, header: MegabatchHeader | None = None
     if header.format == "pt":
         j = _check_index(header, i, key)
         if obj is None:
-            obj = _load_pt(store.get_bytes(key), key)
+            obj = load_pt(store.get_bytes(key), key)
         s, ids = obj["states"], obj["input_ids"]
         return {
             "index": j,
@@ -818,7 +819,7 @@ def iter_states_chunks(
     per = max(1, chunk_bytes // max(1, t * d * BY_CODE[header.dtype].itemsize))
     if header.format == "pt":
         if obj is None:
-            obj = _load_pt(store.get_bytes(key), key)
+            obj = load_pt(store.get_bytes(key), key)
         states = obj["states"]
         for s in range(0, n, per):
             yield s, states[s : s + per]
@@ -853,7 +854,7 @@ def scan_states(
     n, t, d = header.n_sequences, header.seq_len, header.d_model
     total_bytes = header.tensors["states"].nbytes
     if header.format == "pt" and pt_obj is None:
-        pt_obj = _load_pt(store.get_bytes(key), key)
+        pt_obj = load_pt(store.get_bytes(key), key)
 
     if pt_obj is not None:
         chunks: Iterator = _slices(pt_obj["states"], n, chunk_bytes)

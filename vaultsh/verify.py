@@ -398,9 +398,9 @@ def check_file(store: Store, job: _Job, nan: bool, advance: Callable[[int], None
 def _read_records(run: Run, report: VerifyReport, uri: Callable[[str], str]) -> list[CommitRecord]:
     """Every readable commit record; each unreadable one is a problem (the others are still checked)."""
     out: list[CommitRecord] = []
-    for t in run._commit_keys():
+    for t in run.list_commit_keys():
         try:
-            rec = run._read_commit(t)
+            rec = run.read_commit(t)
         except UserError as exc:
             report.problems.append(Problem(uri(t[2]), "records", str(exc).replace(uri(t[2]) + ": ", "")))
             continue
@@ -424,7 +424,7 @@ def check_chunks(run: Run, commits: list[CommitRecord], uri: Callable[[str], str
                 rec = by_key.get(key)
                 if rec is None:
                     continue  # its record is gone: readers ignore the copy
-                copy = run._parse_commit(e.get("record"), w, i, where)
+                copy = run.parse_commit(e.get("record"), w, i, where)
                 if copy != rec and e.get("size") == len(run.record_bytes(rec)):
                     out.append(Problem(where, "chunks", f"its copy of {uri(key)} differs from the record "
                                                         "(readers would take the copy): delete the chunk"))

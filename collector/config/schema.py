@@ -299,6 +299,13 @@ class CollectConfig(StrictModel):
 
     __hash__ = None  # type: ignore[assignment]
 
+    def set_origin(self, source: str, fields: dict[str, str], hook_fields: dict[str, str], warnings: list[str]) -> None:
+        """Where this config came from and how the user spelled its fields and hooks (`forms` sets it on loading)."""
+        self._source = source
+        self._fields = fields
+        self._hook_fields = hook_fields
+        self._warnings = warnings
+
     @property
     def source(self) -> str:
         """The file (or '<config>') this config was loaded from."""

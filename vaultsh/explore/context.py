@@ -90,12 +90,12 @@ def read_tokens(io: ByteCounter, key: str, size: int | None = None) -> Tokens:
         size = io.store.head(key).size
     header, prefix = _read_header(io, key, size)
     if header is None:  # .saved.pt: no random access into a pickle
-        from vaultsh.megabatch import _load_pt, _pt_header
+        from vaultsh.megabatch import load_pt, pt_header
 
         data = io.get_bytes(key)
-        obj = _load_pt(data, key)
+        obj = load_pt(data, key)
         ids = obj["input_ids"].numpy()
-        return Tokens(key, ids, np.ones(ids.shape, dtype=bool), _pt_header(obj, len(data)))
+        return Tokens(key, ids, np.ones(ids.shape, dtype=bool), pt_header(obj, len(data)))
     out = {}
     for name in ("input_ids", "mask"):
         info = header.tensors.get(name)

@@ -50,7 +50,7 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _prefetched(fn: Callable[[Any], Any], items: Iterable[Any], pool: ThreadPoolExecutor, depth: int = 2) -> Iterator[Any]:
+def prefetched(fn: Callable[[Any], Any], items: Iterable[Any], pool: ThreadPoolExecutor, depth: int = 2) -> Iterator[Any]:
     """fn(item) for each item, in order, computed up to `depth` items ahead on `pool`."""
     items = list(items)
     futs: list[Future] = []
@@ -384,7 +384,7 @@ def _write_in_order(src, out: Store, plan: Plan, todo, schema, options, workers,
         shard = plan.shards[i]
 
         def blocks():
-            for m, dec in _prefetched(fetch, range(*shard["files"]), io_pool, depth=3):
+            for m, dec in prefetched(fetch, range(*shard["files"]), io_pool, depth=3):
                 if stop.is_set():
                     raise Stopped("export interrupted")
                 _count_tokens(plan, m, dec)
@@ -423,7 +423,7 @@ def _write_shuffled(src, out: Store, plan: Plan, todo, schema, row_bytes, option
         fetch = _checked_loader(fetcher, src, plan)
 
         try:
-            for m, dec in _prefetched(fetch, range(len(files)), io_pool):
+            for m, dec in prefetched(fetch, range(len(files)), io_pool):
                 if stop.is_set():
                     raise Stopped("export interrupted")
                 _count_tokens(plan, m, dec)

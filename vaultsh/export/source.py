@@ -116,9 +116,9 @@ class FileInfo:
 
 
 def _pt_info(store: Store, rec: FileRecord) -> FileInfo:
-    from vaultsh.megabatch import _load_pt  # torch only for Activault pickles
+    from vaultsh.megabatch import load_pt  # torch only for Activault pickles
 
-    obj = _load_pt(store.get_bytes(rec.key), store.child_uri(rec.key))
+    obj = load_pt(store.get_bytes(rec.key), store.child_uri(rec.key))
     s, ids = obj["states"], obj["input_ids"]
     n, t, d = s.shape
     return FileInfo(rec.name, rec.size, n, t, d, _st_name(s.dtype), _st_name(ids.dtype), n * t)
@@ -302,10 +302,10 @@ def decode(data, key: str, uri: str) -> Decoded:
 def _decode_pt(data, key: str, uri: str) -> Decoded:
     import torch
 
-    from vaultsh.megabatch import _load_pt
+    from vaultsh.megabatch import load_pt
 
     try:
-        obj = _load_pt(bytes(data), key)
+        obj = load_pt(bytes(data), key)
     except FormatError as exc:
         raise FormatError(_with_uri(str(exc), key, uri)) from None
     s, ids = obj["states"], obj["input_ids"]
