@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vaultsh.dtypes import to_torch_dtype
 from vaultsh.errors import ConfigError
 
-_DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,6 @@ def _max_memory(spec: str | None) -> dict | None:
 
 def load_model_and_tokenizer(model_cfg: Any):
     """Load (model, tokenizer) as the config says; the model is in eval mode."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from collector.config import missing_packages
@@ -152,7 +151,7 @@ def load_model_and_tokenizer(model_cfg: Any):
         dtype = getattr(model_cfg, "dtype", "float16")
         if dtype != "auto":
             # float16 matmuls are slow or unsupported on many CPUs: compute in float32 there.
-            kwargs["dtype"] = getattr(torch, _DTYPES[dtype] if device != "cpu" or dtype != "float16" else "float32")
+            kwargs["dtype"] = to_torch_dtype(dtype if device != "cpu" or dtype != "float16" else "float32")
         max_memory = _max_memory(getattr(model_cfg, "max_per_device_memory", None))
         if max_memory:
             kwargs["device_map"] = "auto"

@@ -2,7 +2,7 @@
 
 `submit()` blocks while `max_pending` jobs are queued or running, so the
 forward loop waits for the store instead of growing memory without bound.
-Each job is retried with exponential backoff; a job that still fails is
+Each job is retried with exponential backoff (`vaultsh.store.retry`); a job that still fails is
 recorded and re-raised in the submitting thread by `check()`.
 """
 
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from vaultsh.errors import UserError
+from vaultsh.store.retry import RetryPolicy
 
 
 class UploadFailed(UserError):
@@ -71,19 +72,10 @@ class Uploader:
     def _run(self, label: str, nbytes: int, job: Callable[[], object]):
         ok = False
         try:
-            for attempt in range(1, self.attempts + 1):
-                try:
-                    result = job()
-                    ok = True
-                    return result
-                except UserError as exc:
-                    if attempt == self.attempts or not _retryable(exc):
-                        raise
-                    self._retry(label, attempt, exc)
-                except OSError as exc:
-                    if attempt == self.attempts:
-                        raise
-                    self._retry(label, attempt, exc)
+            policy = RetryPolicy(attempts=self.attempts, backoff=self.backoff)
+            result = policy.call(job, retryable=_retryable, on_retry=lambda attempt, exc: self._retry(label, attempt, exc))
+            ok = True
+            return result
         except BaseException as exc:
             with self._lock:
                 if self._error is None:
@@ -97,7 +89,6 @@ class Uploader:
             self.stats.retries += 1
         if self.on_retry:
             self.on_retry(label, attempt, exc)
-        time.sleep(self.backoff * (2 ** (attempt - 1)))
 
     def _release(self, nbytes: int, ok: bool) -> None:
         with self._lock:
@@ -121,6 +112,8 @@ class Uploader:
             self.check()
 
 
-def _retryable(exc: UserError) -> bool:
-    """Only faults the store marks transient are retried; a bad bucket or credentials are final."""
-    return bool(getattr(exc, "retryable", False))
+def _retryable(exc: Exception) -> bool:
+    """Only faults the store marks transient (and OS errors) are retried; a bad bucket or credentials are final."""
+    if isinstance(exc, UserError):
+        return bool(getattr(exc, "retryable", False))
+    return isinstance(exc, OSError)

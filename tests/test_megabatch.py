@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 import safetensors
 import safetensors.torch
 from tests.fakes import CountingStore
+from vaultsh import dtypes
 from vaultsh import megabatch as mb
 from vaultsh.errors import FormatError, UserError
 from vaultsh.store.local import LocalStore
@@ -82,7 +83,7 @@ def test_round_trip_exact(store, dtype):
         assert torch.equal(got.labels[k], v)
     h = got.header
     assert (h.n_sequences, h.seq_len, h.d_model) == (4, 6, 8)
-    assert h.dtype == mb.from_torch_dtype(dtype)
+    assert h.dtype == dtypes.from_torch_dtype(dtype)
     assert h.label_names == ["score", "source"]
     assert h.hook == "blocks.3.hook_resid_post" and h.model == "SmolLM2"
     assert h.metadata["megabatch"] == "7" and h.metadata["lr"] == "0.5"
@@ -173,15 +174,16 @@ def test_write_rejects_bad_arguments(store):
 
 
 def test_dtype_table_round_trips():
-    for name in mb.DTYPES:
+    for name in dtypes.CODES:
+        assert dtypes.raw_numpy(name).itemsize == dtypes.itemsize(name) == dtypes.itemsize(dtypes.BY_CODE[name].name)
         try:
-            dt = mb.to_torch_dtype(name)
+            dt = dtypes.to_torch_dtype(name)
         except FormatError:
             continue  # not in this torch
-        assert mb.from_torch_dtype(dt) == name
-        assert torch.empty(0, dtype=dt).element_size() == mb.dtype_itemsize(name)
+        assert dtypes.from_torch_dtype(dt) == name
+        assert torch.empty(0, dtype=dt).element_size() == dtypes.itemsize(name)
     with pytest.raises(FormatError):
-        mb.dtype_itemsize("F128")
+        dtypes.itemsize("F128")
 
 
 def test_module_imports_without_torch():

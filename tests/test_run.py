@@ -139,13 +139,13 @@ def test_commit_iter_and_last_index(store):
 
 def _count_reads(run: Run) -> list[str]:
     reads: list[str] = []
-    real = run._read_commit
+    real = run.read_commit
 
     def counting(t):
         reads.append(t[2])
         return real(t)
 
-    run._read_commit = counting
+    run.read_commit = counting
     return reads
 
 

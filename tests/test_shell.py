@@ -465,8 +465,8 @@ def test_a_refreshed_run_summary_reads_only_new_commit_records(tmp_path, monkeyp
     for i in range(5):
         commit(i)
     reads: list[str] = []
-    real = Run._read_commit
-    monkeypatch.setattr(Run, "_read_commit", lambda self, t: (reads.append(t[2]), real(self, t))[1])
+    real = Run.read_commit
+    monkeypatch.setattr(Run, "read_commit", lambda self, t: (reads.append(t[2]), real(self, t))[1])
     out, err = io.StringIO(), io.StringIO()
     shell = Shell(store=store, cwd="grow", stdout=out, stderr=err, interactive=False)
     assert shell.run_lines(["ls"]) == 0 and "5 megabatches" in out.getvalue().replace(",", "")

@@ -355,10 +355,10 @@ def test_worker_writes_commit_chunks_that_readers_use(tiny_dir, tmp_path, monkey
     run = Run(store, cfg.run_name)
     chunks = [o.key for o in store.iter_objects(run.commit_chunks_prefix())]
     assert chunks == [run.commit_chunk_key(0, 1)]  # records 0-1; record 2 starts the next chunk
-    plain = [run._read_commit((c.worker, c.index, run.commit_key(c.worker, c.index))) for c in run.iter_commits()]
+    plain = [run.read_commit((c.worker, c.index, run.commit_key(c.worker, c.index))) for c in run.iter_commits()]
     reads: list[str] = []
-    real = run._read_commit
-    run._read_commit = lambda t: (reads.append(t[2]), real(t))[1]
+    real = run.read_commit
+    run.read_commit = lambda t: (reads.append(t[2]), real(t))[1]
     assert run.iter_commits() == plain and reads == [run.commit_key(0, 2)]
 
 

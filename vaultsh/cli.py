@@ -15,6 +15,7 @@ from types import ModuleType
 
 from vaultsh import __version__
 from vaultsh.errors import UserError
+from vaultsh.terminal import one_line
 
 # Every subcommand, in the order `vaultsh --help` lists them: name -> one-line help.
 # A subcommand lives in `vaultsh/subcommands/<name>.py` (dashes become underscores), which defines
@@ -60,16 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(text: str) -> str:
-    """A message as one printable line: whitespace runs collapsed, control characters escaped."""
-    text = " ".join(str(text).split())
-    if not text.isprintable():
-        text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
-    return text
-
-
 def _error(message: str) -> None:
-    print(f"vaultsh: error: {_one_line(message)}", file=sys.stderr)
+    print(f"vaultsh: error: {one_line(message)}", file=sys.stderr)
 
 
 def _os_error_message(exc: OSError) -> str:

@@ -38,6 +38,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator
 
+from vaultsh import fmt
+from vaultsh.terminal import one_line
+
 EVENT_TYPES = frozenset(
     {"start", "loading", "resume", "progress", "memory", "upload", "committed", "warning", "error", "stopping", "done"}
 )
@@ -519,7 +522,7 @@ def _on_loading(w: WorkerState, e: Loading, now: float) -> Note | None:
         return Note("info", f"loading model {e.detail or ''}".rstrip(), e.type)
     if e.model_bytes is not None:
         took = _since(w._loading_model_since, e.time)
-        return Note("info", f"model loaded: {_count(e.model_params or 0)} parameters, {_size(e.model_bytes)} "
+        return Note("info", f"model loaded: {fmt.count(e.model_params or 0)} parameters, {fmt.size(e.model_bytes)} "
                     f"{e.dtype or ''} on {_or(e.device)}" + (f" in {took}" if took else ""), e.type)
     return None
 
@@ -569,7 +572,7 @@ def _on_committed(w: WorkerState, e: Committed, now: float) -> Note | None:
     w.committed = max(w.committed, (e.megabatch if e.megabatch is not None else -1) + 1)
     w.committed_tokens += e.tokens or 0
     w.committed_bytes += e.bytes or 0
-    return Note("info", f"megabatch {e.megabatch} committed: {_size(e.bytes or 0)}, {e.tokens or 0:,} tokens "
+    return Note("info", f"megabatch {e.megabatch} committed: {fmt.size(e.bytes or 0)}, {e.tokens or 0:,} tokens "
                 f"(batches {e.batch_start}-{(e.batch_end or 0) - 1})", e.type)
 
 
@@ -634,35 +637,6 @@ def done_line(e: Done) -> str:
     return f"ended ({status or 'unknown'}): {totals} committed{took}"
 
 
-# Number renderings for notes. The same as vaultsh/dashboard/format.py's count/size/duration (tests/test_events.py
-# holds them equal), which this module may not import: the collector imports it, and it never imports the dashboard.
-def _count(n: float) -> str:
-    for unit, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= size:
-            v = n / size
-            return f"{v:.1f}{unit}" if v < 100 else f"{v:.0f}{unit}"
-    return f"{n:.0f}"
-
-
-def _size(n: float) -> str:
-    if n < 1000:
-        return f"{n:.0f} B"
-    import humanize  # on first use: importing this module stays standard library only
-
-    return humanize.naturalsize(n, format="%.1f")
-
-
-def _clock_duration(s: float) -> str:
-    s = int(round(s))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-
 def _keep(v, current):
     return current if v is None else v
 
@@ -676,14 +650,10 @@ def _since(t0: float | None, t1: float | None) -> str | None:
 
 
 def _duration(s: float) -> str:
-    if s != s or s < 0:
-        return "-"
-    return f"{s:.1f}s" if s < 10 else _clock_duration(s)
+    """Like fmt.duration, with tenths under ten seconds ('3.0s')."""
+    return f"{s:.1f}s" if 0 <= s < 10 else fmt.duration(s)
 
 
 def _one_line(text: Any) -> str:
     """One printable line (a worker's message may hold newlines or terminal escapes), at most 2000 characters."""
-    text = " ".join(str(text).split())
-    if not text.isprintable():
-        text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
-    return text[:2000]
+    return one_line(text)[:2000]

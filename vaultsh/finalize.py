@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 from vaultsh.errors import FormatError, NotFoundError, UserError
-from vaultsh.run import CommitRecord, Run, _dumps
+from vaultsh.run import CommitRecord, Run, pretty_json
 from vaultsh.stats import RunningStats, merge_all
 from vaultsh.store.base import Store
 
@@ -191,7 +191,7 @@ def finalize(run: Run, *, recompute: bool = False, dry_run: bool = False) -> Fin
         res.count, res.mean_norm = merged.count, merged.mean_norm
         if merged.count != res.tokens:
             warnings.append(f"{hook}: merged statistics count {merged.count} tokens, commit records {res.tokens}")
-        new = (_dumps(merged.to_activault_json()) + "\n").encode("utf-8")
+        new = (pretty_json(merged.to_activault_json()) + "\n").encode("utf-8")
         try:
             old = run.store.get_bytes(run.statistics_key(hook))
         except NotFoundError:

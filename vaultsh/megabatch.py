@@ -37,6 +37,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
 
+from vaultsh.dtypes import BY_CODE, from_torch_dtype, to_torch_dtype
 from vaultsh.errors import FormatError, UserError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,61 +49,13 @@ SOURCE_SEGMENTS = "source_segments"  # int64 [M, 5]: (row, position, source, doc
 SOURCE_COLUMNS = ("source_index", "document_index", "token_offset")
 SEGMENT_COLUMNS = ("row", "position", "source_index", "document_index", "token_offset")
 FORMAT_VERSION = 1
-EXTENSIONS = {"safetensors": ".safetensors", "pt": ".saved.pt"}
+EXTENSIONS = {"safetensors": ".safetensors", "pt": ".saved.pt"}  # format name -> file suffix (the only such map)
 
 HEADER_PROBE_BYTES = 64 << 10  # first ranged read of read_header
 MAX_HEADER_BYTES = 100_000_000  # same limit as safetensors
 DEFAULT_CHUNK_BYTES = 64 << 20
 
-# safetensors dtype name -> (torch dtype attribute name, itemsize). The single
-# table every conversion goes through; torch attributes are resolved lazily.
-DTYPES: dict[str, tuple[str, int]] = {
-    "F64": ("float64", 8),
-    "F32": ("float32", 4),
-    "F16": ("float16", 2),
-    "BF16": ("bfloat16", 2),
-    "F8_E4M3": ("float8_e4m3fn", 1),
-    "F8_E5M2": ("float8_e5m2", 1),
-    "I64": ("int64", 8),
-    "I32": ("int32", 4),
-    "I16": ("int16", 2),
-    "I8": ("int8", 1),
-    "U64": ("uint64", 8),
-    "U32": ("uint32", 4),
-    "U16": ("uint16", 2),
-    "U8": ("uint8", 1),
-    "BOOL": ("bool", 1),
-}
-
 _PT_MAGICS = (b"PK\x03\x04",) + tuple(b"\x80" + bytes([p]) for p in range(2, 6))
-
-
-def dtype_itemsize(name: str) -> int:
-    """Bytes per element of a safetensors dtype name ("F32" -> 4)."""
-    try:
-        return DTYPES[name][1]
-    except KeyError:
-        raise FormatError(f"unknown dtype {name!r} (known: {', '.join(DTYPES)})") from None
-
-
-def to_torch_dtype(name: str) -> "torch.dtype":
-    """The torch dtype for a safetensors dtype name ("BF16" -> torch.bfloat16)."""
-    import torch
-
-    dt = getattr(torch, DTYPES[name][0], None) if name in DTYPES else None
-    if dt is None:
-        raise FormatError(f"dtype {name!r} is not supported by this torch ({torch.__version__})")
-    return dt
-
-
-def from_torch_dtype(dtype: "torch.dtype") -> str:
-    """The safetensors dtype name for a torch dtype (torch.float16 -> "F16")."""
-    import torch
-
-    for name, (attr, _) in DTYPES.items():
-        if getattr(torch, attr, None) == dtype:
-            return name
-    raise ValueError(f"torch dtype {dtype} has no safetensors equivalent")
 
 
 # --------------------------------------------------------------------------
@@ -125,7 +78,7 @@ class TensorInfo:
 
     @property
     def itemsize(self) -> int:
-        return DTYPES[self.dtype][1]
+        return BY_CODE[self.dtype].itemsize
 
     def row_bytes(self) -> int:
         """Bytes of one slice along the first dimension (one sequence)."""
@@ -316,7 +269,7 @@ def parse_header(buf: bytes, file_size: int | None, key: str | None = None) -> M
         if not isinstance(ent, dict):
             raise _fail(key, f"bad header: {where} is not an object")
         dt, shape, offs = ent.get("dtype"), ent.get("shape"), ent.get("data_offsets")
-        if not isinstance(dt, str) or dt not in DTYPES:
+        if not isinstance(dt, str) or dt not in BY_CODE:
             raise _fail(key, f"bad header: {where} has unknown dtype {dt!r}")
         if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
             raise _fail(key, f"bad header: {where} has invalid shape {shape!r}")
@@ -328,7 +281,7 @@ def parse_header(buf: bytes, file_size: int | None, key: str | None = None) -> M
         ):
             raise _fail(key, f"bad header: {where} has invalid data_offsets {offs!r}")
         start, end = offs
-        expect = math.prod(shape) * DTYPES[dt][1]
+        expect = math.prod(shape) * BY_CODE[dt].itemsize
         if end - start != expect:
             raise _fail(
                 key,
@@ -621,7 +574,7 @@ def _weights_only_reason(e: BaseException) -> str:
     return type(e).__name__
 
 
-def _load_pt(data: bytes, key: str | None) -> dict:
+def load_pt(data: bytes, key: str | None) -> dict:
     """torch.load(weights_only=True) of untrusted bytes, validated as an Activault dict."""
     import pickle
 
@@ -649,7 +602,8 @@ def _load_pt(data: bytes, key: str | None) -> dict:
     return obj
 
 
-def _pt_header(obj: dict, file_size: int | None) -> MegabatchHeader:
+def pt_header(obj: dict, file_size: int | None) -> MegabatchHeader:
+    """The header of a loaded Activault dict (`load_pt`): tensor dtypes and shapes as if laid out like safetensors."""
     tensors: dict[str, TensorInfo] = {}
     pos = 0
     for name in ("states", "input_ids"):
@@ -672,8 +626,8 @@ def _probe(store, key: str) -> tuple[MegabatchHeader, dict | None]:
     n = _header_len(buf, size, key)
     if n is None:
         data = store.get_bytes(key)
-        obj = _load_pt(data, key)
-        return _pt_header(obj, len(data)), obj
+        obj = load_pt(data, key)
+        return pt_header(obj, len(data)), obj
     if len(buf) < 8 + n:
         buf += store.get_range(key, len(buf), 8 + n - len(buf))
     return parse_header(buf, size, key), None
@@ -735,8 +689,8 @@ def read_megabatch(store, key: str, names: list[str] | None = None) -> Megabatch
         data = store.get_bytes(key)
         header = parse_header(data, len(data), key)
         if header.format == "pt":
-            obj = _load_pt(data, key)
-            return _megabatch_from_pt(obj, _pt_header(obj, len(data)), None, key)
+            obj = load_pt(data, key)
+            return _megabatch_from_pt(obj, pt_header(obj, len(data)), None, key)
         mv = memoryview(data)
         fetch = lambda info: mv[header.data_offset + info.start : header.data_offset + info.end]  # noqa: E731
     else:
@@ -822,7 +776,7 @@ def read_sequence(store, key: str, i: int, header: MegabatchHeader | None = None
     if header.format == "pt":
         j = _check_index(header, i, key)
         if obj is None:
-            obj = _load_pt(store.get_bytes(key), key)
+            obj = load_pt(store.get_bytes(key), key)
         s, ids = obj["states"], obj["input_ids"]
         return {
             "index": j,
@@ -862,10 +816,10 @@ def iter_states_chunks(
     if header is None:
         header, obj = _probe(store, key)
     n, t, d = header.n_sequences, header.seq_len, header.d_model
-    per = max(1, chunk_bytes // max(1, t * d * DTYPES[header.dtype][1]))
+    per = max(1, chunk_bytes // max(1, t * d * BY_CODE[header.dtype].itemsize))
     if header.format == "pt":
         if obj is None:
-            obj = _load_pt(store.get_bytes(key), key)
+            obj = load_pt(store.get_bytes(key), key)
         states = obj["states"]
         for s in range(0, n, per):
             yield s, states[s : s + per]
@@ -900,7 +854,7 @@ def scan_states(
     n, t, d = header.n_sequences, header.seq_len, header.d_model
     total_bytes = header.tensors["states"].nbytes
     if header.format == "pt" and pt_obj is None:
-        pt_obj = _load_pt(store.get_bytes(key), key)
+        pt_obj = load_pt(store.get_bytes(key), key)
 
     if pt_obj is not None:
         chunks: Iterator = _slices(pt_obj["states"], n, chunk_bytes)

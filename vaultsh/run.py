@@ -32,7 +32,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
+from vaultsh.dtypes import activault_dtype_name
 from vaultsh.errors import FormatError, NotFoundError, StoreError, UserError
+from vaultsh.megabatch import EXTENSIONS
 from vaultsh.stats import RunningStats, merge_all
 from vaultsh.store.base import ObjectInfo, Store, normalize_key
 
@@ -43,7 +45,6 @@ __all__ = [
     "OUTLIERS",
     "INTERNAL",
     "MAX_JSON_BYTES",
-    "FORMATS",
     "megabatch_name",
     "parse_megabatch_name",
     "FileRecord",
@@ -52,7 +53,6 @@ __all__ = [
     "RunSummary",
     "Run",
     "metadata_for",
-    "torch_dtype_name",
 ]
 
 CFG = "cfg.json"
@@ -70,11 +70,9 @@ MAX_JSON_BYTES = 16 * 1024 * 1024
 COMMIT_FORMAT = "vaultsh-commit"
 COMMIT_VERSION = 1
 
-# format name -> file suffix
-FORMATS = {"safetensors": ".safetensors", "pt": ".saved.pt"}
-_SUFFIX_TO_FORMAT = {v: k for k, v in FORMATS.items()}
+_SUFFIX_TO_FORMAT = {v: k for k, v in EXTENSIONS.items()}  # megabatch.EXTENSIONS: format name -> file suffix
 
-_NAME_RE = re.compile(r"^w(\d{4,})--(\d{7,})(\.safetensors|\.saved\.pt)$")
+_NAME_RE = re.compile(r"^w(\d{4,})--(\d{7,})(" + "|".join(map(re.escape, EXTENSIONS.values())) + r")$")
 _COMMIT_RE = re.compile(r"^w(\d{4,})/(\d{7,})\.json$")
 _PARTIAL_RE = re.compile(r"^w(\d{4,})/(.+)/(\d{7,})\.safetensors$")
 _PARALLEL_READS = 16
@@ -97,9 +95,9 @@ def megabatch_name(worker: int, index: int, fmt: str = "safetensors") -> str:
     """
     _check_nonneg("worker", worker)
     _check_nonneg("index", index)
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown megabatch format {fmt!r}; allowed: {', '.join(FORMATS)}")
-    return f"w{worker:04d}--{index:07d}{FORMATS[fmt]}"
+    if fmt not in EXTENSIONS:
+        raise ValueError(f"unknown megabatch format {fmt!r}; allowed: {', '.join(EXTENSIONS)}")
+    return f"w{worker:04d}--{index:07d}{EXTENSIONS[fmt]}"
 
 
 def parse_megabatch_name(name: str) -> tuple[int, int] | None:
@@ -117,9 +115,9 @@ def parse_megabatch_name(name: str) -> tuple[int, int] | None:
 
 def megabatch_format(name: str) -> str | None:
     """'safetensors' or 'pt' from a file name's suffix (Activault's `.saved.pt`/`.pt` -> 'pt')."""
-    if name.endswith(".safetensors"):
+    if name.endswith(EXTENSIONS["safetensors"]):
         return "safetensors"
-    if name.endswith(".pt"):
+    if name.endswith(".pt"):  # EXTENSIONS["pt"], and Activault's other spellings
         return "pt"
     return None
 
@@ -224,7 +222,7 @@ class CommitRecord:
         }
 
     def to_json(self) -> str:
-        return _dumps(self.to_dict())
+        return pretty_json(self.to_dict())
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "commit record") -> "CommitRecord":
@@ -268,18 +266,18 @@ def _is_scalar(v: Any) -> bool:
     return v is None or isinstance(v, (str, int, float, bool))
 
 
-def _dumps(obj: Any, level: int = 0) -> str:
+def pretty_json(obj: Any, level: int = 0) -> str:
     """Pretty JSON: objects indented, lists of scalars kept on one line."""
     pad = "  " * (level + 1)
     if isinstance(obj, dict):
         if not obj:
             return "{}"
-        items = [f"{pad}{json.dumps(str(k))}: {_dumps(v, level + 1)}" for k, v in obj.items()]
+        items = [f"{pad}{json.dumps(str(k))}: {pretty_json(v, level + 1)}" for k, v in obj.items()]
         return "{\n" + ",\n".join(items) + "\n" + "  " * level + "}"
     if isinstance(obj, (list, tuple)):
         if all(_is_scalar(v) for v in obj):
             return json.dumps(list(obj))
-        items = [pad + _dumps(v, level + 1) for v in obj]
+        items = [pad + pretty_json(v, level + 1) for v in obj]
         return "[\n" + ",\n".join(items) + "\n" + "  " * level + "]"
     return json.dumps(obj)
 
@@ -296,16 +294,6 @@ def _loads(data: str | bytes, where: str) -> Any:
         return json.loads(data)
     except (json.JSONDecodeError, RecursionError, ValueError) as e:
         raise FormatError(f"{where}: not valid JSON ({e})") from None
-
-
-def torch_dtype_name(dtype: Any) -> str:
-    """Activault's spelling of a dtype, e.g. 'torch.bfloat16' (RCache evals it)."""
-    s = str(dtype)
-    if s.startswith("torch."):
-        return s
-    if not re.fullmatch(r"[a-z0-9_]+", s):
-        raise ValueError(f"not a dtype name: {dtype!r}")
-    return "torch." + s
 
 
 def metadata_for(
@@ -332,10 +320,10 @@ def metadata_for(
     `[batch_size * batches_per_file, sequence_length, d_in]`. `bytes_per_file`
     is left out when unknown (as Activault does before its first upload).
     """
-    model_dtype = torch_dtype_name(dtype)
-    stored = torch_dtype_name(storage_dtype) if storage_dtype is not None else model_dtype
-    if format not in FORMATS:
-        raise ValueError(f"unknown megabatch format {format!r}; allowed: {', '.join(FORMATS)}")
+    model_dtype = activault_dtype_name(dtype)
+    stored = activault_dtype_name(storage_dtype) if storage_dtype is not None else model_dtype
+    if format not in EXTENSIONS:
+        raise ValueError(f"unknown megabatch format {format!r}; allowed: {', '.join(EXTENSIONS)}")
     n = batch_size * batches_per_file
     md: dict[str, Any] = {
         "batch_size": batch_size,
@@ -493,7 +481,7 @@ class Run:
 
     # -- JSON files --------------------------------------------------------
     def _write_json(self, key: str, obj: Any) -> None:
-        self.store.put_bytes(key, (_dumps(obj) + "\n").encode("utf-8"))
+        self.store.put_bytes(key, (pretty_json(obj) + "\n").encode("utf-8"))
 
     def _read_json(self, key: str) -> Any | None:
         """The parsed JSON at `key`, or None when there is none (one request, size-capped)."""
@@ -584,7 +572,7 @@ class Run:
             return self._merge_latest_committed(hook, d)
         items = self.list_partial_stats(hook)
         if committed_only:
-            done = {(w, i) for w, i, _ in self._commit_keys()}
+            done = {(w, i) for w, i, _ in self.list_commit_keys()}
             if done:
                 items = [t for t in items if (t[0], t[2]) in done]
         if cumulative:
@@ -682,7 +670,8 @@ class Run:
                                              separators=(",", ":")).encode("utf-8"))
         return key
 
-    def _commit_keys(self, worker: int | None = None) -> list[tuple[int, int, str]]:
+    def list_commit_keys(self, worker: int | None = None) -> list[tuple[int, int, str]]:
+        """(worker, index, key) of every commit record (of one worker when given), sorted; one listing, no reads."""
         return [(w, i, info.key) for w, i, info in self._commit_objects(worker)]
 
     def _commit_objects(self, worker: int | None = None) -> list[tuple[int, int, ObjectInfo]]:
@@ -702,14 +691,17 @@ class Run:
         with ThreadPoolExecutor(max_workers=min(_PARALLEL_READS, len(items))) as ex:
             return list(ex.map(fn, items))
 
-    def _read_commit(self, t: tuple[int, int, str]) -> CommitRecord | None:
+    def read_commit(self, t: tuple[int, int, str]) -> CommitRecord | None:
+        """The commit record at (worker, index, key), as `list_commit_keys` gives it; None when it is gone."""
         worker, index, key = t
         obj = self._read_json(key)
         if obj is None:  # deleted between listing and reading
             return None
-        return self._parse_commit(obj, worker, index, self.store.child_uri(key))
+        return self.parse_commit(obj, worker, index, self.store.child_uri(key))
 
-    def _parse_commit(self, obj: Any, worker: int, index: int, where: str) -> CommitRecord:
+    def parse_commit(self, obj: Any, worker: int, index: int, where: str) -> CommitRecord:
+        """A commit record's JSON object, checked against the worker and index its key names, its file keys
+        re-rooted on this run; FormatError (naming `where`) when it is not a valid record."""
         rec = CommitRecord.from_dict(obj, where)
         if (rec.worker, rec.index) != (worker, index):
             raise FormatError(
@@ -747,7 +739,7 @@ class Run:
             for key, rec in self._chunked_records(worker, {o.key: o for _, _, o in objects if o.key not in known}).items():
                 known[key] = (stamp[key], rec)
         todo = [(w, i, o.key) for w, i, o in objects if o.key not in known]
-        for (_, _, key), rec in zip(todo, self._parallel(self._read_commit, todo)):
+        for (_, _, key), rec in zip(todo, self._parallel(self.read_commit, todo)):
             if rec is not None:
                 known[key] = (stamp[key], rec)
         return [known[o.key][1] for _, _, o in objects if o.key in known]
@@ -791,7 +783,7 @@ class Run:
                     if listed.mtime is not None and chunk.mtime is not None and listed.mtime > chunk.mtime:
                         continue  # the record was rewritten after the chunk
                     key, w, i = parsed
-                    out[key] = self._parse_commit(entry.get("record"), w, i, self.store.child_uri(key))
+                    out[key] = self.parse_commit(entry.get("record"), w, i, self.store.child_uri(key))
             except (UserError, ValueError, TypeError, AttributeError):
                 return {}  # an unreadable chunk is only a lost shortcut
             return out
@@ -803,7 +795,7 @@ class Run:
 
     def committed_indices(self, worker: int) -> list[int]:
         """Sorted megabatch indices of `worker` that have a commit record (names only, no reads)."""
-        return [i for _, i, _ in self._commit_keys(worker)]
+        return [i for _, i, _ in self.list_commit_keys(worker)]
 
     def last_committed_index(self, worker: int) -> int | None:
         idx = self.committed_indices(worker)

@@ -33,8 +33,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Callable
 
+from vaultsh.dtypes import code_of_name
 from vaultsh.errors import NotFoundError, UserError
-from vaultsh.megabatch import DTYPES
 from vaultsh.run import CFG, INTERNAL, METADATA, CommitRecord, FileRecord, Run, megabatch_format, parse_megabatch_name
 from vaultsh.store.base import Store
 
@@ -288,11 +288,7 @@ def expected_dtype(meta: dict | None) -> str | None:
     name = (meta or {}).get("dtype")
     if not isinstance(name, str):
         return None
-    attr = name.replace("torch.", "")
-    for st, (a, _) in DTYPES.items():
-        if a == attr:
-            return st
-    return None
+    return code_of_name(name)
 
 
 @dataclass
@@ -421,9 +417,9 @@ def check_file(store: Store, job: _Job, nan: bool, advance: Callable[[int], None
 def _read_records(run: Run, report: VerifyReport, uri: Callable[[str], str]) -> list[CommitRecord]:
     """Every readable commit record; each unreadable one is a problem (the others are still checked)."""
     out: list[CommitRecord] = []
-    for t in run._commit_keys():
+    for t in run.list_commit_keys():
         try:
-            rec = run._read_commit(t)
+            rec = run.read_commit(t)
         except UserError as exc:
             report.problems.append(Problem(uri(t[2]), "records", str(exc).replace(uri(t[2]) + ": ", "")))
             continue
@@ -447,7 +443,7 @@ def check_chunks(run: Run, commits: list[CommitRecord], uri: Callable[[str], str
                 rec = by_key.get(key)
                 if rec is None:
                     continue  # its record is gone: readers ignore the copy
-                copy = run._parse_commit(e.get("record"), w, i, where)
+                copy = run.parse_commit(e.get("record"), w, i, where)
                 if copy != rec and e.get("size") == len(run.record_bytes(rec)):
                     out.append(Problem(where, "chunks", f"its copy of {uri(key)} differs from the record "
                                                         "(readers would take the copy): delete the chunk"))

@@ -498,10 +498,7 @@ def load_config(source: Union[str, os.PathLike, Mapping[str, Any]], *, name: Opt
     except ValidationError as e:  # should not happen: inputs were validated above
         msgs = [one_error(CollectConfig, err) for err in e.errors()]
         raise join_errors(label, msgs) from None
-    cfg._source = label
-    cfg._fields = fields
-    cfg._hook_fields = hook_fields
-    cfg._warnings = [w for w in (_tokenizer_warning(raw, cfg.model.name, base_dir),) if w]
+    cfg.set_origin(label, fields, hook_fields, [w for w in (_tokenizer_warning(raw, cfg.model.name, base_dir),) if w])
     return cfg
 
 

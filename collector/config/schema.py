@@ -22,6 +22,7 @@ from pydantic import (
 
 from collector.config.errors import field_error
 from collector.config.paths import DEFAULT_STORE, check_bucket_name, check_uri
+from vaultsh.dtypes import float_name
 
 # --------------------------------------------------------------------------- #
 # Field types
@@ -36,28 +37,17 @@ def no_bool(v: Any) -> Any:
     return v
 
 
-_DTYPE_ALIASES = {
-    "float16": "float16",
-    "fp16": "float16",
-    "half": "float16",
-    "f16": "float16",
-    "torch.float16": "float16",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "torch.bfloat16": "bfloat16",
-    "float32": "float32",
-    "fp32": "float32",
-    "f32": "float32",
-    "float": "float32",
-    "full": "float32",
-    "torch.float32": "float32",
-    "auto": "auto",
-}
+_MODEL_DTYPES = ("float16", "bfloat16", "float32")  # what DType and StorageDType below allow (besides "auto")
 
 
 def _dtype_alias(v: Any) -> Any:
+    """A spelling of an allowed dtype ("bf16", "torch.half", "FP32") as its name; anything else as written."""
     if isinstance(v, str):
-        return _DTYPE_ALIASES.get(v.strip().lower(), v)
+        key = v.strip().lower()
+        if key == "auto":
+            return key
+        name = float_name(key)
+        return name if name in _MODEL_DTYPES else v
     return v
 
 
@@ -308,6 +298,13 @@ class CollectConfig(StrictModel):
         return self.model_dump() == other.model_dump()
 
     __hash__ = None  # type: ignore[assignment]
+
+    def set_origin(self, source: str, fields: dict[str, str], hook_fields: dict[str, str], warnings: list[str]) -> None:
+        """Where this config came from and how the user spelled its fields and hooks (`forms` sets it on loading)."""
+        self._source = source
+        self._fields = fields
+        self._hook_fields = hook_fields
+        self._warnings = warnings
 
     @property
     def source(self) -> str:

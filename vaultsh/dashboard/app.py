@@ -19,7 +19,7 @@ from textual.binding import Binding
 from textual.containers import Vertical
 from textual.widgets import Footer, RichLog
 
-from vaultsh.dashboard import format as fmt
+from vaultsh import fmt
 from vaultsh.dashboard.screens import HelpScreen, QuitScreen
 from vaultsh.dashboard.widgets import Chart, Charts, SummaryPanel, TitleBar, WorkerTable
 from vaultsh.supervise.state import FAILED, STOPPED, LogLine

@@ -9,7 +9,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Static
 
-from vaultsh.dashboard import format as fmt
+from vaultsh import fmt
 from vaultsh.supervise.state import (
     DONE,
     FAILED,

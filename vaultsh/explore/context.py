@@ -13,12 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vaultsh.dtypes import raw_numpy
 from vaultsh.megabatch import MegabatchHeader, parse_header
 
 HEADER_GUESS = 4096  # a collector's megabatch header is ~1 KiB
 
-_NP = {"I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2",
-       "U8": "u1", "BOOL": "?"}
 
 
 class ByteCounter:
@@ -91,12 +90,12 @@ def read_tokens(io: ByteCounter, key: str, size: int | None = None) -> Tokens:
         size = io.store.head(key).size
     header, prefix = _read_header(io, key, size)
     if header is None:  # .saved.pt: no random access into a pickle
-        from vaultsh.megabatch import _load_pt, _pt_header
+        from vaultsh.megabatch import load_pt, pt_header
 
         data = io.get_bytes(key)
-        obj = _load_pt(data, key)
+        obj = load_pt(data, key)
         ids = obj["input_ids"].numpy()
-        return Tokens(key, ids, np.ones(ids.shape, dtype=bool), _pt_header(obj, len(data)))
+        return Tokens(key, ids, np.ones(ids.shape, dtype=bool), pt_header(obj, len(data)))
     out = {}
     for name in ("input_ids", "mask"):
         info = header.tensors.get(name)
@@ -109,7 +108,7 @@ def read_tokens(io: ByteCounter, key: str, size: int | None = None) -> Tokens:
             raw = prefix[a:] + io.get_range(key, len(prefix), b - len(prefix))
         else:
             raw = io.get_range(key, a, b - a)
-        out[name] = np.frombuffer(raw, dtype=_NP[info.dtype]).reshape(info.shape)
+        out[name] = np.frombuffer(raw, dtype=raw_numpy(info.dtype)).reshape(info.shape)
     ids = out["input_ids"]
     mask = out.get("mask")
     mask = np.ones(ids.shape, dtype=bool) if mask is None else mask.astype(bool, copy=False)
@@ -125,6 +124,6 @@ def read_sequence_tokens(io: ByteCounter, key: str, seq: int, header: MegabatchH
             continue
         row = info.row_bytes()
         raw = io.get_range(key, header.data_offset + info.start + seq * row, row)
-        out[name] = np.frombuffer(raw, dtype=_NP[info.dtype])
+        out[name] = np.frombuffer(raw, dtype=raw_numpy(info.dtype))
     ids = out["input_ids"]
     return ids, out.get("mask", np.ones(ids.shape, dtype=bool)).astype(bool, copy=False)

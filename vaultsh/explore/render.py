@@ -18,7 +18,7 @@ from vaultsh.explore.norms import NormsResult
 from vaultsh.explore.saeeval import SaeEvalResult
 from vaultsh.explore.text import Context
 from vaultsh.explore.top import TopResult
-from vaultsh.shell.context import safe_text
+from vaultsh.terminal import safe_text
 
 HIGHLIGHT = "bold black on yellow"
 OPEN, CLOSE = "⟦", "⟧"  # the highlight stays visible without colour (pipes, logs)

@@ -13,7 +13,7 @@ import bisect
 from dataclasses import dataclass
 from typing import Sequence
 
-from vaultsh.shell import decode as dec
+from vaultsh import tokens as dec
 
 
 class Pieces:

@@ -13,16 +13,15 @@ import json
 import posixpath
 from typing import Any
 
-import numpy as np
-
+from vaultsh.dtypes import BY_CODE, raw_numpy
 from vaultsh.export.manifest import MANIFEST, SPLIT, Manifest
 from vaultsh.export.rows import BF16_CAST
+from vaultsh.terminal import inert
 
 
 def _md(text: Any) -> str:
     """Untrusted text made inert in Markdown (no HTML, links or tables)."""
-    s = str(text)
-    s = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in s)
+    s = inert(text)
     for ch in "\\`*_{}[]<>()#|!":
         s = s.replace(ch, "\\" + ch)
     return s
@@ -30,14 +29,12 @@ def _md(text: Any) -> str:
 
 def _code(text: Any) -> str:
     """Untrusted text for a Markdown code span: printable, no backticks."""
-    s = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in str(text))
+    s = inert(text)
     return s.replace("`", "'").replace("|", "\\|")
 
 
 def _np_name(st_dtype: str) -> str:
-    from vaultsh.export.source import RAW_NUMPY
-
-    return {"BF16": "bfloat16", "BOOL": "bool"}.get(st_dtype) or np.dtype(RAW_NUMPY[st_dtype]).name
+    return raw_numpy(st_dtype).name if st_dtype.startswith("F8") else BY_CODE[st_dtype].name
 
 
 def render_card(manifest: Manifest, vaultsh_version: str) -> str:

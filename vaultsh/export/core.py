@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from vaultsh.dtypes import raw_numpy
 from vaultsh.errors import FormatError, UserError
 from vaultsh.export import card, shuffle
 from vaultsh.export.manifest import (
@@ -19,7 +20,7 @@ from vaultsh.export.manifest import (
 from vaultsh.export.parquet import Stopped, rows_per_group, write_shard, writer_kwargs
 from vaultsh.export.rows import make_block, nrows, resolve_dtype, row_nbytes, schema_for
 from vaultsh.export.source import (
-    RAW_NUMPY, Decoded, Fetcher, FileInfo, Source, describe_labels, load, open_source, probe_all, probe_file,
+    Decoded, Fetcher, FileInfo, Source, describe_labels, load, open_source, probe_all, probe_file,
 )
 from vaultsh.store import Store, open_store
 
@@ -49,7 +50,7 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _prefetched(fn: Callable[[Any], Any], items: Iterable[Any], pool: ThreadPoolExecutor, depth: int = 2) -> Iterator[Any]:
+def prefetched(fn: Callable[[Any], Any], items: Iterable[Any], pool: ThreadPoolExecutor, depth: int = 2) -> Iterator[Any]:
     """fn(item) for each item, in order, computed up to `depth` items ahead on `pool`."""
     items = list(items)
     futs: list[Future] = []
@@ -144,10 +145,9 @@ def _count_tokens(plan: Plan, m: int, dec: Decoded) -> None:
 
 def _empty_decoded(plan: Plan) -> Decoded:
     t, d = plan.shape["seq_len"], plan.shape["d_model"]
-    labels: dict[str, tuple[np.ndarray, str]] = {
-        n: (np.zeros([0] + list(rest), dtype=RAW_NUMPY[dt]), dt) for n, (dt, rest) in plan.label_types.items()}
-    return Decoded(np.zeros((0, t, d), dtype=RAW_NUMPY[plan.shape["stored_dtype"]]), plan.shape["stored_dtype"],
-                   np.zeros((0, t), dtype=RAW_NUMPY[plan.shape["ids_dtype"]]), np.zeros((0, t), dtype=bool), labels, 0)
+    labels: dict[str, tuple[np.ndarray, str]] = {n: (np.zeros([0] + list(rest), dtype=raw_numpy(dt)), dt) for n, (dt, rest) in plan.label_types.items()}
+    return Decoded(np.zeros((0, t, d), dtype=raw_numpy(plan.shape["stored_dtype"])), plan.shape["stored_dtype"],
+                   np.zeros((0, t), dtype=raw_numpy(plan.shape["ids_dtype"])), np.zeros((0, t), dtype=bool), labels, 0)
 
 
 def _schema(plan: Plan, fingerprint: str):
@@ -166,7 +166,7 @@ def _check_decoded(dec: Decoded, plan: Plan, m: int, src: Source) -> None:
     want = plan.shape
     ids = dec.input_ids.dtype
     if ((t, d) != (want["seq_len"], want["d_model"]) or dec.states_dtype != want["stored_dtype"]
-            or ids != RAW_NUMPY[want["ids_dtype"]] or dec.input_ids.shape != (n, t)):
+            or ids != raw_numpy(want["ids_dtype"]) or dec.input_ids.shape != (n, t)):
         raise FormatError(f"{src.uri}/{f['name']}: states {dec.states_dtype} [{n}, {t}, {d}] (input_ids {ids}) differ from "
                           f"the export's {want['stored_dtype']} [.., {want['seq_len']}, {want['d_model']}] "
                           f"(input_ids {want['ids_dtype']}, from {plan.files[0]['name']}): one export needs one shape")
@@ -384,7 +384,7 @@ def _write_in_order(src, out: Store, plan: Plan, todo, schema, options, workers,
         shard = plan.shards[i]
 
         def blocks():
-            for m, dec in _prefetched(fetch, range(*shard["files"]), io_pool, depth=3):
+            for m, dec in prefetched(fetch, range(*shard["files"]), io_pool, depth=3):
                 if stop.is_set():
                     raise Stopped("export interrupted")
                 _count_tokens(plan, m, dec)
@@ -423,7 +423,7 @@ def _write_shuffled(src, out: Store, plan: Plan, todo, schema, row_bytes, option
         fetch = _checked_loader(fetcher, src, plan)
 
         try:
-            for m, dec in _prefetched(fetch, range(len(files)), io_pool):
+            for m, dec in prefetched(fetch, range(len(files)), io_pool):
                 if stop.is_set():
                     raise Stopped("export interrupted")
                 _count_tokens(plan, m, dec)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from vaultsh.dtypes import BY_CODE, numpy_float
 from vaultsh.errors import UserError
 
 OUT_DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
@@ -37,7 +38,7 @@ def resolve_dtype(requested: str, stored: str, allowed: tuple[str, ...] = OUT_DT
         raise UserError(f"--dtype {requested!r} is not allowed{with_fmt}; use one of {', '.join(allowed)}")
     if requested != "auto":
         return requested
-    return {"F32": "float32", "F16": "float16", "F64": "float64"}.get(stored, "float32")
+    return numpy_float(stored) or "float32"
 
 
 def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
@@ -58,7 +59,7 @@ def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
 def _fp8_to_f32(raw: np.ndarray, stored: str) -> np.ndarray:
     import torch
 
-    from vaultsh.megabatch import to_torch_dtype
+    from vaultsh.dtypes import to_torch_dtype
 
     t = torch.from_numpy(np.ascontiguousarray(raw)).view(to_torch_dtype(stored))
     return t.to(torch.float32).numpy()
@@ -77,7 +78,7 @@ def convert_states(raw: np.ndarray, stored: str, out: str) -> np.ndarray:
     """States in the export dtype (`out` already resolved); a view when nothing changes."""
     if out == "bfloat16":
         return raw if stored == "BF16" else f32_to_bf16_bits(to_float32(raw, stored))
-    if stored in ("F32", "F16", "F64"):
+    if numpy_float(stored):
         return raw.astype(out, copy=False)
     return to_float32(raw, stored).astype(out, copy=False)
 
@@ -87,10 +88,6 @@ def convert_label(arr: np.ndarray, stored: str) -> np.ndarray:
     if stored == "BF16" or stored.startswith("F8"):
         return to_float32(arr, stored)
     return arr
-
-
-# stored dtype -> the export dtype that keeps its bytes as they are
-_UNCHANGED = {"F32": "float32", "F16": "float16", "F64": "float64", "BF16": "bfloat16"}
 
 
 class Rows:
@@ -152,7 +149,8 @@ def make_block(dec, megabatch: int, mode: str, out_dtype: str, labels: list[str]
     if mode == "tokens":
         sel = np.flatnonzero(dec.mask.reshape(-1))
         flat = dec.states.reshape(n * t, d)
-        if _UNCHANGED.get(dec.states_dtype) == out_dtype:
+        stored = BY_CODE.get(dec.states_dtype)
+        if stored is not None and stored.name == out_dtype:  # the export keeps the stored bytes as they are
             block["states"] = Rows(flat, sel)
         else:  # the conversion copies anyway
             block["states"] = convert_states(flat[sel], dec.states_dtype, out_dtype)

@@ -451,7 +451,7 @@ def export_saelens(
         _check_decoded(decs, plan, m, uris)
         return decs
 
-    from vaultsh.export.core import _prefetched
+    from vaultsh.export.core import prefetched
 
     ahead = ThreadPoolExecutor(max_workers=3, thread_name_prefix="vaultsh-saelens-ahead")
     try:
@@ -462,7 +462,7 @@ def export_saelens(
             seen = np.zeros(0, dtype=bool)
             rows = 0
             try:
-                for decs in _prefetched(fetch, range(*shard["files"]), ahead, depth=3):
+                for decs in prefetched(fetch, range(*shard["files"]), ahead, depth=3):
                     first = decs[plan["hooks"][0]]
                     states = {h: convert_states(d.states, d.states_dtype, plan["shapes"][h]["dtype"])
                               for h, d in decs.items()}

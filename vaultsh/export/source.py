@@ -16,18 +16,12 @@ from typing import Any, Callable
 
 import numpy as np
 
+from vaultsh.dtypes import from_torch_dtype, raw_numpy
 from vaultsh.errors import FormatError, NotFoundError, UserError
 from vaultsh.megabatch import HEADER_PROBE_BYTES, MegabatchHeader, parse_header, read_header
 from vaultsh.run import METADATA, FileRecord, Run, megabatch_format
 from vaultsh.store import Store, open_location
 
-# safetensors dtype name -> numpy dtype of the raw values (bf16/fp8 kept as raw bits)
-RAW_NUMPY = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
-    "F8_E4M3": np.uint8, "F8_E5M2": np.uint8,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
-    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
-}
 PROBE_THREADS = 16
 RANGE_BYTES = 16 << 20
 FETCH_THREADS = 16
@@ -122,17 +116,15 @@ class FileInfo:
 
 
 def _pt_info(store: Store, rec: FileRecord) -> FileInfo:
-    from vaultsh.megabatch import _load_pt  # torch only for Activault pickles
+    from vaultsh.megabatch import load_pt  # torch only for Activault pickles
 
-    obj = _load_pt(store.get_bytes(rec.key), store.child_uri(rec.key))
+    obj = load_pt(store.get_bytes(rec.key), store.child_uri(rec.key))
     s, ids = obj["states"], obj["input_ids"]
     n, t, d = s.shape
     return FileInfo(rec.name, rec.size, n, t, d, _st_name(s.dtype), _st_name(ids.dtype), n * t)
 
 
 def _st_name(dtype) -> str:
-    from vaultsh.megabatch import from_torch_dtype
-
     return from_torch_dtype(dtype)
 
 
@@ -280,7 +272,7 @@ class Fetcher:
 def _array(data, header: MegabatchHeader, name: str) -> np.ndarray:
     info = header.tensors[name]
     count = int(np.prod(info.shape)) if info.shape else 1
-    arr: np.ndarray = np.frombuffer(data, dtype=RAW_NUMPY[info.dtype], count=count, offset=header.data_offset + info.start)
+    arr: np.ndarray = np.frombuffer(data, dtype=raw_numpy(info.dtype), count=count, offset=header.data_offset + info.start)
     return arr.reshape(info.shape)
 
 
@@ -312,10 +304,10 @@ def decode(data, key: str, uri: str) -> Decoded:
 def _decode_pt(data, key: str, uri: str) -> Decoded:
     import torch
 
-    from vaultsh.megabatch import _load_pt
+    from vaultsh.megabatch import load_pt
 
     try:
-        obj = _load_pt(bytes(data), key)
+        obj = load_pt(bytes(data), key)
     except FormatError as exc:
         raise FormatError(_with_uri(str(exc), key, uri)) from None
     s, ids = obj["states"], obj["input_ids"]

@@ -21,9 +21,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
+from vaultsh import dtypes
 from vaultsh.plan.cost import CostEstimate, Prices, count_requests, estimate_cost
 from vaultsh.plan.memory import MemoryEstimate, MemoryInputs, estimate_memory, parse_size
-from vaultsh.plan.model import ModelShape, dtype_bytes, read_model_shape
+from vaultsh.plan.model import ModelShape, read_model_shape
 from vaultsh.plan.storage import HookStorage, hook_storage
 
 __all__ = ["Plan", "make_plan", "summary_lines", "Prices", "ModelShape", "HookStorage", "MemoryEstimate", "CostEstimate"]
@@ -189,7 +190,7 @@ def make_plan(
 
     # ---- storage -------------------------------------------------------------
     run_uri = cfg.storage.uri.rstrip("/") + "/" + cfg.run_name
-    itemsize = dtype_bytes(storage_dtype)
+    itemsize = dtypes.itemsize(storage_dtype)
     per_hook = [
         hook_storage(run_name=cfg.run_name, hook=s.name, model=cfg.model.name, fmt=fmt, dtype=storage_dtype,
                      itemsize=itemsize, B=B, T=T, D=w, bpu=bpu, n_batches=cfg.data.n_batches,
@@ -248,7 +249,7 @@ def make_plan(
     # ---- memory --------------------------------------------------------------
     limit, limit_source = _limit(cfg, cpu)
     mem_in = MemoryInputs(
-        params=shape.params, params_used=shape.params_through(max(last, 0)), compute_bytes=dtype_bytes(compute),
+        params=shape.params, params_used=shape.params_through(max(last, 0)), compute_bytes=dtypes.itemsize(compute),
         storage_bytes=itemsize, B=B, T=T, D=D, d_mlp=shape.d_mlp or 4 * D, kv_dim=shape.kv_dim,
         n_hooks=len(specs), hook_widths=sum(widths), bpu=bpu, queued=cfg.upload.max_queued_megabatches, cpu=cpu,
         devices=max(1, devices or 1), limit=limit, limit_source=limit_source,

@@ -36,16 +36,10 @@ from collector.config.model_facts import (
     resolve_pkg,
     text_config,
 )
+from vaultsh.dtypes import FLOAT_NAMES
 from vaultsh.errors import ConfigError
 
-__all__ = ["ModelShape", "read_model_shape", "dtype_bytes"]
-
-_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
-
-
-def dtype_bytes(name: str) -> int:
-    """Bytes per element of a float dtype name ('bfloat16' -> 2)."""
-    return _DTYPE_BYTES[name]
+__all__ = ["ModelShape", "read_model_shape"]
 
 
 @dataclass
@@ -225,7 +219,7 @@ def _shape_from_hf(model_cfg: Any, config: Any, where: str) -> ModelShape:
         # as validation reads it, except `seq_length` (which some configs use for the training length)
         max_context=int_attr(text, *(a for a in MAX_CONTEXT_ATTRS if a != "seq_length")),
         model_type=str(getattr(text, "model_type", "") or "unknown"),
-        config_dtype=dt_name if dt_name in _DTYPE_BYTES else None,
+        config_dtype=dt_name if dt_name in FLOAT_NAMES else None,
         source=where,
     )
     try:

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 
 from vaultsh.errors import FormatError
-from vaultsh.megabatch import MAX_HEADER_BYTES, SOURCE, _load_pt, parse_header, to_torch_dtype
+from vaultsh.dtypes import to_torch_dtype, torch_dtype_by_name
+from vaultsh.megabatch import MAX_HEADER_BYTES, SOURCE, load_pt, parse_header
 
 _PROBE = 64 << 10
 
@@ -43,9 +44,7 @@ def metadata_dtype(md: dict | None) -> torch.dtype | None:
     raw = (md.get("storage_dtype") or md.get("dtype")) if md else None
     if not isinstance(raw, str):
         return None
-    name = raw[len("torch."):] if raw.startswith("torch.") else raw
-    dt = getattr(torch, name, None) if name.replace("_", "").isalnum() else None
-    return dt if isinstance(dt, torch.dtype) else None
+    return torch_dtype_by_name(raw)
 
 
 def check_sha256(mv: memoryview, expected: str, uri: str) -> None:
@@ -57,20 +56,20 @@ def check_sha256(mv: memoryview, expected: str, uri: str) -> None:
 def _load_pt_quietly(data: bytes, uri: str) -> dict:
     """An Activault `.saved.pt` dict, loaded with torch.load(weights_only=True) only.
 
-    megabatch._load_pt wraps the load in warnings.catch_warnings(), which swaps
+    megabatch.load_pt wraps the load in warnings.catch_warnings(), which swaps
     the process-wide warning filters and is not thread-safe: from a staging
     thread it can swallow the consumer's own warnings. The plain load emits no
-    warnings, so it is used here; a load that fails goes through _load_pt for
+    warnings, so it is used here; a load that fails goes through load_pt for
     the same refusal message as everywhere else.
     """
     try:
         obj = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-    except Exception:  # noqa: BLE001 - reworded (and re-raised) as a FormatError by _load_pt
-        _load_pt(data, uri)
+    except Exception:  # noqa: BLE001 - reworded (and re-raised) as a FormatError by load_pt
+        load_pt(data, uri)
         raise
     states, ids = (obj.get("states"), obj.get("input_ids")) if isinstance(obj, dict) else (None, None)
     if not isinstance(states, torch.Tensor) or states.dim() != 3 or not isinstance(ids, torch.Tensor):
-        return _load_pt(data, uri)  # not Activault's dict: the same error as everywhere else
+        return load_pt(data, uri)  # not Activault's dict: the same error as everywhere else
     return obj
 
 

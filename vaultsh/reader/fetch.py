@@ -3,7 +3,7 @@
 A file is read into one preallocated buffer by several ranged reads at once;
 each read writes in place through the store protocol's `read_into` (see
 LocalStore.read_into and S3Store.read_into). Network errors
-that may pass are retried with backoff on top of botocore's own retries;
+that may pass are retried with backoff on top of botocore's own retries (`store/retry.py`);
 anything else (a missing object, bad credentials) is raised at once.
 """
 
@@ -13,13 +13,13 @@ import http.client
 import logging
 import os
 import pickle
-import random
 import threading
 from pathlib import Path
 from typing import Any
 
 from vaultsh.errors import Cancelled, FormatError, NotFoundError, StoreError, UserError
 from vaultsh.store import LocalStore, is_s3_uri, normalize_key, open_store, split_uri
+from vaultsh.store.retry import RetryPolicy, botocore_retries
 
 logger = logging.getLogger("vaultsh.reader")
 
@@ -49,7 +49,7 @@ def s3_client(endpoint_url: str | None, access_key: str | None, secret_key: str 
     session = boto3.session.Session(aws_access_key_id=access_key, aws_secret_access_key=secret_key,
                                     aws_session_token=session_token, region_name=region)
     config = Config(
-        retries={"total_max_attempts": 8, "mode": "standard"},
+        retries=botocore_retries(),
         max_pool_connections=max(10, pool),
         connect_timeout=10,
         read_timeout=120,
@@ -167,25 +167,22 @@ def read_into(store, key: str, start: int, mv: memoryview, stop: threading.Event
 def read_with_retries(store, key: str, uri: str, start: int, mv: memoryview, stop: threading.Event,
                       retries: int, backoff: float, on_retry=None) -> int:
     """`read_into` with up to `retries` retries of transient errors (exponential backoff, jittered)."""
-    attempt = 0
-    while True:
-        try:
-            return read_into(store, key, start, mv, stop)
-        except Closed:
-            raise
-        except Exception as exc:  # noqa: BLE001 - classified below
-            if not is_transient(exc) or stop.is_set():
-                raise
-            attempt += 1
-            if attempt > retries:
-                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                raise TransientExhausted(
-                    f"cannot read {uri} (bytes {start}-{start + len(mv) - 1}) after {attempt} attempts: {first}",
-                    retryable=True,
-                ) from exc
-            if on_retry is not None:
-                on_retry()
-            delay = min(8.0, backoff * (2 ** (attempt - 1))) * (0.5 + random.random())
-            logger.info("retrying %s (attempt %d/%d) after %s", uri, attempt + 1, retries + 1, type(exc).__name__)
-            if stop.wait(delay):
-                raise Closed() from None
+
+    def retryable(exc: Exception) -> bool:
+        return not isinstance(exc, Closed) and is_transient(exc) and not stop.is_set()
+
+    def retrying(attempt: int, exc: Exception) -> None:
+        if on_retry is not None:
+            on_retry()
+        logger.info("retrying %s (attempt %d/%d) after %s", uri, attempt + 1, retries + 1, type(exc).__name__)
+
+    def exhausted(exc: Exception, attempts: int) -> TransientExhausted:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return TransientExhausted(
+            f"cannot read {uri} (bytes {start}-{start + len(mv) - 1}) after {attempts} attempts: {first}",
+            retryable=True,
+        )
+
+    policy = RetryPolicy(attempts=retries + 1, backoff=backoff, max_delay=8.0, jitter=True)
+    return policy.call(lambda: read_into(store, key, start, mv, stop), retryable=retryable, on_retry=retrying,
+                       wait=stop.wait, exhausted=exhausted)

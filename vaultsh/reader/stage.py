@@ -16,14 +16,12 @@ from typing import Any
 
 import torch
 
+from vaultsh.dtypes import float_name, torch_dtype_by_name
 from vaultsh.errors import UserError
 from vaultsh.reader.filters import TokenFilter, check_aligned
 from vaultsh.stats import RunningStats
 
 NORMALIZE_MODES = ("center", "unit_norm", "mean_norm_sqrt_d", "center_unit_norm", "standardize")
-
-_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32",
-                  "double": "float64", "fp64": "float64"}
 
 
 def parse_dtype(dtype) -> torch.dtype | None:
@@ -34,11 +32,10 @@ def parse_dtype(dtype) -> torch.dtype | None:
         dt = dtype
     else:
         name = str(dtype).strip()
-        name = name[len("torch."):] if name.startswith("torch.") else name
-        name = _DTYPE_ALIASES.get(name, name)
-        dt = getattr(torch, name, None) if name.replace("_", "").isalnum() else None
-        if not isinstance(dt, torch.dtype):
+        found = torch_dtype_by_name(float_name(name) or name)
+        if found is None:
             raise UserError(f"dtype {dtype!r} is not a torch floating point dtype (e.g. float32, bfloat16, float16)")
+        dt = found
     if not dt.is_floating_point:
         raise UserError(f"dtype {dtype!r} is not a floating point dtype (states are activations)")
     return dt

@@ -30,9 +30,10 @@ from rich.console import Console
 from vaultsh.errors import NotFoundError, UserError
 from vaultsh.shell import commands as _commands  # noqa: F401 - registers the commands
 from vaultsh.shell.commands import ExitShell
-from vaultsh.shell.context import ShellContext, open_shell_location, safe_text
+from vaultsh.shell.context import ShellContext, open_shell_location
 from vaultsh.shell.registry import REGISTRY, split_commands, split_words
-from vaultsh.shell.render import json_text, render
+from vaultsh.shell.render import render
+from vaultsh.terminal import collapse, json_text, safe_text
 
 if TYPE_CHECKING:  # prompt_toolkit is imported only when the shell prompts
     from prompt_toolkit import PromptSession
@@ -72,10 +73,6 @@ def _isatty(f: IO) -> bool:
 def _console(f: IO) -> Console:
     tty = _isatty(f)
     return Console(file=f, width=None if tty else 200, highlight=False, emoji=False, soft_wrap=not tty)
-
-
-def _one_line(text: str) -> str:
-    return safe_text(" ".join(str(text).split()))
 
 
 class Shell:
@@ -277,7 +274,7 @@ class Shell:
         self.stdout.flush()
 
     def error(self, message: str) -> None:
-        self.ctx.err.print(f"error: {_one_line(message)}", style="red", markup=False, highlight=False, soft_wrap=True)
+        self.ctx.err.print(f"error: {safe_text(collapse(message))}", style="red", markup=False, highlight=False, soft_wrap=True)
         try:
             self.stderr.flush()
         except (AttributeError, ValueError):

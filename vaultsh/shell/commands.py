@@ -12,11 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import humanize
-
+from vaultsh import tokens as dec
 from vaultsh.errors import FormatError, NotFoundError, UserError
+from vaultsh.fmt import binary_size
 from vaultsh.run import CFG, INTERNAL, METADATA, Run, megabatch_format
-from vaultsh.shell import decode as dec
 from vaultsh.shell.context import ShellContext
 from vaultsh.shell.registry import REGISTRY, Arg, command
 from vaultsh.shell.results import (
@@ -45,10 +44,6 @@ CAT_LIMIT = 1 << 20  # bytes `cat`/`meta` will print
 
 class ExitShell(Exception):
     """`exit` / `quit`."""
-
-
-def _size(n: int) -> str:
-    return humanize.naturalsize(n, binary=True)
 
 
 # ---------------------------------------------------------------------------
@@ -527,7 +522,7 @@ def stats(ctx: ShellContext, a) -> StatsResult:
 def _read_small(ctx: ShellContext, key: str) -> bytes:
     info = ctx.store.head(key)
     if info.size > CAT_LIMIT:
-        raise UserError(f"{ctx.display(key)}: {_size(info.size)} is too large to print (limit {_size(CAT_LIMIT)}); use get")
+        raise UserError(f"{ctx.display(key)}: {binary_size(info.size)} is too large to print (limit {binary_size(CAT_LIMIT)}); use get")
     return ctx.store.get_range(key, 0, CAT_LIMIT + 1)[: CAT_LIMIT + 1]
 
 
@@ -659,7 +654,7 @@ def rm(ctx: ShellContext, a) -> RmResult:
     is_dir = ctx.is_dir(key)
     if ctx.is_file(key) and not (a.r and is_dir):
         size = ctx.store.head(key).size
-        if not ctx.confirm(f"delete {uri} ({_size(size)})? [y/N] "):
+        if not ctx.confirm(f"delete {uri} ({binary_size(size)})? [y/N] "):
             return RmResult(uri, 0, 0, cancelled=True)
         ctx.store.delete(key)
         ctx.invalidate()
@@ -670,7 +665,7 @@ def rm(ctx: ShellContext, a) -> RmResult:
         raise UserError(f"{a.target}: a directory (prefix) holding objects; `rm -r {a.target}` deletes it after two confirmations")
     objects = [(o.key, o.size) for o in ctx.store.iter_objects(key + "/")]
     total = sum(s for _, s in objects)
-    if not ctx.confirm(f"delete {len(objects):,} objects ({_size(total)}) under {uri}/? [y/N] "):
+    if not ctx.confirm(f"delete {len(objects):,} objects ({binary_size(total)}) under {uri}/? [y/N] "):
         return RmResult(uri + "/", 0, 0, cancelled=True)
     name = key.rsplit("/", 1)[-1]
     answer = ctx.ask(f"this cannot be undone: type the directory name '{name}' to delete it: ")

@@ -57,23 +57,6 @@ class TTLCache:
             self._data.clear()
 
 
-def safe_text(text: object, keep_newlines: bool = False) -> str:
-    """Untrusted text (keys, header fields, decoded tokens) made inert for a terminal:
-    control characters (ANSI escapes included) shown as \\xNN; newlines and tabs kept on request."""
-    s = str(text)
-    if s.isprintable():
-        return s
-    out = []
-    for c in s:
-        if c.isprintable() or (keep_newlines and c in "\n\t"):
-            out.append(c)
-        elif c == "\n":
-            out.append("\\n")
-        else:
-            out.append(f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}")
-    return "".join(out)
-
-
 def open_shell_location(uri: str) -> tuple[Store, str]:
     """(store, cwd) for a URI given on the command line."""
     from vaultsh.store import is_s3_uri, open_location

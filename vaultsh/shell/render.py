@@ -7,17 +7,14 @@ token cannot inject terminal escapes or markup.
 
 from __future__ import annotations
 
-import json
 import textwrap
-import unicodedata
 from datetime import timezone
 from functools import singledispatch
 
-import humanize
 from rich.console import Console
 from rich.text import Text
 
-from vaultsh.shell.context import safe_text
+from vaultsh.fmt import binary_size
 from vaultsh.shell.results import (
     GetResult,
     HelpResult,
@@ -35,6 +32,7 @@ from vaultsh.shell.results import (
     TokensResult,
     VerifyReport,
 )
+from vaultsh.terminal import json_text, safe_text
 
 RULE = "-" * 40
 MASK_OPEN, MASK_CLOSE = "«", "»"
@@ -42,10 +40,6 @@ MASK_OPEN, MASK_CLOSE = "«", "»"
 
 def _p(console: Console, text: str | Text = "", style: str | None = None) -> None:
     console.print(text, style=style, markup=False, highlight=False, soft_wrap=True, emoji=False)
-
-
-def _size(n: int) -> str:
-    return humanize.naturalsize(n, binary=True)
 
 
 def _ok(n: int) -> str:
@@ -71,7 +65,7 @@ def ls_line(e, long: bool) -> str:
             size_col += " " * 17
         return f"{'':19}  {size_col}  {name}"
     when = e.mtime.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if e.mtime else "?" * 19
-    line = f"{when}  {_size(e.size or 0):>10}"
+    line = f"{when}  {binary_size(e.size or 0):>10}"
     if long:
         line += f"  {e.size or 0:>15,}"
     line += f"  {name}"
@@ -112,12 +106,12 @@ def _(t: Tally, console: Console) -> None:
         rows.append(("internal", f"{t.internal.files:,}", "_vaultsh/: commit records, statistics snapshots"))
         rows.append(("other", f"{t.other.files:,}", ""))
     else:
-        _p(console, f"{safe_text(t.uri)}: {_size(t.bytes)} ({t.bytes:,} bytes) in {t.objects:,} objects", style="bold")
-        rows.append(("megabatches", _size(mb.bytes), f"{mb.bytes:,} bytes in {mb.files:,} files"))
+        _p(console, f"{safe_text(t.uri)}: {binary_size(t.bytes)} ({t.bytes:,} bytes) in {t.objects:,} objects", style="bold")
+        rows.append(("megabatches", binary_size(mb.bytes), f"{mb.bytes:,} bytes in {mb.files:,} files"))
         for label, g in t.hooks.items():
-            rows.append((f"  {safe_text(label)}", _size(g.bytes), f"{g.bytes:,} bytes in {g.files:,} files"))
+            rows.append((f"  {safe_text(label)}", binary_size(g.bytes), f"{g.bytes:,} bytes in {g.files:,} files"))
         for g in (t.metadata, t.internal, t.other):
-            rows.append((g.label, _size(g.bytes), f"{g.bytes:,} bytes in {g.files:,} files"))
+            rows.append((g.label, binary_size(g.bytes), f"{g.bytes:,} bytes in {g.files:,} files"))
     w0 = max(len(a) for a, _, _ in rows)
     w1 = max(len(b) for _, b, _ in rows)
     for a, b, c in rows:
@@ -134,11 +128,11 @@ def _(h: InspectHeader, console: Console) -> None:
     _p(console, RULE)
     _p(console, f"Model: {safe_text(h.model or '?')}")
     _p(console, f"Hook: {safe_text(h.hook or '?')}")
-    from vaultsh.megabatch import DTYPES
+    from vaultsh.dtypes import BY_CODE
 
     dtype = hd.dtype if "states" in hd.tensors else "?"
-    torch_name = DTYPES.get(dtype, ("?",))[0]
-    size = f"   size: {_size(hd.file_size)} ({hd.file_size:,} bytes)" if hd.file_size is not None else ""
+    torch_name = BY_CODE[dtype].name if dtype in BY_CODE else "?"
+    size = f"   size: {binary_size(hd.file_size)} ({hd.file_size:,} bytes)" if hd.file_size is not None else ""
     _p(console, f"Format: {hd.format}   dtype: {dtype} (torch.{torch_name}){size}")
     _p(console)
     _p(console, "Tensor Shapes:")
@@ -256,12 +250,6 @@ def _(s: StatsResult, console: Console) -> None:
         _p(console, f"    {lo:>10.4g} – {hi:<10.4g} {bar} {c}")
 
 
-def json_text(data) -> str:
-    """Pretty JSON with every control character (C0, DEL, C1) escaped."""
-    text = json.dumps(data, indent=2, ensure_ascii=False, default=str)
-    return "".join(f"\\u{ord(c):04x}" if unicodedata.category(c) == "Cc" and c != "\n" else c for c in text)
-
-
 @render.register
 def _(d: JsonDoc, console: Console) -> None:
     _p(console, json_text(d.data))
@@ -275,11 +263,11 @@ def _(d: TextDoc, console: Console) -> None:
 @render.register
 def _(g: GetResult, console: Console) -> None:
     for uri, path, n in g.files if len(g.files) <= 20 else g.files[:20]:
-        _p(console, f"{safe_text(uri)} -> {safe_text(path)} ({_size(n)})")
+        _p(console, f"{safe_text(uri)} -> {safe_text(path)} ({binary_size(n)})")
     if len(g.files) > 20:
         _p(console, f"... and {len(g.files) - 20:,} more")
     total = sum(n for _, _, n in g.files)
-    _p(console, f"downloaded {len(g.files):,} file{'s' if len(g.files) != 1 else ''}, {_size(total)} ({total:,} bytes)")
+    _p(console, f"downloaded {len(g.files):,} file{'s' if len(g.files) != 1 else ''}, {binary_size(total)} ({total:,} bytes)")
 
 
 @render.register
@@ -287,7 +275,7 @@ def _(r: RmResult, console: Console) -> None:
     if r.cancelled:
         _p(console, f"not deleted: {safe_text(r.uri)}")
     else:
-        _p(console, f"deleted {r.deleted:,} object{'s' if r.deleted != 1 else ''} ({_size(r.bytes)}): {safe_text(r.uri)}")
+        _p(console, f"deleted {r.deleted:,} object{'s' if r.deleted != 1 else ''} ({binary_size(r.bytes)}): {safe_text(r.uri)}")
 
 
 @render.register

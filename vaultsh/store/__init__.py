@@ -5,7 +5,7 @@
 
 Environment (S3): `S3_ENDPOINT_URL` and the `AWS_*` variables (read by S3Store),
 `S3_BUCKET_NAME` (the default bucket, see `default_s3_uri`),
-`VAULTSH_S3_MAX_ATTEMPTS` (attempts per S3 request, retries included; default 8)
+`VAULTSH_S3_MAX_ATTEMPTS` (attempts per S3 request, retries included; default 8; see `store/retry.py`)
 and `AWS_NO_SIGN_REQUEST=1` (unsigned requests, for public buckets; the read
 commands' `--no-sign-request` sets it).
 """
@@ -16,6 +16,7 @@ import os
 
 from vaultsh.store.base import Listing, ObjectInfo, Store, join_key, normalize_key
 from vaultsh.store.local import LocalStore
+from vaultsh.store.retry import s3_attempts_from_env
 
 __all__ = [
     "Listing",
@@ -30,7 +31,6 @@ __all__ = [
     "normalize_key",
 ]
 
-MAX_ATTEMPTS_ENV = "VAULTSH_S3_MAX_ATTEMPTS"
 NO_SIGN_ENV = "AWS_NO_SIGN_REQUEST"
 
 
@@ -81,19 +81,8 @@ def default_s3_uri() -> str:
 
 def _s3_options() -> dict:
     """S3Store constructor options taken from the environment."""
-    from vaultsh.errors import UserError
-
-    opts: dict = {}
-    raw = os.environ.get(MAX_ATTEMPTS_ENV, "").strip()
-    if raw:
-        try:
-            attempts = int(raw)
-        except ValueError:
-            attempts = 0
-        if attempts < 1:
-            raise UserError(f"{MAX_ATTEMPTS_ENV}={raw!r} is not allowed: use a whole number >= 1")
-        opts["max_attempts"] = attempts
-    return opts
+    attempts = s3_attempts_from_env()
+    return {} if attempts is None else {"max_attempts": attempts}
 
 
 def open_store(uri: str, create: bool = True) -> Store:

@@ -6,7 +6,7 @@ boto3 is imported lazily: this module is only loaded for `s3://` URIs.
   `endpoint_url` is given) and the standard `AWS_ACCESS_KEY_ID`,
   `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_DEFAULT_REGION` variables
   (region defaults to us-east-1). botocore retries throttling, 5xx and
-  connection errors with exponential backoff ("standard" mode).
+  connection errors with exponential backoff ("standard" mode, `store/retry.py`).
 * `put_file` / `get_file` / large `put_bytes` go through boto3's transfer
   manager: parallel multipart upload and parallel ranged GETs.
 * Every boto3/botocore error is translated, in one place (`_s3_errors`), into a
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator
 
 from vaultsh.errors import Cancelled, NotFoundError, StoreError, UserError
 from vaultsh.store.base import Listing, ObjectInfo, normalize_key
+from vaultsh.store.retry import DEFAULT_S3_ATTEMPTS, botocore_retries
 
 if TYPE_CHECKING:  # pragma: no cover
     from boto3.s3.transfer import TransferConfig
@@ -114,7 +115,7 @@ class S3Store:
         multipart_threshold: int = 64 << 20,
         multipart_chunksize: int = 16 << 20,
         max_concurrency: int = 16,
-        max_attempts: int = 8,
+        max_attempts: int = DEFAULT_S3_ATTEMPTS,
         connect_timeout: float = 10,
         read_timeout: float = 120,
         unsigned: bool | None = None,
@@ -190,7 +191,7 @@ class S3Store:
             s3_opts = {"addressing_style": "path"} if endpoint else {}
             config = Config(
                 region_name=region,
-                retries={"total_max_attempts": self.max_attempts, "mode": "standard"},
+                retries=botocore_retries(self.max_attempts),
                 max_pool_connections=max(10, self.max_concurrency * 2),
                 connect_timeout=self.connect_timeout,
                 read_timeout=self.read_timeout,

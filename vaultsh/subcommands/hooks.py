@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+from vaultsh import dtypes
+
 
 
 def add_arguments(p) -> None:
@@ -25,7 +26,7 @@ def add_arguments(p) -> None:
     p.add_argument("--modules", action="store_true", help="also list every module as module:PATH (its output)")
     p.add_argument("--seq-length", type=int, default=None, metavar="T",
                    help="sequence length for attn.hook_pattern's width (default: the config's, else 1024)")
-    p.add_argument("--dtype", default=None, choices=sorted(_ITEMSIZE),
+    p.add_argument("--dtype", default=None, choices=sorted(dtypes.FLOAT_NAMES),
                    help="storage dtype for bytes per token (default: the config's, else the model's)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -62,7 +63,7 @@ def list_hooks(arg: str, *, seq_length: int | None = None, dtype: str | None = N
     n = len(model.get_submodule(layers_path(model)))
     T = seq_length or cfg_T or 1024
     stored = dtype or cfg_dtype or str(config_dtype or "float32").replace("torch.", "")
-    itemsize = _ITEMSIZE.get(stored, 4)
+    itemsize = dtypes.itemsize(stored) if stored in dtypes.FLOAT_NAMES else 4
     specs = [HookSpec("hook_embed", "hook_embed", None)]
     specs += [HookSpec(f"blocks.{L}.{s}", s, L) for L in range(n) for s, site in SITES.items() if site.scope == "layer"]
     specs.append(HookSpec("ln_final.hook_normalized", "ln_final.hook_normalized", None))

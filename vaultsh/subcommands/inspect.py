@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from vaultsh.errors import NotFoundError, UserError
 from vaultsh.store import open_location
+from vaultsh.terminal import inert
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console, JustifyMethod
@@ -26,10 +27,7 @@ def _safe(text) -> str:
     rich markup escaped, control characters (ANSI escapes included) shown as \\xNN."""
     from rich.markup import escape
 
-    s = str(text)
-    if not s.isprintable():
-        s = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in s)
-    return escape(s)
+    return escape(inert(text))
 
 
 def run_inspect(args) -> int:

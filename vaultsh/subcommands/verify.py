@@ -28,6 +28,7 @@ def run(args) -> int:
     from vaultsh.errors import UserError
     from vaultsh.export.check import check_export, holds_export
     from vaultsh.store import open_location, open_store
+    from vaultsh.terminal import inert
     from vaultsh.verify import ProblemReport, verify
 
     if args.threads < 1:
@@ -52,13 +53,6 @@ def run(args) -> int:
     else:
         out = Console(highlight=False, soft_wrap=True)
         for style, line in report.lines():
-            out.print(_inert(line), style=style or None, markup=False, emoji=False)
+            out.print(inert(line), style=style or None, markup=False, emoji=False)
     sys.stdout.flush()
     return report.exit_code
-
-
-def _inert(text: str) -> str:
-    """Keys and messages come from the store: control characters shown as \\xNN."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)

@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from vaultsh.dashboard import format as fmt
+from vaultsh import fmt
 from vaultsh.events import Event, Start, as_event, parse
 from vaultsh.supervise.process import WorkerHandle, last_log_line, tail_lines, tree_memory
 from vaultsh.supervise.state import (

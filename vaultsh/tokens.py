@@ -1,4 +1,5 @@
-"""Turning stored token ids back into text for `inspect`, `view` and the batch viewer.
+"""Turning stored token ids back into text: the shell (`inspect`, `view`, the batch viewer) and explore
+(`grep`, `top`, `view --heat`) both decode through here.
 
 The tokenizer is the one the run was collected with, named in its cfg.json
 (vaultsh: `tokenizer.source`; Activault: `transformer_config.model_name`),

@@ -1,8 +1,7 @@
-"""Short, fixed-width renderings of numbers for table cells (no textual import)."""
+"""Numbers for people: short, fixed-width renderings for table cells and status lines (humanize, no
+textual; standard library at import), shared by the dashboard, the supervisor, worker-event notes and the shell."""
 
 from __future__ import annotations
-
-import humanize
 
 
 def count(n: float | None) -> str:
@@ -22,7 +21,16 @@ def size(n: float | None) -> str:
         return "-"
     if n < 1000:
         return f"{n:.0f} B"
+    import humanize  # on first use: importing this module stays standard library only (vaultsh.events uses it)
+
     return humanize.naturalsize(n, format="%.1f")
+
+
+def binary_size(n: float) -> str:
+    """Bytes in binary units, as the shell prints them: '1.2 GiB', '340.0 MiB', '12 Bytes'."""
+    import humanize
+
+    return humanize.naturalsize(n, binary=True)
 
 
 def short_size(n: float | None) -> str:
