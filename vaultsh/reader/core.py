@@ -587,7 +587,8 @@ class ActivationReader:
             batches = self._token_batches(pf, stager) if self.tokens else self._megabatches(pf, stager)
             yield from batches
         finally:
-            self._counters.stop()
+            if not pf.at_exit:  # else the exit hook closed it and this runs while the interpreter tears down
+                self._counters.stop()
             pf.close()
 
     def _handle_error(self, item: Item) -> None:
