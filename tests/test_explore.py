@@ -248,6 +248,90 @@ def test_sae_eval_equals_brute_force(planted, kind):
 
 
 # ---------------------------------------------------------------------------
+# checkpoints written by sae-lens itself
+# ---------------------------------------------------------------------------
+
+
+def _saelens_python() -> str | None:
+    """An interpreter that imports sae_lens (.ci/run puts it in .venv-saelens: it needs TransformerLens < 4)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for cand in (os.environ.get("VAULTSH_SAELENS_PYTHON"), sys.executable, str(root / ".venv-saelens" / "bin" / "python")):
+        if cand and Path(cand).exists():
+            if subprocess.run([cand, "-c", "import sae_lens"], capture_output=True, timeout=120).returncode == 0:
+                return cand
+    return None
+
+
+@pytest.fixture(scope="module")
+def saelens_ckpts(planted, tmp_path_factory):
+    """Checkpoints made by sae-lens's own save_model / save_inference_model, and its encode/decode of every
+    real token of the planted store."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    python = _saelens_python()
+    if python is None:
+        pytest.skip("sae-lens is not installed (.ci/run installs it in .venv-saelens)")
+    out = tmp_path_factory.mktemp("saelens-ckpts")
+    x, _ = flat_real(planted["data"])
+    np.save(out / "x.npy", x)
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    proc = subprocess.run([python, str(root / "tests" / "saelens_ckpts.py"), str(out), str(fx.D), str(fx.D_SAE),
+                           str(fx.K_SPARSIFY)], capture_output=True, text=True, timeout=280, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("SAELENS-CKPTS "))
+    return out, json.loads(line[len("SAELENS-CKPTS "):])
+
+
+def test_checkpoints_saved_by_saelens_encode_and_decode_as_saelens_does(saelens_ckpts):
+    import torch
+
+    out, cases = saelens_ckpts
+    assert {"standard", "jumprelu-trained", "topk-trained", "topk-rescaled", "layernorm"} <= set(cases)
+    x = torch.from_numpy(np.load(out / "x.npy"))
+    for name in cases:
+        sae = load_sae(out / name)
+        want_h, want_xhat = np.load(out / f"{name}.acts.npy"), np.load(out / f"{name}.recon.npy")
+        assert (want_h > 0).any(0).sum() > fx.D_SAE // 2, name  # most latents fire somewhere: a real check
+        h, x_hat = sae.reconstruct(x)
+        np.testing.assert_allclose(h.numpy(), want_h, rtol=1e-4, atol=1e-4, err_msg=name)
+        np.testing.assert_allclose(x_hat.numpy(), want_xhat, rtol=1e-4, atol=1e-4, err_msg=name)
+        for f in (0, fx.FEATURE, fx.D_SAE - 1):
+            np.testing.assert_allclose(sae.feature(x, f).numpy(), want_h[:, f], rtol=1e-4, atol=1e-4, err_msg=name)
+    # SAELens 6 trains top-k SAEs with rescale_acts_by_decoder_norm on by default: it changes which latents win
+    assert load_sae(out / "topk-trained").rescale_by_dec_norm
+    with pytest.raises(CheckpointError, match="expected_average_only_in.*fold"):
+        load_sae(out / "expected-average")
+
+
+@STORES
+def test_top_and_sae_eval_with_a_saelens_made_rescaled_topk_checkpoint(planted, saelens_ckpts, kind):
+    store, data = planted[kind], planted["data"]
+    out, _ = saelens_ckpts
+    want_h = np.load(out / "topk-rescaled.acts.npy").astype(np.float64)
+    feature = int(np.argmax((want_h > 0).sum(0)))  # the latent that fires most often
+    r = top(store, hook_key(), None, value_fn(sae=str(out / "topk-rescaled"), feature=feature), k=8)
+    expect, _ = brute_top(data, want_h[:, feature], 8)
+    np.testing.assert_allclose([v for _, v in got(r, data)], [v for _, v in expect], rtol=1e-4)
+    assert {w for w, _ in got(r, data)} == {tuple(map(int, w)) for w, _ in expect}
+    n = 900
+    e = sae_eval(store, hook_key(), None, str(out / "topk-rescaled"), tokens=n)
+    x = np.load(out / "x.npy")[:n].astype(np.float64)
+    xhat = np.load(out / "topk-rescaled.recon.npy")[:n].astype(np.float64)
+    h = want_h[:n]
+    assert e.l0 == pytest.approx((h > 0).sum(1).mean())
+    assert e.fvu == pytest.approx(((x - xhat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum(), rel=1e-4)
+    assert e.dead == int(((h > 0).sum(0) == 0).sum())
+
+
+# ---------------------------------------------------------------------------
 # norms and _outliers.json
 # ---------------------------------------------------------------------------
 
