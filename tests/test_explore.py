@@ -77,6 +77,9 @@ def test_grep_finds_the_phrase_across_tokens_and_skips_the_masked_one(planted, k
         assert fx.QUERY not in tok.decode(ids[start + 1:end]) and fx.QUERY not in tok.decode(ids[start:end - 1])
     for m in r.matches:
         assert m.text == fx.QUERY and fx.QUERY in m.context.match and m.hook == fx.HOOK
+        # provenance of the match's first token: one match is in the packed file's second document
+        assert m.source == fx.source_of_token(data["keys"].index(m.file), m.sequence, m.start)
+    assert {m.source["source"] for m in r.matches} == {"my_jsonl", "notes"}
     # brute force over every run of real tokens, decoded whole by the tokenizer itself
     expect = 0
     for f in range(fx.N_FILES):
@@ -89,7 +92,7 @@ def test_grep_finds_the_phrase_across_tokens_and_skips_the_masked_one(planted, k
     # only input_ids and mask were read: headers add a little
     ids_mask = sum(data["ids"][i].nbytes + data["mask"][i].nbytes for i in range(fx.N_FILES))
     assert r.ids_mask_bytes == ids_mask
-    assert ids_mask <= r.bytes_read <= 1.2 * ids_mask
+    assert ids_mask <= r.bytes_read <= 1.2 * ids_mask  # the provenance reads included
     assert r.files == fx.N_FILES and not r.truncated
 
 
@@ -130,6 +133,9 @@ def test_top_dim_equals_brute_force_and_finds_the_planted_row(planted, kind):
     assert got(r, data)[0][0] == fx.DIM_AT and r.tokens == total == int(data["mask"].sum())
     assert r.top[0].quantile == 1.0 and r.top[1].quantile == pytest.approx((total - 1) / total)
     assert r.top[0].token_id == int(data["ids"][fx.DIM_AT])
+    for t in r.top:  # provenance of every token, from its file's source tensors (and segments when packed)
+        assert t.source == fx.source_of_token(data["keys"].index(t.file), t.sequence, t.position)
+    assert any(t.source["source"] == "my_jsonl" for t in r.top) and any(t.source["source"] == "notes" for t in r.top)
     tok = fx.tokenizer()
     assert r.top[0].context.match == tok.decode([int(data["ids"][fx.DIM_AT])])
 
@@ -162,6 +168,8 @@ def test_top_sae_feature_saelens_jumprelu(planted, kind):
     vals = fx.np_encode(data["sae"], x, "jumprelu")[:, fx.FEATURE]
     expect, _ = brute_top(data, vals, 6)
     assert got(r, data)[0][0] == fx.SAE_AT
+    assert r.top[0].source == fx.source_of_token(*fx.SAE_AT)
+    assert fx.SAE_AT[0] == fx.PACKED_FILE and r.top[0].source["token_offset"] == fx.PACK_OFFSET + fx.SAE_AT[2]
     assert [w for w, _ in got(r, data)] == [tuple(map(int, w)) for w, _ in expect]
     np.testing.assert_allclose([v for _, v in got(r, data)], [v for _, v in expect], rtol=1e-5)
 
@@ -442,6 +450,11 @@ def test_shell_commands(planted, kind):
     assert (data["keys"].index(doc["top"][0]["file"]), doc["top"][0]["sequence"], doc["top"][0]["position"]) == fx.DIM_AT
     rc, out, err = sh(store, f"cd {hook_key()}; top --dim {fx.DIM} -k 2")
     assert rc == 0 and "q=1.000000" in out and "seq 3 pos 10" in out
+    want = fx.source_of_token(*fx.DIM_AT)
+    assert f"seq 3 pos 10 [{want['source']} doc {want['document_index']} @ token {want['token_offset']}]" in out
+    rc, out, err = sh(store, f'cd {fx.RUN}; grep "{fx.QUERY}" --context 2')
+    lines = [ln for ln in out.splitlines() if "zebra" in ln]
+    assert rc == 0 and len(lines) == 2 and all(" [my_jsonl doc " in ln or " [notes doc " in ln for ln in lines), out
     rc, out, err = sh(store, f"cd {hook_key()}; view 0 0 --heat --norm --json")
     assert rc == 0, err
     assert json.loads(out)["scale"] == pytest.approx(300.0)
@@ -471,8 +484,12 @@ def test_cli_grep_top_norms(planted, tmp_path, capsys):
     assert main(["grep", f"{base}/{fx.RUN}", fx.QUERY, "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert len(doc["matches"]) == 2
+    keys = planted["data"]["keys"]
+    for m in doc["matches"]:
+        assert m["source"] == fx.source_of_token(keys.index(m["file"]), m["sequence"], m["positions"][0])
     assert main(["top", f"{base}/{fx.RUN}/{fx.HOOK}", "--dim", str(fx.DIM), "-k", "1", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["top"][0]["value"] == pytest.approx(50.0)
+    first = json.loads(capsys.readouterr().out)["top"][0]
+    assert first["value"] == pytest.approx(50.0) and first["source"] == fx.source_of_token(*fx.DIM_AT)
     assert main(["norms", f"{base}/{fx.RUN}/{fx.HOOK}", "--no-write"]) == 0
     assert "outliers (norm >=" in capsys.readouterr().out
     assert main(["top", f"{base}/{fx.RUN}/{fx.HOOK}", "--sae", str(tmp_path / "x.pt"), "--feature", "0"]) == 2
