@@ -373,6 +373,31 @@ def test_norms_find_the_sink_and_write_outliers_json(planted, kind):
     assert doc["outliers"][0]["token_id"] == int(data["ids"][fx.SINK_AT])
 
 
+@STORES
+def test_reader_drops_the_outliers_norms_found(planted, kind, tmp_path):
+    """`norms` writes _outliers.json; the reader's max_norm_factor then drops exactly those tokens."""
+    import torch
+
+    from vaultsh.reader import ActivationReader
+
+    data = planted["data"]
+    if kind == "local":
+        store = LocalStore(tmp_path / "v")  # a fresh copy: no _outliers.json of another test
+        fx.build(store)
+    else:
+        store = planted["s3"]
+    r = norms(store, hook_key(), None, factor=5.0)
+    reader = ActivationReader(hook_key(), store=store, tokens=True, batch_size=256, max_norm_factor=5.0)
+    assert reader.median_norm == pytest.approx(r.median_norm)
+    got = torch.cat([b["states"] for b in reader]).numpy()
+    x, where = flat_real(data)
+    nrm = np.linalg.norm(x.astype(np.float64), axis=1)
+    keep = nrm <= 5.0 * r.median_norm
+    np.testing.assert_array_equal(got, x[keep])  # file order, no shuffle: exactly the kept rows
+    assert reader.stats.dropped["max_norm"] == r.outliers_total == int((~keep).sum()) >= 3
+    assert not any(tuple(map(int, w)) == fx.SINK_AT for w in where[keep])
+
+
 def test_outliers_json_is_never_a_megabatch(tmp_path):
     """An Activault-style run (no commit records) lists every hook file: _outliers.json must stay out."""
     from vaultsh.reader import S3RCache

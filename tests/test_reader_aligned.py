@@ -421,3 +421,73 @@ def test_return_source_gives_each_sequence_and_token_its_provenance(collected_pa
             assert by_key[tuple(row)] == tok  # the token at that sequence's position
         n += ids.shape[0]
     assert n == r.stats.tokens > 0
+
+
+# -- two tiny models over the same data: reuse_sequences_from, then zip -----------------------
+@pytest.fixture(scope="module")
+def two_models(tiny_dir, tmp_path_factory):
+    """A tiny Llama run, a tiny Qwen2 run fed its stored sequences (`reuse_sequences_from`), and a Qwen2 run
+    over other data (another seed)."""
+    pytest.importorskip("transformers")
+    from collector.config import load_config
+    from collector.events import EventSink
+    from collector.worker import run_worker
+
+    from .familyfixtures import build_or_skip, tokenizer
+
+    tok = tokenizer()
+    qwen = tmp_path_factory.mktemp("qwen") / "model"
+    build_or_skip("qwen2", len(tok), seed=4).save_pretrained(qwen)
+    tok.save_pretrained(qwen)
+    root = tmp_path_factory.mktemp("zipvault")
+    data = {"n_batches": 6, "seq_length": 16, "batch_size": 2}
+
+    def collect(name, model, **extra):
+        cfg = load_config({"run_name": name, "num_runs": 1,
+                           "transformer_config": {"model_name": str(model), "dtype": "float32"},
+                           "data_config": {**data, **extra},
+                           "upload_config": {"batches_per_upload": 2, "hooks": ["residuals_1"]},
+                           "storage": {"uri": str(root)}})
+        assert run_worker(cfg, 0, sink=EventSink(0, callback=lambda e: None))["status"] == "complete"
+
+    collect("llama", tiny_dir, data_key="pydoc", seed=3)
+    collect("qwen", qwen, reuse_sequences_from=str(root / "llama"))
+    collect("qwen.other", qwen, data_key="pydoc", seed=9)
+    return root
+
+
+def test_zip_of_two_models_over_the_same_sequences_pairs_every_token(two_models):
+    root = two_models
+    store = LocalStore(root)
+    stored = {run: {f.name: read_megabatch(store, f.key) for f in Run(store, run).committed_files("residuals_1")}
+              for run in ("llama", "qwen")}
+    assert sorted(stored["llama"]) == sorted(stored["qwen"]) and len(stored["llama"]) == 3
+    z = ActivationReader.zip(str(root / "llama"), str(root / "qwen"), hooks=["residuals_1"], return_file=True,
+                             shuffle=True, seed=2)
+    seen = []
+    for mb in z:
+        llama, qwen = mb["states"]
+        name = mb["file"].rsplit("/", 1)[-1]
+        a, b = stored["llama"][name], stored["qwen"][name]
+        assert torch.equal(mb["input_ids"], a.input_ids) and torch.equal(a.input_ids, b.input_ids)
+        assert torch.equal(llama["residuals_1"], a.states) and torch.equal(qwen["residuals_1"], b.states)
+        assert not torch.allclose(a.states, b.states, atol=1e-2)  # two different models
+        seen.append(name)
+    assert sorted(seen) == sorted(stored["llama"])
+    n = sum(int(m.mask.sum()) for m in stored["llama"].values())
+    tz = ActivationReader.zip(str(root / "llama"), str(root / "qwen"), hooks=["residuals_1"], tokens=True,
+                              batch_size=7, shuffle=True, shuffle_buffer=2)
+    assert sum(batch["states"][0]["residuals_1"].shape[0] for batch in tz) == n == tz.stats.tokens
+
+
+def test_zip_with_a_run_over_other_data_names_the_file_and_position(two_models):
+    root = two_models
+    store = LocalStore(root)
+    first = Run(store, "llama").committed_files("residuals_1")[0]
+    other = read_megabatch(store, Run(store, "qwen.other").committed_files("residuals_1")[0].key)
+    diff = (read_megabatch(store, first.key).input_ids != other.input_ids).nonzero()[0].tolist()
+    z = ActivationReader.zip(str(root / "llama"), str(root / "qwen.other"), hooks=["residuals_1"])
+    with pytest.raises(AlignmentError, match=rf"qwen\.other/residuals_1/{first.name}: input_ids differ from "
+                                             rf".*llama/residuals_1/{first.name} at sequence {diff[0]}, "
+                                             rf"position {diff[1]}"):
+        next(iter(z))
