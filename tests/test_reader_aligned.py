@@ -334,6 +334,21 @@ def test_data_provider_is_an_endless_iterator_of_bare_tensors(local_store):
         ActivationReader("pair/" + A, store=local_store).as_data_provider()
 
 
+def test_iterable_dataset_view_of_bare_tensors_splits_files_across_workers(local_store):
+    """`as_dataset(states_only=True)`: a torch IterableDataset of bare [batch, d] tensors (dictionary_learning,
+    custom loops); two DataLoader workers together deliver every unmasked token exactly once."""
+    planted = make_aligned_run(local_store, workers=2, files_per_worker=3)
+    ds = ActivationReader("pair/" + A, store=local_store, tokens=True, batch_size=5, shuffle=True).as_dataset(
+        states_only=True)
+    assert isinstance(ds, torch.utils.data.IterableDataset)
+    got = list(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2))
+    assert all(isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[1] == DA for x in got)
+    np.testing.assert_array_equal(sorted_rows(torch.cat(got)), sorted_rows(unmasked_a(planted)))
+    pairs = ActivationReader("pair", hooks=[A, B], store=local_store, tokens=True).as_dataset(states_only=True)
+    for states in pairs:
+        check_pairs(states)
+
+
 # -- a real collector run: the transcoder pair against the model ------------------------------
 @pytest.fixture(scope="module")
 def collected_pair(tmp_path_factory):

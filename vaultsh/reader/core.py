@@ -728,8 +728,9 @@ class ActivationReader:
 
         return provider()
 
-    def as_dataset(self):
-        """A torch IterableDataset over this reader (DataLoader workers each take a share of the files)."""
+    def as_dataset(self, states_only: bool = False):
+        """A torch IterableDataset over this reader (DataLoader workers each take a share of the files);
+        `states_only=True`: its items are the bare state batches, as `as_data_provider` gives them."""
         from vaultsh.reader.dataset import ActivationDataset
 
-        return ActivationDataset(reader=self)
+        return ActivationDataset(reader=self, states_only=states_only)
