@@ -110,8 +110,8 @@ def np_encode(w: dict, x: np.ndarray, arch: str, k: int | None = None) -> np.nda
     return h
 
 
-def build(store, commit: bool = True) -> dict:
-    """Write the planted run into `store`; returns every array written (for brute-force checks)."""
+def build(store, commit: bool = True, run_name: str = RUN) -> dict:
+    """Write the planted run into `store` (as `run_name`); returns every array written (for brute-force checks)."""
     import hashlib
     from pydoc_data.topics import topics
 
@@ -145,8 +145,8 @@ def build(store, commit: bool = True) -> dict:
     states[SINK_AT][SINK_DIM] = 300.0
     mask[SINK_AT] = True
 
-    run = Run(store, RUN)
-    run.write_cfg({"tokenizer": {"source": str(TOKENIZER_DIR)}, "run_name": RUN})
+    run = Run(store, run_name)
+    run.write_cfg({"tokenizer": {"source": str(TOKENIZER_DIR)}, "run_name": run_name})
     meta = metadata_for(batch_size=N, sequence_length=T, d_in=D, batches_per_file=1, dtype=torch.float32, hook=HOOK)
     meta["sources"] = list(SOURCES)
     run.write_metadata(HOOK, meta)

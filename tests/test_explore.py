@@ -96,6 +96,19 @@ def test_grep_finds_the_phrase_across_tokens_and_skips_the_masked_one(planted, k
     assert r.files == fx.N_FILES and not r.truncated
 
 
+def test_grep_over_a_prefix_of_runs(tmp_path):
+    """A location holding several runs: every run is searched (one hook each), matches name their run."""
+    store = LocalStore(tmp_path / "v")
+    fx.build(store, run_name="exp/a")
+    data = fx.build(store, run_name="exp/b")
+    r = grep(store, "exp", fx.QUERY)
+    assert sorted((m.run, m.sequence) for m in r.matches) == sorted(
+        (run, s) for run in ("exp/a", "exp/b") for _, s, _ in fx.PHRASE_AT)
+    assert r.files == 2 * fx.N_FILES and r.ids_mask_bytes == 2 * sum(
+        data["ids"][i].nbytes + data["mask"][i].nbytes for i in range(fx.N_FILES))
+    assert len(grep(store, "exp/b", fx.QUERY).matches) == len(fx.PHRASE_AT)
+
+
 def test_grep_regex_limit_and_bad_pattern(planted):
     store = planted["local"]
     r = grep(store, fx.RUN, r"zebra\s+cross(ing)?", regex=True, limit=1)
@@ -525,6 +538,57 @@ def test_cli_grep_top_norms(planted, tmp_path, capsys):
     key = planted["data"]["keys"][0]
     assert main(["view", f"{base}/{key}", "0", "--heat", "--dim", "11", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"][0]["value"] == pytest.approx(300.0)
+
+
+def test_cli_every_command_on_s3(planted, s3_env, tmp_path, capsys):
+    """The five CLI commands on s3:// URIs (the loopback server), --json, against the planted answers."""
+    from PIL import Image
+
+    from vaultsh.cli import main
+
+    data, base = planted["data"], f"s3://{planted['s3'].bucket}"
+    keys = data["keys"]
+    assert main(["grep", f"{base}/{fx.RUN}", fx.QUERY, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert sorted((keys.index(m["file"]), m["sequence"]) for m in doc["matches"]) == [(f, s) for f, s, _ in fx.PHRASE_AT]
+    assert doc["read_ratio"] <= 1.2
+    assert main(["top", f"{base}/{fx.RUN}", "--hook", fx.HOOK, "--sae", str(planted["saelens"]), "--feature",
+                 str(fx.FEATURE), "-k", "1", "--json"]) == 0
+    t = json.loads(capsys.readouterr().out)["top"][0]
+    assert (keys.index(t["file"]), t["sequence"], t["position"]) == fx.SAE_AT
+    assert main(["sae-eval", f"{base}/{fx.RUN}/{fx.HOOK}", str(planted["sparsify"]), "--tokens", "50", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == 50
+    png = tmp_path / "h.png"
+    f, s, p = fx.DIM_AT
+    assert main(["view", f"{base}/{keys[f]}", str(s), "--heat", "--dim", str(fx.DIM), "--png", str(png), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"][p]["value"] == pytest.approx(50.0)
+    img = Image.open(png)
+    img.load()
+    assert img.format == "PNG" and img.size[0] == 900
+    assert main(["norms", f"{base}/{fx.RUN}/{fx.HOOK}", "--no-write", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert (keys.index(doc["outliers"][0]["file"]), doc["outliers"][0]["sequence"],
+            doc["outliers"][0]["position"]) == fx.SINK_AT
+    assert main(["top", f"{base}/{fx.RUN}/{fx.HOOK}", "--dim", "1", "-k", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "-k 0" in err[0]
+
+
+def test_long_scans_report_progress(planted):
+    """Each scan calls its progress callback (the shell's and the CLI's bar) up to (total, total)."""
+    store = planted["local"]
+    calls = {}
+    for name, run in (("grep", lambda cb: grep(store, fx.RUN, "zzz-nowhere", progress=cb)),
+                      ("top", lambda cb: top(store, hook_key(), None, value_fn(dim=0), progress=cb)),
+                      ("norms", lambda cb: norms(store, hook_key(), None, write=False, progress=cb)),
+                      ("sae-eval", lambda cb: sae_eval(store, hook_key(), None, str(planted["saelens"]), tokens=500,
+                                                       progress=cb))):
+        seen: list = []
+        run(lambda done, total, seen=seen: seen.append((done, total)))
+        calls[name] = seen
+    for name in ("grep", "top", "norms"):
+        assert calls[name] == [(i, fx.N_FILES) for i in range(1, fx.N_FILES + 1)], name
+    assert calls["sae-eval"][-1] == (500, 500)
 
 
 def test_registry_options_take_values():
