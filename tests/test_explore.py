@@ -153,6 +153,56 @@ def test_top_dim_equals_brute_force_and_finds_the_planted_row(planted, kind):
     assert r.top[0].context.match == tok.decode([int(data["ids"][fx.DIM_AT])])
 
 
+def test_top_over_many_files_equals_brute_force_and_samples_are_exact_too(tmp_path):
+    """24 small megabatches with random masks: top-k by a dimension and by a direction equals a numpy sort of
+    every real token; --files N equals the same sort over the N files the scan reports it read."""
+    import torch
+
+    from vaultsh.megabatch import write_megabatch
+    from vaultsh.run import CommitRecord, FileRecord, metadata_for
+
+    store = LocalStore(tmp_path / "v")
+    run = Run(store, "many")
+    n_files, n, t, d = 24, 4, 16, 8
+    run.write_metadata("h", metadata_for(batch_size=n, sequence_length=t, d_in=d, batches_per_file=1,
+                                         dtype=torch.float32, hook="h"))
+    g = np.random.default_rng(7)
+    states = g.standard_normal((n_files, n, t, d)).astype(np.float32)
+    mask = g.random((n_files, n, t)) > 0.3
+    keys = []
+    for i in range(n_files):
+        key = run.megabatch_key("h", i % 3, i // 3)
+        size = write_megabatch(store, key, torch.from_numpy(states[i]),
+                               torch.from_numpy(g.integers(0, 1000, (n, t))), torch.from_numpy(mask[i]))
+        run.commit(CommitRecord(i % 3, i // 3, i, i + 1, {"h": FileRecord("h", key, size, None, n, n * t, i % 3, i // 3)},
+                                tokens=n * t))
+        keys.append(key)
+
+    def brute(values, files):
+        rows = [(float(values[f][s, p]), keys[f], s, p) for f in files for s, p in zip(*np.nonzero(mask[f]))]
+        return sorted(rows, key=lambda r: -r[0])
+
+    v = g.standard_normal(d).astype(np.float32)
+    np.save(tmp_path / "v.npy", v)
+    for vf, values in ((value_fn(dim=5), states[..., 5]), (value_fn(direction=str(tmp_path / "v.npy")), states @ v)):
+        r = top(store, "many/h", None, vf, k=50)
+        want = brute(values, range(n_files))
+        assert [(t_.file, t_.sequence, t_.position) for t_ in r.top] == [w[1:] for w in want[:50]]
+        np.testing.assert_allclose([t_.value for t_ in r.top], [w[0] for w in want[:50]], rtol=1e-5)
+        assert r.tokens == len(want) == int(mask.sum())
+        for t_, i in zip(r.top, range(50)):
+            assert t_.quantile == pytest.approx((len(want) - i) / len(want))
+    r = top(store, "many/h", None, value_fn(dim=5), k=10, files=5, seed=0)
+    got_files = sorted({keys.index(t_.file) for t_ in r.top})
+    from vaultsh.reader import ActivationReader
+
+    sample = [keys.index(f.key) for f in ActivationReader("many/h", store=store, shuffle=True, seed=0).files[:5]]
+    assert set(got_files) <= set(sample) and sample != list(range(5)) and r.files == 5
+    want = brute(states[..., 5], sample)
+    assert [(t_.file, t_.sequence, t_.position) for t_ in r.top] == [w[1:] for w in want[:10]]
+    assert r.tokens == len(want)
+
+
 def test_top_direction_npy_and_safetensors(planted, tmp_path):
     from safetensors.numpy import save_file
 
