@@ -108,6 +108,9 @@ def test_megabatch_mode_delivers_both_hooks_of_the_same_megabatch(store):
         seen.append(match[0])
     assert sorted(seen) == sorted(planted) and seen != sorted(planted)  # shuffled, each once
     assert r.hooks == [A, B]
+    assert [r.hook_metadata(h)["d_in"] for h in r.hooks] == [DA, DB] and r.hook_metadata() == r.metadata
+    with pytest.raises(UserError, match="hook 'x' is not read here"):
+        r.hook_metadata("x")
 
 
 @pytest.mark.parametrize("shuffle_buffer", [0, 3])
@@ -311,6 +314,14 @@ def test_mean_norm_sqrt_d_factor_equals_numpy_over_the_stored_tokens(local_store
         mean_norm = torch.linalg.vector_norm(batch["states"][hook].double(), dim=-1).mean().item()
         assert mean_norm == pytest.approx(math.sqrt(d), rel=1e-5)
     assert ActivationReader("pair", hooks=[A], store=local_store, normalize="none").normalization_factor is None
+    # standardize: a per-feature factor 1/std (population), the shift the mean, both from numpy over the stored tokens
+    st = ActivationReader("pair", hooks=[A, B], store=local_store, tokens=True, normalize="standardize",
+                          batch_size=1 << 20)
+    for hook, rows in ((A, rows_a), (B, rows_b)):
+        np.testing.assert_allclose(st.normalization_factor[hook].numpy(), 1 / rows.std(axis=0), rtol=1e-6)
+    (batch,) = list(st)
+    z = batch["states"][A].double().numpy()
+    np.testing.assert_allclose(z, (rows_a - rows_a.mean(0)) / rows_a.std(0), rtol=1e-4, atol=1e-5)
     with pytest.raises(UserError, match="normalize='sqrt'"):
         ActivationReader("pair", hooks=[A], store=local_store, normalize="sqrt")
 

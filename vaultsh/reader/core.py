@@ -493,6 +493,15 @@ class ActivationReader:
         """metadata.json of the (first) source."""
         return self._sources[0].metadata
 
+    def hook_metadata(self, hook: str | None = None) -> dict | None:
+        """metadata.json of `hook` (one of `hooks`; for zip, the first run's), or of the first source."""
+        if hook is None:
+            return self.metadata
+        for s in self._sources:
+            if s.hook == hook:
+                return s.metadata
+        raise UserError(f"hook {hook!r} is not read here (hooks: {', '.join(self.hooks)})")
+
     @property
     def files(self) -> list[FileRecord]:
         """Every committed file (aligned reads: of the first hook), in read order (before `start` and sharding)."""
