@@ -7,6 +7,10 @@ SmolLM2 tokenizer; states are random except for planted rows:
 - the largest value of dimension 3 at DIM_AT;
 - a row along SAE feature 7's encoder column at SAE_AT;
 - a position-0 sink (dimension 11 = 300: huge norm, one massive dimension) at SINK_AT.
+Provenance is planted too: metadata.json names SOURCES; each sequence of an
+unpacked file is document `DOC_BASE * file + sequence` of source `sequence % 2`
+from its first token; the rows of PACKED_FILE hold two documents each (the
+second from position PACK_SPLIT on), recorded in `source_segments`.
 SAE checkpoints are written with the documented tensor names (SAELens, sparsify).
 """
 
@@ -29,6 +33,26 @@ MASKED_PHRASE_AT = (2, 5, 12)
 DIM, DIM_AT = 3, (2, 3, 10)
 SAE_AT = (1, 4, 20)
 SINK_DIM, SINK_AT = 11, (0, 0, 0)
+SOURCES = ["notes", "my_jsonl"]
+DOC_BASE, PACKED_FILE, PACK_SPLIT, PACK_OFFSET = 100, 1, 25, 7
+
+
+def planted_source(f: int, s: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(`source` row [3], `source_segments` rows [k, 5] or None) written for sequence s of file f."""
+    if f != PACKED_FILE:
+        return np.array([s % 2, DOC_BASE * f + s, 0]), None
+    seg = np.array([[s, 0, 0, 1000 + s, PACK_OFFSET], [s, PACK_SPLIT, 1, 2000 + s, 0]])
+    return seg[0, 2:], seg
+
+
+def source_of_token(f: int, s: int, p: int) -> dict:
+    """What a token's provenance must say, worked out from the planted layout (not from the files)."""
+    row, seg = planted_source(f, s)
+    src, doc, off, start = int(row[0]), int(row[1]), int(row[2]), 0
+    if seg is not None:
+        piece = seg[seg[:, 1] <= p][-1]
+        start, src, doc, off = (int(v) for v in piece[1:])
+    return {"source": SOURCES[src], "source_index": src, "document_index": doc, "token_offset": off + p - start}
 
 
 def tokenizer():
@@ -86,8 +110,8 @@ def np_encode(w: dict, x: np.ndarray, arch: str, k: int | None = None) -> np.nda
     return h
 
 
-def build(store, commit: bool = True) -> dict:
-    """Write the planted run into `store`; returns every array written (for brute-force checks)."""
+def build(store, commit: bool = True, run_name: str = RUN) -> dict:
+    """Write the planted run into `store` (as `run_name`); returns every array written (for brute-force checks)."""
     import hashlib
     from pydoc_data.topics import topics
 
@@ -121,15 +145,21 @@ def build(store, commit: bool = True) -> dict:
     states[SINK_AT][SINK_DIM] = 300.0
     mask[SINK_AT] = True
 
-    run = Run(store, RUN)
-    run.write_cfg({"tokenizer": {"source": str(TOKENIZER_DIR)}, "run_name": RUN})
-    run.write_metadata(HOOK, metadata_for(batch_size=N, sequence_length=T, d_in=D, batches_per_file=1,
-                                          dtype=torch.float32, hook=HOOK))
+    run = Run(store, run_name)
+    run.write_cfg({"tokenizer": {"source": str(TOKENIZER_DIR)}, "run_name": run_name})
+    meta = metadata_for(batch_size=N, sequence_length=T, d_in=D, batches_per_file=1, dtype=torch.float32, hook=HOOK)
+    meta["sources"] = list(SOURCES)
+    run.write_metadata(HOOK, meta)
     keys = []
     for i in range(N_FILES):
         key = run.megabatch_key(HOOK, 0, i)
+        rows = [planted_source(i, n) for n in range(N)]
+        source = torch.from_numpy(np.stack([r for r, _ in rows]).astype(np.int64))
+        segments = (torch.from_numpy(np.concatenate([g for _, g in rows]).astype(np.int64))
+                    if i == PACKED_FILE else None)
         size = write_megabatch(store, key, torch.from_numpy(states[i]), torch.from_numpy(ids[i]),
-                               torch.from_numpy(mask[i]), metadata={"hook": HOOK, "megabatch": i})
+                               torch.from_numpy(mask[i]), metadata={"hook": HOOK, "megabatch": i},
+                               source=source, source_segments=segments)
         if commit:
             sha = hashlib.sha256(store.get_bytes(key)).hexdigest()
             run.commit(CommitRecord(worker=0, index=i, batch_start=i, batch_end=i + 1,

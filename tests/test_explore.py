@@ -77,6 +77,9 @@ def test_grep_finds_the_phrase_across_tokens_and_skips_the_masked_one(planted, k
         assert fx.QUERY not in tok.decode(ids[start + 1:end]) and fx.QUERY not in tok.decode(ids[start:end - 1])
     for m in r.matches:
         assert m.text == fx.QUERY and fx.QUERY in m.context.match and m.hook == fx.HOOK
+        # provenance of the match's first token: one match is in the packed file's second document
+        assert m.source == fx.source_of_token(data["keys"].index(m.file), m.sequence, m.start)
+    assert {m.source["source"] for m in r.matches} == {"my_jsonl", "notes"}
     # brute force over every run of real tokens, decoded whole by the tokenizer itself
     expect = 0
     for f in range(fx.N_FILES):
@@ -89,8 +92,21 @@ def test_grep_finds_the_phrase_across_tokens_and_skips_the_masked_one(planted, k
     # only input_ids and mask were read: headers add a little
     ids_mask = sum(data["ids"][i].nbytes + data["mask"][i].nbytes for i in range(fx.N_FILES))
     assert r.ids_mask_bytes == ids_mask
-    assert ids_mask <= r.bytes_read <= 1.2 * ids_mask
+    assert ids_mask <= r.bytes_read <= 1.2 * ids_mask  # the provenance reads included
     assert r.files == fx.N_FILES and not r.truncated
+
+
+def test_grep_over_a_prefix_of_runs(tmp_path):
+    """A location holding several runs: every run is searched (one hook each), matches name their run."""
+    store = LocalStore(tmp_path / "v")
+    fx.build(store, run_name="exp/a")
+    data = fx.build(store, run_name="exp/b")
+    r = grep(store, "exp", fx.QUERY)
+    assert sorted((m.run, m.sequence) for m in r.matches) == sorted(
+        (run, s) for run in ("exp/a", "exp/b") for _, s, _ in fx.PHRASE_AT)
+    assert r.files == 2 * fx.N_FILES and r.ids_mask_bytes == 2 * sum(
+        data["ids"][i].nbytes + data["mask"][i].nbytes for i in range(fx.N_FILES))
+    assert len(grep(store, "exp/b", fx.QUERY).matches) == len(fx.PHRASE_AT)
 
 
 def test_grep_regex_limit_and_bad_pattern(planted):
@@ -130,8 +146,61 @@ def test_top_dim_equals_brute_force_and_finds_the_planted_row(planted, kind):
     assert got(r, data)[0][0] == fx.DIM_AT and r.tokens == total == int(data["mask"].sum())
     assert r.top[0].quantile == 1.0 and r.top[1].quantile == pytest.approx((total - 1) / total)
     assert r.top[0].token_id == int(data["ids"][fx.DIM_AT])
+    for t in r.top:  # provenance of every token, from its file's source tensors (and segments when packed)
+        assert t.source == fx.source_of_token(data["keys"].index(t.file), t.sequence, t.position)
+    assert any(t.source["source"] == "my_jsonl" for t in r.top) and any(t.source["source"] == "notes" for t in r.top)
     tok = fx.tokenizer()
     assert r.top[0].context.match == tok.decode([int(data["ids"][fx.DIM_AT])])
+
+
+def test_top_over_many_files_equals_brute_force_and_samples_are_exact_too(tmp_path):
+    """24 small megabatches with random masks: top-k by a dimension and by a direction equals a numpy sort of
+    every real token; --files N equals the same sort over the N files the scan reports it read."""
+    import torch
+
+    from vaultsh.megabatch import write_megabatch
+    from vaultsh.run import CommitRecord, FileRecord, metadata_for
+
+    store = LocalStore(tmp_path / "v")
+    run = Run(store, "many")
+    n_files, n, t, d = 24, 4, 16, 8
+    run.write_metadata("h", metadata_for(batch_size=n, sequence_length=t, d_in=d, batches_per_file=1,
+                                         dtype=torch.float32, hook="h"))
+    g = np.random.default_rng(7)
+    states = g.standard_normal((n_files, n, t, d)).astype(np.float32)
+    mask = g.random((n_files, n, t)) > 0.3
+    keys = []
+    for i in range(n_files):
+        key = run.megabatch_key("h", i % 3, i // 3)
+        size = write_megabatch(store, key, torch.from_numpy(states[i]),
+                               torch.from_numpy(g.integers(0, 1000, (n, t))), torch.from_numpy(mask[i]))
+        run.commit(CommitRecord(i % 3, i // 3, i, i + 1, {"h": FileRecord("h", key, size, None, n, n * t, i % 3, i // 3)},
+                                tokens=n * t))
+        keys.append(key)
+
+    def brute(values, files):
+        rows = [(float(values[f][s, p]), keys[f], s, p) for f in files for s, p in zip(*np.nonzero(mask[f]))]
+        return sorted(rows, key=lambda r: -r[0])
+
+    v = g.standard_normal(d).astype(np.float32)
+    np.save(tmp_path / "v.npy", v)
+    for vf, values in ((value_fn(dim=5), states[..., 5]), (value_fn(direction=str(tmp_path / "v.npy")), states @ v)):
+        r = top(store, "many/h", None, vf, k=50)
+        want = brute(values, range(n_files))
+        assert [(t_.file, t_.sequence, t_.position) for t_ in r.top] == [w[1:] for w in want[:50]]
+        np.testing.assert_allclose([t_.value for t_ in r.top], [w[0] for w in want[:50]], rtol=1e-5)
+        assert r.tokens == len(want) == int(mask.sum())
+        for t_, i in zip(r.top, range(50)):
+            assert t_.quantile == pytest.approx((len(want) - i) / len(want))
+    r = top(store, "many/h", None, value_fn(dim=5), k=10, files=5, seed=0)
+    got_files = sorted({keys.index(t_.file) for t_ in r.top})
+    from vaultsh.reader import ActivationReader
+
+    sample = [keys.index(f.key) for f in ActivationReader("many/h", store=store, shuffle=True, seed=0).files[:5]]
+    assert set(got_files) <= set(sample) and sample != list(range(5)) and r.files == 5
+    want = brute(states[..., 5], sample)
+    assert [(t_.file, t_.sequence, t_.position) for t_ in r.top] == [w[1:] for w in want[:10]]
+    assert r.tokens == len(want)
 
 
 def test_top_direction_npy_and_safetensors(planted, tmp_path):
@@ -162,6 +231,8 @@ def test_top_sae_feature_saelens_jumprelu(planted, kind):
     vals = fx.np_encode(data["sae"], x, "jumprelu")[:, fx.FEATURE]
     expect, _ = brute_top(data, vals, 6)
     assert got(r, data)[0][0] == fx.SAE_AT
+    assert r.top[0].source == fx.source_of_token(*fx.SAE_AT)
+    assert fx.SAE_AT[0] == fx.PACKED_FILE and r.top[0].source["token_offset"] == fx.PACK_OFFSET + fx.SAE_AT[2]
     assert [w for w, _ in got(r, data)] == [tuple(map(int, w)) for w, _ in expect]
     np.testing.assert_allclose([v for _, v in got(r, data)], [v for _, v in expect], rtol=1e-5)
 
@@ -248,6 +319,90 @@ def test_sae_eval_equals_brute_force(planted, kind):
 
 
 # ---------------------------------------------------------------------------
+# checkpoints written by sae-lens itself
+# ---------------------------------------------------------------------------
+
+
+def _saelens_python() -> str | None:
+    """An interpreter that imports sae_lens (.ci/run puts it in .venv-saelens: it needs TransformerLens < 4)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for cand in (os.environ.get("VAULTSH_SAELENS_PYTHON"), sys.executable, str(root / ".venv-saelens" / "bin" / "python")):
+        if cand and Path(cand).exists():
+            if subprocess.run([cand, "-c", "import sae_lens"], capture_output=True, timeout=120).returncode == 0:
+                return cand
+    return None
+
+
+@pytest.fixture(scope="module")
+def saelens_ckpts(planted, tmp_path_factory):
+    """Checkpoints made by sae-lens's own save_model / save_inference_model, and its encode/decode of every
+    real token of the planted store."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    python = _saelens_python()
+    if python is None:
+        pytest.skip("sae-lens is not installed (.ci/run installs it in .venv-saelens)")
+    out = tmp_path_factory.mktemp("saelens-ckpts")
+    x, _ = flat_real(planted["data"])
+    np.save(out / "x.npy", x)
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    proc = subprocess.run([python, str(root / "tests" / "saelens_ckpts.py"), str(out), str(fx.D), str(fx.D_SAE),
+                           str(fx.K_SPARSIFY)], capture_output=True, text=True, timeout=280, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("SAELENS-CKPTS "))
+    return out, json.loads(line[len("SAELENS-CKPTS "):])
+
+
+def test_checkpoints_saved_by_saelens_encode_and_decode_as_saelens_does(saelens_ckpts):
+    import torch
+
+    out, cases = saelens_ckpts
+    assert {"standard", "jumprelu-trained", "topk-trained", "topk-rescaled", "layernorm"} <= set(cases)
+    x = torch.from_numpy(np.load(out / "x.npy"))
+    for name in cases:
+        sae = load_sae(out / name)
+        want_h, want_xhat = np.load(out / f"{name}.acts.npy"), np.load(out / f"{name}.recon.npy")
+        assert (want_h > 0).any(0).sum() > fx.D_SAE // 2, name  # most latents fire somewhere: a real check
+        h, x_hat = sae.reconstruct(x)
+        np.testing.assert_allclose(h.numpy(), want_h, rtol=1e-4, atol=1e-4, err_msg=name)
+        np.testing.assert_allclose(x_hat.numpy(), want_xhat, rtol=1e-4, atol=1e-4, err_msg=name)
+        for f in (0, fx.FEATURE, fx.D_SAE - 1):
+            np.testing.assert_allclose(sae.feature(x, f).numpy(), want_h[:, f], rtol=1e-4, atol=1e-4, err_msg=name)
+    # SAELens 6 trains top-k SAEs with rescale_acts_by_decoder_norm on by default: it changes which latents win
+    assert load_sae(out / "topk-trained").rescale_by_dec_norm
+    with pytest.raises(CheckpointError, match="expected_average_only_in.*fold"):
+        load_sae(out / "expected-average")
+
+
+@STORES
+def test_top_and_sae_eval_with_a_saelens_made_rescaled_topk_checkpoint(planted, saelens_ckpts, kind):
+    store, data = planted[kind], planted["data"]
+    out, _ = saelens_ckpts
+    want_h = np.load(out / "topk-rescaled.acts.npy").astype(np.float64)
+    feature = int(np.argmax((want_h > 0).sum(0)))  # the latent that fires most often
+    r = top(store, hook_key(), None, value_fn(sae=str(out / "topk-rescaled"), feature=feature), k=8)
+    expect, _ = brute_top(data, want_h[:, feature], 8)
+    np.testing.assert_allclose([v for _, v in got(r, data)], [v for _, v in expect], rtol=1e-4)
+    assert {w for w, _ in got(r, data)} == {tuple(map(int, w)) for w, _ in expect}
+    n = 900
+    e = sae_eval(store, hook_key(), None, str(out / "topk-rescaled"), tokens=n)
+    x = np.load(out / "x.npy")[:n].astype(np.float64)
+    xhat = np.load(out / "topk-rescaled.recon.npy")[:n].astype(np.float64)
+    h = want_h[:n]
+    assert e.l0 == pytest.approx((h > 0).sum(1).mean())
+    assert e.fvu == pytest.approx(((x - xhat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum(), rel=1e-4)
+    assert e.dead == int(((h > 0).sum(0) == 0).sum())
+
+
+# ---------------------------------------------------------------------------
 # norms and _outliers.json
 # ---------------------------------------------------------------------------
 
@@ -279,6 +434,31 @@ def test_norms_find_the_sink_and_write_outliers_json(planted, kind):
     assert set(doc["outliers"][0]) == {"file", "sequence", "position", "token_id", "norm"}
     assert set(doc["massive_dims"][0]) == {"dim", "max_abs", "ratio_to_median"}
     assert doc["outliers"][0]["token_id"] == int(data["ids"][fx.SINK_AT])
+
+
+@STORES
+def test_reader_drops_the_outliers_norms_found(planted, kind, tmp_path):
+    """`norms` writes _outliers.json; the reader's max_norm_factor then drops exactly those tokens."""
+    import torch
+
+    from vaultsh.reader import ActivationReader
+
+    data = planted["data"]
+    if kind == "local":
+        store = LocalStore(tmp_path / "v")  # a fresh copy: no _outliers.json of another test
+        fx.build(store)
+    else:
+        store = planted["s3"]
+    r = norms(store, hook_key(), None, factor=5.0)
+    reader = ActivationReader(hook_key(), store=store, tokens=True, batch_size=256, max_norm_factor=5.0)
+    assert reader.median_norm == pytest.approx(r.median_norm)
+    got = torch.cat([b["states"] for b in reader]).numpy()
+    x, where = flat_real(data)
+    nrm = np.linalg.norm(x.astype(np.float64), axis=1)
+    keep = nrm <= 5.0 * r.median_norm
+    np.testing.assert_array_equal(got, x[keep])  # file order, no shuffle: exactly the kept rows
+    assert reader.stats.dropped["max_norm"] == r.outliers_total == int((~keep).sum()) >= 3
+    assert not any(tuple(map(int, w)) == fx.SINK_AT for w in where[keep])
 
 
 def test_outliers_json_is_never_a_megabatch(tmp_path):
@@ -358,6 +538,11 @@ def test_shell_commands(planted, kind):
     assert (data["keys"].index(doc["top"][0]["file"]), doc["top"][0]["sequence"], doc["top"][0]["position"]) == fx.DIM_AT
     rc, out, err = sh(store, f"cd {hook_key()}; top --dim {fx.DIM} -k 2")
     assert rc == 0 and "q=1.000000" in out and "seq 3 pos 10" in out
+    want = fx.source_of_token(*fx.DIM_AT)
+    assert f"seq 3 pos 10 [{want['source']} doc {want['document_index']} @ token {want['token_offset']}]" in out
+    rc, out, err = sh(store, f'cd {fx.RUN}; grep "{fx.QUERY}" --context 2')
+    lines = [ln for ln in out.splitlines() if "zebra" in ln]
+    assert rc == 0 and len(lines) == 2 and all(" [my_jsonl doc " in ln or " [notes doc " in ln for ln in lines), out
     rc, out, err = sh(store, f"cd {hook_key()}; view 0 0 --heat --norm --json")
     assert rc == 0, err
     assert json.loads(out)["scale"] == pytest.approx(300.0)
@@ -387,8 +572,12 @@ def test_cli_grep_top_norms(planted, tmp_path, capsys):
     assert main(["grep", f"{base}/{fx.RUN}", fx.QUERY, "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert len(doc["matches"]) == 2
+    keys = planted["data"]["keys"]
+    for m in doc["matches"]:
+        assert m["source"] == fx.source_of_token(keys.index(m["file"]), m["sequence"], m["positions"][0])
     assert main(["top", f"{base}/{fx.RUN}/{fx.HOOK}", "--dim", str(fx.DIM), "-k", "1", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["top"][0]["value"] == pytest.approx(50.0)
+    first = json.loads(capsys.readouterr().out)["top"][0]
+    assert first["value"] == pytest.approx(50.0) and first["source"] == fx.source_of_token(*fx.DIM_AT)
     assert main(["norms", f"{base}/{fx.RUN}/{fx.HOOK}", "--no-write"]) == 0
     assert "outliers (norm >=" in capsys.readouterr().out
     assert main(["top", f"{base}/{fx.RUN}/{fx.HOOK}", "--sae", str(tmp_path / "x.pt"), "--feature", "0"]) == 2
@@ -399,6 +588,57 @@ def test_cli_grep_top_norms(planted, tmp_path, capsys):
     key = planted["data"]["keys"][0]
     assert main(["view", f"{base}/{key}", "0", "--heat", "--dim", "11", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"][0]["value"] == pytest.approx(300.0)
+
+
+def test_cli_every_command_on_s3(planted, s3_env, tmp_path, capsys):
+    """The five CLI commands on s3:// URIs (the loopback server), --json, against the planted answers."""
+    from PIL import Image
+
+    from vaultsh.cli import main
+
+    data, base = planted["data"], f"s3://{planted['s3'].bucket}"
+    keys = data["keys"]
+    assert main(["grep", f"{base}/{fx.RUN}", fx.QUERY, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert sorted((keys.index(m["file"]), m["sequence"]) for m in doc["matches"]) == [(f, s) for f, s, _ in fx.PHRASE_AT]
+    assert doc["read_ratio"] <= 1.2
+    assert main(["top", f"{base}/{fx.RUN}", "--hook", fx.HOOK, "--sae", str(planted["saelens"]), "--feature",
+                 str(fx.FEATURE), "-k", "1", "--json"]) == 0
+    t = json.loads(capsys.readouterr().out)["top"][0]
+    assert (keys.index(t["file"]), t["sequence"], t["position"]) == fx.SAE_AT
+    assert main(["sae-eval", f"{base}/{fx.RUN}/{fx.HOOK}", str(planted["sparsify"]), "--tokens", "50", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == 50
+    png = tmp_path / "h.png"
+    f, s, p = fx.DIM_AT
+    assert main(["view", f"{base}/{keys[f]}", str(s), "--heat", "--dim", str(fx.DIM), "--png", str(png), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"][p]["value"] == pytest.approx(50.0)
+    img = Image.open(png)
+    img.load()
+    assert img.format == "PNG" and img.size[0] == 900
+    assert main(["norms", f"{base}/{fx.RUN}/{fx.HOOK}", "--no-write", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert (keys.index(doc["outliers"][0]["file"]), doc["outliers"][0]["sequence"],
+            doc["outliers"][0]["position"]) == fx.SINK_AT
+    assert main(["top", f"{base}/{fx.RUN}/{fx.HOOK}", "--dim", "1", "-k", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "-k 0" in err[0]
+
+
+def test_long_scans_report_progress(planted):
+    """Each scan calls its progress callback (the shell's and the CLI's bar) up to (total, total)."""
+    store = planted["local"]
+    calls = {}
+    for name, run in (("grep", lambda cb: grep(store, fx.RUN, "zzz-nowhere", progress=cb)),
+                      ("top", lambda cb: top(store, hook_key(), None, value_fn(dim=0), progress=cb)),
+                      ("norms", lambda cb: norms(store, hook_key(), None, write=False, progress=cb)),
+                      ("sae-eval", lambda cb: sae_eval(store, hook_key(), None, str(planted["saelens"]), tokens=500,
+                                                       progress=cb))):
+        seen: list = []
+        run(lambda done, total, seen=seen: seen.append((done, total)))
+        calls[name] = seen
+    for name in ("grep", "top", "norms"):
+        assert calls[name] == [(i, fx.N_FILES) for i in range(1, fx.N_FILES + 1)], name
+    assert calls["sae-eval"][-1] == (500, 500)
 
 
 def test_registry_options_take_values():

@@ -5,7 +5,7 @@ tokenizer (chat-templated pydoc text: added tokens and the default system
 prompt are masked) is exported with the CLI; `datasets.load_from_disk` must
 give exactly SAELens's features and the megabatches' values. With sae-lens
 installed (in this interpreter, `$VAULTSH_SAELENS_PYTHON`, or `.venv-saelens`:
-it needs TransformerLens < 4, see docs/export.md), SAELens itself loads the
+it needs TransformerLens < 4, see .ci/run and docs/training.md), SAELens itself loads the
 export through its cached-activations path in a child process, estimates the
 scaling factor, and trains a tiny SAE.
 """
@@ -284,7 +284,7 @@ def saelens_python() -> str | None:
 def saelens_run(collected, exported, tmp_path_factory):
     python = saelens_python()
     if python is None:
-        pytest.skip("sae-lens is not installed (see docs/export.md for the install line)")
+        pytest.skip("sae-lens is not installed (.ci/run installs it in .venv-saelens)")
     root, run = collected
     m = json.loads((exported / MANIFEST).read_text())
     factor = saelens_scaling_factor(str(root / run), HOOKS[0])
@@ -335,7 +335,7 @@ def test_a_tiny_sae_trains_from_the_reader_adapter_without_an_export(collected):
     """SAELens's SAETrainer pulls `next()` from `reader.as_data_provider()`: endless, bare [64, d_in] tensors."""
     python = saelens_python()
     if python is None:
-        pytest.skip("sae-lens is not installed (see docs/export.md for the install line)")
+        pytest.skip("sae-lens is not installed (.ci/run installs it in .venv-saelens)")
     root, run = collected
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
     proc = subprocess.run([python, str(ROOT / "tests" / "saelens_check.py"), "--adapter", str(root / run), HOOKS[0],
@@ -346,3 +346,24 @@ def test_a_tiny_sae_trains_from_the_reader_adapter_without_an_export(collected):
     assert len(losses) == 60 and all(math.isfinite(v) for v in losses)
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
     assert res["epochs"] >= 1  # 60 x 64 tokens is more than one pass over the tiny run: the provider kept going
+
+
+def test_the_docs_transformerlens_route_reproduces_the_stored_activations(tiny_dir, collected):
+    """docs/training.md: `from_pretrained_no_processing` refuses a local path; the documented route loads the
+    same model into a HookedSAETransformer (for SAELens's evals) whose activations equal the store's."""
+    python = saelens_python()
+    if python is None:
+        pytest.skip("sae-lens is not installed (.ci/run installs it in .venv-saelens)")
+    root, run = collected
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
+    proc = subprocess.run([python, str(ROOT / "tests" / "saelens_tl_check.py"), str(tiny_dir), str(root / run),
+                           HOOKS[0]], capture_output=True, text=True, timeout=280, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("SAELENS-TL "))[len("SAELENS-TL "):])
+    assert "not found" in res["refused"]  # the reason the docs give a route at all
+    assert res["tokens"] == int(stored(root, run, HOOKS[0])[2].sum()) > 0
+    assert res["max_rel_error"] < 1e-4
+    snippet = (ROOT / "docs" / "training.md").read_text()
+    for line in ("cfg = loading.get_pretrained_model_config(path, dtype=torch.float32, device=\"cpu\", fold_ln=False)",
+                 "model = HookedSAETransformer(cfg, tokenizer)"):
+        assert line in snippet  # the docs show the route this test runs

@@ -108,6 +108,9 @@ def test_megabatch_mode_delivers_both_hooks_of_the_same_megabatch(store):
         seen.append(match[0])
     assert sorted(seen) == sorted(planted) and seen != sorted(planted)  # shuffled, each once
     assert r.hooks == [A, B]
+    assert [r.hook_metadata(h)["d_in"] for h in r.hooks] == [DA, DB] and r.hook_metadata() == r.metadata
+    with pytest.raises(UserError, match="hook 'x' is not read here"):
+        r.hook_metadata("x")
 
 
 @pytest.mark.parametrize("shuffle_buffer", [0, 3])
@@ -311,6 +314,14 @@ def test_mean_norm_sqrt_d_factor_equals_numpy_over_the_stored_tokens(local_store
         mean_norm = torch.linalg.vector_norm(batch["states"][hook].double(), dim=-1).mean().item()
         assert mean_norm == pytest.approx(math.sqrt(d), rel=1e-5)
     assert ActivationReader("pair", hooks=[A], store=local_store, normalize="none").normalization_factor is None
+    # standardize: a per-feature factor 1/std (population), the shift the mean, both from numpy over the stored tokens
+    st = ActivationReader("pair", hooks=[A, B], store=local_store, tokens=True, normalize="standardize",
+                          batch_size=1 << 20)
+    for hook, rows in ((A, rows_a), (B, rows_b)):
+        np.testing.assert_allclose(st.normalization_factor[hook].numpy(), 1 / rows.std(axis=0), rtol=1e-6)
+    (batch,) = list(st)
+    z = batch["states"][A].double().numpy()
+    np.testing.assert_allclose(z, (rows_a - rows_a.mean(0)) / rows_a.std(0), rtol=1e-4, atol=1e-5)
     with pytest.raises(UserError, match="normalize='sqrt'"):
         ActivationReader("pair", hooks=[A], store=local_store, normalize="sqrt")
 
@@ -332,6 +343,21 @@ def test_data_provider_is_an_endless_iterator_of_bare_tensors(local_store):
         check_pairs(states)
     with pytest.raises(UserError, match="tokens=True"):
         ActivationReader("pair/" + A, store=local_store).as_data_provider()
+
+
+def test_iterable_dataset_view_of_bare_tensors_splits_files_across_workers(local_store):
+    """`as_dataset(states_only=True)`: a torch IterableDataset of bare [batch, d] tensors (dictionary_learning,
+    custom loops); two DataLoader workers together deliver every unmasked token exactly once."""
+    planted = make_aligned_run(local_store, workers=2, files_per_worker=3)
+    ds = ActivationReader("pair/" + A, store=local_store, tokens=True, batch_size=5, shuffle=True).as_dataset(
+        states_only=True)
+    assert isinstance(ds, torch.utils.data.IterableDataset)
+    got = list(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2))
+    assert all(isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[1] == DA for x in got)
+    np.testing.assert_array_equal(sorted_rows(torch.cat(got)), sorted_rows(unmasked_a(planted)))
+    pairs = ActivationReader("pair", hooks=[A, B], store=local_store, tokens=True).as_dataset(states_only=True)
+    for states in pairs:
+        check_pairs(states)
 
 
 # -- a real collector run: the transcoder pair against the model ------------------------------
@@ -410,3 +436,73 @@ def test_return_source_gives_each_sequence_and_token_its_provenance(collected_pa
             assert by_key[tuple(row)] == tok  # the token at that sequence's position
         n += ids.shape[0]
     assert n == r.stats.tokens > 0
+
+
+# -- two tiny models over the same data: reuse_sequences_from, then zip -----------------------
+@pytest.fixture(scope="module")
+def two_models(tiny_dir, tmp_path_factory):
+    """A tiny Llama run, a tiny Qwen2 run fed its stored sequences (`reuse_sequences_from`), and a Qwen2 run
+    over other data (another seed)."""
+    pytest.importorskip("transformers")
+    from collector.config import load_config
+    from collector.events import EventSink
+    from collector.worker import run_worker
+
+    from .familyfixtures import build_or_skip, tokenizer
+
+    tok = tokenizer()
+    qwen = tmp_path_factory.mktemp("qwen") / "model"
+    build_or_skip("qwen2", len(tok), seed=4).save_pretrained(qwen)
+    tok.save_pretrained(qwen)
+    root = tmp_path_factory.mktemp("zipvault")
+    data = {"n_batches": 6, "seq_length": 16, "batch_size": 2}
+
+    def collect(name, model, **extra):
+        cfg = load_config({"run_name": name, "num_runs": 1,
+                           "transformer_config": {"model_name": str(model), "dtype": "float32"},
+                           "data_config": {**data, **extra},
+                           "upload_config": {"batches_per_upload": 2, "hooks": ["residuals_1"]},
+                           "storage": {"uri": str(root)}})
+        assert run_worker(cfg, 0, sink=EventSink(0, callback=lambda e: None))["status"] == "complete"
+
+    collect("llama", tiny_dir, data_key="pydoc", seed=3)
+    collect("qwen", qwen, reuse_sequences_from=str(root / "llama"))
+    collect("qwen.other", qwen, data_key="pydoc", seed=9)
+    return root
+
+
+def test_zip_of_two_models_over_the_same_sequences_pairs_every_token(two_models):
+    root = two_models
+    store = LocalStore(root)
+    stored = {run: {f.name: read_megabatch(store, f.key) for f in Run(store, run).committed_files("residuals_1")}
+              for run in ("llama", "qwen")}
+    assert sorted(stored["llama"]) == sorted(stored["qwen"]) and len(stored["llama"]) == 3
+    z = ActivationReader.zip(str(root / "llama"), str(root / "qwen"), hooks=["residuals_1"], return_file=True,
+                             shuffle=True, seed=2)
+    seen = []
+    for mb in z:
+        llama, qwen = mb["states"]
+        name = mb["file"].rsplit("/", 1)[-1]
+        a, b = stored["llama"][name], stored["qwen"][name]
+        assert torch.equal(mb["input_ids"], a.input_ids) and torch.equal(a.input_ids, b.input_ids)
+        assert torch.equal(llama["residuals_1"], a.states) and torch.equal(qwen["residuals_1"], b.states)
+        assert not torch.allclose(a.states, b.states, atol=1e-2)  # two different models
+        seen.append(name)
+    assert sorted(seen) == sorted(stored["llama"])
+    n = sum(int(m.mask.sum()) for m in stored["llama"].values())
+    tz = ActivationReader.zip(str(root / "llama"), str(root / "qwen"), hooks=["residuals_1"], tokens=True,
+                              batch_size=7, shuffle=True, shuffle_buffer=2)
+    assert sum(batch["states"][0]["residuals_1"].shape[0] for batch in tz) == n == tz.stats.tokens
+
+
+def test_zip_with_a_run_over_other_data_names_the_file_and_position(two_models):
+    root = two_models
+    store = LocalStore(root)
+    first = Run(store, "llama").committed_files("residuals_1")[0]
+    other = read_megabatch(store, Run(store, "qwen.other").committed_files("residuals_1")[0].key)
+    diff = (read_megabatch(store, first.key).input_ids != other.input_ids).nonzero()[0].tolist()
+    z = ActivationReader.zip(str(root / "llama"), str(root / "qwen.other"), hooks=["residuals_1"])
+    with pytest.raises(AlignmentError, match=rf"qwen\.other/residuals_1/{first.name}: input_ids differ from "
+                                             rf".*llama/residuals_1/{first.name} at sequence {diff[0]}, "
+                                             rf"position {diff[1]}"):
+        next(iter(z))

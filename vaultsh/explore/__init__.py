@@ -9,6 +9,7 @@ One module per command, each a plain function returning a result with
 - `context.py` ranged reads of `input_ids` and `mask` only (bytes counted)
 - `sae.py`     SAE checkpoints (SAELens and sparsify layouts, safetensors only)
 - `values.py`  per-token values: a dimension, a direction, an SAE feature, the norm
+- `source.py`  a token's provenance (source, document, offset) for `top` and `grep`
 - `grep.py`, `top.py`, `saeeval.py`, `heat.py`, `norms.py`: the commands
 - `render.py`  text for people (rich); `png.py` images (Pillow)
 

@@ -127,3 +127,17 @@ def read_sequence_tokens(io: ByteCounter, key: str, seq: int, header: MegabatchH
         out[name] = np.frombuffer(raw, dtype=raw_numpy(info.dtype))
     ids = out["input_ids"]
     return ids, out.get("mask", np.ones(ids.shape, dtype=bool)).astype(bool, copy=False)
+
+
+def read_sources(io: ByteCounter, key: str, header: MegabatchHeader) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(`source` [N, 3], `source_segments` [M, 5] or None) of a megabatch: one small ranged read per tensor
+    (bytes counted); (None, None) for a file without provenance (or a pt file)."""
+    out: list[np.ndarray | None] = []
+    for name in ("source", "source_segments"):
+        info = header.tensors.get(name) if header.format == "safetensors" else None
+        if info is None:
+            out.append(None)
+            continue
+        raw = io.get_range(key, header.data_offset + info.start, info.nbytes)
+        out.append(np.frombuffer(raw, dtype=raw_numpy(info.dtype)).reshape(info.shape))
+    return out[0], out[1]

@@ -3,6 +3,8 @@
 Each sequence is split into runs of real (unmasked) tokens; each run's text is
 searched, so a match may span token boundaries but never a masked token.
 Character offsets map back to token positions through the pieces' offsets.
+A file with matches also gets its small provenance tensors read (`source`,
+`source_segments`: where each match came from; counted in `bytes_read`).
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from vaultsh.errors import UserError
-from vaultsh.explore.context import ByteCounter, read_tokens
+from vaultsh.provenance import source_names
+from vaultsh.explore.context import ByteCounter, read_sources, read_tokens
 from vaultsh.explore.scope import hooks_for
+from vaultsh.explore.source import token_source
 from vaultsh.explore.text import Context, Pieces, context, load_pieces, token_span
 from vaultsh.run import Run
 
@@ -30,10 +34,12 @@ class GrepMatch:
     end: int  # one past its last token
     text: str  # the matched characters
     context: Context
+    source: dict | None = None  # provenance of the match's first token (None: the file records none)
 
     def to_json(self) -> dict:
         return {"run": self.run, "hook": self.hook, "file": self.file, "sequence": self.sequence,
-                "positions": [self.start, self.end], "text": self.text, "context": self.context.to_json()}
+                "positions": [self.start, self.end], "text": self.text, "context": self.context.to_json(),
+                "source": self.source}
 
 
 @dataclass
@@ -112,6 +118,7 @@ def grep(store, key: str, pattern: str, *, regex: bool = False, hook: str | None
     done = 0
     for ref, files in plan:
         pieces: Pieces | None = None
+        names = source_names(Run(store, ref.run).read_metadata(ref.hook))
         for f in files:
             toks = read_tokens(io, f.key, f.size or None)
             result.files += 1
@@ -120,6 +127,7 @@ def grep(store, key: str, pattern: str, *, regex: bool = False, hook: str | None
                 pieces = load_pieces(store, ref.run, toks.header.metadata)
                 if not pieces.ok and pieces.handle.note:
                     result.notes.append(f"{ref.run}: {pieces.handle.note}; searching token ids as text")
+            first = len(result.matches)
             for n in range(toks.input_ids.shape[0]):
                 ids, mask = toks.input_ids[n].tolist(), toks.mask[n].tolist()
                 result.sequences += 1
@@ -131,6 +139,10 @@ def grep(store, key: str, pattern: str, *, regex: bool = False, hook: str | None
                         break
                 if result.truncated:
                     break
+            if len(result.matches) > first and toks.header.has_source:
+                src, seg = read_sources(io, f.key, toks.header)
+                for m in result.matches[first:]:
+                    m.source = token_source(src, seg, m.sequence, m.start, names)
             done += 1
             if progress:
                 progress(done, total)

@@ -34,7 +34,7 @@ def _save(img, path: str | Path) -> tuple[int, int]:
 
 
 def _printable(s: str) -> str:
-    return "".join(c if c.isprintable() else " " for c in s.replace("\n", "⏎"))
+    return "".join(c if c.isprintable() else " " for c in s.replace("\n", "\\n"))
 
 
 def heat_png(result, path: str | Path) -> tuple[int, int]:

@@ -16,6 +16,7 @@ from vaultsh.explore.grep import GrepResult
 from vaultsh.explore.heat import GREY, HeatResult
 from vaultsh.explore.norms import NormsResult
 from vaultsh.explore.saeeval import SaeEvalResult
+from vaultsh.explore.source import source_text
 from vaultsh.explore.text import Context
 from vaultsh.explore.top import TopResult
 from vaultsh.terminal import safe_text
@@ -37,12 +38,17 @@ def _ctx_text(c: Context) -> Text:
     return t
 
 
+def _src(source: dict | None) -> str:
+    """` [my_jsonl doc 17 @ token 5]`: where the token came from ("" when its file records no provenance)."""
+    return f" [{safe_text(source_text(source))}]" if source else ""
+
+
 def render_grep(r: GrepResult, console: Console) -> None:
     for n in r.notes:
         _p(console, f"note: {safe_text(n)}", "yellow")
     for m in r.matches:
         head = Text(f"{safe_text(m.run)}/{safe_text(m.hook)} {safe_text(m.file.rsplit('/', 1)[-1])} "
-                    f"seq {m.sequence} tok {m.start}-{m.end - 1}: ", style="cyan")
+                    f"seq {m.sequence} tok {m.start}-{m.end - 1}{_src(m.source)}: ", style="cyan")
         _p(console, head + _ctx_text(m.context))
     more = " (stopped at -n; there may be more)" if r.truncated else ""
     _p(console, f"{len(r.matches):,} match(es) in {r.files:,} file(s), {r.sequences:,} sequences{more}; "
@@ -55,7 +61,8 @@ def render_top(r: TopResult, console: Console) -> None:
                 f"({r.tokens:,} tokens, {r.files:,} files)", "bold")
     for i, t in enumerate(r.top):
         head = Text(f"{i + 1:>3}. {t.value:>10.4g}  q={t.quantile:.6f}  "
-                    f"{safe_text(t.file.rsplit('/', 1)[-1])} seq {t.sequence} pos {t.position}: ", style="cyan")
+                    f"{safe_text(t.file.rsplit('/', 1)[-1])} seq {t.sequence} pos {t.position}{_src(t.source)}: ",
+                    style="cyan")
         _p(console, head + (_ctx_text(t.context) if t.context else Text("")))
 
 

@@ -2,9 +2,16 @@
 
 - SAELens: a directory with `cfg.json` and `sae_weights.safetensors` holding
   `W_enc [d_in, d_sae]`, `b_enc [d_sae]`, `W_dec [d_sae, d_in]`, `b_dec [d_in]`,
-  plus `threshold [d_sae]` for JumpReLU; `cfg.json` names the `architecture`
+  plus `threshold [d_sae]` for JumpReLU (or an older checkpoint's
+  `log_threshold`, threshold = exp of it); `cfg.json` names the `architecture`
   ("standard", "jumprelu", "topk") and, for top-k, `k` (or
-  `activation_fn_kwargs.k`); `apply_b_dec_to_input` (default true).
+  `activation_fn_kwargs.k`) and `rescale_acts_by_decoder_norm` (SAELens 6's
+  default for top-k training: pre-activations times the decoder rows' norms,
+  latents divided by them before decoding); `apply_b_dec_to_input` (default
+  true); `normalize_activations` "none", "constant_norm_rescale" or
+  "layer_norm" (both per token, undone after decoding). A checkpoint saved
+  with "expected_average_only_in" is refused: its scaling factor is not in the
+  checkpoint (SAELens folds it into the weights when it saves a trained SAE).
 - sparsify: a directory with `cfg.json` (`k`, `d_in`, ...) and `sae.safetensors`
   holding `encoder.weight [num_latents, d_in]`, `encoder.bias`, `W_dec
   [num_latents, d_in]`, `b_dec [d_in]`; encoding is ReLU then top-k of
@@ -51,6 +58,8 @@ class SAE:
     threshold: torch.Tensor | None = None
     k: int | None = None
     subtract_b_dec: bool = True
+    rescale_by_dec_norm: bool = False  # SAELens top-k: rank pre-activations x ||W_dec[i]||
+    normalize: str = "none"  # SAELens's per-token input normalization: none, constant_norm_rescale, layer_norm
 
     @property
     def d_in(self) -> int:
@@ -60,19 +69,35 @@ class SAE:
     def d_sae(self) -> int:
         return int(self.W_enc.shape[1])
 
+    def _norm_in(self, x):
+        """(x as the SAE sees it, what undoes that on a reconstruction) for `normalize`."""
+        if self.normalize == "constant_norm_rescale":
+            c = self.d_in ** 0.5 / x.norm(dim=-1, keepdim=True)
+            return x * c, lambda y: y / c
+        if self.normalize == "layer_norm":
+            mu = x.mean(dim=-1, keepdim=True)
+            xc = x - mu
+            std = xc.std(dim=-1, keepdim=True)
+            return xc / (std + 1e-5), lambda y: y * std + mu
+        return x, None
+
+    def _sae_in(self, x):
+        x = self._norm_in(x)[0]
+        return x - self.b_dec if self.subtract_b_dec else x
+
     def pre(self, x):
-        """Pre-activations [n, d_sae] of x [n, d_in]."""
-        if self.subtract_b_dec:
-            x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
+        """Pre-activations [n, d_sae] of x [n, d_in] (top-k ranks these)."""
+        h = self._sae_in(x) @ self.W_enc + self.b_enc
+        return h * self.W_dec.norm(dim=-1) if self.rescale_by_dec_norm else h
 
     def encode(self, x):
         """Latent activations [n, d_sae] of x [n, d_in]."""
         import torch
 
-        h = torch.relu(self.pre(x))
+        pre = self.pre(x)
+        h = torch.relu(pre)
         if self.architecture == "jumprelu":
-            h = h * (h > self.threshold)
+            h = h * (pre > self.threshold)
         elif self.architecture == "topk":
             vals, idx = h.topk(min(self.k, h.shape[1]), dim=1)
             h = torch.zeros_like(h).scatter_(1, idx, vals)
@@ -84,15 +109,25 @@ class SAE:
 
         if self.architecture == "topk":
             return self.encode(x)[:, f]
-        xin = x - self.b_dec if self.subtract_b_dec else x
-        h = torch.relu(xin @ self.W_enc[:, f] + self.b_enc[f])
+        pre = self._sae_in(x) @ self.W_enc[:, f] + self.b_enc[f]
+        h = torch.relu(pre)
         if self.architecture == "jumprelu":
             assert self.threshold is not None  # load_sae refuses a JumpReLU SAE without one
-            h = h * (h > self.threshold[f])
+            h = h * (pre > self.threshold[f])
         return h
 
     def decode(self, h):
+        """Reconstructions [n, d_in] of latents h [n, d_sae] (in the SAE's own input space)."""
+        if self.rescale_by_dec_norm:
+            h = h / self.W_dec.norm(dim=-1)
         return h @ self.W_dec + self.b_dec
+
+    def reconstruct(self, x):
+        """(latents h [n, d_sae], x_hat [n, d_in] in x's own space: a per-token input normalization undone)."""
+        _, undo = self._norm_in(x)
+        h = self.encode(x)
+        y = self.decode(h)
+        return h, (undo(y) if undo is not None else y)
 
     def check_feature(self, f: int) -> int:
         if not 0 <= f < self.d_sae:
@@ -105,7 +140,8 @@ class SAE:
 
     def describe(self) -> dict:
         return {"source": self.source, "layout": self.layout, "architecture": self.architecture,
-                "d_in": self.d_in, "d_sae": self.d_sae, "k": self.k}
+                "d_in": self.d_in, "d_sae": self.d_sae, "k": self.k, "normalize_activations": self.normalize,
+                "rescale_acts_by_decoder_norm": self.rescale_by_dec_norm}
 
 
 def refuse_pickle(path: Path) -> None:
@@ -180,6 +216,8 @@ def load_sae(path: str | Path) -> SAE:
     t = {k: v.to(torch.float32) for k, v in t.items()}
     src = str(path)
     if "W_enc" in t:
+        if "threshold" not in t and "log_threshold" in t:  # an older SAELens JumpReLU checkpoint
+            t["threshold"] = torch.exp(t.pop("log_threshold"))
         need = ("W_enc", "b_enc", "W_dec", "b_dec")
         missing = [n for n in need if n not in t]
         if missing:
@@ -189,8 +227,16 @@ def load_sae(path: str | Path) -> SAE:
             arch = "topk"
         if arch == "gated":
             raise CheckpointError(f"{file}: the gated architecture is not supported (standard, jumprelu, topk)")
+        norm = str(cfg.get("normalize_activations") or "none")
+        if norm not in ("none", "constant_norm_rescale", "layer_norm"):
+            raise CheckpointError(
+                f"{file}: cfg.json has normalize_activations={norm!r}, whose factor is not in the checkpoint; "
+                "fold it into the weights first (SAELens: sae.fold_activation_norm_scaling_factor(f), then "
+                "save_inference_model; vaultsh's saelens_scaling_factor gives f for a store)")
         sae = SAE(src, "saelens", arch, t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"],
-                  threshold=t.get("threshold"), k=_k(cfg), subtract_b_dec=bool(cfg.get("apply_b_dec_to_input", True)))
+                  threshold=t.get("threshold"), k=_k(cfg), subtract_b_dec=bool(cfg.get("apply_b_dec_to_input", True)),
+                  rescale_by_dec_norm=arch == "topk" and bool(cfg.get("rescale_acts_by_decoder_norm", False)),
+                  normalize=norm)
         if arch == "jumprelu" and sae.threshold is None:
             raise CheckpointError(f"{file}: a JumpReLU SAE needs a 'threshold' tensor")
         if arch == "topk" and sae.k is None:

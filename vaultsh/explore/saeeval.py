@@ -67,11 +67,11 @@ def sae_eval(store, key: str, hook: str | None, ckpt: str, *, tokens: int = 100_
                 s1 = torch.zeros(x.shape[1], dtype=torch.float64)
                 s2 = torch.zeros(x.shape[1], dtype=torch.float64)
             x = x[: tokens - n]
-            h = sae.encode(x)
+            h, x_hat = sae.reconstruct(x)
             active = h > 0
             fired += active.sum(0, dtype=torch.float64)
             l0_sum += float(active.sum(dtype=torch.float64))
-            sse += float(((x - sae.decode(h)).double() ** 2).sum())
+            sse += float(((x - x_hat).double() ** 2).sum())
             xd = x.double()
             s1 += xd.sum(0)
             s2 += (xd * xd).sum(0)

@@ -3,6 +3,8 @@
 One pass over the states through the reader; per megabatch the k best real
 tokens are merged into the running top k, so the result equals a full sort.
 Each token's quantile is exact: every token above it is in the top k.
+The provenance of the k tokens (source, document, offset) comes from small
+ranged reads of their files' `source` tensors after the scan.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ class TopToken:
     quantile: float = 1.0
     context: Context | None = None
     window: tuple = ()  # (ids, mask, offset of the token in them) until decoded
+    source: dict | None = None  # provenance: source, document, the token's offset in it (None: none recorded)
 
     def to_json(self) -> dict:
         return {"value": self.value, "file": self.file, "sequence": self.sequence, "position": self.position,
                 "token_id": self.token_id, "quantile": self.quantile,
-                "context": self.context.to_json() if self.context else None}
+                "context": self.context.to_json() if self.context else None, "source": self.source}
 
 
 @dataclass
@@ -91,6 +94,7 @@ def top(store, key: str, hook: str | None, vf: ValueFn, *, k: int = 20, context_
     from vaultsh.megabatch import read_header
 
     pieces = load_pieces(store, ref.run, read_header(store, first_meta).metadata if first_meta else None)
+    _add_sources(store, ref, best)
     for t_ in best:
         above = sum(1 for o in best if o.value > t_.value)
         t_.quantile = (result.tokens - above) / result.tokens
@@ -99,3 +103,22 @@ def top(store, key: str, hook: str | None, vf: ValueFn, *, k: int = 20, context_
         t_.window = ()
     result.top = best
     return result
+
+
+def _add_sources(store, ref, best: list[TopToken]) -> None:
+    """Each token's provenance, from its file's `source` / `source_segments` (one small read each)."""
+    from vaultsh.explore.context import ByteCounter, read_small_header, read_sources
+    from vaultsh.explore.source import token_source
+    from vaultsh.provenance import source_names
+    from vaultsh.run import Run
+
+    io = ByteCounter(store)
+    names = source_names(Run(store, ref.run).read_metadata(ref.hook))
+    for fkey in dict.fromkeys(t.file for t in best):
+        header = read_small_header(io, fkey)
+        if header is None or not header.has_source:
+            continue
+        src, seg = read_sources(io, fkey, header)
+        for t in best:
+            if t.file == fkey:
+                t.source = token_source(src, seg, t.sequence, t.position, names)

@@ -497,6 +497,15 @@ class ActivationReader:
         """metadata.json of the (first) source."""
         return self._sources[0].metadata
 
+    def hook_metadata(self, hook: str | None = None) -> dict | None:
+        """metadata.json of `hook` (one of `hooks`; for zip, the first run's), or of the first source."""
+        if hook is None:
+            return self.metadata
+        for s in self._sources:
+            if s.hook == hook:
+                return s.metadata
+        raise UserError(f"hook {hook!r} is not read here (hooks: {', '.join(self.hooks)})")
+
     @property
     def files(self) -> list[FileRecord]:
         """Every committed file (aligned reads: of the first hook), in read order (before `start` and sharding)."""
@@ -591,7 +600,8 @@ class ActivationReader:
             batches = self._token_batches(pf, stager) if self.tokens else self._megabatches(pf, stager)
             yield from batches
         finally:
-            self._counters.stop()
+            if not pf.at_exit:  # else the exit hook closed it and this runs while the interpreter tears down
+                self._counters.stop()
             pf.close()
 
     def _handle_error(self, item: Item) -> None:
@@ -742,8 +752,9 @@ class ActivationReader:
 
         return provider()
 
-    def as_dataset(self):
-        """A torch IterableDataset over this reader (DataLoader workers each take a share of the files)."""
+    def as_dataset(self, states_only: bool = False):
+        """A torch IterableDataset over this reader (DataLoader workers each take a share of the files);
+        `states_only=True`: its items are the bare state batches, as `as_data_provider` gives them."""
         from vaultsh.reader.dataset import ActivationDataset
 
-        return ActivationDataset(reader=self)
+        return ActivationDataset(reader=self, states_only=states_only)

@@ -17,10 +17,13 @@ class ActivationDataset(torch.utils.data.IterableDataset):
     Items are already batched: use `batch_size=None` in the DataLoader. Each
     worker reads its own share of the files (with its own connections);
     together the workers read every file exactly once. Stats live in the workers.
+    `states_only=True` yields the bare `states` of each batch (a tensor, or a
+    dict hook -> tensor for aligned reads), for trainers that take tensors.
     """
 
-    def __init__(self, source=None, *, reader: ActivationReader | None = None, **kwargs):
+    def __init__(self, source=None, *, reader: ActivationReader | None = None, states_only: bool = False, **kwargs):
         super().__init__()
+        self.states_only = bool(states_only)
         if reader is None:
             if source is None:
                 raise UserError("ActivationDataset needs a source or a reader")
@@ -30,6 +33,8 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         self.reader = reader
 
     def __iter__(self):
+        if self.states_only:
+            return (batch["states"] for batch in self.reader)
         return iter(self.reader)
 
     def set_epoch(self, epoch: int) -> None:

@@ -11,10 +11,12 @@ takes items in order.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
 import traceback
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -29,6 +31,21 @@ from vaultsh.reader.progress import Counters
 from vaultsh.reader.stage import Staged
 
 _POLL_S = 0.1
+
+# Every Prefetcher not yet closed. A generator abandoned mid-iteration is finalized during interpreter
+# shutdown, after the standard library's module globals are gone (ThreadPoolExecutor.shutdown then fails
+# with "'NoneType' object has no attribute 'Empty'"): the atexit hook closes them while everything still works,
+# and a closed Prefetcher's close() returns at once.
+_LIVE: "weakref.WeakSet[Prefetcher]" = weakref.WeakSet()
+
+
+def _close_live() -> None:
+    for pf in list(_LIVE):
+        pf.at_exit = True
+        pf.close()
+
+
+atexit.register(_close_live)
 
 
 _ALIGN = 64  # parts start at multiples of this in a task's buffer, so every tensor view is aligned
@@ -112,6 +129,8 @@ class Prefetcher:
         self.stage_fn = stage
         self.counters = counters
         self.stop = threading.Event()
+        self.closed = False
+        self.at_exit = False  # closed by the interpreter's exit hook: module globals may be gone since
         self.pool = BufferPool(opts.buffer_bytes, opts.pin)
         self.slots = Slots(opts.prefetch)
         self.ready: queue.Queue = queue.Queue()
@@ -119,8 +138,13 @@ class Prefetcher:
         self.stager = ThreadPoolExecutor(max_workers=opts.stage_threads, thread_name_prefix="vaultsh-stage")
         self.thread = threading.Thread(target=self._schedule, name="vaultsh-prefetch", daemon=True)
         self.thread.start()
+        _LIVE.add(self)
 
     def close(self) -> None:
+        """Stop the downloads and let go of the buffers; a second call does nothing (safe at interpreter exit)."""
+        if self.closed:
+            return
+        self.closed = True
         self.stop.set()
         self.pool.close()
         self.slots.wake()

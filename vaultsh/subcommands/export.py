@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     add_no_sign_request(p, "; every s3:// URI of the command, so OUT must then be a local path")
     p.add_argument("--format", choices=["parquet", "saelens"], default="parquet",
-                   help="output format (default: parquet); saelens: SAELens's cached activations, see docs/export.md")
+                   help="output format (default: parquet); saelens: SAELens's cached activations, see docs/training.md")
     p.add_argument("--hooks", default=None, metavar="H1[,H2...]",
                    help="--format saelens: the hooks, one column each (default: the hook of RUN_URI/HOOK)")
     rows = p.add_mutually_exclusive_group()
