@@ -38,14 +38,16 @@ TRUNCATED_AT = 15  # blocks 0-14 run
 def _config(uri: str, n_batches: int, bpu: int, hooks: list[str] = HOOKS):
     from collector.config import load_config
 
-    return load_config({
-        "run_name": f"bench-{time.time_ns()}",
-        "num_runs": 1,
-        "transformer_config": {"model_name": MODEL, "dtype": "float32"},
-        "data_config": {"data_key": "pydoc", "n_batches": n_batches, "seq_length": SEQ, "batch_size": BATCH},
-        "upload_config": {"batches_per_upload": bpu, "hooks": hooks},
-        "storage": {"uri": uri, "dtype": "float16"},
-    })
+    return load_config(
+        {
+            "run_name": f"bench-{time.time_ns()}",
+            "num_runs": 1,
+            "transformer_config": {"model_name": MODEL, "dtype": "float32"},
+            "data_config": {"data_key": "pydoc", "n_batches": n_batches, "seq_length": SEQ, "batch_size": BATCH},
+            "upload_config": {"batches_per_upload": bpu, "hooks": hooks},
+            "storage": {"uri": uri, "dtype": "float16"},
+        }
+    )
 
 
 def _bare_forward_tokens_per_s(n_batches: int, layers: int | None = None) -> float:
@@ -73,11 +75,12 @@ def _bare_forward_tokens_per_s(n_batches: int, layers: int | None = None) -> flo
     return len(batches) * BATCH * SEQ / dt
 
 
-def _collect_tokens_per_s(uri: str, n_batches: int, bpu: int, store=None,
-                          hooks: list[str] = HOOKS) -> tuple[float, list[dict]]:
+def _collect_tokens_per_s(
+    uri: str, n_batches: int, bpu: int, store=None, hooks: list[str] = HOOKS
+) -> tuple[float, list[dict]]:
     """Collector tokens/s over the collection loop (model load excluded), plus its events."""
-    from vaultsh.events import EventSink
     from collector.worker import run_worker
+    from vaultsh.events import EventSink
 
     events: list[dict] = []
     cfg = _config(uri, n_batches, bpu, hooks)
@@ -90,7 +93,9 @@ def _collect_tokens_per_s(uri: str, n_batches: int, bpu: int, store=None,
 
 def _ratio_result(name: str, base: float, ours: float, notes: str) -> BenchResult:
     ratio = ours / base
-    return BenchResult(name, "tokens/s", round(base, 1), round(ours, 1), round(ratio, 3), ">= 0.9x", ratio >= 0.9, notes)
+    return BenchResult(
+        name, "tokens/s", round(base, 1), round(ours, 1), round(ratio, 3), ">= 0.9x", ratio >= 0.9, notes
+    )
 
 
 @benchmark("collect-local", "collector tokens/s writing to a LocalStore vs the bare model forward")
@@ -99,7 +104,9 @@ def bench_collect_local(quick: bool) -> BenchResult:
     base = _bare_forward_tokens_per_s(n)
     with tempfile.TemporaryDirectory(prefix="vaultsh-bench-") as tmp:
         ours, _ = _collect_tokens_per_s(tmp, n, 4)
-    return _ratio_result("collect-local", base, ours, f"SmolLM2-135M CPU, {n} batches of {BATCH}x{SEQ}, hooks {', '.join(HOOKS)}")
+    return _ratio_result(
+        "collect-local", base, ours, f"SmolLM2-135M CPU, {n} batches of {BATCH}x{SEQ}, hooks {', '.join(HOOKS)}"
+    )
 
 
 @benchmark("collect-truncated", "collector tokens/s with hooks up to layer 14 vs the bare truncated forward")
@@ -109,8 +116,12 @@ def bench_collect_truncated(quick: bool) -> BenchResult:
     full = _bare_forward_tokens_per_s(n)
     with tempfile.TemporaryDirectory(prefix="vaultsh-bench-") as tmp:
         ours, _ = _collect_tokens_per_s(tmp, n, 4, hooks=TRUNCATED_HOOKS)
-    res = _ratio_result("collect-truncated", base, ours,
-                        f"SmolLM2-135M CPU, {n} batches of {BATCH}x{SEQ}, hooks {', '.join(TRUNCATED_HOOKS)}")
+    res = _ratio_result(
+        "collect-truncated",
+        base,
+        ours,
+        f"SmolLM2-135M CPU, {n} batches of {BATCH}x{SEQ}, hooks {', '.join(TRUNCATED_HOOKS)}",
+    )
     res.extra = {"full_forward_tokens_per_s": round(full, 1), "vs_full_forward": round(ours / full, 3)}
     return res
 
@@ -138,5 +149,13 @@ def bench_collect_rss(quick: bool) -> BenchResult:
     first = max(r for t, r in mem if t <= mid)
     second = max(r for t, r in mem if t > mid) if any(t > mid for t, _ in mem) else first
     growth = second / first - 1
-    return BenchResult("collect-rss", "peak RSS MB", round(first / 1e6, 1), round(second / 1e6, 1), round(1 + growth, 3),
-                       "< 5% growth", growth < 0.05, f"{len(committed_at)} megabatches; first half vs second half")
+    return BenchResult(
+        "collect-rss",
+        "peak RSS MB",
+        round(first / 1e6, 1),
+        round(second / 1e6, 1),
+        round(1 + growth, 3),
+        "< 5% growth",
+        growth < 0.05,
+        f"{len(committed_at)} megabatches; first half vs second half",
+    )

@@ -44,9 +44,12 @@ def _serve(rate: float, seconds: float, out: str) -> None:
 
     logs = Path(tempfile.mkdtemp(prefix="bench-dashboard-"))
     batches = int(rate * (seconds + WARMUP_S + 30))
-    sup = Supervisor(fakeworker_launcher(logs, rate=rate, batches=batches, per_megabatch=50), range(WORKERS),
-                     info=RunInfo(run="bench.fake", model="fake-model", hooks=["residuals_1"], store="mem://bench"),
-                     on_event=count)
+    sup = Supervisor(
+        fakeworker_launcher(logs, rate=rate, batches=batches, per_megabatch=50),
+        range(WORKERS),
+        info=RunInfo(run="bench.fake", model="fake-model", hooks=["residuals_1"], store="mem://bench"),
+        on_event=count,
+    )
     marks: dict[str, float] = {}
 
     class Measured(Dashboard):
@@ -88,9 +91,24 @@ def _measure(rate: float, seconds: float, size: tuple[int, int] = (120, 40)) -> 
     out = Path(tempfile.mkdtemp(prefix="bench-dashboard-")) / "result.json"
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, TERM="xterm-256color", COLUMNS=str(size[0]), LINES=str(size[1]))
-    child = pexpect.spawn(sys.executable, ["-m", "benchmarks.bench_dashboard", "--serve", "--rate", str(rate),
-                                           "--seconds", str(seconds), "--out", str(out)],
-                          cwd=str(repo), env=env, dimensions=(size[1], size[0]), timeout=seconds + 120)
+    child = pexpect.spawn(
+        sys.executable,
+        [
+            "-m",
+            "benchmarks.bench_dashboard",
+            "--serve",
+            "--rate",
+            str(rate),
+            "--seconds",
+            str(seconds),
+            "--out",
+            str(out),
+        ],
+        cwd=str(repo),
+        env=env,
+        dimensions=(size[1], size[0]),
+        timeout=seconds + 120,
+    )
     child.expect(pexpect.EOF)  # keeps reading the screen output, as a terminal would
     child.close()
     if not out.exists():
@@ -114,9 +132,11 @@ def bench_dashboard(quick: bool) -> BenchResult:
         ratio=round(ratio, 2) if ratio is not None else None,
         target="< 15% CPU and p95 screen latency < 250 ms",
         passed=ok,
-        notes=(f"{busy['events_per_s']:.0f} events/s from {WORKERS} workers; screen latency p50 "
-               f"{busy['latency_ms']['p50']:.0f} ms, p95 {p95:.0f} ms, max {busy['latency_ms']['max']:.0f} ms "
-               f"(idle baseline at 2 events/s per worker: {idle['cpu_percent']:.1f}% CPU)"),
+        notes=(
+            f"{busy['events_per_s']:.0f} events/s from {WORKERS} workers; screen latency p50 "
+            f"{busy['latency_ms']['p50']:.0f} ms, p95 {p95:.0f} ms, max {busy['latency_ms']['max']:.0f} ms "
+            f"(idle baseline at 2 events/s per worker: {idle['cpu_percent']:.1f}% CPU)"
+        ),
         extra={"busy": busy, "idle": idle},
     )
 

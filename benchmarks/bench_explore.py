@@ -55,10 +55,15 @@ def bench_top(quick: bool) -> BenchResult:
     reader_pass()  # warm the page cache and the tokenizer cache
     top_pass()
     for _ in range(3):
-        t0 = time.perf_counter(); reader_pass(); t_base = min(t_base, time.perf_counter() - t0)
-        t0 = time.perf_counter(); top_pass(); t_ours = min(t_ours, time.perf_counter() - t0)
-    return throughput_ratio("explore-top", nbytes, t_base, t_ours, 0.9,
-                            notes=f"{len(files)} files, {nbytes / 1e6:.0f} MB, best of 3")
+        t0 = time.perf_counter()
+        reader_pass()
+        t_base = min(t_base, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        top_pass()
+        t_ours = min(t_ours, time.perf_counter() - t0)
+    return throughput_ratio(
+        "explore-top", nbytes, t_base, t_ours, 0.9, notes=f"{len(files)} files, {nbytes / 1e6:.0f} MB, best of 3"
+    )
 
 
 @benchmark("explore-grep-bytes", "bytes grep reads vs the bytes of input_ids + mask")
@@ -69,5 +74,13 @@ def bench_grep_bytes(quick: bool) -> BenchResult:
     r = grep(store, RUN, "zzzz-not-there", limit=1)
     ratio = r.bytes_read / r.ids_mask_bytes
     total = sum(size for _, size in files)
-    return BenchResult("explore-grep-bytes", "bytes", r.ids_mask_bytes, r.bytes_read, round(ratio, 4), "<= 1.2x",
-                       ratio <= 1.2, notes=f"of {total:,} bytes in the files ({r.bytes_read / total:.2%})")
+    return BenchResult(
+        "explore-grep-bytes",
+        "bytes",
+        r.ids_mask_bytes,
+        r.bytes_read,
+        round(ratio, 4),
+        "<= 1.2x",
+        ratio <= 1.2,
+        notes=f"of {total:,} bytes in the files ({r.bytes_read / total:.2%})",
+    )

@@ -57,8 +57,15 @@ def _write_run(store, n_files: int, n_seq: int) -> int:
     return sum(size for _, size in write_float32_run(store, RUN, n_files, n_seq))
 
 
-def _compare(source: str, total: int, rounds: int, out_base: str | None = None, copy_baseline: bool = False,
-             fsync: bool = False, **export_kw) -> tuple[float, float, dict]:
+def _compare(
+    source: str,
+    total: int,
+    rounds: int,
+    out_base: str | None = None,
+    copy_baseline: bool = False,
+    fsync: bool = False,
+    **export_kw,
+) -> tuple[float, float, dict]:
     """Best times of (baseline, export) over alternating rounds.
 
     The baseline is a reader pass; with `copy_baseline`, a reader pass that also
@@ -106,7 +113,7 @@ def _compare(source: str, total: int, rounds: int, out_base: str | None = None, 
         read(), exp(-1)  # warm-up: imports, connections, page cache
         t_read = t_exp = float("inf")
         for r in range(rounds):
-            for side in (("read", "exp") if r % 2 == 0 else ("exp", "read")):
+            for side in ("read", "exp") if r % 2 == 0 else ("exp", "read"):
                 if side == "read":
                     t_read = min(t_read, read())
                 else:
@@ -116,21 +123,31 @@ def _compare(source: str, total: int, rounds: int, out_base: str | None = None, 
     return t_read, t_exp, info
 
 
-def _notes(n_files: int, total: int, info: dict, where: str, out: str = "local disk (system temp)",
-           baseline: str = "ActivationReader (defaults) over the same megabatches", mode: str = "sequences") -> str:
-    return (f"{n_files} files, {total / 1e6:.0f} MB on {where}; export to {out}: {mode} mode, float32, "
-            f"{info.get('shards')} shard(s), {info.get('parquet_bytes', 0) / 1e6:.0f} MB of Parquet, "
-            f"{os.cpu_count()} CPUs; baseline: {baseline}")
+def _notes(
+    n_files: int,
+    total: int,
+    info: dict,
+    where: str,
+    out: str = "local disk (system temp)",
+    baseline: str = "ActivationReader (defaults) over the same megabatches",
+    mode: str = "sequences",
+) -> str:
+    return (
+        f"{n_files} files, {total / 1e6:.0f} MB on {where}; export to {out}: {mode} mode, float32, "
+        f"{info.get('shards')} shard(s), {info.get('parquet_bytes', 0) / 1e6:.0f} MB of Parquet, "
+        f"{os.cpu_count()} CPUs; baseline: {baseline}"
+    )
 
 
 def _memory_dir() -> str | None:
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
-def _from_s3(name: str, quick: bool, out_base: str | None, out_desc: str, mode: str = "sequences",
-             shuffle: bool = False) -> BenchResult:
-    from vaultsh.testing import s3server
+def _from_s3(
+    name: str, quick: bool, out_base: str | None, out_desc: str, mode: str = "sequences", shuffle: bool = False
+) -> BenchResult:
     from vaultsh.store.s3 import S3Store
+    from vaultsh.testing import s3server
 
     n_files, n_seq, rounds = _shape(quick)
     url = s3server.endpoint()
@@ -138,35 +155,58 @@ def _from_s3(name: str, quick: bool, out_base: str | None, out_desc: str, mode: 
     os.environ["S3_ENDPOINT_URL"] = url  # open_location("s3://...") reaches the loopback server
     try:
         total = _write_run(S3Store(bucket, endpoint_url=url), n_files, n_seq)
-        t_read, t_exp, info = _compare(f"s3://{bucket}/{RUN}/{HOOK}", total, rounds, out_base, mode=mode,
-                                       shuffle=shuffle)
+        t_read, t_exp, info = _compare(
+            f"s3://{bucket}/{RUN}/{HOOK}", total, rounds, out_base, mode=mode, shuffle=shuffle
+        )
     finally:
         s3server.empty_bucket(bucket)
         os.environ.pop("S3_ENDPOINT_URL", None)
-    return throughput_ratio(name, total, t_read, t_exp, 0.7, notes=_notes(n_files, total, info, "loopback S3", out_desc,
-                                                                       mode=mode + (" --shuffle" if shuffle else "")),
-                            extra={"bytes": total, "reader_s": round(t_read, 4), "export_s": round(t_exp, 4), **info,
-                                   "server": s3server.describe()})
+    return throughput_ratio(
+        name,
+        total,
+        t_read,
+        t_exp,
+        0.7,
+        notes=_notes(n_files, total, info, "loopback S3", out_desc, mode=mode + (" --shuffle" if shuffle else "")),
+        extra={
+            "bytes": total,
+            "reader_s": round(t_read, 4),
+            "export_s": round(t_exp, 4),
+            **info,
+            "server": s3server.describe(),
+        },
+    )
 
 
-@benchmark("export-s3", "export from the loopback S3 server to Parquet on local disk vs ActivationReader over the same run")
+@benchmark(
+    "export-s3", "export from the loopback S3 server to Parquet on local disk vs ActivationReader over the same run"
+)
 def bench_export_s3(quick: bool) -> BenchResult:
     return _from_s3("export-s3", quick, None, "local disk (system temp)")
 
 
-@benchmark("export-s3-tokens", "export --tokens (one row per unmasked token) from the loopback S3 server to local disk "
-           "vs ActivationReader over the same run")
+@benchmark(
+    "export-s3-tokens",
+    "export --tokens (one row per unmasked token) from the loopback S3 server to local disk "
+    "vs ActivationReader over the same run",
+)
 def bench_export_s3_tokens(quick: bool) -> BenchResult:
     return _from_s3("export-s3-tokens", quick, None, "local disk (system temp)", mode="tokens")
 
 
-@benchmark("export-s3-shuffle", "export --tokens --shuffle (a global permutation, two passes, pieces in memory) from "
-           "the loopback S3 server to local disk vs ActivationReader over the same run")
+@benchmark(
+    "export-s3-shuffle",
+    "export --tokens --shuffle (a global permutation, two passes, pieces in memory) from "
+    "the loopback S3 server to local disk vs ActivationReader over the same run",
+)
 def bench_export_s3_shuffle(quick: bool) -> BenchResult:
     return _from_s3("export-s3-shuffle", quick, None, "local disk (system temp)", mode="tokens", shuffle=True)
 
 
-@benchmark("export-s3-memory", "export from the loopback S3 server to Parquet in /dev/shm vs ActivationReader over the same run")
+@benchmark(
+    "export-s3-memory",
+    "export from the loopback S3 server to Parquet in /dev/shm vs ActivationReader over the same run",
+)
 def bench_export_s3_memory(quick: bool) -> BenchResult:
     return _from_s3("export-s3-memory", quick, _memory_dir(), "/dev/shm (tmpfs: the output device is not the limit)")
 
@@ -178,16 +218,27 @@ def _from_local_against_copy(name: str, quick: bool, fsync: bool) -> BenchResult
     with tempfile.TemporaryDirectory(prefix="vaultsh-bench-") as tmp:
         store = LocalStore(Path(tmp) / "store")
         total = _write_run(store, n_files, n_seq)
-        t_copy, t_exp, info = _compare(str(Path(tmp) / "store" / RUN / HOOK), total, rounds + 1, copy_baseline=True,
-                                       fsync=fsync)
-    baseline = ("ActivationReader pass that also writes each megabatch's tensors to one file "
-                + ("and fsyncs (a raw durable copy)" if fsync else "(a raw copy, page cache)"))
-    return throughput_ratio(name, total, t_copy, t_exp, 0.7,
-                            notes=_notes(n_files, total, info, "a LocalStore (page cache warm)", baseline=baseline),
-                            extra={"bytes": total, "copy_s": round(t_copy, 4), "export_s": round(t_exp, 4), **info})
+        t_copy, t_exp, info = _compare(
+            str(Path(tmp) / "store" / RUN / HOOK), total, rounds + 1, copy_baseline=True, fsync=fsync
+        )
+    baseline = "ActivationReader pass that also writes each megabatch's tensors to one file " + (
+        "and fsyncs (a raw durable copy)" if fsync else "(a raw copy, page cache)"
+    )
+    return throughput_ratio(
+        name,
+        total,
+        t_copy,
+        t_exp,
+        0.7,
+        notes=_notes(n_files, total, info, "a LocalStore (page cache warm)", baseline=baseline),
+        extra={"bytes": total, "copy_s": round(t_copy, 4), "export_s": round(t_exp, 4), **info},
+    )
 
 
-@benchmark("export-copy", "export --fsync (LocalStore -> local disk) vs reading with the reader and writing the same bytes durably")
+@benchmark(
+    "export-copy",
+    "export --fsync (LocalStore -> local disk) vs reading with the reader and writing the same bytes durably",
+)
 def bench_export_copy(quick: bool) -> BenchResult:
     return _from_local_against_copy("export-copy", quick, fsync=True)
 

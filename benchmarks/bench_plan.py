@@ -13,8 +13,20 @@ import time
 
 from benchmarks.harness import BenchResult, benchmark
 
-KW = dict(run_name="bench.plan", hook="blocks.16.hook_resid_post", model="meta-llama/Llama-3.1-8B-Instruct",
-          fmt="safetensors", dtype="bfloat16", itemsize=2, B=16, T=2048, D=4096, bpu=8, start_batch=0, num_runs=4)
+KW = dict(
+    run_name="bench.plan",
+    hook="blocks.16.hook_resid_post",
+    model="meta-llama/Llama-3.1-8B-Instruct",
+    fmt="safetensors",
+    dtype="bfloat16",
+    itemsize=2,
+    B=16,
+    T=2048,
+    D=4096,
+    bpu=8,
+    start_batch=0,
+    num_runs=4,
+)
 
 
 def _baseline(n_batches: int) -> tuple[int, int]:
@@ -48,8 +60,13 @@ def bench_plan_storage(quick: bool) -> BenchResult:
     same = (hs.files, hs.bytes) == (files_b, bytes_b)
     ratio = t_base / t_ours if t_ours > 0 else float("inf")
     return BenchResult(
-        "plan-storage", "files sized per second", round(files_b / t_base), round(hs.files / t_ours),
-        round(ratio, 1), ">= 20x", same and ratio >= 20,
+        "plan-storage",
+        "files sized per second",
+        round(files_b / t_base),
+        round(hs.files / t_ours),
+        round(ratio, 1),
+        ">= 20x",
+        same and ratio >= 20,
         notes=f"{hs.files} files, {hs.bytes} bytes; counts equal: {same}",
         extra={"baseline_s": t_base, "ours_s": t_ours},
     )

@@ -94,9 +94,9 @@ def _bare_download(client, bucket: str, files, part: int, threads: int) -> int:
 
 
 def _reader_s3(quick: bool):
-    from vaultsh.testing import s3server
     from vaultsh.reader import ActivationReader
     from vaultsh.store.s3 import S3Store
+    from vaultsh.testing import s3server
 
     n_files, n_seq, rounds = _shape(quick)
     url = s3server.endpoint()
@@ -133,7 +133,7 @@ def _reader_s3(quick: bool):
     t_ours, st_best = float("inf"), None
     for r in range(rounds):
         for i, cfg in enumerate(finalists):
-            for side in (("ours", "base") if (r + i) % 2 == 0 else ("base", "ours")):
+            for side in ("ours", "base") if (r + i) % 2 == 0 else ("base", "ours"):
                 if side == "ours":
                     dt, st = ours()
                     if dt < t_ours:
@@ -145,7 +145,9 @@ def _reader_s3(quick: bool):
     return files, total, best[winner], winner, t_ours, st_best, sweep, s3server.describe()
 
 
-@benchmark("reader-s3", "ActivationReader from the loopback S3 server vs a bare parallel ranged-GET download (raw boto3)")
+@benchmark(
+    "reader-s3", "ActivationReader from the loopback S3 server vs a bare parallel ranged-GET download (raw boto3)"
+)
 def bench_reader_s3(quick: bool) -> BenchResult:
     files, total, t_base, (part, threads), t_ours, st, sweep, server = _reader_s3(quick)
     return throughput_ratio(
@@ -232,7 +234,7 @@ def bench_reader_local(quick: bool) -> BenchResult:
         base(), ours()  # warm the page cache and the code paths
         t_base = t_ours = float("inf")
         for r in range(rounds):
-            for fn in ((base, ours) if r % 2 == 0 else (ours, base)):
+            for fn in (base, ours) if r % 2 == 0 else (ours, base):
                 dt = fn()
                 if fn is base:
                     t_base = min(t_base, dt)
@@ -244,17 +246,19 @@ def bench_reader_local(quick: bool) -> BenchResult:
         t_base,
         t_ours,
         0.9,
-        notes=(f"{n_files} files x {LOCAL_PASSES} in one pass, {total / 1e6:.0f} MB, page cache warm; baseline: the faster of open().read() "
-               f"per file and readinto() one buffer per pass; best of {rounds}"),
+        notes=(
+            f"{n_files} files x {LOCAL_PASSES} in one pass, {total / 1e6:.0f} MB, page cache warm; baseline: the faster of open().read() "
+            f"per file and readinto() one buffer per pass; best of {rounds}"
+        ),
         extra={"bytes": total, "ours_s": round(t_ours, 4), "baseline_s": round(t_base, 4)},
     )
 
 
 @benchmark("reader-wait", "consumer wait time with a fixed-time-per-batch consumer (loopback S3)")
 def bench_reader_wait(quick: bool) -> BenchResult:
-    from vaultsh.testing import s3server
     from vaultsh.reader import ActivationReader
     from vaultsh.store.s3 import S3Store
+    from vaultsh.testing import s3server
 
     n_files, n_seq, _ = _shape(quick)
     url = s3server.endpoint()
@@ -306,9 +310,13 @@ def bench_reader_wait(quick: bool) -> BenchResult:
             f"(prefetch + 1), the first after {starts[0] - t_start:.2f} s; then waited {wait_after * 1e3:.0f} ms "
             f"of {after * 1e3:.0f} ms; counted from the first megabatch: {strict:.1%}"
         ),
-        extra={"waits_ms": [round(w * 1e3, 1) for w in waits], "step_ms": round(step * 1e3, 1),
-               "wait_share_from_first": round(strict, 4),
-               "total_s": round(t_end - t_start, 3), "server": s3server.describe()},
+        extra={
+            "waits_ms": [round(w * 1e3, 1) for w in waits],
+            "step_ms": round(step * 1e3, 1),
+            "wait_share_from_first": round(strict, 4),
+            "total_s": round(t_end - t_start, 3),
+            "server": s3server.describe(),
+        },
     )
 
 
@@ -333,7 +341,7 @@ def bench_reader_aligned(quick: bool) -> BenchResult:
             got = 0
             for batch in reader:
                 states = batch["states"]
-                for x in (states.values() if isinstance(states, dict) else (states,)):
+                for x in states.values() if isinstance(states, dict) else (states,):
                     got += x.numel() * x.element_size()
             return got
 
@@ -355,7 +363,7 @@ def bench_reader_aligned(quick: bool) -> BenchResult:
         t_base = t_ours = float("inf")
         total = 0
         for r in range(rounds):
-            for fn in ((base, ours) if r % 2 == 0 else (ours, base)):
+            for fn in (base, ours) if r % 2 == 0 else (ours, base):
                 dt, got = fn()
                 total = total or got
                 if got != total:
@@ -365,16 +373,23 @@ def bench_reader_aligned(quick: bool) -> BenchResult:
                 else:
                     t_ours = min(t_ours, dt)
     return throughput_ratio(
-        "reader-aligned", total, t_base, t_ours, 0.9,
-        notes=(f"{n_files} megabatches x 2 hooks x {passes} passes, token mode (batch 4096), page cache warm; "
-               f"baseline: the single-hook reader over each hook in turn; best of {rounds}"),
+        "reader-aligned",
+        total,
+        t_base,
+        t_ours,
+        0.9,
+        notes=(
+            f"{n_files} megabatches x 2 hooks x {passes} passes, token mode (batch 4096), page cache warm; "
+            f"baseline: the single-hook reader over each hook in turn; best of {rounds}"
+        ),
         extra={"bytes": total, "ours_s": round(t_ours, 4), "baseline_s": round(t_base, 4)},
     )
 
 
-
 # -- export --format saelens against the reader ------------------------------------------------
-def _saelens_compare(run_uri: str, source: str, total: int, rounds: int, copy_baseline: bool) -> tuple[float, float, float]:
+def _saelens_compare(
+    run_uri: str, source: str, total: int, rounds: int, copy_baseline: bool
+) -> tuple[float, float, float]:
     """Best times of (bare reader pass, reader pass that also writes every megabatch's bytes to one file,
     export_saelens of one hook to a fresh local directory), alternating; the copy pass only with
     `copy_baseline`."""
@@ -421,15 +436,17 @@ def _saelens_compare(run_uri: str, source: str, total: int, rounds: int, copy_ba
             fn()
         names = list(sides)
         for r in range(rounds):
-            for k in (names if r % 2 == 0 else names[::-1]):
+            for k in names if r % 2 == 0 else names[::-1]:
                 best[k] = min(best[k], sides[k]())
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return best["read"], best.get("copy", float("nan")), best["exp"]
 
 
-@benchmark("export-saelens-s3", "export --format saelens from the loopback S3 server to local disk vs ActivationReader "
-           "over the same run")
+@benchmark(
+    "export-saelens-s3",
+    "export --format saelens from the loopback S3 server to local disk vs ActivationReader over the same run",
+)
 def bench_export_saelens_s3(quick: bool) -> BenchResult:
     """The issue's measure (as export-s3 measures the Parquet export): the reader and the export each read
     the run from the loopback S3 server; the export also writes the Arrow shards and the tokens dataset to
@@ -445,22 +462,34 @@ def bench_export_saelens_s3(quick: bool) -> BenchResult:
     os.environ["S3_ENDPOINT_URL"] = url
     try:
         total = sum(size for _, size in write_float32_run(S3Store(bucket, endpoint_url=url), RUN, n_files, n_seq))
-        t_read, _, t_exp = _saelens_compare(f"s3://{bucket}/{RUN}", f"s3://{bucket}/{RUN}/{HOOK}", total, rounds,
-                                            copy_baseline=False)
+        t_read, _, t_exp = _saelens_compare(
+            f"s3://{bucket}/{RUN}", f"s3://{bucket}/{RUN}/{HOOK}", total, rounds, copy_baseline=False
+        )
     finally:
         s3server.empty_bucket(bucket)
         os.environ.pop("S3_ENDPOINT_URL", None)
     return throughput_ratio(
-        "export-saelens-s3", total, t_read, t_exp, 0.7,
-        notes=(f"{n_files} megabatches of [{n_seq}, {SEQ_LEN}, {D_MODEL}] float32 on loopback S3, one hook, 2 per "
-               f"shard, to local disk; baseline: ActivationReader (defaults) over the same files; best of {rounds}"),
-        extra={"bytes": total, "reader_s": round(t_read, 4), "export_s": round(t_exp, 4),
-               "server": s3server.describe()},
+        "export-saelens-s3",
+        total,
+        t_read,
+        t_exp,
+        0.7,
+        notes=(
+            f"{n_files} megabatches of [{n_seq}, {SEQ_LEN}, {D_MODEL}] float32 on loopback S3, one hook, 2 per "
+            f"shard, to local disk; baseline: ActivationReader (defaults) over the same files; best of {rounds}"
+        ),
+        extra={
+            "bytes": total,
+            "reader_s": round(t_read, 4),
+            "export_s": round(t_exp, 4),
+            "server": s3server.describe(),
+        },
     )
 
 
-@benchmark("export-saelens-local", "export --format saelens (LocalStore -> local disk) vs a reader pass writing the "
-           "same bytes")
+@benchmark(
+    "export-saelens-local", "export --format saelens (LocalStore -> local disk) vs a reader pass writing the same bytes"
+)
 def bench_export_saelens_local(quick: bool) -> BenchResult:
     """LocalStore, page cache warm. As export-local explains, the bare reader runs at memory speed (one copy
     per byte) while any export also writes every byte, so the yardstick is a reader pass that writes the
@@ -474,10 +503,21 @@ def bench_export_saelens_local(quick: bool) -> BenchResult:
         run = str(Path(tmp) / "store" / RUN)
         t_read, t_copy, t_exp = _saelens_compare(run, f"{run}/{HOOK}", total, rounds + 2, copy_baseline=True)
     return throughput_ratio(
-        "export-saelens-local", total, t_copy, t_exp, 0.7,
-        notes=(f"{n_files} megabatches of [{n_seq}, {SEQ_LEN}, {D_MODEL}] float32, one hook, 2 per shard; baseline: "
-               f"a reader pass writing states+input_ids to one file; vs the bare reader: {t_read / t_exp:.2f}x; "
-               f"best of {rounds + 2}"),
-        extra={"bytes": total, "reader_s": round(t_read, 4), "copy_s": round(t_copy, 4), "export_s": round(t_exp, 4),
-               "ratio_to_bare_reader": round(t_read / t_exp, 3)},
+        "export-saelens-local",
+        total,
+        t_copy,
+        t_exp,
+        0.7,
+        notes=(
+            f"{n_files} megabatches of [{n_seq}, {SEQ_LEN}, {D_MODEL}] float32, one hook, 2 per shard; baseline: "
+            f"a reader pass writing states+input_ids to one file; vs the bare reader: {t_read / t_exp:.2f}x; "
+            f"best of {rounds + 2}"
+        ),
+        extra={
+            "bytes": total,
+            "reader_s": round(t_read, 4),
+            "copy_s": round(t_copy, 4),
+            "export_s": round(t_exp, 4),
+            "ratio_to_bare_reader": round(t_read / t_exp, 3),
+        },
     )

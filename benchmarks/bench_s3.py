@@ -86,8 +86,8 @@ def _defaults_desc(store) -> str:
 
 
 def _transfer_bench(name: str, quick: bool, upload: bool) -> BenchResult:
-    from vaultsh.testing import s3server
     from vaultsh.store.s3 import S3Store
+    from vaultsh.testing import s3server
 
     size, chunks, rounds = _sizes(quick)
     url = s3server.endpoint()
@@ -138,7 +138,7 @@ def _transfer_bench(name: str, quick: bool, upload: bool) -> BenchResult:
         for r in range(rounds):
             # pairs: each finalist next to a run of ours, which one goes first alternating
             for i, label in enumerate(finalists):
-                for which in ((None, label) if (r + i) % 2 == 0 else (label, None)):
+                for which in (None, label) if (r + i) % 2 == 0 else (label, None):
                     if which is None:
                         t_ours = min(t_ours, run(None))
                         n_ours += 1
@@ -203,9 +203,9 @@ WIRE_LIMIT = 1_000_000
 def bench_header_read(quick: bool) -> BenchResult:
     import torch
 
-    from vaultsh.testing import s3server
     from vaultsh.megabatch import read_header, write_megabatch
     from vaultsh.store.s3 import S3Store
+    from vaultsh.testing import s3server
 
     n = 16 if quick else 256  # float32 [n, 1024, 1024]: 64 MB / 1 GB
     # A repeated random block: the layout is what matters, and 1 GB of randn is slow.
@@ -265,8 +265,11 @@ def bench_header_read(quick: bool) -> BenchResult:
     )
 
 
-@benchmark("s3-put-stream", "S3Store.put_stream (streamed multipart, no spool) vs boto3 upload_fileobj of the same bytes "
-           "and vs spool-to-file + upload_file")
+@benchmark(
+    "s3-put-stream",
+    "S3Store.put_stream (streamed multipart, no spool) vs boto3 upload_fileobj of the same bytes "
+    "and vs spool-to-file + upload_file",
+)
 def bench_put_stream(quick: bool) -> BenchResult:
     """A writer producing `size` bytes in 8 MB writes (what write_megabatch and an export shard do).
 
@@ -278,8 +281,8 @@ def bench_put_stream(quick: bool) -> BenchResult:
     """
     import io
 
-    from vaultsh.testing import s3server
     from vaultsh.store.s3 import S3Store
+    from vaultsh.testing import s3server
 
     size = (32 if quick else 256) * MB
     rounds = 2 if quick else 4
@@ -292,7 +295,7 @@ def bench_put_stream(quick: bool) -> BenchResult:
     def writer(f):
         view = memoryview(data)
         for a in range(0, size, 8 * MB):
-            f.write(view[a:a + 8 * MB])
+            f.write(view[a : a + 8 * MB])
 
     def ours() -> float:
         t0 = time.perf_counter()
@@ -323,28 +326,36 @@ def bench_put_stream(quick: bool) -> BenchResult:
         best = {"ours": float("inf"), "memory": float("inf"), "spool": float("inf")}
         sides = [("ours", ours), ("memory", from_memory), ("spool", spooled)]
         for r in range(rounds):
-            for name, fn in (sides if r % 2 == 0 else sides[::-1]):
+            for name, fn in sides if r % 2 == 0 else sides[::-1]:
                 best[name] = min(best[name], fn())
     finally:
         s3server.empty_bucket(bucket)
     t_base = min(best["memory"], best["spool"])
     return throughput_ratio(
-        "s3-put-stream", size, t_base, best["ours"], 0.9,
-        notes=(f"{size // MB} MB in 8 MB writes; baseline: the faster of upload_fileobj from memory "
-               f"({size / best['memory'] / 1e6:.0f} MB/s) and temp file + upload_file ({size / best['spool'] / 1e6:.0f} MB/s); "
-               f"{os.cpu_count()} CPUs"),
+        "s3-put-stream",
+        size,
+        t_base,
+        best["ours"],
+        0.9,
+        notes=(
+            f"{size // MB} MB in 8 MB writes; baseline: the faster of upload_fileobj from memory "
+            f"({size / best['memory'] / 1e6:.0f} MB/s) and temp file + upload_file ({size / best['spool'] / 1e6:.0f} MB/s); "
+            f"{os.cpu_count()} CPUs"
+        ),
         extra={k + "_s": round(v, 4) for k, v in best.items()} | {"server": s3server.describe()},
     )
 
 
-@benchmark("commits-read", "reading a run's commit records on S3 (Run.iter_commits): with commit chunks vs one GET per record")
+@benchmark(
+    "commits-read", "reading a run's commit records on S3 (Run.iter_commits): with commit chunks vs one GET per record"
+)
 def bench_commits_read(quick: bool) -> BenchResult:
     """2,000 (quick: 300) commit records of one worker, written as the collector writes them (a chunk after
     each 100th). Baseline: the same run read record by record (its chunks deleted). Best of 3 each.
     Target: >= 5x faster (on real S3, where each GET is a round trip, the gain follows the request count)."""
-    from vaultsh.testing import s3server
     from vaultsh.run import COMMIT_CHUNK, CommitRecord, FileRecord, Run
     from vaultsh.store.s3 import S3Store
+    from vaultsh.testing import s3server
 
     n = 300 if quick else 2_000
     url = s3server.endpoint()
@@ -354,8 +365,14 @@ def bench_commits_read(quick: bool) -> BenchResult:
     records = []
     for i in range(n):
         key = run.megabatch_key("residuals_10", 0, i)
-        rec = CommitRecord(0, i, 8 * i, 8 * i + 8, {"residuals_10": FileRecord("residuals_10", key, 1 << 30, "0" * 64,
-                                                                              32, 32 * 2048, 0, i)}, tokens=32 * 2048)
+        rec = CommitRecord(
+            0,
+            i,
+            8 * i,
+            8 * i + 8,
+            {"residuals_10": FileRecord("residuals_10", key, 1 << 30, "0" * 64, 32, 32 * 2048, 0, i)},
+            tokens=32 * 2048,
+        )
         run.commit(rec)
         records.append(rec)
         if (i + 1) % COMMIT_CHUNK == 0:
@@ -380,7 +397,13 @@ def bench_commits_read(quick: bool) -> BenchResult:
         raise RuntimeError("chunked and record-by-record reads differ")
     ratio = t_plain / t_chunked
     return BenchResult(
-        "commits-read", "records/s", round(n / t_plain, 1), round(n / t_chunked, 1), round(ratio, 2), ">= 5x",
-        ratio >= 5, notes=f"{n} records of one worker, {n // COMMIT_CHUNK} chunks; loopback moto; {os.cpu_count()} CPUs",
+        "commits-read",
+        "records/s",
+        round(n / t_plain, 1),
+        round(n / t_chunked, 1),
+        round(ratio, 2),
+        ">= 5x",
+        ratio >= 5,
+        notes=f"{n} records of one worker, {n // COMMIT_CHUNK} chunks; loopback moto; {os.cpu_count()} CPUs",
         extra={"chunked_s": round(t_chunked, 4), "plain_s": round(t_plain, 4), "server": s3server.describe()},
     )

@@ -83,7 +83,11 @@ def _run_k(k: int, n_batches: int, bucket: str, endpoint: str) -> dict:
         logs.append(log)
         proc = subprocess.Popen(
             [sys.executable, "-m", "vaultsh", "collect", str(cfg), "--machine", str(w), "--events-fd", str(wfd)],
-            env=env, pass_fds=(wfd,), stdout=subprocess.DEVNULL, stderr=log)
+            env=env,
+            pass_fds=(wfd,),
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
         procs.append(proc)
         os.close(wfd)
 
@@ -128,8 +132,14 @@ def _run_k(k: int, n_batches: int, bucket: str, endpoint: str) -> dict:
         per_cpu.append(round(done["batches"] * BATCH * SEQ / cpu_loop[w], 1))
         c = cpu_at_commit[w]
         steady.append(round((len(c) - 1) * BPU * BATCH * SEQ / (c[-1] - c[0]), 1))
-    return {"tokens_per_s": round(batches * BATCH * SEQ / (max(ends) - min(starts)), 1), "per_worker": per_worker,
-            "tokens_per_cpu_s": per_cpu, "steady_tokens_per_cpu_s": steady, "batches": batches, "load_average": round(os.getloadavg()[0], 1)}
+    return {
+        "tokens_per_s": round(batches * BATCH * SEQ / (max(ends) - min(starts)), 1),
+        "per_worker": per_worker,
+        "tokens_per_cpu_s": per_cpu,
+        "steady_tokens_per_cpu_s": steady,
+        "batches": batches,
+        "load_average": round(os.getloadavg()[0], 1),
+    }
 
 
 @benchmark("scaling-k2", "2 worker processes vs 1: tokens per CPU-second of each worker, and aggregate tokens/s")
@@ -142,7 +152,12 @@ def bench_scaling_k2(quick: bool) -> BenchResult:
     ours = min(two["steady_tokens_per_cpu_s"])
     ratio = ours / base
     return BenchResult(
-        "scaling-k2", "tokens/CPU-s per worker", round(base, 1), round(ours, 1), round(ratio, 3), ">= 0.9x",
+        "scaling-k2",
+        "tokens/CPU-s per worker",
+        round(base, 1),
+        round(ours, 1),
+        round(ratio, 3),
+        ">= 0.9x",
         ratio >= 0.9,
         f"tiny Llama (d=64), {n} batches of {BATCH}x{SEQ}, {len(HOOKS)} hooks, one CPU thread per worker; "
         f"wall aggregate {one['tokens_per_s']:.0f} -> {two['tokens_per_s']:.0f} tokens/s on {os.cpu_count()} shared CPUs",
@@ -180,8 +195,8 @@ class _RequestCounter:
 @benchmark("store-load", "S3 requests and bytes per committed megabatch (one worker, loopback S3)")
 def bench_store_load(quick: bool) -> BenchResult:
     from collector.config import load_config
-    from vaultsh.events import EventSink
     from collector.worker import run_worker
+    from vaultsh.events import EventSink
     from vaultsh.store.s3 import S3Store
 
     n = 32 if quick else 96
@@ -212,7 +227,13 @@ def bench_store_load(quick: bool) -> BenchResult:
     }
     ratio = per_mb / floor
     return BenchResult(
-        "store-load", "requests/megabatch", float(floor), round(per_mb, 2), round(ratio, 3), "<= 3x", ratio <= 3.0,
+        "store-load",
+        "requests/megabatch",
+        float(floor),
+        round(per_mb, 2),
+        round(ratio, 3),
+        "<= 3x",
+        ratio <= 3.0,
         f"{megabatches} megabatches of {BPU}x{BATCH}x{SEQ} tokens, {len(HOOKS)} hooks; startup and final merge included",
         extra,
     )

@@ -46,27 +46,48 @@ def _write_run(store, run: str, n_sequences: int) -> int:
 
     r = Run(store, run)
     r.write_cfg({"run_name": run, "model_name": "bench-model", "num_runs": 1})
-    r.write_metadata(HOOK, metadata_for(batch_size=n_sequences, sequence_length=SEQ_LEN, d_in=D_MODEL,
-                                        batches_per_file=1, dtype=torch.float32, hook=HOOK, model="bench-model"))
+    r.write_metadata(
+        HOOK,
+        metadata_for(
+            batch_size=n_sequences,
+            sequence_length=SEQ_LEN,
+            d_in=D_MODEL,
+            batches_per_file=1,
+            dtype=torch.float32,
+            hook=HOOK,
+            model="bench-model",
+        ),
+    )
     block = torch.randn(1, SEQ_LEN, D_MODEL, generator=torch.Generator().manual_seed(0))
     states = block.expand(n_sequences, SEQ_LEN, D_MODEL).contiguous()  # the layout matters, not the values
     ids = torch.arange(SEQ_LEN, dtype=torch.int64).repeat(n_sequences, 1)
     key = r.megabatch_key(HOOK, 0, 0)
     size = write_megabatch(store, key, states, ids, metadata={"hook": HOOK, "model": "bench-model", "run": run})
-    r.commit(CommitRecord(worker=0, index=0, batch_start=0, batch_end=1, tokens=n_sequences * SEQ_LEN,
-                          files={HOOK: FileRecord(HOOK, key, size, n_sequences=n_sequences,
-                                                  n_tokens=n_sequences * SEQ_LEN, worker=0, index=0)}))
+    r.commit(
+        CommitRecord(
+            worker=0,
+            index=0,
+            batch_start=0,
+            batch_end=1,
+            tokens=n_sequences * SEQ_LEN,
+            files={
+                HOOK: FileRecord(
+                    HOOK, key, size, n_sequences=n_sequences, n_tokens=n_sequences * SEQ_LEN, worker=0, index=0
+                )
+            },
+        )
+    )
     return size
 
 
 def _header_view(url: str, bucket: str, run: str) -> tuple[float, int, int]:
     """(seconds, wire bytes, requests) of `inspect 0` up to its header view, from a fresh shell."""
-    from vaultsh.testing import s3server
     from vaultsh.shell.commands import inspect
     from vaultsh.shell.registry import REGISTRY
     from vaultsh.shell.render import render
     from vaultsh.shell.results import InspectHeader
     from vaultsh.store.s3 import S3Store
+    from vaultsh.testing import s3server
 
     with s3server.CountingRelay(url) as relay:
         store = S3Store(bucket, endpoint_url=relay.url)
@@ -89,8 +110,8 @@ def _header_view(url: str, bucket: str, run: str) -> tuple[float, int, int]:
 def _inspect_setup(quick: bool) -> dict:
     key = ("inspect", quick)
     if key not in _cache:
-        from vaultsh.testing import s3server
         from vaultsh.store.s3 import S3Store
+        from vaultsh.testing import s3server
 
         url = s3server.endpoint()
         bucket = s3server.new_bucket("vaultsh-bench-shell")
@@ -109,8 +130,10 @@ def _inspect_setup(quick: bool) -> dict:
 
 def _inspect_notes(d: dict) -> str:
     (ts, bs, rs), (tl, bl, rl) = d["runs"]["small"], d["runs"]["large"]
-    return (f"{d['sizes']['small'] / 1e6:.0f} MB: {ts * 1e3:.0f} ms, {bs:,} B, {rs} requests; "
-            f"{d['sizes']['large'] / 1e6:.0f} MB: {tl * 1e3:.0f} ms, {bl:,} B, {rl} requests")
+    return (
+        f"{d['sizes']['small'] / 1e6:.0f} MB: {ts * 1e3:.0f} ms, {bs:,} B, {rs} requests; "
+        f"{d['sizes']['large'] / 1e6:.0f} MB: {tl * 1e3:.0f} ms, {bl:,} B, {rl} requests"
+    )
 
 
 @benchmark("shell-inspect-header-time", "shell `inspect 0` header view on S3: time, 10 MB vs 1 GB megabatch")
@@ -118,9 +141,17 @@ def bench_inspect_time(quick: bool) -> BenchResult:
     d = _inspect_setup(quick)
     ts, tl = d["runs"]["small"][0], d["runs"]["large"][0]
     ratio = tl / ts
-    return BenchResult("shell-inspect-header-time", "s", round(ts, 4), round(tl, 4), round(ratio, 3),
-                       "< 1 s at 1 GB, flat (ratio ~1)", tl < 1.0 and ratio < 1.5, _inspect_notes(d),
-                       {"sizes": d["sizes"], "runs": d["runs"], "server": d["server"]})
+    return BenchResult(
+        "shell-inspect-header-time",
+        "s",
+        round(ts, 4),
+        round(tl, 4),
+        round(ratio, 3),
+        "< 1 s at 1 GB, flat (ratio ~1)",
+        tl < 1.0 and ratio < 1.5,
+        _inspect_notes(d),
+        {"sizes": d["sizes"], "runs": d["runs"], "server": d["server"]},
+    )
 
 
 @benchmark("shell-inspect-header-bytes", "shell `inspect 0` header view on S3: bytes on the wire, 10 MB vs 1 GB")
@@ -128,9 +159,17 @@ def bench_inspect_bytes(quick: bool) -> BenchResult:
     d = _inspect_setup(quick)
     bs, bl = d["runs"]["small"][1], d["runs"]["large"][1]
     ratio = bl / bs
-    return BenchResult("shell-inspect-header-bytes", "bytes", float(bs), float(bl), round(ratio, 3),
-                       "< 1 MB at 1 GB, flat (ratio ~1)", bl < 1_000_000 and ratio < 1.1, _inspect_notes(d),
-                       {"sizes": d["sizes"], "runs": d["runs"], "server": d["server"]})
+    return BenchResult(
+        "shell-inspect-header-bytes",
+        "bytes",
+        float(bs),
+        float(bl),
+        round(ratio, 3),
+        "< 1 MB at 1 GB, flat (ratio ~1)",
+        bl < 1_000_000 and ratio < 1.1,
+        _inspect_notes(d),
+        {"sizes": d["sizes"], "runs": d["runs"], "server": d["server"]},
+    )
 
 
 def _fill(bucket: str, n_keys: int) -> int:
@@ -143,7 +182,9 @@ def _fill(bucket: str, n_keys: int) -> int:
         keys += [f"{RUN}/{hook}/metadata.json", f"{RUN}/{hook}/statistics.json"]
         keys += [f"{RUN}/{hook}/w{i % 8:04d}--{i // 8:07d}.safetensors" for i in range(per)]
     keys += [f"{RUN}/_vaultsh/commits/w{i % 8:04d}/{i // 8:07d}.json" for i in range(per)]
-    keys += [f"{RUN}/_vaultsh/stats/w{i % 8:04d}/residuals_0/{i // 8:07d}.safetensors" for i in range(n_keys - len(keys))]
+    keys += [
+        f"{RUN}/_vaultsh/stats/w{i % 8:04d}/residuals_0/{i // 8:07d}.safetensors" for i in range(n_keys - len(keys))
+    ]
     client = s3server.client(max_pool_connections=32)
     with ThreadPoolExecutor(16) as ex:
         list(ex.map(lambda k: client.put_object(Bucket=bucket, Key=k, Body=b"x"), keys))
@@ -152,8 +193,8 @@ def _fill(bucket: str, n_keys: int) -> int:
 
 @benchmark("shell-filecount", "shell `filecount` over 20k keys on S3 vs a bare paginated list_objects_v2 loop")
 def bench_filecount(quick: bool) -> BenchResult:
-    from vaultsh.testing import s3server
     from vaultsh.store.s3 import S3Store
+    from vaultsh.testing import s3server
 
     n_keys = 5_000 if quick else 20_000
     url = s3server.endpoint()
@@ -189,6 +230,15 @@ def bench_filecount(quick: bool) -> BenchResult:
     assert counts["bare"] == counts["ours"] == written, counts
     base, mine = written / times["bare"], written / times["ours"]
     ratio = mine / base
-    return BenchResult("shell-filecount", "keys/s", round(base), round(mine), round(ratio, 3), ">= 0.9x",
-                       ratio >= 0.9, f"{written:,} keys; bare loop {times['bare']:.2f} s, filecount {times['ours']:.2f} s "
-                       f"(best of {rounds}, alternating)", {"keys": written, "server": s3server.describe()})
+    return BenchResult(
+        "shell-filecount",
+        "keys/s",
+        round(base),
+        round(mine),
+        round(ratio, 3),
+        ">= 0.9x",
+        ratio >= 0.9,
+        f"{written:,} keys; bare loop {times['bare']:.2f} s, filecount {times['ours']:.2f} s "
+        f"(best of {rounds}, alternating)",
+        {"keys": written, "server": s3server.describe()},
+    )

@@ -29,6 +29,7 @@ copy calls (nothing in collector/ is changed for it).
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -62,10 +63,32 @@ class Size:
 
 
 # About 1.07B parameters with SmolLM2's 49,152-token vocabulary (Llama-3.2-1B's shape otherwise).
-FULL = Size(n_layers=16, d_model=2048, d_ffn=8192, heads=32, kv_heads=8, batch=32, seq=1024,
-            bare_batches=12, collect_batches=24, batches_per_upload=4, rounds=2)
-SMOKE = Size(n_layers=8, d_model=64, d_ffn=128, heads=4, kv_heads=2, batch=4, seq=64,
-             bare_batches=6, collect_batches=8, batches_per_upload=2, rounds=2)
+FULL = Size(
+    n_layers=16,
+    d_model=2048,
+    d_ffn=8192,
+    heads=32,
+    kv_heads=8,
+    batch=32,
+    seq=1024,
+    bare_batches=12,
+    collect_batches=24,
+    batches_per_upload=4,
+    rounds=2,
+)
+SMOKE = Size(
+    n_layers=8,
+    d_model=64,
+    d_ffn=128,
+    heads=4,
+    kv_heads=2,
+    batch=4,
+    seq=64,
+    bare_batches=6,
+    collect_batches=8,
+    batches_per_upload=2,
+    rounds=2,
+)
 
 
 def hook_layers(n_layers: int, k: int = 4) -> list[int]:
@@ -76,6 +99,7 @@ def hook_layers(n_layers: int, k: int = 4) -> list[int]:
 
 # -- set-up -------------------------------------------------------------------
 
+
 def build_model_dir(dest: Path, size: Size, device: str) -> int:
     """A random Llama of `size` plus the real tokenizer, saved to `dest`; returns its parameter count."""
     import torch
@@ -83,10 +107,17 @@ def build_model_dir(dest: Path, size: Size, device: str) -> int:
 
     tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=size.d_model, intermediate_size=size.d_ffn,
-        num_hidden_layers=size.n_layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
-        max_position_embeddings=max(2048, size.seq), bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+        vocab_size=len(tok),
+        hidden_size=size.d_model,
+        intermediate_size=size.d_ffn,
+        num_hidden_layers=size.n_layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.kv_heads,
+        max_position_embeddings=max(2048, size.seq),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
     )
     torch.manual_seed(0)
     with torch.device(device):
@@ -117,8 +148,9 @@ def write_text(dest: Path, n_docs: int, chars: int) -> Path:
     return dest
 
 
-def write_config(dest: Path, model_dir: Path, text: Path, store: Path, size: Size, device: str,
-                 hooks: list[str]) -> Path:
+def write_config(
+    dest: Path, model_dir: Path, text: Path, store: Path, size: Size, device: str, hooks: list[str]
+) -> Path:
     """The collector's YAML (Activault schema) for this check."""
     import yaml
 
@@ -126,8 +158,13 @@ def write_config(dest: Path, model_dir: Path, text: Path, store: Path, size: Siz
         "run_name": RUN,
         "num_runs": 1,
         "transformer_config": {"model_name": str(model_dir), "dtype": size.dtype, "device": device},
-        "data_config": {"data_key": str(text), "n_batches": size.collect_batches, "seq_length": size.seq,
-                        "batch_size": size.batch, "seed": 0},
+        "data_config": {
+            "data_key": str(text),
+            "n_batches": size.collect_batches,
+            "seq_length": size.seq,
+            "batch_size": size.batch,
+            "seed": 0,
+        },
         "upload_config": {"batches_per_upload": size.batches_per_upload, "hooks": hooks},
         "storage": {"uri": str(store), "format": "safetensors"},
     }
@@ -136,6 +173,7 @@ def write_config(dest: Path, model_dir: Path, text: Path, store: Path, size: Siz
 
 
 # -- measurements -------------------------------------------------------------
+
 
 def _free(device: str) -> None:
     gc.collect()
@@ -181,11 +219,13 @@ def bare_forward(cfg_path: Path, size: Size, deepest: int) -> dict:
             break
     base = model.model
     every_layer = base.layers
-    base.layers = torch.nn.ModuleList(every_layer[:deepest + 1])  # every layer's weights stay resident
+    base.layers = torch.nn.ModuleList(every_layer[: deepest + 1])  # every layer's weights stay resident
     try:
         with torch.inference_mode():
-            layers_run = _layers_called(every_layer, lambda: base(input_ids=batches[0][0], attention_mask=batches[0][1],  # noqa: F821 (called before the `del` below)
-                                                                  use_cache=False))
+            # a partial, not a lambda: nothing keeps `base` alive past the `del` below
+            first = functools.partial(base, input_ids=batches[0][0], attention_mask=batches[0][1], use_cache=False)
+            layers_run = _layers_called(every_layer, first)
+            del first
             if layers_run != deepest + 1:
                 raise RuntimeError(f"the bare forward ran {layers_run} layers, not 0..{deepest}")
             for ids, am in batches[:2]:  # warm-up
@@ -202,9 +242,15 @@ def bare_forward(cfg_path: Path, size: Size, deepest: int) -> dict:
         base.layers = every_layer
     iv = [(clock.ms(s), clock.ms(e)) for s, e in marks]
     wall = iv[-1][1] - iv[0][0]
-    out = {"device": str(device), "batches": len(iv), "layers_run": layers_run,
-           "tokens_per_s": len(iv) * size.batch * size.seq / wall * 1e3,
-           "busy_fraction": union_ms(iv) / wall, "peak_memory_bytes": mem.peak, "memory_kind": mem.kind}
+    out = {
+        "device": str(device),
+        "batches": len(iv),
+        "layers_run": layers_run,
+        "tokens_per_s": len(iv) * size.batch * size.seq / wall * 1e3,
+        "busy_fraction": union_ms(iv) / wall,
+        "peak_memory_bytes": mem.peak,
+        "memory_kind": mem.kind,
+    }
     del model, batches, base, every_layer
     _free(device)
     return out
@@ -227,14 +273,23 @@ def collect(cfg_path: Path, size: Size, device: str) -> tuple[dict, dict]:
     window = fw[-1][0] - fw[skip][0]
     copy_ms = sum(e - s for s, e in cp)
     figures = {
-        "forwards": n, "rows_per_forward": sorted({r for _, _, r in probe.forwards}), "steady_from_forward": skip,
+        "forwards": n,
+        "rows_per_forward": sorted({r for _, _, r in probe.forwards}),
+        "steady_from_forward": skip,
         "tokens_per_s": (n - 1 - skip) * size.batch * size.seq / window * 1e3,
-        "tokens_per_s_whole_command": n * size.batch * size.seq / wall_s, "wall_s": wall_s,
-        "busy_fraction": union_ms(fw[skip:n - 1]) / window,
-        "peak_memory_bytes": mem.peak, "memory_kind": mem.kind,
+        "tokens_per_s_whole_command": n * size.batch * size.seq / wall_s,
+        "wall_s": wall_s,
+        "busy_fraction": union_ms(fw[skip : n - 1]) / window,
+        "peak_memory_bytes": mem.peak,
+        "memory_kind": mem.kind,
     }
-    copies = {"copies": len(cp), "bytes": probe.copy_bytes, "bytes_per_s": probe.copy_bytes / copy_ms * 1e3,
-              "copy_ms": copy_ms, "overlap_fraction": overlap_ms(cp, fw) / copy_ms if copy_ms > 0 else 0.0}
+    copies = {
+        "copies": len(cp),
+        "bytes": probe.copy_bytes,
+        "bytes_per_s": probe.copy_bytes / copy_ms * 1e3,
+        "copy_ms": copy_ms,
+        "overlap_fraction": overlap_ms(cp, fw) / copy_ms if copy_ms > 0 else 0.0,
+    }
     return figures, copies
 
 
@@ -324,8 +379,15 @@ def reader_check(store_root: Path, hooks: list[str], size: Size, device: str) ->
         n, states = _reader_to_device(store, hooks, device)
         best_ours = min(best_ours, time.perf_counter() - t0)
     raw, ours = file_bytes / best_raw / 1e9, file_bytes / best_ours / 1e9
-    return {"files": len(files), "megabatches": n, "file_bytes": file_bytes, "states_bytes": states,
-            "raw_gb_per_s": raw, "reader_gb_per_s": ours, "ratio": ours / raw}
+    return {
+        "files": len(files),
+        "megabatches": n,
+        "file_bytes": file_bytes,
+        "states_bytes": states,
+        "raw_gb_per_s": raw,
+        "reader_gb_per_s": ours,
+        "ratio": ours / raw,
+    }
 
 
 # -- the whole check ----------------------------------------------------------
@@ -334,18 +396,19 @@ DEFINITIONS = {
     "clock": "CUDA events on the GPU timeline on a GPU; time.perf_counter on CPU",
     "tokens_per_s": "batch x seq positions per second (padding included, as the bare forward counts them)",
     "bare.tokens_per_s": "LlamaModel with layers 0..deepest only (whole model resident), no LM head, "
-                         "pre-tokenised batches on the device, first start to last end",
+    "pre-tokenised batches on the device, first start to last end",
     "collect.tokens_per_s": "vaultsh collect --headless in this process: forwards steady_from_forward..last, "
-                            "start to start, so every per-batch cost of the worker counts",
+    "start to start, so every per-batch cost of the worker counts",
     "collect.busy_fraction": "time inside the worker's forward calls / wall time, over the same window",
     "collect.states_gb_per_s": "activation bytes the store must take at the steady tokens/s",
     "d2h.worker.bytes_per_s": "bytes of the worker's DeviceCopier copies / their summed duration on the copy stream",
     "d2h.worker.overlap_fraction": "share of copy time during which a forward was running",
     "d2h.bare_pinned": "copy_ of one hook's [batch, seq, d_model] tensor into pinned memory (plain memory on CPU)",
     "reader": "store file bytes per second: ActivationReader(device) over every hook vs reading each file into "
-              "two alternating pinned buffers and copying it to the device; best of `rounds`, alternated",
+    "two alternating pinned buffers and copying it to the device; best of `rounds`, alternated",
     "memory": "cuda: torch.cuda.max_memory_allocated over each phase; cpu: process RSS sampled every 5 ms",
 }
+
 
 def _timed(report: dict, name: str, fn):
     """Run `fn`, record its seconds under report["phase_s"][name]; returns its result."""
@@ -376,27 +439,49 @@ def run_check(out: Path, size: Size, device: str, work: Path) -> dict:
     layers = hook_layers(size.n_layers)
     hooks = [f"blocks.{i}.hook_resid_post" for i in layers]
     itemsize = torch.empty((), dtype=getattr(torch, size.dtype)).element_size()
-    report = {"device": device, "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
-              "torch": torch.__version__, "complete": False, "phase_s": {}, "definitions": DEFINITIONS}
+    report = {
+        "device": device,
+        "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+        "torch": torch.__version__,
+        "complete": False,
+        "phase_s": {},
+        "definitions": DEFINITIONS,
+    }
     cfg, n_params = _timed(report, "setup", lambda: _prepare(work, size, device, hooks))
-    report["setup"] = {**asdict(size), "params": n_params, "hooks": hooks, "hook_layers": layers, "itemsize": itemsize,
-                       "expected_copy_bytes": size.collect_batches * size.batch * size.seq * size.d_model
-                       * len(hooks) * itemsize}
+    report["setup"] = {
+        **asdict(size),
+        "params": n_params,
+        "hooks": hooks,
+        "hook_layers": layers,
+        "itemsize": itemsize,
+        "expected_copy_bytes": size.collect_batches * size.batch * size.seq * size.d_model * len(hooks) * itemsize,
+    }
     _save(out, report)
     bare = report["bare"] = _timed(report, "bare", lambda: bare_forward(cfg, size, max(layers)))
     _save(out, report)
     coll, copies = _timed(report, "collect", lambda: collect(cfg, size, device))
-    report["collect"] = {**coll, "ratio": coll["tokens_per_s"] / bare["tokens_per_s"],
-                         "states_gb_per_s": coll["tokens_per_s"] * size.d_model * len(hooks) * itemsize / 1e9}
+    report["collect"] = {
+        **coll,
+        "ratio": coll["tokens_per_s"] / bare["tokens_per_s"],
+        "states_gb_per_s": coll["tokens_per_s"] * size.d_model * len(hooks) * itemsize / 1e9,
+    }
     _save(out, report)
     d2h = _timed(report, "d2h", lambda: d2h_baseline(size, device))
-    report["d2h"] = {"worker": copies, "bare_pinned": d2h, "ratio": copies["bytes_per_s"] / d2h["bytes_per_s"],
-                     "side_stream": device.startswith("cuda"), "overlaps_forward": copies["overlap_fraction"] > 0.5}
+    report["d2h"] = {
+        "worker": copies,
+        "bare_pinned": d2h,
+        "ratio": copies["bytes_per_s"] / d2h["bytes_per_s"],
+        "side_stream": device.startswith("cuda"),
+        "overlaps_forward": copies["overlap_fraction"] > 0.5,
+    }
     _save(out, report)
     report["reader"] = _timed(report, "reader", lambda: reader_check(work / "store", hooks, size, device))
-    report["memory"] = {"kind": bare["memory_kind"], "bare_peak_bytes": bare["peak_memory_bytes"],
-                        "worker_peak_bytes": coll["peak_memory_bytes"],
-                        "ratio": coll["peak_memory_bytes"] / bare["peak_memory_bytes"]}
+    report["memory"] = {
+        "kind": bare["memory_kind"],
+        "bare_peak_bytes": bare["peak_memory_bytes"],
+        "worker_peak_bytes": coll["peak_memory_bytes"],
+        "ratio": coll["peak_memory_bytes"] / bare["peak_memory_bytes"],
+    }
     report["complete"] = True
     _save(out, report)
     (out / "gpu_check.txt").write_text(text_report(report))
@@ -439,13 +524,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", type=Path, help="folder for gpu_check.json and gpu_check.txt")
     p.add_argument("--smoke", action="store_true", help="tiny Llama, small batches: seconds, CPU or GPU")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--work-dir", type=Path, default=None,
-                   help="where the model, text and store go (default: a temporary folder, removed after)")
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="where the model, text and store go (default: a temporary folder, removed after)",
+    )
     args = p.parse_args(argv)
     missing = missing_modules()
     if missing:
-        print(f"gpu_check: missing Python packages: {', '.join(missing)}; carry them as wheels in .whl/ "
-              "(README.md, Performance, 'The GPU check')", file=sys.stderr)
+        print(
+            f"gpu_check: missing Python packages: {', '.join(missing)}; carry them as wheels in .whl/ "
+            "(README.md, Performance, 'The GPU check')",
+            file=sys.stderr,
+        )
         return 2
     import torch
 

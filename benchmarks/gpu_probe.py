@@ -81,8 +81,9 @@ class CollectProbe:
 
     def check(self) -> None:
         if not self.forwards:
-            raise RuntimeError("the probe saw no forward: does run_worker still call "
-                               "collector.generation.forward_chunks?")
+            raise RuntimeError(
+                "the probe saw no forward: does run_worker still call collector.generation.forward_chunks?"
+            )
         if not self.copies:
             raise RuntimeError("the probe saw no device-to-host copy: does run_worker still use DeviceCopier.copy?")
 
@@ -104,8 +105,10 @@ def install(device: str):
     import collector.worker as worker
 
     if not hasattr(generation, "forward_chunks") or not hasattr(getattr(worker, "DeviceCopier", None), "copy"):
-        raise RuntimeError("collector.generation.forward_chunks or collector.worker.DeviceCopier.copy is gone: "
-                           "update benchmarks/gpu_probe.py")
+        raise RuntimeError(
+            "collector.generation.forward_chunks or collector.worker.DeviceCopier.copy is gone: "
+            "update benchmarks/gpu_probe.py"
+        )
     probe = CollectProbe(Clock(device))
     orig_fwd, orig_copy = generation.forward_chunks, worker.DeviceCopier.copy
     lock = threading.Lock()
@@ -147,7 +150,7 @@ class PeakMemory:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.cuda:
             import torch
 

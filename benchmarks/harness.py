@@ -11,8 +11,8 @@ import contextlib
 import importlib
 import pkgutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
 
 
 @dataclass
@@ -90,4 +90,14 @@ def throughput_ratio(name, nbytes, t_base, t_ours, minimum, notes="", extra=None
     base = nbytes / t_base / 1e6
     ours = nbytes / t_ours / 1e6
     ratio = ours / base
-    return BenchResult(name, "MB/s", round(base, 1), round(ours, 1), round(ratio, 3), f">= {minimum}x", ratio >= minimum, notes, extra or {})
+    return BenchResult(
+        name,
+        "MB/s",
+        round(base, 1),
+        round(ours, 1),
+        round(ratio, 3),
+        f">= {minimum}x",
+        ratio >= minimum,
+        notes,
+        extra or {},
+    )

@@ -7,8 +7,9 @@ D_MODEL = 1024
 HOOK = "blocks.12.hook_resid_post"
 
 
-def write_float32_run(store, run_name: str, n_files: int, n_seq: int, hooks: tuple[str, ...] = (HOOK,)
-                      ) -> list[tuple[str, int]]:
+def write_float32_run(
+    store, run_name: str, n_files: int, n_seq: int, hooks: tuple[str, ...] = (HOOK,)
+) -> list[tuple[str, int]]:
     """A committed run of `n_files` float32 megabatches [n_seq, SEQ_LEN, D_MODEL] per hook (the same
     tokens in every hook) with metadata and statistics; returns [(key, size)] in commit order."""
     import torch
@@ -19,8 +20,17 @@ def write_float32_run(store, run_name: str, n_files: int, n_seq: int, hooks: tup
 
     run = Run(store, run_name)
     for hook in hooks:
-        run.write_metadata(hook, metadata_for(batch_size=n_seq, sequence_length=SEQ_LEN, d_in=D_MODEL,
-                                              batches_per_file=1, dtype=torch.float32, hook=hook))
+        run.write_metadata(
+            hook,
+            metadata_for(
+                batch_size=n_seq,
+                sequence_length=SEQ_LEN,
+                d_in=D_MODEL,
+                batches_per_file=1,
+                dtype=torch.float32,
+                hook=hook,
+            ),
+        )
     g = torch.Generator().manual_seed(0)
     block = torch.randn(1, SEQ_LEN, D_MODEL, generator=g)
     ids = torch.randint(0, 50_000, (n_seq, SEQ_LEN), generator=g)

@@ -23,8 +23,9 @@ from __future__ import annotations
 import difflib
 import math
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Any
 
 from collector.config import text_config
 from collector.layers import HookSpec, describe
@@ -108,18 +109,18 @@ def layers_path(model: Any) -> str:
     )
 
 
-def find_decoder_layers(model: Any) -> "torch.nn.ModuleList":
+def find_decoder_layers(model: Any) -> torch.nn.ModuleList:
     """The ModuleList of decoder layers of a HF causal LM (common layouts)."""
     return model.get_submodule(layers_path(model))
 
 
-def model_layout(model: Any) -> Optional[Layout]:
+def model_layout(model: Any) -> Layout | None:
     """The block layout of `model`'s family (None when the table does not know it)."""
     text = _text_config(model)
     return layout_for(text) if text is not None else None
 
 
-def _raw_submodule(layer: Any, kind: str, layout: Optional[Layout]) -> tuple[str, Any]:
+def _raw_submodule(layer: Any, kind: str, layout: Layout | None) -> tuple[str, Any]:
     names = ((layout.attn if kind == "attn" else layout.mlp),) if layout is not None else _SUBMODULES[kind]
     for attr in names:
         m = getattr(layer, attr, None)
@@ -177,10 +178,10 @@ class Probe:
     module: Any
     module_path: str
     direction: str  # "in" | "out"
-    take: Optional[Callable[[Any], Any]] = None  # what the hook sees -> the site's [B, T, W] tensor
+    take: Callable[[Any], Any] | None = None  # what the hook sees -> the site's [B, T, W] tensor
     output_index: int = 0  # which element of a tuple output (1: attention probabilities)
-    heads: Optional[int] = None  # per-head sites: the number of heads the width splits into
-    family: Optional[str] = None
+    heads: int | None = None  # per-head sites: the number of heads the width splits into
+    family: str | None = None
     axes: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -207,7 +208,7 @@ class _Resolver:
     def _refuse(self, spec: HookSpec, why: str) -> ConfigError:
         return ConfigError(f"hooks: {spec.name!r} is not available for {self.layout.family}: {why}")  # type: ignore[union-attr]
 
-    def _sub(self, spec: HookSpec, parent: Any, parent_path: str, attr: Optional[str], what: str) -> tuple[Any, str]:
+    def _sub(self, spec: HookSpec, parent: Any, parent_path: str, attr: str | None, what: str) -> tuple[Any, str]:
         m = getattr(parent, attr, None) if attr else None
         if m is None or not hasattr(m, "register_forward_hook"):
             raise self._refuse(spec, f"its blocks have no {what}")
@@ -247,10 +248,17 @@ class _Resolver:
             m = self.model.get_submodule(path)
         except AttributeError:
             near = ", ".join(_closest_modules(self.model, path))
-            raise ConfigError(f"hooks: {spec.name!r} names no module of {type(self.model).__name__}; "
-                              f"closest: {near}") from None
-        return Probe(spec, m, path, "in" if spec.site == "module_in" else "out",
-                     family=self.layout.family if self.layout else None, axes=("d",))
+            raise ConfigError(
+                f"hooks: {spec.name!r} names no module of {type(self.model).__name__}; closest: {near}"
+            ) from None
+        return Probe(
+            spec,
+            m,
+            path,
+            "in" if spec.site == "module_in" else "out",
+            family=self.layout.family if self.layout else None,
+            axes=("d",),
+        )
 
     def _embed_probe(self, spec: HookSpec) -> Probe:
         lo = self._need_layout(spec)
@@ -275,8 +283,11 @@ class _Resolver:
         if site in ("ln1.hook_normalized", "ln2.hook_normalized"):
             attr = lo.ln1 if site.startswith("ln1") else lo.ln2
             if attr is None:
-                raise self._refuse(spec, f"its blocks have no norm before the {'attention' if site.startswith('ln1') else 'MLP'} "
-                                         "(they normalize each sublayer's output instead)")
+                raise self._refuse(
+                    spec,
+                    f"its blocks have no norm before the {'attention' if site.startswith('ln1') else 'MLP'} "
+                    "(they normalize each sublayer's output instead)",
+                )
             return Probe(spec, *sub(attr, "norm"), "out")
         if site in ("hook_attn_out", "hook_mlp_out"):
             is_attn = site == "hook_attn_out"
@@ -289,9 +300,12 @@ class _Resolver:
             return Probe(spec, m, p, "out", take)
         if site in ("hook_resid_mid", "hook_mlp_in"):
             if site == "hook_resid_mid" and lo.parallel:
-                raise self._refuse(spec, "its blocks are parallel (attention and MLP both read hook_resid_pre and "
-                                         "hook_resid_post = resid_pre + attn_out + mlp_out), so there is no stream "
-                                         "between the sublayers; use hook_resid_pre or hook_mlp_in")
+                raise self._refuse(
+                    spec,
+                    "its blocks are parallel (attention and MLP both read hook_resid_pre and "
+                    "hook_resid_post = resid_pre + attn_out + mlp_out), so there is no stream "
+                    "between the sublayers; use hook_resid_pre or hook_mlp_in",
+                )
             if lo.ln2:
                 return Probe(spec, *sub(lo.ln2, "norm"), "in")
             return Probe(spec, *sub(lo.mlp, "MLP"), "in")
@@ -322,8 +336,11 @@ class _Resolver:
     def _mlp_probe(self, spec: HookSpec, lo: Layout, mlp: Any, mpath: str) -> Probe:
         site = spec.site
         if lo.mlp_kind == "moe":
-            raise self._refuse(spec, "its MLP is a mixture of experts, whose internals are per expert; use module: "
-                                     f"paths (e.g. module:{mpath}.experts)")
+            raise self._refuse(
+                spec,
+                "its MLP is a mixture of experts, whose internals are per expert; use module: "
+                f"paths (e.g. module:{mpath}.experts)",
+            )
         if site == "mlp.hook_post":
             return Probe(spec, *self._sub(spec, mlp, mpath, lo.mlp_down, "MLP down projection"), "in")
         if site == "mlp.hook_pre_linear" and lo.mlp_kind == "plain":
@@ -356,7 +373,7 @@ def _pattern_rows(w: Any) -> Any:
     return w.permute(0, 2, 1, 3).reshape(b, t, h * s)
 
 
-def _split_qkv(kind: str, which: int, n_heads: int, n_kv: int, head_dim: Optional[int]) -> Callable[[Any], Any]:
+def _split_qkv(kind: str, which: int, n_heads: int, n_kv: int, head_dim: int | None) -> Callable[[Any], Any]:
     """q, k or v (which = 0, 1, 2) out of a fused projection's output, as [B, T, heads * d_head]."""
 
     def take(t: Any) -> Any:
@@ -496,6 +513,7 @@ class ActivationCapture:
 
     def _hook(self, probe: Probe):
         if probe.direction == "in":
+
             def pre_hook(module, args, kwargs):
                 self._store(probe, _first_tensor(args, kwargs))
                 return None
@@ -509,7 +527,7 @@ class ActivationCapture:
         return hook
 
     # -- lifecycle ---------------------------------------------------------
-    def resolve(self) -> "ActivationCapture":
+    def resolve(self) -> ActivationCapture:
         """Find every site in the model (ConfigError for one the family lacks); attach() does it too."""
         if not self.probes:
             self.probes = resolve_probes(self.model, self.specs)
@@ -517,7 +535,7 @@ class ActivationCapture:
                 _use_eager_attention(self.model)
         return self
 
-    def attach(self) -> "ActivationCapture":
+    def attach(self) -> ActivationCapture:
         if self._handles:
             return self
         try:
@@ -538,7 +556,7 @@ class ActivationCapture:
             h.remove()
         self._handles.clear()
 
-    def __enter__(self) -> "ActivationCapture":
+    def __enter__(self) -> ActivationCapture:
         return self.attach()
 
     def __exit__(self, *exc: Any) -> None:
@@ -577,8 +595,12 @@ def per_token_shape(probe: Probe, width: int) -> list[int]:
 def hook_description(probe: Probe, width: int) -> dict[str, Any]:
     """What a resolved hook means and how its flat `[N, T, width]` states are shaped, for metadata.json."""
     out = describe(probe.spec)
-    out.update(family=probe.family, module=probe.module_path, axes=["batch", "pos", *probe.axes],
-               per_token_shape=per_token_shape(probe, width))
+    out.update(
+        family=probe.family,
+        module=probe.module_path,
+        axes=["batch", "pos", *probe.axes],
+        per_token_shape=per_token_shape(probe, width),
+    )
     return out
 
 
@@ -620,7 +642,7 @@ def _rel(a: Any, b: Any) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def self_check(model: Any, specs: Iterable[HookSpec], inputs: dict[str, Any]) -> Optional[dict[str, Any]]:
+def self_check(model: Any, specs: Iterable[HookSpec], inputs: dict[str, Any]) -> dict[str, Any] | None:
     """Check the residual identity on the layers `specs` name with TransformerLens sites.
 
     Sequential blocks: resid_pre + attn_out = resid_mid and resid_mid + mlp_out
@@ -657,13 +679,26 @@ def self_check(model: Any, specs: Iterable[HookSpec], inputs: dict[str, Any]) ->
     for L in layers:
         g = {s: got[f"check.{L}.{s}"].float() for s in names}
         if layout.parallel:
-            checks = [("hook_resid_pre + hook_attn_out + hook_mlp_out = hook_resid_post",
-                       g["hook_resid_pre"] + g["hook_attn_out"] + g["hook_mlp_out"], g["hook_resid_post"])]
+            checks = [
+                (
+                    "hook_resid_pre + hook_attn_out + hook_mlp_out = hook_resid_post",
+                    g["hook_resid_pre"] + g["hook_attn_out"] + g["hook_mlp_out"],
+                    g["hook_resid_post"],
+                )
+            ]
         else:
-            checks = [("hook_resid_pre + hook_attn_out = hook_resid_mid",
-                       g["hook_resid_pre"] + g["hook_attn_out"], g["hook_resid_mid"]),
-                      ("hook_resid_mid + hook_mlp_out = hook_resid_post",
-                       g["hook_resid_mid"] + g["hook_mlp_out"], g["hook_resid_post"])]
+            checks = [
+                (
+                    "hook_resid_pre + hook_attn_out = hook_resid_mid",
+                    g["hook_resid_pre"] + g["hook_attn_out"],
+                    g["hook_resid_mid"],
+                ),
+                (
+                    "hook_resid_mid + hook_mlp_out = hook_resid_post",
+                    g["hook_resid_mid"] + g["hook_mlp_out"],
+                    g["hook_resid_post"],
+                ),
+            ]
         for text, lhs, rhs in checks:
             e = _rel(lhs, rhs)
             if not e <= worst[0]:
@@ -672,11 +707,20 @@ def self_check(model: Any, specs: Iterable[HookSpec], inputs: dict[str, Any]) ->
         e = _rel(got["check.embed"], got["check.0.hook_resid_pre"])
         if not e <= worst[0]:
             worst = (e, "hook_embed = blocks.0.hook_resid_pre", None)
-    identity = ("hook_resid_pre + hook_attn_out + hook_mlp_out = hook_resid_post" if layout.parallel
-                else "hook_resid_pre + hook_attn_out + hook_mlp_out = hook_resid_post (via hook_resid_mid)")
-    report = {"family": layout.family, "block": "parallel" if layout.parallel else "sequential",
-              "identity": identity, "layers": layers, "max_rel_error": worst[0], "tolerance": tol,
-              "dtype": str(dtype).replace("torch.", "")}
+    identity = (
+        "hook_resid_pre + hook_attn_out + hook_mlp_out = hook_resid_post"
+        if layout.parallel
+        else "hook_resid_pre + hook_attn_out + hook_mlp_out = hook_resid_post (via hook_resid_mid)"
+    )
+    report = {
+        "family": layout.family,
+        "block": "parallel" if layout.parallel else "sequential",
+        "identity": identity,
+        "layers": layers,
+        "max_rel_error": worst[0],
+        "tolerance": tol,
+        "dtype": str(dtype).replace("torch.", ""),
+    }
     if not worst[0] <= tol:  # also catches NaN
         where = f"layer {worst[2]}" if worst[2] is not None else "the embedding"
         raise SelfCheckError(

@@ -20,7 +20,8 @@ worker sharding do not change.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from collector.data import Batch
 
@@ -29,8 +30,14 @@ def is_oom(exc: BaseException) -> bool:
     """Whether `exc` is an accelerator out-of-memory error."""
     import torch
 
-    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
-                                  getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)) if t)
+    oom_types = tuple(
+        t
+        for t in (
+            getattr(torch, "OutOfMemoryError", None),
+            getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None),
+        )
+        if t
+    )
     if oom_types and isinstance(exc, oom_types):
         return True
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
@@ -89,10 +96,24 @@ def forward_chunks(capture, runner: ChunkRunner, input_ids, attention_mask, devi
     return {h: torch.cat([p[h] for p in parts]) for h in parts[0]}
 
 
-def generate_batch(model, tokenizer, batch: Batch, *, max_new_tokens: int, seq_length: int, pad_id: int,
-                   eos_id: int, special_ids: frozenset[int], clean_added_tokens: bool, runner: ChunkRunner,
-                   device, seed: int, do_sample: bool = False, temperature: float = 1.0,
-                   top_p: float = 1.0) -> tuple[Batch, list[dict]]:
+def generate_batch(
+    model,
+    tokenizer,
+    batch: Batch,
+    *,
+    max_new_tokens: int,
+    seq_length: int,
+    pad_id: int,
+    eos_id: int,
+    special_ids: frozenset[int],
+    clean_added_tokens: bool,
+    runner: ChunkRunner,
+    device,
+    seed: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+) -> tuple[Batch, list[dict]]:
     """Generate continuations of the batch's prompts; returns the prompt+generated batch and text records."""
     import torch
 
@@ -102,10 +123,11 @@ def generate_batch(model, tokenizer, batch: Batch, *, max_new_tokens: int, seq_l
     left = torch.full((B, L), pad_id, dtype=torch.long)
     att = torch.zeros((B, L), dtype=torch.long)
     for i, n in enumerate(lens):
-        left[i, L - n:] = batch.input_ids[i, :n]
-        att[i, L - n:] = 1
-    kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
-                              do_sample=do_sample)
+        left[i, L - n :] = batch.input_ids[i, :n]
+        att[i, L - n :] = 1
+    kw: dict[str, Any] = dict(
+        max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id, do_sample=do_sample
+    )
     if do_sample:
         kw.update(temperature=temperature, top_p=top_p)
     else:  # silence "temperature is set but do_sample is False" from a model's generation_config
@@ -137,20 +159,33 @@ def generate_batch(model, tokenizer, batch: Batch, *, max_new_tokens: int, seq_l
         keep = [not (clean_added_tokens and t in special_ids) for t in g]
         mask[i, n:m] = torch.tensor(keep, dtype=torch.bool)
         generated[i, n:m] = True
-        rec = {"batch": batch.index, "row": i,
-               "doc_index": batch.doc_index[i] if i < len(batch.doc_index) else None,
-               "prompt": tokenizer.decode(batch.input_ids[i, :n].tolist()),
-               "generation": tokenizer.decode(g, skip_special_tokens=True),
-               "prompt_tokens": n, "generated_tokens": len(g)}
+        rec = {
+            "batch": batch.index,
+            "row": i,
+            "doc_index": batch.doc_index[i] if i < len(batch.doc_index) else None,
+            "prompt": tokenizer.decode(batch.input_ids[i, :n].tolist()),
+            "generation": tokenizer.decode(g, skip_special_tokens=True),
+            "prompt_tokens": n,
+            "generated_tokens": len(g),
+        }
         for k, vals in batch.labels.items():
             rec[k] = _jsonable(vals[i])
         records.append(rec)
     labels = dict(batch.labels)
     labels["generated"] = list(generated)
     labels["prompt_length"] = [int(n) for n in lens]
-    out = Batch(index=batch.index, input_ids=ids, attention_mask=am, mask=mask, n_tokens=int(mask.sum()),
-                doc_index=list(batch.doc_index), labels=labels, documents=list(batch.documents),
-                source=list(batch.source), segments=list(batch.segments))
+    out = Batch(
+        index=batch.index,
+        input_ids=ids,
+        attention_mask=am,
+        mask=mask,
+        n_tokens=int(mask.sum()),
+        doc_index=list(batch.doc_index),
+        labels=labels,
+        documents=list(batch.documents),
+        source=list(batch.source),
+        segments=list(batch.segments),
+    )
     return out, records
 
 
@@ -172,8 +207,9 @@ def generations_jsonl(records: Sequence[dict]) -> bytes:
 # ---------------------------------------------------------------- labels -> tensors
 
 
-def label_tensors(values: dict[str, list], vocabularies: dict[str, list[str]] | None = None
-                  ) -> tuple[dict[str, Any], dict[str, list[str]]]:
+def label_tensors(
+    values: dict[str, list], vocabularies: dict[str, list[str]] | None = None
+) -> tuple[dict[str, Any], dict[str, list[str]]]:
     """Per-row label values as ``labels.<name>`` tensors, plus the string vocabularies.
 
     Tensors (one per row) are stacked; booleans -> bool, integers -> int64,
@@ -193,8 +229,11 @@ def label_tensors(values: dict[str, list], vocabularies: dict[str, list[str]] | 
         present = [v for v in vals if v is not None]
         if present and all(isinstance(v, bool) for v in present) and len(present) == len(vals):
             tensors[name] = torch.tensor(vals, dtype=torch.bool)
-        elif present and all(isinstance(v, int) and not isinstance(v, bool) for v in present) \
-                and len(present) == len(vals):
+        elif (
+            present
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in present)
+            and len(present) == len(vals)
+        ):
             tensors[name] = torch.tensor(vals, dtype=torch.int64)
         elif present and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
             tensors[name] = torch.tensor([float("nan") if v is None else float(v) for v in vals], dtype=torch.float64)

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any
 
 from collector.sites import RAW_SITES, SITES, site_order
 from vaultsh.errors import ConfigError
@@ -77,13 +78,15 @@ _MODULE = re.compile(r"^module:(?P<path>[A-Za-z_][A-Za-z0-9_]*(\.([A-Za-z0-9_]+|
 
 def accepted_forms() -> str:
     """A one-line summary of every accepted spelling (for error messages and --help)."""
-    return ("blocks.N.hook_resid_pre, blocks.N.hook_attn_out, blocks.N.hook_resid_mid, blocks.N.hook_mlp_in, "
-            "blocks.N.hook_mlp_out, blocks.N.hook_resid_post, blocks.N.attn.hook_q/hook_k/hook_v/hook_z/hook_pattern, "
-            "blocks.N.mlp.hook_pre/hook_pre_linear/hook_post, blocks.N.ln1.hook_normalized, "
-            "blocks.N.ln2.hook_normalized, hook_embed, ln_final.hook_normalized (N: a layer, A-B or *), "
-            "models.layers.N.mlp.post/pre, models.layers.N.self_attn.post/pre, blocks.N.hook_mlp_post, "
-            "blocks.N.hook_attn_post, module:PATH[:input], residuals_N, mlp_N, attention_N, all, residuals_all, "
-            "mlp_all, attention_all, residuals_A-B, mlp_A-B, attention_A-B")
+    return (
+        "blocks.N.hook_resid_pre, blocks.N.hook_attn_out, blocks.N.hook_resid_mid, blocks.N.hook_mlp_in, "
+        "blocks.N.hook_mlp_out, blocks.N.hook_resid_post, blocks.N.attn.hook_q/hook_k/hook_v/hook_z/hook_pattern, "
+        "blocks.N.mlp.hook_pre/hook_pre_linear/hook_post, blocks.N.ln1.hook_normalized, "
+        "blocks.N.ln2.hook_normalized, hook_embed, ln_final.hook_normalized (N: a layer, A-B or *), "
+        "models.layers.N.mlp.post/pre, models.layers.N.self_attn.post/pre, blocks.N.hook_mlp_post, "
+        "blocks.N.hook_attn_post, module:PATH[:input], residuals_N, mlp_N, attention_N, all, residuals_all, "
+        "mlp_all, attention_all, residuals_A-B, mlp_A-B, attention_A-B"
+    )
 
 
 @dataclass(frozen=True)
@@ -96,8 +99,8 @@ class HookSpec:
 
     name: str
     site: str
-    layer: Optional[int]
-    module: Optional[str] = None
+    layer: int | None
+    module: str | None = None
 
     @property
     def order(self) -> tuple[int, int]:
@@ -124,10 +127,10 @@ class HookRequest:
 
     text: str
     site: str
-    layers: Optional[tuple[int, int]]
+    layers: tuple[int, int] | None
     expansion: bool
     template: str = ""
-    module: Optional[str] = None
+    module: str | None = None
 
     def names(self, n_layers: int) -> list[HookSpec]:
         if self.module is not None:
@@ -174,7 +177,7 @@ def _suggest(text: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     return got
 
 
-def _layers_of(token: str, field: str, text: str) -> tuple[Optional[tuple[int, int]], bool]:
+def _layers_of(token: str, field: str, text: str) -> tuple[tuple[int, int] | None, bool]:
     """(layers, expansion) of a layer token: '3', '2-5' or '*'."""
     if token == "*":
         return None, True
@@ -200,8 +203,10 @@ def parse_hook(text: Any, field: str = "hooks") -> HookRequest:
     if s.startswith("module:"):
         m = _MODULE.match(s)
         if not m:
-            raise ConfigError(f"{field}: {s!r} is not a module path (write module:model.layers.3.mlp.down_proj, "
-                              "optionally with :input, and * for an index)")
+            raise ConfigError(
+                f"{field}: {s!r} is not a module path (write module:model.layers.3.mlp.down_proj, "
+                "optionally with :input, and * for an index)"
+            )
         site = "module_in" if m["dir"] == "input" else "module_out"
         return HookRequest(s, site, None, "*" in m["path"], module=m["path"])
     m = _KIND_ALL.match(s) or _RANGE.match(s) or _KIND_ONE.match(s)
@@ -220,9 +225,7 @@ def parse_hook(text: Any, field: str = "hooks") -> HookRequest:
     raise ConfigError(f"{field}: {s!r} is not a known hook name{hint}")
 
 
-def check_hook_syntax(
-    names: Iterable[Any], fields: str | Mapping[str, str] | None = None
-) -> list[HookRequest]:
+def check_hook_syntax(names: Iterable[Any], fields: str | Mapping[str, str] | None = None) -> list[HookRequest]:
     """Check every entry parses, without knowing the model. Returns the parsed requests.
 
     `fields` names where the entries came from in the config (one label, or a
@@ -245,9 +248,7 @@ def _closest_in_range(req: HookRequest, n_layers: int) -> str:
     return req.template.replace("{L}", str(last))
 
 
-def expand_hooks(
-    names: Iterable[Any], n_layers: int, fields: str | Mapping[str, str] | None = None
-) -> list[HookSpec]:
+def expand_hooks(names: Iterable[Any], n_layers: int, fields: str | Mapping[str, str] | None = None) -> list[HookSpec]:
     """Resolve config hook names against a model with `n_layers` decoder layers.
 
     Expansions (`all`, `*_all`, ranges, `*`) become one name per layer;
@@ -261,7 +262,7 @@ def expand_hooks(
         raise ConfigError(f"the model has {n_layers} decoder layers; nothing to hook")
     reqs = check_hook_syntax(names, fields)
     out: list[HookSpec] = []
-    seen: set[tuple[str, Optional[int], Optional[str]]] = set()
+    seen: set[tuple[str, int | None, str | None]] = set()
     for req in reqs:
         if req.layers is not None and req.layers[1] >= n_layers:
             bad = req.layers[1]

@@ -25,15 +25,17 @@ same mixed stream up to its own batches without coordination.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence, TypeVar
+from collections.abc import Iterator, Sequence
+from typing import TypeVar
 
 T = TypeVar("T")
 STRATEGIES = ("first_exhausted", "all_exhausted")
 _CHUNK = 4096
 
 
-def interleave(streams: Sequence[Iterator[T]], weights: Sequence[float], seed: int,
-               stopping_strategy: str = "first_exhausted") -> Iterator[T]:
+def interleave(
+    streams: Sequence[Iterator[T]], weights: Sequence[float], seed: int, stopping_strategy: str = "first_exhausted"
+) -> Iterator[T]:
     """Yield items of `streams` interleaved by `weights` (see the module docstring)."""
     import numpy as np
 

@@ -27,7 +27,6 @@ from vaultsh.dtypes import to_torch_dtype
 from vaultsh.errors import ConfigError
 
 
-
 @dataclass(frozen=True)
 class ModelSource:
     """Where to load from: `path` for from_pretrained, plus the gguf file name if any."""

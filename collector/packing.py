@@ -12,7 +12,8 @@ before its last batch (row boundaries depend on their lengths).
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, NamedTuple
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple
 
 
 class PackedRow(NamedTuple):
@@ -23,8 +24,9 @@ class PackedRow(NamedTuple):
     segments: list[tuple[int, Any, int]]
 
 
-def pack_rows(docs: Iterable[tuple[Any, Any, Any]], seq_length: int, eos_id: int,
-              eos_keep: bool) -> Iterator[PackedRow]:
+def pack_rows(
+    docs: Iterable[tuple[Any, Any, Any]], seq_length: int, eos_id: int, eos_keep: bool
+) -> Iterator[PackedRow]:
     """Rows of exactly seq_length tokens; each piece records where in its document it starts.
 
     ``docs`` yields (ids, keep, tag) per document (numpy int64/bool,
@@ -50,8 +52,8 @@ def pack_rows(docs: Iterable[tuple[Any, Any, Any]], seq_length: int, eos_id: int
         while pos < len(ids):
             segments.append((fill, tag, pos))
             n = min(T - fill, len(ids) - pos)
-            ids_buf[fill:fill + n] = ids[pos:pos + n]
-            keep_buf[fill:fill + n] = keep[pos:pos + n]
+            ids_buf[fill : fill + n] = ids[pos : pos + n]
+            keep_buf[fill : fill + n] = keep[pos : pos + n]
             fill += n
             pos += n
             if fill == T:

@@ -38,7 +38,7 @@ def record_batch(source_buf, segments: list, row: int, batch) -> None:
     import torch
 
     if batch.source:
-        source_buf[row:row + len(batch.source)] = torch.tensor(batch.source, dtype=torch.int64)
+        source_buf[row : row + len(batch.source)] = torch.tensor(batch.source, dtype=torch.int64)
     segments.extend((r + row, pos, src, doc, off) for r, pos, src, doc, off in batch.segments)
 
 
@@ -77,7 +77,9 @@ def hook_metadata(stream: Any, tokenizer) -> dict:
     names = getattr(stream, "source_names", None)
     if names is None:
         names = [s.name for s in stream.sources]
-    return {"sources": list(names), "source_columns": list(SOURCE_COLUMNS),
-            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-            "padding_token_id": getattr(stream, "pad_id", padding_id(tokenizer))}
-
+    return {
+        "sources": list(names),
+        "source_columns": list(SOURCE_COLUMNS),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "padding_token_id": getattr(stream, "pad_id", padding_id(tokenizer)),
+    }

@@ -23,7 +23,8 @@ committed every batch this run asks for.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from vaultsh.errors import ConfigError, UserError
 
@@ -51,7 +52,9 @@ def _open_first_run(uri: str):
         raise UserError(f"data.reuse_sequences_from: {e}") from None
     cfg = run.read_cfg()
     if cfg is None:
-        raise UserError(f"data.reuse_sequences_from: {run.uri} has no cfg.json (not a vaultsh run, or it never started)")
+        raise UserError(
+            f"data.reuse_sequences_from: {run.uri} has no cfg.json (not a vaultsh run, or it never started)"
+        )
     return run, cfg
 
 
@@ -71,25 +74,38 @@ class ReusedBatches:
         where = f"data.reuse_sequences_from: {self.run.uri}"
         fcfg = first.get("config") or {}
         fdata, fupload = fcfg.get("data") or {}, fcfg.get("upload") or {}
-        mine = {"data.batch_size": spec.batch_size, "data.seq_length": spec.seq_length, "num_runs": cfg.num_runs,
-                "upload.batches_per_upload": cfg.upload.batches_per_upload}
-        theirs = {"data.batch_size": fdata.get("batch_size"), "data.seq_length": fdata.get("seq_length"),
-                  "num_runs": first.get("num_runs", fcfg.get("num_runs")),
-                  "upload.batches_per_upload": fupload.get("batches_per_upload")}
+        mine = {
+            "data.batch_size": spec.batch_size,
+            "data.seq_length": spec.seq_length,
+            "num_runs": cfg.num_runs,
+            "upload.batches_per_upload": cfg.upload.batches_per_upload,
+        }
+        theirs = {
+            "data.batch_size": fdata.get("batch_size"),
+            "data.seq_length": fdata.get("seq_length"),
+            "num_runs": first.get("num_runs", fcfg.get("num_runs")),
+            "upload.batches_per_upload": fupload.get("batches_per_upload"),
+        }
         for k, v in mine.items():
             if theirs[k] != v:
-                raise ConfigError(f"{where}: {k} is {theirs[k]!r} there and {v!r} here; "
-                                  "the runs must agree to store the same sequences in the same files")
+                raise ConfigError(
+                    f"{where}: {k} is {theirs[k]!r} there and {v!r} here; "
+                    "the runs must agree to store the same sequences in the same files"
+                )
         self.packed = bool(fdata.get("packing", False))
         self.hook, meta = self._a_hook(first, where)
         fp = meta.get("tokenizer_fingerprint")
         if fp is None:
-            raise UserError(f"{where}: its metadata.json records no tokenizer_fingerprint (collected before "
-                            "provenance), so its tokens cannot be checked against this tokenizer")
+            raise UserError(
+                f"{where}: its metadata.json records no tokenizer_fingerprint (collected before "
+                "provenance), so its tokens cannot be checked against this tokenizer"
+            )
         if fp != tokenizer_fingerprint(tokenizer):
-            raise UserError(f"{where}: was tokenized with a different tokenizer (vocabulary fingerprint "
-                            f"{fp[:19]}... there, {tokenizer_fingerprint(tokenizer)[:19]}... here); "
-                            "its token ids mean other tokens for this model")
+            raise UserError(
+                f"{where}: was tokenized with a different tokenizer (vocabulary fingerprint "
+                f"{fp[:19]}... there, {tokenizer_fingerprint(tokenizer)[:19]}... here); "
+                "its token ids mean other tokens for this model"
+            )
         self.pad_id = int(meta.get("padding_token_id", padding_id(tokenizer)))
         self.eos_id = getattr(tokenizer, "eos_token_id", None)
         self.source_names = list(meta.get("sources") or [])
@@ -118,10 +134,14 @@ class ReusedBatches:
         have_end = self.commits[-1].batch_end if self.commits else 0
         indices = [c.index for c in self.commits]
         if indices != list(range(len(indices))):
-            raise UserError(f"{where}: worker {self.worker}'s commits are not contiguous ({indices[:8]}...): incomplete")
+            raise UserError(
+                f"{where}: worker {self.worker}'s commits are not contiguous ({indices[:8]}...): incomplete"
+            )
         if have_end <= want[-1]:
-            raise UserError(f"{where}: incomplete: worker {self.worker} committed global batches up to "
-                            f"{have_end - 1}, this run needs up to {want[-1]} (finish that run, or lower n_batches)")
+            raise UserError(
+                f"{where}: incomplete: worker {self.worker} committed global batches up to "
+                f"{have_end - 1}, this run needs up to {want[-1]} (finish that run, or lower n_batches)"
+            )
 
     def __iter__(self) -> Iterator:
         from vaultsh import megabatch as mbf
@@ -135,8 +155,10 @@ class ReusedBatches:
                 break
             f = c.files.get(self.hook)
             if f is None:
-                raise UserError(f"data.reuse_sequences_from: {self.run.uri}: commit {c.worker}/{c.index} "
-                                f"names no file of hook {self.hook!r}")
+                raise UserError(
+                    f"data.reuse_sequences_from: {self.run.uri}: commit {c.worker}/{c.index} "
+                    f"names no file of hook {self.hook!r}"
+                )
             header = mbf.read_header(self.run.store, f.key)
             names = ["input_ids", "mask"] + [n for n in (mbf.SOURCE, mbf.SOURCE_SEGMENTS) if n in header.tensors]
             mb = mbf.read_megabatch(self.run.store, f.key, names=names)
@@ -169,5 +191,13 @@ class ReusedBatches:
             seg = mb.source_segments
             rows = seg[(seg[:, 0] >= lo) & (seg[:, 0] < hi)]
             segments = [(int(r[0]) - lo, *(int(x) for x in r[1:])) for r in rows]
-        return Batch(index=b, input_ids=ids, attention_mask=att, mask=mask, n_tokens=int(mask.sum()),
-                     doc_index=[s[1] for s in source], source=source, segments=segments)
+        return Batch(
+            index=b,
+            input_ids=ids,
+            attention_mask=att,
+            mask=mask,
+            n_tokens=int(mask.sum()),
+            doc_index=[s[1] for s in source],
+            source=source,
+            segments=segments,
+        )

@@ -27,14 +27,20 @@ from __future__ import annotations
 import itertools
 import operator
 import re
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from vaultsh.errors import ConfigError, UserError
 
 _FILTER_RX = re.compile(r"^\s*([A-Za-z_][\w.\-]*)\s*(==|!=|>=|<=|>|<|=|\bnot\s+in\b|\bin\b)\s*(.+?)\s*$", re.S)
 _OPS: dict[str, Callable[[Any, Any], bool]] = {
-    "==": operator.eq, "=": operator.eq, "!=": operator.ne, ">": operator.gt, ">=": operator.ge,
-    "<": operator.lt, "<=": operator.le,
+    "==": operator.eq,
+    "=": operator.eq,
+    "!=": operator.ne,
+    ">": operator.gt,
+    ">=": operator.ge,
+    "<": operator.lt,
+    "<=": operator.le,
 }
 _LENGTH_CHUNK = 512
 
@@ -57,8 +63,10 @@ def parse_filter(expr: str) -> Callable[[Any, str], bool]:
 
     m = _FILTER_RX.match(expr or "")
     if not m:
-        raise ConfigError("is not a filter (write FIELD OP VALUE, OP one of == != > >= < <=, "
-                          "or FIELD in [a, b]; e.g. \"category == violence\" or \"length >= 20\")")
+        raise ConfigError(
+            "is not a filter (write FIELD OP VALUE, OP one of == != > >= < <=, "
+            'or FIELD in [a, b]; e.g. "category == violence" or "length >= 20")'
+        )
     field, op, raw = m.group(1), re.sub(r"\s+", " ", m.group(2)), m.group(3)
     if op in ("in", "not in"):
         try:
@@ -87,7 +95,9 @@ def parse_filter(expr: str) -> Callable[[Any, str], bool]:
         if ordered:
             num = _number(got)
             if num is None:
-                raise UserError(f"{where}: filter field {field!r} is {got!r}, not a number to compare with {op} {value}")
+                raise UserError(
+                    f"{where}: filter field {field!r} is {got!r}, not a number to compare with {op} {value}"
+                )
             return fn(num, value)
         eq = _equal(got, value)
         return eq if op in ("==", "=") else not eq
@@ -135,8 +145,9 @@ def _get(spec: Any, name: str, default: Any = None) -> Any:
     return default if v is None else v
 
 
-def shape(docs: Iterator, spec: Any, seed: int, length_fn: Callable[[list], list[int]] | None,
-          finite: bool) -> Iterator:
+def shape(
+    docs: Iterator, spec: Any, seed: int, length_fn: Callable[[list], list[int]] | None, finite: bool
+) -> Iterator:
     """Apply steps 2-5 of the module docstring to a document stream (filter is applied on records)."""
     import numpy as np
 
@@ -145,12 +156,20 @@ def shape(docs: Iterator, spec: Any, seed: int, length_fn: Callable[[list], list
     sample = _get(spec, "sample")
     max_samples = _get(spec, "max_samples")
     sort = bool(_get(spec, "sort_by_length", False))
-    needs_all = [n for n, on in (("category_balance_strategy: equalize", equalize),
-                                 ("sample: <count>", isinstance(sample, int)),
-                                 ("sort_by_length", sort and max_samples is None)) if on]
+    needs_all = [
+        n
+        for n, on in (
+            ("category_balance_strategy: equalize", equalize),
+            ("sample: <count>", isinstance(sample, int)),
+            ("sort_by_length", sort and max_samples is None),
+        )
+        if on
+    ]
     if needs_all and not finite:
-        raise ConfigError(f"data: {needs_all[0]} reads the whole data set, but a source is a streamed hub "
-                          "dataset (set streaming: false, or max_samples before sort_by_length)")
+        raise ConfigError(
+            f"data: {needs_all[0]} reads the whole data set, but a source is a streamed hub "
+            "dataset (set streaming: false, or max_samples before sort_by_length)"
+        )
     if cats:
         wanted = set(cats)
         docs = (d for d in docs if d.labels.get("category") in wanted)
@@ -185,8 +204,10 @@ def equalize_categories(docs: list, categories: list[str]) -> list:
     names = categories or sorted(counts)
     missing = [c for c in names if counts.get(c, 0) == 0]
     if missing:
-        raise UserError(f"data.categories: {missing[0]!r} has no documents to equalize "
-                        f"(categories present: {', '.join(sorted(map(str, counts))) or 'none'})")
+        raise UserError(
+            f"data.categories: {missing[0]!r} has no documents to equalize "
+            f"(categories present: {', '.join(sorted(map(str, counts))) or 'none'})"
+        )
     k = min(counts[c] for c in names)
     taken: dict[str, int] = {c: 0 for c in names}
     out = []
@@ -202,6 +223,6 @@ def sort_by_length(docs: list, length_fn: Callable[[list], list[int]], longest_f
     """Stable sort by token count (shortest first, or longest first)."""
     lengths: list[int] = []
     for i in range(0, len(docs), _LENGTH_CHUNK):
-        lengths += length_fn(docs[i:i + _LENGTH_CHUNK])
+        lengths += length_fn(docs[i : i + _LENGTH_CHUNK])
     order = sorted(range(len(docs)), key=lambda i: (-lengths[i] if longest_first else lengths[i], i))
     return [docs[i] for i in order]

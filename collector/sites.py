@@ -22,8 +22,9 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional
+from typing import Any
 
 __all__ = ["Site", "SITES", "RAW_SITES", "Layout", "layout_for", "site_axes", "known_families"]
 
@@ -41,33 +42,76 @@ class Site:
 
 _ROWS = [
     ("hook_resid_pre", "residual stream entering block {L} (= HF hidden_states[{L}])", ("d_model",)),
-    ("ln1.hook_normalized", "block {L}'s attention input: resid_pre after ln1 (the norm before attention)", ("d_model",)),
-    ("attn.hook_q", "block {L}'s queries per head (projection output, before any q-norm and rotary)", ("head", "d_head")),
-    ("attn.hook_k", "block {L}'s keys per key-value head (projection output, before any k-norm and rotary)", ("kv_head", "d_head")),
+    (
+        "ln1.hook_normalized",
+        "block {L}'s attention input: resid_pre after ln1 (the norm before attention)",
+        ("d_model",),
+    ),
+    (
+        "attn.hook_q",
+        "block {L}'s queries per head (projection output, before any q-norm and rotary)",
+        ("head", "d_head"),
+    ),
+    (
+        "attn.hook_k",
+        "block {L}'s keys per key-value head (projection output, before any k-norm and rotary)",
+        ("kv_head", "d_head"),
+    ),
     ("attn.hook_v", "block {L}'s values per key-value head", ("kv_head", "d_head")),
-    ("attn.hook_pattern", "block {L}'s attention probabilities, per query position: [head, key_pos]", ("head", "key_pos")),
-    ("attn.hook_z", "block {L}'s attention-weighted values per head, the input of the output projection", ("head", "d_head")),
-    ("hook_attn_out", "what block {L}'s attention adds to the residual stream (after any post-attention norm "
-                      "and residual multiplier)", ("d_model",)),
+    (
+        "attn.hook_pattern",
+        "block {L}'s attention probabilities, per query position: [head, key_pos]",
+        ("head", "key_pos"),
+    ),
+    (
+        "attn.hook_z",
+        "block {L}'s attention-weighted values per head, the input of the output projection",
+        ("head", "d_head"),
+    ),
+    (
+        "hook_attn_out",
+        "what block {L}'s attention adds to the residual stream (after any post-attention norm "
+        "and residual multiplier)",
+        ("d_model",),
+    ),
     ("hook_resid_mid", "residual stream between block {L}'s attention and MLP (resid_pre + attn_out)", ("d_model",)),
-    ("hook_mlp_in", "the stream block {L}'s MLP reads, before ln2 (resid_mid; resid_pre in parallel blocks)", ("d_model",)),
+    (
+        "hook_mlp_in",
+        "the stream block {L}'s MLP reads, before ln2 (resid_mid; resid_pre in parallel blocks)",
+        ("d_model",),
+    ),
     ("ln2.hook_normalized", "block {L}'s MLP input: mlp_in after ln2 (the norm before the MLP)", ("d_model",)),
     ("mlp.hook_pre", "block {L}'s MLP pre-activation (the gate projection in gated MLPs)", ("d_mlp",)),
     ("mlp.hook_pre_linear", "block {L}'s gated-MLP up projection (the linear branch)", ("d_mlp",)),
-    ("mlp.hook_post", "block {L}'s MLP activation, the input of its down projection (act(gate) * up when gated)",
-     ("d_mlp",)),
-    ("hook_mlp_out", "what block {L}'s MLP adds to the residual stream (after any post-MLP norm and residual "
-                     "multiplier)", ("d_model",)),
-    ("hook_resid_post", "residual stream leaving block {L} (before the final norm, also for the last block)",
-     ("d_model",)),
+    (
+        "mlp.hook_post",
+        "block {L}'s MLP activation, the input of its down projection (act(gate) * up when gated)",
+        ("d_mlp",),
+    ),
+    (
+        "hook_mlp_out",
+        "what block {L}'s MLP adds to the residual stream (after any post-MLP norm and residual multiplier)",
+        ("d_model",),
+    ),
+    (
+        "hook_resid_post",
+        "residual stream leaving block {L} (before the final norm, also for the last block)",
+        ("d_model",),
+    ),
 ]
 
 #: TransformerLens site suffix -> Site
 SITES: dict[str, Site] = {n: Site(n, "layer", m, a, i) for i, (n, m, a) in enumerate(_ROWS)}
-SITES["hook_embed"] = Site("hook_embed", "model", "token embeddings as they enter the residual stream (with the "
-                           "model's embedding scale, e.g. Gemma's sqrt(d_model))", ("d_model",), -1)
-SITES["ln_final.hook_normalized"] = Site("ln_final.hook_normalized", "model", "the final norm's output "
-                                         "(= HF hidden_states[-1])", ("d_model",), 99)
+SITES["hook_embed"] = Site(
+    "hook_embed",
+    "model",
+    "token embeddings as they enter the residual stream (with the model's embedding scale, e.g. Gemma's sqrt(d_model))",
+    ("d_model",),
+    -1,
+)
+SITES["ln_final.hook_normalized"] = Site(
+    "ln_final.hook_normalized", "model", "the final norm's output (= HF hidden_states[-1])", ("d_model",), 99
+)
 
 #: raw module sites (Activault's meaning): site -> meaning
 RAW_SITES: dict[str, str] = {
@@ -105,27 +149,27 @@ class Layout:
     parallel: bool  # attention and MLP both read resid_pre
     attn: str = "self_attn"
     mlp: str = "mlp"
-    ln1: Optional[str] = "input_layernorm"
-    ln2: Optional[str] = "post_attention_layernorm"
-    attn_post_norm: Optional[str] = None  # Gemma-2/3, OLMo-2
-    mlp_post_norm: Optional[str] = None
-    residual_multiplier: Optional[str] = None  # layer attribute (Granite)
+    ln1: str | None = "input_layernorm"
+    ln2: str | None = "post_attention_layernorm"
+    attn_post_norm: str | None = None  # Gemma-2/3, OLMo-2
+    mlp_post_norm: str | None = None
+    residual_multiplier: str | None = None  # layer attribute (Granite)
     qkv: str = "separate"  # separate | gpt2 | neox | phi3 | falcon
     q: str = "q_proj"  # the fused projection when qkv != separate
     k: str = "k_proj"
     v: str = "v_proj"
     o: str = "o_proj"
     mlp_kind: str = "gated"  # gated | fused_gated | plain | moe
-    mlp_first: Optional[str] = "gate_proj"  # gate (gated), the fused gate_up (fused_gated), first linear (plain)
-    mlp_up: Optional[str] = "up_proj"
-    mlp_down: Optional[str] = "down_proj"
+    mlp_first: str | None = "gate_proj"  # gate (gated), the fused gate_up (fused_gated), first linear (plain)
+    mlp_up: str | None = "up_proj"
+    mlp_down: str | None = "down_proj"
     final_norm: str = "norm"  # attribute of the module holding the layer list
     embed_scale: str = "none"  # none | sqrt_d | multiplier
     n_heads: int = 0
     n_kv_heads: int = 0
 
 
-def _int(cfg: Any, *names: str) -> Optional[int]:
+def _int(cfg: Any, *names: str) -> int | None:
     for n in names:
         v = getattr(cfg, n, None)
         if isinstance(v, int) and not isinstance(v, bool):
@@ -144,29 +188,85 @@ _FAMILIES: dict[str, Layout | Callable[[Any], Layout]] = {
     "qwen3": replace(_LLAMA, family="qwen3"),
     "olmo": replace(_LLAMA, family="olmo"),
     "gemma": replace(_LLAMA, family="gemma", embed_scale="sqrt_d"),
-    "gemma2": replace(_LLAMA, family="gemma2", ln2="pre_feedforward_layernorm", attn_post_norm="post_attention_layernorm",
-                      mlp_post_norm="post_feedforward_layernorm", embed_scale="sqrt_d"),
-    "gemma3_text": replace(_LLAMA, family="gemma3", ln2="pre_feedforward_layernorm",
-                           attn_post_norm="post_attention_layernorm", mlp_post_norm="post_feedforward_layernorm"),
-    "olmo2": replace(_LLAMA, family="olmo2", ln1=None, ln2=None, attn_post_norm="post_attention_layernorm",
-                     mlp_post_norm="post_feedforward_layernorm"),
+    "gemma2": replace(
+        _LLAMA,
+        family="gemma2",
+        ln2="pre_feedforward_layernorm",
+        attn_post_norm="post_attention_layernorm",
+        mlp_post_norm="post_feedforward_layernorm",
+        embed_scale="sqrt_d",
+    ),
+    "gemma3_text": replace(
+        _LLAMA,
+        family="gemma3",
+        ln2="pre_feedforward_layernorm",
+        attn_post_norm="post_attention_layernorm",
+        mlp_post_norm="post_feedforward_layernorm",
+    ),
+    "olmo2": replace(
+        _LLAMA,
+        family="olmo2",
+        ln1=None,
+        ln2=None,
+        attn_post_norm="post_attention_layernorm",
+        mlp_post_norm="post_feedforward_layernorm",
+    ),
     "granite": replace(_LLAMA, family="granite", residual_multiplier="residual_multiplier", embed_scale="multiplier"),
     "mixtral": replace(_LLAMA, family="mixtral", mlp_kind="moe", mlp_first=None, mlp_up=None, mlp_down=None),
     "qwen2_moe": replace(_LLAMA, family="qwen2_moe", mlp_kind="moe", mlp_first=None, mlp_up=None, mlp_down=None),
-    "phi3": replace(_LLAMA, family="phi3", qkv="phi3", q="qkv_proj", mlp_kind="fused_gated", mlp_first="gate_up_proj",
-                    mlp_up=None),
+    "phi3": replace(
+        _LLAMA, family="phi3", qkv="phi3", q="qkv_proj", mlp_kind="fused_gated", mlp_first="gate_up_proj", mlp_up=None
+    ),
     "starcoder2": replace(_LLAMA, family="starcoder2", mlp_first="c_fc", mlp_down="c_proj", **_PLAIN),
     "cohere": replace(_LLAMA, family="cohere", parallel=True, ln2="input_layernorm"),
-    "phi": Layout("phi", parallel=True, ln2="input_layernorm", o="dense", mlp_first="fc1", mlp_down="fc2",
-                  final_norm="final_layernorm", **_PLAIN),
-    "gpt2": Layout("gpt2", parallel=False, attn="attn", ln1="ln_1", ln2="ln_2", qkv="gpt2", q="c_attn", o="c_proj",
-                   mlp_first="c_fc", mlp_down="c_proj", final_norm="ln_f", **_PLAIN),
-    "gptj": Layout("gptj", parallel=True, attn="attn", ln1="ln_1", ln2="ln_1", o="out_proj", mlp_first="fc_in",
-                   mlp_down="fc_out", final_norm="ln_f", **_PLAIN),
+    "phi": Layout(
+        "phi",
+        parallel=True,
+        ln2="input_layernorm",
+        o="dense",
+        mlp_first="fc1",
+        mlp_down="fc2",
+        final_norm="final_layernorm",
+        **_PLAIN,
+    ),
+    "gpt2": Layout(
+        "gpt2",
+        parallel=False,
+        attn="attn",
+        ln1="ln_1",
+        ln2="ln_2",
+        qkv="gpt2",
+        q="c_attn",
+        o="c_proj",
+        mlp_first="c_fc",
+        mlp_down="c_proj",
+        final_norm="ln_f",
+        **_PLAIN,
+    ),
+    "gptj": Layout(
+        "gptj",
+        parallel=True,
+        attn="attn",
+        ln1="ln_1",
+        ln2="ln_1",
+        o="out_proj",
+        mlp_first="fc_in",
+        mlp_down="fc_out",
+        final_norm="ln_f",
+        **_PLAIN,
+    ),
     "gpt_neox": lambda c: Layout(
-        "gpt_neox", parallel=bool(getattr(c, "use_parallel_residual", True)), attn="attention", qkv="neox",
-        q="query_key_value", o="dense", mlp_first="dense_h_to_4h", mlp_down="dense_4h_to_h",
-        final_norm="final_layer_norm", **_PLAIN),
+        "gpt_neox",
+        parallel=bool(getattr(c, "use_parallel_residual", True)),
+        attn="attention",
+        qkv="neox",
+        q="query_key_value",
+        o="dense",
+        mlp_first="dense_h_to_4h",
+        mlp_down="dense_4h_to_h",
+        final_norm="final_layer_norm",
+        **_PLAIN,
+    ),
     "falcon": lambda c: _falcon(c),
 }
 _FAMILIES["gemma3"] = _FAMILIES["gemma3_text"]
@@ -182,9 +282,20 @@ def _falcon(c: Any) -> Layout:
         ln1 = ln2 = "input_layernorm"
     else:
         ln1, ln2 = "input_layernorm", "post_attention_layernorm"
-    return Layout("falcon", parallel=parallel, attn="self_attention", ln1=ln1, ln2=ln2, qkv="falcon",
-                  q="query_key_value", o="dense", mlp_first="dense_h_to_4h", mlp_down="dense_4h_to_h",
-                  final_norm="ln_f", **_PLAIN)
+    return Layout(
+        "falcon",
+        parallel=parallel,
+        attn="self_attention",
+        ln1=ln1,
+        ln2=ln2,
+        qkv="falcon",
+        q="query_key_value",
+        o="dense",
+        mlp_first="dense_h_to_4h",
+        mlp_down="dense_4h_to_h",
+        final_norm="ln_f",
+        **_PLAIN,
+    )
 
 
 def known_families() -> list[str]:
@@ -200,7 +311,7 @@ def _heads(c: Any, family: str) -> tuple[int, int]:
     return n, _int(c, "num_key_value_heads", "num_kv_heads") or n
 
 
-def layout_for(config: Any) -> Optional[Layout]:
+def layout_for(config: Any) -> Layout | None:
     """The layout of an HF (text) config's family, or None for a family the table does not know."""
     model_type = str(getattr(config, "model_type", "") or "")
     entry = _FAMILIES.get(model_type)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
 
 from vaultsh.errors import UserError
 from vaultsh.store.retry import RetryPolicy
@@ -73,7 +73,9 @@ class Uploader:
         ok = False
         try:
             policy = RetryPolicy(attempts=self.attempts, backoff=self.backoff)
-            result = policy.call(job, retryable=_retryable, on_retry=lambda attempt, exc: self._retry(label, attempt, exc))
+            result = policy.call(
+                job, retryable=_retryable, on_retry=lambda attempt, exc: self._retry(label, attempt, exc)
+            )
             ok = True
             return result
         except BaseException as exc:

@@ -16,17 +16,18 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from vaultsh.events import EventSink
 from collector import provenance
 from collector.generation import generations_jsonl, label_tensors
 from collector.uploader import Uploader
 from vaultsh import megabatch as mbf
 from vaultsh.errors import ConfigError, UserError
+from vaultsh.events import EventSink
 from vaultsh.run import COMMIT_CHUNK, CommitRecord, FileRecord, Run, metadata_for
 from vaultsh.stats import RunningStats
 from vaultsh.store import Store, open_store
@@ -93,8 +94,17 @@ class _Pending:
         return st
 
 
-_ACTIVAULT_DATA = {"data_key", "n_batches", "seq_length", "batch_size", "seed", "skip_cache", "start_batch",
-                   "clean_added_tokens", "clean_default_system_prompt"}
+_ACTIVAULT_DATA = {
+    "data_key",
+    "n_batches",
+    "seq_length",
+    "batch_size",
+    "seed",
+    "skip_cache",
+    "start_batch",
+    "clean_added_tokens",
+    "clean_default_system_prompt",
+}
 
 
 def config_fingerprint(cfg) -> dict:
@@ -105,8 +115,9 @@ def config_fingerprint(cfg) -> dict:
     """
     dump = cfg.model_dump(mode="json")
     defaults = _data_defaults(cfg)
-    data = {k: v for k, v in dump["data"].items()
-            if k != "bucket_name" and (k in _ACTIVAULT_DATA or v != defaults.get(k))}
+    data = {
+        k: v for k, v in dump["data"].items() if k != "bucket_name" and (k in _ACTIVAULT_DATA or v != defaults.get(k))
+    }
     out = {
         "model": {k: dump["model"].get(k) for k in ("name", "dtype")},
         "data": data,
@@ -117,7 +128,9 @@ def config_fingerprint(cfg) -> dict:
     }
     inference = getattr(cfg, "inference", None)
     if inference is not None and inference.max_new_tokens > 0:
-        out["inference"] = {k: v for k, v in dump["inference"].items() if k not in ("auto_find_batch_size", "batch_size")}
+        out["inference"] = {
+            k: v for k, v in dump["inference"].items() if k not in ("auto_find_batch_size", "batch_size")
+        }
     return out
 
 
@@ -191,8 +204,15 @@ class Worker:
     tokens_at_loop: int
     last_merge: float  # when statistics.json was last refreshed (staggered across workers)
 
-    def __init__(self, cfg, worker: int = 0, sink: EventSink | None = None, stop: StopFlag | None = None,
-                 force: bool = False, store: Store | None = None):
+    def __init__(
+        self,
+        cfg,
+        worker: int = 0,
+        sink: EventSink | None = None,
+        stop: StopFlag | None = None,
+        force: bool = False,
+        store: Store | None = None,
+    ):
         self.sink = sink or EventSink(worker)
         self.stop = stop if stop is not None else StopFlag()
         if not 0 <= worker < cfg.num_runs:
@@ -276,8 +296,15 @@ class Worker:
             _check_same_config(self.existing_cfg, self.fingerprint, run_uri)
 
         self.sink.emit(
-            "start", run=cfg.run_name, model=cfg.model.name, hooks=self.hooks, store=run_uri,
-            n_batches=self.total_batches, batches_per_upload=self.bpu, pid=os.getpid(), format=self.fmt,
+            "start",
+            run=cfg.run_name,
+            model=cfg.model.name,
+            hooks=self.hooks,
+            store=run_uri,
+            n_batches=self.total_batches,
+            batches_per_upload=self.bpu,
+            pid=os.getpid(),
+            format=self.fmt,
         )
         for message in cfg.warnings:  # e.g. a dataset_config tokenizer that is not the model's
             self.sink.emit("warning", message=message)
@@ -295,10 +322,23 @@ class Worker:
 
     def _already_complete(self) -> dict:
         self._clean_leftovers()
-        self.sink.emit("done", status="complete", batches=self.batches_done, tokens=self.tokens_total,
-                       megabatches=self.committed, elapsed=0.0, already_complete=True)
-        return {"status": "complete", "batches": self.batches_done, "megabatches": self.committed,
-                "tokens": self.tokens_total, "elapsed": 0.0, "already_complete": True}
+        self.sink.emit(
+            "done",
+            status="complete",
+            batches=self.batches_done,
+            tokens=self.tokens_total,
+            megabatches=self.committed,
+            elapsed=0.0,
+            already_complete=True,
+        )
+        return {
+            "status": "complete",
+            "batches": self.batches_done,
+            "megabatches": self.committed,
+            "tokens": self.tokens_total,
+            "elapsed": 0.0,
+            "already_complete": True,
+        }
 
     def _load(self) -> None:
         """The model, each hook's place in it, resumed statistics, the data stream, cfg.json, the uploader."""
@@ -314,28 +354,40 @@ class Worker:
         self.model, self.tokenizer, self.device = load_model_and_tokenizer(cfg.model)
         self.storage_dtype = _storage_dtype(cfg, self.model)
         self.capture = None
-        if self.specs:  # where each hook is in this model; a site the family lacks is a config error, before anything is stored
+        if (
+            self.specs
+        ):  # where each hook is in this model; a site the family lacks is a config error, before anything is stored
             self.specs = expand_module_globs(self.model, self.specs)
             self.hooks = [s.name for s in self.specs]
             self.capture = ActivationCapture(self.model, self.specs).resolve()
             for probe in self.capture.probes:
                 if probe.spec.site == "attn.hook_pattern":
                     per_token = (probe.heads or 1) * T * torch.empty((), dtype=self.storage_dtype).element_size()
-                    self.sink.emit("warning", message=(
-                        f"{probe.spec.name}: attention patterns are {probe.heads} heads x {T} key positions per token, "
-                        f"{per_token:,} bytes per token ({per_token * T:,} per sequence)"))
+                    self.sink.emit(
+                        "warning",
+                        message=(
+                            f"{probe.spec.name}: attention patterns are {probe.heads} heads x {T} key positions per token, "
+                            f"{per_token:,} bytes per token ({per_token * T:,} per sequence)"
+                        ),
+                    )
         self.stats = {h: self._resumed_stats(h) for h in self.hooks}
-        self.sink.emit("loading", what="data", detail=cfg.data.data_key or cfg.data.path or cfg.data.mix or "datasets",
-                       **loaded_summary(self.model, self.device))
+        self.sink.emit(
+            "loading",
+            what="data",
+            detail=cfg.data.data_key or cfg.data.path or cfg.data.mix or "datasets",
+            **loaded_summary(self.model, self.device),
+        )
         # Resume exactly after the last committed batch: commit records hold global batch indices.
         data_spec = cfg.data.model_copy(update={"start_batch": self.resumed.batch_end}) if self.resumed else cfg.data
         self.stream = open_batch_stream(cfg, data_spec, self.tokenizer, self.worker, self.max_new)
         self.runner = ChunkRunner(self.B, bool(self.inference and self.inference.auto_find_batch_size), self._on_halve)
         if self.existing_cfg is None or self.force:
             self.layout.write_cfg(self._cfg_json())
-        self.uploader = Uploader(threads=cfg.upload.upload_workers,
-                                 max_pending=cfg.upload.max_queued_megabatches * (len(self.hooks) + 1),
-                                 on_retry=self._on_retry)
+        self.uploader = Uploader(
+            threads=cfg.upload.upload_workers,
+            max_pending=cfg.upload.max_queued_megabatches * (len(self.hooks) + 1),
+            on_retry=self._on_retry,
+        )
         self.copier = DeviceCopier(self.device)
         self.t_loop = time.monotonic()
         self.tokens_at_loop = self.tokens_total
@@ -350,7 +402,9 @@ class Worker:
         stats = self.layout.read_partial_stats(self.worker, hook, index)
         if stats is None:
             key = self.layout.partial_stats_key(self.worker, hook, index)
-            raise UserError(f"{self.store.child_uri(key)} is missing: statistics of committed megabatch {index} cannot be resumed")
+            raise UserError(
+                f"{self.store.child_uri(key)} is missing: statistics of committed megabatch {index} cannot be resumed"
+            )
         return stats
 
     def _cfg_json(self) -> dict:
@@ -362,10 +416,19 @@ class Worker:
             "model_name": cfg.model.name,
             "config": cfg.model_dump(mode="json"),
             "fingerprint": self.fingerprint,
-            "model": {"d_model": facts.d_model, "n_layers": facts.n_layers, "max_context": facts.max_context,
-                      "model_type": facts.model_type, "vocab_size": facts.vocab_size},
-            "tokenizer": {"source": cfg.model.name, "class": type(tokenizer).__name__,
-                          "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id},
+            "model": {
+                "d_model": facts.d_model,
+                "n_layers": facts.n_layers,
+                "max_context": facts.max_context,
+                "model_type": facts.model_type,
+                "vocab_size": facts.vocab_size,
+            },
+            "tokenizer": {
+                "source": cfg.model.name,
+                "class": type(tokenizer).__name__,
+                "pad_token_id": tokenizer.pad_token_id,
+                "bos_token_id": tokenizer.bos_token_id,
+            },
             "hooks": {s.name: {"site": s.site, "layer": s.layer} for s in self.specs},
             "storage_dtype": str(self.storage_dtype).replace("torch.", ""),
             "created": datetime.now(timezone.utc).isoformat(),
@@ -391,9 +454,15 @@ class Worker:
 
         rows = self.B * self.bpu
         return _Pending(
-            index=self.next_index, batch_start=batch.index, states={}, rows=rows, seq_len=self.T,
-            input_ids=torch.zeros((rows, self.T), dtype=torch.int64), mask=torch.zeros((rows, self.T), dtype=torch.bool),
-            stats={}, source=provenance.empty_source(rows),
+            index=self.next_index,
+            batch_start=batch.index,
+            states={},
+            rows=rows,
+            seq_len=self.T,
+            input_ids=torch.zeros((rows, self.T), dtype=torch.int64),
+            mask=torch.zeros((rows, self.T), dtype=torch.bool),
+            stats={},
+            source=provenance.empty_source(rows),
         )
 
     def _generate(self, mb: _Pending, batch: Batch) -> Batch:
@@ -404,11 +473,22 @@ class Worker:
         if capture is not None:
             capture.detach()  # generate() runs the whole model: no capture, no early stop
         batch, records = generate_batch(
-            self.model, self.tokenizer, batch, max_new_tokens=self.max_new, seq_length=self.T, pad_id=stream.pad_id,
-            eos_id=stream.eos_id, special_ids=stream.encoder.special_ids,
-            clean_added_tokens=self.cfg.data.clean_added_tokens, runner=self.runner, device=self.device,
-            seed=self.cfg.data.seed, do_sample=inference.do_sample, temperature=inference.temperature,
-            top_p=inference.top_p)
+            self.model,
+            self.tokenizer,
+            batch,
+            max_new_tokens=self.max_new,
+            seq_length=self.T,
+            pad_id=stream.pad_id,
+            eos_id=stream.eos_id,
+            special_ids=stream.encoder.special_ids,
+            clean_added_tokens=self.cfg.data.clean_added_tokens,
+            runner=self.runner,
+            device=self.device,
+            seed=self.cfg.data.seed,
+            do_sample=inference.do_sample,
+            temperature=inference.temperature,
+            top_p=inference.top_p,
+        )
         mb.generations.extend(records)
         if capture is not None:
             capture.attach()
@@ -430,7 +510,7 @@ class Worker:
         for h in self.hooks:
             out = outputs[h]
             mb.stats_for(h, out.shape[-1]).update(out.reshape(-1, out.shape[-1]), mask_dev.reshape(-1))
-            self.copier.copy(mb.buffer_for(h, out.shape[-1], self.storage_dtype, self.device)[row:row + nb], out)
+            self.copier.copy(mb.buffer_for(h, out.shape[-1], self.storage_dtype, self.device)[row : row + nb], out)
 
     def _write_hook_metadata(self, capture: ActivationCapture, outputs: dict, check: dict | None) -> None:
         """Each hook's metadata.json, once its width is known from the first batch."""
@@ -442,9 +522,17 @@ class Worker:
                 continue
             width = int(outputs[name].shape[-1])
             meta = metadata_for(
-                batch_size=self.B, sequence_length=self.T, dtype=self.model.dtype, d_in=width,
-                batches_per_file=self.bpu, hook=name, site=probe.spec.site, layer=probe.spec.layer, format=self.fmt,
-                storage_dtype=self.storage_dtype, model=self.cfg.model.name,
+                batch_size=self.B,
+                sequence_length=self.T,
+                dtype=self.model.dtype,
+                d_in=width,
+                batches_per_file=self.bpu,
+                hook=name,
+                site=probe.spec.site,
+                layer=probe.spec.layer,
+                format=self.fmt,
+                storage_dtype=self.storage_dtype,
+                model=self.cfg.model.name,
             )
             meta.update(hook_description(probe, width))
             meta.update(provenance.hook_metadata(self.stream, self.tokenizer))
@@ -457,8 +545,8 @@ class Worker:
         row, nb = mb.filled * self.B, batch.input_ids.shape[0]
         for name, vals in batch.labels.items():
             mb.labels.setdefault(name, [None] * row).extend(vals)
-        mb.input_ids[row:row + nb] = batch.input_ids
-        mb.mask[row:row + nb] = batch.mask
+        mb.input_ids[row : row + nb] = batch.input_ids
+        mb.mask[row : row + nb] = batch.mask
         provenance.record_batch(mb.source, mb.segments, row, batch)
         mb.filled += 1
         mb.tokens += int(batch.n_tokens)
@@ -479,12 +567,15 @@ class Worker:
         n = mb.filled * self.B
         ids, msk = mb.input_ids[:n], mb.mask[:n]
         src, seg = mb.source[:n], provenance.segments_tensor(mb.segments, n)
-        labels, vocabs = label_tensors({k: (v + [None] * (n - len(v)))[:n] for k, v in mb.labels.items()},
-                                       self.label_vocabs)
+        labels, vocabs = label_tensors(
+            {k: (v + [None] * (n - len(v)))[:n] for k, v in mb.labels.items()}, self.label_vocabs
+        )
         if mb.generations:
             gkey = self.layout.generations_key(self.worker, mb.index)
             blob = generations_jsonl(mb.generations)
-            mb.futures.append(self.uploader.submit(gkey, len(blob), functools.partial(self.store.put_bytes, gkey, blob)))
+            mb.futures.append(
+                self.uploader.submit(gkey, len(blob), functools.partial(self.store.put_bytes, gkey, blob))
+            )
         for h in self.hooks:
             stats = self.stats[h]
             if stats is None:
@@ -493,37 +584,76 @@ class Worker:
             snapshot = stats.to_bytes()
             key = self.layout.megabatch_key(h, self.worker, mb.index, self.fmt)
             states = mb.states[h][:n]
-            meta = mbf.file_metadata(self.cfg.run_name, h, self.cfg.model.name, self.worker, mb.index,
-                                     mb.batch_start, mb.batch_end)
+            meta = mbf.file_metadata(
+                self.cfg.run_name, h, self.cfg.model.name, self.worker, mb.index, mb.batch_start, mb.batch_end
+            )
             if vocabs:
                 meta["label_values"] = json.dumps(vocabs, ensure_ascii=False)
             nbytes = states.numel() * states.element_size()
-            mb.futures.append(self.uploader.submit(key, nbytes, functools.partial(
-                self._write_file, h, key, states, ids, msk, meta, mb.index, labels, (src, seg))))
+            mb.futures.append(
+                self.uploader.submit(
+                    key,
+                    nbytes,
+                    functools.partial(self._write_file, h, key, states, ids, msk, meta, mb.index, labels, (src, seg)),
+                )
+            )
             pkey = self.layout.partial_stats_key(self.worker, h, mb.index)
-            mb.futures.append(self.uploader.submit(pkey, len(snapshot),
-                                                   functools.partial(self.store.put_bytes, pkey, snapshot)))
+            mb.futures.append(
+                self.uploader.submit(pkey, len(snapshot), functools.partial(self.store.put_bytes, pkey, snapshot))
+            )
         self.inflight.append(mb)
         self.next_index += 1
         self.pending = None
 
-    def _write_file(self, hook: str, key: str, states: Any, ids: Any, mask: Any, meta: dict, index: int,
-                    labels: dict | None, source: tuple) -> FileRecord:
+    def _write_file(
+        self,
+        hook: str,
+        key: str,
+        states: Any,
+        ids: Any,
+        mask: Any,
+        meta: dict,
+        index: int,
+        labels: dict | None,
+        source: tuple,
+    ) -> FileRecord:
         """One hook's megabatch file (an upload job, run on the uploader's threads); its record, with its sha256."""
         hasher = _HashingStore(self.store)
-        size = mbf.write_megabatch(hasher, key, states, ids, mask, labels=labels or None, metadata=meta, fmt=self.fmt,
-                                   source=source[0], source_segments=source[1])
-        return FileRecord(hook=hook, key=key, size=size, sha256=hasher.digest, n_sequences=int(states.shape[0]),
-                          n_tokens=int(mask.sum()), worker=self.worker, index=index)
+        size = mbf.write_megabatch(
+            hasher,
+            key,
+            states,
+            ids,
+            mask,
+            labels=labels or None,
+            metadata=meta,
+            fmt=self.fmt,
+            source=source[0],
+            source_segments=source[1],
+        )
+        return FileRecord(
+            hook=hook,
+            key=key,
+            size=size,
+            sha256=hasher.digest,
+            n_sequences=int(states.shape[0]),
+            n_tokens=int(mask.sum()),
+            worker=self.worker,
+            index=index,
+        )
 
     def _flush_last(self) -> None:
         """After the last batch: flush a partly filled megabatch (format pt drops it: Activault needs full files)."""
         mb = self.pending
         if mb is not None and mb.filled:
             if self.fmt == "pt" and mb.filled < self.bpu:
-                self.sink.emit("warning", message=(
-                    f"format pt: dropping the last {mb.filled} batch(es) ({mb.batch_start}-{mb.batch_end - 1}); "
-                    "Activault readers need every file to hold batches_per_upload batches"))
+                self.sink.emit(
+                    "warning",
+                    message=(
+                        f"format pt: dropping the last {mb.filled} batch(es) ({mb.batch_start}-{mb.batch_end - 1}); "
+                        "Activault readers need every file to hold batches_per_upload batches"
+                    ),
+                )
                 self.batches_done -= mb.filled
                 self.tokens_total -= mb.tokens
             else:
@@ -536,10 +666,14 @@ class Worker:
         if now - self.last_progress >= _PROGRESS_EVERY_S:
             self.last_progress = now
             elapsed = now - self.t_loop
-            self.sink.emit("progress", batches=self.batches_done, total_batches=self.total_batches,
-                           tokens=self.tokens_total,
-                           tokens_per_s=(self.tokens_total - self.tokens_at_loop) / elapsed if elapsed > 0 else 0.0,
-                           megabatch=self.next_index)
+            self.sink.emit(
+                "progress",
+                batches=self.batches_done,
+                total_batches=self.total_batches,
+                tokens=self.tokens_total,
+                tokens_per_s=(self.tokens_total - self.tokens_at_loop) / elapsed if elapsed > 0 else 0.0,
+                megabatch=self.next_index,
+            )
             self._report_uploads()
         if now - self.last_memory >= _MEMORY_EVERY_S:
             self.last_memory = now
@@ -547,8 +681,15 @@ class Worker:
 
     def _report_uploads(self) -> None:
         s = self.uploader.stats
-        self.sink.emit("upload", queued=s.queued, in_flight_bytes=s.in_flight_bytes, done_bytes=s.done_bytes,
-                       mb_per_s=s.mb_per_s, retries=s.retries, failed=s.failed)
+        self.sink.emit(
+            "upload",
+            queued=s.queued,
+            in_flight_bytes=s.in_flight_bytes,
+            done_bytes=s.done_bytes,
+            mb_per_s=s.mb_per_s,
+            retries=s.retries,
+            failed=s.failed,
+        )
 
     def _close_uploads(self) -> None:
         self.uploader.close(wait=True)
@@ -564,16 +705,27 @@ class Worker:
         results = [f.result() for f in mb.futures]  # raises the upload's error
         files = {r.hook: r for r in results if isinstance(r, FileRecord)}
         record = CommitRecord(
-            worker=self.worker, index=mb.index, batch_start=mb.batch_start, batch_end=mb.batch_end,
-            files=files, created=datetime.now(timezone.utc).isoformat(), tokens=mb.tokens,
+            worker=self.worker,
+            index=mb.index,
+            batch_start=mb.batch_start,
+            batch_end=mb.batch_end,
+            files=files,
+            created=datetime.now(timezone.utc).isoformat(),
+            tokens=mb.tokens,
         )
         self.layout.commit(record)
         chunk_commits(self.layout, record, self.chunk, self.sink)
         self.committed += 1
         self._delete_old_partials(mb.index)
         self._maybe_merge_statistics()
-        self.sink.emit("committed", megabatch=mb.index, batch_start=mb.batch_start, batch_end=mb.batch_end,
-                       tokens=mb.tokens, bytes=sum(f.size for f in files.values()))
+        self.sink.emit(
+            "committed",
+            megabatch=mb.index,
+            batch_start=mb.batch_start,
+            batch_end=mb.batch_end,
+            tokens=mb.tokens,
+            bytes=sum(f.size for f in files.values()),
+        )
 
     def _delete_old_partials(self, index: int) -> None:
         """Keep only the stats snapshot of the last committed megabatch."""
@@ -599,15 +751,26 @@ class Worker:
         if isinstance(exc, KeyboardInterrupt):
             self.status, message = "stopped", "interrupted: uncommitted megabatches were not committed"
         self.sink.emit("error", message=message)
-        self.sink.emit("done", status=self.status, batches=self.batches_done, tokens=self.tokens_total,
-                       megabatches=self.committed, elapsed=time.monotonic() - self.t_start)
+        self.sink.emit(
+            "done",
+            status=self.status,
+            batches=self.batches_done,
+            tokens=self.tokens_total,
+            megabatches=self.committed,
+            elapsed=time.monotonic() - self.t_start,
+        )
 
     def _finalize(self) -> dict:
         if self.status == "complete":
             self._clean_leftovers()
         self._write_statistics()
-        result = {"status": self.status, "batches": self.batches_done, "tokens": self.tokens_total,
-                  "megabatches": self.committed, "elapsed": time.monotonic() - self.t_start}
+        result = {
+            "status": self.status,
+            "batches": self.batches_done,
+            "tokens": self.tokens_total,
+            "megabatches": self.committed,
+            "elapsed": time.monotonic() - self.t_start,
+        }
         self.sink.emit("done", **result)
         return result
 
@@ -652,6 +815,7 @@ def run_worker(
 
 
 # -- helpers -----------------------------------------------------------------
+
 
 def worker_batches(cfg, worker: int) -> int:
     """How many global batches in [start_batch, n_batches) belong to this worker."""
@@ -752,8 +916,14 @@ def memory_snapshot(device: str) -> dict:
         except psutil.Error:
             pass
     vm = psutil.virtual_memory()
-    snap = {"rss": proc.memory_info().rss, "children_rss": children, "system_used": vm.total - vm.available,
-            "system_total": vm.total, "gpu_allocated": None, "gpu_reserved": None}
+    snap = {
+        "rss": proc.memory_info().rss,
+        "children_rss": children,
+        "system_used": vm.total - vm.available,
+        "system_total": vm.total,
+        "gpu_allocated": None,
+        "gpu_reserved": None,
+    }
     if str(device).startswith("cuda"):
         import torch
 

@@ -33,8 +33,20 @@ def normalize(line: str) -> str | None:
 
 
 def current_errors() -> Counter[str]:
-    proc = subprocess.run([sys.executable, "-m", "mypy", "--no-error-summary", "--no-pretty", "--hide-error-context",
-                           "--no-color-output"], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--no-error-summary",
+            "--no-pretty",
+            "--hide-error-context",
+            "--no-color-output",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode not in (0, 1):  # 1: type errors; 2: mypy itself failed (bad config, crash)
         sys.exit(f"typecheck: mypy failed to run (exit {proc.returncode}):\n{proc.stderr}{proc.stdout}")
     return Counter(e for e in map(normalize, proc.stdout.splitlines()) if e)
@@ -68,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {e}")
         print("  (run `python3 -m mypy` for line numbers)")
     if fixed:
-        print(f"typecheck: {sum(fixed.values())} baseline error(s) are fixed; shrink the baseline with"
-              " `python3 scripts/typecheck.py --update`")
+        print(
+            f"typecheck: {sum(fixed.values())} baseline error(s) are fixed; shrink the baseline with"
+            " `python3 scripts/typecheck.py --update`"
+        )
     if not new:
         print(f"typecheck: ok ({sum(now.values())} known errors, none new)")
     return 1 if new else 0

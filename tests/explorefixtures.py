@@ -63,11 +63,13 @@ def tokenizer():
 
 def sae_weights(seed: int = 1) -> dict[str, np.ndarray]:
     g = np.random.default_rng(seed)
-    return {"W_enc": (g.standard_normal((D, D_SAE)) / np.sqrt(D)).astype(np.float32),
-            "b_enc": (g.standard_normal(D_SAE) * 0.1).astype(np.float32),
-            "W_dec": (g.standard_normal((D_SAE, D)) / np.sqrt(D_SAE)).astype(np.float32),
-            "b_dec": (g.standard_normal(D) * 0.1).astype(np.float32),
-            "threshold": np.abs(g.standard_normal(D_SAE) * 0.2).astype(np.float32)}
+    return {
+        "W_enc": (g.standard_normal((D, D_SAE)) / np.sqrt(D)).astype(np.float32),
+        "b_enc": (g.standard_normal(D_SAE) * 0.1).astype(np.float32),
+        "W_dec": (g.standard_normal((D_SAE, D)) / np.sqrt(D_SAE)).astype(np.float32),
+        "b_dec": (g.standard_normal(D) * 0.1).astype(np.float32),
+        "threshold": np.abs(g.standard_normal(D_SAE) * 0.2).astype(np.float32),
+    }
 
 
 def write_saelens(dest: Path, arch: str = "jumprelu") -> Path:
@@ -78,8 +80,14 @@ def write_saelens(dest: Path, arch: str = "jumprelu") -> Path:
     if arch != "jumprelu":
         w.pop("threshold")
     save_file(w, str(dest / "sae_weights.safetensors"))
-    cfg = {"architecture": arch, "d_in": D, "d_sae": D_SAE, "apply_b_dec_to_input": True, "hook_name": HOOK,
-           "dtype": "float32"}
+    cfg = {
+        "architecture": arch,
+        "d_in": D,
+        "d_sae": D_SAE,
+        "apply_b_dec_to_input": True,
+        "hook_name": HOOK,
+        "dtype": "float32",
+    }
     if arch == "topk":
         cfg["k"] = K_SPARSIFY
     (dest / "cfg.json").write_text(json.dumps(cfg))
@@ -91,11 +99,27 @@ def write_sparsify(dest: Path) -> Path:
 
     dest.mkdir(parents=True, exist_ok=True)
     w = sae_weights(2)
-    save_file({"encoder.weight": np.ascontiguousarray(w["W_enc"].T), "encoder.bias": w["b_enc"],
-               "W_dec": w["W_dec"], "b_dec": w["b_dec"]}, str(dest / "sae.safetensors"))
-    (dest / "cfg.json").write_text(json.dumps({"k": K_SPARSIFY, "d_in": D, "num_latents": D_SAE,
-                                               "expansion_factor": 2, "normalize_decoder": True,
-                                               "multi_topk": False}))
+    save_file(
+        {
+            "encoder.weight": np.ascontiguousarray(w["W_enc"].T),
+            "encoder.bias": w["b_enc"],
+            "W_dec": w["W_dec"],
+            "b_dec": w["b_dec"],
+        },
+        str(dest / "sae.safetensors"),
+    )
+    (dest / "cfg.json").write_text(
+        json.dumps(
+            {
+                "k": K_SPARSIFY,
+                "d_in": D,
+                "num_latents": D_SAE,
+                "expansion_factor": 2,
+                "normalize_decoder": True,
+                "multi_topk": False,
+            }
+        )
+    )
     return dest
 
 
@@ -131,10 +155,10 @@ def build(store, commit: bool = True, run_name: str = RUN) -> dict:
     mask = g.random((N_FILES, N, T)) > 0.1
     mask[:, :, 0] = False  # BOS-like
     for f, s, p in PHRASE_AT + [MASKED_PHRASE_AT]:
-        ids[f, s, p:p + len(phrase)] = phrase
-        mask[f, s, p:p + len(phrase)] = True
+        ids[f, s, p : p + len(phrase)] = phrase
+        mask[f, s, p : p + len(phrase)] = True
     f, s, p = MASKED_PHRASE_AT
-    mask[f, s, p + 1:p + len(phrase)] = False
+    mask[f, s, p + 1 : p + len(phrase)] = False
     states[DIM_AT][DIM] = 50.0
     mask[DIM_AT] = True
     w = sae_weights()
@@ -155,14 +179,28 @@ def build(store, commit: bool = True, run_name: str = RUN) -> dict:
         key = run.megabatch_key(HOOK, 0, i)
         rows = [planted_source(i, n) for n in range(N)]
         source = torch.from_numpy(np.stack([r for r, _ in rows]).astype(np.int64))
-        segments = (torch.from_numpy(np.concatenate([g for _, g in rows]).astype(np.int64))
-                    if i == PACKED_FILE else None)
-        size = write_megabatch(store, key, torch.from_numpy(states[i]), torch.from_numpy(ids[i]),
-                               torch.from_numpy(mask[i]), metadata={"hook": HOOK, "megabatch": i},
-                               source=source, source_segments=segments)
+        segments = torch.from_numpy(np.concatenate([g for _, g in rows]).astype(np.int64)) if i == PACKED_FILE else None
+        size = write_megabatch(
+            store,
+            key,
+            torch.from_numpy(states[i]),
+            torch.from_numpy(ids[i]),
+            torch.from_numpy(mask[i]),
+            metadata={"hook": HOOK, "megabatch": i},
+            source=source,
+            source_segments=segments,
+        )
         if commit:
             sha = hashlib.sha256(store.get_bytes(key)).hexdigest()
-            run.commit(CommitRecord(worker=0, index=i, batch_start=i, batch_end=i + 1,
-                                    files={HOOK: FileRecord(HOOK, key, size, sha, N, N * T, 0, i)}, tokens=N * T))
+            run.commit(
+                CommitRecord(
+                    worker=0,
+                    index=i,
+                    batch_start=i,
+                    batch_end=i + 1,
+                    files={HOOK: FileRecord(HOOK, key, size, sha, N, N * T, 0, i)},
+                    tokens=N * T,
+                )
+            )
         keys.append(key)
     return {"keys": keys, "states": states, "ids": ids, "mask": mask, "phrase": phrase, "sae": w}

@@ -16,8 +16,15 @@ from tests.modelfixtures import TOKENIZER_DIR
 
 D, D_MLP, LAYERS, HEADS, KV_HEADS, HEAD_DIM, CONTEXT = 64, 96, 3, 4, 2, 16, 128
 
-_COMMON = dict(hidden_size=D, intermediate_size=D_MLP, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-               num_key_value_heads=KV_HEADS, max_position_embeddings=CONTEXT, head_dim=HEAD_DIM)
+_COMMON = dict(
+    hidden_size=D,
+    intermediate_size=D_MLP,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=HEADS,
+    num_key_value_heads=KV_HEADS,
+    max_position_embeddings=CONTEXT,
+    head_dim=HEAD_DIM,
+)
 
 #: family -> (config class name, kwargs)
 FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -25,8 +32,12 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "mistral": ("MistralConfig", _COMMON),
     "mixtral": ("MixtralConfig", dict(_COMMON, num_local_experts=4, num_experts_per_tok=2)),
     "qwen2": ("Qwen2Config", _COMMON),
-    "qwen2_moe": ("Qwen2MoeConfig", dict(_COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                                         shared_expert_intermediate_size=48)),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(
+            _COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48
+        ),
+    ),
     "qwen3": ("Qwen3Config", _COMMON),
     "gemma": ("GemmaConfig", _COMMON),
     "gemma2": ("Gemma2Config", _COMMON),
@@ -37,16 +48,42 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "phi": ("PhiConfig", dict(_COMMON, partial_rotary_factor=0.5)),
     "phi3": ("Phi3Config", _COMMON),
     "gpt2": ("GPT2Config", dict(n_embd=D, n_layer=LAYERS, n_head=HEADS, n_positions=CONTEXT, n_inner=D_MLP)),
-    "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=D, intermediate_size=D_MLP, num_hidden_layers=LAYERS,
-                                       num_attention_heads=HEADS, max_position_embeddings=CONTEXT)),
-    "gpt_neox_sequential": ("GPTNeoXConfig", dict(hidden_size=D, intermediate_size=D_MLP, num_hidden_layers=LAYERS,
-                                                  num_attention_heads=HEADS, max_position_embeddings=CONTEXT,
-                                                  use_parallel_residual=False)),
-    "gptj": ("GPTJConfig", dict(n_embd=D, n_layer=LAYERS, n_head=HEADS, n_positions=CONTEXT, rotary_dim=8,
-                                n_inner=D_MLP)),
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        dict(
+            hidden_size=D,
+            intermediate_size=D_MLP,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            max_position_embeddings=CONTEXT,
+        ),
+    ),
+    "gpt_neox_sequential": (
+        "GPTNeoXConfig",
+        dict(
+            hidden_size=D,
+            intermediate_size=D_MLP,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            max_position_embeddings=CONTEXT,
+            use_parallel_residual=False,
+        ),
+    ),
+    "gptj": (
+        "GPTJConfig",
+        dict(n_embd=D, n_layer=LAYERS, n_head=HEADS, n_positions=CONTEXT, rotary_dim=8, n_inner=D_MLP),
+    ),
     "falcon": ("FalconConfig", dict(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS)),
-    "falcon_new": ("FalconConfig", dict(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                                        new_decoder_architecture=True, num_kv_heads=KV_HEADS)),
+    "falcon_new": (
+        "FalconConfig",
+        dict(
+            hidden_size=D,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            new_decoder_architecture=True,
+            num_kv_heads=KV_HEADS,
+        ),
+    ),
     "cohere": ("CohereConfig", _COMMON),
     "starcoder2": ("Starcoder2Config", _COMMON),
 }
@@ -89,7 +126,7 @@ def unit_scale_(model: Any, seed: int = 0) -> Any:
                     continue
                 if p.dim() >= 2:
                     fan_in = p.shape[0] if type(module).__name__ == "Conv1D" else p.shape[-1]
-                    p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
+                    p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
                 elif name == "bias" and not isinstance(module, torch.nn.LayerNorm):
                     p.copy_(0.1 * torch.randn(p.shape, generator=g))
     return model

@@ -43,21 +43,25 @@ def make_tiny_llama_dir(dest: Path, n_layers: int = TINY_LAYERS, seed: int = 0) 
     return dest
 
 
-def collect_tiny_run(tmp_path_factory, run_name: str, data_config: dict, upload_config: dict) -> tuple[Path, Path, dict]:
+def collect_tiny_run(
+    tmp_path_factory, run_name: str, data_config: dict, upload_config: dict
+) -> tuple[Path, Path, dict]:
     """One worker's whole run of a fresh tiny Llama (float32) into a fresh local vault:
     (model dir, vault root, run_worker's result)."""
     from collector.config import load_config
-    from vaultsh.events import EventSink
     from collector.worker import run_worker
+    from vaultsh.events import EventSink
 
     tiny = make_tiny_llama_dir(tmp_path_factory.mktemp("tiny") / "model")
     root = tmp_path_factory.mktemp("vault")
-    cfg = load_config({
-        "run_name": run_name,
-        "num_runs": 1,
-        "transformer_config": {"model_name": str(tiny), "dtype": "float32"},
-        "data_config": data_config,
-        "upload_config": upload_config,
-        "storage": {"uri": str(root)},
-    })
+    cfg = load_config(
+        {
+            "run_name": run_name,
+            "num_runs": 1,
+            "transformer_config": {"model_name": str(tiny), "dtype": "float32"},
+            "data_config": data_config,
+            "upload_config": upload_config,
+            "storage": {"uri": str(root)},
+        }
+    )
     return tiny, root, run_worker(cfg, 0, sink=EventSink(0, callback=lambda e: None))

@@ -40,6 +40,7 @@ def fit_recording_losses(trainer) -> list[float]:
 
 
 def main(argv: list[str]) -> dict:
+    import numpy as np
     import torch
     from datasets import load_from_disk
     from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig, StandardTrainingSAE, StandardTrainingSAEConfig
@@ -47,21 +48,35 @@ def main(argv: list[str]) -> dict:
     from sae_lens.training.activations_store import ActivationsStore
     from sae_lens.training.sae_trainer import SAETrainer
 
-    import numpy as np
-
     out, hook, d_in, context, exclude, factor, steps, mask_path = argv
     d_in, context, steps, factor = int(d_in), int(context), int(steps), float(factor)
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     batch_prompts = 2
     cfg = LanguageModelSAERunnerConfig(
-        sae=StandardTrainingSAEConfig(d_in=d_in, d_sae=2 * d_in, l1_coefficient=1e-3,
-                                      normalize_activations="expected_average_only_in"),
-        hook_name=hook, context_size=context, use_cached_activations=True, cached_activations_path=f"{out}/activations",
-        is_dataset_tokenized=True, streaming=False, store_batch_size_prompts=batch_prompts, n_batches_in_buffer=2,
-        train_batch_size_tokens=64, training_tokens=64 * steps, lr=3e-3, device="cpu", dtype="float32",
-        exclude_special_tokens=json.loads(exclude), logger=LoggingConfig(log_to_wandb=False),
-        n_checkpoints=0, save_final_checkpoint=False, checkpoint_path=None, output_path=None, verbose=False,
+        sae=StandardTrainingSAEConfig(
+            d_in=d_in, d_sae=2 * d_in, l1_coefficient=1e-3, normalize_activations="expected_average_only_in"
+        ),
+        hook_name=hook,
+        context_size=context,
+        use_cached_activations=True,
+        cached_activations_path=f"{out}/activations",
+        is_dataset_tokenized=True,
+        streaming=False,
+        store_batch_size_prompts=batch_prompts,
+        n_batches_in_buffer=2,
+        train_batch_size_tokens=64,
+        training_tokens=64 * steps,
+        lr=3e-3,
+        device="cpu",
+        dtype="float32",
+        exclude_special_tokens=json.loads(exclude),
+        logger=LoggingConfig(log_to_wandb=False),
+        n_checkpoints=0,
+        save_final_checkpoint=False,
+        checkpoint_path=None,
+        output_path=None,
+        verbose=False,
     )
     tokens = load_from_disk(f"{out}/tokens")
 
@@ -111,7 +126,7 @@ def main(argv: list[str]) -> dict:
 def adapter(argv: list[str]) -> dict:
     """SAELens's SAETrainer fed by `ActivationReader.as_data_provider()` straight from the store (no export).
 
-        python tests/saelens_check.py --adapter RUN_DIR HOOK D_IN STEPS
+    python tests/saelens_check.py --adapter RUN_DIR HOOK D_IN STEPS
     """
     import torch
     from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig, StandardTrainingSAE, StandardTrainingSAEConfig
@@ -125,16 +140,29 @@ def adapter(argv: list[str]) -> dict:
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     cfg = LanguageModelSAERunnerConfig(
-        sae=StandardTrainingSAEConfig(d_in=d_in, d_sae=2 * d_in, l1_coefficient=1e-3,
-                                      normalize_activations="expected_average_only_in"),
-        hook_name=hook, context_size=8, train_batch_size_tokens=64, training_tokens=64 * steps, lr=3e-3,
-        device="cpu", dtype="float32", logger=LoggingConfig(log_to_wandb=False), n_checkpoints=0,
-        save_final_checkpoint=False, checkpoint_path=None, output_path=None, verbose=False,
+        sae=StandardTrainingSAEConfig(
+            d_in=d_in, d_sae=2 * d_in, l1_coefficient=1e-3, normalize_activations="expected_average_only_in"
+        ),
+        hook_name=hook,
+        context_size=8,
+        train_batch_size_tokens=64,
+        training_tokens=64 * steps,
+        lr=3e-3,
+        device="cpu",
+        dtype="float32",
+        logger=LoggingConfig(log_to_wandb=False),
+        n_checkpoints=0,
+        save_final_checkpoint=False,
+        checkpoint_path=None,
+        output_path=None,
+        verbose=False,
     )
-    reader = ActivationReader(f"{run}/{hook}", tokens=True, batch_size=64, drop_last=True, shuffle=True,
-                              shuffle_buffer=2)
-    trainer = SAETrainer(cfg=cfg.to_sae_trainer_config(), sae=StandardTrainingSAE(cfg.sae),
-                         data_provider=reader.as_data_provider())
+    reader = ActivationReader(
+        f"{run}/{hook}", tokens=True, batch_size=64, drop_last=True, shuffle=True, shuffle_buffer=2
+    )
+    trainer = SAETrainer(
+        cfg=cfg.to_sae_trainer_config(), sae=StandardTrainingSAE(cfg.sae), data_provider=reader.as_data_provider()
+    )
     trainer.activation_scaler.scaling_factor = saelens_scaling_factor(run, hook)
     losses = fit_recording_losses(trainer)
     return {"losses": losses, "epochs": reader.epoch, "tokens_per_pass": reader.stats.tokens}

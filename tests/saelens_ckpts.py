@@ -25,9 +25,18 @@ from pathlib import Path
 def main(out: Path, d_in: int, d_sae: int, k: int) -> list[str]:
     import numpy as np
     import torch
-    from sae_lens import (JumpReLUSAE, JumpReLUSAEConfig, JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig,
-                          StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig, TopKTrainingSAE,
-                          TopKTrainingSAEConfig)
+    from sae_lens import (
+        JumpReLUSAE,
+        JumpReLUSAEConfig,
+        JumpReLUTrainingSAE,
+        JumpReLUTrainingSAEConfig,
+        StandardSAE,
+        StandardSAEConfig,
+        TopKSAE,
+        TopKSAEConfig,
+        TopKTrainingSAE,
+        TopKTrainingSAEConfig,
+    )
 
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
@@ -52,18 +61,29 @@ def main(out: Path, d_in: int, d_sae: int, k: int) -> list[str]:
 
     cases = {
         "standard": (StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae)), "save_model"),
-        "standard-no-bdec-constnorm": (StandardSAE(StandardSAEConfig(
-            d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=False, normalize_activations="constant_norm_rescale")),
-            "save_model"),
+        "standard-no-bdec-constnorm": (
+            StandardSAE(
+                StandardSAEConfig(
+                    d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=False, normalize_activations="constant_norm_rescale"
+                )
+            ),
+            "save_model",
+        ),
         "jumprelu": (JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae)), "save_model"),
-        "jumprelu-trained": (JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(d_in=d_in, d_sae=d_sae)),
-                             "save_inference_model"),
+        "jumprelu-trained": (
+            JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(d_in=d_in, d_sae=d_sae)),
+            "save_inference_model",
+        ),
         "topk": (TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=k)), "save_model"),
-        "topk-rescaled": (TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=k, rescale_acts_by_decoder_norm=True)),
-                          "save_model"),
+        "topk-rescaled": (
+            TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=k, rescale_acts_by_decoder_norm=True)),
+            "save_model",
+        ),
         "topk-trained": (TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k)), "save_inference_model"),
-        "layernorm": (StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, normalize_activations="layer_norm")),
-                      "save_model"),
+        "layernorm": (
+            StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, normalize_activations="layer_norm")),
+            "save_model",
+        ),
     }
     for name, (sae, save) in cases.items():
         perturb(sae).eval()

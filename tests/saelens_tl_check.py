@@ -33,8 +33,12 @@ def load_hooked_sae_transformer(path: str):
     model = HookedSAETransformer(cfg, tokenizer)
     model.load_and_process_state_dict(
         loading.get_pretrained_state_dict(path, cfg, hf_model, dtype=torch.float32),
-        fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False,
-        refactor_factored_attn_matrices=False)  # = from_pretrained_no_processing
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+        refactor_factored_attn_matrices=False,
+    )  # = from_pretrained_no_processing
     return model
     # -----------------------------------------------------------------------------------------
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from vaultsh import cli
-
 from vaultsh.testing.faultproxy import free_port
+
 from .test_store import moto_auth
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,7 +43,9 @@ class Result:
     seconds: float
 
     def __str__(self) -> str:  # shown when an assertion fails
-        return f"vaultsh {' '.join(map(str, self.args))} -> rc={self.rc}\n--- stdout\n{self.out}\n--- stderr\n{self.err}"
+        return (
+            f"vaultsh {' '.join(map(str, self.args))} -> rc={self.rc}\n--- stdout\n{self.out}\n--- stderr\n{self.err}"
+        )
 
 
 def base_env(**extra: str) -> dict:
@@ -105,7 +107,15 @@ def build_run(store, run_name: str = "myrun") -> dict:
     for h in HOOKS:
         run.write_metadata(
             h,
-            metadata_for(batch_size=2, sequence_length=T, d_in=D, batches_per_file=2, dtype=torch.float32, hook=h, model="tiny-llama"),
+            metadata_for(
+                batch_size=2,
+                sequence_length=T,
+                d_in=D,
+                batches_per_file=2,
+                dtype=torch.float32,
+                hook=h,
+                model="tiny-llama",
+            ),
         )
     g = torch.Generator().manual_seed(0)
     for i in range(N_COMMITTED):
@@ -117,7 +127,10 @@ def build_run(store, run_name: str = "myrun") -> dict:
                 states[1, 2, 3] = float("inf")
             key = run.megabatch_key(h, 0, i)
             size = write_megabatch(
-                store, key, states, torch.randint(0, 100, (N, T), generator=g),
+                store,
+                key,
+                states,
+                torch.randint(0, 100, (N, T), generator=g),
                 metadata={"model": "tiny-llama", "hook": h, "run": run_name, "worker": 0, "index": i},
             )
             files[h] = FileRecord(hook=h, key=key, size=size, n_sequences=N, n_tokens=N * T, worker=0, index=i)
@@ -190,28 +203,32 @@ def results(local_root, s3_root, s3_server, foreign) -> dict:
     }
     for kind, root, env in (("local", str(local_root), base_env()), ("s3", s3_root, s3_env)):
         run = f"{root}/myrun"
-        jobs.update({
-            f"{kind}-run": ((("inspect", run)), env, None),
-            f"{kind}-run-json": (("inspect", "--json", run), env, None),
-            f"{kind}-hook": (("inspect", f"{run}/mlp_1"), env, None),
-            f"{kind}-mb": (("inspect", f"{run}/{mb('residuals_0', 0)}"), env, None),
-            f"{kind}-scan-nan": (("inspect", "--scan", f"{run}/{mb('mlp_1', NAN_INDEX)}"), env, None),
-            f"{kind}-scan-clean": (("inspect", "--scan", f"{run}/{mb('mlp_1', CLEAN_INDEX)}"), env, None),
-            f"{kind}-cfg": (("inspect", f"{run}/cfg.json"), env, None),
-            f"{kind}-truncated": (("inspect", f"{root}/junk/deeper/truncated.safetensors"), env, None),
-            f"{kind}-missing": (("inspect", f"{run}/no-such-hook"), env, None),
-            f"{kind}-root": (("inspect", "--json", root), env, None),
-        })
+        jobs.update(
+            {
+                f"{kind}-run": ((("inspect", run)), env, None),
+                f"{kind}-run-json": (("inspect", "--json", run), env, None),
+                f"{kind}-hook": (("inspect", f"{run}/mlp_1"), env, None),
+                f"{kind}-mb": (("inspect", f"{run}/{mb('residuals_0', 0)}"), env, None),
+                f"{kind}-scan-nan": (("inspect", "--scan", f"{run}/{mb('mlp_1', NAN_INDEX)}"), env, None),
+                f"{kind}-scan-clean": (("inspect", "--scan", f"{run}/{mb('mlp_1', CLEAN_INDEX)}"), env, None),
+                f"{kind}-cfg": (("inspect", f"{run}/cfg.json"), env, None),
+                f"{kind}-truncated": (("inspect", f"{root}/junk/deeper/truncated.safetensors"), env, None),
+                f"{kind}-missing": (("inspect", f"{run}/no-such-hook"), env, None),
+                f"{kind}-root": (("inspect", "--json", root), env, None),
+            }
+        )
     d = foreign["dir"]
-    jobs.update({
-        "no-bucket": (("inspect", "s3://vaultsh-no-such-bucket/run"), s3_env, None),
-        "dotdot": (("inspect", f"{s3_root}/../etc/passwd"), s3_env, None),
-        "random": (("inspect", d / "random.safetensors"), None, None),
-        "pickle": (("inspect", d / "evil.saved.pt"), None, None),
-        "torch-pickle": (("inspect", d / "evil-zip.saved.pt"), None, None),
-        "missing-path": (("inspect", d / "does-not-exist"), None, None),
-        "collect-bad": (("collect", "--headless", d / "bad.yaml"), None, None),
-    })
+    jobs.update(
+        {
+            "no-bucket": (("inspect", "s3://vaultsh-no-such-bucket/run"), s3_env, None),
+            "dotdot": (("inspect", f"{s3_root}/../etc/passwd"), s3_env, None),
+            "random": (("inspect", d / "random.safetensors"), None, None),
+            "pickle": (("inspect", d / "evil.saved.pt"), None, None),
+            "torch-pickle": (("inspect", d / "evil-zip.saved.pt"), None, None),
+            "missing-path": (("inspect", d / "does-not-exist"), None, None),
+            "collect-bad": (("collect", "--headless", d / "bad.yaml"), None, None),
+        }
+    )
     with ThreadPoolExecutor(max_workers=max(4, 2 * (os.cpu_count() or 2))) as pool:
         futures = {name: pool.submit(vaultsh, *args, env=env, cmd=cmd) for name, (args, env, cmd) in jobs.items()}
         out = {name: f.result() for name, f in futures.items()}
@@ -335,7 +352,12 @@ def test_inspect_scan_reports_nan_and_inf(results, kind):
 def test_inspect_json_file_pretty_prints(results, kind):
     res = results[f"{kind}-cfg"]
     assert res.rc == 0, res
-    assert json.loads(res.out) == {"run_name": "myrun", "model": "tiny-llama", "hooks": HOOKS, "nested": {"seq_len": T, "ok": True}}
+    assert json.loads(res.out) == {
+        "run_name": "myrun",
+        "model": "tiny-llama",
+        "hooks": HOOKS,
+        "nested": {"seq_len": T, "ok": True},
+    }
     assert len(res.out.splitlines()) > 5  # indented, not one line
 
 
@@ -409,17 +431,23 @@ def test_rejected_credentials(s3_server, s3_root):
     import boto3
 
     iam = boto3.client("iam", endpoint_url=s3_server, region_name="us-east-1")
-    user = f"cli-{s3_root[len('s3://'):]}"
+    user = f"cli-{s3_root[len('s3://') :]}"
     iam.create_user(UserName=user)
     key = iam.create_access_key(UserName=user)["AccessKey"]
     secret = "not-the-" + key["SecretAccessKey"]
-    env = base_env(S3_ENDPOINT_URL=s3_server, AWS_ACCESS_KEY_ID=key["AccessKeyId"], AWS_SECRET_ACCESS_KEY=secret,
-                   VAULTSH_S3_MAX_ATTEMPTS="2")
+    env = base_env(
+        S3_ENDPOINT_URL=s3_server,
+        AWS_ACCESS_KEY_ID=key["AccessKeyId"],
+        AWS_SECRET_ACCESS_KEY=secret,
+        VAULTSH_S3_MAX_ATTEMPTS="2",
+    )
     env.pop("AWS_SESSION_TOKEN", None)
     env.pop("AWS_SECURITY_TOKEN", None)
     with moto_auth(s3_server):
-        runs = [vaultsh("inspect", f"{s3_root}/myrun", env=env),
-                vaultsh("inspect", f"{s3_root}/myrun/mlp_1/w0000--0000000.safetensors", env=env)]
+        runs = [
+            vaultsh("inspect", f"{s3_root}/myrun", env=env),
+            vaultsh("inspect", f"{s3_root}/myrun/mlp_1/w0000--0000000.safetensors", env=env),
+        ]
     for res in runs:
         line = assert_user_error(res, s3_root, "credentials", "AWS_ACCESS_KEY_ID")
         assert "rejected" in line, line
@@ -436,7 +464,9 @@ def test_unreachable_endpoint_fails_fast(s3_root):
 
 
 def test_bad_max_attempts_setting(s3_root, s3_server):
-    res = vaultsh("inspect", f"{s3_root}/myrun", env=base_env(S3_ENDPOINT_URL=s3_server, VAULTSH_S3_MAX_ATTEMPTS="zero"))
+    res = vaultsh(
+        "inspect", f"{s3_root}/myrun", env=base_env(S3_ENDPOINT_URL=s3_server, VAULTSH_S3_MAX_ATTEMPTS="zero")
+    )
     assert_user_error(res, "VAULTSH_S3_MAX_ATTEMPTS", "'zero'")
 
 

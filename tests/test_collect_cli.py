@@ -28,14 +28,18 @@ def tiny_dir(tmp_path_factory):
 
 
 def write_cfg(path: Path, tiny_dir: Path, store: Path, n_batches: int, bpu: int = 3) -> Path:
-    path.write_text(yaml.safe_dump({
-        "run_name": "sig.pydoc",
-        "num_runs": 1,
-        "transformer_config": {"model_name": str(tiny_dir), "dtype": "float32"},
-        "data_config": {"data_key": "pydoc", "n_batches": n_batches, "seq_length": 64, "batch_size": 2},
-        "upload_config": {"batches_per_upload": bpu, "hooks": ["residuals_1", "mlp_3"]},
-        "storage": {"uri": str(store)},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "run_name": "sig.pydoc",
+                "num_runs": 1,
+                "transformer_config": {"model_name": str(tiny_dir), "dtype": "float32"},
+                "data_config": {"data_key": "pydoc", "n_batches": n_batches, "seq_length": 64, "batch_size": 2},
+                "upload_config": {"batches_per_upload": bpu, "hooks": ["residuals_1", "mlp_3"]},
+                "storage": {"uri": str(store)},
+            }
+        )
+    )
     return path
 
 
@@ -48,7 +52,11 @@ def env(**extra) -> dict:
 def start(cfg: Path, tmp_path: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "vaultsh", "collect", str(cfg), "--headless"],
-        cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -139,8 +147,14 @@ def test_bad_layer_is_one_line_error_before_loading(tiny_dir, tmp_path):
     data = yaml.safe_load(cfg.read_text())
     data["upload_config"]["hooks"] = ["residuals_40"]
     cfg.write_text(yaml.safe_dump(data))
-    proc = subprocess.run([sys.executable, "-m", "vaultsh", "collect", str(cfg), "--headless"],
-                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vaultsh", "collect", str(cfg), "--headless"],
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("vaultsh: error:"), proc.stderr
@@ -152,9 +166,21 @@ def test_bad_layer_is_one_line_error_before_loading(tiny_dir, tmp_path):
 def test_default_config_with_real_model_into_s3(s3_server, s3_bucket, tmp_path):
     """The README's main job, pointed at the loopback S3 server."""
     proc = subprocess.run(
-        [sys.executable, "-m", "vaultsh", "collect", str(REPO / "configs" / "default.yaml"), "--headless",
-         "--store", f"s3://{s3_bucket}"],
-        cwd=tmp_path, env=env(S3_ENDPOINT_URL=s3_server), capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "vaultsh",
+            "collect",
+            str(REPO / "configs" / "default.yaml"),
+            "--headless",
+            "--store",
+            f"s3://{s3_bucket}",
+        ],
+        cwd=tmp_path,
+        env=env(S3_ENDPOINT_URL=s3_server),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "complete" in proc.stdout
@@ -187,7 +213,12 @@ def test_events_fd_carries_ndjson_events(tiny_dir, tmp_path):
     r, w = os.pipe()
     proc = subprocess.Popen(
         [sys.executable, "-m", "vaultsh", "collect", str(cfg), "--events-fd", str(w)],
-        cwd=tmp_path, env=env(), pass_fds=(w,), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path,
+        env=env(),
+        pass_fds=(w,),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     os.close(w)
     with os.fdopen(r, "rb") as channel:
@@ -214,11 +245,20 @@ def test_hub_id_loads_offline_from_a_filled_cache(tiny_dir, tmp_path):
     cfg = tmp_path / "cfg.yaml"
     write_cfg(cfg, tiny_dir, tmp_path / "vault", n_batches=3)
     data = yaml.safe_load(cfg.read_text())
-    data["transformer_config"] = {"model_name": "vaultsh-test/tiny-llama", "dtype": "float32",
-                                  "cache_dir": str(tmp_path / "hf")}
+    data["transformer_config"] = {
+        "model_name": "vaultsh-test/tiny-llama",
+        "dtype": "float32",
+        "cache_dir": str(tmp_path / "hf"),
+    }
     cfg.write_text(yaml.safe_dump(data))
-    proc = subprocess.run([sys.executable, "-m", "vaultsh", "collect", str(cfg), "--headless"],
-                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vaultsh", "collect", str(cfg), "--headless"],
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     run = Run(LocalStore(tmp_path / "vault"), "sig.pydoc")
     assert len(run.iter_commits()) == 1

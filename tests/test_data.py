@@ -47,9 +47,14 @@ def batches(tok, key="pydoc", **kw):
 
 
 def same(a: Batch, b: Batch) -> bool:
-    return (a.index == b.index and torch.equal(a.input_ids, b.input_ids)
-            and torch.equal(a.attention_mask, b.attention_mask) and torch.equal(a.mask, b.mask)
-            and a.doc_index == b.doc_index and a.n_tokens == b.n_tokens)
+    return (
+        a.index == b.index
+        and torch.equal(a.input_ids, b.input_ids)
+        and torch.equal(a.attention_mask, b.attention_mask)
+        and torch.equal(a.mask, b.mask)
+        and a.doc_index == b.doc_index
+        and a.n_tokens == b.n_tokens
+    )
 
 
 def write_jsonl(path, records):
@@ -72,10 +77,20 @@ def test_shipped_registry_entries_resolve():
     assert resolve_data_key("pydoc-chat").chat is True
     fw = resolve_data_key("fineweb-edu")
     assert (fw.kind, fw.hf_repo, fw.hf_subset, fw.hf_split, fw.text_field) == (
-        "hf", "HuggingFaceFW/fineweb-edu", "sample-10BT", "train", "text")
+        "hf",
+        "HuggingFaceFW/fineweb-edu",
+        "sample-10BT",
+        "train",
+        "text",
+    )
     lm = resolve_data_key("lmsys-chat")
     assert (lm.hf_repo, lm.hf_subset, lm.hf_split, lm.chat_field, lm.chat) == (
-        "lmsys/lmsys-chat-1m", None, "train", "conversation", True)
+        "lmsys/lmsys-chat-1m",
+        None,
+        "train",
+        "conversation",
+        True,
+    )
     json.dumps(fw.to_dict())
 
 
@@ -164,13 +179,19 @@ def test_pydoc_yields_real_prose():
 def test_file_sources(tmp_path):
     (tmp_path / "a.txt").write_text("First para\nline two.\n\n\n  \nSecond para.\n\nThird.\n", encoding="utf-8")
     assert [d.text for d in iter_documents("a.txt", base_dir=tmp_path)] == [
-        "First para\nline two.", "Second para.", "Third."]
-    write_jsonl(tmp_path / "m.jsonl", [
-        {"text": "plain one"},
-        {"text": "   "},  # empty: skipped
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
-        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
-    ])
+        "First para\nline two.",
+        "Second para.",
+        "Third.",
+    ]
+    write_jsonl(
+        tmp_path / "m.jsonl",
+        [
+            {"text": "plain one"},
+            {"text": "   "},  # empty: skipped
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+            {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+        ],
+    )
     docs = list(iter_documents("m.jsonl", base_dir=tmp_path))
     assert [d.index for d in docs] == [0, 2, 3]
     assert docs[0].text == "plain one"
@@ -192,22 +213,34 @@ def test_file_sources(tmp_path):
 
 
 def test_jsonl_registry_text_field_and_template(tmp_path, tok):
-    recs = [{"id": i, "body": f"Body number {i} is here.", "q": f"Question {i}?", "a": f"Answer {i}."}
-            for i in range(12)]
+    recs = [
+        {"id": i, "body": f"Body number {i} is here.", "q": f"Question {i}?", "a": f"Answer {i}."} for i in range(12)
+    ]
     write_jsonl(tmp_path / "qa.jsonl", recs)
     reg = tmp_path / "reg.json"
-    reg.write_text(json.dumps({
-        "bodies": {"source": "file:qa.jsonl", "text_field": "body", "chat": False},
-        "qa": {"source": "file:qa.jsonl", "template": "Q: {q}\nA: {a}", "chat": False,
-               "templates": {"asked": {"chat_columns": [["user", "q"], ["assistant", "a"]], "chat": True}}},
-        "missing": {"source": "file:qa.jsonl", "template": "{nope}"},
-    }))
+    reg.write_text(
+        json.dumps(
+            {
+                "bodies": {"source": "file:qa.jsonl", "text_field": "body", "chat": False},
+                "qa": {
+                    "source": "file:qa.jsonl",
+                    "template": "Q: {q}\nA: {a}",
+                    "chat": False,
+                    "templates": {"asked": {"chat_columns": [["user", "q"], ["assistant", "a"]], "chat": True}},
+                },
+                "missing": {"source": "file:qa.jsonl", "template": "{nope}"},
+            }
+        )
+    )
     docs = list(iter_documents(resolve_data_key("bodies", registry=reg)))
     assert [d.text for d in docs] == [r["body"] for r in recs]
     docs = list(iter_documents(resolve_data_key("qa", registry=reg)))
     assert docs[3].text == "Q: Question 3?\nA: Answer 3."
     docs = list(iter_documents(resolve_data_key("qa:asked", registry=reg)))
-    assert docs[0].messages == [{"role": "user", "content": "Question 0?"}, {"role": "assistant", "content": "Answer 0."}]
+    assert docs[0].messages == [
+        {"role": "user", "content": "Question 0?"},
+        {"role": "assistant", "content": "Answer 0."},
+    ]
     with pytest.raises(UserError, match="'nope'"):
         list(iter_documents(resolve_data_key("missing", registry=reg)))
     # through BatchStream: rows are the tokenised template text
@@ -231,8 +264,9 @@ def test_hub_source_needs_datasets(monkeypatch, tok):
 
 
 def test_hub_source_with_fake_datasets(monkeypatch):
-    load_dataset, calls = fake_load_dataset([{"conversation": [{"role": "user", "content": f"msg {i}"}]}
-                                             for i in range(3)])
+    load_dataset, calls = fake_load_dataset(
+        [{"conversation": [{"role": "user", "content": f"msg {i}"}]} for i in range(3)]
+    )
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     docs = list(iter_documents(resolve_data_key("lmsys-chat"), seed=7))
     assert calls == {"load": ("lmsys/lmsys-chat-1m", None, "train", True), "shuffle": (7, D.DEFAULT_SHUFFLE_BUFFER)}
@@ -263,9 +297,17 @@ def test_shapes_dtypes_and_model_inputs(tok):
 
 
 def test_accepts_any_config_object(tok):
-    cfg = SimpleNamespace(data_key="pydoc", seq_length=16, batch_size=2, n_batches=2, seed=1,
-                          start_batch=0, skip_cache=False, clean_added_tokens=True,
-                          clean_default_system_prompt=False)
+    cfg = SimpleNamespace(
+        data_key="pydoc",
+        seq_length=16,
+        batch_size=2,
+        n_batches=2,
+        seed=1,
+        start_batch=0,
+        skip_cache=False,
+        clean_added_tokens=True,
+        clean_default_system_prompt=False,
+    )
     assert len(list(BatchStream(cfg, tok))) == 2
 
 
@@ -291,8 +333,15 @@ def test_start_batch_is_slicing(tok, skip_cache):
 
 @pytest.mark.parametrize("key,skip_cache", [("pydoc", False), ("pydoc-chat", True)])
 def test_worker_sharding_matches_single_worker(tok, key, skip_cache):
-    kw = dict(key=key, skip_cache=skip_cache, n_batches=11, start_batch=1, seq_length=400 if skip_cache else 48,
-              clean_added_tokens=True, clean_default_system_prompt=True)
+    kw = dict(
+        key=key,
+        skip_cache=skip_cache,
+        n_batches=11,
+        start_batch=1,
+        seq_length=400 if skip_cache else 48,
+        clean_added_tokens=True,
+        clean_default_system_prompt=True,
+    )
     single, _ = batches(tok, **kw)
     shards = [batches(tok, worker=w, num_workers=3, **kw)[0] for w in range(3)]
     for w, shard in enumerate(shards):
@@ -300,7 +349,9 @@ def test_worker_sharding_matches_single_worker(tok, key, skip_cache):
     merged = sorted((b for s in shards for b in s), key=lambda b: b.index)
     assert [b.index for b in merged] == list(range(1, 11))  # no overlap, nothing missing
     assert all(same(x, y) for x, y in zip(single, merged))
-    assert BatchStream(DataSpec(key, 8, 2, 11, start_batch=1), tok, worker=2, num_workers=3).batch_indices() == range(2, 11, 3)
+    assert BatchStream(DataSpec(key, 8, 2, 11, start_batch=1), tok, worker=2, num_workers=3).batch_indices() == range(
+        2, 11, 3
+    )
 
 
 def test_padding_is_masked(tok, tmp_path):
@@ -372,8 +423,9 @@ def test_default_system_block_of_smollm2(tok):
 
 def _chat_rows(tok, tmp_path, records, **kw):
     write_jsonl(tmp_path / "chat.jsonl", records)
-    out, _ = batches(tok, key="chat.jsonl", base_dir=tmp_path, seq_length=80, batch_size=len(records),
-                     n_batches=1, seed=0, **kw)
+    out, _ = batches(
+        tok, key="chat.jsonl", base_dir=tmp_path, seq_length=80, batch_size=len(records), n_batches=1, seed=0, **kw
+    )
     b = out[0]
     by_doc = {}
     for row, di in enumerate(b.doc_index):
@@ -395,7 +447,7 @@ def test_clean_default_system_prompt(tok, tmp_path):
     ids, mask = by_doc[0]
     assert ids[: len(block)] == block
     assert not any(mask[: len(block)])  # exactly the template-inserted system turn...
-    assert all(mask[len(block):])  # ...and nothing else (clean_added_tokens is off)
+    assert all(mask[len(block) :])  # ...and nothing else (clean_added_tokens is off)
     kept = [t for t, m in zip(ids, mask) if m]
     assert user in tok.decode(kept) and DEFAULT_SYS not in tok.decode(kept)
 
@@ -418,8 +470,7 @@ def test_clean_default_system_prompt(tok, tmp_path):
 
 def test_template_without_default_system_prompt():
     t = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    t.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                       "{% endfor %}")
+    t.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     assert find_default_system_block(t) is None
     t.chat_template = None
     with pytest.raises(UserError, match="no.*chat template|has none"):

@@ -48,9 +48,12 @@ def docs_of(tok, **kw):
 
 
 def cfg_dict(data):
-    return {"run_name": "r", "transformer_config": {"model_name": "some/model"},
-            "data_config": {"n_batches": 4, "seq_length": 32, "batch_size": 2, **data},
-            "upload_config": {"hooks": ["residuals_0"]}}
+    return {
+        "run_name": "r",
+        "transformer_config": {"model_name": "some/model"},
+        "data_config": {"n_batches": 4, "seq_length": 32, "batch_size": 2, **data},
+        "upload_config": {"hooks": ["residuals_0"]},
+    }
 
 
 def err(data, name="c.yaml"):
@@ -60,8 +63,13 @@ def err(data, name="c.yaml"):
 
 
 def same_batches(a, b):
-    return (a.index == b.index and torch.equal(a.input_ids, b.input_ids) and torch.equal(a.mask, b.mask)
-            and torch.equal(a.attention_mask, b.attention_mask) and a.labels == b.labels)
+    return (
+        a.index == b.index
+        and torch.equal(a.input_ids, b.input_ids)
+        and torch.equal(a.mask, b.mask)
+        and torch.equal(a.attention_mask, b.attention_mask)
+        and a.labels == b.labels
+    )
 
 
 # ---------------------------------------------------------------- interleaving
@@ -86,7 +94,9 @@ def test_weighted_interleaving_proportions_and_determinism():
 def test_stopping_strategies():
     first = list(interleave([iter(range(10)), iter(range(100, 1000))], [1, 1], seed=0))
     assert sum(x < 100 for x in first) <= 10 and len(first) < 60  # stops when the small one runs out
-    every = list(interleave([iter(range(10)), iter(range(100, 1000))], [1, 1], seed=0, stopping_strategy="all_exhausted"))
+    every = list(
+        interleave([iter(range(10)), iter(range(100, 1000))], [1, 1], seed=0, stopping_strategy="all_exhausted")
+    )
     assert sorted(every) == list(range(10)) + list(range(100, 1000))
 
 
@@ -122,8 +132,14 @@ def test_local_formats(tmp_path, tok):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
     (tmp_path / "data.weird").write_text("".join(json.dumps(r) + "\n" for r in rows))
     want = [f"row {i}" for i in range(5)]
-    for name, field, fmt in [("d.jsonl", "t", None), ("d.json", "t", None), ("d.csv", "t", None),
-                             ("d.txt", "text", None), ("d.parquet", "t", None), ("data.weird", "t", "jsonl")]:
+    for name, field, fmt in [
+        ("d.jsonl", "t", None),
+        ("d.json", "t", None),
+        ("d.csv", "t", None),
+        ("d.txt", "text", None),
+        ("d.parquet", "t", None),
+        ("data.weird", "t", "jsonl"),
+    ]:
         entry = {"name": "x", "path": str(tmp_path / name), "text_field": field, "format": fmt}
         got = [d.text for d in docs_of(tok, datasets=[entry], shuffle=False)]
         assert got == want, name
@@ -152,7 +168,8 @@ def test_config_datasets_and_mixes(tmp_path):
     assert load_config(cfg.model_dump()) == cfg
 
     mixes = tmp_path / "datasets.yaml"
-    mixes.write_text(textwrap.dedent("""\
+    mixes.write_text(
+        textwrap.dedent("""\
         data_mixes:
           small_mix:
             name: small_mix
@@ -162,40 +179,63 @@ def test_config_datasets_and_mixes(tmp_path):
             name: broken_mix
             datasets:
               - {name: a, path: a.jsonl, weight: 0.4, text_field: text, text_template: "{text}"}
-        """))
+        """)
+    )
     cfg = load_config(cfg_dict({"data_mixes": str(mixes), "mix": "small_mix"}))
     assert cfg.data.mix == "small_mix"
     msg = err({"data_mixes": str(mixes), "mix": "large_mix"})
     assert "data_config.mix: 'large_mix' is not in" in msg and "available: small_mix, broken_mix" in msg
     msg = err({"data_mixes": str(mixes), "mix": "broken_mix"})
-    assert "data_mixes.broken_mix.datasets[0] ('a'): give exactly one of text_field or text_template (both given)" in msg
+    assert (
+        "data_mixes.broken_mix.datasets[0] ('a'): give exactly one of text_field or text_template (both given)" in msg
+    )
 
 
-@pytest.mark.parametrize("data,expected", [
-    ({"datasets": [{"name": "a", "path": "org/set"}]},
-     "data_config.datasets[0] ('a'): give exactly one of text_field or text_template (neither given)"),
-    ({"datasets": [{"name": "a", "path": "org/set", "text_field": "t", "weight": 0}]},
-     "data_config.datasets[0].weight: 0 is not allowed (must be > 0)"),
-    ({"datasets": [{"name": "a", "path": "org/set", "text_field": "t", "format": "xml"}]},
-     "data_config.datasets[0].format: 'xml' is not allowed (must be one of 'json', 'jsonl', 'csv', 'text' or 'parquet')"),
-    ({"datasets": [{"name": "a", "path": "./nope.jsonl", "text_field": "t"}]},
-     "data_config.datasets[0].path: './nope.jsonl': no such file or directory"),
-    ({"datasets": [{"name": "a", "path": "org/set", "text_template": "{}"}]},
-     "data_config.datasets[0].text_template: '{}' uses positional fields"),
-    ({"data_key": "pydoc", "datasets": [{"name": "a", "path": "org/set", "text_field": "t"}]},
-     "data_config: give one data source, not data_key and datasets"),
-    ({}, "data_config.data_key: required but missing (or give data_config.datasets"),
-    ({"data_key": "pydoc", "mix": "m"}, "data_config.mix: 'm' needs data_config.data_mixes"),
-    ({"data_key": "pydoc", "filter": "score >> 3"}, "data_config.filter: 'score >> 3' is not a filter"),
-    ({"data_key": "pydoc", "filter": "score > high"}, "'>' needs a number on the right"),
-    ({"data_key": "pydoc", "category_balance_strategy": "even"},
-     "data_config.category_balance_strategy: 'even' is not allowed (must be one of 'use_all' or 'equalize')"),
-    ({"data_key": "pydoc", "sample": 2.5}, "data_config.sample: 2.5 is not allowed (a fraction must be in (0, 1]"),
-    ({"data_key": "pydoc", "reversed": True}, "data_config.reversed: true needs data_config.sort_by_length: true"),
-    ({"data_key": "pydoc", "packing": True, "skip_cache": True}, "data_config.packing: true cannot be combined with skip_cache"),
-    ({"data_key": "pydoc", "packing": True, "label_columns": ["x"]}, "cannot carry per-sequence labels"),
-    ({"data_key": "pydoc", "text_field": "x"}, "data_config.text_field: only applies with data_config.path"),
-])
+@pytest.mark.parametrize(
+    "data,expected",
+    [
+        (
+            {"datasets": [{"name": "a", "path": "org/set"}]},
+            "data_config.datasets[0] ('a'): give exactly one of text_field or text_template (neither given)",
+        ),
+        (
+            {"datasets": [{"name": "a", "path": "org/set", "text_field": "t", "weight": 0}]},
+            "data_config.datasets[0].weight: 0 is not allowed (must be > 0)",
+        ),
+        (
+            {"datasets": [{"name": "a", "path": "org/set", "text_field": "t", "format": "xml"}]},
+            "data_config.datasets[0].format: 'xml' is not allowed (must be one of 'json', 'jsonl', 'csv', 'text' or 'parquet')",
+        ),
+        (
+            {"datasets": [{"name": "a", "path": "./nope.jsonl", "text_field": "t"}]},
+            "data_config.datasets[0].path: './nope.jsonl': no such file or directory",
+        ),
+        (
+            {"datasets": [{"name": "a", "path": "org/set", "text_template": "{}"}]},
+            "data_config.datasets[0].text_template: '{}' uses positional fields",
+        ),
+        (
+            {"data_key": "pydoc", "datasets": [{"name": "a", "path": "org/set", "text_field": "t"}]},
+            "data_config: give one data source, not data_key and datasets",
+        ),
+        ({}, "data_config.data_key: required but missing (or give data_config.datasets"),
+        ({"data_key": "pydoc", "mix": "m"}, "data_config.mix: 'm' needs data_config.data_mixes"),
+        ({"data_key": "pydoc", "filter": "score >> 3"}, "data_config.filter: 'score >> 3' is not a filter"),
+        ({"data_key": "pydoc", "filter": "score > high"}, "'>' needs a number on the right"),
+        (
+            {"data_key": "pydoc", "category_balance_strategy": "even"},
+            "data_config.category_balance_strategy: 'even' is not allowed (must be one of 'use_all' or 'equalize')",
+        ),
+        ({"data_key": "pydoc", "sample": 2.5}, "data_config.sample: 2.5 is not allowed (a fraction must be in (0, 1]"),
+        ({"data_key": "pydoc", "reversed": True}, "data_config.reversed: true needs data_config.sort_by_length: true"),
+        (
+            {"data_key": "pydoc", "packing": True, "skip_cache": True},
+            "data_config.packing: true cannot be combined with skip_cache",
+        ),
+        ({"data_key": "pydoc", "packing": True, "label_columns": ["x"]}, "cannot carry per-sequence labels"),
+        ({"data_key": "pydoc", "text_field": "x"}, "data_config.text_field: only applies with data_config.path"),
+    ],
+)
 def test_config_data_errors(data, expected):
     msg = err(data)
     assert expected in msg, msg
@@ -234,8 +274,15 @@ def test_config_inference_section(tmp_path):
 def labelled(tmp_path):
     recs = []
     for cat, n in (("violence", 10), ("privacy", 4), ("harmless", 7)):
-        recs += [{"prompt": f"{cat} prompt number {i} " + "word " * (i % 5), "category": cat,
-                  "score": str(i), "source": f"s{i % 2}"} for i in range(n)]
+        recs += [
+            {
+                "prompt": f"{cat} prompt number {i} " + "word " * (i % 5),
+                "category": cat,
+                "score": str(i),
+                "source": f"s{i % 2}",
+            }
+            for i in range(n)
+        ]
     return jsonl(tmp_path / "or-bench.jsonl", recs), recs
 
 
@@ -264,7 +311,10 @@ def test_labels_travel_with_each_batch_row(labelled, tok):
         for i, d in enumerate(b.documents):
             r = by_text[d.text.strip()]
             assert (b.labels["category"][i], b.labels["score"][i], b.labels["source"][i]) == (
-                r["category"], r["score"], r["source"])
+                r["category"],
+                r["score"],
+                r["source"],
+            )
 
 
 def test_missing_category_field_is_a_clear_error(tmp_path, tok):
@@ -307,8 +357,10 @@ def test_sharding_disjoint_and_complete_for_every_source(tmp_path, labelled, tok
     path, _ = labelled
     a = jsonl(tmp_path / "a.jsonl", [{"text": f"alpha {i} " * (1 + i % 4)} for i in range(60)])
     b = jsonl(tmp_path / "b.jsonl", [{"text": f"beta {i}"} for i in range(60)])
-    entries = [{"name": "a", "path": str(a), "text_field": "text", "weight": 2},
-               {"name": "b", "path": str(b), "text_field": "text", "streaming": True}]
+    entries = [
+        {"name": "a", "path": str(a), "text_field": "text", "weight": 2},
+        {"name": "b", "path": str(b), "text_field": "text", "streaming": True},
+    ]
     cases = [
         dict(datasets=entries, n_batches=9, batch_size=3),
         dict(path=str(path), category_balance_strategy="equalize", n_batches=4, batch_size=3),
@@ -331,7 +383,9 @@ def test_packing_has_no_padding_and_eos_between_documents(tmp_path, tok):
     texts = [f"Document number {i} says " + "hello " * (i % 7) for i in range(40)]
     p = jsonl(tmp_path / "p.jsonl", [{"text": t} for t in texts])
     entry = [{"name": "p", "path": str(p), "text_field": "text"}]
-    stream = BatchStream(spec(datasets=entry, packing=True, shuffle=False, batch_size=2, seq_length=24, n_batches=5), tok)
+    stream = BatchStream(
+        spec(datasets=entry, packing=True, shuffle=False, batch_size=2, seq_length=24, n_batches=5), tok
+    )
     out = list(stream)
     assert len(out) == 5
     eos = tok.eos_token_id
@@ -339,24 +393,39 @@ def test_packing_has_no_padding_and_eos_between_documents(tmp_path, tok):
     for t in texts:
         expected += tok(t)["input_ids"] + [eos]
     flat = torch.cat([b.input_ids.reshape(-1) for b in out]).tolist()
-    assert flat == expected[:len(flat)]  # documents back to back, one EOS between each
+    assert flat == expected[: len(flat)]  # documents back to back, one EOS between each
     for b in out:
         assert b.input_ids.shape == (2, 24) and bool(b.attention_mask.all()) and bool(b.mask.all())
-    cleaned = list(BatchStream(spec(datasets=entry, packing=True, shuffle=False, batch_size=2, seq_length=24,
-                                    n_batches=5, clean_added_tokens=True), tok))
+    cleaned = list(
+        BatchStream(
+            spec(
+                datasets=entry,
+                packing=True,
+                shuffle=False,
+                batch_size=2,
+                seq_length=24,
+                n_batches=5,
+                clean_added_tokens=True,
+            ),
+            tok,
+        )
+    )
     for b, c in zip(out, cleaned):
         assert torch.equal(b.input_ids, c.input_ids)
         assert torch.equal(c.mask, b.input_ids != eos)  # the EOS separators are masked when cleaning
 
 
 def test_chat_records_default_system_prompt_masked_not_deleted(tmp_path, tok):
-    recs = [{"messages": [{"role": "user", "content": f"Question {i}?"},
-                          {"role": "assistant", "content": f"Answer {i}."}]} for i in range(4)]
+    recs = [
+        {"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]}
+        for i in range(4)
+    ]
     p = jsonl(tmp_path / "chat.jsonl", recs)
     entry = [{"name": "chat", "path": str(p), "text_field": "messages"}]
     plain = next(iter(BatchStream(spec(datasets=entry, shuffle=False, seq_length=64), tok)))
-    clean = next(iter(BatchStream(spec(datasets=entry, shuffle=False, seq_length=64,
-                                       clean_default_system_prompt=True), tok)))
+    clean = next(
+        iter(BatchStream(spec(datasets=entry, shuffle=False, seq_length=64, clean_default_system_prompt=True), tok))
+    )
     assert torch.equal(plain.input_ids, clean.input_ids)  # nothing deleted
     row = plain.input_ids[0]
     n = int(plain.attention_mask[0].sum())
@@ -372,8 +441,16 @@ def test_hub_entry_goes_to_load_dataset_streaming_and_shuffled(monkeypatch, tok)
 
     load_dataset, calls = fake_load_dataset([{"text": f"web page {i}"} for i in range(6)])
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    entry = [{"name": "c4", "path": "allenai/c4", "subset": "en", "split": "validation", "streaming": True,
-              "text_field": "text"}]
+    entry = [
+        {
+            "name": "c4",
+            "path": "allenai/c4",
+            "subset": "en",
+            "split": "validation",
+            "streaming": True,
+            "text_field": "text",
+        }
+    ]
     docs = docs_of(tok, datasets=entry)
     assert calls["load"] == ("allenai/c4", "en", "validation", True) and calls["shuffle"][0] == 3
     assert [d.text for d in docs] == [f"web page {i}" for i in reversed(range(6))]
@@ -384,7 +461,9 @@ def test_hub_entry_goes_to_load_dataset_streaming_and_shuffled(monkeypatch, tok)
         raise ConnectionError("Couldn't reach 'allenai/c4' on the Hub (LocalEntryNotFoundError)")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(UserError, match=r"dataset 'c4' \(allenai/c4\): could not load: ConnectionError: Couldn't reach"):
+    with pytest.raises(
+        UserError, match=r"dataset 'c4' \(allenai/c4\): could not load: ConnectionError: Couldn't reach"
+    ):
         docs_of(tok, datasets=entry)
 
 
@@ -426,8 +505,14 @@ def test_dataset_config_block_is_the_datasets_form(tmp_path, tok):
     plain = json.loads(json.dumps(cfg_dict({"seq_length": 32})))
     plain["data_config"]["datasets"] = [
         {"name": "pile-uncopyrighted", "path": "a.jsonl", "streaming": True, "weight": 0.7, "text_field": "text"},
-        {"name": "inst", "path": "b.jsonl", "streaming": True, "weight": 0.3,
-         "text_template": "Instruction:\n{instruction}\n\nOutput:\n{output}"}]
+        {
+            "name": "inst",
+            "path": "b.jsonl",
+            "streaming": True,
+            "weight": 0.3,
+            "text_template": "Instruction:\n{instruction}\n\nOutput:\n{output}",
+        },
+    ]
     (tmp_path / "plain.yaml").write_text(json.dumps(plain))
     assert cfg == load_config(tmp_path / "plain.yaml")
     assert cfg.data.seq_length == 32 and cfg.warnings == []
@@ -437,28 +522,52 @@ def test_dataset_config_block_is_the_datasets_form(tmp_path, tok):
 
 def test_dataset_config_tokenizer_other_than_the_models_is_a_warning(tmp_path):
     lm_files(tmp_path)
-    (tmp_path / "lm.yaml").write_text(LM_DATASET_CONFIG.replace('tokenizer_name: "some/model"', 'tokenizer_name: "gpt2"'))
+    (tmp_path / "lm.yaml").write_text(
+        LM_DATASET_CONFIG.replace('tokenizer_name: "some/model"', 'tokenizer_name: "gpt2"')
+    )
     cfg = load_config(tmp_path / "lm.yaml")
-    assert cfg.warnings == ["dataset_config.tokenizer_name: 'gpt2' is not the model's tokenizer ('some/model'); "
-                            "the text is tokenized with the model's own tokenizer"]
+    assert cfg.warnings == [
+        "dataset_config.tokenizer_name: 'gpt2' is not the model's tokenizer ('some/model'); "
+        "the text is tokenized with the model's own tokenizer"
+    ]
 
 
-@pytest.mark.parametrize("edit,expected", [
-    (lambda t: t.replace("data_config: {n_batches: 4, batch_size: 2}", "data_config: {n_batches: 4, batch_size: 2, seq_length: 64}"),
-     "dataset_config.max_seq_length: 32 contradicts data_config.seq_length 64; write one of them"),
-    (lambda t: t.replace("batch_size: 2}", "batch_size: 2, data_key: pydoc}"),
-     "dataset_config and data_config.data_key both give the text; keep one"),
-    (lambda t: t.replace('      text_field: "text"\n', ""),
-     "dataset_config.datasets[0] ('pile-uncopyrighted'): give exactly one of text_field or text_template (neither given)"),
-    (lambda t: t.replace("weight: 0.7", "weight: -1"),
-     "dataset_config.datasets[0].weight: -1 is not allowed (must be > 0)"),
-    (lambda t: t.replace("max_seq_length: 32", "max_seq_length: 1"),
-     "dataset_config.max_seq_length: 1 is not allowed (must be >= 2)"),
-    (lambda t: t.replace("data_config: {n_batches: 4, batch_size: 2}\n", ""),
-     "data_config: required but missing (n_batches and batch_size; the datasets come from dataset_config)"),
-    (lambda t: t + "train_config: {learning_rate: 5e-5}\n",
-     "train_config: unknown key; training settings have no meaning for collection"),
-])
+@pytest.mark.parametrize(
+    "edit,expected",
+    [
+        (
+            lambda t: t.replace(
+                "data_config: {n_batches: 4, batch_size: 2}",
+                "data_config: {n_batches: 4, batch_size: 2, seq_length: 64}",
+            ),
+            "dataset_config.max_seq_length: 32 contradicts data_config.seq_length 64; write one of them",
+        ),
+        (
+            lambda t: t.replace("batch_size: 2}", "batch_size: 2, data_key: pydoc}"),
+            "dataset_config and data_config.data_key both give the text; keep one",
+        ),
+        (
+            lambda t: t.replace('      text_field: "text"\n', ""),
+            "dataset_config.datasets[0] ('pile-uncopyrighted'): give exactly one of text_field or text_template (neither given)",
+        ),
+        (
+            lambda t: t.replace("weight: 0.7", "weight: -1"),
+            "dataset_config.datasets[0].weight: -1 is not allowed (must be > 0)",
+        ),
+        (
+            lambda t: t.replace("max_seq_length: 32", "max_seq_length: 1"),
+            "dataset_config.max_seq_length: 1 is not allowed (must be >= 2)",
+        ),
+        (
+            lambda t: t.replace("data_config: {n_batches: 4, batch_size: 2}\n", ""),
+            "data_config: required but missing (n_batches and batch_size; the datasets come from dataset_config)",
+        ),
+        (
+            lambda t: t + "train_config: {learning_rate: 5e-5}\n",
+            "train_config: unknown key; training settings have no meaning for collection",
+        ),
+    ],
+)
 def test_dataset_config_errors_name_its_fields(tmp_path, edit, expected):
     lm_files(tmp_path)
     (tmp_path / "lm.yaml").write_text(edit(LM_DATASET_CONFIG))
@@ -489,16 +598,23 @@ data_mixes:
 def test_top_level_data_mixes_block(tmp_path):
     lm_files(tmp_path)
     head = "run_name: r\ntransformer_config: {model_name: some/model}\nupload_config: {hooks: [residuals_0]}\n"
-    (tmp_path / "m.yaml").write_text(head + "data_config: {n_batches: 4, batch_size: 2, seq_length: 32, mix: science_mix}\n"
-                                     + DATA_MIXES)
+    (tmp_path / "m.yaml").write_text(
+        head + "data_config: {n_batches: 4, batch_size: 2, seq_length: 32, mix: science_mix}\n" + DATA_MIXES
+    )
     cfg = load_config(tmp_path / "m.yaml")
     assert [d.name for d in cfg.data.datasets] == ["inst"] and cfg.data.mix is None
     assert cfg.data.datasets[0].path == str((tmp_path / "b.jsonl").resolve())
     (tmp_path / "m.yaml").write_text(head + "data_config: {n_batches: 4, batch_size: 2, seq_length: 32}\n" + DATA_MIXES)
-    with pytest.raises(ConfigError, match=r"data_mixes: holds 2 mixes \(high_quality_mix, science_mix\); "
-                                          r"pick one with data_config.mix"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data_mixes: holds 2 mixes \(high_quality_mix, science_mix\); "
+        r"pick one with data_config.mix",
+    ):
         load_config(tmp_path / "m.yaml")
-    (tmp_path / "m.yaml").write_text(head + "data_config: {n_batches: 4, batch_size: 2, seq_length: 32, mix: art}\n"
-                                     + DATA_MIXES)
-    with pytest.raises(ConfigError, match=r"data_config.mix: 'art' is not in data_mixes \(available: high_quality_mix, science_mix\)"):
+    (tmp_path / "m.yaml").write_text(
+        head + "data_config: {n_batches: 4, batch_size: 2, seq_length: 32, mix: art}\n" + DATA_MIXES
+    )
+    with pytest.raises(
+        ConfigError, match=r"data_config.mix: 'art' is not in data_mixes \(available: high_quality_mix, science_mix\)"
+    ):
         load_config(tmp_path / "m.yaml")

@@ -24,14 +24,29 @@ REPO = Path(__file__).resolve().parents[1]
 
 # One event of every type with every field of the protocol table set (as a worker writes them).
 EVERY = {
-    "start": dict(run="r", model="m", hooks=["residuals_1", "attn_2"], store="s3://b/r", n_batches=8,
-                  batches_per_upload=2, pid=4242, format="safetensors"),
-    "loading": dict(what="data", detail="pydoc", model_params=135_000_000, model_bytes=540_000_000, dtype="float32",
-                    device="cuda:0"),
+    "start": dict(
+        run="r",
+        model="m",
+        hooks=["residuals_1", "attn_2"],
+        store="s3://b/r",
+        n_batches=8,
+        batches_per_upload=2,
+        pid=4242,
+        format="safetensors",
+    ),
+    "loading": dict(
+        what="data", detail="pydoc", model_params=135_000_000, model_bytes=540_000_000, dtype="float32", device="cuda:0"
+    ),
     "resume": dict(from_megabatch=3, from_batch=6),
     "progress": dict(batches=7, total_batches=8, tokens=7000, tokens_per_s=1234.5, megabatch=3),
-    "memory": dict(rss=1 << 30, children_rss=1 << 20, gpu_allocated=2 << 30, gpu_reserved=3 << 30,
-                   system_used=10 << 30, system_total=64 << 30),
+    "memory": dict(
+        rss=1 << 30,
+        children_rss=1 << 20,
+        gpu_allocated=2 << 30,
+        gpu_reserved=3 << 30,
+        system_used=10 << 30,
+        system_total=64 << 30,
+    ),
     "upload": dict(queued=2, in_flight_bytes=4_000_000, done_bytes=8_000_000, mb_per_s=12.5, retries=1, failed=0),
     "committed": dict(megabatch=3, batch_start=6, batch_end=8, tokens=2000, bytes=4_000_000),
     "warning": dict(message="retrying upload of x (attempt 2): SlowDown"),
@@ -81,12 +96,14 @@ def test_the_sink_writes_lines_that_parse(tmp_path):
 
 def test_an_old_log_still_reads_extra_fields_kept():
     """Lines as collector/events.py wrote them (before the typed records), and one field no table names."""
-    log = (b'{"type":"start","time":1.5,"worker":0,"run":"r","model":"m","hooks":["h"],"store":"/v/r",'
-           b'"n_batches":4,"batches_per_upload":2,"pid":7,"format":"pt"}\n'
-           b'{"type":"memory","time":2.0,"worker":0,"rss":5,"children_rss":0,"gpu_allocated":null,'
-           b'"gpu_reserved":null,"system_used":1,"system_total":2}\n'
-           b'{"type":"progress","time":3,"worker":0,"batches":1,"total_batches":4,"tokens":10,"tokens_per_s":5,'
-           b'"megabatch":0,"attempt":2}\n')
+    log = (
+        b'{"type":"start","time":1.5,"worker":0,"run":"r","model":"m","hooks":["h"],"store":"/v/r",'
+        b'"n_batches":4,"batches_per_upload":2,"pid":7,"format":"pt"}\n'
+        b'{"type":"memory","time":2.0,"worker":0,"rss":5,"children_rss":0,"gpu_allocated":null,'
+        b'"gpu_reserved":null,"system_used":1,"system_total":2}\n'
+        b'{"type":"progress","time":3,"worker":0,"batches":1,"total_batches":4,"tokens":10,"tokens_per_s":5,'
+        b'"megabatch":0,"attempt":2}\n'
+    )
     start, memory, progress = (parse(line) for line in log.splitlines())
     assert isinstance(start, ev.Start) and start.hooks == ["h"] and start.format == "pt" and start.pid == 7
     assert isinstance(memory, ev.Memory) and memory.gpu_allocated is None and memory.rss == 5
@@ -125,8 +142,10 @@ def test_blank_lines_are_not_counted():
 
 
 def test_wrong_field_types_read_as_absent_and_the_fold_keeps_what_it_knew():
-    e = parse(b'{"type":"progress","worker":"zero","time":"now","batches":"many","total_batches":true,'
-              b'"tokens":12.0,"tokens_per_s":1e999,"megabatch":[1]}')
+    e = parse(
+        b'{"type":"progress","worker":"zero","time":"now","batches":"many","total_batches":true,'
+        b'"tokens":12.0,"tokens_per_s":1e999,"megabatch":[1]}'
+    )
     assert isinstance(e, ev.Progress)
     assert (e.worker, e.time, e.batches, e.total_batches, e.tokens, e.megabatch) == (None, None, None, None, 12, None)
     assert math.isinf(e.tokens_per_s)
@@ -150,77 +169,249 @@ def _seq(*items):
 
 
 GOLDEN = [
-    (_seq(("start", 0, 100.0, dict(run="r", model="m", hooks=["h"], store="s", n_batches=4, batches_per_upload=2,
-                                   pid=4000, format="safetensors")),
-          ("loading", 0, 101.0, dict(what="model", detail="tiny/llama")),
-          ("loading", 0, 104.0, dict(what="data", detail="pydoc", model_params=135_000_000, model_bytes=540_000_000,
-                                     dtype="float32", device="cuda:0")),
-          ("memory", 0, 104.5, dict(rss=1000, children_rss=10, gpu_allocated=5, gpu_reserved=6, system_used=1,
-                                    system_total=2)),
-          ("progress", 0, 106.0, dict(batches=1, total_batches=4, tokens=100, tokens_per_s=50.0, megabatch=0)),
-          ("upload", 0, 106.5, dict(queued=2, in_flight_bytes=300, done_bytes=100, mb_per_s=1.5, retries=1, failed=0)),
-          ("progress", 0, 107.0, dict(batches=2, total_batches=4, tokens=200, tokens_per_s=50.0, megabatch=1)),
-          ("committed", 0, 107.5, dict(megabatch=0, batch_start=0, batch_end=2, tokens=200, bytes=2_000_000)),
-          ("warning", 0, 108.0, dict(message="retrying upload\nof x \x1b[31m")),
-          ("memory", 0, 108.5, dict(rss=2000, children_rss=20, gpu_allocated=None, gpu_reserved=None)),
-          ("progress", 0, 109.0, dict(batches="many", total_batches=4, tokens=300.0, tokens_per_s=True, megabatch=2)),
-          ("progress", 0, 110.0, dict(batches=4, total_batches=4, tokens=400, tokens_per_s=40.0, megabatch=2)),
-          ("committed", 0, 111.0, dict(megabatch=1, batch_start=2, batch_end=4, tokens=200, bytes=2_000_000)),
-          ("error", 0, 111.5, dict(message="boom: disk full")),
-          ("done", 0, 112.0, dict(status="complete", batches=4, tokens=400, megabatches=2, elapsed=12.0))),
-     {"index": 0, "state": "done", "detail": "", "pid": 4000, "ended_at": 1014.0, "batches": 4, "total_batches": 4,
-      "tokens": 400, "tokens_per_s": 0.0, "megabatch": 2, "last_progress_time": 110.0, "committed": 2,
-      "committed_tokens": 400, "committed_bytes": 4000000, "queued": 2, "in_flight_bytes": 300, "done_bytes": 100,
-      "mb_per_s": 1.5, "retries": 1, "upload_failed": 0, "rss": 1000, "children_rss": 10, "gpu_allocated": None,
-      "gpu_reserved": None, "warnings": 1, "errors": 1, "last_error": "boom: disk full", "done_status": "complete",
-      "_before_pause": None, "_started_event": 100.0, "_loading_model_since": 101.0, "_first_batch_seen": True},
-     [("info", "started (pid 4000): 4 batches to collect"),
-      ("info", "loading model tiny/llama"),
-      ("info", "model loaded: 135M parameters, 540.0 MB float32 on cuda:0 in 3.0s"),
-      ("info", "first batch done (100 tokens so far), 6.0s after start"),
-      ("info", "megabatch 0 committed: 2.0 MB, 200 tokens (batches 0-1)"),
-      ("warning", "retrying upload of x \\x1b[31m"),
-      ("info", "megabatch 1 committed: 2.0 MB, 200 tokens (batches 2-3)"),
-      ("error", "boom: disk full"),
-      ("info", "finished: 4 batches, 400 tokens, 2 megabatches in 12s; statistics written")]),
-    (_seq(("resume", 1, 1.0, dict(from_megabatch=3, from_batch=6)),
-          ("progress", 1, 2.0, dict(batches=7, total_batches=20, tokens=70, tokens_per_s=7.0, megabatch=3)),
-          ("stopping", 1, 3.0, dict(megabatch=3, filled=1, batches_per_upload=2)),
-          ("progress", 1, 4.0, dict(batches=8, total_batches=20, tokens=80, tokens_per_s=7.0, megabatch=4)),
-          ("done", 1, 5.0, dict(status="stopped", batches=8, tokens=80, megabatches=4, elapsed=4000.0))),
-     {"index": 1, "state": "stopped", "detail": "", "pid": None, "ended_at": 1004.0, "batches": 8,
-      "total_batches": 20, "tokens": 80, "tokens_per_s": 0.0, "megabatch": 4, "last_progress_time": 4.0,
-      "committed": 3, "committed_tokens": 0, "committed_bytes": 0, "queued": 0, "in_flight_bytes": 0,
-      "done_bytes": 0, "mb_per_s": 0.0, "retries": 0, "upload_failed": 0, "rss": None, "children_rss": None,
-      "gpu_allocated": None, "gpu_reserved": None, "warnings": 0, "errors": 0, "last_error": None,
-      "done_status": "stopped", "_before_pause": None, "_started_event": None, "_loading_model_since": None,
-      "_first_batch_seen": True},
-     [("info", "resuming at megabatch 3 (batch 6)"),
-      ("info", "first batch done (70 tokens so far)"),
-      ("info", "stopping: finishing megabatch 3 (1/2 batches), then exit"),
-      ("info", "stopped: 8 batches, 80 tokens, 4 megabatches committed in 1h06m; statistics written")]),
-    (_seq(("start", 2, 1.0, dict(n_batches=3)),
-          ("done", 2, 2.0, dict(status="complete", batches=3, tokens=30, megabatches=1, elapsed=0.0,
-                                already_complete=True))),
-     {"index": 2, "state": "done", "detail": "", "pid": None, "ended_at": 1001.0, "batches": 3, "total_batches": 3,
-      "tokens": 30, "tokens_per_s": 0.0, "megabatch": 0, "last_progress_time": None, "committed": 0,
-      "committed_tokens": 0, "committed_bytes": 0, "queued": 0, "in_flight_bytes": 0, "done_bytes": 0,
-      "mb_per_s": 0.0, "retries": 0, "upload_failed": 0, "rss": None, "children_rss": None, "gpu_allocated": None,
-      "gpu_reserved": None, "warnings": 0, "errors": 0, "last_error": None, "done_status": "complete",
-      "_before_pause": None, "_started_event": 1.0, "_loading_model_since": None, "_first_batch_seen": False},
-     [("info", "started (pid ?): 3 batches to collect"),
-      ("info", "already complete: 3 batches, 30 tokens, 1 megabatches; nothing to do")]),
-    (_seq(("start", 3, 1.0, dict(pid=9)), ("loading", 3, 2.0, dict(what="tokenizer")),
-          ("done", 3, 3.0, dict(status="failed", batches=0, tokens=0, megabatches=0))),
-     {"index": 3, "state": "failed", "detail": "tokenizer", "pid": 9, "ended_at": 1002.0, "batches": 0,
-      "total_batches": None, "tokens": 0, "tokens_per_s": 0.0, "megabatch": 0, "last_progress_time": None,
-      "committed": 0, "committed_tokens": 0, "committed_bytes": 0, "queued": 0, "in_flight_bytes": 0,
-      "done_bytes": 0, "mb_per_s": 0.0, "retries": 0, "upload_failed": 0, "rss": None, "children_rss": None,
-      "gpu_allocated": None, "gpu_reserved": None, "warnings": 0, "errors": 0, "last_error": None,
-      "done_status": "failed", "_before_pause": None, "_started_event": 1.0, "_loading_model_since": None,
-      "_first_batch_seen": False},
-     [("info", "started (pid 9): ? batches to collect"),
-      ("info", "ended (failed): 0 batches, 0 tokens, 0 megabatches committed")]),
+    (
+        _seq(
+            (
+                "start",
+                0,
+                100.0,
+                dict(
+                    run="r",
+                    model="m",
+                    hooks=["h"],
+                    store="s",
+                    n_batches=4,
+                    batches_per_upload=2,
+                    pid=4000,
+                    format="safetensors",
+                ),
+            ),
+            ("loading", 0, 101.0, dict(what="model", detail="tiny/llama")),
+            (
+                "loading",
+                0,
+                104.0,
+                dict(
+                    what="data",
+                    detail="pydoc",
+                    model_params=135_000_000,
+                    model_bytes=540_000_000,
+                    dtype="float32",
+                    device="cuda:0",
+                ),
+            ),
+            (
+                "memory",
+                0,
+                104.5,
+                dict(rss=1000, children_rss=10, gpu_allocated=5, gpu_reserved=6, system_used=1, system_total=2),
+            ),
+            ("progress", 0, 106.0, dict(batches=1, total_batches=4, tokens=100, tokens_per_s=50.0, megabatch=0)),
+            (
+                "upload",
+                0,
+                106.5,
+                dict(queued=2, in_flight_bytes=300, done_bytes=100, mb_per_s=1.5, retries=1, failed=0),
+            ),
+            ("progress", 0, 107.0, dict(batches=2, total_batches=4, tokens=200, tokens_per_s=50.0, megabatch=1)),
+            ("committed", 0, 107.5, dict(megabatch=0, batch_start=0, batch_end=2, tokens=200, bytes=2_000_000)),
+            ("warning", 0, 108.0, dict(message="retrying upload\nof x \x1b[31m")),
+            ("memory", 0, 108.5, dict(rss=2000, children_rss=20, gpu_allocated=None, gpu_reserved=None)),
+            ("progress", 0, 109.0, dict(batches="many", total_batches=4, tokens=300.0, tokens_per_s=True, megabatch=2)),
+            ("progress", 0, 110.0, dict(batches=4, total_batches=4, tokens=400, tokens_per_s=40.0, megabatch=2)),
+            ("committed", 0, 111.0, dict(megabatch=1, batch_start=2, batch_end=4, tokens=200, bytes=2_000_000)),
+            ("error", 0, 111.5, dict(message="boom: disk full")),
+            ("done", 0, 112.0, dict(status="complete", batches=4, tokens=400, megabatches=2, elapsed=12.0)),
+        ),
+        {
+            "index": 0,
+            "state": "done",
+            "detail": "",
+            "pid": 4000,
+            "ended_at": 1014.0,
+            "batches": 4,
+            "total_batches": 4,
+            "tokens": 400,
+            "tokens_per_s": 0.0,
+            "megabatch": 2,
+            "last_progress_time": 110.0,
+            "committed": 2,
+            "committed_tokens": 400,
+            "committed_bytes": 4000000,
+            "queued": 2,
+            "in_flight_bytes": 300,
+            "done_bytes": 100,
+            "mb_per_s": 1.5,
+            "retries": 1,
+            "upload_failed": 0,
+            "rss": 1000,
+            "children_rss": 10,
+            "gpu_allocated": None,
+            "gpu_reserved": None,
+            "warnings": 1,
+            "errors": 1,
+            "last_error": "boom: disk full",
+            "done_status": "complete",
+            "_before_pause": None,
+            "_started_event": 100.0,
+            "_loading_model_since": 101.0,
+            "_first_batch_seen": True,
+        },
+        [
+            ("info", "started (pid 4000): 4 batches to collect"),
+            ("info", "loading model tiny/llama"),
+            ("info", "model loaded: 135M parameters, 540.0 MB float32 on cuda:0 in 3.0s"),
+            ("info", "first batch done (100 tokens so far), 6.0s after start"),
+            ("info", "megabatch 0 committed: 2.0 MB, 200 tokens (batches 0-1)"),
+            ("warning", "retrying upload of x \\x1b[31m"),
+            ("info", "megabatch 1 committed: 2.0 MB, 200 tokens (batches 2-3)"),
+            ("error", "boom: disk full"),
+            ("info", "finished: 4 batches, 400 tokens, 2 megabatches in 12s; statistics written"),
+        ],
+    ),
+    (
+        _seq(
+            ("resume", 1, 1.0, dict(from_megabatch=3, from_batch=6)),
+            ("progress", 1, 2.0, dict(batches=7, total_batches=20, tokens=70, tokens_per_s=7.0, megabatch=3)),
+            ("stopping", 1, 3.0, dict(megabatch=3, filled=1, batches_per_upload=2)),
+            ("progress", 1, 4.0, dict(batches=8, total_batches=20, tokens=80, tokens_per_s=7.0, megabatch=4)),
+            ("done", 1, 5.0, dict(status="stopped", batches=8, tokens=80, megabatches=4, elapsed=4000.0)),
+        ),
+        {
+            "index": 1,
+            "state": "stopped",
+            "detail": "",
+            "pid": None,
+            "ended_at": 1004.0,
+            "batches": 8,
+            "total_batches": 20,
+            "tokens": 80,
+            "tokens_per_s": 0.0,
+            "megabatch": 4,
+            "last_progress_time": 4.0,
+            "committed": 3,
+            "committed_tokens": 0,
+            "committed_bytes": 0,
+            "queued": 0,
+            "in_flight_bytes": 0,
+            "done_bytes": 0,
+            "mb_per_s": 0.0,
+            "retries": 0,
+            "upload_failed": 0,
+            "rss": None,
+            "children_rss": None,
+            "gpu_allocated": None,
+            "gpu_reserved": None,
+            "warnings": 0,
+            "errors": 0,
+            "last_error": None,
+            "done_status": "stopped",
+            "_before_pause": None,
+            "_started_event": None,
+            "_loading_model_since": None,
+            "_first_batch_seen": True,
+        },
+        [
+            ("info", "resuming at megabatch 3 (batch 6)"),
+            ("info", "first batch done (70 tokens so far)"),
+            ("info", "stopping: finishing megabatch 3 (1/2 batches), then exit"),
+            ("info", "stopped: 8 batches, 80 tokens, 4 megabatches committed in 1h06m; statistics written"),
+        ],
+    ),
+    (
+        _seq(
+            ("start", 2, 1.0, dict(n_batches=3)),
+            (
+                "done",
+                2,
+                2.0,
+                dict(status="complete", batches=3, tokens=30, megabatches=1, elapsed=0.0, already_complete=True),
+            ),
+        ),
+        {
+            "index": 2,
+            "state": "done",
+            "detail": "",
+            "pid": None,
+            "ended_at": 1001.0,
+            "batches": 3,
+            "total_batches": 3,
+            "tokens": 30,
+            "tokens_per_s": 0.0,
+            "megabatch": 0,
+            "last_progress_time": None,
+            "committed": 0,
+            "committed_tokens": 0,
+            "committed_bytes": 0,
+            "queued": 0,
+            "in_flight_bytes": 0,
+            "done_bytes": 0,
+            "mb_per_s": 0.0,
+            "retries": 0,
+            "upload_failed": 0,
+            "rss": None,
+            "children_rss": None,
+            "gpu_allocated": None,
+            "gpu_reserved": None,
+            "warnings": 0,
+            "errors": 0,
+            "last_error": None,
+            "done_status": "complete",
+            "_before_pause": None,
+            "_started_event": 1.0,
+            "_loading_model_since": None,
+            "_first_batch_seen": False,
+        },
+        [
+            ("info", "started (pid ?): 3 batches to collect"),
+            ("info", "already complete: 3 batches, 30 tokens, 1 megabatches; nothing to do"),
+        ],
+    ),
+    (
+        _seq(
+            ("start", 3, 1.0, dict(pid=9)),
+            ("loading", 3, 2.0, dict(what="tokenizer")),
+            ("done", 3, 3.0, dict(status="failed", batches=0, tokens=0, megabatches=0)),
+        ),
+        {
+            "index": 3,
+            "state": "failed",
+            "detail": "tokenizer",
+            "pid": 9,
+            "ended_at": 1002.0,
+            "batches": 0,
+            "total_batches": None,
+            "tokens": 0,
+            "tokens_per_s": 0.0,
+            "megabatch": 0,
+            "last_progress_time": None,
+            "committed": 0,
+            "committed_tokens": 0,
+            "committed_bytes": 0,
+            "queued": 0,
+            "in_flight_bytes": 0,
+            "done_bytes": 0,
+            "mb_per_s": 0.0,
+            "retries": 0,
+            "upload_failed": 0,
+            "rss": None,
+            "children_rss": None,
+            "gpu_allocated": None,
+            "gpu_reserved": None,
+            "warnings": 0,
+            "errors": 0,
+            "last_error": None,
+            "done_status": "failed",
+            "_before_pause": None,
+            "_started_event": 1.0,
+            "_loading_model_since": None,
+            "_first_batch_seen": False,
+        },
+        [
+            ("info", "started (pid 9): ? batches to collect"),
+            ("info", "ended (failed): 0 batches, 0 tokens, 0 megabatches committed"),
+        ],
+    ),
 ]
 
 
@@ -280,7 +471,11 @@ def test_supervisor_counts_and_shows_bad_lines_and_passes_them_on():
     w1 = next(w for w in sup.snapshot() if w.index == 1)
     assert (w1.invalid, w1.warnings) == (2, 1) and "unknown event type 'bogus'" in w1.last_invalid
     messages = [(line.worker, line.level, line.message) for line in sup.logs_since(0)]
-    assert (1, "warning", "ignored a line that is not an event (not JSON): Traceback (most recent call last):") in messages
+    assert (
+        1,
+        "warning",
+        "ignored a line that is not an event (not JSON): Traceback (most recent call last):",
+    ) in messages
     assert (1, "warning", "slow store") in messages
     assert [(type(e).__name__, e.worker) for e in got] == [("Invalid", 1), ("Invalid", 1), ("WorkerWarning", 1)]
     sup.feed({"type": "progress", "worker": 0, "batches": 1, "total_batches": 2})  # the wire dict form still works
@@ -308,9 +503,11 @@ def test_note_durations_show_tenths_under_ten_seconds():
 
 
 def test_importing_the_protocol_is_standard_library_only():
-    code = ("import sys; before = set(sys.modules); import vaultsh.events\n"
-            "new = {m.split('.')[0] for m in set(sys.modules) - before}\n"
-            "print(sorted(m for m in new if m not in sys.stdlib_module_names and m != 'vaultsh'))")
+    code = (
+        "import sys; before = set(sys.modules); import vaultsh.events\n"
+        "new = {m.split('.')[0] for m in set(sys.modules) - before}\n"
+        "print(sorted(m for m in new if m not in sys.stdlib_module_names and m != 'vaultsh'))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().replace("'", '"')) == []

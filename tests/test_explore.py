@@ -41,9 +41,15 @@ def planted(tmp_path_factory, s3_server, s3_admin):
     s3 = S3Store(bucket, prefix="", endpoint_url=s3_server)
     fx.build(s3)
     ckpts = tmp_path_factory.mktemp("ckpts")
-    return {"local": local, "s3": s3, "data": data, "saelens": fx.write_saelens(ckpts / "saelens"),
-            "topk": fx.write_saelens(ckpts / "saelens-topk", "topk"), "sparsify": fx.write_sparsify(ckpts / "sparsify"),
-            "dir": ckpts}
+    return {
+        "local": local,
+        "s3": s3,
+        "data": data,
+        "saelens": fx.write_saelens(ckpts / "saelens"),
+        "topk": fx.write_saelens(ckpts / "saelens-topk", "topk"),
+        "sparsify": fx.write_sparsify(ckpts / "sparsify"),
+        "dir": ckpts,
+    }
 
 
 def flat_real(data):
@@ -74,7 +80,7 @@ def test_grep_finds_the_phrase_across_tokens_and_skips_the_masked_one(planted, k
         ids = data["ids"][f, s].tolist()
         assert p <= start < end <= p + n_phrase and end - start >= 2  # spans a token boundary
         assert fx.QUERY in tok.decode(ids[start:end])
-        assert fx.QUERY not in tok.decode(ids[start + 1:end]) and fx.QUERY not in tok.decode(ids[start:end - 1])
+        assert fx.QUERY not in tok.decode(ids[start + 1 : end]) and fx.QUERY not in tok.decode(ids[start : end - 1])
     for m in r.matches:
         assert m.text == fx.QUERY and fx.QUERY in m.context.match and m.hook == fx.HOOK
         # provenance of the match's first token: one match is in the packed file's second document
@@ -103,9 +109,11 @@ def test_grep_over_a_prefix_of_runs(tmp_path):
     data = fx.build(store, run_name="exp/b")
     r = grep(store, "exp", fx.QUERY)
     assert sorted((m.run, m.sequence) for m in r.matches) == sorted(
-        (run, s) for run in ("exp/a", "exp/b") for _, s, _ in fx.PHRASE_AT)
+        (run, s) for run in ("exp/a", "exp/b") for _, s, _ in fx.PHRASE_AT
+    )
     assert r.files == 2 * fx.N_FILES and r.ids_mask_bytes == 2 * sum(
-        data["ids"][i].nbytes + data["mask"][i].nbytes for i in range(fx.N_FILES))
+        data["ids"][i].nbytes + data["mask"][i].nbytes for i in range(fx.N_FILES)
+    )
     assert len(grep(store, "exp/b", fx.QUERY).matches) == len(fx.PHRASE_AT)
 
 
@@ -164,18 +172,27 @@ def test_top_over_many_files_equals_brute_force_and_samples_are_exact_too(tmp_pa
     store = LocalStore(tmp_path / "v")
     run = Run(store, "many")
     n_files, n, t, d = 24, 4, 16, 8
-    run.write_metadata("h", metadata_for(batch_size=n, sequence_length=t, d_in=d, batches_per_file=1,
-                                         dtype=torch.float32, hook="h"))
+    run.write_metadata(
+        "h", metadata_for(batch_size=n, sequence_length=t, d_in=d, batches_per_file=1, dtype=torch.float32, hook="h")
+    )
     g = np.random.default_rng(7)
     states = g.standard_normal((n_files, n, t, d)).astype(np.float32)
     mask = g.random((n_files, n, t)) > 0.3
     keys = []
     for i in range(n_files):
         key = run.megabatch_key("h", i % 3, i // 3)
-        size = write_megabatch(store, key, torch.from_numpy(states[i]),
-                               torch.from_numpy(g.integers(0, 1000, (n, t))), torch.from_numpy(mask[i]))
-        run.commit(CommitRecord(i % 3, i // 3, i, i + 1, {"h": FileRecord("h", key, size, None, n, n * t, i % 3, i // 3)},
-                                tokens=n * t))
+        size = write_megabatch(
+            store,
+            key,
+            torch.from_numpy(states[i]),
+            torch.from_numpy(g.integers(0, 1000, (n, t))),
+            torch.from_numpy(mask[i]),
+        )
+        run.commit(
+            CommitRecord(
+                i % 3, i // 3, i, i + 1, {"h": FileRecord("h", key, size, None, n, n * t, i % 3, i // 3)}, tokens=n * t
+            )
+        )
         keys.append(key)
 
     def brute(values, files):
@@ -281,9 +298,11 @@ def test_saelens_and_sparsify_layouts_encode_like_numpy(planted):
     x = flat_real(data)[0][:200]
     import torch
 
-    for path, arch, weights in ((planted["saelens"], "jumprelu", fx.sae_weights()),
-                                (planted["topk"], "topk", fx.sae_weights()),
-                                (planted["sparsify"], "topk", fx.sae_weights(2))):
+    for path, arch, weights in (
+        (planted["saelens"], "jumprelu", fx.sae_weights()),
+        (planted["topk"], "topk", fx.sae_weights()),
+        (planted["sparsify"], "topk", fx.sae_weights(2)),
+    ):
         sae = load_sae(path)
         assert (sae.d_in, sae.d_sae, sae.architecture) == (fx.D, fx.D_SAE, arch)
         h = sae.encode(torch.from_numpy(x)).numpy()
@@ -312,9 +331,16 @@ def test_sae_eval_equals_brute_force(planted, kind):
         bad.mkdir(exist_ok=True)
         from safetensors.numpy import save_file
 
-        save_file({k: np.zeros((8, 4) if k == "W_enc" else (4, 8) if k == "W_dec" else (4,) if k == "b_enc" else (8,),
-                               dtype=np.float32) for k in ("W_enc", "b_enc", "W_dec", "b_dec")},
-                  str(bad / "sae_weights.safetensors"))
+        save_file(
+            {
+                k: np.zeros(
+                    (8, 4) if k == "W_enc" else (4, 8) if k == "W_dec" else (4,) if k == "b_enc" else (8,),
+                    dtype=np.float32,
+                )
+                for k in ("W_enc", "b_enc", "W_dec", "b_dec")
+            },
+            str(bad / "sae_weights.safetensors"),
+        )
         sae_eval(store, hook_key(), None, str(bad), tokens=10)
 
 
@@ -331,7 +357,11 @@ def _saelens_python() -> str | None:
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    for cand in (os.environ.get("VAULTSH_SAELENS_PYTHON"), sys.executable, str(root / ".venv-saelens" / "bin" / "python")):
+    for cand in (
+        os.environ.get("VAULTSH_SAELENS_PYTHON"),
+        sys.executable,
+        str(root / ".venv-saelens" / "bin" / "python"),
+    ):
         if cand and Path(cand).exists():
             if subprocess.run([cand, "-c", "import sae_lens"], capture_output=True, timeout=120).returncode == 0:
                 return cand
@@ -354,11 +384,16 @@ def saelens_ckpts(planted, tmp_path_factory):
     np.save(out / "x.npy", x)
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-    proc = subprocess.run([python, str(root / "tests" / "saelens_ckpts.py"), str(out), str(fx.D), str(fx.D_SAE),
-                           str(fx.K_SPARSIFY)], capture_output=True, text=True, timeout=280, env=env)
+    proc = subprocess.run(
+        [python, str(root / "tests" / "saelens_ckpts.py"), str(out), str(fx.D), str(fx.D_SAE), str(fx.K_SPARSIFY)],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("SAELENS-CKPTS "))
-    return out, json.loads(line[len("SAELENS-CKPTS "):])
+    return out, json.loads(line[len("SAELENS-CKPTS ") :])
 
 
 def test_checkpoints_saved_by_saelens_encode_and_decode_as_saelens_does(saelens_ckpts):
@@ -427,10 +462,14 @@ def test_norms_find_the_sink_and_write_outliers_json(planted, kind):
     assert r.massive_dims[0]["dim"] == fx.SINK_DIM
     assert r.by_position[0] == pytest.approx(nrm[where[:, 2] == 0].mean(), rel=1e-5)
     doc = json.loads(store.get_bytes(f"{hook_key()}/{OUTLIERS}"))
-    assert {"version", "hook", "tokens", "median_norm", "mean_norm", "quantiles", "massive_dims",
-            "outliers"} <= set(doc)
-    assert doc["version"] == 1 and doc["hook"] == fx.HOOK and set(doc["quantiles"]) == {"0.5", "0.9", "0.99",
-                                                                                        "0.999", "max"}
+    assert {"version", "hook", "tokens", "median_norm", "mean_norm", "quantiles", "massive_dims", "outliers"} <= set(
+        doc
+    )
+    assert (
+        doc["version"] == 1
+        and doc["hook"] == fx.HOOK
+        and set(doc["quantiles"]) == {"0.5", "0.9", "0.99", "0.999", "max"}
+    )
     assert set(doc["outliers"][0]) == {"file", "sequence", "position", "token_id", "norm"}
     assert set(doc["massive_dims"][0]) == {"dim", "max_abs", "ratio_to_median"}
     assert doc["outliers"][0]["token_id"] == int(data["ids"][fx.SINK_AT])
@@ -521,7 +560,8 @@ def test_norms_png_decodes(planted, tmp_path):
 def sh(store, commands: str, json_mode: bool = False):
     out, err = io.StringIO(), io.StringIO()
     rc = Shell(store=store, cwd="", stdout=out, stderr=err, json_mode=json_mode, interactive=False).run_lines(
-        [commands])
+        [commands]
+    )
     return rc, out.getvalue(), err.getvalue()
 
 
@@ -535,7 +575,11 @@ def test_shell_commands(planted, kind):
     rc, out, err = sh(store, f"cd {fx.RUN}; top {fx.HOOK} --dim {fx.DIM} -k 2 --json")
     assert rc == 0, err
     doc = json.loads(out)
-    assert (data["keys"].index(doc["top"][0]["file"]), doc["top"][0]["sequence"], doc["top"][0]["position"]) == fx.DIM_AT
+    assert (
+        data["keys"].index(doc["top"][0]["file"]),
+        doc["top"][0]["sequence"],
+        doc["top"][0]["position"],
+    ) == fx.DIM_AT
     rc, out, err = sh(store, f"cd {hook_key()}; top --dim {fx.DIM} -k 2")
     assert rc == 0 and "q=1.000000" in out and "seq 3 pos 10" in out
     want = fx.source_of_token(*fx.DIM_AT)
@@ -553,11 +597,13 @@ def test_shell_commands(planted, kind):
 
 def test_shell_errors_are_one_line(planted):
     store = planted["local"]
-    for cmd, needle in ((f"cd {hook_key()}; top --dim 99", "out of range"),
-                        (f"cd {fx.RUN}; grep ( --regex", "bad regular expression"),
-                        (f"cd {hook_key()}; top -k", "needs a value"),
-                        (f"cd {hook_key()}; top --dim x", "not a whole number"),
-                        (f"cd {hook_key()}; top --sae /nonexistent --feature 1", "no such SAE checkpoint")):
+    for cmd, needle in (
+        (f"cd {hook_key()}; top --dim 99", "out of range"),
+        (f"cd {fx.RUN}; grep ( --regex", "bad regular expression"),
+        (f"cd {hook_key()}; top -k", "needs a value"),
+        (f"cd {hook_key()}; top --dim x", "not a whole number"),
+        (f"cd {hook_key()}; top --sae /nonexistent --feature 1", "no such SAE checkpoint"),
+    ):
         rc, out, err = sh(store, cmd)
         lines = err.strip().splitlines()
         assert rc == 2 and len(lines) == 1 and needle in lines[0] and "Traceback" not in err, (cmd, err)
@@ -600,10 +646,28 @@ def test_cli_every_command_on_s3(planted, s3_env, tmp_path, capsys):
     keys = data["keys"]
     assert main(["grep", f"{base}/{fx.RUN}", fx.QUERY, "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert sorted((keys.index(m["file"]), m["sequence"]) for m in doc["matches"]) == [(f, s) for f, s, _ in fx.PHRASE_AT]
+    assert sorted((keys.index(m["file"]), m["sequence"]) for m in doc["matches"]) == [
+        (f, s) for f, s, _ in fx.PHRASE_AT
+    ]
     assert doc["read_ratio"] <= 1.2
-    assert main(["top", f"{base}/{fx.RUN}", "--hook", fx.HOOK, "--sae", str(planted["saelens"]), "--feature",
-                 str(fx.FEATURE), "-k", "1", "--json"]) == 0
+    assert (
+        main(
+            [
+                "top",
+                f"{base}/{fx.RUN}",
+                "--hook",
+                fx.HOOK,
+                "--sae",
+                str(planted["saelens"]),
+                "--feature",
+                str(fx.FEATURE),
+                "-k",
+                "1",
+                "--json",
+            ]
+        )
+        == 0
+    )
     t = json.loads(capsys.readouterr().out)["top"][0]
     assert (keys.index(t["file"]), t["sequence"], t["position"]) == fx.SAE_AT
     assert main(["sae-eval", f"{base}/{fx.RUN}/{fx.HOOK}", str(planted["sparsify"]), "--tokens", "50", "--json"]) == 0
@@ -617,8 +681,11 @@ def test_cli_every_command_on_s3(planted, s3_env, tmp_path, capsys):
     assert img.format == "PNG" and img.size[0] == 900
     assert main(["norms", f"{base}/{fx.RUN}/{fx.HOOK}", "--no-write", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert (keys.index(doc["outliers"][0]["file"]), doc["outliers"][0]["sequence"],
-            doc["outliers"][0]["position"]) == fx.SINK_AT
+    assert (
+        keys.index(doc["outliers"][0]["file"]),
+        doc["outliers"][0]["sequence"],
+        doc["outliers"][0]["position"],
+    ) == fx.SINK_AT
     assert main(["top", f"{base}/{fx.RUN}/{fx.HOOK}", "--dim", "1", "-k", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "-k 0" in err[0]
@@ -628,11 +695,12 @@ def test_long_scans_report_progress(planted):
     """Each scan calls its progress callback (the shell's and the CLI's bar) up to (total, total)."""
     store = planted["local"]
     calls = {}
-    for name, run in (("grep", lambda cb: grep(store, fx.RUN, "zzz-nowhere", progress=cb)),
-                      ("top", lambda cb: top(store, hook_key(), None, value_fn(dim=0), progress=cb)),
-                      ("norms", lambda cb: norms(store, hook_key(), None, write=False, progress=cb)),
-                      ("sae-eval", lambda cb: sae_eval(store, hook_key(), None, str(planted["saelens"]), tokens=500,
-                                                       progress=cb))):
+    for name, run in (
+        ("grep", lambda cb: grep(store, fx.RUN, "zzz-nowhere", progress=cb)),
+        ("top", lambda cb: top(store, hook_key(), None, value_fn(dim=0), progress=cb)),
+        ("norms", lambda cb: norms(store, hook_key(), None, write=False, progress=cb)),
+        ("sae-eval", lambda cb: sae_eval(store, hook_key(), None, str(planted["saelens"]), tokens=500, progress=cb)),
+    ):
         seen: list = []
         run(lambda done, total, seen=seen: seen.append((done, total)))
         calls[name] = seen

@@ -38,8 +38,20 @@ N_FILES = 5
 def write_run(store, dtype=torch.bfloat16, n_files=N_FILES, uncommitted=0, labels=True, run=RUN, hook=HOOK, seed=0):
     """A committed run; returns the written megabatches' tensors in commit order."""
     r = Run(store, run)
-    r.write_metadata(hook, metadata_for(batch_size=N, sequence_length=T, d_in=D, batches_per_file=1, dtype=dtype,
-                                        hook=hook, site="resid_pre", layer=2, model="tiny-llama"))
+    r.write_metadata(
+        hook,
+        metadata_for(
+            batch_size=N,
+            sequence_length=T,
+            d_in=D,
+            batches_per_file=1,
+            dtype=dtype,
+            hook=hook,
+            site="resid_pre",
+            layer=2,
+            model="tiny-llama",
+        ),
+    )
     r.write_cfg({"model_name": "tiny-llama"})
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -48,12 +60,18 @@ def write_run(store, dtype=torch.bfloat16, n_files=N_FILES, uncommitted=0, label
         ids = torch.randint(0, 49152, (N, T), generator=g)
         mask = torch.rand(N, T, generator=g) > 0.25
         mask[:, 0] = False  # BOS
-        labs = {"source": torch.arange(N) + 100 * i, "score": torch.rand(N, 2, generator=g).to(torch.bfloat16)} if labels else None
+        labs = (
+            {"source": torch.arange(N) + 100 * i, "score": torch.rand(N, 2, generator=g).to(torch.bfloat16)}
+            if labels
+            else None
+        )
         key = r.megabatch_key(hook, 0, i)
         size = write_megabatch(store, key, states, ids, mask, labels=labs, metadata={"hook": hook})
         if i < n_files:
             real = int(mask.sum())  # what the collector records: unmasked tokens
-            r.commit(CommitRecord(0, i, i, i + 1, {hook: FileRecord(hook, key, size, None, N, real, 0, i)}, tokens=real))
+            r.commit(
+                CommitRecord(0, i, i, i + 1, {hook: FileRecord(hook, key, size, None, N, real, 0, i)}, tokens=real)
+            )
             out.append(read_megabatch(store, key))
     return out
 
@@ -83,8 +101,9 @@ def local_copy(out_uri: str, dest: Path) -> Path:
 def load(out_dir: Path, tmp_path: Path):
     import datasets
 
-    ds = datasets.load_dataset("parquet", data_files=f"{out_dir}/*.parquet", split="train",
-                               cache_dir=str(tmp_path / "hf-cache"))
+    ds = datasets.load_dataset(
+        "parquet", data_files=f"{out_dir}/*.parquet", split="train", cache_dir=str(tmp_path / "hf-cache")
+    )
     return Loaded(ds)
 
 
@@ -135,8 +154,14 @@ def test_sequences_round_trip_bf16_with_labels(where, tmp_path):
     # in order: megabatch by megabatch
     assert list(mb) == [i for i in range(N_FILES) for _ in range(N)]
     card = (local / "README.md").read_text()
-    for needle in ("tiny-llama", HOOK, f"d_model {D}, sequence length {T}", f"{N_FILES * N:,} in 3 of 3 shards",
-                   "widened exactly from the run's bfloat16", "split: train"):
+    for needle in (
+        "tiny-llama",
+        HOOK,
+        f"d_model {D}, sequence length {T}",
+        f"{N_FILES * N:,} in 3 of 3 shards",
+        "widened exactly from the run's bfloat16",
+        "split: train",
+    ):
         assert needle in card
 
 
@@ -203,8 +228,12 @@ def test_label_columns_selected(tmp_path):
 def test_activault_pt_run_without_commit_records(tmp_path):
     store = LocalStore(tmp_path / "vault")
     r = Run(store, "old")
-    r.write_metadata(HOOK, metadata_for(batch_size=N, sequence_length=T, d_in=D, batches_per_file=1,
-                                        dtype=torch.float16, hook=HOOK, format="pt"))
+    r.write_metadata(
+        HOOK,
+        metadata_for(
+            batch_size=N, sequence_length=T, d_in=D, batches_per_file=1, dtype=torch.float16, hook=HOOK, format="pt"
+        ),
+    )
     g = torch.Generator().manual_seed(1)
     want = []
     for j in range(2):
@@ -292,7 +321,9 @@ def test_growing_run_exports_committed_only_and_says_so(tmp_path, capsys):
     r = Run(store, RUN)
     for i in (3, 4):
         key = r.megabatch_key(HOOK, 0, i)
-        r.commit(CommitRecord(0, i, i, i + 1, {HOOK: FileRecord(HOOK, key, store.head(key).size, None, N, N * T, 0, i)}))
+        r.commit(
+            CommitRecord(0, i, i, i + 1, {HOOK: FileRecord(HOOK, key, store.head(key).size, None, N, N * T, 0, i)})
+        )
     rc, stdout, stderr = cli(capsys, src, out)
     assert rc == 0 and "2 megabatch(es) committed since this export started are not part of it" in stderr
     assert len(load(out, tmp_path / "b")) == 3 * N
@@ -453,8 +484,11 @@ def test_api_rejects_bad_options(tmp_path):
     store = LocalStore(tmp_path / "vault")
     write_run(store, n_files=1)
     src = str(tmp_path / "vault" / RUN / HOOK)
-    for opts, needle in ((ExportOptions(mode="words"), "mode"), (ExportOptions(dtype="int8"), "--dtype"),
-                         (ExportOptions(compression="rar"), "--compression")):
+    for opts, needle in (
+        (ExportOptions(mode="words"), "mode"),
+        (ExportOptions(dtype="int8"), "--dtype"),
+        (ExportOptions(compression="rar"), "--compression"),
+    ):
         with pytest.raises(UserError, match=needle):
             export(src, str(tmp_path / "o"), opts)
 
@@ -496,8 +530,7 @@ def test_resume_rewrites_a_finished_shard_cut_short(tmp_path, damage):
     if damage == "deleted":
         shard.unlink()
     else:
-        shard.write_bytes({"empty": b"", "short": data[: len(data) // 2],
-                           "no footer": data[:-4] + b"\0\0\0\0"}[damage])
+        shard.write_bytes({"empty": b"", "short": data[: len(data) // 2], "no footer": data[:-4] + b"\0\0\0\0"}[damage])
     res = export(src, str(out), ExportOptions(batches_per_shard=2))
     assert (res.shards_written, res.complete) == (1, True)
     assert any("not the complete shard" in n for n in res.notes) == (damage != "deleted")
@@ -563,7 +596,9 @@ def test_a_commit_record_that_miscounts_sequences_is_named(tmp_path, capsys):
     body = json.loads(store.get_bytes(key))
     body["files"][HOOK]["n_sequences"] = N + 1
     store.put_bytes(key, json.dumps(body).encode())
-    msg = _one_line_error(*cli(capsys, tmp_path / "vault" / RUN / HOOK, tmp_path / "out", "--batches-per-shard", 1)[::2])
+    msg = _one_line_error(
+        *cli(capsys, tmp_path / "vault" / RUN / HOOK, tmp_path / "out", "--batches-per-shard", 1)[::2]
+    )
     assert f.key.rsplit("/", 1)[-1] in msg and f"{N} sequences, its commit record says {N + 1}" in msg
 
 
@@ -591,26 +626,42 @@ def test_a_record_that_miscounts_unmasked_tokens_is_named(tmp_path, capsys):
     store = LocalStore(tmp_path / "vault")
     mbs = write_run(store, labels=False)
     _set_record_tokens(store, [2], int(mbs[2].mask.sum()) + 1)
-    msg = _one_line_error(*cli(capsys, tmp_path / "vault" / RUN / HOOK, tmp_path / "out", "--tokens",
-                               "--batches-per-shard", 1, "--workers", 1)[::2])
+    msg = _one_line_error(
+        *cli(
+            capsys,
+            tmp_path / "vault" / RUN / HOOK,
+            tmp_path / "out",
+            "--tokens",
+            "--batches-per-shard",
+            1,
+            "--workers",
+            1,
+        )[::2]
+    )
     name = Run(store, RUN).megabatch_key(HOOK, 0, 2).rsplit("/", 1)[-1]
     assert name in msg and "unmasked tokens" in msg and "commit record" in msg
     assert parquet_names(tmp_path / "out") == ["train-00000-of-00005.parquet", "train-00001-of-00005.parquet"]
 
 
-def test_export_to_s3_streams_multipart_shards_and_an_interrupt_leaves_no_parts(tmp_path, s3_env, s3_store, s3_admin,
-                                                                               monkeypatch):
+def test_export_to_s3_streams_multipart_shards_and_an_interrupt_leaves_no_parts(
+    tmp_path, s3_env, s3_store, s3_admin, monkeypatch
+):
     """Shards larger than a part go up as streamed multipart uploads; Ctrl-C mid-shard leaves no object and no
     orphaned parts, and the resumed export is complete and exact."""
     from vaultsh.store.s3 import S3Store
 
     mib = 1 << 20
-    monkeypatch.setattr(S3Store.__init__, "__kwdefaults__",
-                        {**S3Store.__init__.__kwdefaults__, "multipart_threshold": 5 * mib, "multipart_chunksize": 5 * mib})
+    monkeypatch.setattr(
+        S3Store.__init__,
+        "__kwdefaults__",
+        {**S3Store.__init__.__kwdefaults__, "multipart_threshold": 5 * mib, "multipart_chunksize": 5 * mib},
+    )
     store = LocalStore(tmp_path / "vault")
     r = Run(store, RUN)
-    r.write_metadata(HOOK, metadata_for(batch_size=8, sequence_length=64, d_in=1024, batches_per_file=1,
-                                        dtype=torch.float32, hook=HOOK))
+    r.write_metadata(
+        HOOK,
+        metadata_for(batch_size=8, sequence_length=64, d_in=1024, batches_per_file=1, dtype=torch.float32, hook=HOOK),
+    )
     g = torch.Generator().manual_seed(1)
     mbs = []
     for i in range(8):  # 2 MiB of states each: 4 per shard -> 8 MiB shards, parts of 5 + 3 MiB
@@ -633,8 +684,10 @@ def test_export_to_s3_streams_multipart_shards_and_an_interrupt_leaves_no_parts(
     assert not [o.key for o in s3_store.iter_objects("exports/big") if o.key.endswith(".parquet")]
     res = export(src, out, ExportOptions(batches_per_shard=4), workers=1)
     assert res.complete and res.shards_written == 2
-    etags = [s3_admin.head_object(Bucket=s3_store.bucket, Key=f"exports/big/train-0000{i}-of-00002.parquet")["ETag"]
-             for i in range(2)]
+    etags = [
+        s3_admin.head_object(Bucket=s3_store.bucket, Key=f"exports/big/train-0000{i}-of-00002.parquet")["ETag"]
+        for i in range(2)
+    ]
     assert all(e.strip('"').endswith("-2") for e in etags), etags  # streamed as two parts each
     assert main(["verify", out, "--json"]) == 0  # footers read by ranged GETs on S3
     ds = load(local_copy(out, tmp_path / "dl"), tmp_path)

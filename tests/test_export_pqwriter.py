@@ -69,10 +69,16 @@ def test_fast_writer_handles_a_large_nested_column():
 
 
 def test_fast_path_only_for_supported_types():
-    ok = pa.schema([pa.field("states", pa.list_(pa.field("element", pa.float32(), nullable=False), 4), nullable=False),
-                    pa.field("input_ids", pa.int64(), nullable=False)])
+    ok = pa.schema(
+        [
+            pa.field("states", pa.list_(pa.field("element", pa.float32(), nullable=False), 4), nullable=False),
+            pa.field("input_ids", pa.int64(), nullable=False),
+        ]
+    )
     assert fast_path(ok)
-    assert not fast_path(pa.schema([pa.field("x", pa.int8())])) and not fast_path(pa.schema([pa.field("s", pa.string())]))
+    assert not fast_path(pa.schema([pa.field("x", pa.int8())])) and not fast_path(
+        pa.schema([pa.field("s", pa.string())])
+    )
 
 
 def test_pyarrow_fallback_writes_the_same_export(tmp_path, monkeypatch):
@@ -89,8 +95,12 @@ def test_pyarrow_fallback_writes_the_same_export(tmp_path, monkeypatch):
     export(src, str(tmp_path / "fast"), ExportOptions(mode="tokens"))
     monkeypatch.setenv("VAULTSH_EXPORT_PYARROW_WRITER", "1")
     export(src, str(tmp_path / "slow"), ExportOptions(mode="tokens"))
-    a, b = (datasets.load_dataset("parquet", data_files=f"{tmp_path / n}/*.parquet", split="train",
-                                  cache_dir=str(tmp_path / f"hf-{n}")) for n in ("fast", "slow"))
+    a, b = (
+        datasets.load_dataset(
+            "parquet", data_files=f"{tmp_path / n}/*.parquet", split="train", cache_dir=str(tmp_path / f"hf-{n}")
+        )
+        for n in ("fast", "slow")
+    )
     assert a.features == b.features
     assert a.data.table.equals(b.data.table)
 
@@ -98,7 +108,7 @@ def test_pyarrow_fallback_writes_the_same_export(tmp_path, monkeypatch):
 def _levels_one_by_one(sizes: tuple[int, ...]) -> list[int]:
     """Repetition levels of one row, value by value, straight from the definition."""
     n = int(np.prod(sizes))
-    strides = [int(np.prod(sizes[i + 1:])) for i in range(len(sizes))]  # values per list at level i+1
+    strides = [int(np.prod(sizes[i + 1 :])) for i in range(len(sizes))]  # values per list at level i+1
     levels = []
     for j in range(n):
         restarting = [i + 1 for i, st in enumerate(strides) if j % st == 0]
@@ -118,7 +128,7 @@ def _decode_runs(data: bytes, width: int) -> list[int]:
             if not b & 0x80:
                 break
         assert header & 1 == 0, "only RLE runs are written"
-        out += [int.from_bytes(data[i:i + width], "little")] * (header >> 1)
+        out += [int.from_bytes(data[i : i + width], "little")] * (header >> 1)
         i += width
     return out
 
@@ -152,13 +162,15 @@ def test_fast_writer_writes_picked_rows_like_a_gathered_copy():
     rng = np.random.default_rng(3)
     base = rng.standard_normal((50, 6)).astype(np.float32)
     sel = np.flatnonzero(rng.random(50) > 0.3)
-    schema = pa.schema([pa.field("states", pa.list_(pa.field("element", pa.float32(), nullable=False), 6), nullable=False)])
+    schema = pa.schema(
+        [pa.field("states", pa.list_(pa.field("element", pa.float32(), nullable=False), 6), nullable=False)]
+    )
     outs = []
     for states in (Rows(base, sel), base[sel]):
         buf = io.BytesIO()
         w = FastParquetWriter(buf, schema, {"states": "none"})
         w.write_block({"states": states[: len(sel) // 2]})
-        w.write_block({"states": states[len(sel) // 2:]})
+        w.write_block({"states": states[len(sel) // 2 :]})
         w.close()
         outs.append(buf.getvalue())
     assert outs[0] == outs[1]

@@ -28,10 +28,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from collector.config import load_config  # noqa: E402
-from vaultsh.events import EventSink  # noqa: E402
 from collector.worker import run_worker  # noqa: E402
 from vaultsh.cli import main  # noqa: E402
 from vaultsh.errors import FormatError, UserError  # noqa: E402
+from vaultsh.events import EventSink  # noqa: E402
 from vaultsh.export.saelens import MANIFEST, export_saelens, saelens_scaling_factor  # noqa: E402
 from vaultsh.megabatch import read_megabatch, write_megabatch  # noqa: E402
 from vaultsh.run import CommitRecord, FileRecord, Run, metadata_for  # noqa: E402
@@ -49,14 +49,24 @@ RUN = "sl.chat"
 def collected(tiny_dir, tmp_path_factory):
     """(root, run name): 8 batches of 4 chat-templated sequences, 2 per megabatch upload, two hooks."""
     root = tmp_path_factory.mktemp("saelens-vault")
-    cfg = load_config({
-        "run_name": RUN, "num_runs": 1,
-        "transformer_config": {"model_name": str(tiny_dir), "dtype": "float32"},
-        "data_config": {"data_key": "pydoc-chat", "n_batches": 8, "seq_length": SEQ, "batch_size": 4, "seed": 3,
-                        "clean_added_tokens": True, "clean_default_system_prompt": True},
-        "upload_config": {"batches_per_upload": 2, "hooks": HOOKS},
-        "storage": {"uri": str(root)},
-    })
+    cfg = load_config(
+        {
+            "run_name": RUN,
+            "num_runs": 1,
+            "transformer_config": {"model_name": str(tiny_dir), "dtype": "float32"},
+            "data_config": {
+                "data_key": "pydoc-chat",
+                "n_batches": 8,
+                "seq_length": SEQ,
+                "batch_size": 4,
+                "seed": 3,
+                "clean_added_tokens": True,
+                "clean_default_system_prompt": True,
+            },
+            "upload_config": {"batches_per_upload": 2, "hooks": HOOKS},
+            "storage": {"uri": str(root)},
+        }
+    )
     assert run_worker(cfg, 0, sink=EventSink(0))["status"] == "complete"
     return root, RUN
 
@@ -65,8 +75,11 @@ def stored(root: Path, run: str, hook: str):
     """Every committed megabatch of the hook, concatenated in commit order: states, input_ids, mask."""
     store = LocalStore(root)
     mbs = [read_megabatch(store, f.key) for f in Run(store, run).committed_files(hook)]
-    return (torch.cat([m.states for m in mbs]).float().numpy(), torch.cat([m.input_ids for m in mbs]).numpy(),
-            torch.cat([m.mask for m in mbs]).numpy())
+    return (
+        torch.cat([m.states for m in mbs]).float().numpy(),
+        torch.cat([m.input_ids for m in mbs]).numpy(),
+        torch.cat([m.mask for m in mbs]).numpy(),
+    )
 
 
 def cli(capsys, *argv) -> tuple[int, str, str]:
@@ -79,8 +92,20 @@ def cli(capsys, *argv) -> tuple[int, str, str]:
 def exported(collected, tmp_path_factory):
     root, run = collected
     out = tmp_path_factory.mktemp("saelens-out") / "out"
-    rc = main(["export", str(root / run), str(out), "--format", "saelens", "--hooks", ",".join(HOOKS),
-               "--batches-per-shard", "2", "-q"])
+    rc = main(
+        [
+            "export",
+            str(root / run),
+            str(out),
+            "--format",
+            "saelens",
+            "--hooks",
+            ",".join(HOOKS),
+            "--batches-per-shard",
+            "2",
+            "-q",
+        ]
+    )
     assert rc == 0
     return out
 
@@ -90,14 +115,20 @@ def test_layout_is_exactly_saelens_features(exported):
     from datasets import Array2D, Features, List, Value
 
     ds = datasets.load_from_disk(str(exported / "activations"))
-    want = Features({HOOKS[0]: Array2D(shape=(SEQ, TINY_D_MODEL), dtype="float32"),
-                     HOOKS[1]: Array2D(shape=(SEQ, TINY_D_MODEL), dtype="float32"),
-                     "token_ids": List(Value("int32"), length=SEQ)})
+    want = Features(
+        {
+            HOOKS[0]: Array2D(shape=(SEQ, TINY_D_MODEL), dtype="float32"),
+            HOOKS[1]: Array2D(shape=(SEQ, TINY_D_MODEL), dtype="float32"),
+            "token_ids": List(Value("int32"), length=SEQ),
+        }
+    )
     assert ds.features == want
     assert ds.column_names == HOOKS + ["token_ids"]
     assert ds.data.schema == want.arrow_schema  # loaded as written: no cast on load
     state = json.loads((exported / "activations" / "state.json").read_text())
-    assert [f["filename"] for f in state["_data_files"]] == sorted(p.name for p in (exported / "activations").glob("*.arrow"))
+    assert [f["filename"] for f in state["_data_files"]] == sorted(
+        p.name for p in (exported / "activations").glob("*.arrow")
+    )
     assert len(state["_data_files"]) == 2  # 4 megabatches, 2 per shard
     tokens = datasets.load_from_disk(str(exported / "tokens"))
     assert tokens.features == Features({"input_ids": List(Value("int32"), length=SEQ)})
@@ -182,13 +213,16 @@ def test_other_export_or_foreign_out_is_refused(collected, exported, tmp_path):
     assert (foreign / "notes.txt").read_text() == "mine" and sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--tokens"], "--tokens is not allowed with --format saelens"),
-    (["--shuffle"], "--shuffle is not allowed with --format saelens"),
-    (["--dtype", "bfloat16"], "Arrow has no bfloat16"),
-    (["--hooks", "blocks.1.hook_resid_post,blocks.1.hook_resid_post"], "a hook is named twice"),
-    (["--hooks", "blocks.9.hook_resid_post"], "blocks.9.hook_resid_post"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--tokens"], "--tokens is not allowed with --format saelens"),
+        (["--shuffle"], "--shuffle is not allowed with --format saelens"),
+        (["--dtype", "bfloat16"], "Arrow has no bfloat16"),
+        (["--hooks", "blocks.1.hook_resid_post,blocks.1.hook_resid_post"], "a hook is named twice"),
+        (["--hooks", "blocks.9.hook_resid_post"], "blocks.9.hook_resid_post"),
+    ],
+)
 def test_bad_options_are_one_line_errors(collected, tmp_path, capsys, argv, message):
     root, run = collected
     argv = argv if "--hooks" in argv else argv + ["--hooks", HOOKS[0]]
@@ -219,8 +253,20 @@ def write_two_hook_run(store, run="r", hooks=("a", "b"), n_files=3, bad_ids_at=N
     r = Run(store, run)
     g = torch.Generator().manual_seed(0)
     for h in hooks:
-        r.write_metadata(h, metadata_for(batch_size=2, sequence_length=5, d_in=4, batches_per_file=1,
-                                         dtype=torch.float32, hook=h, site="resid_pre", layer=0, model="m"))
+        r.write_metadata(
+            h,
+            metadata_for(
+                batch_size=2,
+                sequence_length=5,
+                d_in=4,
+                batches_per_file=1,
+                dtype=torch.float32,
+                hook=h,
+                site="resid_pre",
+                layer=0,
+                model="m",
+            ),
+        )
     for i in range(n_files):
         ids = torch.randint(0, 1000, (2, 5), generator=g)
         mask = torch.ones(2, 5, dtype=torch.bool)
@@ -237,13 +283,21 @@ def write_two_hook_run(store, run="r", hooks=("a", "b"), n_files=3, bad_ids_at=N
         r.commit(CommitRecord(0, i, i, i + 1, recs, tokens=10))
 
 
-@pytest.mark.parametrize("flaw,match", [
-    (dict(bad_ids_at=("b", 1)),  # a token differs
-     r"b/w0000--0000001\.safetensors and .*a/w0000--0000001\.safetensors do not hold the same tokens "
-     r"\(sequence 1, position 3"),
-    (dict(missing_at=("b", 2)),  # a megabatch one hook lacks
-     r"a/w0000--0000002\.safetensors has no committed counterpart in .*/b \(worker 0, megabatch 2\)"),
-], ids=["different-tokens", "missing-megabatch"])
+@pytest.mark.parametrize(
+    "flaw,match",
+    [
+        (
+            dict(bad_ids_at=("b", 1)),  # a token differs
+            r"b/w0000--0000001\.safetensors and .*a/w0000--0000001\.safetensors do not hold the same tokens "
+            r"\(sequence 1, position 3",
+        ),
+        (
+            dict(missing_at=("b", 2)),  # a megabatch one hook lacks
+            r"a/w0000--0000002\.safetensors has no committed counterpart in .*/b \(worker 0, megabatch 2\)",
+        ),
+    ],
+    ids=["different-tokens", "missing-megabatch"],
+)
 def test_unaligned_hooks_are_refused_naming_file_and_position(tmp_path, flaw, match):
     write_two_hook_run(LocalStore(tmp_path / "v"), **flaw)
     with pytest.raises(FormatError, match=match):
@@ -272,7 +326,11 @@ def test_scaling_factor_without_statistics_is_a_clear_error(tmp_path):
 @functools.lru_cache(maxsize=1)
 def saelens_python() -> str | None:
     """An interpreter that imports sae_lens (it needs TransformerLens < 4, so usually not this one)."""
-    for cand in (os.environ.get("VAULTSH_SAELENS_PYTHON"), sys.executable, str(ROOT / ".venv-saelens" / "bin" / "python")):
+    for cand in (
+        os.environ.get("VAULTSH_SAELENS_PYTHON"),
+        sys.executable,
+        str(ROOT / ".venv-saelens" / "bin" / "python"),
+    ):
         if cand and Path(cand).exists():
             ok = subprocess.run([cand, "-c", "import sae_lens"], capture_output=True, timeout=120)
             if ok.returncode == 0:
@@ -291,12 +349,27 @@ def saelens_run(collected, exported, tmp_path_factory):
     mask_path = tmp_path_factory.mktemp("saelens-mask") / "mask.npy"
     np.save(mask_path, stored(root, run, HOOKS[0])[2])
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
-    proc = subprocess.run([python, str(ROOT / "tests" / "saelens_check.py"), str(exported), HOOKS[0], str(TINY_D_MODEL),
-                           str(SEQ), json.dumps(m["exclude_token_ids"]), repr(factor), "60", str(mask_path)],
-                          capture_output=True, text=True, timeout=280, env=env)
+    proc = subprocess.run(
+        [
+            python,
+            str(ROOT / "tests" / "saelens_check.py"),
+            str(exported),
+            HOOKS[0],
+            str(TINY_D_MODEL),
+            str(SEQ),
+            json.dumps(m["exclude_token_ids"]),
+            repr(factor),
+            "60",
+            str(mask_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("SAELENS-RESULT "))
-    return json.loads(line[len("SAELENS-RESULT "):]), m
+    return json.loads(line[len("SAELENS-RESULT ") :]), m
 
 
 def test_saelens_cached_path_reads_the_stored_values(collected, saelens_run):
@@ -304,7 +377,9 @@ def test_saelens_cached_path_reads_the_stored_values(collected, saelens_run):
     root, run = collected
     states, ids, mask = stored(root, run, HOOKS[0])
     assert res["columns"] == sorted(HOOKS + ["token_ids"])
-    np.testing.assert_array_equal(np.array(res["first_raw_batch"], dtype=np.float32), states[:2].reshape(-1, TINY_D_MODEL))
+    np.testing.assert_array_equal(
+        np.array(res["first_raw_batch"], dtype=np.float32), states[:2].reshape(-1, TINY_D_MODEL)
+    )
     # its special-token filter with our exclude ids keeps the real tokens plus the masked ones no id can skip
     keep = ~np.isin(ids, m["exclude_token_ids"])
     assert res["filtered_tokens"] == int(keep.sum()) == int(mask.sum()) + m["masked_positions"]["kept_unexcludable"]
@@ -338,8 +413,21 @@ def test_a_tiny_sae_trains_from_the_reader_adapter_without_an_export(collected):
         pytest.skip("sae-lens is not installed (.ci/run installs it in .venv-saelens)")
     root, run = collected
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
-    proc = subprocess.run([python, str(ROOT / "tests" / "saelens_check.py"), "--adapter", str(root / run), HOOKS[0],
-                           str(TINY_D_MODEL), "60"], capture_output=True, text=True, timeout=280, env=env)
+    proc = subprocess.run(
+        [
+            python,
+            str(ROOT / "tests" / "saelens_check.py"),
+            "--adapter",
+            str(root / run),
+            HOOKS[0],
+            str(TINY_D_MODEL),
+            "60",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("SAELENS-RESULT "))[15:])
     losses = res["losses"]
@@ -356,14 +444,21 @@ def test_the_docs_transformerlens_route_reproduces_the_stored_activations(tiny_d
         pytest.skip("sae-lens is not installed (.ci/run installs it in .venv-saelens)")
     root, run = collected
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
-    proc = subprocess.run([python, str(ROOT / "tests" / "saelens_tl_check.py"), str(tiny_dir), str(root / run),
-                           HOOKS[0]], capture_output=True, text=True, timeout=280, env=env)
+    proc = subprocess.run(
+        [python, str(ROOT / "tests" / "saelens_tl_check.py"), str(tiny_dir), str(root / run), HOOKS[0]],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("SAELENS-TL "))[len("SAELENS-TL "):])
+    res = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("SAELENS-TL "))[len("SAELENS-TL ") :])
     assert "not found" in res["refused"]  # the reason the docs give a route at all
     assert res["tokens"] == int(stored(root, run, HOOKS[0])[2].sum()) > 0
     assert res["max_rel_error"] < 1e-4
     snippet = (ROOT / "docs" / "training.md").read_text()
-    for line in ("cfg = loading.get_pretrained_model_config(path, dtype=torch.float32, device=\"cpu\", fold_ln=False)",
-                 "model = HookedSAETransformer(cfg, tokenizer)"):
+    for line in (
+        'cfg = loading.get_pretrained_model_config(path, dtype=torch.float32, device="cpu", fold_ln=False)',
+        "model = HookedSAETransformer(cfg, tokenizer)",
+    ):
         assert line in snippet  # the docs show the route this test runs

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from collector.config import load_config
-from vaultsh.events import EventSink
 from collector.worker import run_worker
 from vaultsh.errors import UserError
+from vaultsh.events import EventSink
 from vaultsh.finalize import finalize, open_run, summary_lines
 from vaultsh.megabatch import read_megabatch
 from vaultsh.run import Run
@@ -25,15 +25,23 @@ HOOKS = ["residuals_1", "mlp_2"]
 
 
 def make_cfg(tiny_dir, uri, num_runs=2, n_batches=7, bpu=2):
-    return load_config({
-        "run_name": "fin.pydoc",
-        "num_runs": num_runs,
-        "transformer_config": {"model_name": str(tiny_dir), "dtype": "float32"},
-        "data_config": {"data_key": "pydoc", "n_batches": n_batches, "seq_length": 32, "batch_size": 2, "seed": 3,
-                        "clean_added_tokens": True},
-        "upload_config": {"batches_per_upload": bpu, "hooks": HOOKS},
-        "storage": {"uri": str(uri)},
-    })
+    return load_config(
+        {
+            "run_name": "fin.pydoc",
+            "num_runs": num_runs,
+            "transformer_config": {"model_name": str(tiny_dir), "dtype": "float32"},
+            "data_config": {
+                "data_key": "pydoc",
+                "n_batches": n_batches,
+                "seq_length": 32,
+                "batch_size": 2,
+                "seed": 3,
+                "clean_added_tokens": True,
+            },
+            "upload_config": {"batches_per_upload": bpu, "hooks": HOOKS},
+            "storage": {"uri": str(uri)},
+        }
+    )
 
 
 def numpy_stats(store, run, hook):
@@ -73,8 +81,13 @@ def s3_run(tiny_dir, s3_server, s3_admin, tmp_path_factory):
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     env = dict(os.environ, S3_ENDPOINT_URL=s3_server, HF_HUB_OFFLINE="1")
     # Worker 1 in its own process, worker 0 in this one, at the same time.
-    proc = subprocess.Popen([sys.executable, "-m", "vaultsh", "collect", str(path), "--machine", "1", "--headless"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vaultsh", "collect", str(path), "--machine", "1", "--headless"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         store = S3Store(bucket, endpoint_url=s3_server)
         results = {0: run_worker(cfg, 0, sink=EventSink(0), store=store)}
@@ -181,18 +194,29 @@ def test_cli_finalize_one_screen_and_errors(s3_run, s3_server, tmp_path):
 
     cfg, store, run, _ = s3_run
     env = dict(os.environ, S3_ENDPOINT_URL=s3_server)
-    proc = subprocess.run([sys.executable, "-m", "vaultsh", "finalize", run.uri, "--json"],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vaultsh", "finalize", run.uri, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["workers"] == [0, 1] and data["batches"] == 7 and data["changed"] is False
-    proc = subprocess.run([sys.executable, "-m", "vaultsh", "finalize", run.uri],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vaultsh", "finalize", run.uri], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and "workers with commits: 0-1 (num_runs 2)" in proc.stdout
     # Not a run: one line, exit 2, nothing written.
     (tmp_path / "empty").mkdir()
-    proc = subprocess.run([sys.executable, "-m", "vaultsh", "finalize", str(tmp_path / "empty")],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vaultsh", "finalize", str(tmp_path / "empty")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "not a run" in proc.stderr
     assert list((tmp_path / "empty").iterdir()) == []

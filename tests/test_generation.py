@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import collector.capture as layers
 from collector.config import load_config
 from collector.data import BatchStream
-from vaultsh.events import EventSink
 from collector.generation import ChunkRunner, decode_label, label_tensors
 from collector.worker import run_worker
+from vaultsh.events import EventSink
 from vaultsh.megabatch import read_megabatch
 from vaultsh.run import Run
 from vaultsh.store import LocalStore
@@ -35,11 +35,21 @@ def tok(tiny_dir):
 
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory):
-    recs = [{"prompt": f"How do I {verb} the {noun}?", "category": cat, "score": i, "source": f"s{i % 3}"}
-            for i, (verb, noun, cat) in enumerate([
-                ("open", "door", "harmless"), ("pick", "lock", "crime"), ("bake", "bread", "harmless"),
-                ("hack", "server", "crime"), ("paint", "fence", "harmless"), ("steal", "car", "crime"),
-                ("fold", "shirt", "harmless"), ("forge", "cheque", "crime")])]
+    recs = [
+        {"prompt": f"How do I {verb} the {noun}?", "category": cat, "score": i, "source": f"s{i % 3}"}
+        for i, (verb, noun, cat) in enumerate(
+            [
+                ("open", "door", "harmless"),
+                ("pick", "lock", "crime"),
+                ("bake", "bread", "harmless"),
+                ("hack", "server", "crime"),
+                ("paint", "fence", "harmless"),
+                ("steal", "car", "crime"),
+                ("fold", "shirt", "harmless"),
+                ("forge", "cheque", "crime"),
+            ]
+        )
+    ]
     p = tmp_path_factory.mktemp("data") / "prompts.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in recs))
     return p, recs
@@ -72,8 +82,9 @@ def stored(uri, cfg, hook):
 
 def test_labels_round_trip_to_stored_megabatches(tiny_dir, tok, prompts, tmp_path):
     path, recs = prompts
-    cfg = make_cfg(tiny_dir, tmp_path, data={"path": str(path), "label_columns": ["score", "source"],
-                                             "clean_added_tokens": True})
+    cfg = make_cfg(
+        tiny_dir, tmp_path, data={"path": str(path), "label_columns": ["score", "source"], "clean_added_tokens": True}
+    )
     result, _ = collect(cfg)
     assert result["status"] == "complete" and result["batches"] == 3
     _, _, mbs = stored(tmp_path, cfg, "residuals_2")
@@ -87,8 +98,7 @@ def test_labels_round_trip_to_stored_megabatches(tiny_dir, tok, prompts, tmp_pat
         assert mb.labels["score"].dtype == torch.int64
         cats = decode_label(mb.labels["category"], vocab["category"])
         srcs = decode_label(mb.labels["source"], vocab["source"])
-        got += [{"category": c, "score": int(s), "source": r}
-                for c, s, r in zip(cats, mb.labels["score"], srcs)]
+        got += [{"category": c, "score": int(s), "source": r} for c, s, r in zip(cats, mb.labels["score"], srcs)]
     assert got == [lab for _, lab in rows]
     by_prompt = {r["prompt"]: r for r in recs}
     for doc, lab in rows:  # and they are the labels of the record each row came from
@@ -98,8 +108,12 @@ def test_labels_round_trip_to_stored_megabatches(tiny_dir, tok, prompts, tmp_pat
 
 def test_generation_stores_prompt_plus_generated_with_mask(tiny_dir, tok, prompts, tmp_path):
     path, recs = prompts
-    cfg = make_cfg(tiny_dir, tmp_path, data={"path": str(path), "chat": True, "seq_length": 48},
-                   inference={"max_new_tokens": 6, "save_activations": True})
+    cfg = make_cfg(
+        tiny_dir,
+        tmp_path,
+        data={"path": str(path), "chat": True, "seq_length": 48},
+        inference={"max_new_tokens": 6, "save_activations": True},
+    )
     result, _ = collect(cfg)
     assert result["status"] == "complete"
     store, run, mbs = stored(tmp_path, cfg, "residuals_2")
@@ -124,8 +138,13 @@ def test_generation_stores_prompt_plus_generated_with_mask(tiny_dir, tok, prompt
             prompt = b.input_ids[i, :n]
             assert int(plen[row]) == n and torch.equal(ids[row, :n], prompt)
             assert tok.decode(prompt).rstrip().endswith("<|im_start|>assistant")  # rendered for generation
-            ref = model.generate(prompt[None], attention_mask=torch.ones(1, n, dtype=torch.long), max_new_tokens=6,
-                                 do_sample=False, pad_token_id=tok.pad_token_id)[0, n:].tolist()
+            ref = model.generate(
+                prompt[None],
+                attention_mask=torch.ones(1, n, dtype=torch.long),
+                max_new_tokens=6,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )[0, n:].tolist()
             if tok.eos_token_id in ref:
                 ref = ref[: ref.index(tok.eos_token_id) + 1]
             m = n + len(ref)
@@ -143,8 +162,9 @@ def test_generation_stores_prompt_plus_generated_with_mask(tiny_dir, tok, prompt
 
 def test_generation_only_stores_text(tiny_dir, prompts, tmp_path):
     path, _ = prompts
-    cfg = make_cfg(tiny_dir, tmp_path, data={"path": str(path)},
-                   inference={"max_new_tokens": 3, "save_activations": False}, bpu=1)
+    cfg = make_cfg(
+        tiny_dir, tmp_path, data={"path": str(path)}, inference={"max_new_tokens": 3, "save_activations": False}, bpu=1
+    )
     result, _ = collect(cfg)
     assert result["status"] == "complete" and result["megabatches"] == 3
     store = LocalStore(tmp_path)
@@ -196,8 +216,10 @@ def test_simulated_oom_halves_the_batch_and_carries_on(tiny_dir, prompts, tmp_pa
     result, events = collect(cfg)
     assert result["status"] == "complete" and result["batches"] == 2
     warnings = [e["message"] for e in events if e["type"] == "warning"]
-    assert warnings == ["out of memory with a forward batch of 4: continuing with 2",
-                        "out of memory with a forward batch of 2: continuing with 1"]
+    assert warnings == [
+        "out of memory with a forward batch of 4: continuing with 2",
+        "out of memory with a forward batch of 2: continuing with 1",
+    ]
     # the halved size stays for the next batch; the one-sequence forward after the first batch is the self-check
     assert sizes == [4, 2, 1, 1, 1, 1] + [1] + [1] * 4
     for hook in HOOKS:
@@ -212,8 +234,9 @@ def test_simulated_oom_halves_the_batch_and_carries_on(tiny_dir, prompts, tmp_pa
 
 
 def test_label_tensors_types():
-    t, v = label_tensors({"b": [True, False], "i": [3, 4], "f": [0.5, None], "s": ["x", None],
-                          "c": ["b", "a"]}, {"c": ["b", "a", "z"]})
+    t, v = label_tensors(
+        {"b": [True, False], "i": [3, 4], "f": [0.5, None], "s": ["x", None], "c": ["b", "a"]}, {"c": ["b", "a", "z"]}
+    )
     assert t["b"].dtype == torch.bool and t["i"].tolist() == [3, 4]
     assert t["f"].dtype == torch.float64 and torch.isnan(t["f"][1])
     assert t["s"].tolist() == [0, -1] and v["s"] == ["x"]

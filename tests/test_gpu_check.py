@@ -66,9 +66,21 @@ def smoke(tmp_path_factory) -> tuple[dict, str]:
     (site / "sitecustomize.py").write_text(BLOCKER.format(names=ABSENT_ON_GPU_MACHINE))
     env = {**os.environ, "PYTHONPATH": str(site), "PYTHON": sys.executable}
     out = tmp / "out"
-    proc = subprocess.run([str(REPO / "benchmarks" / "gpu_check.sh"), str(out), "--smoke", "--device", "cpu",
-                           "--work-dir", str(tmp / "work")],
-                          env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [
+            str(REPO / "benchmarks" / "gpu_check.sh"),
+            str(out),
+            "--smoke",
+            "--device",
+            "cpu",
+            "--work-dir",
+            str(tmp / "work"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out / "gpu_check.json").read_text()), (out / "gpu_check.txt").read_text()
 
@@ -79,10 +91,22 @@ def test_smoke_reports_every_figure_with_sane_values(smoke):
     assert r["complete"] is True and set(r["phase_s"]) == {"setup", "bare", "collect", "d2h", "reader"}
     assert r["bare"]["layers_run"] == max(s["hook_layers"]) + 1 < s["n_layers"]
     assert r["device"] == "cpu" and s["hooks"] == [f"blocks.{i}.hook_resid_post" for i in hook_layers(s["n_layers"])]
-    for fig in (r["bare"]["tokens_per_s"], r["collect"]["tokens_per_s"], r["collect"]["tokens_per_s_whole_command"],
-                r["collect"]["ratio"], r["collect"]["states_gb_per_s"], r["d2h"]["worker"]["bytes_per_s"], r["d2h"]["bare_pinned"]["bytes_per_s"],
-                r["d2h"]["ratio"], r["reader"]["reader_gb_per_s"], r["reader"]["raw_gb_per_s"], r["reader"]["ratio"],
-                r["memory"]["bare_peak_bytes"], r["memory"]["worker_peak_bytes"], r["memory"]["ratio"]):
+    for fig in (
+        r["bare"]["tokens_per_s"],
+        r["collect"]["tokens_per_s"],
+        r["collect"]["tokens_per_s_whole_command"],
+        r["collect"]["ratio"],
+        r["collect"]["states_gb_per_s"],
+        r["d2h"]["worker"]["bytes_per_s"],
+        r["d2h"]["bare_pinned"]["bytes_per_s"],
+        r["d2h"]["ratio"],
+        r["reader"]["reader_gb_per_s"],
+        r["reader"]["raw_gb_per_s"],
+        r["reader"]["ratio"],
+        r["memory"]["bare_peak_bytes"],
+        r["memory"]["worker_peak_bytes"],
+        r["memory"]["ratio"],
+    ):
         assert _finite_positive(fig), fig
     for frac in (r["bare"]["busy_fraction"], r["collect"]["busy_fraction"]):
         assert 0 < frac <= 1 + 1e-9

@@ -24,8 +24,10 @@ from vaultsh.errors import ConfigError
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 
-TEXT = ["The quick brown fox jumps over the lazy dog, and then it runs away into the woods.",
-        "Activations are stored in megabatches."]
+TEXT = [
+    "The quick brown fox jumps over the lazy dog, and then it runs away into the woods.",
+    "Activations are stored in megabatches.",
+]
 LAYER_SITES = [s for s, site in SITES.items() if site.scope == "layer"]
 RAW = ["mlp.module_out", "attn.module_out", "mlp.module_in", "attn.module_in"]
 
@@ -72,7 +74,9 @@ class _RotaryInputs:
         self.calls = []
         mod = module_of(model.get_decoder() if hasattr(model, "get_decoder") else model)
         fn = getattr(mod, "apply_rotary_pos_emb", None)
-        target = fn.forward if isinstance(fn, torch.nn.Module) else inspect.unwrap(fn) if fn else None  # kernel wrappers
+        target = (
+            fn.forward if isinstance(fn, torch.nn.Module) else inspect.unwrap(fn) if fn else None
+        )  # kernel wrappers
         if target is None or list(inspect.signature(target).parameters)[:2] != ["q", "k"]:
             return  # no rotary, or one of another shape (GPT-J rotates one tensor at a time)
 
@@ -138,11 +142,15 @@ def test_every_site_means_what_it_says(family, tok, monkeypatch):
         # normalizes or scales a sublayer's output
         post = bool(layout.attn_post_norm or layout.residual_multiplier)
         assert torch.equal(g["hook_attn_out"], raw["self_attn.post"]) != post
-        assert torch.equal(g["hook_mlp_out"], raw["mlp.post"]) != bool(layout.mlp_post_norm or layout.residual_multiplier)
+        assert torch.equal(g["hook_mlp_out"], raw["mlp.post"]) != bool(
+            layout.mlp_post_norm or layout.residual_multiplier
+        )
         # weight identities: the output projection of z is the attention's output, the down projection of
         # mlp.hook_post is the MLP's output
-        o_proj = getattr(model.get_submodule(probes[f"blocks.{L}.hook_attn_out"].module_path.rsplit(".", 1)[0]
-                                             + "." + layout.attn), layout.o)
+        o_proj = getattr(
+            model.get_submodule(probes[f"blocks.{L}.hook_attn_out"].module_path.rsplit(".", 1)[0] + "." + layout.attn),
+            layout.o,
+        )
         _close(o_proj(g["attn.hook_z"]), raw["self_attn.post"], "o_proj(z)", 1e-5)
         if layout.mlp_kind != "moe":
             mlp = getattr(layer, layout.mlp)
@@ -184,7 +192,7 @@ def test_every_site_means_what_it_says(family, tok, monkeypatch):
             _close((k.transpose(1, 2) if heads_first else k)[..., :n], rk, "k before rotary", 1e-5)
             checked_rotary = True
         if family == "gpt2":  # no rotary: the pattern is softmax(q k / sqrt(d_head)) under the causal mask
-            scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / d_head ** 0.5
+            scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / d_head**0.5
             causal = torch.ones(T, T, dtype=torch.bool).tril()
             keep = causal & mask[:, None, None, :]
             probs = scores.masked_fill(~keep, float("-inf")).softmax(-1).permute(0, 2, 1, 3)

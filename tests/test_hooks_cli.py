@@ -44,13 +44,16 @@ def test_every_listed_shape_is_what_a_real_capture_stores(tiny_dir, capsys):
         assert out[r["name"]].shape == (2, 9, r["width"]), r["name"]
         assert r["bytes_per_token"] == r["width"] * 4  # the model's float32
     z = next(r for r in got["hooks"] if r["name"] == "blocks.2.attn.hook_z")
-    assert z["axes"] == ["head", "d_head"] and z["shape"] == [4, 16] and z["module"] == "model.layers.2.self_attn.o_proj"
+    assert (
+        z["axes"] == ["head", "d_head"] and z["shape"] == [4, 16] and z["module"] == "model.layers.2.self_attn.o_proj"
+    )
 
 
 def test_filter_modules_and_dtype(tiny_dir, capsys):
     got = hooks_json(capsys, tiny_dir, "--filter", "module:model.layers.1.mlp.*", "--modules", "--dtype", "bfloat16")
-    assert [r["name"] for r in got["hooks"]] == [f"module:model.layers.1.mlp.{m}"
-                                                 for m in ("gate_proj", "up_proj", "down_proj", "act_fn")]
+    assert [r["name"] for r in got["hooks"]] == [
+        f"module:model.layers.1.mlp.{m}" for m in ("gate_proj", "up_proj", "down_proj", "act_fn")
+    ]
     assert [r["bytes_per_token"] for r in got["hooks"]] == [256, 256, 128, 256]
     rc = main(["hooks", str(tiny_dir), "--filter", "blocks.0.attn.*"])
     out = capsys.readouterr().out
@@ -81,11 +84,15 @@ def test_a_parallel_family_refuses_resid_mid_with_the_reason(saved, capsys):
 def test_an_unknown_family_lists_modules_only(tmp_path, capsys):
     from transformers import OPTConfig
 
-    OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=100,
-              word_embed_proj_dim=32).save_pretrained(tmp_path)
+    OPTConfig(
+        hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=100, word_embed_proj_dim=32
+    ).save_pretrained(tmp_path)
     got = hooks_json(capsys, tmp_path, "--modules", "--filter", "*layers.0.fc*")
     assert got["family"] is None
-    assert [r["name"] for r in got["hooks"]] == ["module:model.decoder.layers.0.fc1", "module:model.decoder.layers.0.fc2"]
+    assert [r["name"] for r in got["hooks"]] == [
+        "module:model.decoder.layers.0.fc1",
+        "module:model.decoder.layers.0.fc2",
+    ]
     got = hooks_json(capsys, tmp_path, "--filter", "blocks.0.hook_resid_post")
     assert got["hooks"] == [] and "vaultsh does not know the block layout" in got["refused"]["blocks.0.hook_resid_post"]
 
@@ -100,8 +107,13 @@ def test_meta_shapes_equal_real_shapes_on_other_families():
     """The meta-device pass that sizes hooks agrees with a real forward on fused and parallel layouts too."""
     from collector.capture import meta_model, shapes_on_meta
 
-    names = ["blocks.1.attn.hook_q", "blocks.1.attn.hook_k", "blocks.1.mlp.hook_post", "blocks.1.attn.hook_pattern",
-             "blocks.1.mlp.hook_pre"]
+    names = [
+        "blocks.1.attn.hook_q",
+        "blocks.1.attn.hook_k",
+        "blocks.1.mlp.hook_post",
+        "blocks.1.attn.hook_pattern",
+        "blocks.1.mlp.hook_pre",
+    ]
     for family in ("falcon_new", "phi3", "gpt2"):
         model = build(family, 300)
         sized = shapes_on_meta(meta_model(model.config), expand_hooks(names, 3), 7)

@@ -14,7 +14,20 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-CORE = ["vaultsh.dtypes", "vaultsh.terminal", "vaultsh.fmt", "vaultsh.tokens", "vaultsh.store", "vaultsh.megabatch", "vaultsh.run", "vaultsh.stats", "vaultsh.cli", "vaultsh.events", "collector.config", "vaultsh.supervise"]
+CORE = [
+    "vaultsh.dtypes",
+    "vaultsh.terminal",
+    "vaultsh.fmt",
+    "vaultsh.tokens",
+    "vaultsh.store",
+    "vaultsh.megabatch",
+    "vaultsh.run",
+    "vaultsh.stats",
+    "vaultsh.cli",
+    "vaultsh.events",
+    "collector.config",
+    "vaultsh.supervise",
+]
 HEAVY = ["textual", "prompt_toolkit", "torch", "transformers"]
 
 _PROBE = """

@@ -32,8 +32,9 @@ def test_resources_parse_into_ray_options():
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, namespace="vaultsh", log_to_driver=False,
-             _node_ip_address="127.0.0.1")
+    ray.init(
+        num_cpus=2, include_dashboard=False, namespace="vaultsh", log_to_driver=False, _node_ip_address="127.0.0.1"
+    )
     try:
         yield
     finally:
@@ -43,14 +44,18 @@ def cluster():
 def write_cfg(tmp_path, model_dir, run_name: str, n_batches: int, seq_length: int, hook: str):
     """A two-run pydoc config of the tiny model into the store tmp_path/vault, written to tmp_path/cfg.yaml."""
     cfg_path = tmp_path / "cfg.yaml"
-    cfg_path.write_text(yaml.safe_dump({
-        "run_name": run_name,
-        "num_runs": 2,
-        "transformer_config": {"model_name": str(model_dir), "dtype": "float32"},
-        "data_config": {"data_key": "pydoc", "n_batches": n_batches, "seq_length": seq_length, "batch_size": 2},
-        "upload_config": {"batches_per_upload": 2, "hooks": [hook]},
-        "storage": {"uri": str(tmp_path / "vault")},
-    }))
+    cfg_path.write_text(
+        yaml.safe_dump(
+            {
+                "run_name": run_name,
+                "num_runs": 2,
+                "transformer_config": {"model_name": str(model_dir), "dtype": "float32"},
+                "data_config": {"data_key": "pydoc", "n_batches": n_batches, "seq_length": seq_length, "batch_size": 2},
+                "upload_config": {"batches_per_upload": 2, "hooks": [hook]},
+                "storage": {"uri": str(tmp_path / "vault")},
+            }
+        )
+    )
     return cfg_path
 
 
@@ -131,16 +136,29 @@ def test_cli_checks_ray_arguments_before_starting_anything(tmp_path):
     import sys
 
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "run_name": "x", "num_runs": 2, "transformer_config": {"model_name": "m"},
-        "data_config": {"data_key": "pydoc", "n_batches": 4, "seq_length": 16, "batch_size": 2},
-        "upload_config": {"batches_per_upload": 2, "hooks": ["residuals_0"]},
-        "storage": {"uri": str(tmp_path / "vault")},
-    }))
-    for args, message in ((["--resources", "{CPU: 1}"], "--resources: not valid JSON"),
-                          (["--retries", "-1"], "--retries: -1"),
-                          (["--workers", "3"], "num_runs is 2")):
-        proc = subprocess.run([sys.executable, "-m", "vaultsh", "launch", "ray", str(cfg), *args],
-                              capture_output=True, text=True, timeout=120, env=dict(os.environ, RAY_ADDRESS=""))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "run_name": "x",
+                "num_runs": 2,
+                "transformer_config": {"model_name": "m"},
+                "data_config": {"data_key": "pydoc", "n_batches": 4, "seq_length": 16, "batch_size": 2},
+                "upload_config": {"batches_per_upload": 2, "hooks": ["residuals_0"]},
+                "storage": {"uri": str(tmp_path / "vault")},
+            }
+        )
+    )
+    for args, message in (
+        (["--resources", "{CPU: 1}"], "--resources: not valid JSON"),
+        (["--retries", "-1"], "--retries: -1"),
+        (["--workers", "3"], "num_runs is 2"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "vaultsh", "launch", "ray", str(cfg), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=dict(os.environ, RAY_ADDRESS=""),
+        )
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "vault").exists()

@@ -8,8 +8,8 @@ skipped with the script's reason when it cannot start.
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +21,7 @@ import yaml
 from vaultsh.errors import UserError
 from vaultsh.launch.common import make_plan, parse_range, ranges
 from vaultsh.launch.slurm import SlurmOptions, build_jobs, options_from
-from vaultsh.launch.slurmstate import FAILED, PENDING, RUNNING, DONE, classify, parse_sacct, parse_scontrol
+from vaultsh.launch.slurmstate import DONE, FAILED, PENDING, RUNNING, classify, parse_sacct, parse_scontrol
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,18 +38,23 @@ echo "$((4100 + n));cluster0"
 """
 
 
-def write_cfg(path: Path, model: str = "tiny-model", num_runs: int = 4, store: str | None = None, n_batches: int = 8,
-              **extra) -> Path:
+def write_cfg(
+    path: Path, model: str = "tiny-model", num_runs: int = 4, store: str | None = None, n_batches: int = 8, **extra
+) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump({
-        "run_name": "slurm.pydoc",
-        "num_runs": num_runs,
-        "transformer_config": {"model_name": model, "dtype": "float32"},
-        "data_config": {"data_key": "pydoc", "n_batches": n_batches, "seq_length": 32, "batch_size": 2},
-        "upload_config": {"batches_per_upload": 2, "hooks": ["residuals_1"]},
-        "storage": {"uri": store or str(path.parent / "vault")},
-        **extra,
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "run_name": "slurm.pydoc",
+                "num_runs": num_runs,
+                "transformer_config": {"model_name": model, "dtype": "float32"},
+                "data_config": {"data_key": "pydoc", "n_batches": n_batches, "seq_length": 32, "batch_size": 2},
+                "upload_config": {"batches_per_upload": 2, "hooks": ["residuals_1"]},
+                "storage": {"uri": store or str(path.parent / "vault")},
+                **extra,
+            }
+        )
+    )
     return path
 
 
@@ -63,8 +68,9 @@ def vaultsh(*args, cwd, path_prefix: Path | None = None, **env):
     e = worker_env(**env)
     if path_prefix is not None:
         e["PATH"] = f"{path_prefix}{os.pathsep}{e['PATH']}"
-    return subprocess.run([sys.executable, "-m", "vaultsh", *map(str, args)], cwd=cwd, env=e,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "vaultsh", *map(str, args)], cwd=cwd, env=e, capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.fixture
@@ -79,9 +85,18 @@ def fake_sbatch(tmp_path):
 def test_scripts_pass_bash_n_and_carry_the_resources(tmp_path):
     cfg = write_cfg(tmp_path / "my cfg.yaml")  # a space in the path must survive quoting
     plan = make_plan(cfg, workers=4, start=1, end=2)
-    opts = SlurmOptions(partition="gpu", gpus=2, mem="200G", cpus=8, time="48:00:00", qos="high", account="lab",
-                        constraint="a100&ib", setup="module load cuda/12 && source '/opt/my venv/bin/activate'",
-                        extra=["--exclusive"])
+    opts = SlurmOptions(
+        partition="gpu",
+        gpus=2,
+        mem="200G",
+        cpus=8,
+        time="48:00:00",
+        qos="high",
+        account="lab",
+        constraint="a100&ib",
+        setup="module load cuda/12 && source '/opt/my venv/bin/activate'",
+        extra=["--exclusive"],
+    )
     for array in (False, True):
         opts.array = array
         jobs = build_jobs(plan, opts)
@@ -91,19 +106,38 @@ def test_scripts_pass_bash_n_and_carry_the_resources(tmp_path):
             path.write_text(job.text)
             proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
             assert proc.returncode == 0, proc.stderr
-            for line in ("#SBATCH --gres=gpu:2", "#SBATCH --mem=200G", "#SBATCH --cpus-per-task=8",
-                         "#SBATCH --partition=gpu", "#SBATCH --time=48:00:00", "#SBATCH --qos=high",
-                         "#SBATCH --account=lab", "#SBATCH --constraint=a100&ib", "#SBATCH --exclusive",
-                         "#SBATCH --requeue", "#SBATCH --signal=B:USR1@120", "#SBATCH --open-mode=append",
-                         opts.setup):
+            for line in (
+                "#SBATCH --gres=gpu:2",
+                "#SBATCH --mem=200G",
+                "#SBATCH --cpus-per-task=8",
+                "#SBATCH --partition=gpu",
+                "#SBATCH --time=48:00:00",
+                "#SBATCH --qos=high",
+                "#SBATCH --account=lab",
+                "#SBATCH --constraint=a100&ib",
+                "#SBATCH --exclusive",
+                "#SBATCH --requeue",
+                "#SBATCH --signal=B:USR1@120",
+                "#SBATCH --open-mode=append",
+                opts.setup,
+            ):
                 assert line in job.text.splitlines()
             assert f"'{cfg.resolve()}'" in job.text and "--events-fd 3" in job.text
     assert "#SBATCH --array=1-2" in jobs[0].text and 'INDEX="$SLURM_ARRAY_TASK_ID"' in jobs[0].text
 
 
 def test_config_slurm_block_gives_defaults_that_flags_override(tmp_path):
-    cfg = write_cfg(tmp_path / "cfg.yaml", slurm={"partition": "a100", "gpus": 4, "mem": "64G", "qos": "low",
-                                                   "sbatch": ["--exclusive"], "setup": "source venv/bin/activate"})
+    cfg = write_cfg(
+        tmp_path / "cfg.yaml",
+        slurm={
+            "partition": "a100",
+            "gpus": 4,
+            "mem": "64G",
+            "qos": "low",
+            "sbatch": ["--exclusive"],
+            "setup": "source venv/bin/activate",
+        },
+    )
     plan = make_plan(cfg)
     opts = options_from(plan.config.slurm, plan.config.source, partition="h100", extra=["--nice=5"])
     assert (opts.partition, opts.gpus, opts.mem, opts.qos, opts.cpus) == ("h100", 4, "64G", "low", 16)
@@ -115,17 +149,23 @@ def test_config_slurm_block_gives_defaults_that_flags_override(tmp_path):
 
 
 def test_scontrol_and_sacct_output_parse_into_tasks():
-    text = ("JobId=7 ArrayJobId=6 ArrayTaskId=1 JobName=vaultsh-x JobState=FAILED Reason=NonZeroExitCode "
-            "Restarts=0 ExitCode=2:0 StdOut=/tmp/my logs/x-1-6.out\n"
-            "JobId=6 ArrayJobId=6 ArrayTaskId=2-3,5%2 JobState=PENDING Reason=Resources Restarts=1 ExitCode=0:0\n"
-            "JobId=9 JobName=single JobState=RUNNING Reason=None Restarts=2 ExitCode=0:0\n")
+    text = (
+        "JobId=7 ArrayJobId=6 ArrayTaskId=1 JobName=vaultsh-x JobState=FAILED Reason=NonZeroExitCode "
+        "Restarts=0 ExitCode=2:0 StdOut=/tmp/my logs/x-1-6.out\n"
+        "JobId=6 ArrayJobId=6 ArrayTaskId=2-3,5%2 JobState=PENDING Reason=Resources Restarts=1 ExitCode=0:0\n"
+        "JobId=9 JobName=single JobState=RUNNING Reason=None Restarts=2 ExitCode=0:0\n"
+    )
     tasks = parse_scontrol(text)
     assert sorted(tasks) == ["6_1", "6_2", "6_3", "6_5", "9"]
     assert (tasks["6_1"].state, tasks["6_1"].exit_code, tasks["6_1"].reason) == ("FAILED", "2:0", "NonZeroExitCode")
     assert (tasks["6_3"].state, tasks["6_3"].restarts, tasks["9"].restarts) == ("PENDING", 1, 2)
     acct = parse_sacct("6_1|COMPLETED|0:0\n6_[2-3]|PENDING|0:0\n8|CANCELLED by 0|0:15\n")
     assert {k: (v.state, v.exit_code) for k, v in acct.items()} == {
-        "6_1": ("COMPLETED", "0:0"), "6_2": ("PENDING", "0:0"), "6_3": ("PENDING", "0:0"), "8": ("CANCELLED", "0:15")}
+        "6_1": ("COMPLETED", "0:0"),
+        "6_2": ("PENDING", "0:0"),
+        "6_3": ("PENDING", "0:0"),
+        "8": ("CANCELLED", "0:15"),
+    }
 
 
 def test_state_of_an_index_combines_slurm_and_commits():
@@ -146,19 +186,46 @@ def test_state_of_an_index_combines_slurm_and_commits():
 def test_dry_run_prints_and_writes_nothing(tmp_path, fake_sbatch):
     bindir, log = fake_sbatch
     cfg = write_cfg(tmp_path / "cfg.yaml")
-    proc = vaultsh("launch", "slurm", cfg, "--workers", 4, "--start", 0, "--end", 3, "--dry-run",
-                   cwd=tmp_path, path_prefix=bindir, SBATCH_LOG=log)
+    proc = vaultsh(
+        "launch",
+        "slurm",
+        cfg,
+        "--workers",
+        4,
+        "--start",
+        0,
+        "--end",
+        3,
+        "--dry-run",
+        cwd=tmp_path,
+        path_prefix=bindir,
+        SBATCH_LOG=log,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("#!/bin/bash") == 4
-    assert all(f"INDEX={i}\n" in proc.stdout for i in range(4)) and proc.stdout.count("--machine \"$INDEX\"") == 4
+    assert all(f"INDEX={i}\n" in proc.stdout for i in range(4)) and proc.stdout.count('--machine "$INDEX"') == 4
     assert not (tmp_path / "slurm").exists() and not log.exists()
 
 
 def test_fake_sbatch_records_submissions_and_job_map(tmp_path, fake_sbatch):
     bindir, log = fake_sbatch
     cfg = write_cfg(tmp_path / "cfg.yaml")
-    proc = vaultsh("launch", "slurm", cfg, "--workers", 4, "--start", 1, "--end", 3, "--partition", "gpu",
-                   cwd=tmp_path, path_prefix=bindir, SBATCH_LOG=log)
+    proc = vaultsh(
+        "launch",
+        "slurm",
+        cfg,
+        "--workers",
+        4,
+        "--start",
+        1,
+        "--end",
+        3,
+        "--partition",
+        "gpu",
+        cwd=tmp_path,
+        path_prefix=bindir,
+        SBATCH_LOG=log,
+    )
     assert proc.returncode == 0, proc.stderr
     out_dir = tmp_path / "slurm" / "slurm.pydoc"
     calls = log.read_text().splitlines()
@@ -171,18 +238,27 @@ def test_fake_sbatch_records_submissions_and_job_map(tmp_path, fake_sbatch):
     log.unlink()
     proc = vaultsh("launch", "slurm", cfg, "--start", 0, "--end", 0, cwd=tmp_path, path_prefix=bindir, SBATCH_LOG=log)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads((out_dir / "jobs.json").read_text())["jobs"] == {"0": "4101", "1": "4101", "2": "4102", "3": "4103"}
+    assert json.loads((out_dir / "jobs.json").read_text())["jobs"] == {
+        "0": "4101",
+        "1": "4101",
+        "2": "4102",
+        "3": "4103",
+    }
     # --status where Slurm cannot be asked: from the commit records alone (none yet), said plainly
     proc = vaultsh("launch", "slurm", "--status", out_dir, cwd=tmp_path, PATH=str(bindir))
     assert proc.returncode == 0, proc.stderr
-    assert "unknown: 4 (0-3)" in proc.stdout and "0/? batches committed; scontrol show job 4101: not available" in proc.stdout
+    assert (
+        "unknown: 4 (0-3)" in proc.stdout
+        and "0/? batches committed; scontrol show job 4101: not available" in proc.stdout
+    )
 
 
 def test_array_job_map(tmp_path, fake_sbatch):
     bindir, log = fake_sbatch
     cfg = write_cfg(tmp_path / "cfg.yaml")
-    proc = vaultsh("launch", "slurm", cfg, "--array", "--out", tmp_path / "jobs", cwd=tmp_path, path_prefix=bindir,
-                   SBATCH_LOG=log)
+    proc = vaultsh(
+        "launch", "slurm", cfg, "--array", "--out", tmp_path / "jobs", cwd=tmp_path, path_prefix=bindir, SBATCH_LOG=log
+    )
     assert proc.returncode == 0, proc.stderr
     assert log.read_text().splitlines() == [f"--parsable {tmp_path / 'jobs' / 'slurm.pydoc-array.sbatch'}"]
     assert json.loads((tmp_path / "jobs" / "jobs.json").read_text())["jobs"] == {str(i): f"4101_{i}" for i in range(4)}
@@ -193,7 +269,11 @@ def test_sbatch_refusal_is_one_line_and_keeps_the_ids_it_got(tmp_path, fake_sbat
     cfg = write_cfg(tmp_path / "cfg.yaml")
     proc = vaultsh("launch", "slurm", cfg, cwd=tmp_path, path_prefix=bindir, SBATCH_LOG=log, SBATCH_FAIL_AT="3")
     assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and "Invalid partition name" in proc.stderr and "slurm.pydoc-2.sbatch" in proc.stderr
+    assert (
+        proc.stderr.count("\n") == 1
+        and "Invalid partition name" in proc.stderr
+        and "slurm.pydoc-2.sbatch" in proc.stderr
+    )
     jobs = json.loads((tmp_path / "slurm" / "slurm.pydoc" / "jobs.json").read_text())["jobs"]
     assert jobs == {"0": "4101", "1": "4102"}
 
@@ -205,21 +285,26 @@ def test_without_sbatch_scripts_are_written_with_instructions(tmp_path):
     proc = vaultsh("launch", "slurm", cfg, "--start", 2, "--end", 3, cwd=tmp_path, PATH=no_slurm)
     assert proc.returncode == 0, proc.stderr
     assert "sbatch not found" in proc.stdout
-    assert sorted(p.name for p in (tmp_path / "slurm" / "slurm.pydoc").glob("*.sbatch")) == \
-        ["slurm.pydoc-2.sbatch", "slurm.pydoc-3.sbatch"]
+    assert sorted(p.name for p in (tmp_path / "slurm" / "slurm.pydoc").glob("*.sbatch")) == [
+        "slurm.pydoc-2.sbatch",
+        "slurm.pydoc-3.sbatch",
+    ]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--workers", 8], "num_runs is 4"),
-    (["--start", 3, "--end", 1], "0 <= start <= end <= 3"),
-    (["--end", 4], "0 <= start <= end <= 3"),
-    (["--mem", "lots"], "--mem: 'lots'"),
-    (["--partition", "gpu\nrm -rf /"], "--partition"),
-    (["--sbatch", "qos=high"], "--sbatch"),
-    (["--constraint", "a100;reboot"], "--constraint"),
-    (["--setup", "module load x\nrm -rf /"], "--setup: must be one shell line"),
-    (["--gpus", "-1"], "--gpus: -1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--workers", 8], "num_runs is 4"),
+        (["--start", 3, "--end", 1], "0 <= start <= end <= 3"),
+        (["--end", 4], "0 <= start <= end <= 3"),
+        (["--mem", "lots"], "--mem: 'lots'"),
+        (["--partition", "gpu\nrm -rf /"], "--partition"),
+        (["--sbatch", "qos=high"], "--sbatch"),
+        (["--constraint", "a100;reboot"], "--constraint"),
+        (["--setup", "module load x\nrm -rf /"], "--setup: must be one shell line"),
+        (["--gpus", "-1"], "--gpus: -1"),
+    ],
+)
 def test_bad_arguments_are_one_line_errors(tmp_path, args, message):
     cfg = write_cfg(tmp_path / "cfg.yaml")
     proc = vaultsh("launch", "slurm", cfg, *args, cwd=tmp_path)
@@ -243,8 +328,9 @@ TINY_SLURM = {"gpus": 0, "cpus": 1, "mem": "1G"}
 def slurm_cluster():
     """A one-node Slurm cluster on this machine (scripts/slurm-up.sh), or a skip saying why not."""
     try:
-        proc = subprocess.run(["bash", str(ROOT / "scripts" / "slurm-up.sh"), "--no-install"], capture_output=True,
-                              text=True, timeout=180)
+        proc = subprocess.run(
+            ["bash", str(ROOT / "scripts" / "slurm-up.sh"), "--no-install"], capture_output=True, text=True, timeout=180
+        )
     except subprocess.TimeoutExpired:
         pytest.skip("no Slurm cluster: scripts/slurm-up.sh took over 180 s")
     if proc.returncode != 0:
@@ -288,6 +374,7 @@ def scontrol_job(job_id: str) -> dict[str, str]:
 
 def release_when_requeued(job_id: str) -> None:
     """A requeued job waits 2 minutes (Slurm's BeginTime); start it as soon as it is pending again."""
+
     def requeued():
         f = scontrol_job(job_id)
         return f.get("JobState") == "PENDING" and f.get("Restarts", "0") != "0"
@@ -314,8 +401,8 @@ def test_requeued_and_time_limited_array_tasks_resume_to_the_one_worker_run(slur
     import signal
 
     from collector.config import load_config
-    from vaultsh.events import EventSink
     from collector.worker import run_worker
+    from vaultsh.events import EventSink
     from vaultsh.finalize import finalize
     from vaultsh.run import Run
     from vaultsh.store import LocalStore
@@ -324,9 +411,14 @@ def test_requeued_and_time_limited_array_tasks_resume_to_the_one_worker_run(slur
 
     n = 80
     cfg = write_cfg(tmp_path / "cfg.yaml", model=str(tiny_dir), num_runs=2, n_batches=n, slurm=TINY_SLURM)
-    launch = subprocess.Popen([sys.executable, "-m", "vaultsh", "launch", "slurm", str(cfg), "--array", "--wait",
-                               "--interval", "1"], cwd=tmp_path, env=worker_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    launch = subprocess.Popen(
+        [sys.executable, "-m", "vaultsh", "launch", "slurm", str(cfg), "--array", "--wait", "--interval", "1"],
+        cwd=tmp_path,
+        env=worker_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         out = tmp_path / "slurm" / "slurm.pydoc"
         held: dict[int, int] = {}
@@ -357,7 +449,9 @@ def test_requeued_and_time_limited_array_tasks_resume_to_the_one_worker_run(slur
     assert launch.returncode == 0, stdout + stderr[-3000:]
     for i in (0, 1):
         # the final table: done, COMPLETED, exit 0:0, one restart, the whole share committed
-        assert re.search(rf"^\s+{i}\s+done\s+{jobs[str(i)]}\s+COMPLETED\s+0:0\s+1\s+{n // 2}/{n // 2}", stdout, re.M), stdout
+        assert re.search(rf"^\s+{i}\s+done\s+{jobs[str(i)]}\s+COMPLETED\s+0:0\s+1\s+{n // 2}/{n // 2}", stdout, re.M), (
+            stdout
+        )
         # attempt 1 stopped cleanly on the signal, attempt 2 resumed after its commits and completed
         types = [(e["type"], e.get("status")) for e in events_of(out, i) if e["type"] in ("done", "resume")]
         assert types == [("done", "stopped"), ("resume", None), ("done", "complete")], types
@@ -366,8 +460,11 @@ def test_requeued_and_time_limited_array_tasks_resume_to_the_one_worker_run(slur
     assert f"worker 1: pending (job {jobs['1']} PENDING, restart 1" in " ".join(stderr.split())
     assert "requeueing job" in log0.read_text()
 
-    single = load_config(yaml.safe_load(write_cfg(tmp_path / "one" / "cfg.yaml", model=str(tiny_dir), num_runs=1,
-                                                  n_batches=n).read_text()))
+    single = load_config(
+        yaml.safe_load(
+            write_cfg(tmp_path / "one" / "cfg.yaml", model=str(tiny_dir), num_runs=1, n_batches=n).read_text()
+        )
+    )
     run_worker(single, 0, sink=EventSink(0))
     one, two = LocalStore(tmp_path / "one" / "vault"), LocalStore(tmp_path / "vault")
     run1, run2 = Run(one, "slurm.pydoc"), Run(two, "slurm.pydoc")

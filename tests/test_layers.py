@@ -9,7 +9,13 @@ import os
 
 import pytest
 
-from collector.capture import ActivationCapture, SelfCheckError, expand_module_globs, find_decoder_layers, resolve_probes
+from collector.capture import (
+    ActivationCapture,
+    SelfCheckError,
+    expand_module_globs,
+    find_decoder_layers,
+    resolve_probes,
+)
 from collector.layers import HookSpec, check_hook_syntax, describe, expand_hooks
 from collector.sites import RAW_SITES, SITES
 from tests.modelfixtures import TINY_D_MODEL, TINY_LAYERS, make_tiny_llama_dir
@@ -61,8 +67,9 @@ def test_all_expands_to_residuals():
     assert {s.site for s in expand_hooks(["all"], 4)} == {"hook_resid_pre"}
 
 
-@pytest.mark.parametrize("kind,site", [("residuals", "hook_resid_pre"), ("mlp", "hook_mlp_out"),
-                                       ("attention", "hook_attn_out")])
+@pytest.mark.parametrize(
+    "kind,site", [("residuals", "hook_resid_pre"), ("mlp", "hook_mlp_out"), ("attention", "hook_attn_out")]
+)
 def test_kind_all_and_ranges(kind, site):
     assert expand_hooks([f"{kind}_all"], 3) == [HookSpec(f"{kind}_{i}", site, i) for i in range(3)]
     assert expand_hooks([f"{kind}_1-2"], 4) == [HookSpec(f"{kind}_{i}", site, i) for i in (1, 2)]
@@ -73,10 +80,18 @@ def test_layer_ranges_and_globs_in_transformerlens_names():
     assert names(expand_hooks(["blocks.1-2.attn.hook_z"], 4)) == ["blocks.1.attn.hook_z", "blocks.2.attn.hook_z"]
     specs = expand_hooks(["blocks.*.hook_resid_post"], 3)
     assert specs == [HookSpec(f"blocks.{i}.hook_resid_post", "hook_resid_post", i) for i in range(3)]
-    assert names(expand_hooks(["models.layers.0-1.mlp.post"], 3)) == ["models.layers.0.mlp.post", "models.layers.1.mlp.post"]
+    assert names(expand_hooks(["models.layers.0-1.mlp.post"], 3)) == [
+        "models.layers.0.mlp.post",
+        "models.layers.1.mlp.post",
+    ]
     assert expand_hooks(["hook_embed", "ln_final.hook_normalized"], 3) == [
-        HookSpec("hook_embed", "hook_embed", None), HookSpec("ln_final.hook_normalized", "ln_final.hook_normalized", None)]
-    with pytest.raises(ConfigError, match=r"'blocks\.2-9\.attn\.hook_z' names layers up to 9 .*closest valid: blocks\.2-3\.attn\.hook_z"):
+        HookSpec("hook_embed", "hook_embed", None),
+        HookSpec("ln_final.hook_normalized", "ln_final.hook_normalized", None),
+    ]
+    with pytest.raises(
+        ConfigError,
+        match=r"'blocks\.2-9\.attn\.hook_z' names layers up to 9 .*closest valid: blocks\.2-3\.attn\.hook_z",
+    ):
         expand_hooks(["blocks.2-9.attn.hook_z"], 4)
     with pytest.raises(ConfigError, match=r"empty range"):
         expand_hooks(["blocks.3-1.hook_resid_pre"], 4)
@@ -84,7 +99,8 @@ def test_layer_ranges_and_globs_in_transformerlens_names():
 
 def test_module_paths_parse():
     assert expand_hooks(["module:model.layers.3.mlp.down_proj"], 4) == [
-        HookSpec("module:model.layers.3.mlp.down_proj", "module_out", None, "model.layers.3.mlp.down_proj")]
+        HookSpec("module:model.layers.3.mlp.down_proj", "module_out", None, "model.layers.3.mlp.down_proj")
+    ]
     assert expand_hooks(["module:model.layers.3.mlp.down_proj:input"], 4)[0].site == "module_in"
     assert expand_hooks(["module:model.layers.*.mlp"], 4)[0].module == "model.layers.*.mlp"
     for bad in ("module:", "module:model..x", "module:model.layers.3:inputs", "module:__import__('os')"):
@@ -98,17 +114,38 @@ def test_mixed_lists_keep_order_and_drop_duplicates():
         4,
     )
     assert names(specs) == [
-        "residuals_0", "residuals_1", "mlp_3", "residuals_2", "residuals_3", "attention_2",
-        "mlp_0", "mlp_1", "mlp_2",
+        "residuals_0",
+        "residuals_1",
+        "mlp_3",
+        "residuals_2",
+        "residuals_3",
+        "attention_2",
+        "mlp_0",
+        "mlp_1",
+        "mlp_2",
     ]
 
 
 def test_duplicates_across_spellings_keep_the_first_spelling():
-    specs = expand_hooks(["blocks.2.hook_resid_pre", "all", "models.layers.1.mlp.post", "blocks.1.hook_mlp_post",
-                          "mlp_1", "blocks.1.hook_mlp_out"], 3)
+    specs = expand_hooks(
+        [
+            "blocks.2.hook_resid_pre",
+            "all",
+            "models.layers.1.mlp.post",
+            "blocks.1.hook_mlp_post",
+            "mlp_1",
+            "blocks.1.hook_mlp_out",
+        ],
+        3,
+    )
     # the raw MLP output (Activault) and TransformerLens' hook_mlp_out are different sites, each kept once
-    assert names(specs) == ["blocks.2.hook_resid_pre", "residuals_0", "residuals_1", "models.layers.1.mlp.post",
-                            "mlp_1"]
+    assert names(specs) == [
+        "blocks.2.hook_resid_pre",
+        "residuals_0",
+        "residuals_1",
+        "models.layers.1.mlp.post",
+        "mlp_1",
+    ]
 
 
 def test_syntax_check_without_model():
@@ -133,7 +170,10 @@ def test_out_of_range_names_layer_count_and_closest():
         "upload_config.hooks: 'residuals_40' names layer 40 but the model has 30 layers (0-29); "
         "closest valid: residuals_29"
     )
-    with pytest.raises(ConfigError, match=r"'blocks\.4\.hook_mlp_out' names layer 4 .* 4 layers \(0-3\); closest valid: blocks\.3\.hook_mlp_out"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'blocks\.4\.hook_mlp_out' names layer 4 .* 4 layers \(0-3\); closest valid: blocks\.3\.hook_mlp_out",
+    ):
         expand_hooks(["blocks.4.hook_mlp_out"], 4)
     with pytest.raises(ConfigError, match=r"'mlp_2-9' names layers up to 9 .*closest valid: mlp_2-3"):
         expand_hooks(["mlp_2-9"], 4)
@@ -177,11 +217,26 @@ def test_find_layers_and_submodules(tiny):
     model, _, _ = tiny
     layers = find_decoder_layers(model)
     assert layers is model.model.layers and len(layers) == TINY_LAYERS
-    probes = resolve_probes(model, expand_hooks(["mlp_1", "models.layers.1.mlp.pre", "models.layers.1.self_attn.pre",
-                                                 "blocks.1.hook_resid_post", "blocks.1.mlp.hook_post"], TINY_LAYERS))
+    probes = resolve_probes(
+        model,
+        expand_hooks(
+            [
+                "mlp_1",
+                "models.layers.1.mlp.pre",
+                "models.layers.1.self_attn.pre",
+                "blocks.1.hook_resid_post",
+                "blocks.1.mlp.hook_post",
+            ],
+            TINY_LAYERS,
+        ),
+    )
     assert [(p.module, p.direction) for p in probes] == [
-        (layers[1].mlp, "out"), (layers[1].mlp, "in"), (layers[1].self_attn, "in"), (layers[1], "out"),
-        (layers[1].mlp.down_proj, "in")]
+        (layers[1].mlp, "out"),
+        (layers[1].mlp, "in"),
+        (layers[1].self_attn, "in"),
+        (layers[1], "out"),
+        (layers[1].mlp.down_proj, "in"),
+    ]
     assert probes[4].module_path == "model.layers.1.mlp.down_proj" and probes[0].family == "llama"
     with pytest.raises(ConfigError, match="cannot find the decoder layers"):
         import torch
@@ -193,8 +248,10 @@ def test_resid_pre_and_post_equal_hidden_states(tiny):
     import torch
 
     model, inputs, ref = tiny
-    specs = expand_hooks(["residuals_all", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post",
-                          "blocks.2.hook_resid_post"], TINY_LAYERS)
+    specs = expand_hooks(
+        ["residuals_all", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.2.hook_resid_post"],
+        TINY_LAYERS,
+    )
     with ActivationCapture(model, specs, stop_after_deepest=False) as cap:
         out = cap.run(**inputs)
     for L in range(TINY_LAYERS):
@@ -234,8 +291,9 @@ def test_module_outputs_and_inputs_match_manual_hooks(tiny):
     finally:
         for h in manual:
             h.remove()
-    specs = expand_hooks([f"mlp_{L}", f"attention_{L}", f"models.layers.{L}.self_attn.pre",
-                          f"models.layers.{L}.mlp.pre"], TINY_LAYERS)
+    specs = expand_hooks(
+        [f"mlp_{L}", f"attention_{L}", f"models.layers.{L}.self_attn.pre", f"models.layers.{L}.mlp.pre"], TINY_LAYERS
+    )
     with ActivationCapture(model, specs) as cap:
         out = cap.run(**inputs)
     torch.testing.assert_close(out[f"mlp_{L}"], seen["mlp_out"], rtol=0, atol=0)
@@ -248,15 +306,19 @@ def test_module_outputs_and_inputs_match_manual_hooks(tiny):
     assert not out[f"mlp_{L}"].requires_grad
 
 
-@pytest.mark.parametrize("hooks,deepest", [(["residuals_1"], 1), (["mlp_0", "residuals_2"], 2),
-                                           (["blocks.1.hook_resid_post", "attention_0"], 1)])
+@pytest.mark.parametrize(
+    "hooks,deepest",
+    [(["residuals_1"], 1), (["mlp_0", "residuals_2"], 2), (["blocks.1.hook_resid_post", "attention_0"], 1)],
+)
 def test_stop_after_deepest_skips_later_layers_and_lm_head(tiny, hooks, deepest):
     model, inputs, ref = tiny
     calls = {}
     watch = {f"layer{i}": model.model.layers[i] for i in range(TINY_LAYERS)}
     watch.update(norm=model.model.norm, lm_head=model.lm_head)
-    handles = [m.register_forward_hook(lambda mod, a, o, k=k: calls.__setitem__(k, calls.get(k, 0) + 1))
-               for k, m in watch.items()]
+    handles = [
+        m.register_forward_hook(lambda mod, a, o, k=k: calls.__setitem__(k, calls.get(k, 0) + 1))
+        for k, m in watch.items()
+    ]
     try:
         specs = expand_hooks(hooks, TINY_LAYERS)
         with ActivationCapture(model, specs) as cap:
@@ -298,7 +360,9 @@ def test_hooks_removed_on_exit_even_after_errors(tiny):
             raise RuntimeError("boom")
     assert _hook_counts(model) == before
     with pytest.raises(ConfigError, match=r"names layer 9 but the model has 4 layers"):
-        ActivationCapture(model, [HookSpec("residuals_0", "hook_resid_pre", 0), HookSpec("x", "hook_resid_pre", 9)]).attach()
+        ActivationCapture(
+            model, [HookSpec("residuals_0", "hook_resid_pre", 0), HookSpec("x", "hook_resid_pre", 9)]
+        ).attach()
     assert _hook_counts(model) == before
     with pytest.raises(RuntimeError, match="outside its `with` block"):
         ActivationCapture(model, [HookSpec("residuals_0", "hook_resid_pre", 0)]).run(**inputs)
@@ -338,8 +402,15 @@ def test_capture_works_when_hidden_states_passed_positionally():
 
     net = Net()
     x = torch.ones(1, 2, 3)
-    specs = expand_hooks(["models.layers.1.self_attn.pre", "models.layers.0.mlp.post", "module:transformer.h.0",
-                          "module:transformer.h.1:input"], 2)
+    specs = expand_hooks(
+        [
+            "models.layers.1.self_attn.pre",
+            "models.layers.0.mlp.post",
+            "module:transformer.h.0",
+            "module:transformer.h.1:input",
+        ],
+        2,
+    )
     with ActivationCapture(net, specs) as cap:
         out = cap.run(x=x)
     h0 = x + 2 * x
@@ -360,10 +431,14 @@ def test_module_globs_expand_against_the_model_and_unknown_paths_name_the_closes
     assert names(specs) == [f"module:model.layers.{i}.mlp.down_proj:input" for i in range(TINY_LAYERS)]
     with ActivationCapture(model, specs + expand_hooks(["blocks.2.mlp.hook_post"], TINY_LAYERS)) as cap:
         out = cap.run(**inputs)
-    torch.testing.assert_close(out["module:model.layers.2.mlp.down_proj:input"], out["blocks.2.mlp.hook_post"],
-                               rtol=0, atol=0)
-    with pytest.raises(ConfigError, match=r"'module:model.layers.\*.mlp.dwn_proj' matches no module .*closest: "
-                                          r"model.layers.0.mlp.down_proj"):
+    torch.testing.assert_close(
+        out["module:model.layers.2.mlp.down_proj:input"], out["blocks.2.mlp.hook_post"], rtol=0, atol=0
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"'module:model.layers.\*.mlp.dwn_proj' matches no module .*closest: "
+        r"model.layers.0.mlp.down_proj",
+    ):
         expand_module_globs(model, expand_hooks(["module:model.layers.*.mlp.dwn_proj"], TINY_LAYERS))
     with pytest.raises(ConfigError, match=r"names no module of LlamaForCausalLM; closest: model.layers.1.mlp.up_proj"):
         ActivationCapture(model, expand_hooks(["module:model.layers.1.mlp.upproj"], TINY_LAYERS)).attach()
@@ -381,8 +456,12 @@ def test_a_wrong_table_entry_stops_the_self_check(tiny, monkeypatch):
     assert report["family"] == "llama" and report["layers"] == [1] and report["max_rel_error"] < 1e-6
     real = capture.model_layout
     # Llama's hook_mlp_out is the MLP's output; claim it is the post-attention norm's output instead
-    monkeypatch.setattr(capture, "model_layout",
-                        lambda m: dataclasses.replace(real(m), mlp_post_norm="post_attention_layernorm"))
-    with pytest.raises(SelfCheckError, match=r"hook self-check failed on llama layer 1: hook_resid_mid \+ "
-                                             r"hook_mlp_out = hook_resid_post is off by a relative error of"):
+    monkeypatch.setattr(
+        capture, "model_layout", lambda m: dataclasses.replace(real(m), mlp_post_norm="post_attention_layernorm")
+    )
+    with pytest.raises(
+        SelfCheckError,
+        match=r"hook self-check failed on llama layer 1: hook_resid_mid \+ "
+        r"hook_mlp_out = hook_resid_post is off by a relative error of",
+    ):
         capture.self_check(model, specs, inputs)

@@ -11,12 +11,12 @@ import sys
 
 import numpy as np
 import pytest
+import safetensors
+import safetensors.torch
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import safetensors
-import safetensors.torch
 from tests.fakes import CountingStore
 from vaultsh import dtypes
 from vaultsh import megabatch as mb
@@ -334,8 +334,12 @@ class _Loud:
 @pytest.mark.parametrize("container", ["raw-pickle", "torch-zip"])
 def test_malicious_pickle_refused_and_not_executed(store, tmp_path, capsys, container):
     marker = tmp_path / "pwned"
-    payload = {"states": torch.zeros(1, 1, 1), "input_ids": torch.zeros(1, 1, dtype=torch.long),
-               "x": _Evil(str(marker)), "y": _Loud()}
+    payload = {
+        "states": torch.zeros(1, 1, 1),
+        "input_ids": torch.zeros(1, 1, dtype=torch.long),
+        "x": _Evil(str(marker)),
+        "y": _Loud(),
+    }
     if container == "raw-pickle":
         data = pickle.dumps(payload, protocol=2)
     else:
@@ -431,7 +435,9 @@ def test_header_length_exceeds_file(store):
     data = struct.pack("<Q", 8319483291) + b"{" + b"x" * 111
     assert len(data) == 120
     store.put_bytes("liar", data)
-    with pytest.raises(FormatError, match="liar: not a safetensors megabatch: header length 8319483291 exceeds file size 120"):
+    with pytest.raises(
+        FormatError, match="liar: not a safetensors megabatch: header length 8319483291 exceeds file size 120"
+    ):
         mb.read_header(store, "liar")
     data = struct.pack("<Q", 5000) + b'{"states":' + b" " * 102
     store.put_bytes("short", data)
@@ -478,8 +484,10 @@ def test_inconsistent_offsets_and_shapes_refused():
     _bad({**hdr, "labels.x": {"dtype": "I64", "shape": [3], "data_offsets": [144, 168]}}, size + 24, "labels.x")
     _bad({**hdr, "mask": {"dtype": "BOOL", "shape": [2, 2], "data_offsets": [144, 148]}}, size + 4, "mask")
     # duplicate keys and non-object JSON
-    js = b'{"states":{"dtype":"F32","shape":[1,1,1],"data_offsets":[0,4]},' \
-         b'"states":{"dtype":"F32","shape":[1,1,1],"data_offsets":[0,4]}}'
+    js = (
+        b'{"states":{"dtype":"F32","shape":[1,1,1],"data_offsets":[0,4]},'
+        b'"states":{"dtype":"F32","shape":[1,1,1],"data_offsets":[0,4]}}'
+    )
     blob = struct.pack("<Q", len(js)) + js + b"\0" * 4
     with pytest.raises(FormatError, match="duplicate"):
         mb.parse_header(blob, len(blob))

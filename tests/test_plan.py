@@ -42,8 +42,14 @@ def write_yaml(path: Path, tiny_dir: Path, store: Path, **over) -> Path:
         "run_name": "tiny.plan",
         "num_runs": over.pop("num_runs", 1),
         "transformer_config": {"model_name": str(tiny_dir), "dtype": "float32", **over.pop("model", {})},
-        "data_config": {"data_key": "pydoc", "n_batches": 6, "seq_length": 32, "batch_size": 2, "seed": 7,
-                        **over.pop("data", {})},
+        "data_config": {
+            "data_key": "pydoc",
+            "n_batches": 6,
+            "seq_length": 32,
+            "batch_size": 2,
+            "seed": 7,
+            **over.pop("data", {}),
+        },
         "upload_config": {"batches_per_upload": 2, "hooks": over.pop("hooks", HOOKS)},
         "storage": {"uri": str(store), **over.pop("storage", {})},
         **over,
@@ -64,18 +70,29 @@ def run_json(capsys, *argv) -> tuple[int, dict | None, str]:
 
 CASES = {
     # header numbers that gain a digit (megabatch 9 -> 10, batch 99 -> 100), bf16 storage
-    "safetensors": dict(num_runs=1, bpu=1, hooks=HOOKS[:2],
-                        data={"n_batches": 107, "start_batch": 95, "seq_length": 16, "batch_size": 1},
-                        storage={"format": "safetensors", "dtype": "bfloat16"}),
+    "safetensors": dict(
+        num_runs=1,
+        bpu=1,
+        hooks=HOOKS[:2],
+        data={"n_batches": 107, "start_batch": 95, "seq_length": 16, "batch_size": 1},
+        storage={"format": "safetensors", "dtype": "bfloat16"},
+    ),
     # two workers, a short final megabatch on worker 0
-    "safetensors-short": dict(num_runs=2, bpu=2, data={"n_batches": 7, "seq_length": 16},
-                              storage={"format": "safetensors", "dtype": "float16"}),
+    "safetensors-short": dict(
+        num_runs=2,
+        bpu=2,
+        data={"n_batches": 7, "seq_length": 16},
+        storage={"format": "safetensors", "dtype": "float16"},
+    ),
     # pt drops each worker's short final megabatch
     "pt": dict(num_runs=1, bpu=2, data={"n_batches": 5}, storage={"format": "pt"}),
     # sites of other widths (per head, d_mlp, a module glob), sized on the meta device
-    "other-widths": dict(num_runs=1, bpu=2, data={"n_batches": 3},
-                         hooks=["residuals_0", "blocks.1.attn.hook_k", "blocks.2.mlp.hook_post",
-                                "module:model.layers.*.mlp.up_proj"]),
+    "other-widths": dict(
+        num_runs=1,
+        bpu=2,
+        data={"n_batches": 3},
+        hooks=["residuals_0", "blocks.1.attn.hook_k", "blocks.2.mlp.hook_post", "module:model.layers.*.mlp.up_proj"],
+    ),
 }
 
 
@@ -112,8 +129,12 @@ def test_bytes_and_files_equal_what_a_real_run_writes(real_run):
             mine = [store.head(f.key).size for f in files if f.worker == w.worker]
             assert (w.files, w.bytes) == (len(mine), sum(mine))
     # every object in the hook directories besides metadata/statistics is counted
-    listed = sum(o.size for h in plan.storage for o in store.iter_objects(run.hook_prefix(h.hook))
-                 if o.name not in ("metadata.json", "statistics.json"))
+    listed = sum(
+        o.size
+        for h in plan.storage
+        for o in store.iter_objects(run.hook_prefix(h.hook))
+        if o.name not in ("metadata.json", "statistics.json")
+    )
     assert plan.totals["bytes"] == listed
     assert plan.totals["files"] == sum(len(run.committed_files(h.hook, commits)) for h in plan.storage)
     assert plan.totals["tokens"] == sum(c.files[HOOKS[0]].n_sequences for c in commits) * cfg.data.seq_length
@@ -128,8 +149,17 @@ def test_pt_plan_warns_about_dropped_batches(tiny_dir, tmp_path):
 
 def test_header_runs_equal_file_by_file_sizes():
     """The bisection over equal-length headers sums to the same bytes as sizing every file."""
-    kw = dict(run_name="r", hook="blocks.7.hook_resid_post", model="m", fmt="safetensors", dtype="float16",
-              itemsize=2, B=3, T=8, D=16)
+    kw = dict(
+        run_name="r",
+        hook="blocks.7.hook_resid_post",
+        model="m",
+        fmt="safetensors",
+        dtype="float16",
+        itemsize=2,
+        B=3,
+        T=8,
+        D=16,
+    )
     for n_batches, start, k, bpu in [(1234, 0, 3, 4), (101, 7, 2, 1), (999, 95, 5, 3), (10, 0, 1, 20)]:
         hs = hook_storage(**kw, bpu=bpu, n_batches=n_batches, start_batch=start, num_runs=k)
         total = files = 0
@@ -174,11 +204,23 @@ def test_weights_equal_the_real_parameter_bytes(tiny_dir, tmp_path):
 
 def _mem_inputs(plan, cfg, **over) -> MemoryInputs:
     c = plan.config
-    base = dict(params=plan.model.params, params_used=0, compute_bytes=4, storage_bytes=4,
-                B=cfg.data.batch_size, T=cfg.data.seq_length, D=TINY_D_MODEL, d_mlp=plan.model.d_mlp,
-                kv_dim=plan.model.kv_dim, n_hooks=len(plan.hooks), bpu=cfg.upload.batches_per_upload,
-                queued=cfg.upload.max_queued_megabatches, cpu=c["device"] == "cpu", devices=c["devices"],
-                limit=plan.memory.limit)
+    base = dict(
+        params=plan.model.params,
+        params_used=0,
+        compute_bytes=4,
+        storage_bytes=4,
+        B=cfg.data.batch_size,
+        T=cfg.data.seq_length,
+        D=TINY_D_MODEL,
+        d_mlp=plan.model.d_mlp,
+        kv_dim=plan.model.kv_dim,
+        n_hooks=len(plan.hooks),
+        bpu=cfg.upload.batches_per_upload,
+        queued=cfg.upload.max_queued_megabatches,
+        cpu=c["device"] == "cpu",
+        devices=c["devices"],
+        limit=plan.memory.limit,
+    )
     base.update(over)
     return MemoryInputs(**base)
 
@@ -274,8 +316,11 @@ def test_json_output_parses_and_matches_make_plan(tiny_dir, tmp_path, capsys):
     want = json.loads(make_plan(load_config(path)).to_json())
     assert got == want
     assert [h["written"] for h in got["hooks"]] == HOOKS
-    assert [(h["site"], h["layer"]) for h in got["hooks"]] == [("hook_resid_pre", 0), ("hook_resid_post", 1),
-                                                                ("hook_mlp_out", 2)]
+    assert [(h["site"], h["layer"]) for h in got["hooks"]] == [
+        ("hook_resid_pre", 0),
+        ("hook_resid_post", 1),
+        ("hook_mlp_out", 2),
+    ]
     st = got["storage"]
     assert st["totals"]["files"] == sum(h["files"] for h in st["hooks"]) == 3 * 5  # 9 batches, 2 workers, bpu 2
     assert [w["batches"] for w in st["per_worker"]] == [5, 4]
@@ -296,8 +341,12 @@ def test_text_output_names_hooks_layers_and_totals(tiny_dir, tmp_path, capsys):
 
 
 def test_prices_from_config_section_and_command_line(tiny_dir, tmp_path, capsys):
-    path = write_yaml(tmp_path / "x.yaml", tiny_dir, tmp_path / "v",
-                      plan={"price_gb_month": 0.5, "price_put_1k": 2.0, "upload_mbps": 1000})
+    path = write_yaml(
+        tmp_path / "x.yaml",
+        tiny_dir,
+        tmp_path / "v",
+        plan={"price_gb_month": 0.5, "price_put_1k": 2.0, "upload_mbps": 1000},
+    )
     rc, got, _ = run_json(capsys, path, "--price-put-1k", "4", "--price-get-1k", "1")
     assert rc == 0
     cost = got["cost"]
@@ -335,13 +384,31 @@ def test_cli_one_line_errors(tiny_dir, tmp_path, capsys):
 
 def test_hub_model_not_in_cache_needs_overrides(tiny_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
-    path = write_yaml(tmp_path / "hub.yaml", tiny_dir, tmp_path / "v",
-                      model={"model_name": "meta-llama/Llama-3.1-8B-Instruct", "cache_dir": str(tmp_path / "hf")})
+    path = write_yaml(
+        tmp_path / "hub.yaml",
+        tiny_dir,
+        tmp_path / "v",
+        model={"model_name": "meta-llama/Llama-3.1-8B-Instruct", "cache_dir": str(tmp_path / "hf")},
+    )
     rc, _, err = run_json(capsys, path)
     assert rc == 2 and err.count("\n") == 1
     assert "cannot read the model's facts here" in err and "--n-layers" in err
-    rc, got, _ = run_json(capsys, path, "--n-layers", "32", "--d-model", "4096", "--d-mlp", "14336",
-                          "--n-heads", "32", "--n-kv-heads", "8", "--vocab-size", "128256")
+    rc, got, _ = run_json(
+        capsys,
+        path,
+        "--n-layers",
+        "32",
+        "--d-model",
+        "4096",
+        "--d-mlp",
+        "14336",
+        "--n-heads",
+        "32",
+        "--n-kv-heads",
+        "8",
+        "--vocab-size",
+        "128256",
+    )
     assert rc == 0
     assert got["model"]["params"] == 8_030_261_248  # Llama 3.1 8B's published count
     assert got["model"]["exact_params"] is False

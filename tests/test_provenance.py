@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from collector.config import load_config
-from vaultsh.events import EventSink
 from collector.worker import run_worker
 from vaultsh import megabatch as mbf
 from vaultsh.errors import FormatError
+from vaultsh.events import EventSink
 from vaultsh.run import Run
 from vaultsh.store import LocalStore
 
@@ -61,8 +61,10 @@ def mixed(tiny_dir, tmp_path_factory):
     """A run over two sources (a text file, a JSONL file with the planted row), in file order."""
     tmp_path = tmp_path_factory.mktemp("mixed")
     texts = _texts(tmp_path)
-    datasets = [{"name": "notes", "path": str(tmp_path / "notes.txt"), "text_field": "text"},
-                {"name": "my_jsonl", "path": str(tmp_path / "my.jsonl"), "text_field": "text"}]
+    datasets = [
+        {"name": "notes", "path": str(tmp_path / "notes.txt"), "text_field": "text"},
+        {"name": "my_jsonl", "path": str(tmp_path / "my.jsonl"), "text_field": "text"},
+    ]
     cfg = _cfg(tiny_dir, tmp_path, tmp_path / "vault", datasets=datasets, n_batches=40)
     assert run_worker(cfg, 0, sink=EventSink(0))["status"] == "complete"
     store = LocalStore(tmp_path / "vault")
@@ -84,14 +86,16 @@ def test_planted_document_comes_back_with_its_source_row_and_offset(mixed, tok):
 
     seen, planted = set(), []
     for key, i, mb in _rows(store, run):
-        assert mb.source is not None and mb.source.dtype == torch.int64 and mb.source.shape == (mb.input_ids.shape[0], 3)
+        assert (
+            mb.source is not None and mb.source.dtype == torch.int64 and mb.source.shape == (mb.input_ids.shape[0], 3)
+        )
         src, doc, off = (int(x) for x in mb.source[i])
         assert off == 0  # one document per sequence, from its first token
         # independent: the text at that row of that file, tokenised as the collector does
         want = tok(texts[src][doc])["input_ids"][:T]
         got = mb.input_ids[i][: len(want)].tolist()
         assert got == want, f"{key} row {i}: provenance {src, doc, off} does not match the stored tokens"
-        assert bool(mb.mask[i][: len(want)].all()) and not bool(mb.mask[i][len(want):].any())
+        assert bool(mb.mask[i][: len(want)].all()) and not bool(mb.mask[i][len(want) :].any())
         seen.add(src)
         if (src, doc) == (1, PLANTED_ROW):
             planted.append((key, i))
@@ -109,8 +113,7 @@ def test_planted_document_comes_back_with_its_source_row_and_offset(mixed, tok):
 
 def test_packed_rows_record_every_document_piece_exactly(tiny_dir, tmp_path, tok):
     texts = _texts(tmp_path)
-    cfg = _cfg(tiny_dir, tmp_path, tmp_path / "vault", data_key=str(tmp_path / "my.jsonl"), packing=True,
-               n_batches=8)
+    cfg = _cfg(tiny_dir, tmp_path, tmp_path / "vault", data_key=str(tmp_path / "my.jsonl"), packing=True, n_batches=8)
     assert run_worker(cfg, 0, sink=EventSink(0))["status"] == "complete"
     store = LocalStore(tmp_path / "vault")
     run = Run(store, "prov")
@@ -131,7 +134,7 @@ def test_packed_rows_record_every_document_piece_exactly(tiny_dir, tmp_path, tok
                 full = tok(texts[1][doc])["input_ids"]
                 if full[-1] != eos:
                     full = full + [eos]
-                assert mb.input_ids[r][pos:end].tolist() == full[off: off + end - pos], (f.key, r, pos)
+                assert mb.input_ids[r][pos:end].tolist() == full[off : off + end - pos], (f.key, r, pos)
                 pieces += 1
                 continued += off > 0
     assert pieces > 2 * 8 * 2 and continued > 0  # rows hold several documents; some continue from a previous row
@@ -161,8 +164,12 @@ def test_source_tensor_round_trips_and_a_bad_one_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"source must be an int64 tensor of shape \[3, 3\]"):
         mbf.write_megabatch(store, "b.safetensors", states, ids, source=src[:2])
     # a file whose source tensor has the wrong shape is a clear format error
-    tensors = {"states": states, "input_ids": ids, "mask": torch.ones(3, 4, dtype=torch.bool),
-               "source": torch.zeros(2, 3, dtype=torch.int64)}
+    tensors = {
+        "states": states,
+        "input_ids": ids,
+        "mask": torch.ones(3, 4, dtype=torch.bool),
+        "source": torch.zeros(2, 3, dtype=torch.int64),
+    }
     prefix, order = mbf.build_header(tensors, {"format": mbf.FORMAT_NAME})
     store.put_bytes("bad.safetensors", prefix + b"".join(t.numpy().tobytes() for _, t in order))
     with pytest.raises(FormatError, match=r"tensor 'source' has shape \[2, 3\], expected \[3, 3\]"):
@@ -217,8 +224,13 @@ def test_shell_tokens_view_and_inspect_show_the_source(mixed, shell_store):
     text = _shell(shell_store, f"cd prov/residuals_1; view {n} {i}", json_mode=False)
     assert f"Source: my_jsonl doc {PLANTED_ROW} @ token 0" in text
     # inspect's previews: the first sequences of the file, each with its source from the stored tensor
-    docs = json.loads("[" + _shell(shell_store, f"cd prov/residuals_1; inspect --no-scan {n}",
-                                   json_mode=True).strip().replace("}\n{", "},{") + "]")
+    docs = json.loads(
+        "["
+        + _shell(shell_store, f"cd prov/residuals_1; inspect --no-scan {n}", json_mode=True)
+        .strip()
+        .replace("}\n{", "},{")
+        + "]"
+    )
     preview = next(d for d in docs if "preview" in d)["preview"]
     src = mbf.read_megabatch(store, key).source
     names = run.read_metadata("residuals_1")["sources"]

@@ -33,7 +33,6 @@ from vaultsh.reader.buffers import BufferPool
 from vaultsh.run import CommitRecord, FileRecord, Run, metadata_for
 from vaultsh.stats import RunningStats
 from vaultsh.store import LocalStore
-
 from vaultsh.testing.faultproxy import FaultProxy
 
 HOOK = "residuals_3"
@@ -45,16 +44,32 @@ N, T, D = 4, 8, 16
 # --------------------------------------------------------------------------
 
 
-def make_run(store, run_name="syn", hook=HOOK, n_files=6, n=N, t=T, d=D, dtype=torch.float32, seed=0,
-             commit=True, fmt="safetensors", short_last=False):
+def make_run(
+    store,
+    run_name="syn",
+    hook=HOOK,
+    n_files=6,
+    n=N,
+    t=T,
+    d=D,
+    dtype=torch.float32,
+    seed=0,
+    commit=True,
+    fmt="safetensors",
+    short_last=False,
+):
     """A run with `n_files` committed megabatches of random states and ~30% masked tokens.
 
     Returns the keys in commit order. Every file gets a commit record with its
     true size, sha256, and counts, and statistics.json covers the unmasked tokens.
     """
     run = Run(store, run_name)
-    run.write_metadata(hook, metadata_for(batch_size=2, sequence_length=t, d_in=d, batches_per_file=n // 2,
-                                          dtype=dtype, hook=hook, format=fmt))
+    run.write_metadata(
+        hook,
+        metadata_for(
+            batch_size=2, sequence_length=t, d_in=d, batches_per_file=n // 2, dtype=dtype, hook=hook, format=fmt
+        ),
+    )
     g = torch.Generator().manual_seed(seed)
     stats = RunningStats(d)
     keys = []
@@ -69,9 +84,16 @@ def make_run(store, run_name="syn", hook=HOOK, n_files=6, n=N, t=T, d=D, dtype=t
         sha = hashlib.sha256(store.get_bytes(key)).hexdigest()
         stats.update(states, mask)
         if commit:
-            run.commit(CommitRecord(worker=0, index=i, batch_start=2 * i, batch_end=2 * i + 2,
-                                    files={hook: FileRecord(hook, key, size, sha, rows, rows * t, 0, i)},
-                                    tokens=rows * t))
+            run.commit(
+                CommitRecord(
+                    worker=0,
+                    index=i,
+                    batch_start=2 * i,
+                    batch_end=2 * i + 2,
+                    files={hook: FileRecord(hook, key, size, sha, rows, rows * t, 0, i)},
+                    tokens=rows * t,
+                )
+            )
         keys.append(key)
     run.write_statistics(hook, stats)
     return keys
@@ -121,9 +143,11 @@ def collected(tmp_path_factory):
 
     run_name = "tiny.reader"
     _, root, result = collect_tiny_run(
-        tmp_path_factory, run_name,
+        tmp_path_factory,
+        run_name,
         {"data_key": "pydoc", "n_batches": 6, "seq_length": 32, "batch_size": 2, "seed": 7, "clean_added_tokens": True},
-        {"batches_per_upload": 2, "hooks": COLLECT_HOOKS, "max_queued_megabatches": 2})
+        {"batches_per_upload": 2, "hooks": COLLECT_HOOKS, "max_queued_megabatches": 2},
+    )
     assert result["status"] == "complete" and result["megabatches"] == 3
     store = LocalStore(root)
     run = Run(store, run_name)
@@ -185,7 +209,9 @@ def test_collector_run_by_path_and_uri(collected, s3_env, s3_bucket, s3_server):
     assert idents(ActivationReader(str(root / run_name / "mlp_2"))) == want
     assert idents(ActivationReader(f"s3://{s3_bucket}/{run_name}/mlp_2")) == want
     # token mode over the real masks: exactly the unmasked tokens, in order
-    rows = torch.cat([b["states"] for b in ActivationReader(str(root / run_name / "mlp_2"), tokens=True, batch_size=13)])
+    rows = torch.cat(
+        [b["states"] for b in ActivationReader(str(root / run_name / "mlp_2"), tokens=True, batch_size=13)]
+    )
     s, _ = real_rows(expected(local, [f.key for f in files]))
     assert torch.equal(rows, s)
 
@@ -220,8 +246,16 @@ def test_activault_saved_pt_run_is_readable(store, fmt_name):
         key = f"{run.hook_prefix(hook)}{uuid.UUID(int=i + 1)}--{i}_0.saved.pt"
         size = write_megabatch(store, key, states, ids, fmt="pt")
         keys.append(key)
-    md = metadata_for(batch_size=2, sequence_length=T, d_in=D, batches_per_file=2, dtype=torch.bfloat16, hook=hook,
-                      format="pt", bytes_per_file=size)
+    md = metadata_for(
+        batch_size=2,
+        sequence_length=T,
+        d_in=D,
+        batches_per_file=2,
+        dtype=torch.bfloat16,
+        hook=hook,
+        format="pt",
+        bytes_per_file=size,
+    )
     run.write_metadata(hook, md)
     mbs = expected(store, sorted(keys))
     got = list(reader_for(store, f"llama3.3_70b/{hook}"))
@@ -256,8 +290,12 @@ def test_pickle_with_code_in_a_saved_pt_is_refused_never_run(store, tmp_path):
     buf = io.BytesIO()
     torch.save({"states": states, "input_ids": ids, "tensor_bytes": size, "x": _Evil(marker)}, buf)
     store.put_bytes(bad, buf.getvalue())
-    run.write_metadata(hook, metadata_for(batch_size=2, sequence_length=T, d_in=D, batches_per_file=2,
-                                          dtype=torch.float32, hook=hook, format="pt"))
+    run.write_metadata(
+        hook,
+        metadata_for(
+            batch_size=2, sequence_length=T, d_in=D, batches_per_file=2, dtype=torch.float32, hook=hook, format="pt"
+        ),
+    )
     with pytest.raises(FormatError, match=r"--1_0\.saved\.pt.*refused"):
         list(reader_for(store, f"evil/{hook}"))
     with pytest.warns(SkippedFileWarning, match="refused"):
@@ -269,14 +307,14 @@ def test_pickle_with_code_in_a_saved_pt_is_refused_never_run(store, tmp_path):
 def test_labels_and_file_positions_for_export(local_store):
     """What vaultsh export builds on: per-sequence labels and which file each megabatch came from."""
     run = Run(local_store, "lab")
-    run.write_metadata(HOOK, metadata_for(batch_size=2, sequence_length=T, d_in=D, batches_per_file=2,
-                                          dtype=torch.float32, hook=HOOK))
+    run.write_metadata(
+        HOOK, metadata_for(batch_size=2, sequence_length=T, d_in=D, batches_per_file=2, dtype=torch.float32, hook=HOOK)
+    )
     labels = []
     for i in range(3):
         key = run.megabatch_key(HOOK, 0, i)
         lab = {"source": torch.arange(N, dtype=torch.int64) + 10 * i}
-        size = write_megabatch(local_store, key, torch.randn(N, T, D), torch.zeros(N, T, dtype=torch.int64),
-                               labels=lab)
+        size = write_megabatch(local_store, key, torch.randn(N, T, D), torch.zeros(N, T, dtype=torch.int64), labels=lab)
         run.commit(CommitRecord(0, i, i, i + 1, {HOOK: FileRecord(HOOK, key, size, None, N, N * T, 0, i)}))
         labels.append(lab["source"])
     got = list(reader_for(local_store, "lab/" + HOOK, return_labels=True, return_file=True, start=1))
@@ -634,7 +672,9 @@ def test_shape_mismatch_with_metadata_is_detected(store):
         got = list(reader_for(store, on_error="skip"))
     assert len(got) == 2
     # a dtype that differs from metadata.json is caught too
-    size = write_megabatch(store, keys[1], torch.randn(N, T, D, generator=g).half(), torch.zeros(N, T, dtype=torch.int64))
+    size = write_megabatch(
+        store, keys[1], torch.randn(N, T, D, generator=g).half(), torch.zeros(N, T, dtype=torch.int64)
+    )
     sha = hashlib.sha256(store.get_bytes(keys[1])).hexdigest()
     run.commit(CommitRecord(0, 1, 2, 4, {HOOK: FileRecord(HOOK, keys[1], size, sha, N, N * T, 0, 1)}))
     with pytest.raises(FormatError, match="dtype"):
@@ -690,8 +730,9 @@ def test_cuda_round_trip_pinned(local_store):  # pragma: no cover - no GPU on th
     assert reader._pin
     for b, mb in zip(reader, mbs):
         assert b["states"].is_cuda and torch.equal(b["states"].cpu(), mb.states)
-    rows = torch.cat([b["states"].cpu() for b in reader_for(local_store, device="cuda", tokens=True,
-                                                                 batch_size=9, shuffle_buffer=2)])
+    rows = torch.cat(
+        [b["states"].cpu() for b in reader_for(local_store, device="cuda", tokens=True, batch_size=9, shuffle_buffer=2)]
+    )
     np.testing.assert_array_equal(sorted_rows(rows), sorted_rows(real_rows(mbs)[0]))
 
 
@@ -707,7 +748,7 @@ def test_several_sources_are_read_in_turn(local_store):
 # --------------------------------------------------------------------------
 
 # Activault's README, "Using Activations with RCache", verbatim but for the import line.
-ACTIVAULT_README_SNIPPET = '''
+ACTIVAULT_README_SNIPPET = """
 import os
 from vaultsh.reader import S3RCache
 
@@ -725,7 +766,7 @@ for batch in cache:
     # ... process batch ...
 
 cache.finalize()  # clean up
-'''
+"""
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pt"])
@@ -767,8 +808,15 @@ def test_s3rcache_activault_defaults(s3_server, s3_bucket, monkeypatch, tmp_path
     keys = make_run(writer, run_name="r", hook="h", n_files=3)
     mbs = expected(writer, keys)
     monkeypatch.setenv("S3_ENDPOINT_URL", s3_server)
-    cache = S3RCache.from_credentials("testing", "testing", s3_prefix="r/h", bucket_name=s3_bucket,
-                                      preserve_file_order=True, buffer_size=1, concurrency=4)
+    cache = S3RCache.from_credentials(
+        "testing",
+        "testing",
+        s3_prefix="r/h",
+        bucket_name=s3_bucket,
+        preserve_file_order=True,
+        buffer_size=1,
+        concurrency=4,
+    )
     out = list(cache)
     cache.finalize()
     assert all(isinstance(t, torch.Tensor) and t.shape == (N, T, D) for t in out)

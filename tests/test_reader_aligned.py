@@ -44,8 +44,12 @@ def make_aligned_run(store, name="pair", workers=2, files_per_worker=3, seed=0, 
     """
     run = Run(store, name)
     for hook, d in ((A, DA), (B, DB)):
-        run.write_metadata(hook, metadata_for(batch_size=2, sequence_length=T, d_in=d, batches_per_file=N // 2,
-                                              dtype=torch.float32, hook=hook))
+        run.write_metadata(
+            hook,
+            metadata_for(
+                batch_size=2, sequence_length=T, d_in=d, batches_per_file=N // 2, dtype=torch.float32, hook=hook
+            ),
+        )
     g = torch.Generator().manual_seed(seed)
     stats = {A: RunningStats(DA), B: RunningStats(DB)}
     planted = {}
@@ -68,8 +72,11 @@ def make_aligned_run(store, name="pair", workers=2, files_per_worker=3, seed=0, 
                 sha = hashlib.sha256(store.get_bytes(key)).hexdigest()
                 files[hook] = FileRecord(hook, key, size, sha, N, int(mask.sum()), w, i)
                 stats[hook].update(x, mask)
-            run.commit(CommitRecord(worker=w, index=i, batch_start=2 * i, batch_end=2 * i + 2, files=files,
-                                    tokens=int(mask.sum())))
+            run.commit(
+                CommitRecord(
+                    worker=w, index=i, batch_start=2 * i, batch_end=2 * i + 2, files=files, tokens=int(mask.sum())
+                )
+            )
             planted[(w, i)] = (a, ids, mask)
     for hook, st in stats.items():
         run.write_statistics(hook, st)
@@ -116,8 +123,16 @@ def test_megabatch_mode_delivers_both_hooks_of_the_same_megabatch(store):
 @pytest.mark.parametrize("shuffle_buffer", [0, 3])
 def test_token_mode_keeps_hooks_aligned_through_shuffles(store, shuffle_buffer):
     planted = make_aligned_run(store)
-    r = ActivationReader("pair", hooks=[A, B], store=store, tokens=True, batch_size=7, shuffle=True,
-                         shuffle_buffer=shuffle_buffer, seed=1)
+    r = ActivationReader(
+        "pair",
+        hooks=[A, B],
+        store=store,
+        tokens=True,
+        batch_size=7,
+        shuffle=True,
+        shuffle_buffer=shuffle_buffer,
+        seed=1,
+    )
     rows = []
     for batch in r:
         check_pairs(batch["states"], batch["input_ids"])
@@ -129,8 +144,9 @@ def test_token_mode_keeps_hooks_aligned_through_shuffles(store, shuffle_buffer):
 
 def test_dataloader_workers_and_shards_keep_pairs_and_cover_every_token(local_store):
     planted = make_aligned_run(local_store, workers=2, files_per_worker=4)
-    ds = ActivationReader("pair", hooks=[A, B], store=local_store, tokens=True, batch_size=16,
-                          shuffle=True, shuffle_buffer=2).as_dataset()
+    ds = ActivationReader(
+        "pair", hooks=[A, B], store=local_store, tokens=True, batch_size=16, shuffle=True, shuffle_buffer=2
+    ).as_dataset()
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
     rows = []
     for batch in loader:
@@ -177,8 +193,9 @@ def test_bad_hook_lists_are_one_line_errors(local_store, tmp_path):
 def test_zip_of_two_runs_over_the_same_data(store):
     make_aligned_run(store, "base", seed=5)
     make_aligned_run(store, "chat", seed=5, other=lambda a, ids: torch.cat([-a[..., :-1], a[..., -1:]], -1))
-    r = ActivationReader.zip("base", "chat", hooks=[A, B], store=store, tokens=True, batch_size=9,
-                             shuffle=True, shuffle_buffer=2)
+    r = ActivationReader.zip(
+        "base", "chat", hooks=[A, B], store=store, tokens=True, batch_size=9, shuffle=True, shuffle_buffer=2
+    )
     n = 0
     for batch in r:
         base, chat = batch["states"]
@@ -202,8 +219,11 @@ def test_zip_of_runs_over_different_data_is_refused(store):
     make_aligned_run(store, "base", seed=5)
     make_aligned_run(store, "other", seed=6)
     r = ActivationReader.zip("base", "other", hooks=[A], store=store)
-    with pytest.raises(AlignmentError, match=r"other/blocks.1.hook_mlp_in/.*w0000.*00000.*differ from .*base.*"
-                                             r"sequence 0, position 0"):
+    with pytest.raises(
+        AlignmentError,
+        match=r"other/blocks.1.hook_mlp_in/.*w0000.*00000.*differ from .*base.*"
+        r"sequence 0, position 0",
+    ):
         next(iter(r))
 
 
@@ -240,11 +260,18 @@ def test_filters_drop_exactly_the_planted_tokens_in_every_hook(store):
                 size = store.head(f.key).size
                 sha = hashlib.sha256(store.get_bytes(f.key)).hexdigest()
                 recs[hook] = FileRecord(hook, f.key, size, sha, N, int(mask.sum()), 0, 0)
-            run.commit(CommitRecord(worker=0, index=0, batch_start=0, batch_end=2, files=recs,
-                                    tokens=int(mask.sum())))
+            run.commit(CommitRecord(worker=0, index=0, batch_start=0, batch_end=2, files=recs, tokens=int(mask.sum())))
     planted[(0, 0)] = (a, ids, mask)
-    r = ActivationReader("pair", hooks=[A, B], store=store, tokens=True, batch_size=5, skip_positions=2,
-                         exclude_token_ids=[special], max_norm_factor=20)
+    r = ActivationReader(
+        "pair",
+        hooks=[A, B],
+        store=store,
+        tokens=True,
+        batch_size=5,
+        skip_positions=2,
+        exclude_token_ids=[special],
+        max_norm_factor=20,
+    )
     rows = []
     for batch in r:
         check_pairs(batch["states"], batch["input_ids"])
@@ -290,10 +317,13 @@ def test_filters_in_megabatch_mode_clear_the_mask(local_store):
 
 def test_bad_filter_arguments_are_one_line_errors(local_store):
     make_aligned_run(local_store, workers=1, files_per_worker=1)
-    for kw, msg in ((dict(skip_positions=-1), "skip_positions"), (dict(max_norm_factor=0), "max_norm_factor"),
-                    (dict(exclude_token_ids=["a"]), "exclude_token_ids"),
-                    (dict(max_norm_factor=3, norm_hook="x"), "norm_hook='x' is not one of"),
-                    (dict(norm_hook=A), "give max_norm_factor")):
+    for kw, msg in (
+        (dict(skip_positions=-1), "skip_positions"),
+        (dict(max_norm_factor=0), "max_norm_factor"),
+        (dict(exclude_token_ids=["a"]), "exclude_token_ids"),
+        (dict(max_norm_factor=3, norm_hook="x"), "norm_hook='x' is not one of"),
+        (dict(norm_hook=A), "give max_norm_factor"),
+    ):
         with pytest.raises(UserError, match=msg):
             ActivationReader("pair", hooks=[A, B], store=local_store, **kw)
 
@@ -301,8 +331,9 @@ def test_bad_filter_arguments_are_one_line_errors(local_store):
 # -- normalization ----------------------------------------------------------------------------
 def test_mean_norm_sqrt_d_factor_equals_numpy_over_the_stored_tokens(local_store):
     planted = make_aligned_run(local_store)
-    r = ActivationReader("pair", hooks=[A, B], store=local_store, tokens=True, normalize="mean_norm_sqrt_d",
-                         batch_size=1 << 20)
+    r = ActivationReader(
+        "pair", hooks=[A, B], store=local_store, tokens=True, normalize="mean_norm_sqrt_d", batch_size=1 << 20
+    )
     rows_a = unmasked_a(planted).double().numpy()
     rows_b = relate(unmasked_a(planted)).double().numpy()
     fa = math.sqrt(DA) / np.linalg.norm(rows_a, axis=1).mean()
@@ -315,8 +346,9 @@ def test_mean_norm_sqrt_d_factor_equals_numpy_over_the_stored_tokens(local_store
         assert mean_norm == pytest.approx(math.sqrt(d), rel=1e-5)
     assert ActivationReader("pair", hooks=[A], store=local_store, normalize="none").normalization_factor is None
     # standardize: a per-feature factor 1/std (population), the shift the mean, both from numpy over the stored tokens
-    st = ActivationReader("pair", hooks=[A, B], store=local_store, tokens=True, normalize="standardize",
-                          batch_size=1 << 20)
+    st = ActivationReader(
+        "pair", hooks=[A, B], store=local_store, tokens=True, normalize="standardize", batch_size=1 << 20
+    )
     for hook, rows in ((A, rows_a), (B, rows_b)):
         np.testing.assert_allclose(st.normalization_factor[hook].numpy(), 1 / rows.std(axis=0), rtol=1e-6)
     (batch,) = list(st)
@@ -350,7 +382,8 @@ def test_iterable_dataset_view_of_bare_tensors_splits_files_across_workers(local
     custom loops); two DataLoader workers together deliver every unmasked token exactly once."""
     planted = make_aligned_run(local_store, workers=2, files_per_worker=3)
     ds = ActivationReader("pair/" + A, store=local_store, tokens=True, batch_size=5, shuffle=True).as_dataset(
-        states_only=True)
+        states_only=True
+    )
     assert isinstance(ds, torch.utils.data.IterableDataset)
     got = list(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2))
     assert all(isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[1] == DA for x in got)
@@ -367,8 +400,11 @@ def collected_pair(tmp_path_factory):
     from .modelfixtures import collect_tiny_run
 
     tiny, root, result = collect_tiny_run(
-        tmp_path_factory, "pair", {"data_key": "pydoc", "n_batches": 4, "seq_length": 32, "batch_size": 2, "seed": 3},
-        {"batches_per_upload": 2, "hooks": ["blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"]})
+        tmp_path_factory,
+        "pair",
+        {"data_key": "pydoc", "n_batches": 4, "seq_length": 32, "batch_size": 2, "seed": 3},
+        {"batches_per_upload": 2, "hooks": ["blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"]},
+    )
     assert result["status"] == "complete"
     return tiny, root
 
@@ -379,8 +415,7 @@ def test_transcoder_pairs_from_a_real_run_match_the_model(collected_pair):
     tiny, root = collected_pair
     model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
     layer = model.model.layers[1]
-    r = ActivationReader(str(root / "pair"), hooks=[A, B], tokens=True, batch_size=50, shuffle=True,
-                         shuffle_buffer=2)
+    r = ActivationReader(str(root / "pair"), hooks=[A, B], tokens=True, batch_size=50, shuffle=True, shuffle_buffer=2)
     n = 0
     with torch.no_grad():
         for batch in r:
@@ -398,8 +433,9 @@ def test_s3rcache_reads_aligned_hooks_with_one_shuffle(s3_server, s3_bucket, mon
     writer = S3Store(s3_bucket, endpoint_url=s3_server)
     planted = make_aligned_run(writer, workers=1, files_per_worker=3)
     monkeypatch.setenv("S3_ENDPOINT_URL", s3_server)
-    cache = S3RCache.from_credentials("testing", "testing", s3_prefix="pair", bucket_name=s3_bucket,
-                                      hooks=[A, B], concurrency=4)
+    cache = S3RCache.from_credentials(
+        "testing", "testing", s3_prefix="pair", bucket_name=s3_bucket, hooks=[A, B], concurrency=4
+    )
     out = list(cache)
     cache.finalize()
     assert len(out) == 3
@@ -426,8 +462,9 @@ def test_return_source_gives_each_sequence_and_token_its_provenance(collected_pa
         for n in range(mb["source"].shape[0]):
             for t in range(mb["input_ids"].shape[1]):
                 by_key[(*mb["source"][n].tolist(), t)] = int(mb["input_ids"][n, t])
-    r = ActivationReader(str(root / "pair"), hooks=[A, B], tokens=True, batch_size=13, shuffle=True,
-                         shuffle_buffer=2, return_source=True)
+    r = ActivationReader(
+        str(root / "pair"), hooks=[A, B], tokens=True, batch_size=13, shuffle=True, shuffle_buffer=2, return_source=True
+    )
     n = 0
     for batch in r:
         src, ids = batch["source"], batch["input_ids"]
@@ -458,11 +495,16 @@ def two_models(tiny_dir, tmp_path_factory):
     data = {"n_batches": 6, "seq_length": 16, "batch_size": 2}
 
     def collect(name, model, **extra):
-        cfg = load_config({"run_name": name, "num_runs": 1,
-                           "transformer_config": {"model_name": str(model), "dtype": "float32"},
-                           "data_config": {**data, **extra},
-                           "upload_config": {"batches_per_upload": 2, "hooks": ["residuals_1"]},
-                           "storage": {"uri": str(root)}})
+        cfg = load_config(
+            {
+                "run_name": name,
+                "num_runs": 1,
+                "transformer_config": {"model_name": str(model), "dtype": "float32"},
+                "data_config": {**data, **extra},
+                "upload_config": {"batches_per_upload": 2, "hooks": ["residuals_1"]},
+                "storage": {"uri": str(root)},
+            }
+        )
         assert run_worker(cfg, 0, sink=EventSink(0, callback=lambda e: None))["status"] == "complete"
 
     collect("llama", tiny_dir, data_key="pydoc", seed=3)
@@ -474,11 +516,14 @@ def two_models(tiny_dir, tmp_path_factory):
 def test_zip_of_two_models_over_the_same_sequences_pairs_every_token(two_models):
     root = two_models
     store = LocalStore(root)
-    stored = {run: {f.name: read_megabatch(store, f.key) for f in Run(store, run).committed_files("residuals_1")}
-              for run in ("llama", "qwen")}
+    stored = {
+        run: {f.name: read_megabatch(store, f.key) for f in Run(store, run).committed_files("residuals_1")}
+        for run in ("llama", "qwen")
+    }
     assert sorted(stored["llama"]) == sorted(stored["qwen"]) and len(stored["llama"]) == 3
-    z = ActivationReader.zip(str(root / "llama"), str(root / "qwen"), hooks=["residuals_1"], return_file=True,
-                             shuffle=True, seed=2)
+    z = ActivationReader.zip(
+        str(root / "llama"), str(root / "qwen"), hooks=["residuals_1"], return_file=True, shuffle=True, seed=2
+    )
     seen = []
     for mb in z:
         llama, qwen = mb["states"]
@@ -490,8 +535,15 @@ def test_zip_of_two_models_over_the_same_sequences_pairs_every_token(two_models)
         seen.append(name)
     assert sorted(seen) == sorted(stored["llama"])
     n = sum(int(m.mask.sum()) for m in stored["llama"].values())
-    tz = ActivationReader.zip(str(root / "llama"), str(root / "qwen"), hooks=["residuals_1"], tokens=True,
-                              batch_size=7, shuffle=True, shuffle_buffer=2)
+    tz = ActivationReader.zip(
+        str(root / "llama"),
+        str(root / "qwen"),
+        hooks=["residuals_1"],
+        tokens=True,
+        batch_size=7,
+        shuffle=True,
+        shuffle_buffer=2,
+    )
     assert sum(batch["states"][0]["residuals_1"].shape[0] for batch in tz) == n == tz.stats.tokens
 
 
@@ -502,7 +554,10 @@ def test_zip_with_a_run_over_other_data_names_the_file_and_position(two_models):
     other = read_megabatch(store, Run(store, "qwen.other").committed_files("residuals_1")[0].key)
     diff = (read_megabatch(store, first.key).input_ids != other.input_ids).nonzero()[0].tolist()
     z = ActivationReader.zip(str(root / "llama"), str(root / "qwen.other"), hooks=["residuals_1"])
-    with pytest.raises(AlignmentError, match=rf"qwen\.other/residuals_1/{first.name}: input_ids differ from "
-                                             rf".*llama/residuals_1/{first.name} at sequence {diff[0]}, "
-                                             rf"position {diff[1]}"):
+    with pytest.raises(
+        AlignmentError,
+        match=rf"qwen\.other/residuals_1/{first.name}: input_ids differ from "
+        rf".*llama/residuals_1/{first.name} at sequence {diff[0]}, "
+        rf"position {diff[1]}",
+    ):
         next(iter(z))

@@ -69,8 +69,11 @@ next(it)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_abandoned_iteration_at_interpreter_exit_prints_nothing(case, tmp_path):
     vault = str(tmp_path / "vault")
-    code = textwrap.dedent(SETUP.format(root=str(ROOT), vault=vault)) + textwrap.dedent(
-        CASES[case].format(vault=vault)) + "print('abandoned', flush=True)\n"
+    code = (
+        textwrap.dedent(SETUP.format(root=str(ROOT), vault=vault))
+        + textwrap.dedent(CASES[case].format(vault=vault))
+        + "print('abandoned', flush=True)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "abandoned"

@@ -12,13 +12,12 @@ import torch
 import yaml
 
 from collector.config import load_config
-from vaultsh.events import EventSink, decode
 from collector.worker import run_worker
+from vaultsh.events import EventSink, decode
 from vaultsh.megabatch import read_megabatch
 from vaultsh.run import Run
 from vaultsh.stats import RunningStats
 from vaultsh.store import LocalStore
-
 
 HOOKS = ["residuals_1", "mlp_1"]
 BPU = 4
@@ -44,8 +43,14 @@ def raw_cfg(tiny_dir, uri, **data):
         "run_name": "crash.pydoc",
         "num_runs": 2,
         "transformer_config": {"model_name": str(tiny_dir), "dtype": "float32"},
-        "data_config": {"data_key": "pydoc", "n_batches": N_BATCHES, "seq_length": 32, "batch_size": 2, "seed": 5,
-                        **data},
+        "data_config": {
+            "data_key": "pydoc",
+            "n_batches": N_BATCHES,
+            "seq_length": 32,
+            "batch_size": 2,
+            "seed": 5,
+            **data,
+        },
         "upload_config": {"batches_per_upload": BPU, "hooks": HOOKS, "max_queued_megabatches": 2},
         "storage": {"uri": str(uri)},
     }
@@ -56,8 +61,11 @@ def kill_mid_megabatch(cfg_path, tmp_path, worker: int) -> list[dict]:
     r, w = os.pipe()
     proc = subprocess.Popen(
         [sys.executable, "-c", _SLOW_WORKER, "collect", str(cfg_path), "--machine", str(worker), "--events-fd", str(w)],
-        cwd=tmp_path, env=dict(os.environ, HF_HUB_OFFLINE="1"), pass_fds=(w,),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        pass_fds=(w,),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     os.close(w)
     events: list[dict] = []
@@ -80,7 +88,7 @@ def kill_mid_megabatch(cfg_path, tmp_path, worker: int) -> list[dict]:
 
 
 def _files(store, run) -> dict[str, bytes]:
-    return {o.key[len(run.prefix):]: store.get_bytes(o.key) for o in store.iter_objects(run.prefix)}
+    return {o.key[len(run.prefix) :]: store.get_bytes(o.key) for o in store.iter_objects(run.prefix)}
 
 
 def _strip(meta: dict) -> dict:
@@ -127,12 +135,21 @@ def test_sigkill_mid_megabatch_then_resume_equals_uninterrupted_run(tiny_dir, tm
             assert a.source is not None and torch.equal(a.source, b.source)  # provenance survives the crash
             assert torch.equal(a.states, b.states)
             assert _strip(a.header.metadata) == _strip(b.header.metadata)
-            assert len(got[c.files[hook].key[len(run.prefix):]]) == len(want[rc.files[hook].key[len(ref_run.prefix):]])
+            assert len(got[c.files[hook].key[len(run.prefix) :]]) == len(
+                want[rc.files[hook].key[len(ref_run.prefix) :]]
+            )
     # Commit records agree on everything but creation times and digests (the header records its creation time).
     for c, rc in zip(run.iter_commits(), ref_run.iter_commits(), strict=True):
-        assert (c.worker, c.index, c.batch_start, c.batch_end, c.tokens) == (rc.worker, rc.index, rc.batch_start, rc.batch_end, rc.tokens)
-        assert {h: (f.key, f.size, f.n_tokens, f.n_sequences) for h, f in c.files.items()} == \
-               {h: (f.key, f.size, f.n_tokens, f.n_sequences) for h, f in rc.files.items()}
+        assert (c.worker, c.index, c.batch_start, c.batch_end, c.tokens) == (
+            rc.worker,
+            rc.index,
+            rc.batch_start,
+            rc.batch_end,
+            rc.tokens,
+        )
+        assert {h: (f.key, f.size, f.n_tokens, f.n_sequences) for h, f in c.files.items()} == {
+            h: (f.key, f.size, f.n_tokens, f.n_sequences) for h, f in rc.files.items()
+        }
     # Per-worker statistics snapshots hold identical numbers (their header's key order may differ).
     for key in got:
         if key.startswith("_vaultsh/stats/"):

@@ -24,8 +24,10 @@ def test_retries_until_success_with_doubling_delays():
     waits, heard = [], []
     fn, calls = flaky([OSError("a"), OSError("b")])
     policy = RetryPolicy(attempts=4, backoff=0.5)
-    assert policy.call(fn, retryable=lambda e: True, on_retry=lambda n, e: heard.append((n, str(e))),
-                       wait=waits.append) == "ok"
+    assert (
+        policy.call(fn, retryable=lambda e: True, on_retry=lambda n, e: heard.append((n, str(e))), wait=waits.append)
+        == "ok"
+    )
     assert len(calls) == 3 and heard == [(1, "a"), (2, "b")] and waits == [0.5, 1.0]
 
 
@@ -43,8 +45,12 @@ def test_exhausted_raises_the_last_error_or_what_exhausted_makes():
     assert len(calls) == 3
     fn, _ = flaky([OSError("x")] * 5)
     with pytest.raises(StoreError, match="after 2 attempts") as info:
-        RetryPolicy(attempts=2, backoff=0).call(fn, retryable=lambda e: True, wait=lambda s: None,
-                                                exhausted=lambda e, n: StoreError(f"after {n} attempts: {e}"))
+        RetryPolicy(attempts=2, backoff=0).call(
+            fn,
+            retryable=lambda e: True,
+            wait=lambda s: None,
+            exhausted=lambda e, n: StoreError(f"after {n} attempts: {e}"),
+        )
     assert isinstance(info.value.__cause__, OSError)
 
 

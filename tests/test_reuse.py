@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from collector.config import load_config
-from vaultsh.events import EventSink
 from collector.worker import run_worker
 from vaultsh import megabatch as mbf
 from vaultsh.errors import ConfigError, UserError
+from vaultsh.events import EventSink
 from vaultsh.run import Run
 from vaultsh.store import LocalStore
 
@@ -46,7 +46,8 @@ def qwen_dir(tmp_path_factory):
 
 def raw_cfg(model_dir, uri, name, **data):
     return {
-        "run_name": name, "num_runs": 2,
+        "run_name": name,
+        "num_runs": 2,
         "transformer_config": {"model_name": str(model_dir), "dtype": "float32"},
         "data_config": data,
         "upload_config": {"batches_per_upload": 2, "hooks": HOOKS},
@@ -164,13 +165,18 @@ def test_a_different_tokenizer_is_refused(first, tmp_path):
 
 
 def test_a_missing_or_incomplete_first_run_is_refused(first, qwen_dir, tmp_path):
-    cfg = load_config(raw_cfg(qwen_dir, tmp_path / "b", "q1", **_reuse_data(first) | {
-        "reuse_sequences_from": str(tmp_path / "nowhere")}))
+    cfg = load_config(
+        raw_cfg(
+            qwen_dir, tmp_path / "b", "q1", **_reuse_data(first) | {"reuse_sequences_from": str(tmp_path / "nowhere")}
+        )
+    )
     with pytest.raises(UserError, match=r"data.reuse_sequences_from: .*nowhere: no such directory"):
         run_worker(cfg, 0, sink=EventSink(0))
     # this run asks for more batches than the first stored
     cfg = load_config(raw_cfg(qwen_dir, tmp_path / "b", "q2", **_reuse_data(first, n_batches=14)))
-    with pytest.raises(UserError, match=r"incomplete: worker 0 committed global batches up to 8, this run needs up to 12"):
+    with pytest.raises(
+        UserError, match=r"incomplete: worker 0 committed global batches up to 8, this run needs up to 12"
+    ):
         run_worker(cfg, 0, sink=EventSink(0))
     cfg = load_config(raw_cfg(qwen_dir, tmp_path / "b", "q3", **_reuse_data(first) | {"batch_size": 4}))
     with pytest.raises(ConfigError, match=r"data.batch_size is 2 there and 4 here"):
@@ -180,8 +186,28 @@ def test_a_missing_or_incomplete_first_run_is_refused(first, qwen_dir, tmp_path)
 
 def test_config_refuses_shaping_fields_with_reuse(qwen_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"data_config.packing: does not apply with data_config.reuse_sequences_from"):
-        load_config(raw_cfg(qwen_dir, tmp_path, "q", n_batches=4, seq_length=8, batch_size=2,
-                            reuse_sequences_from=str(tmp_path), packing=True))
+        load_config(
+            raw_cfg(
+                qwen_dir,
+                tmp_path,
+                "q",
+                n_batches=4,
+                seq_length=8,
+                batch_size=2,
+                reuse_sequences_from=str(tmp_path),
+                packing=True,
+            )
+        )
     with pytest.raises(ConfigError, match=r"give one data source, not data_key and reuse_sequences_from"):
-        load_config(raw_cfg(qwen_dir, tmp_path, "q", n_batches=4, seq_length=8, batch_size=2, data_key="pydoc",
-                            reuse_sequences_from=str(tmp_path)))
+        load_config(
+            raw_cfg(
+                qwen_dir,
+                tmp_path,
+                "q",
+                n_batches=4,
+                seq_length=8,
+                batch_size=2,
+                data_key="pydoc",
+                reuse_sequences_from=str(tmp_path),
+            )
+        )

@@ -186,12 +186,13 @@ def test_commit_chunks_replace_record_reads_and_never_override_a_record(store):
         recs.append(rec)
     run.commit(CommitRecord(1, 0, 0, 4, {}, tokens=16))
     plain = run.iter_commits()
-    key = run.write_commit_chunk(recs[:run_mod.COMMIT_CHUNK])
+    key = run.write_commit_chunk(recs[: run_mod.COMMIT_CHUNK])
     assert key == run.commit_chunk_key(0, run_mod.COMMIT_CHUNK - 1)
     reads = _count_reads(run)
     assert run.iter_commits() == plain
-    assert sorted(reads) == sorted([run.commit_key(0, i) for i in range(run_mod.COMMIT_CHUNK, run_mod.COMMIT_CHUNK + 7)]
-                                   + [run.commit_key(1, 0)])
+    assert sorted(reads) == sorted(
+        [run.commit_key(0, i) for i in range(run_mod.COMMIT_CHUNK, run_mod.COMMIT_CHUNK + 7)] + [run.commit_key(1, 0)]
+    )
     reads.clear()
     assert run.iter_commits(worker=1) == [plain[-1]] and reads == [run.commit_key(1, 0)]
     # a record rewritten after the chunk (here: other content, another size) is read, not taken from the chunk
@@ -221,7 +222,12 @@ def test_commit_chunk_holds_consecutive_records_of_one_worker(store):
 
 def test_commit_record_json_round_trip():
     rec = CommitRecord(
-        2, 9, 36, 40, {"mlp_1": FileRecord("mlp_1", "r/mlp_1/w0002--0000009.safetensors", 10, None, 4, 30, 2, 9)}, tokens=30
+        2,
+        9,
+        36,
+        40,
+        {"mlp_1": FileRecord("mlp_1", "r/mlp_1/w0002--0000009.safetensors", 10, None, 4, 30, 2, 9)},
+        tokens=30,
     )
     back = CommitRecord.from_json(rec.to_json())
     assert back == rec
@@ -363,7 +369,9 @@ MALFORMED_COMMITS = [
     json.dumps({"worker": "0", "index": 0, "batch_start": 0, "batch_end": 1, "files": {}, "created": "x"}).encode(),
     json.dumps({"worker": 0, "index": 0, "batch_start": 2, "batch_end": 1, "files": {}, "created": "x"}).encode(),
     json.dumps({"worker": 5, "index": 0, "batch_start": 0, "batch_end": 1, "files": {}, "created": "x"}).encode(),
-    json.dumps({"format": "other", "worker": 0, "index": 0, "batch_start": 0, "batch_end": 1, "files": {}, "created": "x"}).encode(),
+    json.dumps(
+        {"format": "other", "worker": 0, "index": 0, "batch_start": 0, "batch_end": 1, "files": {}, "created": "x"}
+    ).encode(),
     _rec(h={"hook": "h", "key": "../../etc/passwd", "size": 1}),
     _rec(h={"hook": "other", "key": "r/h/f", "size": 1}),
     _rec(h={"hook": "h", "key": "r/h/f", "size": -1}),
@@ -451,8 +459,13 @@ def test_metadata_has_activault_fields(store):
     assert run.read_metadata("residuals_3") == md
     # the stored dtype is what RCache allocates with
     md2 = metadata_for(
-        batch_size=1, sequence_length=2, d_in=3, batches_per_file=1, dtype="torch.bfloat16",
-        storage_dtype="float16", hook="h",
+        batch_size=1,
+        sequence_length=2,
+        d_in=3,
+        batches_per_file=1,
+        dtype="torch.bfloat16",
+        storage_dtype="float16",
+        hook="h",
     )
     assert md2["dtype"] == "torch.float16" and md2["model_dtype"] == "torch.bfloat16"
     assert "bytes_per_file" not in md2
@@ -471,7 +484,12 @@ def test_partial_stats_merge(store):
     run.write_partial_stats(1, "mlp_2", 1, RunningStats.from_batch(rng.normal(size=(10, 3)) + 100))
     assert run.read_partial_stats(0, "mlp_2", 1) == RunningStats.from_batch(data[(0, 1)])
     assert run.read_partial_stats(0, "mlp_2", 9) is None
-    assert [t[:3] for t in run.list_partial_stats("mlp_2")] == [(0, "mlp_2", 0), (0, "mlp_2", 1), (1, "mlp_2", 0), (1, "mlp_2", 1)]
+    assert [t[:3] for t in run.list_partial_stats("mlp_2")] == [
+        (0, "mlp_2", 0),
+        (0, "mlp_2", 1),
+        (1, "mlp_2", 0),
+        (1, "mlp_2", 1),
+    ]
     merged = run.merge_partial_stats("mlp_2")
     ref = RunningStats.from_batch(np.concatenate(list(data.values())))
     assert merged.count == 30

@@ -60,13 +60,21 @@ def test_batch_plan_is_disjoint_and_complete(tokenizer, k, n_batches, start, dat
         assert share == sorted(share)
     # The worker's own count (progress totals, resume) agrees with the stream's plan.
     w = data.draw(st.integers(0, k - 1))
-    cfg = load_config({
-        "run_name": "plan", "num_runs": k if n_batches >= k else 1,
-        "transformer_config": {"model_name": "x"},
-        "data_config": {"data_key": "pydoc", "n_batches": max(n_batches, 1), "seq_length": 8, "batch_size": 2,
-                        "start_batch": min(start, max(n_batches, 1))},
-        "upload_config": {"batches_per_upload": 1, "hooks": ["residuals_0"]},
-    })
+    cfg = load_config(
+        {
+            "run_name": "plan",
+            "num_runs": k if n_batches >= k else 1,
+            "transformer_config": {"model_name": "x"},
+            "data_config": {
+                "data_key": "pydoc",
+                "n_batches": max(n_batches, 1),
+                "seq_length": 8,
+                "batch_size": 2,
+                "start_batch": min(start, max(n_batches, 1)),
+            },
+            "upload_config": {"batches_per_upload": 1, "hooks": ["residuals_0"]},
+        }
+    )
     kk, w = cfg.num_runs, min(w, cfg.num_runs - 1)
     stream = BatchStream(cfg.data, tokenizer, worker=w, num_workers=kk)
     assert worker_batches(cfg, w) == stream.planned_batches
@@ -78,12 +86,26 @@ def _batches(spec, tokenizer, w, k, path):
 
 
 @settings(max_examples=25, deadline=None)
-@given(k=st.integers(1, 8), n_batches=st.integers(1, 40), batch_size=st.integers(1, 3),
-       start=st.integers(0, 5), skip_cache=st.booleans(), seed=st.integers(0, 3))
-def test_union_of_worker_streams_equals_single_stream(tokenizer, text_file, k, n_batches, batch_size, start,
-                                                       skip_cache, seed):
-    spec = DataSpec(data_key=f"file:{text_file}", seq_length=24, batch_size=batch_size, n_batches=n_batches,
-                    start_batch=min(start, n_batches), seed=seed, skip_cache=skip_cache)
+@given(
+    k=st.integers(1, 8),
+    n_batches=st.integers(1, 40),
+    batch_size=st.integers(1, 3),
+    start=st.integers(0, 5),
+    skip_cache=st.booleans(),
+    seed=st.integers(0, 3),
+)
+def test_union_of_worker_streams_equals_single_stream(
+    tokenizer, text_file, k, n_batches, batch_size, start, skip_cache, seed
+):
+    spec = DataSpec(
+        data_key=f"file:{text_file}",
+        seq_length=24,
+        batch_size=batch_size,
+        n_batches=n_batches,
+        start_batch=min(start, n_batches),
+        seed=seed,
+        skip_cache=skip_cache,
+    )
     single, s1 = _batches(spec, tokenizer, 0, 1, text_file)
     union: dict[int, object] = {}
     for w in range(k):
@@ -111,15 +133,18 @@ def test_union_of_worker_streams_equals_single_stream(tokenizer, text_file, k, n
 
 # -- the real thing: K=3 workers of the tiny model vs one worker --------------
 
+
 def _cfg(tiny_dir, uri, num_runs):
-    return load_config({
-        "run_name": "shard.pydoc",
-        "num_runs": num_runs,
-        "transformer_config": {"model_name": str(tiny_dir), "dtype": "float32"},
-        "data_config": {"data_key": "pydoc", "n_batches": 7, "seq_length": 24, "batch_size": 2, "seed": 11},
-        "upload_config": {"batches_per_upload": 2, "hooks": ["residuals_2", "attention_1"]},
-        "storage": {"uri": str(uri)},
-    })
+    return load_config(
+        {
+            "run_name": "shard.pydoc",
+            "num_runs": num_runs,
+            "transformer_config": {"model_name": str(tiny_dir), "dtype": "float32"},
+            "data_config": {"data_key": "pydoc", "n_batches": 7, "seq_length": 24, "batch_size": 2, "seed": 11},
+            "upload_config": {"batches_per_upload": 2, "hooks": ["residuals_2", "attention_1"]},
+            "storage": {"uri": str(uri)},
+        }
+    )
 
 
 def _by_batch(store, run, hook, bpu=2):

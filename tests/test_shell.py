@@ -48,7 +48,10 @@ def vault(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stores(vault, s3_server, s3_admin):
-    return {"local": vault["store"], "s3": s3_vault(vault, s3_server, s3_admin, f"vaultsh-shell-{uuid.uuid4().hex[:8]}")}
+    return {
+        "local": vault["store"],
+        "s3": s3_vault(vault, s3_server, s3_admin, f"vaultsh-shell-{uuid.uuid4().hex[:8]}"),
+    }
 
 
 def sh(store, commands: str, cwd: str = "", json_mode: bool = False) -> tuple[int, str, str]:
@@ -115,8 +118,13 @@ def test_ls_long_numbers_committed_files_and_marks_the_stray(stores, kind):
     for i, key in enumerate(committed):
         assert notes[key] == f"#{i}"
     assert notes[f"{RUN}/mlp_1/w0000--0000009.safetensors"] == "uncommitted"
-    assert data["summary"] == {"run": RUN, "hook": "mlp_1", "megabatches": len(committed), "uncommitted": 1,
-                               "tokens": sum(f.n_tokens for f in Run(store, RUN).committed_files("mlp_1"))}
+    assert data["summary"] == {
+        "run": RUN,
+        "hook": "mlp_1",
+        "megabatches": len(committed),
+        "uncommitted": 1,
+        "tokens": sum(f.n_tokens for f in Run(store, RUN).committed_files("mlp_1")),
+    }
     rc, out, _ = sh(store, "ls -l", cwd=f"{RUN}/mlp_1")
     size = store.head(committed[1]).size
     assert re.search(rf"\s{size:,}\s+{re.escape(committed[1].rsplit('/', 1)[1])}\s+#1$", out, re.M), out
@@ -128,8 +136,13 @@ def test_cd_pwd_back_and_up(stores, kind):
     rc, out, err = sh(store, f"cd {RUN}/mlp_1; pwd; cd ..; pwd; cd -; pwd; cd /; pwd; cd {RUN}; cd residuals_0; pwd")
     assert rc == 0, err
     root = store.uri.rstrip("/")
-    assert out.splitlines() == [f"{root}/{RUN}/mlp_1", f"{root}/{RUN}", f"{root}/{RUN}/mlp_1", f"{root}/",
-                                f"{root}/{RUN}/residuals_0"]
+    assert out.splitlines() == [
+        f"{root}/{RUN}/mlp_1",
+        f"{root}/{RUN}",
+        f"{root}/{RUN}/mlp_1",
+        f"{root}/",
+        f"{root}/{RUN}/residuals_0",
+    ]
 
 
 @STORES
@@ -211,7 +224,9 @@ def test_inspect_activault_pt_file(stores, kind):
 @STORES
 def test_inspect_without_tokenizer_shows_ids(stores, kind):
     store = stores[kind]
-    store.put_bytes("notok/cfg.json", json.dumps({"transformer_config": {"model_name": "/nonexistent/tokenizer"}}).encode())
+    store.put_bytes(
+        "notok/cfg.json", json.dumps({"transformer_config": {"model_name": "/nonexistent/tokenizer"}}).encode()
+    )
     src = f"act/{ACT_HOOK}/{ACT_UUID}--0_0.saved.pt"
     store.put_bytes(f"notok/{ACT_HOOK}/{ACT_UUID}--0_0.saved.pt", store.get_bytes(src))
     rc, out, err = sh(store, "inspect 0 --no-scan", cwd=f"notok/{ACT_HOOK}")
@@ -270,7 +285,7 @@ def test_get_file_and_directory(stores, kind, tmp_path):
     assert (tmp_path / key.rsplit("/", 1)[1]).read_bytes() == store.get_bytes(key)
     rc, out, err = sh(store, f"get -r {RUN}/residuals_0 {tmp_path}/hook")
     assert rc == 0, err
-    want = {o.key[len(f"{RUN}/residuals_0/"):]: o for o in store.iter_objects(f"{RUN}/residuals_0/")}
+    want = {o.key[len(f"{RUN}/residuals_0/") :]: o for o in store.iter_objects(f"{RUN}/residuals_0/")}
     got = {p.name for p in (tmp_path / "hook").iterdir()}
     assert got == set(want)
     rc, out, err = sh(store, f"get /{key} {tmp_path}/")  # exists now
@@ -378,8 +393,16 @@ def vaultsh(*args, env_extra: dict | None = None, drop: tuple = ()) -> subproces
     for name in ("VAULTSH_DEBUG", "S3_ENDPOINT_URL", *drop):
         env.pop(name, None)
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "vaultsh", *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, encoding="utf-8", timeout=120, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "vaultsh", *map(str, args)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def test_batch_mode_exit_codes_and_json(stores, vault, s3_server):
@@ -391,8 +414,14 @@ def test_batch_mode_exit_codes_and_json(stores, vault, s3_server):
     res = vaultsh("s3", root, "-c", "cd nowhere; pwd")
     assert res.returncode == 2 and res.stdout == ""  # stopped at the first error
     assert res.stderr.splitlines() == [f"error: nowhere: no such directory: {root}/nowhere"]
-    res = vaultsh("s3", f"s3://{s3.bucket}/{RUN}", "--json", "-c", "filecount; sizecheck",
-                  env_extra={"S3_ENDPOINT_URL": s3_server})
+    res = vaultsh(
+        "s3",
+        f"s3://{s3.bucket}/{RUN}",
+        "--json",
+        "-c",
+        "filecount; sizecheck",
+        env_extra={"S3_ENDPOINT_URL": s3_server},
+    )
     assert res.returncode == 0, res
     docs = [json.loads(line) for line in res.stdout.splitlines()]  # one JSON document per command
     objects = list(s3.iter_objects(f"{RUN}/"))
@@ -415,13 +444,21 @@ def test_batch_mode_exit_codes_and_json(stores, vault, s3_server):
 def test_no_credentials_and_missing_bucket_batch(stores, s3_server):
     bucket = stores["s3"].bucket
     creds = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE")
-    res = vaultsh("s3", f"s3://{bucket}", "-c", "ls", env_extra={"S3_ENDPOINT_URL": s3_server,
-                                                                 "VAULTSH_S3_MAX_ATTEMPTS": "1"}, drop=creds)
+    res = vaultsh(
+        "s3",
+        f"s3://{bucket}",
+        "-c",
+        "ls",
+        env_extra={"S3_ENDPOINT_URL": s3_server, "VAULTSH_S3_MAX_ATTEMPTS": "1"},
+        drop=creds,
+    )
     assert res.returncode == 2 and res.stdout == ""
     assert len(res.stderr.splitlines()) == 1 and "no usable AWS credentials" in res.stderr, res.stderr
     res = vaultsh("s3", "s3://vaultsh-no-such-bucket", "-c", "ls", env_extra={"S3_ENDPOINT_URL": s3_server})
     assert res.returncode == 2
-    assert res.stderr.strip() == f"vaultsh: error: bucket 'vaultsh-no-such-bucket' does not exist (endpoint {s3_server})"
+    assert (
+        res.stderr.strip() == f"vaultsh: error: bucket 'vaultsh-no-such-bucket' does not exist (endpoint {s3_server})"
+    )
 
 
 def test_plain_inspect_is_the_shell_inspect(stores, vault, capsys):
@@ -440,9 +477,11 @@ def test_plain_inspect_is_the_shell_inspect(stores, vault, capsys):
 
 
 def test_torch_is_not_imported_by_ls(vault):
-    code = ("import sys; from vaultsh.subcommands.s3 import main; "
-            f"rc = main([{str(vault['root'])!r}, '-c', 'ls; filecount']); "
-            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules)); sys.exit(rc)")
+    code = (
+        "import sys; from vaultsh.subcommands.s3 import main; "
+        f"rc = main([{str(vault['root'])!r}, '-c', 'ls; filecount']); "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules)); sys.exit(rc)"
+    )
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines()[-1] == "[]"

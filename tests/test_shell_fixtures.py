@@ -35,8 +35,14 @@ def make_cfg(model_dir: Path, uri: str, run_name: str, **over):
         "run_name": run_name,
         "num_runs": over.pop("num_runs", 1),
         "transformer_config": {"model_name": str(model_dir), "dtype": "float32"},
-        "data_config": {"data_key": "pydoc", "n_batches": over.pop("n_batches", 6), "seq_length": 32,
-                        "batch_size": 2, "seed": 7, "clean_added_tokens": True},
+        "data_config": {
+            "data_key": "pydoc",
+            "n_batches": over.pop("n_batches", 6),
+            "seq_length": 32,
+            "batch_size": 2,
+            "seed": 7,
+            "clean_added_tokens": True,
+        },
         "upload_config": {"batches_per_upload": 2, "hooks": HOOKS, "max_queued_megabatches": 2},
         "storage": {"uri": str(uri), **over.pop("storage", {})},
     }
@@ -45,8 +51,8 @@ def make_cfg(model_dir: Path, uri: str, run_name: str, **over):
 
 
 def collect(cfg, worker: int = 0, store=None) -> dict:
-    from vaultsh.events import EventSink
     from collector.worker import run_worker
+    from vaultsh.events import EventSink
 
     return run_worker(cfg, worker, sink=EventSink(worker, callback=lambda e: None), store=store)
 
@@ -57,16 +63,33 @@ def write_activault_run(store, run: str = "act", n_files: int = 3) -> None:
 
     from vaultsh.megabatch import write_megabatch
 
-    store.put_bytes(f"{run}/cfg.json", json.dumps(
-        {"run_name": run, "transformer_config": {"model_name": str(TOKENIZER_DIR)}}).encode())
-    store.put_bytes(f"{run}/{ACT_HOOK}/metadata.json", json.dumps(
-        {"batch_size": 2, "sequence_length": 16, "dtype": "torch.bfloat16", "d_in": 8, "batches_per_file": 2,
-         "shape": [4, 16, 8], "input_ids_shape": [4, 16]}).encode())
+    store.put_bytes(
+        f"{run}/cfg.json",
+        json.dumps({"run_name": run, "transformer_config": {"model_name": str(TOKENIZER_DIR)}}).encode(),
+    )
+    store.put_bytes(
+        f"{run}/{ACT_HOOK}/metadata.json",
+        json.dumps(
+            {
+                "batch_size": 2,
+                "sequence_length": 16,
+                "dtype": "torch.bfloat16",
+                "d_in": 8,
+                "batches_per_file": 2,
+                "shape": [4, 16, 8],
+                "input_ids_shape": [4, 16],
+            }
+        ).encode(),
+    )
     g = torch.Generator().manual_seed(3)
     for n in range(n_files):
-        write_megabatch(store, f"{run}/{ACT_HOOK}/{ACT_UUID}--{n}_0.saved.pt",
-                        torch.randn(4, 16, 8, generator=g).to(torch.bfloat16),
-                        torch.randint(100, 20000, (4, 16), generator=g), fmt="pt")
+        write_megabatch(
+            store,
+            f"{run}/{ACT_HOOK}/{ACT_UUID}--{n}_0.saved.pt",
+            torch.randn(4, 16, 8, generator=g).to(torch.bfloat16),
+            torch.randint(100, 20000, (4, 16), generator=g),
+            fmt="pt",
+        )
 
 
 def collector_vault(tmp_path_factory) -> dict:
@@ -91,7 +114,7 @@ def copy_tree(src, dst, prefix: str = "", dst_prefix: str | None = None) -> int:
     n = 0
     dst_prefix = prefix if dst_prefix is None else dst_prefix
     for info in src.iter_objects(prefix):
-        dst.put_bytes(dst_prefix + info.key[len(prefix):], src.get_bytes(info.key))
+        dst.put_bytes(dst_prefix + info.key[len(prefix) :], src.get_bytes(info.key))
         n += 1
     return n
 

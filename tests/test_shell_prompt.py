@@ -51,9 +51,15 @@ def store(tmp_path, texts):
     s.put_bytes("run1/cfg.json", json.dumps({"tokenizer": {"source": str(TOKENIZER_DIR)}}).encode())
     s.put_bytes("run1/hook_a/metadata.json", b"{}")
     mask = torch.ones(N, T, dtype=torch.bool)
-    mask[2, T - 5:] = False
-    write_megabatch(s, "run1/hook_a/w0000--0000000.safetensors", torch.randn(N, T, D), ids, mask,
-                    metadata={"hook": "hook_a", "model": "m"})
+    mask[2, T - 5 :] = False
+    write_megabatch(
+        s,
+        "run1/hook_a/w0000--0000000.safetensors",
+        torch.randn(N, T, D),
+        ids,
+        mask,
+        metadata={"hook": "hook_a", "model": "m"},
+    )
     s.put_bytes("run1/notes.txt", b"hello\n")
     s.put_bytes("run2/x/y.txt", b"y")
     s.put_bytes("rubble.txt", b"r")
@@ -130,8 +136,14 @@ def feed_later(pipe, *chunks: str, delay: float = 0.3) -> threading.Thread:
 
 def test_tab_completion_in_the_prompt(store, tmp_path):
     with create_pipe_input() as pipe, create_app_session(input=pipe, output=DummyOutput()):
-        shell = Shell(store=store, stdout=io.StringIO(), stderr=io.StringIO(), input=pipe, output=DummyOutput(),
-                      history=FileHistory(str(tmp_path / "h")))
+        shell = Shell(
+            store=store,
+            stdout=io.StringIO(),
+            stderr=io.StringIO(),
+            input=pipe,
+            output=DummyOutput(),
+            history=FileHistory(str(tmp_path / "h")),
+        )
         session = shell.make_session()
 
         def keys():
@@ -153,8 +165,14 @@ def test_history_across_sessions_and_autosuggest(store, tmp_path):
     path = tmp_path / "hist"
 
     def session_with(pipe):
-        shell = Shell(store=store, stdout=io.StringIO(), stderr=io.StringIO(), input=pipe, output=DummyOutput(),
-                      history=FileHistory(str(path)))
+        shell = Shell(
+            store=store,
+            stdout=io.StringIO(),
+            stderr=io.StringIO(),
+            input=pipe,
+            output=DummyOutput(),
+            history=FileHistory(str(path)),
+        )
         return shell.make_session()
 
     with create_pipe_input() as pipe, create_app_session(input=pipe, output=DummyOutput()):
@@ -181,8 +199,14 @@ def test_history_across_sessions_and_autosuggest(store, tmp_path):
 def interactive(store, tmp_path, keys: str | list[str]) -> tuple[int, str, str, Shell]:
     out, err = io.StringIO(), io.StringIO()
     with create_pipe_input() as pipe, create_app_session(input=pipe, output=DummyOutput()):
-        shell = Shell(store=store, stdout=out, stderr=err, input=pipe, output=DummyOutput(),
-                      history=FileHistory(str(tmp_path / "hist")))
+        shell = Shell(
+            store=store,
+            stdout=out,
+            stderr=err,
+            input=pipe,
+            output=DummyOutput(),
+            history=FileHistory(str(tmp_path / "hist")),
+        )
         if isinstance(keys, str):
             pipe.send_text(keys)
             pipe.close()
@@ -195,7 +219,9 @@ def interactive(store, tmp_path, keys: str | list[str]) -> tuple[int, str, str, 
 
 
 def test_ctrl_c_clears_the_line_and_ctrl_d_leaves(store, tmp_path):
-    rc, out, err, shell = interactive(store, tmp_path, ["cd run1\r", "ls half-typed\x03", "pwd\r", "nope\r", "pwd\r", "\x04"])
+    rc, out, err, shell = interactive(
+        store, tmp_path, ["cd run1\r", "ls half-typed\x03", "pwd\r", "nope\r", "pwd\r", "\x04"]
+    )
     assert rc == 0
     lines = out.splitlines()
     assert lines[0].startswith("vaultsh s3 shell on ") and "Ctrl-D leaves" in lines[0]
@@ -211,7 +237,7 @@ def test_batch_viewer_then_q(store, tmp_path, texts):
     assert "First 4 batches" in out
     assert f"Batch 2 of {N}: {T} tokens, {T - 5} real, 5 masked" in out
     real = tok.decode(ids[2, : T - 5].tolist())
-    masked = tok.decode(ids[2, T - 5:].tolist())
+    masked = tok.decode(ids[2, T - 5 :].tolist())
     assert real in out and f"«{masked}»" in out
     assert f"[{int(ids[1, 0])}]" in out  # `t 1`: token ids and boundaries
     assert f"batch 9 out of range (0-{N - 1})" in out
@@ -219,8 +245,20 @@ def test_batch_viewer_then_q(store, tmp_path, texts):
 
 
 def test_rm_asks_and_respects_the_answers(store, tmp_path):
-    keys = ["rm run1/notes.txt\r", "n\r", "rm run1/notes.txt\r", "y\r", "rm run2\r", "rm -r run2\r", "y\r",
-            "wrong\r", "rm -r run2\r", "y\r", "run2\r", "\x04"]
+    keys = [
+        "rm run1/notes.txt\r",
+        "n\r",
+        "rm run1/notes.txt\r",
+        "y\r",
+        "rm run2\r",
+        "rm -r run2\r",
+        "y\r",
+        "wrong\r",
+        "rm -r run2\r",
+        "y\r",
+        "run2\r",
+        "\x04",
+    ]
     rc, out, err, shell = interactive(store, tmp_path, keys)
     assert rc == 0
     assert not store.exists("run1/notes.txt")

@@ -50,18 +50,36 @@ def root(tmp_path_factory):
     store.put_bytes("run1/cfg.json", json.dumps({"tokenizer": {"source": str(TOKENIZER_DIR)}}).encode())
     store.put_bytes("run1/hook_a/metadata.json", b"{}")
     g = torch.Generator().manual_seed(0)
-    write_megabatch(store, "run1/hook_a/w0000--0000000.safetensors", torch.randn(4, 16, 8, generator=g),
-                    torch.randint(200, 5000, (4, 16), generator=g), metadata={"hook": "hook_a", "model": "m"})
+    write_megabatch(
+        store,
+        "run1/hook_a/w0000--0000000.safetensors",
+        torch.randn(4, 16, 8, generator=g),
+        torch.randint(200, 5000, (4, 16), generator=g),
+        metadata={"hook": "hook_a", "model": "m"},
+    )
     sparse_megabatch(root / "big" / "hook" / "w0000--0000000.safetensors", 256, 4096, 8192)  # 32 GiB of zeros
     return root
 
 
 def test_the_real_shell_in_a_terminal(root, tmp_path):
-    env = dict(os.environ, TERM="xterm", COLUMNS="120", LINES="40", VAULTSH_HISTORY=str(tmp_path / "history"),
-               PYTHONIOENCODING="utf-8")
+    env = dict(
+        os.environ,
+        TERM="xterm",
+        COLUMNS="120",
+        LINES="40",
+        VAULTSH_HISTORY=str(tmp_path / "history"),
+        PYTHONIOENCODING="utf-8",
+    )
     env.pop("VAULTSH_DEBUG", None)
-    child = pexpect.spawn(sys.executable, ["-m", "vaultsh", "s3", str(root)], cwd=str(REPO), env=env,
-                          encoding="utf-8", timeout=60, dimensions=(40, 120))
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "vaultsh", "s3", str(root)],
+        cwd=str(REPO),
+        env=env,
+        encoding="utf-8",
+        timeout=60,
+        dimensions=(40, 120),
+    )
     try:
         top = f"{root}/>"  # prompt_toolkit draws the trailing space as a cursor move
         child.expect_exact(top)

@@ -15,7 +15,6 @@ import pytest
 from vaultsh.errors import NotFoundError, StoreError, UserError
 from vaultsh.store import LocalStore, Store, open_store
 from vaultsh.store.s3 import S3Store
-
 from vaultsh.testing.faultproxy import FaultProxy, free_port
 
 MiB = 1 << 20
@@ -179,7 +178,12 @@ def test_iter_objects(store):
     assert keys(store.iter_objects("a/sub/")) == ["a/sub/3.bin", "a/sub/deeper/4.bin"]
     # a prefix is a string prefix, not a directory name
     assert keys(store.iter_objects("a")) == [
-        "a.txt", "a/1.bin", "a/2.bin", "a/sub/3.bin", "a/sub/deeper/4.bin", "ab/5.bin"
+        "a.txt",
+        "a/1.bin",
+        "a/2.bin",
+        "a/sub/3.bin",
+        "a/sub/deeper/4.bin",
+        "ab/5.bin",
     ]
     assert keys(store.iter_objects("a/s")) == ["a/sub/3.bin", "a/sub/deeper/4.bin"]
     assert list(store.iter_objects("nothing/")) == []
@@ -301,8 +305,13 @@ def test_s3_multipart_upload_and_parallel_download(s3_server, s3_bucket, s3_admi
     src = tmp_path / "big.bin"
     src.write_bytes(data)
     with FaultProxy(s3_server) as proxy:
-        st = S3Store(s3_bucket, endpoint_url=proxy.url, multipart_threshold=5 * MiB,
-                     multipart_chunksize=5 * MiB, max_concurrency=4)
+        st = S3Store(
+            s3_bucket,
+            endpoint_url=proxy.url,
+            multipart_threshold=5 * MiB,
+            multipart_chunksize=5 * MiB,
+            max_concurrency=4,
+        )
         st.put_file("big/file.bin", src)
         assert proxy.count("PUT", "partNumber=") == 3
         assert proxy.count("POST", "uploads") == 1  # CreateMultipartUpload
@@ -348,7 +357,9 @@ def moto_auth(server: str):
 
     def set_count(value: bytes):
         req = urllib.request.Request(
-            f"{server}/moto-api/reset-auth", data=value, method="POST",
+            f"{server}/moto-api/reset-auth",
+            data=value,
+            method="POST",
             headers={"Content-Type": "text/plain"},  # not form-encoded: moto reads the raw body
         )
         with urllib.request.urlopen(req, timeout=10) as resp:
@@ -527,8 +538,14 @@ def test_s3_connection_reset_mid_upload_is_retried(s3_server, s3_bucket, s3_stor
     src = tmp_path / "big.bin"
     src.write_bytes(data)
     with FaultProxy(s3_server) as proxy:
-        st = S3Store(s3_bucket, endpoint_url=proxy.url, multipart_threshold=5 * MiB,
-                     multipart_chunksize=5 * MiB, max_concurrency=4, max_attempts=4)
+        st = S3Store(
+            s3_bucket,
+            endpoint_url=proxy.url,
+            multipart_threshold=5 * MiB,
+            multipart_chunksize=5 * MiB,
+            max_concurrency=4,
+            max_attempts=4,
+        )
         # a single PUT and the second part of a multipart upload each lose their connection once
         proxy.fail_next(n=1, method="PUT", mode="reset")
         st.put_bytes("reset/small.bin", b"small object")
@@ -556,8 +573,13 @@ def test_s3_put_stream_streams_parts_without_a_local_spool(s3_server, s3_bucket,
     monkeypatch.setattr(tempfile, "mkstemp", no_disk)
     data = payload(23 * MiB, seed=8)
     with FaultProxy(s3_server) as proxy:
-        st = S3Store(s3_bucket, endpoint_url=proxy.url, multipart_threshold=8 * MiB, multipart_chunksize=5 * MiB,
-                     max_concurrency=2)
+        st = S3Store(
+            s3_bucket,
+            endpoint_url=proxy.url,
+            multipart_threshold=8 * MiB,
+            multipart_chunksize=5 * MiB,
+            max_concurrency=2,
+        )
         st.put_stream("stream/small.bin", lambda f: [f.write(payload(MiB, seed=k)) for k in range(7)])
         assert proxy.count("PUT") == 1 and proxy.count("POST", "uploads") == 0  # under the threshold: one PUT
         seen_parts = []
@@ -565,7 +587,7 @@ def test_s3_put_stream_streams_parts_without_a_local_spool(s3_server, s3_bucket,
         def writer(f):
             view = memoryview(data)
             for a in range(0, len(data), 3 * MiB):  # writes that do not line up with parts
-                f.write(view[a:a + 3 * MiB])
+                f.write(view[a : a + 3 * MiB])
                 seen_parts.append(proxy.count("PUT", "partNumber="))
             assert f.tell() == len(data)
 
@@ -573,7 +595,8 @@ def test_s3_put_stream_streams_parts_without_a_local_spool(s3_server, s3_bucket,
         assert proxy.count("PUT", "partNumber=") == 5  # 5+5+5+5+3 MiB
         assert proxy.count("POST", "uploads") == 1
     assert S3Store(s3_bucket, endpoint_url=s3_server).get_bytes("stream/small.bin") == b"".join(
-        payload(MiB, seed=k) for k in range(7))
+        payload(MiB, seed=k) for k in range(7)
+    )
     assert seen_parts[-1] >= 2, "parts were uploaded while the writer was still writing"
     assert _etag(s3_admin, s3_bucket, "stream/big.bin").endswith("-5")
     assert S3Store(s3_bucket, endpoint_url=s3_server).get_bytes("stream/big.bin") == data
@@ -597,8 +620,9 @@ def test_s3_put_stream_part_lost_mid_upload(s3_server, s3_bucket, s3_admin):
     """A connection reset during a part is retried; a part that keeps failing is a one-line error, nothing stored."""
     data = payload(12 * MiB, seed=10)
     with FaultProxy(s3_server) as proxy:
-        st = S3Store(s3_bucket, endpoint_url=proxy.url, multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB,
-                     max_attempts=3)
+        st = S3Store(
+            s3_bucket, endpoint_url=proxy.url, multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, max_attempts=3
+        )
         proxy.fail_next(n=1, method="PUT", mode="reset", path_contains="partNumber=2")
         st.put_stream("stream/reset.bin", lambda f: f.write(data))
         assert proxy.faults_injected == 1 and proxy.count("PUT", "partNumber=2") == 2
@@ -714,7 +738,7 @@ def test_multipart_sink_parts_grow_for_very_long_streams(monkeypatch):
     sink = s3stream.MultipartSink(client, "b", "k", part_size=10, max_in_flight=2)
     data = payload(200, seed=11)
     for a in range(0, len(data), 7):
-        sink.write(data[a:a + 7])
+        sink.write(data[a : a + 7])
     sink.finish()
     sizes = [len(client.parts[i]) for i in sorted(client.parts)]
     assert sizes == [10, 10, 10, 20, 20, 20, 40, 40, 30]

@@ -46,12 +46,16 @@ def test_events_drive_the_state_machine():
     assert w.state == "loading" and w.detail == "model"
     apply_event(w, event("resume", 3, from_megabatch=2, from_batch=4), log, 0)
     assert (w.batches, w.committed) == (4, 2) and "resuming at megabatch 2" in log.lines[-1].message
-    apply_event(w, event("progress", 3, 5.0, batches=6, total_batches=10, tokens=600, tokens_per_s=100.0, megabatch=3), log, 0)
+    apply_event(
+        w, event("progress", 3, 5.0, batches=6, total_batches=10, tokens=600, tokens_per_s=100.0, megabatch=3), log, 0
+    )
     assert w.state == "running" and w.fraction == 0.6
     assert w.eta_s == pytest.approx(4 * 100 / 100.0)  # 4 batches left at 100 tokens each, 100 tok/s
     apply_event(w, event("committed", 3, megabatch=2, batch_start=4, batch_end=6, tokens=200, bytes=1000), log, 0)
     assert (w.committed, w.committed_bytes) == (3, 1000)
-    apply_event(w, event("progress", 3, batches=10, total_batches=10, tokens=1000, tokens_per_s=100.0, megabatch=5), log, 0)
+    apply_event(
+        w, event("progress", 3, batches=10, total_batches=10, tokens=1000, tokens_per_s=100.0, megabatch=5), log, 0
+    )
     assert w.state == "uploading"  # every batch ran; the last megabatches are still going up
     apply_event(w, event("warning", 3, message="slow\nstore \x1b[31m"), log, 0)
     assert w.warnings == 1 and log.lines[-1].message == "slow store \\x1b[31m"  # one line, inert
@@ -64,10 +68,14 @@ def test_a_stop_from_elsewhere_shows_as_stopping():
     from vaultsh.progress import HeadlessPrinter
 
     w, log = WorkerStatus(1), EventLog()
-    apply_event(w, event("progress", 1, batches=3, total_batches=10, tokens=300, tokens_per_s=50.0, megabatch=1), log, 0)
+    apply_event(
+        w, event("progress", 1, batches=3, total_batches=10, tokens=300, tokens_per_s=50.0, megabatch=1), log, 0
+    )
     apply_event(w, event("stopping", 1, megabatch=1, filled=1, batches_per_upload=2), log, 0)
     assert w.state == "stopping" and "finishing megabatch 1 (1/2 batches)" in log.lines[-1].message
-    apply_event(w, event("progress", 1, batches=4, total_batches=10, tokens=400, tokens_per_s=50.0, megabatch=2), log, 0)
+    apply_event(
+        w, event("progress", 1, batches=4, total_batches=10, tokens=400, tokens_per_s=50.0, megabatch=2), log, 0
+    )
     assert w.state == "stopping"  # progress while it finishes does not make it "running" again
     apply_event(w, event("done", 1, status="stopped", batches=4, tokens=400, megabatches=2, elapsed=1.0), log, 0)
     assert w.state == "stopped"
@@ -85,8 +93,7 @@ def test_fake_source_pause_stop_restart_and_exit_codes():
     """Control calls become the right signals; exits settle into the right states."""
     t = [100.0]
     launcher = FakeLauncher()
-    sup = Supervisor(launcher, [0, 1, 2], concurrency=2, clock=lambda: t[0], sample_memory=False,
-                     info=RunInfo(run="r"))
+    sup = Supervisor(launcher, [0, 1, 2], concurrency=2, clock=lambda: t[0], sample_memory=False, info=RunInfo(run="r"))
     sup.start()
     assert [w.state for w in sup.snapshot()] == ["starting", "starting", "queued"]
     h0 = launcher.latest(0)
@@ -142,8 +149,10 @@ def test_machines_and_default_concurrency():
 
 
 def test_supervisor_does_not_import_textual():
-    code = ("import sys, vaultsh.supervise, vaultsh.supervise.watcher, vaultsh.supervise.spawn, vaultsh.progress\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('textual', 'torch')))")
+    code = (
+        "import sys, vaultsh.supervise, vaultsh.supervise.watcher, vaultsh.supervise.spawn, vaultsh.progress\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('textual', 'torch')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -33,7 +33,10 @@ def vault(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stores(vault, s3_server, s3_admin):
-    return {"local": vault["store"], "s3": s3_vault(vault, s3_server, s3_admin, f"vaultsh-verify-{uuid.uuid4().hex[:8]}")}
+    return {
+        "local": vault["store"],
+        "s3": s3_vault(vault, s3_server, s3_admin, f"vaultsh-verify-{uuid.uuid4().hex[:8]}"),
+    }
 
 
 def fresh_copy(store, name: str | None = None) -> Run:
@@ -150,17 +153,28 @@ def test_overlapping_shards(stores, kind):
     for hook, f in a.files.items():
         key = run.megabatch_key(hook, 0, 7)
         store.put_bytes(key, store.get_bytes(f.key))
-        files[hook] = FileRecord(hook=hook, key=key, size=f.size, sha256=f.sha256, n_sequences=f.n_sequences,
-                                 n_tokens=f.n_tokens, worker=0, index=7)
-    run.commit(CommitRecord(worker=0, index=7, batch_start=a.batch_start, batch_end=a.batch_end, files=files,
-                            tokens=a.tokens))
+        files[hook] = FileRecord(
+            hook=hook,
+            key=key,
+            size=f.size,
+            sha256=f.sha256,
+            n_sequences=f.n_sequences,
+            n_tokens=f.n_tokens,
+            worker=0,
+            index=7,
+        )
+    run.commit(
+        CommitRecord(worker=0, index=7, batch_start=a.batch_start, batch_end=a.batch_end, files=files, tokens=a.tokens)
+    )
     report = verify(store, run.name)
     assert checks(report) == ["overlap"] * len(HOOKS)
     n_runs = run.read_cfg()["num_runs"]
     shared = list(covered_batches(a, n_runs))
     p = next(p for p in report.problems if p.uri.endswith("/mlp_1"))
     assert "w0000--0000001.safetensors and w0000--0000007.safetensors" in p.detail
-    assert f"global batches {shared[0]}, {shared[1]}" in p.detail or f"global batches {shared[0]}-{shared[1]}" in p.detail
+    assert (
+        f"global batches {shared[0]}, {shared[1]}" in p.detail or f"global batches {shared[0]}-{shared[1]}" in p.detail
+    )
     # a hook directory alone reports only its own overlap
     assert checks(verify(store, f"{run.name}/mlp_1")) == ["overlap"]
 
@@ -170,13 +184,18 @@ def test_record_on_another_workers_batches(stores, kind):
     store = stores[kind]
     run = fresh_copy(store)
     c = next(c for c in run.iter_commits() if c.worker == 1 and c.index == 0)
-    store.put_bytes(run.commit_key(1, 0), json.dumps(
-        {**c.to_dict(), "batch_start": c.batch_start - 1, "batch_end": c.batch_end - 1}).encode())
+    store.put_bytes(
+        run.commit_key(1, 0),
+        json.dumps({**c.to_dict(), "batch_start": c.batch_start - 1, "batch_end": c.batch_end - 1}).encode(),
+    )
     report = verify(store, run.name)
     assert set(checks(report)) == {"records"}
     first = report.problems[0]
     assert first.uri == store.child_uri(run.commit_key(1, 0))
-    assert first.detail == f"batch range [{c.batch_start - 1}, {c.batch_end - 1}) does not start and end on batches of worker 1 (of 2 workers)"
+    assert (
+        first.detail
+        == f"batch range [{c.batch_start - 1}, {c.batch_end - 1}) does not start and end on batches of worker 1 (of 2 workers)"
+    )
     # each of its files: the header's batch range and the sequence count disagree with the record
     per_file = [p for p in report.problems[1:] if "w0001--0000000" in p.uri]
     assert len(per_file) == 2 * len(HOOKS)
@@ -231,8 +250,14 @@ def test_nothing_to_verify(stores):
 
 
 def vaultsh(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vaultsh", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, encoding="utf-8", timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "vaultsh", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=120,
+    )
 
 
 def test_verify_command_exit_codes(stores, vault):
@@ -257,7 +282,9 @@ def test_verify_command_exit_codes(stores, vault):
 
 
 def test_verify_core_imports_no_shell_toolkit():
-    code = ("import sys, vaultsh.verify; "
-            "print(sorted(m for m in ('prompt_toolkit', 'textual', 'torch') if m in sys.modules))")
+    code = (
+        "import sys, vaultsh.verify; "
+        "print(sorted(m for m in ('prompt_toolkit', 'textual', 'torch') if m in sys.modules))"
+    )
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and res.stdout.strip() == "[]", res.stderr

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from collector.config import load_config
-from vaultsh.events import EventSink
 from collector.uploader import UploadFailed
 from collector.worker import StopFlag, run_worker
 from vaultsh.errors import StoreError
+from vaultsh.events import EventSink
 from vaultsh.megabatch import read_header, read_megabatch
 from vaultsh.run import CommitRecord, Run
 from vaultsh.store import LocalStore
@@ -30,16 +30,25 @@ def tiny_dir(tmp_path_factory):
 
 
 def make_cfg(tiny_dir, uri, **over):
-    data = {"data_key": "pydoc", "n_batches": 6, "seq_length": 32, "batch_size": 2, "seed": 7,
-            "clean_added_tokens": True}
+    data = {
+        "data_key": "pydoc",
+        "n_batches": 6,
+        "seq_length": 32,
+        "batch_size": 2,
+        "seed": 7,
+        "clean_added_tokens": True,
+    }
     data.update(over.pop("data", {}))
     raw = {
         "run_name": over.pop("run_name", "tiny.pydoc"),
         "num_runs": over.pop("num_runs", 1),
         "transformer_config": {"model_name": str(tiny_dir), "dtype": "float32"},
         "data_config": data,
-        "upload_config": {"batches_per_upload": over.pop("bpu", 2), "hooks": over.pop("hooks", HOOKS),
-                          "max_queued_megabatches": over.pop("max_queued", 2)},
+        "upload_config": {
+            "batches_per_upload": over.pop("bpu", 2),
+            "hooks": over.pop("hooks", HOOKS),
+            "max_queued_megabatches": over.pop("max_queued", 2),
+        },
         "storage": {"uri": str(uri), **over.pop("storage", {})},
     }
     assert not over, over
@@ -193,7 +202,9 @@ def test_stop_then_resume_equals_uninterrupted_run(single_run, tiny_dir, tmp_pat
     types = events.types()
     assert types.count("stopping") == 1 and types.index("stopping") < types.index("done")
     stopping = events[types.index("stopping")]
-    assert stopping["megabatch"] == result["megabatches"] - 1 and 1 <= stopping["filled"] <= stopping["batches_per_upload"]
+    assert (
+        stopping["megabatch"] == result["megabatches"] - 1 and 1 <= stopping["filled"] <= stopping["batches_per_upload"]
+    )
     store2 = LocalStore(tmp_path)
     run2 = Run(store2, cfg2.run_name)
     # The stopped run is consistent: every commit's files exist, statistics.json covers the committed tokens.
@@ -323,7 +334,6 @@ def test_persistent_upload_failure_fails_the_worker_without_commit(tiny_dir, tmp
 def test_s3_fault_mid_upload_is_retried(tiny_dir, s3_server, s3_bucket):
     """503s and a connection reset through a real HTTP proxy in front of the S3 server."""
     from vaultsh.store.s3 import S3Store
-
     from vaultsh.testing.faultproxy import FaultProxy
 
     with FaultProxy(s3_server) as proxy:
@@ -401,16 +411,25 @@ def test_sites_of_other_widths_store_their_shape_meaning_and_the_self_check(tiny
     from collector.capture import ActivationCapture
     from collector.layers import expand_hooks
 
-    hooks = ["blocks.1.attn.hook_z", "blocks.1.attn.hook_k", "blocks.2.mlp.hook_post", "blocks.2.hook_resid_mid",
-             "module:model.layers.*.mlp.up_proj"]
+    hooks = [
+        "blocks.1.attn.hook_z",
+        "blocks.1.attn.hook_k",
+        "blocks.2.mlp.hook_post",
+        "blocks.2.hook_resid_mid",
+        "module:model.layers.*.mlp.up_proj",
+    ]
     cfg = make_cfg(tiny_dir, tmp_path, hooks=hooks, data={"n_batches": 2})
     result, events = collect(cfg)
     assert result["status"] == "complete"
     store = LocalStore(tmp_path)
     run = Run(store, cfg.run_name)
     d_mlp, heads, kv, d_head = 2 * TINY_D_MODEL, 4, 2, TINY_D_MODEL // 4
-    widths = {"blocks.1.attn.hook_z": heads * d_head, "blocks.1.attn.hook_k": kv * d_head,
-              "blocks.2.mlp.hook_post": d_mlp, "blocks.2.hook_resid_mid": TINY_D_MODEL}
+    widths = {
+        "blocks.1.attn.hook_z": heads * d_head,
+        "blocks.1.attn.hook_k": kv * d_head,
+        "blocks.2.mlp.hook_post": d_mlp,
+        "blocks.2.hook_resid_mid": TINY_D_MODEL,
+    }
     widths.update({f"module:model.layers.{i}.mlp.up_proj": d_mlp for i in range(4)})
     assert sorted(run.read_cfg()["hooks"]) == sorted(widths)  # the module glob expanded against the model
     model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
@@ -451,10 +470,14 @@ def test_lm_training_dataset_config_collects_and_warns_about_its_tokenizer(tiny_
 
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": f"alpha document {i}"}) + "\n" for i in range(40)))
     raw = {
-        "run_name": "lm.form", "transformer_config": {"model_name": str(tiny_dir), "dtype": "float32"},
+        "run_name": "lm.form",
+        "transformer_config": {"model_name": str(tiny_dir), "dtype": "float32"},
         "data_config": {"n_batches": 2, "batch_size": 2},
-        "dataset_config": {"datasets": [{"name": "a", "path": str(tmp_path / "a.jsonl"), "text_field": "text"}],
-                           "tokenizer_name": "gpt2", "max_seq_length": 16},
+        "dataset_config": {
+            "datasets": [{"name": "a", "path": str(tmp_path / "a.jsonl"), "text_field": "text"}],
+            "tokenizer_name": "gpt2",
+            "max_seq_length": 16,
+        },
         "upload_config": {"batches_per_upload": 2, "hooks": ["residuals_1"]},
         "storage": {"uri": str(tmp_path / "vault")},
     }
@@ -463,4 +486,6 @@ def test_lm_training_dataset_config_collects_and_warns_about_its_tokenizer(tiny_
     warnings = [e["message"] for e in events if e["type"] == "warning"]
     assert any(m.startswith("dataset_config.tokenizer_name: 'gpt2' is not the model's tokenizer") for m in warnings)
     run = Run(LocalStore(tmp_path / "vault"), "lm.form")
-    assert json.loads(LocalStore(tmp_path / "vault").get_bytes(run.metadata_key("residuals_1")))["sequence_length"] == 16
+    assert (
+        json.loads(LocalStore(tmp_path / "vault").get_bytes(run.metadata_key("residuals_1")))["sequence_length"] == 16
+    )

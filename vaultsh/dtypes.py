@@ -60,10 +60,20 @@ FLOAT_NAMES: tuple[str, ...] = ("float16", "bfloat16", "float32", "float64")
 
 # How people spell those (configs, `dtype=` of the reader), lower case; each name also stands for itself.
 ALIASES: dict[str, str] = {
-    "float16": "float16", "fp16": "float16", "half": "float16", "f16": "float16",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "float32": "float32", "fp32": "float32", "f32": "float32", "float": "float32", "full": "float32",
-    "float64": "float64", "fp64": "float64", "double": "float64",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "f16": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float32": "float32",
+    "fp32": "float32",
+    "f32": "float32",
+    "float": "float32",
+    "full": "float32",
+    "float64": "float64",
+    "fp64": "float64",
+    "double": "float64",
 }
 
 
@@ -115,14 +125,14 @@ def activault_dtype_name(dtype: Any) -> str:
 
 
 # -- numpy and torch (imported on use) ----------------------------------------
-def raw_numpy(code: str) -> "np.dtype":
+def raw_numpy(code: str) -> np.dtype:
     """The numpy dtype of a code's stored values (bf16 -> uint16 bits, fp8 -> uint8 bits)."""
     import numpy as np
 
     return np.dtype(BY_CODE[code].raw_numpy)
 
 
-def to_torch_dtype(dtype: str) -> "torch.dtype":
+def to_torch_dtype(dtype: str) -> torch.dtype:
     """The torch dtype of a safetensors code or a name ("BF16", "bfloat16" -> torch.bfloat16)."""
     import torch
 
@@ -133,7 +143,7 @@ def to_torch_dtype(dtype: str) -> "torch.dtype":
     return dt
 
 
-def from_torch_dtype(dtype: "torch.dtype") -> str:
+def from_torch_dtype(dtype: torch.dtype) -> str:
     """The safetensors code of a torch dtype (torch.float16 -> "F16")."""
     import torch
 
@@ -143,7 +153,7 @@ def from_torch_dtype(dtype: "torch.dtype") -> str:
     raise ValueError(f"torch dtype {dtype} has no safetensors equivalent")
 
 
-def torch_dtype_by_name(name: str) -> "torch.dtype | None":
+def torch_dtype_by_name(name: str) -> torch.dtype | None:
     """The torch dtype called `name` ("bfloat16", "torch.float16"), looked up as an attribute, never
     eval'ed; None when torch has no dtype of that name."""
     import torch

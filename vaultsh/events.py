@@ -35,8 +35,9 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, ClassVar
 
 from vaultsh import fmt
 from vaultsh.terminal import one_line
@@ -122,8 +123,11 @@ def _strs(v: Any) -> list[str] | None:
 # annotation -> (the type a well-formed value has, the reader of any other value)
 _Reader = tuple[type, Callable[[Any], Any]]
 _READERS: dict[str, _Reader] = {
-    "int | None": (int, _int), "float | None": (float, _float), "str | None": (str, _str),
-    "bool | None": (bool, _bool), "list[str] | None": (type(None), _strs),  # a list's items are always checked
+    "int | None": (int, _int),
+    "float | None": (float, _float),
+    "str | None": (str, _str),
+    "bool | None": (bool, _bool),
+    "list[str] | None": (type(None), _strs),  # a list's items are always checked
 }
 _BY_TYPE: dict[str, type[Event]] = {}
 
@@ -327,8 +331,12 @@ def from_dict(d: Any, line: str | None = None) -> Event:
     cls = _BY_TYPE.get(kind) if isinstance(kind, str) else None
     if cls is None:
         why = "no event type" if kind is None else f"unknown event type {str(kind)[:40]!r}"
-        return Invalid(worker=_int(d.get("worker")), time=_float(d.get("time")), reason=why,
-                       line=line if line is not None else json.dumps(d, default=str)[:_LINE_KEPT])
+        return Invalid(
+            worker=_int(d.get("worker")),
+            time=_float(d.get("time")),
+            reason=why,
+            line=line if line is not None else json.dumps(d, default=str)[:_LINE_KEPT],
+        )
     spec = cls._fields
     kwargs: dict[str, Any] = {}
     extra: dict[str, Any] = {}
@@ -522,8 +530,12 @@ def _on_loading(w: WorkerState, e: Loading, now: float) -> Note | None:
         return Note("info", f"loading model {e.detail or ''}".rstrip(), e.type)
     if e.model_bytes is not None:
         took = _since(w._loading_model_since, e.time)
-        return Note("info", f"model loaded: {fmt.count(e.model_params or 0)} parameters, {fmt.size(e.model_bytes)} "
-                    f"{e.dtype or ''} on {_or(e.device)}" + (f" in {took}" if took else ""), e.type)
+        return Note(
+            "info",
+            f"model loaded: {fmt.count(e.model_params or 0)} parameters, {fmt.size(e.model_bytes)} "
+            f"{e.dtype or ''} on {_or(e.device)}" + (f" in {took}" if took else ""),
+            e.type,
+        )
     return None
 
 
@@ -547,8 +559,11 @@ def _on_progress(w: WorkerState, e: Progress, now: float) -> Note | None:
         return None
     w._first_batch_seen = True
     took = _since(w._started_event, e.time)
-    return Note("info", f"first batch done ({e.tokens or 0:,} tokens so far)" + (f", {took} after start" if took else ""),
-                e.type)
+    return Note(
+        "info",
+        f"first batch done ({e.tokens or 0:,} tokens so far)" + (f", {took} after start" if took else ""),
+        e.type,
+    )
 
 
 def _on_upload(w: WorkerState, e: Upload, now: float) -> Note | None:
@@ -572,8 +587,12 @@ def _on_committed(w: WorkerState, e: Committed, now: float) -> Note | None:
     w.committed = max(w.committed, (e.megabatch if e.megabatch is not None else -1) + 1)
     w.committed_tokens += e.tokens or 0
     w.committed_bytes += e.bytes or 0
-    return Note("info", f"megabatch {e.megabatch} committed: {fmt.size(e.bytes or 0)}, {e.tokens or 0:,} tokens "
-                f"(batches {e.batch_start}-{(e.batch_end or 0) - 1})", e.type)
+    return Note(
+        "info",
+        f"megabatch {e.megabatch} committed: {fmt.size(e.bytes or 0)}, {e.tokens or 0:,} tokens "
+        f"(batches {e.batch_start}-{(e.batch_end or 0) - 1})",
+        e.type,
+    )
 
 
 def _on_warning(w: WorkerState, e: WorkerWarning, now: float) -> Note | None:
@@ -591,8 +610,12 @@ def _on_error(w: WorkerState, e: WorkerError, now: float) -> Note | None:
 def _on_stopping(w: WorkerState, e: Stopping, now: float) -> Note | None:
     # the worker saw a stop request (its supervisor's, or a signal from elsewhere: Slurm, kill)
     w.state, w._before_pause = STOPPING, None
-    return Note("info", f"stopping: finishing megabatch {e.megabatch or 0} ({e.filled or 0}/{e.batches_per_upload or 0} "
-                "batches), then exit", e.type)
+    return Note(
+        "info",
+        f"stopping: finishing megabatch {e.megabatch or 0} ({e.filled or 0}/{e.batches_per_upload or 0} "
+        "batches), then exit",
+        e.type,
+    )
 
 
 def _on_done(w: WorkerState, e: Done, now: float) -> Note | None:
@@ -617,9 +640,18 @@ def _on_invalid(w: WorkerState, e: Invalid, now: float) -> Note | None:
 
 
 _HANDLERS: dict[type, Callable[[WorkerState, Any, float], Note | None]] = {
-    Start: _on_start, Loading: _on_loading, Resume: _on_resume, Progress: _on_progress, Upload: _on_upload,
-    Memory: _on_memory, Committed: _on_committed, WorkerWarning: _on_warning, WorkerError: _on_error, Stopping: _on_stopping,
-    Done: _on_done, Invalid: _on_invalid,
+    Start: _on_start,
+    Loading: _on_loading,
+    Resume: _on_resume,
+    Progress: _on_progress,
+    Upload: _on_upload,
+    Memory: _on_memory,
+    Committed: _on_committed,
+    WorkerWarning: _on_warning,
+    WorkerError: _on_error,
+    Stopping: _on_stopping,
+    Done: _on_done,
+    Invalid: _on_invalid,
 }
 
 

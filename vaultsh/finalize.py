@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
+
 from vaultsh.errors import FormatError, NotFoundError, UserError
 from vaultsh.run import CommitRecord, Run, pretty_json
 from vaultsh.stats import RunningStats, merge_all
@@ -107,7 +108,9 @@ def worker_stats_from_files(store: Store, commits: list[CommitRecord], hook: str
         mb = read_megabatch(store, f.key, names=["states", "mask"])
         assert mb.header is not None and mb.states is not None  # read_megabatch sets the header; states asked for
         if mb.header.format != "safetensors":
-            raise FormatError(f"{store.child_uri(f.key)}: statistics can only be recomputed from safetensors files (they keep the mask)")
+            raise FormatError(
+                f"{store.child_uri(f.key)}: statistics can only be recomputed from safetensors files (they keep the mask)"
+            )
         s = RunningStats(int(mb.states.shape[-1])).update(mb.states, mb.mask)
         out = s if out is None else out.merge_(s)
     return out
@@ -133,8 +136,15 @@ def _planned_batches(cfg: dict | None) -> int | None:
     return None
 
 
-def _merge_hook(run: Run, hook: str, by_worker: dict[int, list[CommitRecord]], d: int | None,
-                recompute: bool, res: HookResult, warnings: list[str]) -> RunningStats | None:
+def _merge_hook(
+    run: Run,
+    hook: str,
+    by_worker: dict[int, list[CommitRecord]],
+    d: int | None,
+    recompute: bool,
+    res: HookResult,
+    warnings: list[str],
+) -> RunningStats | None:
     parts: list[RunningStats] = []
     for w in sorted(by_worker):
         mine = [c for c in by_worker[w] if hook in c.files]
@@ -143,11 +153,15 @@ def _merge_hook(run: Run, hook: str, by_worker: dict[int, list[CommitRecord]], d
         want = sum(c.files[hook].n_tokens for c in mine)
         snap = None if recompute else run.read_partial_stats(w, hook, mine[-1].index)
         if not recompute and snap is None:
-            warnings.append(f"{hook}: worker {w} has no statistics snapshot for megabatch {mine[-1].index}: "
-                            "recomputing from its files")
+            warnings.append(
+                f"{hook}: worker {w} has no statistics snapshot for megabatch {mine[-1].index}: "
+                "recomputing from its files"
+            )
         elif snap is not None and snap.count != want:
-            warnings.append(f"{hook}: worker {w}'s statistics snapshot counts {snap.count} tokens, "
-                            f"its commit records {want}: recomputing from its files")
+            warnings.append(
+                f"{hook}: worker {w}'s statistics snapshot counts {snap.count} tokens, "
+                f"its commit records {want}: recomputing from its files"
+            )
             snap = None
         if snap is None:
             snap = worker_stats_from_files(run.store, mine, hook, d)
@@ -180,7 +194,10 @@ def finalize(run: Run, *, recompute: bool = False, dry_run: bool = False) -> Fin
     for hook in hook_names:
         files = run.committed_files(hook, commits)
         res = HookResult(
-            hook=hook, files=len(files), bytes=sum(f.size for f in files), tokens=sum(f.n_tokens for f in files),
+            hook=hook,
+            files=len(files),
+            bytes=sum(f.size for f in files),
+            tokens=sum(f.n_tokens for f in files),
             workers=sorted({f.worker for f in files if f.worker is not None}),
             uncommitted=len(run.uncommitted_files(hook, commits)),
         )
@@ -209,7 +226,8 @@ def finalize(run: Run, *, recompute: bool = False, dry_run: bool = False) -> Fin
         "bytes": sum(r.bytes for r in results.values()),
         "tokens": sum(c.tokens for c in commits),
         "sequences": max((sum(f.n_sequences for f in run.committed_files(h, commits)) for h in results), default=0),
-        "batches": sum(c.batch_end - c.batch_start for c in commits) if not num_runs
+        "batches": sum(c.batch_end - c.batch_start for c in commits)
+        if not num_runs
         else sum(len(range(c.batch_start, c.batch_end, num_runs)) for c in commits),
         "workers": workers,
         "hooks": {h: {"files": r.files, "bytes": r.bytes, "tokens": r.tokens} for h, r in results.items()},
@@ -225,10 +243,21 @@ def finalize(run: Run, *, recompute: bool = False, dry_run: bool = False) -> Fin
     else:
         warnings.append("no cfg.json: totals not recorded")
     return FinalizeReport(
-        run=run.name, uri=run.uri, num_runs=num_runs, hooks=results, megabatches=totals["megabatches"],
-        files=totals["files"], bytes=totals["bytes"], tokens=totals["tokens"], sequences=totals["sequences"],
-        batches=totals["batches"], planned_batches=_planned_batches(cfg), workers=workers, missing_workers=missing,
-        cfg_written=cfg_written, warnings=warnings,
+        run=run.name,
+        uri=run.uri,
+        num_runs=num_runs,
+        hooks=results,
+        megabatches=totals["megabatches"],
+        files=totals["files"],
+        bytes=totals["bytes"],
+        tokens=totals["tokens"],
+        sequences=totals["sequences"],
+        batches=totals["batches"],
+        planned_batches=_planned_batches(cfg),
+        workers=workers,
+        missing_workers=missing,
+        cfg_written=cfg_written,
+        warnings=warnings,
     )
 
 

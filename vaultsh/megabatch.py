@@ -34,8 +34,9 @@ import math
 import re
 import struct
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from vaultsh.dtypes import BY_CODE, from_torch_dtype, to_torch_dtype
 from vaultsh.errors import FormatError, UserError
@@ -131,7 +132,7 @@ class MegabatchHeader:
 
     @property
     def label_names(self) -> list[str]:
-        return sorted(k[len("labels."):] for k in self.tensors if k.startswith("labels."))
+        return sorted(k[len("labels.") :] for k in self.tensors if k.startswith("labels."))
 
     @property
     def has_mask(self) -> bool:
@@ -299,7 +300,9 @@ def parse_header(buf: bytes, file_size: int | None, key: str | None = None) -> M
     pos = 0
     for name, t in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
         if t.start < pos:
-            raise _fail(key, f"bad header: tensor {name!r} at data_offsets [{t.start}, {t.end}] overlaps another tensor")
+            raise _fail(
+                key, f"bad header: tensor {name!r} at data_offsets [{t.start}, {t.end}] overlaps another tensor"
+            )
         if t.start > pos:
             raise _fail(key, f"bad header: gap before tensor {name!r} (data_offsets start {t.start}, expected {pos})")
         pos = t.end
@@ -345,7 +348,10 @@ def _check_megabatch_shapes(h: MegabatchHeader, key: str | None) -> None:
     for name, info in t.items():
         if name.startswith("labels.") and (not info.shape or info.shape[0] != s.shape[0]):
             raise _fail(key, f"tensor {name!r} has shape {list(info.shape)}, expected first dimension {s.shape[0]}")
-    for name, width, first in ((SOURCE, len(SOURCE_COLUMNS), s.shape[0]), (SOURCE_SEGMENTS, len(SEGMENT_COLUMNS), None)):
+    for name, width, first in (
+        (SOURCE, len(SOURCE_COLUMNS), s.shape[0]),
+        (SOURCE_SEGMENTS, len(SEGMENT_COLUMNS), None),
+    ):
         info = t.get(name)
         if info is None:
             continue
@@ -361,11 +367,11 @@ def _check_megabatch_shapes(h: MegabatchHeader, key: str | None) -> None:
 # --------------------------------------------------------------------------
 
 
-def _cpu_contig(t: "torch.Tensor") -> "torch.Tensor":
+def _cpu_contig(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous()
 
 
-def _raw_view(t: "torch.Tensor") -> memoryview:
+def _raw_view(t: torch.Tensor) -> memoryview:
     """A zero-copy byte view of a contiguous CPU tensor (any dtype, bf16 included)."""
     import torch
 
@@ -395,19 +401,33 @@ def _check_write_args(states, input_ids, mask, labels, source=None, segments=Non
         if not isinstance(name, str) or not name:
             raise ValueError(f"label names must be non-empty strings, got {name!r}")
         if not isinstance(lab, torch.Tensor) or lab.dim() < 1 or lab.shape[0] != n:
-            raise ValueError(f"label {name!r} must be a tensor with first dimension {n}, got {getattr(lab, 'shape', None)}")
-    for name, t, first, width in ((SOURCE, source, n, len(SOURCE_COLUMNS)),
-                                  (SOURCE_SEGMENTS, segments, None, len(SEGMENT_COLUMNS))):
+            raise ValueError(
+                f"label {name!r} must be a tensor with first dimension {n}, got {getattr(lab, 'shape', None)}"
+            )
+    for name, t, first, width in (
+        (SOURCE, source, n, len(SOURCE_COLUMNS)),
+        (SOURCE_SEGMENTS, segments, None, len(SEGMENT_COLUMNS)),
+    ):
         if t is None:
             continue
         ok = isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] == width and t.dtype == torch.int64
         if not ok or (first is not None and t.shape[0] != first):
-            raise ValueError(f"{name} must be an int64 tensor of shape [{first if first is not None else 'M'}, {width}], "
-                             f"got {getattr(t, 'dtype', type(t))} {list(getattr(t, 'shape', []))}")
+            raise ValueError(
+                f"{name} must be an int64 tensor of shape [{first if first is not None else 'M'}, {width}], "
+                f"got {getattr(t, 'dtype', type(t))} {list(getattr(t, 'shape', []))}"
+            )
 
 
-def file_metadata(run: str, hook: str, model: str, worker: int, megabatch: int, batch_start: int, batch_end: int,
-                  created: str | None = None) -> dict[str, Any]:
+def file_metadata(
+    run: str,
+    hook: str,
+    model: str,
+    worker: int,
+    megabatch: int,
+    batch_start: int,
+    batch_end: int,
+    created: str | None = None,
+) -> dict[str, Any]:
     """The header metadata a collector worker writes into each megabatch (before format fields).
 
     One place for it, so `vaultsh plan` sizes headers exactly as workers write
@@ -416,15 +436,21 @@ def file_metadata(run: str, hook: str, model: str, worker: int, megabatch: int, 
     from datetime import datetime, timezone
 
     return {
-        "run": run, "hook": hook, "model": model, "worker": worker, "megabatch": megabatch,
-        "batch_start": batch_start, "batch_end": batch_end, "tokenizer": model,
+        "run": run,
+        "hook": hook,
+        "model": model,
+        "worker": worker,
+        "megabatch": megabatch,
+        "batch_start": batch_start,
+        "batch_end": batch_end,
+        "tokenizer": model,
         "created": created or datetime.now(timezone.utc).isoformat(timespec="microseconds"),
     }
 
 
 def build_header(
-    tensors: dict[str, "torch.Tensor"], metadata: dict[str, str] | None
-) -> tuple[bytes, list[tuple[str, "torch.Tensor"]]]:
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None
+) -> tuple[bytes, list[tuple[str, torch.Tensor]]]:
     """The safetensors prefix (length + padded JSON) and the tensors in data order.
 
     Data order is safetensors' own: larger element size first, then name, so each
@@ -447,14 +473,14 @@ def build_header(
 def write_megabatch(
     store,
     key: str,
-    states: "torch.Tensor",
-    input_ids: "torch.Tensor",
-    mask: "torch.Tensor | None" = None,
-    labels: "dict[str, torch.Tensor] | None" = None,
+    states: torch.Tensor,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    labels: dict[str, torch.Tensor] | None = None,
     metadata: dict[str, str | int | float] | None = None,
     fmt: str = "safetensors",
-    source: "torch.Tensor | None" = None,
-    source_segments: "torch.Tensor | None" = None,
+    source: torch.Tensor | None = None,
+    source_segments: torch.Tensor | None = None,
 ) -> int:
     """Write one megabatch to ``store`` under ``key``; returns the bytes written.
 
@@ -535,16 +561,16 @@ class Megabatch:
     provenance tensors, None in files without them (pt, files written before).
     """
 
-    states: "torch.Tensor | None"
-    input_ids: "torch.Tensor | None"
-    mask: "torch.Tensor | None"
-    labels: "dict[str, torch.Tensor]" = field(default_factory=dict)
+    states: torch.Tensor | None
+    input_ids: torch.Tensor | None
+    mask: torch.Tensor | None
+    labels: dict[str, torch.Tensor] = field(default_factory=dict)
     header: MegabatchHeader | None = None
-    source: "torch.Tensor | None" = None
-    source_segments: "torch.Tensor | None" = None
+    source: torch.Tensor | None = None
+    source_segments: torch.Tensor | None = None
 
 
-def _tensor_from_bytes(data, info: TensorInfo, shape: tuple[int, ...], key: str | None, name: str) -> "torch.Tensor":
+def _tensor_from_bytes(data, info: TensorInfo, shape: tuple[int, ...], key: str | None, name: str) -> torch.Tensor:
     import torch
 
     dt = to_torch_dtype(info.dtype)
@@ -593,7 +619,9 @@ def load_pt(data: bytes, key: str | None) -> dict:
         first = first.split(". This is an internal")[0][:200]
         raise _fail(key, f"truncated or corrupt pt file: {first}") from None
     if not isinstance(obj, dict):
-        raise _fail(key, f"foreign file: pt file holds a {type(obj).__name__}, not a dict with 'states' and 'input_ids'")
+        raise _fail(
+            key, f"foreign file: pt file holds a {type(obj).__name__}, not a dict with 'states' and 'input_ids'"
+        )
     states, ids = obj.get("states"), obj.get("input_ids")
     if not isinstance(states, torch.Tensor) or states.dim() != 3:
         raise _fail(key, "foreign file: pt dict has no 3-D tensor 'states'")
@@ -641,7 +669,7 @@ def read_header(store, key: str) -> MegabatchHeader:
     return _probe(store, key)[0]
 
 
-def _all_true_mask(n: int, t: int) -> "torch.Tensor":
+def _all_true_mask(n: int, t: int) -> torch.Tensor:
     import torch
 
     return torch.ones((n, t), dtype=torch.bool)
@@ -713,14 +741,16 @@ def read_megabatch(store, key: str, names: list[str] | None = None) -> Megabatch
         states=got.get("states"),
         input_ids=got.get("input_ids"),
         mask=got.get("mask"),
-        labels={k[len("labels."):]: v for k, v in got.items() if k.startswith("labels.")},
+        labels={k[len("labels.") :]: v for k, v in got.items() if k.startswith("labels.")},
         header=header,
         source=got.get(SOURCE),
         source_segments=got.get(SOURCE_SEGMENTS),
     )
 
 
-def read_source(store, key: str, header: MegabatchHeader | None = None) -> "tuple[torch.Tensor | None, torch.Tensor | None]":
+def read_source(
+    store, key: str, header: MegabatchHeader | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(``source`` [N, 3], ``source_segments`` [M, 5] or None) of a megabatch; (None, None) without provenance.
 
     safetensors: the header plus one small ranged read per tensor. pt files
@@ -739,7 +769,7 @@ def read_source(store, key: str, header: MegabatchHeader | None = None) -> "tupl
     return out[0], out[1]
 
 
-def _as_bool(t: "torch.Tensor") -> "torch.Tensor":
+def _as_bool(t: torch.Tensor) -> torch.Tensor:
     import torch
 
     return t if t.dtype == torch.bool else t.to(torch.bool)
@@ -795,7 +825,7 @@ def read_sequence(store, key: str, i: int, header: MegabatchHeader | None = None
         data = store.get_range(key, header.data_offset + info.start + j * row, row)
         t = _tensor_from_bytes(data, info, info.shape[1:], key, name)
         if name.startswith("labels."):
-            out["labels"][name[len("labels."):]] = t
+            out["labels"][name[len("labels.") :]] = t
         else:
             out[name] = _as_bool(t) if name == "mask" else t
     if "mask" not in out:
@@ -805,7 +835,7 @@ def read_sequence(store, key: str, i: int, header: MegabatchHeader | None = None
 
 def iter_states_chunks(
     store, key: str, header: MegabatchHeader | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES
-) -> Iterator[tuple[int, "torch.Tensor"]]:
+) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(first_sequence, states[first:first+k])`` in chunks of whole sequences.
 
     Each chunk is one ranged read of about ``chunk_bytes`` (at least one
@@ -922,7 +952,7 @@ def scan_states(
     }
 
 
-def _slices(states: "torch.Tensor", n: int, chunk_bytes: int) -> Iterator[tuple[int, "torch.Tensor"]]:
+def _slices(states: torch.Tensor, n: int, chunk_bytes: int) -> Iterator[tuple[int, torch.Tensor]]:
     row = max(1, states[0].numel() * states.element_size()) if n else 1
     per = max(1, chunk_bytes // row)
     for s in range(0, n, per):

@@ -10,7 +10,15 @@ import time
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from vaultsh.events import Done, Event, Note, Start, WorkerState, as_event, fold
 
@@ -59,15 +67,25 @@ class HeadlessPrinter:
         w = self.workers[i]
         notes = fold(w, e, time.monotonic())
         if isinstance(e, Start):
-            self.console.log(f"worker {i}: run {escape(e.run or '?')} -> {escape(e.store or '?')}  "
-                             f"hooks: {escape(', '.join(e.hooks or []))}")
+            self.console.log(
+                f"worker {i}: run {escape(e.run or '?')} -> {escape(e.store or '?')}  "
+                f"hooks: {escape(', '.join(e.hooks or []))}"
+            )
         elif isinstance(e, Done):
             self.last_done[i] = e
         for note in notes:
             self._log(i, note)
         state = w.done_status or (f"loading {w.detail}" if w.state == "loading" else w.state)
-        self.progress.update(task, completed=w.batches, total=w.total_batches, state=state, tokens=_short(w.tokens),
-                             rate=_short(w.tokens_per_s), committed=w.committed, queue=w.queued)
+        self.progress.update(
+            task,
+            completed=w.batches,
+            total=w.total_batches,
+            state=state,
+            tokens=_short(w.tokens),
+            rate=_short(w.tokens_per_s),
+            committed=w.committed,
+            queue=w.queued,
+        )
 
     def _log(self, i: int, note: Note) -> None:
         if note.kind in _QUIET:

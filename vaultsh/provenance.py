@@ -6,7 +6,7 @@ the names of the sources are the ``sources`` list of the hook's metadata.json.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 UNKNOWN = -1
 

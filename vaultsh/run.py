@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterable
+from typing import Any
 
 from vaultsh.dtypes import activault_dtype_name
 from vaultsh.errors import FormatError, NotFoundError, StoreError, UserError
@@ -166,7 +167,7 @@ class FileRecord:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Any, where: str = "file record") -> "FileRecord":
+    def from_dict(cls, d: Any, where: str = "file record") -> FileRecord:
         if not isinstance(d, dict):
             raise FormatError(f"{where}: expected an object, got {type(d).__name__}")
         hook = _need(d, "hook", (str,), where)
@@ -225,7 +226,7 @@ class CommitRecord:
         return pretty_json(self.to_dict())
 
     @classmethod
-    def from_dict(cls, d: Any, where: str = "commit record") -> "CommitRecord":
+    def from_dict(cls, d: Any, where: str = "commit record") -> CommitRecord:
         if not isinstance(d, dict):
             raise FormatError(f"{where}: expected a JSON object, got {type(d).__name__}")
         fmt = d.get("format", COMMIT_FORMAT)
@@ -257,7 +258,7 @@ class CommitRecord:
         return rec
 
     @classmethod
-    def from_json(cls, text: str | bytes, where: str = "commit record") -> "CommitRecord":
+    def from_json(cls, text: str | bytes, where: str = "commit record") -> CommitRecord:
         return cls.from_dict(_loads(text, where), where)
 
 
@@ -455,8 +456,10 @@ class Run:
 
     def generations_key(self, worker: int, index: int) -> str:
         """Generation mode: where `worker` stores the texts of its megabatch `index`."""
-        return (f"{self.internal_prefix}{GENERATIONS}/w{_check_nonneg('worker', worker):04d}/"
-                f"{_check_nonneg('index', index):07d}.jsonl")
+        return (
+            f"{self.internal_prefix}{GENERATIONS}/w{_check_nonneg('worker', worker):04d}/"
+            f"{_check_nonneg('index', index):07d}.jsonl"
+        )
 
     def commits_prefix(self, worker: int | None = None) -> str:
         base = f"{self.internal_prefix}{COMMITS}/"
@@ -491,9 +494,7 @@ class Run:
         except NotFoundError:
             return None
         if len(data) > limit:
-            raise FormatError(
-                f"{self.store.child_uri(key)}: larger than the {limit}-byte limit for JSON files"
-            )
+            raise FormatError(f"{self.store.child_uri(key)}: larger than the {limit}-byte limit for JSON files")
         return _loads(data, self.store.child_uri(key))
 
     def _read_json_object(self, key: str) -> dict | None:
@@ -547,7 +548,7 @@ class Run:
         base = self.partial_stats_prefix()
         out = []
         for info in self.store.iter_objects(self.partial_stats_prefix(worker)):
-            m = _PARTIAL_RE.match(info.key[len(base):])
+            m = _PARTIAL_RE.match(info.key[len(base) :])
             if not m:
                 continue
             w, h, i = int(m.group(1)), m.group(2), int(m.group(3))
@@ -661,13 +662,20 @@ class Run:
             raise ValueError("an empty commit chunk")
         w = records[0].worker
         if any(r.worker != w for r in records) or [r.index for r in records] != list(
-                range(records[0].index, records[0].index + len(records))):
+            range(records[0].index, records[0].index + len(records))
+        ):
             raise ValueError("a commit chunk holds consecutive records of one worker")
-        entries = [{"key": self.commit_key(r.worker, r.index), "size": len(self.record_bytes(r)), "record": r.to_dict()}
-                   for r in records]
+        entries = [
+            {"key": self.commit_key(r.worker, r.index), "size": len(self.record_bytes(r)), "record": r.to_dict()}
+            for r in records
+        ]
         key = self.commit_chunk_key(w, records[-1].index)
-        self.store.put_bytes(key, json.dumps({"format": "vaultsh-commit-chunk", "version": 1, "records": entries},
-                                             separators=(",", ":")).encode("utf-8"))
+        self.store.put_bytes(
+            key,
+            json.dumps(
+                {"format": "vaultsh-commit-chunk", "version": 1, "records": entries}, separators=(",", ":")
+            ).encode("utf-8"),
+        )
         return key
 
     def list_commit_keys(self, worker: int | None = None) -> list[tuple[int, int, str]]:
@@ -679,7 +687,7 @@ class Run:
         base = self.commits_prefix()
         out = []
         for info in self.store.iter_objects(self.commits_prefix(worker)):
-            m = _COMMIT_RE.match(info.key[len(base):])
+            m = _COMMIT_RE.match(info.key[len(base) :])
             if m:
                 out.append((int(m.group(1)), int(m.group(2)), info))
         out.sort(key=lambda t: (t[0], t[1]))
@@ -736,7 +744,9 @@ class Run:
         for key in [k for k, (st, _) in known.items() if stamp.get(k) != st]:
             del known[key]
         if len(known) < len(objects):
-            for key, rec in self._chunked_records(worker, {o.key: o for _, _, o in objects if o.key not in known}).items():
+            for key, rec in self._chunked_records(
+                worker, {o.key: o for _, _, o in objects if o.key not in known}
+            ).items():
                 known[key] = (stamp[key], rec)
         todo = [(w, i, o.key) for w, i, o in objects if o.key not in known]
         for (_, _, key), rec in zip(todo, self._parallel(self.read_commit, todo)):
@@ -758,7 +768,7 @@ class Run:
         key = entry.get("key") if isinstance(entry, dict) else None
         if not isinstance(key, str) or not key.startswith(prefix):
             return None
-        m = _COMMIT_RE.match(key[len(prefix):])
+        m = _COMMIT_RE.match(key[len(prefix) :])
         return None if m is None else (key, int(m.group(1)), int(m.group(2)))
 
     def _chunked_records(self, worker: int | None, wanted: dict[str, ObjectInfo]) -> dict[str, CommitRecord]:
@@ -811,7 +821,7 @@ class Run:
         """Hook directories of the run (they hold metadata.json or megabatch files), naturally sorted."""
         out = []
         for p in self.store.list_dir(self.prefix).prefixes:
-            hook = p[len(self.prefix):].strip("/")
+            hook = p[len(self.prefix) :].strip("/")
             if not hook or hook == INTERNAL or "/" in hook:
                 continue
             if self.store.exists(f"{self.prefix}{hook}/{METADATA}"):

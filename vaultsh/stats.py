@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -191,7 +192,7 @@ class RunningStats:
         return self.norm_sum / self.count if self.count else 0.0
 
     # -- accumulation ------------------------------------------------------
-    def _check_other(self, other: "RunningStats") -> None:
+    def _check_other(self, other: RunningStats) -> None:
         if not isinstance(other, RunningStats):
             raise TypeError(f"can only merge RunningStats, got {type(other).__name__}")
         if other.d != self.d:
@@ -211,23 +212,23 @@ class RunningStats:
         self.count = total
         self.norm_sum += float(norm_sum)
 
-    def merge_(self, other: "RunningStats") -> "RunningStats":
+    def merge_(self, other: RunningStats) -> RunningStats:
         """Merge `other` into this object (Chan's parallel update); returns self."""
         self._check_other(other)
         self._merge_moments(other.count, other.mean, other.m2, other.norm_sum)
         return self
 
-    def merge(self, other: "RunningStats") -> "RunningStats":
+    def merge(self, other: RunningStats) -> RunningStats:
         """A new object holding the statistics of both; neither input changes."""
         return self.copy().merge_(other)
 
-    def __add__(self, other: "RunningStats") -> "RunningStats":
+    def __add__(self, other: RunningStats) -> RunningStats:
         return self.merge(other)
 
-    def copy(self) -> "RunningStats":
+    def copy(self) -> RunningStats:
         return RunningStats(self.d, self.count, self.mean.copy(), self.m2.copy(), self.norm_sum)
 
-    def update(self, x, mask=None) -> "RunningStats":
+    def update(self, x, mask=None) -> RunningStats:
         """Add the tokens of `x` ([n, d] or [N, T, d], numpy or torch, any float dtype).
 
         `mask` (bool, shape `x.shape[:-1]`) keeps only the tokens where it is
@@ -271,9 +272,7 @@ class RunningStats:
             if not _is_torch_tensor(mask):
                 mask = torch.as_tensor(np.asarray(mask))
             if tuple(mask.shape) != tuple(x.shape[:-1]):
-                raise ValueError(
-                    f"mask shape {tuple(mask.shape)} does not match activations {tuple(x.shape[:-1])}"
-                )
+                raise ValueError(f"mask shape {tuple(mask.shape)} does not match activations {tuple(x.shape[:-1])}")
             m = mask.to(device=x.device, dtype=torch.bool).reshape(-1)
             x2 = x2[m]
         if x2.shape[0] == 0:
@@ -281,13 +280,13 @@ class RunningStats:
         return _moments_torch(x2)
 
     @classmethod
-    def from_batch(cls, x, mask=None) -> "RunningStats":
+    def from_batch(cls, x, mask=None) -> RunningStats:
         """Statistics of one batch (the feature size is taken from `x.shape[-1]`)."""
         d = int(x.shape[-1]) if hasattr(x, "shape") else int(np.asarray(x).shape[-1])
         return cls(d).update(x, mask)
 
     @staticmethod
-    def merge_all(items: Iterable["RunningStats"], d: int | None = None) -> "RunningStats":
+    def merge_all(items: Iterable[RunningStats], d: int | None = None) -> RunningStats:
         return merge_all(items, d)
 
     # -- equality ----------------------------------------------------------
@@ -319,7 +318,7 @@ class RunningStats:
         }
 
     @classmethod
-    def from_activault_json(cls, data: dict, count: int | None = None, where: str = "statistics.json") -> "RunningStats":
+    def from_activault_json(cls, data: dict, count: int | None = None, where: str = "statistics.json") -> RunningStats:
         """Inverse of `to_activault_json`; also reads Activault's own files.
 
         Activault's statistics.json has no token count; `count` can supply one,
@@ -332,9 +331,7 @@ class RunningStats:
             v = data.get(name)
             if v is None:
                 return None
-            if not isinstance(v, list) or not all(
-                isinstance(e, (int, float)) and not isinstance(e, bool) for e in v
-            ):
+            if not isinstance(v, list) or not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in v):
                 raise FormatError(f"{where}: field {name!r} must be a list of numbers")
             return np.array(v, dtype=np.float64)
 
@@ -352,9 +349,7 @@ class RunningStats:
         if n is None:
             n = _infer_count(m2, std)
             if n is None:
-                raise FormatError(
-                    f"{where}: no 'count' field and it cannot be inferred from M2/std; pass count="
-                )
+                raise FormatError(f"{where}: no 'count' field and it cannot be inferred from M2/std; pass count=")
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
             raise FormatError(f"{where}: field 'count' must be a non-negative integer, got {n!r}")
         n = int(n)
@@ -386,7 +381,7 @@ class RunningStats:
         return save(tensors, metadata={"format": STATS_FORMAT, "version": str(STATS_VERSION), "d": str(self.d)})
 
     @classmethod
-    def from_bytes(cls, data: bytes, where: str = "statistics") -> "RunningStats":
+    def from_bytes(cls, data: bytes, where: str = "statistics") -> RunningStats:
         from safetensors.numpy import load
 
         try:

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 TOKENIZER_ENV = "VAULTSH_TOKENIZER"
 
-_cache: dict[tuple, "TokenizerHandle"] = {}
+_cache: dict[tuple, TokenizerHandle] = {}
 _lock = threading.Lock()
 
 
@@ -173,7 +174,9 @@ def _load(name: str, cache_dir: str | None, gguf_file: str | None) -> TokenizerH
             converted = gguf_cache_dir(source)
         except OSError:
             converted = None
-        if converted is not None and any((converted / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        if converted is not None and any(
+            (converted / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")
+        ):
             attempts.append((str(converted), {"local_files_only": True}))
         attempts.append((source.path, {"gguf_file": source.gguf_file, "local_files_only": True}))
     elif source.local:
@@ -181,10 +184,17 @@ def _load(name: str, cache_dir: str | None, gguf_file: str | None) -> TokenizerH
     else:
         # A hub id: only ever the local cache (a shell must not reach out to the hub).
         if not _in_hub_cache(source.path, cache_dir):
-            return TokenizerHandle(name, note=f"tokenizer {name!r} is not in the local Hugging Face cache "
-                                              f"(set {TOKENIZER_ENV} to a tokenizer directory)")
-        attempts.append((source.path, {"cache_dir": cache_dir, "local_files_only": True} if cache_dir
-                         else {"local_files_only": True}))
+            return TokenizerHandle(
+                name,
+                note=f"tokenizer {name!r} is not in the local Hugging Face cache "
+                f"(set {TOKENIZER_ENV} to a tokenizer directory)",
+            )
+        attempts.append(
+            (
+                source.path,
+                {"cache_dir": cache_dir, "local_files_only": True} if cache_dir else {"local_files_only": True},
+            )
+        )
     for path, kw in attempts:
         fast = _fast_tokenizer(path, kw)
         if fast is not None:
@@ -202,7 +212,9 @@ def _load(name: str, cache_dir: str | None, gguf_file: str | None) -> TokenizerH
             return TokenizerHandle(name, tok)
         except Exception as exc:  # noqa: BLE001 - any loading failure falls back to ids
             error = exc
-    return TokenizerHandle(name, note=f"tokenizer {name!r} could not be loaded: {_first_line(error) if error else 'unknown error'}")
+    return TokenizerHandle(
+        name, note=f"tokenizer {name!r} could not be loaded: {_first_line(error) if error else 'unknown error'}"
+    )
 
 
 def decode(handle: TokenizerHandle, ids: Sequence[int]) -> str:

@@ -29,9 +29,9 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import Callable
 
 from vaultsh.dtypes import code_of_name
 from vaultsh.errors import NotFoundError, UserError
@@ -131,17 +131,27 @@ class VerifyReport(ProblemReport):
 
     def to_json(self) -> dict:
         return {
-            "uri": self.uri, "ok": self.ok, "runs": self.runs, "hooks": self.hooks, "files": self.files,
-            "records": self.records, "hashed": self.hashed, "bytes_hashed": self.bytes_hashed,
-            "no_checksum": self.no_checksum, "scanned": self.scanned, "uncommitted": self.uncommitted,
+            "uri": self.uri,
+            "ok": self.ok,
+            "runs": self.runs,
+            "hooks": self.hooks,
+            "files": self.files,
+            "records": self.records,
+            "hashed": self.hashed,
+            "bytes_hashed": self.bytes_hashed,
+            "no_checksum": self.no_checksum,
+            "scanned": self.scanned,
+            "uncommitted": self.uncommitted,
             "problem_counts": self.counts(),
             "problems": self.problems_json(),
         }
 
     def summary_line(self) -> str:
         s = lambda n, w: f"{n:,} {w}{'s' if n != 1 else ''}"  # noqa: E731
-        parts = [f"{s(self.files, 'committed file')} in {s(self.hooks, 'hook')} of {s(self.runs, 'run')}",
-                 f"{self.hashed:,} sha256 checked"]
+        parts = [
+            f"{s(self.files, 'committed file')} in {s(self.hooks, 'hook')} of {s(self.runs, 'run')}",
+            f"{self.hashed:,} sha256 checked",
+        ]
         if self.no_checksum:
             parts.append(f"{self.no_checksum:,} without a recorded checksum")
         if self.scanned:
@@ -156,8 +166,12 @@ class VerifyReport(ProblemReport):
         out.append(("", "verify: " + self.summary_line()))
         if self.problems:
             by = ", ".join(f"{n:,} {CHECKS.get(c, c)}" for c, n in sorted(self.counts().items(), key=lambda kv: -kv[1]))
-            out.append(("bold red", f"❌ {len(self.problems):,} problem{'s' if len(self.problems) != 1 else ''} "
-                                    f"in {self.uri}: {by}"))
+            out.append(
+                (
+                    "bold red",
+                    f"❌ {len(self.problems):,} problem{'s' if len(self.problems) != 1 else ''} in {self.uri}: {by}",
+                )
+            )
         else:
             out.append(("bold green", f"✅ no problems in {self.uri}"))
         return out
@@ -198,7 +212,7 @@ def find_targets(store: Store, key: str) -> list[tuple[str, list[str] | None]]:
     for info in store.iter_objects(base):
         k = "/" + info.key
         if k.endswith("/" + CFG):
-            runs.add(k[1: -len(CFG) - 1])
+            runs.add(k[1 : -len(CFG) - 1])
         elif marker in k:
             runs.add(k.split(marker, 1)[0].lstrip("/"))
     runs.discard("")
@@ -212,8 +226,10 @@ def find_targets(store: Store, key: str) -> list[tuple[str, list[str] | None]]:
 
 def _num_runs(cfg: dict | None, commits: list[CommitRecord]) -> int:
     """How many workers share the data stream: cfg.json's num_runs, else the highest worker seen + 1."""
-    for v in ((cfg or {}).get("num_runs"), ((cfg or {}).get("config") or {}).get("num_runs")
-              if isinstance((cfg or {}).get("config"), dict) else None):
+    for v in (
+        (cfg or {}).get("num_runs"),
+        ((cfg or {}).get("config") or {}).get("num_runs") if isinstance((cfg or {}).get("config"), dict) else None,
+    ):
         if isinstance(v, int) and not isinstance(v, bool) and v >= 1:
             return v
     return max((c.worker for c in commits), default=0) + 1
@@ -239,8 +255,13 @@ def _span(batches: list[int]) -> str:
     return text + (", ..." if len(out) > 6 else "")
 
 
-def check_records(commits: list[CommitRecord], num_runs: int, uri_of: Callable[[CommitRecord], str],
-                  hook_uri: Callable[[str], str], only: list[str] | None = None) -> list[Problem]:
+def check_records(
+    commits: list[CommitRecord],
+    num_runs: int,
+    uri_of: Callable[[CommitRecord], str],
+    hook_uri: Callable[[str], str],
+    only: list[str] | None = None,
+) -> list[Problem]:
     """Batch ranges on the record's own worker, and no two records of one hook sharing a global batch.
 
     `uri_of(record)` and `hook_uri(hook)` name where a problem is; `only` limits
@@ -250,9 +271,14 @@ def check_records(commits: list[CommitRecord], num_runs: int, uri_of: Callable[[
     for c in commits:
         if c.batch_end > c.batch_start and num_runs > 1:
             if c.batch_start % num_runs != c.worker % num_runs or (c.batch_end - 1) % num_runs != c.worker % num_runs:
-                problems.append(Problem(uri_of(c), "records",
-                                        f"batch range [{c.batch_start}, {c.batch_end}) does not start and end on "
-                                        f"batches of worker {c.worker} (of {num_runs} workers)"))
+                problems.append(
+                    Problem(
+                        uri_of(c),
+                        "records",
+                        f"batch range [{c.batch_start}, {c.batch_end}) does not start and end on "
+                        f"batches of worker {c.worker} (of {num_runs} workers)",
+                    )
+                )
     hooks = sorted({h for c in commits for h in c.files})
     for hook in hooks:
         if only is not None and hook not in only:
@@ -271,10 +297,14 @@ def check_records(commits: list[CommitRecord], num_runs: int, uri_of: Callable[[
         by_key = {(c.worker, c.index): c for c in commits}
         for (w0, i0, w1, i1), batches in sorted(clashes.items()):
             first, second = by_key[(w0, i0)], by_key[(w1, i1)]
-            problems.append(Problem(
-                hook_uri(hook), "overlap",
-                f"{first.files[hook].name} and {second.files[hook].name} both hold global batch{'es' if len(batches) > 1 else ''} "
-                f"{_span(sorted(batches))} (records w{w0:04d}/{i0:07d} and w{w1:04d}/{i1:07d}): the same sequences stored twice"))
+            problems.append(
+                Problem(
+                    hook_uri(hook),
+                    "overlap",
+                    f"{first.files[hook].name} and {second.files[hook].name} both hold global batch{'es' if len(batches) > 1 else ''} "
+                    f"{_span(sorted(batches))} (records w{w0:04d}/{i0:07d} and w{w1:04d}/{i1:07d}): the same sequences stored twice",
+                )
+            )
     return problems
 
 
@@ -322,7 +352,11 @@ def _shape_problems(job: _Job, header) -> list[Problem]:
     out: list[Problem] = []
     n, t, d = header.n_sequences, header.seq_len, header.d_model
     shape = (job.meta or {}).get("shape")
-    if isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and not isinstance(v, bool) for v in shape):
+    if (
+        isinstance(shape, list)
+        and len(shape) == 3
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in shape)
+    ):
         if t != shape[1] or d != shape[2] or n > shape[0] or n == 0:
             out.append(Problem(job.uri, "shape", f"states {[n, t, d]} do not match metadata.json shape {shape}"))
     r = job.record
@@ -330,27 +364,41 @@ def _shape_problems(job: _Job, header) -> list[Problem]:
         if job.rec.n_sequences and n != job.rec.n_sequences:
             out.append(Problem(job.uri, "shape", f"{n} sequences, the commit record says {job.rec.n_sequences}"))
         if job.expect_sequences is not None and n != job.expect_sequences:
-            out.append(Problem(job.uri, "records", f"{n} sequences, but the record's batch range [{r.batch_start}, "
-                                                   f"{r.batch_end}) holds {job.expect_sequences} for worker {r.worker}"))
+            out.append(
+                Problem(
+                    job.uri,
+                    "records",
+                    f"{n} sequences, but the record's batch range [{r.batch_start}, "
+                    f"{r.batch_end}) holds {job.expect_sequences} for worker {r.worker}",
+                )
+            )
     ids = header.tensors.get("input_ids")
     if ids is not None and tuple(ids.shape) != (n, t):
         out.append(Problem(job.uri, "shape", f"input_ids {list(ids.shape)} do not match states {[n, t]}"))
     want = expected_dtype(job.meta)
     if want is not None and header.dtype != want:
-        out.append(Problem(job.uri, "dtype", f"states are {header.dtype}, metadata.json says {(job.meta or {}).get('dtype')}"))
+        out.append(
+            Problem(job.uri, "dtype", f"states are {header.dtype}, metadata.json says {(job.meta or {}).get('dtype')}")
+        )
     if header.hook is not None and header.hook != job.hook:
         out.append(Problem(job.uri, "hook", f"the header names hook {header.hook!r}, the file is in {job.hook!r}"))
     md = header.metadata
     if r is not None and md.get("batch_start", "").isdigit() and md.get("batch_end", "").isdigit():
         hs, he = int(md["batch_start"]), int(md["batch_end"])
         if (hs, he) != (r.batch_start, r.batch_end):
-            out.append(Problem(job.uri, "records", f"the header holds batches [{hs}, {he}), "
-                                                   f"its commit record says [{r.batch_start}, {r.batch_end})"))
+            out.append(
+                Problem(
+                    job.uri,
+                    "records",
+                    f"the header holds batches [{hs}, {he}), its commit record says [{r.batch_start}, {r.batch_end})",
+                )
+            )
     return out
 
 
-def check_file(store: Store, job: _Job, nan: bool, advance: Callable[[int], None],
-               stop: threading.Event) -> tuple[list[Problem], dict]:
+def check_file(
+    store: Store, job: _Job, nan: bool, advance: Callable[[int], None], stop: threading.Event
+) -> tuple[list[Problem], dict]:
     """Every check of one committed file; returns (problems, counters)."""
     from vaultsh.megabatch import read_header, scan_states
 
@@ -361,8 +409,9 @@ def check_file(store: Store, job: _Job, nan: bool, advance: Callable[[int], None
         head = store.head(rec.key)
     except NotFoundError:
         advance(rec.size * (2 if nan else 1))
-        return [Problem(job.uri, "missing", "named by a commit record but not stored" if job.record
-                        else "listed but gone")], info
+        return [
+            Problem(job.uri, "missing", "named by a commit record but not stored" if job.record else "listed but gone")
+        ], info
     if job.record is not None and head.size != rec.size:
         problems.append(Problem(job.uri, "size", f"{head.size:,} bytes stored, the commit record says {rec.size:,}"))
     header = None
@@ -381,8 +430,13 @@ def check_file(store: Store, job: _Job, nan: bool, advance: Callable[[int], None
             if got is not None:
                 info["hashed"], info["bytes_hashed"] = 1, got[1]
                 if got[0] != rec.sha256:
-                    problems.append(Problem(job.uri, "sha256", f"sha256 {got[0][:12]}… does not match "
-                                                               f"the commit record's {rec.sha256[:12]}…"))
+                    problems.append(
+                        Problem(
+                            job.uri,
+                            "sha256",
+                            f"sha256 {got[0][:12]}… does not match the commit record's {rec.sha256[:12]}…",
+                        )
+                    )
     else:
         info["no_checksum"] = 1
         advance(head.size)
@@ -403,8 +457,11 @@ def check_file(store: Store, job: _Job, nan: bool, advance: Callable[[int], None
             else:
                 info["scanned"] = 1
                 if scan["nan_count"] or scan["inf_count"]:
-                    problems.append(Problem(job.uri, "nan", f"{scan['nan_count']:,} NaN and {scan['inf_count']:,} "
-                                                            "Inf values in states"))
+                    problems.append(
+                        Problem(
+                            job.uri, "nan", f"{scan['nan_count']:,} NaN and {scan['inf_count']:,} Inf values in states"
+                        )
+                    )
             advance(max(0, head.size - seen[0]))
     return problems, info
 
@@ -445,16 +502,28 @@ def check_chunks(run: Run, commits: list[CommitRecord], uri: Callable[[str], str
                     continue  # its record is gone: readers ignore the copy
                 copy = run.parse_commit(e.get("record"), w, i, where)
                 if copy != rec and e.get("size") == len(run.record_bytes(rec)):
-                    out.append(Problem(where, "chunks", f"its copy of {uri(key)} differs from the record "
-                                                        "(readers would take the copy): delete the chunk"))
+                    out.append(
+                        Problem(
+                            where,
+                            "chunks",
+                            f"its copy of {uri(key)} differs from the record "
+                            "(readers would take the copy): delete the chunk",
+                        )
+                    )
         except (UserError, ValueError, TypeError, KeyError, AttributeError) as exc:
             out.append(Problem(where, "chunks", f"unreadable ({str(exc).splitlines()[0][:120]}): readers skip it"))
     return out
 
 
-def verify(store: Store, key: str = "", *, nan: bool = False, threads: int = THREADS,
-           progress: Callable[[int, int], object] | None = None,
-           uri: Callable[[str], str] | None = None) -> VerifyReport:
+def verify(
+    store: Store,
+    key: str = "",
+    *,
+    nan: bool = False,
+    threads: int = THREADS,
+    progress: Callable[[int, int], object] | None = None,
+    uri: Callable[[str], str] | None = None,
+) -> VerifyReport:
     """Verify every run at or under `key` of `store` (a run, a hook directory of a run, or a prefix).
 
     `progress(done_bytes, total_bytes)` is called as files are read; `uri(key)`
@@ -480,6 +549,7 @@ def verify(store: Store, key: str = "", *, nan: bool = False, threads: int = THR
         n_runs = _num_runs(cfg, commits)
         report.problems.extend(check_chunks(run, commits, uri))
         if commits:
+
             def record_uri(c: CommitRecord, r: Run = run) -> str:
                 return uri(r.commit_key(c.worker, c.index))
 
@@ -517,8 +587,14 @@ def verify(store: Store, key: str = "", *, nan: bool = False, threads: int = THR
     return report
 
 
-def _run_jobs(store: Store, jobs: list[_Job], report: VerifyReport, nan: bool, threads: int,
-              progress: Callable[[int, int], object] | None) -> None:
+def _run_jobs(
+    store: Store,
+    jobs: list[_Job],
+    report: VerifyReport,
+    nan: bool,
+    threads: int,
+    progress: Callable[[int, int], object] | None,
+) -> None:
     total = sum(j.rec.size for j in jobs) * (2 if nan else 1)
     done = [0]
     lock = threading.Lock()

@@ -44,8 +44,10 @@ def missing_packages(model: ModelConfig, section: str = "transformer_config") ->
     for key, (needs, module, pip_name) in _KWARG_PACKAGES.items():
         value = kwargs.get(key)
         if key in kwargs and needs(value) and not _installed(module):
-            problems.append(f"{section}.kwargs.{key}: {fmt_value(value)} needs the package {module}, "
-                            f"which is not installed (pip install {pip_name}, or remove the option)")
+            problems.append(
+                f"{section}.kwargs.{key}: {fmt_value(value)} needs the package {module}, "
+                f"which is not installed (pip install {pip_name}, or remove the option)"
+            )
     return problems
 
 

@@ -11,23 +11,29 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from collector.config.errors import one_error
 from collector.config.schema import DatasetEntry
 from vaultsh.errors import ConfigError
 
 LOCAL_SUFFIXES = {
-    ".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".txt": "text", ".text": "text", ".parquet": "parquet",
+    ".json": "json",
+    ".jsonl": "jsonl",
+    ".csv": "csv",
+    ".txt": "text",
+    ".text": "text",
+    ".parquet": "parquet",
 }
 
 
 def _looks_local(path: str) -> bool:
-    return (path.startswith(("/", "./", "../", "~")) or path in (".", "..")
-            or Path(path).suffix.lower() in LOCAL_SUFFIXES)
+    return (
+        path.startswith(("/", "./", "../", "~")) or path in (".", "..") or Path(path).suffix.lower() in LOCAL_SUFFIXES
+    )
 
 
-def resolve_local(path: str, base_dir: Optional[Path], force_local: bool) -> tuple[Optional[str], Optional[str]]:
+def resolve_local(path: str, base_dir: Path | None, force_local: bool) -> tuple[str | None, str | None]:
     """(absolute local path or None for a hub id, error or None)."""
     p = Path(path).expanduser()
     cands = [p] if p.is_absolute() else [b / p for b in ([base_dir] if base_dir else []) + [Path.cwd()]]
@@ -39,7 +45,7 @@ def resolve_local(path: str, base_dir: Optional[Path], force_local: bool) -> tup
     return None, None  # a hub dataset id
 
 
-def check_template(template: str) -> Optional[str]:
+def check_template(template: str) -> str | None:
     """Why `template` is not a usable format string over record fields, or None."""
     try:
         parsed = list(string.Formatter().parse(template))
@@ -53,7 +59,7 @@ def check_template(template: str) -> Optional[str]:
     return None
 
 
-def check_entries(entries: list, where: str, base_dir: Optional[Path]) -> tuple[list[str], list]:
+def check_entries(entries: list, where: str, base_dir: Path | None) -> tuple[list[str], list]:
     """Check `datasets` entries; returns (errors, entries with local paths made absolute)."""
     errors: list[str] = []
     out: list = []
@@ -77,7 +83,7 @@ def check_entries(entries: list, where: str, base_dir: Optional[Path]) -> tuple[
     return errors, out
 
 
-def load_mix(path: str, mix: str, label: str, base_dir: Optional[Path]) -> tuple[list[str], Optional[str], list]:
+def load_mix(path: str, mix: str, label: str, base_dir: Path | None) -> tuple[list[str], str | None, list]:
     """Read a `data_mixes:` file; returns (errors, absolute file path, entries of `mix`)."""
     import yaml
     from pydantic import ValidationError
@@ -93,7 +99,11 @@ def load_mix(path: str, mix: str, label: str, base_dir: Optional[Path]) -> tuple
     if not isinstance(mixes, dict):
         return [f"{label}.data_mixes: {local}: has no 'data_mixes:' mapping of name -> mix"], local, []
     if mix not in mixes:
-        return [f"{label}.mix: {mix!r} is not in {local} (available: {', '.join(map(str, mixes)) or 'none'})"], local, []
+        return (
+            [f"{label}.mix: {mix!r} is not in {local} (available: {', '.join(map(str, mixes)) or 'none'})"],
+            local,
+            [],
+        )
     body = mixes[mix]
     where = f"{local}: data_mixes.{mix}.datasets"
     if not isinstance(body, dict) or not isinstance(body.get("datasets"), list):
@@ -111,36 +121,61 @@ def load_mix(path: str, mix: str, label: str, base_dir: Optional[Path]) -> tuple
 
 
 # data fields that shape sequences: with reuse the first run already did that, so setting them is a mistake
-_NOT_WITH_REUSE = ("packing", "skip_cache", "filter", "sample", "max_samples", "sort_by_length", "categories",
-                   "category_field", "label_columns", "clean_added_tokens", "clean_default_system_prompt")
+_NOT_WITH_REUSE = (
+    "packing",
+    "skip_cache",
+    "filter",
+    "sample",
+    "max_samples",
+    "sort_by_length",
+    "categories",
+    "category_field",
+    "label_columns",
+    "clean_added_tokens",
+    "clean_default_system_prompt",
+)
 
 
 def check_reuse_section(d: Any, label: str, inference: Any) -> list[str]:
     """Config-time checks of `reuse_sequences_from` (no store access)."""
     errors = []
     if getattr(inference, "max_new_tokens", 0) > 0:
-        errors.append(f"{label}.reuse_sequences_from: cannot be combined with inference.max_new_tokens > 0 "
-                      "(the stored sequences are fed as they are)")
+        errors.append(
+            f"{label}.reuse_sequences_from: cannot be combined with inference.max_new_tokens > 0 "
+            "(the stored sequences are fed as they are)"
+        )
     defaults = type(d).model_fields
     for name in _NOT_WITH_REUSE:
         f = defaults[name]
         default = f.default_factory() if f.default_factory is not None else f.default
         if getattr(d, name) != default:
-            errors.append(f"{label}.{name}: does not apply with {label}.reuse_sequences_from "
-                          "(the sequences and their masks come from that run as stored)")
+            errors.append(
+                f"{label}.{name}: does not apply with {label}.reuse_sequences_from "
+                "(the sequences and their masks come from that run as stored)"
+            )
     return errors
 
 
-def check_data_section(d, label: str, base_dir: Optional[Path], inference, storage_format: str,
-                       datasets_label: Optional[str] = None):
+def check_data_section(
+    d, label: str, base_dir: Path | None, inference, storage_format: str, datasets_label: str | None = None
+):
     """Cross-field checks of the data section; returns (errors, data config with absolute paths).
 
     `datasets_label` is where the datasets were written when not in the data section
     (the LM-training form's `dataset_config.datasets`)."""
     errors: list[str] = []
     update: dict[str, Any] = {}
-    given = [n for n, v in (("data_key", d.data_key), ("datasets", d.datasets), ("data_mixes", d.data_mixes),
-                            ("path", d.path), ("reuse_sequences_from", d.reuse_sequences_from)) if v is not None]
+    given = [
+        n
+        for n, v in (
+            ("data_key", d.data_key),
+            ("datasets", d.datasets),
+            ("data_mixes", d.data_mixes),
+            ("path", d.path),
+            ("reuse_sequences_from", d.reuse_sequences_from),
+        )
+        if v is not None
+    ]
     if d.reuse_sequences_from is not None:
         errors += check_reuse_section(d, label, inference)
         if base_dir is not None and "://" not in d.reuse_sequences_from:
@@ -149,11 +184,15 @@ def check_data_section(d, label: str, base_dir: Optional[Path], inference, stora
         if d.mix is not None:
             errors.append(f"{label}.mix: {d.mix!r} needs {label}.data_mixes (the file that defines it)")
         else:
-            errors.append(f"{label}.data_key: required but missing (or give {label}.datasets, "
-                          f"{label}.data_mixes with {label}.mix, or {label}.path)")
+            errors.append(
+                f"{label}.data_key: required but missing (or give {label}.datasets, "
+                f"{label}.data_mixes with {label}.mix, or {label}.path)"
+            )
     elif len(given) > 1:
-        errors.append(f"{label}: give one data source, not {' and '.join(given)} "
-                      "(data_key, datasets, data_mixes + mix, path, or reuse_sequences_from)")
+        errors.append(
+            f"{label}: give one data source, not {' and '.join(given)} "
+            "(data_key, datasets, data_mixes + mix, path, or reuse_sequences_from)"
+        )
     if d.datasets is not None:
         errs, entries = check_entries(d.datasets, datasets_label or f"{label}.datasets", base_dir)
         errors += errs
@@ -192,8 +231,13 @@ def check_data_section(d, label: str, base_dir: Optional[Path], inference, stora
             errors.append(f"{label}.filter: {d.filter!r} {e}")
     if d.reversed and not d.sort_by_length:
         errors.append(f"{label}.reversed: true needs {label}.sort_by_length: true (reversed = longest first)")
-    labelled = d.path is not None or bool(d.categories) or d.category_balance_strategy == "equalize" \
-        or d.category_field is not None or bool(d.label_columns)
+    labelled = (
+        d.path is not None
+        or bool(d.categories)
+        or d.category_balance_strategy == "equalize"
+        or d.category_field is not None
+        or bool(d.label_columns)
+    )
     if len(set(d.label_columns)) != len(d.label_columns):
         errors.append(f"{label}.label_columns: {d.label_columns!r} names a column twice")
     for c in d.label_columns:
@@ -204,18 +248,23 @@ def check_data_section(d, label: str, base_dir: Optional[Path], inference, stora
         if d.skip_cache:
             errors.append(f"{label}.packing: true cannot be combined with skip_cache (packing splits long documents)")
         if labelled:
-            errors.append(f"{label}.packing: true cannot carry per-sequence labels (categories, label_columns, path): "
-                          "a packed row holds several documents")
+            errors.append(
+                f"{label}.packing: true cannot carry per-sequence labels (categories, label_columns, path): "
+                "a packed row holds several documents"
+            )
         if generating:
             errors.append(f"{label}.packing: true cannot be combined with inference.max_new_tokens > 0")
     if generating and inference.max_new_tokens >= d.seq_length:
-        errors.append(f"inference.max_new_tokens: {inference.max_new_tokens} leaves no room for the prompt "
-                      f"(must be < {label}.seq_length = {d.seq_length})")
+        errors.append(
+            f"inference.max_new_tokens: {inference.max_new_tokens} leaves no room for the prompt "
+            f"(must be < {label}.seq_length = {d.seq_length})"
+        )
     if storage_format == "pt" and (labelled or (generating and inference.save_activations)):
         what = "generation labels" if not labelled else "labels (categories, label_columns, path)"
         errors.append(f"storage.format: 'pt' cannot store {what}; use safetensors")
     if not inference.save_activations and not generating:
-        errors.append("inference.save_activations: false only makes sense with inference.max_new_tokens > 0 "
-                      "(it stores the generated text only)")
+        errors.append(
+            "inference.save_activations: false only makes sense with inference.max_new_tokens > 0 "
+            "(it stores the generated text only)"
+        )
     return errors, (d.model_copy(update=update) if update else d)
-

@@ -8,7 +8,8 @@ with "did you mean" hints for unknown keys; `join_errors` makes the single
 from __future__ import annotations
 
 import difflib
-from typing import Any, Mapping, Optional, get_args
+from collections.abc import Mapping
+from typing import Any, get_args
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticCustomError
@@ -19,7 +20,6 @@ from vaultsh.errors import ConfigError
 def field_error(msg: str, **ctx: Any) -> PydanticCustomError:
     """A validation error whose message follows the value: '<value> <msg>'."""
     return PydanticCustomError("vaultsh", msg, ctx or None)
-
 
 
 def fmt_value(v: Any) -> str:
@@ -46,7 +46,7 @@ def _loc_str(loc: tuple) -> str:
     return out
 
 
-def _unwrap_model(annotation: Any) -> Optional[type[BaseModel]]:
+def _unwrap_model(annotation: Any) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in get_args(annotation):
@@ -56,7 +56,7 @@ def _unwrap_model(annotation: Any) -> Optional[type[BaseModel]]:
     return None
 
 
-def _model_at(cls: type[BaseModel], loc: tuple) -> Optional[type[BaseModel]]:
+def _model_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     for part in loc:
         if isinstance(part, int):
             continue
@@ -68,7 +68,6 @@ def _model_at(cls: type[BaseModel], loc: tuple) -> Optional[type[BaseModel]]:
             return None
         cls = sub
     return cls
-
 
 
 # Top-level sections of the refusal-circuit collector that have no meaning here.
@@ -84,7 +83,6 @@ _FOREIGN_SECTIONS = {
 # The sections a misplaced key may belong in ({section as written: its model}),
 # for "'x' belongs in data_config"; collector/config/forms.py fills it in.
 SECTIONS: dict[str, type[BaseModel]] = {}
-
 
 
 def _unknown_key_message(root: type[BaseModel], loc: tuple) -> str:
@@ -122,7 +120,9 @@ def one_error(root: type[BaseModel], e: Mapping[str, Any]) -> str:
         return f"{path}: {val} {e.get('msg', '')}"
     if t in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
         op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[t]
-        bound = ctx.get({"greater_than_equal": "ge", "greater_than": "gt", "less_than_equal": "le", "less_than": "lt"}[t])
+        bound = ctx.get(
+            {"greater_than_equal": "ge", "greater_than": "gt", "less_than_equal": "le", "less_than": "lt"}[t]
+        )
         return f"{path}: {val} is not allowed (must be {op} {bound})"
     if t == "literal_error":
         return f"{path}: {val} is not allowed (must be one of {ctx.get('expected', '')})"
@@ -157,4 +157,3 @@ def join_errors(source: str, messages: list[str]) -> ConfigError:
 
 def validation_error(source: str, root: type[BaseModel], exc: ValidationError) -> ConfigError:
     return join_errors(source, [one_error(root, e) for e in exc.errors()])
-

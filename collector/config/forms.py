@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping, Optional, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, ValidationError
 
@@ -59,27 +60,27 @@ class _TransformerConfigIn(StrictModel):
     model_name: NonEmptyStr
     dtype: DType = "float16"
     device: Device = "auto"
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
     max_per_device_memory: MemorySize = None
-    trust_remote_code: Optional[bool] = None
-    kwargs: Optional[dict[str, Any]] = None
+    trust_remote_code: bool | None = None
+    kwargs: dict[str, Any] | None = None
 
 
 class _ModelSectionIn(StrictModel):
     name: NonEmptyStr
-    dtype: Optional[DType] = None
-    torch_dtype: Optional[DType] = None
+    dtype: DType | None = None
+    torch_dtype: DType | None = None
     device: Device = "auto"
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
     max_per_device_memory: MemorySize = None
-    trust_remote_code: Optional[bool] = None
-    kwargs: Optional[dict[str, Any]] = None
-    activation_layers: Optional[_HookList] = None
+    trust_remote_code: bool | None = None
+    kwargs: dict[str, Any] | None = None
+    activation_layers: _HookList | None = None
 
 
 class _UploadIn(StrictModel):
     batches_per_upload: PosInt = 8
-    hooks: Optional[_HookList] = None
+    hooks: _HookList | None = None
     upload_workers: PosInt = 4
     max_queued_megabatches: PosInt = 2
 
@@ -89,54 +90,56 @@ def _storage_shorthand(v: Any) -> Any:
 
 
 class _StorageIn(StrictModel):
-    uri: Optional[Uri] = None
+    uri: Uri | None = None
     format: Literal["safetensors", "pt"] = "safetensors"
-    dtype: Optional[StorageDType] = None
+    dtype: StorageDType | None = None
 
 
 class _DatasetConfigIn(StrictModel):
     """The LM-training config guide's `dataset_config:` block: the datasets, tokenizer and length."""
 
     datasets: Annotated[list[DatasetEntry], Field(min_length=1)]
-    tokenizer_name: Optional[NonEmptyStr] = None
-    max_seq_length: Optional[Annotated[int, BeforeValidator(no_bool), Field(ge=2)]] = None
+    tokenizer_name: NonEmptyStr | None = None
+    max_seq_length: Annotated[int, BeforeValidator(no_bool), Field(ge=2)] | None = None
 
 
 class _MixIn(StrictModel):
     """One named mix of the LM-training guide's `data_mixes:` block."""
 
-    name: Optional[str] = None
+    name: str | None = None
     datasets: Annotated[list[DatasetEntry], Field(min_length=1)]
 
 
 class _RawConfig(StrictModel):
     run_name: RunName
     num_runs: PosInt = 1
-    transformer_config: Optional[_TransformerConfigIn] = None
-    model: Optional[_ModelSectionIn] = None
-    data_config: Optional[DataConfig] = None
-    data: Optional[DataConfig] = None
-    dataset_config: Optional[_DatasetConfigIn] = None
-    data_mixes: Optional[dict[str, _MixIn]] = None
-    upload_config: Optional[_UploadIn] = None
-    upload: Optional[_UploadIn] = None
-    storage: Annotated[Optional[_StorageIn], BeforeValidator(_storage_shorthand)] = None
-    activation_layers: Optional[_HookList] = None
-    inference: Optional[InferenceConfig] = None
-    plan: Optional[dict[str, Any]] = None  # prices etc. for `vaultsh plan`; the collector ignores it
-    slurm: Optional[SlurmConfig] = None
+    transformer_config: _TransformerConfigIn | None = None
+    model: _ModelSectionIn | None = None
+    data_config: DataConfig | None = None
+    data: DataConfig | None = None
+    dataset_config: _DatasetConfigIn | None = None
+    data_mixes: dict[str, _MixIn] | None = None
+    upload_config: _UploadIn | None = None
+    upload: _UploadIn | None = None
+    storage: Annotated[_StorageIn | None, BeforeValidator(_storage_shorthand)] = None
+    activation_layers: _HookList | None = None
+    inference: InferenceConfig | None = None
+    plan: dict[str, Any] | None = None  # prices etc. for `vaultsh plan`; the collector ignores it
+    slurm: SlurmConfig | None = None
 
 
 # Keys that belong somewhere else (for "did you mean" across sections).
-SECTIONS.update({
-    "transformer_config": _TransformerConfigIn,
-    "model": _ModelSectionIn,
-    "data_config": DataConfig,
-    "upload_config": _UploadIn,
-    "storage": _StorageIn,
-    "inference": InferenceConfig,
-    "slurm": SlurmConfig,
-})
+SECTIONS.update(
+    {
+        "transformer_config": _TransformerConfigIn,
+        "model": _ModelSectionIn,
+        "data_config": DataConfig,
+        "upload_config": _UploadIn,
+        "storage": _StorageIn,
+        "inference": InferenceConfig,
+        "slurm": SlurmConfig,
+    }
+)
 
 # kwargs that collide with fields: the loader passes these itself.
 _KWARGS_OWNED = {
@@ -193,7 +196,9 @@ def _read_yaml(path: Path, label: str) -> Any:
     except yaml.YAMLError as e:
         raise ConfigError(f"{label}: invalid YAML: {str(e).splitlines()[0]}") from None
     if data is None:
-        raise ConfigError(f"{label}: the file is empty (expected run_name, transformer_config, data_config, upload_config)")
+        raise ConfigError(
+            f"{label}: the file is empty (expected run_name, transformer_config, data_config, upload_config)"
+        )
     return data
 
 
@@ -228,7 +233,7 @@ def _seq_length_from_dataset_config(data: dict) -> bool:
     return copied
 
 
-def _inline_mix(mixes: dict[str, _MixIn], chosen: Optional[str], label: str) -> tuple[Optional[str], str, list]:
+def _inline_mix(mixes: dict[str, _MixIn], chosen: str | None, label: str) -> tuple[str | None, str, list]:
     """(error or None, where the datasets were written, entries) of the top-level `data_mixes:` block."""
     names = ", ".join(mixes) or "none"
     if chosen is None and len(mixes) != 1:
@@ -239,7 +244,9 @@ def _inline_mix(mixes: dict[str, _MixIn], chosen: Optional[str], label: str) -> 
     return None, f"data_mixes.{name}.datasets", mixes[name].datasets
 
 
-def _lm_training_datasets(raw: _RawConfig, data_cfg: DataConfig, fields: dict[str, str]) -> tuple[list[str], DataConfig]:
+def _lm_training_datasets(
+    raw: _RawConfig, data_cfg: DataConfig, fields: dict[str, str]
+) -> tuple[list[str], DataConfig]:
     """The LM-training guide's `dataset_config:` / `data_mixes:` blocks as `data_config.datasets`."""
     label = fields["data"]
     picked: list[tuple[str, list]] = []
@@ -249,8 +256,10 @@ def _lm_training_datasets(raw: _RawConfig, data_cfg: DataConfig, fields: dict[st
         picked.append(("dataset_config.datasets", raw.dataset_config.datasets))
         n = raw.dataset_config.max_seq_length
         if n is not None and n != data_cfg.seq_length:
-            errors.append(f"dataset_config.max_seq_length: {n} contradicts {label}.seq_length "
-                          f"{data_cfg.seq_length}; write one of them")
+            errors.append(
+                f"dataset_config.max_seq_length: {n} contradicts {label}.seq_length "
+                f"{data_cfg.seq_length}; write one of them"
+            )
     if raw.data_mixes is not None:
         err, where, entries = _inline_mix(raw.data_mixes, data_cfg.mix, label)
         errors += [err] if err else []
@@ -269,24 +278,27 @@ def _lm_training_datasets(raw: _RawConfig, data_cfg: DataConfig, fields: dict[st
     return errors, data_cfg.model_copy(update=update)
 
 
-def _same_source(a: str, b: str, base_dir: Optional[Path]) -> bool:
+def _same_source(a: str, b: str, base_dir: Path | None) -> bool:
     """Whether two model/tokenizer names mean the same thing (equal, or the same local directory)."""
     if a.strip() == b.strip():
         return True
-    paths = [Path(x).expanduser() if Path(x).expanduser().is_absolute() or base_dir is None else base_dir / x
-             for x in (a, b)]
+    paths = [
+        Path(x).expanduser() if Path(x).expanduser().is_absolute() or base_dir is None else base_dir / x for x in (a, b)
+    ]
     return all(p.exists() for p in paths) and paths[0].resolve() == paths[1].resolve()
 
 
-def _tokenizer_warning(raw: _RawConfig, model_name: str, base_dir: Optional[Path]) -> Optional[str]:
+def _tokenizer_warning(raw: _RawConfig, model_name: str, base_dir: Path | None) -> str | None:
     tok = raw.dataset_config.tokenizer_name if raw.dataset_config is not None else None
     if tok is None or _same_source(tok, model_name, base_dir):
         return None
-    return (f"dataset_config.tokenizer_name: {tok!r} is not the model's tokenizer ({model_name!r}); "
-            "the text is tokenized with the model's own tokenizer")
+    return (
+        f"dataset_config.tokenizer_name: {tok!r} is not the model's tokenizer ({model_name!r}); "
+        "the text is tokenized with the model's own tokenizer"
+    )
 
 
-def load_config(source: Union[str, os.PathLike, Mapping[str, Any]], *, name: Optional[str] = None) -> CollectConfig:
+def load_config(source: str | os.PathLike | Mapping[str, Any], *, name: str | None = None) -> CollectConfig:
     """Load, normalise and validate a config (a YAML path, or an already-parsed mapping).
 
     `name` labels a mapping in error messages (default '<config>'). The
@@ -323,7 +335,7 @@ def load_config(source: Union[str, os.PathLike, Mapping[str, Any]], *, name: Opt
     fields: dict[str, str] = {}
 
     # ---- model --------------------------------------------------------------
-    model: Optional[dict[str, Any]] = None
+    model: dict[str, Any] | None = None
     model_section = None
     if raw.transformer_config is not None and raw.model is not None:
         errors.append("transformer_config and model both describe the model; keep one")
@@ -381,14 +393,12 @@ def load_config(source: Union[str, os.PathLike, Mapping[str, Any]], *, name: Opt
                 model["trust_remote_code"] = val
         for k, owner in _KWARGS_OWNED.items():
             if k in kw:
-                errors.append(
-                    f"{model_section}.kwargs.{k}: is set by vaultsh; write {model_section}.{owner} instead"
-                )
+                errors.append(f"{model_section}.kwargs.{k}: is set by vaultsh; write {model_section}.{owner} instead")
         if model["trust_remote_code"] is None:
             model["trust_remote_code"] = False
 
     # ---- data ---------------------------------------------------------------
-    data_cfg: Optional[DataConfig] = None
+    data_cfg: DataConfig | None = None
     if raw.data_config is not None and raw.data is not None:
         errors.append("data_config and data are both given; keep one")
     elif raw.data_config is not None:
@@ -398,8 +408,10 @@ def load_config(source: Union[str, os.PathLike, Mapping[str, Any]], *, name: Opt
         data_cfg = raw.data
         fields["data"] = "data"
     elif raw.dataset_config is not None or raw.data_mixes is not None:
-        errors.append("data_config: required but missing (n_batches and batch_size; the datasets come from "
-                      f"{'dataset_config' if raw.dataset_config is not None else 'data_mixes'})")
+        errors.append(
+            "data_config: required but missing (n_batches and batch_size; the datasets come from "
+            f"{'dataset_config' if raw.dataset_config is not None else 'data_mixes'})"
+        )
     else:
         errors.append("data_config: required but missing (data_key, n_batches, seq_length, batch_size)")
     if data_cfg is not None:
@@ -409,7 +421,7 @@ def load_config(source: Union[str, os.PathLike, Mapping[str, Any]], *, name: Opt
         errors.extend(lm_errors)
 
     # ---- upload + hooks -----------------------------------------------------
-    upload_in: Optional[_UploadIn] = None
+    upload_in: _UploadIn | None = None
     upload_label = "upload_config"
     if raw.upload_config is not None and raw.upload is not None:
         errors.append("upload_config and upload are both given; keep one")
@@ -421,7 +433,7 @@ def load_config(source: Union[str, os.PathLike, Mapping[str, Any]], *, name: Opt
 
     hooks: list[str] = []
     hook_fields: dict[str, str] = {}
-    sources: list[tuple[str, Optional[list[str]]]] = [
+    sources: list[tuple[str, list[str] | None]] = [
         (f"{upload_label}.hooks", upload_in.hooks if upload_in is not None else None),
         ("activation_layers", raw.activation_layers),
         ("model.activation_layers", raw.model.activation_layers if raw.model is not None else None),
@@ -448,9 +460,10 @@ def load_config(source: Union[str, os.PathLike, Mapping[str, Any]], *, name: Opt
     inference = raw.inference or InferenceConfig()
     fields["inference"] = "inference"
     if data_cfg is not None:
-        fmt = (raw.storage.format if raw.storage is not None else "safetensors")
-        data_errors, data_cfg = check_data_section(data_cfg, fields["data"], base_dir, inference, fmt,
-                                                   datasets_label=fields.get("data.datasets"))
+        fmt = raw.storage.format if raw.storage is not None else "safetensors"
+        data_errors, data_cfg = check_data_section(
+            data_cfg, fields["data"], base_dir, inference, fmt, datasets_label=fields.get("data.datasets")
+        )
         errors.extend(data_errors)
         ib = data.get("inference", {}).get("batch_size") if isinstance(data.get("inference"), Mapping) else None
         if ib is not None and ib != data_cfg.batch_size:
@@ -469,7 +482,8 @@ def load_config(source: Union[str, os.PathLike, Mapping[str, Any]], *, name: Opt
     st = raw.storage or _StorageIn()
     fields["storage"] = "storage"
     uri, uri_field, uri_error = resolve_storage_uri(
-        st.uri, data_cfg.bucket_name if data_cfg is not None else None, fields.get("data", "data_config"))
+        st.uri, data_cfg.bucket_name if data_cfg is not None else None, fields.get("data", "data_config")
+    )
     if uri_field is not None:
         fields["storage.uri"] = uri_field
     if uri_error is not None:
@@ -500,5 +514,3 @@ def load_config(source: Union[str, os.PathLike, Mapping[str, Any]], *, name: Opt
         raise join_errors(label, msgs) from None
     cfg.set_origin(label, fields, hook_fields, [w for w in (_tokenizer_warning(raw, cfg.model.name, base_dir),) if w])
     return cfg
-
-

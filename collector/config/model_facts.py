@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any
 
 from collector.config.paths import looks_like_path
 from vaultsh.errors import ConfigError
@@ -32,9 +33,9 @@ class ModelFacts:
 
     n_layers: int
     d_model: int
-    max_context: Optional[int]
+    max_context: int | None
     model_type: str
-    vocab_size: Optional[int]
+    vocab_size: int | None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,7 +77,7 @@ D_MODEL_ATTRS = ("hidden_size", "n_embd", "d_model", "dim")
 MAX_CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
 
-def gguf_int(meta: Mapping[str, Any], arch: str, key: str) -> Optional[int]:
+def gguf_int(meta: Mapping[str, Any], arch: str, key: str) -> int | None:
     """The int `{arch}.{key}` of a GGUF header (`read_gguf_metadata`), or None."""
     v = meta.get(f"{arch}.{key}")
     return v if isinstance(v, int) and not isinstance(v, bool) else None
@@ -101,7 +102,17 @@ def _facts_from_hf_config(config: Any, name: str) -> ModelFacts:
 # ---- GGUF header reader: metadata only (the tensors are never touched) -------
 
 _GGUF_SCALARS = {
-    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d",
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
 }
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
 
@@ -112,7 +123,7 @@ class _GGUFArray:
     length: int
 
 
-def read_gguf_metadata(path: Union[str, os.PathLike]) -> dict[str, Any]:
+def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The key/value header of a GGUF file (v2/v3), without its arrays' contents.
 
     Arrays (e.g. the tokenizer's vocabulary) are skipped and reported as
@@ -123,7 +134,9 @@ def read_gguf_metadata(path: Union[str, os.PathLike]) -> dict[str, Any]:
     return read_gguf_header(path)[0]
 
 
-def read_gguf_header(path: Union[str, os.PathLike], tensors: bool = False) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+def read_gguf_header(
+    path: str | os.PathLike, tensors: bool = False
+) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
     """(key/value metadata as `read_gguf_metadata` gives it, {tensor name: shape} when `tensors`).
 
     The tensor table follows the metadata in the header, so the weights are
@@ -187,8 +200,14 @@ def _gguf_model_type(arch: str, general_name: str) -> str:
     # the same renames transformers' GGUF loader applies
     if "llama" in arch and "mistral" in general_name.lower():
         return "mistral"
-    renames = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "command-r": "cohere",
-               "gemma3": "gemma3_text", "minimax-m2": "minimax_m2"}
+    renames = {
+        "qwen2moe": "qwen2_moe",
+        "qwen3moe": "qwen3_moe",
+        "gpt-oss": "gpt_oss",
+        "command-r": "cohere",
+        "gemma3": "gemma3_text",
+        "minimax-m2": "minimax_m2",
+    }
     return renames.get(arch, arch.replace("-", "_"))
 
 
@@ -237,7 +256,7 @@ def resolve_pkg(name: str) -> str:
     return str(directory / filename) if filename else str(directory)
 
 
-def locate_gguf(name: str, kwargs: Optional[Mapping[str, Any]] = None) -> Optional[tuple[Path, str]]:
+def locate_gguf(name: str, kwargs: Mapping[str, Any] | None = None) -> tuple[Path, str] | None:
     """(directory, file name) when `name` designates a local GGUF model:
     a `.gguf` file, a directory with `kwargs['gguf_file']`, or a directory
     (without config.json) holding exactly one `.gguf`. None otherwise.
@@ -317,7 +336,7 @@ def read_model_facts(model: ModelConfig) -> ModelFacts:
             kw["gguf_file"] = gguf_file
     try:
         config = AutoConfig.from_pretrained(str(p) if local else name, **kw)
-    except (OSError, EnvironmentError) as e:
+    except OSError as e:
         if offline and not local:
             where = model.cache_dir or os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "the HF cache"
             raise ConfigError(
@@ -333,4 +352,3 @@ def read_model_facts(model: ModelConfig) -> ModelFacts:
 def _first_line(e: BaseException) -> str:
     s = str(e).strip().splitlines()
     return s[0][:300] if s else type(e).__name__
-

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Optional
 
 from collector.config.errors import field_error
 
@@ -19,8 +18,10 @@ DEFAULT_STORE = "./vault"
 
 
 def looks_like_path(s: str) -> bool:
-    return s in (".", "..") or s.startswith(("/", "./", "../", "~", ".\\", "..\\")) or bool(
-        re.match(r"^[A-Za-z]:[\\/]", s)
+    return (
+        s in (".", "..")
+        or s.startswith(("/", "./", "../", "~", ".\\", "..\\"))
+        or bool(re.match(r"^[A-Za-z]:[\\/]", s))
     )
 
 
@@ -32,7 +33,7 @@ def check_uri(v: str) -> str:
     if not s:
         raise field_error("is not allowed (write s3://bucket/prefix or a local path)")
     if s.startswith("file://"):
-        s = s[len("file://"):] or "/"
+        s = s[len("file://") :] or "/"
     if "://" in s:
         if not s.startswith("s3://"):
             scheme = s.split("://", 1)[0]
@@ -40,7 +41,7 @@ def check_uri(v: str) -> str:
                 "uses an unsupported scheme '{scheme}' (write s3://bucket/prefix or a local path)",
                 scheme=scheme,
             )
-        bucket = s[len("s3://"):].split("/", 1)[0]
+        bucket = s[len("s3://") :].split("/", 1)[0]
         if not _BUCKET_RX.match(bucket):
             raise field_error("has no valid bucket name (write s3://bucket or s3://bucket/prefix)")
         return s.rstrip("/")
@@ -59,7 +60,7 @@ def storage_uri_for_bucket(bucket_name: str) -> str:
     return f"s3://{s}"
 
 
-def check_bucket_name(v: Optional[str]) -> Optional[str]:
+def check_bucket_name(v: str | None) -> str | None:
     if v is None:
         return v
     s = v.strip()
@@ -70,15 +71,15 @@ def check_bucket_name(v: Optional[str]) -> Optional[str]:
         bucket = s.split("/", 1)[0]
         if not _BUCKET_RX.match(bucket):
             raise field_error(
-                "is not a bucket name (letters, digits, '.', '-', '_'; "
-                "write ./dir for a local directory)"
+                "is not a bucket name (letters, digits, '.', '-', '_'; write ./dir for a local directory)"
             )
     check_uri(uri)
     return s
 
 
-def resolve_storage_uri(uri: Optional[str], bucket_name: Optional[str],
-                        data_label: str) -> tuple[Optional[str], Optional[str], Optional[str]]:
+def resolve_storage_uri(
+    uri: str | None, bucket_name: str | None, data_label: str
+) -> tuple[str | None, str | None, str | None]:
     """(store URI, where it was written or None for `storage.uri`/the default, error or None).
 
     `uri` is `storage.uri` (already checked), `bucket_name` the data section's
@@ -89,7 +90,11 @@ def resolve_storage_uri(uri: Optional[str], bucket_name: Optional[str],
         try:
             return check_uri(env), STORE_ENV, None
         except Exception:
-            return None, STORE_ENV, f"{STORE_ENV}: {env!r} is not a store URI (write s3://bucket/prefix or a local path)"
+            return (
+                None,
+                STORE_ENV,
+                f"{STORE_ENV}: {env!r} is not a store URI (write s3://bucket/prefix or a local path)",
+            )
     if uri is not None:
         return uri, None, None
     if bucket_name:

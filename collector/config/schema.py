@@ -9,7 +9,7 @@ models are in collector/config/forms.py.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -27,8 +27,6 @@ from vaultsh.dtypes import float_name
 # --------------------------------------------------------------------------- #
 # Field types
 # --------------------------------------------------------------------------- #
-
-
 
 
 def no_bool(v: Any) -> Any:
@@ -99,7 +97,6 @@ def _check_nonempty(v: str) -> str:
     return v.strip()
 
 
-
 PosInt = Annotated[int, BeforeValidator(no_bool), Field(ge=1)]
 NonNegInt = Annotated[int, BeforeValidator(no_bool), Field(ge=0)]
 AnyInt = Annotated[int, BeforeValidator(no_bool)]
@@ -108,9 +105,9 @@ RunName = Annotated[str, AfterValidator(_check_run_name)]
 DType = Annotated[Literal["float16", "bfloat16", "float32", "auto"], BeforeValidator(_dtype_alias)]
 StorageDType = Annotated[Literal["float16", "bfloat16", "float32"], BeforeValidator(_dtype_alias)]
 Device = Annotated[str, AfterValidator(_check_device)]
-MemorySize = Annotated[Optional[str], BeforeValidator(_check_memory)]
+MemorySize = Annotated[str | None, BeforeValidator(_check_memory)]
 Uri = Annotated[str, AfterValidator(check_uri)]
-BucketName = Annotated[Optional[str], AfterValidator(check_bucket_name)]
+BucketName = Annotated[str | None, AfterValidator(check_bucket_name)]
 
 
 class StrictModel(BaseModel):
@@ -130,7 +127,7 @@ class ModelConfig(StrictModel):
     name: NonEmptyStr
     dtype: DType = "float16"
     device: Device = "auto"
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
     max_per_device_memory: MemorySize = None
     trust_remote_code: bool = False
     kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -166,14 +163,14 @@ class DatasetEntry(StrictModel):
 
     name: NonEmptyStr
     path: NonEmptyStr
-    subset: Optional[str] = None
+    subset: str | None = None
     split: str = "train"
     streaming: bool = False
     weight: Weight = 1.0
-    text_field: Optional[str] = None
-    text_template: Optional[str] = None
-    format: Optional[LocalFormat] = None
-    chat: Optional[bool] = None
+    text_field: str | None = None
+    text_template: str | None = None
+    format: LocalFormat | None = None
+    chat: bool | None = None
 
 
 class DataConfig(StrictModel):
@@ -184,7 +181,7 @@ class DataConfig(StrictModel):
     collection). See docs/data.md.
     """
 
-    data_key: Optional[NonEmptyStr] = None
+    data_key: NonEmptyStr | None = None
     n_batches: PosInt
     seq_length: Annotated[int, BeforeValidator(no_bool), Field(ge=2)]
     batch_size: PosInt
@@ -195,37 +192,37 @@ class DataConfig(StrictModel):
     clean_default_system_prompt: bool = False
     bucket_name: BucketName = None
     # sources other than data_key
-    datasets: Optional[list[DatasetEntry]] = None
-    data_mixes: Optional[NonEmptyStr] = None
-    mix: Optional[NonEmptyStr] = None
+    datasets: list[DatasetEntry] | None = None
+    data_mixes: NonEmptyStr | None = None
+    mix: NonEmptyStr | None = None
     stopping_strategy: Literal["first_exhausted", "all_exhausted"] = "first_exhausted"
-    path: Optional[NonEmptyStr] = None
-    subset: Optional[str] = None
+    path: NonEmptyStr | None = None
+    subset: str | None = None
     split: str = "train"
-    text_field: Optional[str] = None
-    text_template: Optional[str] = None
-    chat: Optional[bool] = None
+    text_field: str | None = None
+    text_template: str | None = None
+    chat: bool | None = None
     # labelled collection
     categories: list[str] = Field(default_factory=list)
-    category_field: Optional[NonEmptyStr] = None
+    category_field: NonEmptyStr | None = None
     category_balance_strategy: Literal["use_all", "equalize"] = "use_all"
     label_columns: list[str] = Field(default_factory=list)
     # input shaping
     shuffle: bool = True
-    filter: Optional[str] = None
-    sample: Annotated[Optional[Union[int, float]], BeforeValidator(_check_sample)] = None
-    max_samples: Optional[PosInt] = None
+    filter: str | None = None
+    sample: Annotated[int | float | None, BeforeValidator(_check_sample)] = None
+    max_samples: PosInt | None = None
     sort_by_length: bool = False
     reversed: bool = False
     packing: bool = False
     # feed the exact sequences of an earlier run (collector/reuse.py)
-    reuse_sequences_from: Optional[NonEmptyStr] = None
+    reuse_sequences_from: NonEmptyStr | None = None
 
 
 class InferenceConfig(StrictModel):
     """The refusal-circuit collector's `inference:` section: generation and batch sizing."""
 
-    batch_size: Optional[PosInt] = None
+    batch_size: PosInt | None = None
     max_new_tokens: NonNegInt = 0
     save_activations: bool = True
     auto_find_batch_size: bool = False
@@ -252,7 +249,7 @@ class StorageConfig(StrictModel):
 
     uri: Uri = DEFAULT_STORE
     format: Literal["safetensors", "pt"] = "safetensors"
-    dtype: Optional[StorageDType] = None
+    dtype: StorageDType | None = None
 
 
 class SlurmConfig(StrictModel):
@@ -261,16 +258,16 @@ class SlurmConfig(StrictModel):
     Values are checked for Slurm syntax by the launcher (vaultsh/launch/slurm.py).
     """
 
-    partition: Optional[NonEmptyStr] = None
-    account: Optional[NonEmptyStr] = None
-    qos: Optional[NonEmptyStr] = None
-    constraint: Optional[NonEmptyStr] = None
-    time: Optional[NonEmptyStr] = None
-    gpus: Optional[NonNegInt] = None
-    cpus: Optional[PosInt] = None
-    mem: Optional[NonEmptyStr] = None
+    partition: NonEmptyStr | None = None
+    account: NonEmptyStr | None = None
+    qos: NonEmptyStr | None = None
+    constraint: NonEmptyStr | None = None
+    time: NonEmptyStr | None = None
+    gpus: NonNegInt | None = None
+    cpus: PosInt | None = None
+    mem: NonEmptyStr | None = None
     sbatch: list[NonEmptyStr] = Field(default_factory=list)  # more #SBATCH options, e.g. "--exclusive"
-    setup: Optional[NonEmptyStr] = None  # one shell line before the worker: module load ..., source venv/bin/activate
+    setup: NonEmptyStr | None = None  # one shell line before the worker: module load ..., source venv/bin/activate
 
 
 class CollectConfig(StrictModel):
@@ -283,7 +280,7 @@ class CollectConfig(StrictModel):
     upload: UploadConfig
     storage: StorageConfig = Field(default_factory=StorageConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
-    slurm: Optional[SlurmConfig] = None
+    slurm: SlurmConfig | None = None
 
     # Where it came from, and how the user spelled things (for error messages).
     _source: str = PrivateAttr(default="<config>")
@@ -329,4 +326,3 @@ class CollectConfig(StrictModel):
     def hook_field(self, name: str) -> str:
         """Where a hook entry was written ('upload_config.hooks', 'activation_layers', ...)."""
         return self._hook_fields.get(name, self.field_label("upload.hooks"))
-

@@ -5,7 +5,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from collector.data.encode import Encoder
 from collector.data.sources import document_stream, plan_sources
@@ -27,9 +28,17 @@ class BatchStream:
     source could fill, when exhausted).
     """
 
-    def __init__(self, spec: Any, tokenizer, worker: int = 0, num_workers: int = 1, *,
-                 base_dir: str | os.PathLike | None = None, source: SourceSpec | None = None,
-                 max_new_tokens: int = 0):
+    def __init__(
+        self,
+        spec: Any,
+        tokenizer,
+        worker: int = 0,
+        num_workers: int = 1,
+        *,
+        base_dir: str | os.PathLike | None = None,
+        source: SourceSpec | None = None,
+        max_new_tokens: int = 0,
+    ):
         self.spec = spec
         self.tokenizer = tokenizer
         self.worker = int(worker)
@@ -56,8 +65,10 @@ class BatchStream:
         if self.packing and (self.skip_cache or self.max_new_tokens):
             raise ConfigError("data_config.packing: cannot be combined with skip_cache or generation (max_new_tokens)")
         if self.max_new_tokens >= self.seq_length:
-            raise ConfigError(f"inference.max_new_tokens: {self.max_new_tokens} leaves no room for the prompt "
-                              f"(seq_length {self.seq_length})")
+            raise ConfigError(
+                f"inference.max_new_tokens: {self.max_new_tokens} leaves no room for the prompt "
+                f"(seq_length {self.seq_length})"
+            )
         # generation mode: rows are prompts of up to seq_length - max_new_tokens tokens; a longer prompt
         # is dropped like skip_cache does (a cut prompt would lose the chat template's generation prompt)
         self.row_length = self.seq_length - self.max_new_tokens
@@ -68,8 +79,14 @@ class BatchStream:
         self.description = " + ".join(s.key for s in self.sources)
         clean_added = bool(_spec_value(spec, "clean_added_tokens", False))
         clean_sys = bool(_spec_value(spec, "clean_default_system_prompt", False))
-        self.encoder = Encoder(tokenizer, self.row_length, clean_added, clean_sys,
-                                data_key=self.description, generation_prompt=self.max_new_tokens > 0)
+        self.encoder = Encoder(
+            tokenizer,
+            self.row_length,
+            clean_added,
+            clean_sys,
+            data_key=self.description,
+            generation_prompt=self.max_new_tokens > 0,
+        )
         # packing tokenises whole documents (no truncation: they continue on the next row)
         self._full_encoder = Encoder(tokenizer, 1 << 40, clean_added, clean_sys, data_key=self.description)
         pad = getattr(tokenizer, "pad_token_id", None)
@@ -144,8 +161,14 @@ class BatchStream:
         if self.n_batches is None:
             log.info("data source %r ran out after %d global batches", self.description, b)
         elif b < self.n_batches:
-            log.warning("data source %r ran out after %d global batches (n_batches=%s); worker %d produced %d",
-                        self.description, b, self.n_batches, self.worker, self.produced)
+            log.warning(
+                "data source %r ran out after %d global batches (n_batches=%s); worker %d produced %d",
+                self.description,
+                b,
+                self.n_batches,
+                self.worker,
+                self.produced,
+            )
 
     def __iter__(self) -> Iterator[Batch]:
         self.produced = 0
@@ -206,11 +229,16 @@ class BatchStream:
         ids = torch.from_numpy(np.stack([r.ids for r in rows]))
         mask = torch.from_numpy(np.stack([r.keep for r in rows]))
         first = [r.segments[0] for r in rows]
-        return Batch(index=b, input_ids=ids, attention_mask=torch.ones_like(ids), mask=mask,
-                     n_tokens=int(mask.sum()), doc_index=[doc for _pos, (_src, doc), _off in first],
-                     source=[(src, doc, off) for _pos, (src, doc), off in first],
-                     segments=[(i, pos, src, doc, off) for i, r in enumerate(rows)
-                               for pos, (src, doc), off in r.segments])
+        return Batch(
+            index=b,
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            mask=mask,
+            n_tokens=int(mask.sum()),
+            doc_index=[doc for _pos, (_src, doc), _off in first],
+            source=[(src, doc, off) for _pos, (src, doc), off in first],
+            segments=[(i, pos, src, doc, off) for i, r in enumerate(rows) for pos, (src, doc), off in r.segments],
+        )
 
     def _make_batch(self, b: int, docs: list[Document], encs: list) -> Batch:
         import torch
@@ -227,6 +255,14 @@ class BatchStream:
                 mask[i, :n] = torch.from_numpy(keep)
         names = sorted({k for d in docs for k in d.labels})
         labels = {k: [d.labels.get(k) for d in docs] for k in names}
-        return Batch(index=b, input_ids=ids, attention_mask=att, mask=mask,
-                     n_tokens=int(mask.sum()), doc_index=[d.index for d in docs], labels=labels,
-                     documents=list(docs), source=[(d.source, d.index, 0) for d in docs])
+        return Batch(
+            index=b,
+            input_ids=ids,
+            attention_mask=att,
+            mask=mask,
+            n_tokens=int(mask.sum()),
+            doc_index=[d.index for d in docs],
+            labels=labels,
+            documents=list(docs),
+            source=[(d.source, d.index, 0) for d in docs],
+        )

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from collector.data.specs import Document
 from vaultsh.errors import UserError
@@ -38,6 +39,7 @@ def find_default_system_block(tokenizer) -> _DefaultSystem | None:
     block is ``P + D + C`` (a leading BOS the template writes is left out).
     Returns None when the template inserts no default system turn.
     """
+
     def render(msgs):
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
 
@@ -57,12 +59,12 @@ def find_default_system_block(tokenizer) -> _DefaultSystem | None:
     u = s_full.find(_SENT_USER, max(s, 0))
     if a < 0 or s < 0 or u < 0:
         return None
-    A, P, Q = a_full[:a], s_full[:s], s_full[s + len(_SENT_SYS):u]
+    A, P, Q = a_full[:a], s_full[:s], s_full[s + len(_SENT_SYS) : u]
     if not (A.startswith(P) and A.endswith(Q) and len(A) >= len(P) + len(Q)):
         return None
     closer = ""
     if isinstance(c_full, str) and (c := c_full.find(_SENT_SYS)) >= 0 and c_full[:c] == P:
-        tail = c_full[c + len(_SENT_SYS):]
+        tail = c_full[c + len(_SENT_SYS) :]
         if tail and Q.startswith(tail):
             closer = tail
     end = len(A) - len(Q) + len(closer)
@@ -84,8 +86,15 @@ Rendered = tuple[str, bool, tuple[int, int] | None]
 class Encoder:
     """Renders documents and tokenises them into (ids, content mask) rows."""
 
-    def __init__(self, tokenizer, seq_length: int, clean_added_tokens: bool,
-                 clean_default_system_prompt: bool, data_key: str = "", generation_prompt: bool = False):
+    def __init__(
+        self,
+        tokenizer,
+        seq_length: int,
+        clean_added_tokens: bool,
+        clean_default_system_prompt: bool,
+        data_key: str = "",
+        generation_prompt: bool = False,
+    ):
         self.tok = tokenizer
         self.generation_prompt = generation_prompt
         self.seq_length = seq_length
@@ -118,10 +127,13 @@ class Encoder:
                 "but this tokenizer has none; use a plain-text key (e.g. NAME:plain)"
             )
         try:
-            text = self.tok.apply_chat_template(doc.messages, tokenize=False,
-                                                add_generation_prompt=self.generation_prompt)
+            text = self.tok.apply_chat_template(
+                doc.messages, tokenize=False, add_generation_prompt=self.generation_prompt
+            )
         except Exception as e:
-            raise UserError(f"data {self.data_key!r} document {doc.index}: the chat template rejected it: {e}") from None
+            raise UserError(
+                f"data {self.data_key!r} document {doc.index}: the chat template rejected it: {e}"
+            ) from None
         span = None
         if self.clean_sys and doc.messages and doc.messages[0].get("role") != "system":
             ds = self.default_system()
@@ -130,8 +142,9 @@ class Encoder:
         return text, False, span
 
     def _tokenize(self, texts: list[str], add_special: bool, offsets: bool) -> dict:
-        kw: dict[str, Any] = dict(add_special_tokens=add_special, truncation=False,
-                                  return_attention_mask=False, verbose=False)
+        kw: dict[str, Any] = dict(
+            add_special_tokens=add_special, truncation=False, return_attention_mask=False, verbose=False
+        )
         if offsets:
             kw["return_special_tokens_mask"] = True
             if self.is_fast:
@@ -221,7 +234,7 @@ class Encoder:
                 pre = self.tok(text[:s], add_special_tokens=False)["input_ids"] if s else []
                 blk = self.tok(text[:e], add_special_tokens=False)["input_ids"]
                 if ids[: len(blk)].tolist() == blk[:T]:
-                    keep[len(pre): min(len(blk), T)] = False
+                    keep[len(pre) : min(len(blk), T)] = False
         return ids, keep, bool(row["long"])
 
 

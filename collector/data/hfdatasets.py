@@ -8,23 +8,25 @@ buffer, others with a seeded permutation.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from collector.data.specs import SourceSpec
 from vaultsh.errors import UserError
 
 BUILDERS = {"json": "json", "jsonl": "json", "csv": "csv", "text": "text", "parquet": "parquet"}
 FORMAT_SUFFIXES = {
-    "json": (".json", ".jsonl"), "jsonl": (".jsonl", ".json"), "csv": (".csv",),
-    "text": (".txt", ".text"), "parquet": (".parquet",),
+    "json": (".json", ".jsonl"),
+    "jsonl": (".jsonl", ".json"),
+    "csv": (".csv",),
+    "text": (".txt", ".text"),
+    "parquet": (".parquet",),
 }
-
 
 
 def is_saved_dataset(p: Path) -> bool:
     return any((p / n).is_file() for n in ("dataset_info.json", "state.json", "dataset_dict.json"))
-
 
 
 def iter_dataset_records(spec: SourceSpec, seed: int | None) -> Iterator[tuple[int, Any]]:
@@ -102,4 +104,3 @@ def _open(spec: SourceSpec):
     else:
         raise UserError(f"dataset {spec.name!r}: {p} does not exist")
     return load_dataset(BUILDERS[fmt], data_files={split: files}, split=split, streaming=spec.streaming)
-

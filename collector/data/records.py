@@ -7,8 +7,9 @@ import json
 import mmap
 import os
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from collector.data.hfdatasets import iter_dataset_records
 from collector.data.registry import resolve_data_key
@@ -16,6 +17,7 @@ from collector.data.specs import Document, SourceSpec
 from vaultsh.errors import UserError
 
 AUTO_CHAT_FIELDS = ("messages", "conversations", "conversation")
+
 
 def _pydoc_documents(max_chars: int) -> list[str]:
     """pydoc topics in sorted-key order, split at blank lines and packed to <= max_chars."""
@@ -92,7 +94,6 @@ def iter_records(spec: SourceSpec, seed: int | None) -> Iterator[tuple[int, Any]
         yield from _iter_hf(spec, seed)
         return
     if spec.kind == "datasets":
-
         yield from iter_dataset_records(spec, seed)
         return
     path = spec.path
@@ -161,8 +162,7 @@ def _iter_hf(spec: SourceSpec, seed: int | None) -> Iterator[tuple[int, Any]]:
             f"data_config.data_key: could not open hub dataset {spec.hf_repo!r}{sub} split {spec.hf_split!r}: "
             f"{type(e).__name__}: {e}"
         ) from None
-    for i, rec in enumerate(it):
-        yield i, rec
+    yield from enumerate(it)
 
 
 def buffer_shuffle(it: Iterator[Any], seed: int, size: int) -> Iterator[Any]:
@@ -182,8 +182,15 @@ def buffer_shuffle(it: Iterator[Any], seed: int, size: int) -> Iterator[Any]:
     yield from buf
 
 
-_ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-             "bot": "assistant", "model": "assistant", "system": "system"}
+_ROLE_MAP = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
 
 
 def _normalize_messages(raw: Any, where: str) -> list[dict]:
@@ -230,8 +237,10 @@ def record_to_document(rec: Any, index: int, spec: SourceSpec) -> Document | Non
             text = spec.template.format_map(_FormatRecord(rec))
         except KeyError as e:
             present = ", ".join(str(k) for k, v in rec.items() if v is not None)
-            raise UserError(f"{where}: template {spec.template!r} names field {e.args[0]!r}, which the record lacks "
-                            f"(fields: {present})") from None
+            raise UserError(
+                f"{where}: template {spec.template!r} names field {e.args[0]!r}, which the record lacks "
+                f"(fields: {present})"
+            ) from None
         except (IndexError, ValueError, AttributeError) as e:
             raise UserError(f"{where}: template {spec.template!r} cannot be applied: {e}") from None
     elif spec.text_field is not None and not isinstance(rec, str):
@@ -292,8 +301,9 @@ class _FormatRecord(dict):
         return v
 
 
-def iter_documents(source: SourceSpec | str, seed: int | None = None,
-                   base_dir: str | os.PathLike | None = None) -> Iterator[Document]:
+def iter_documents(
+    source: SourceSpec | str, seed: int | None = None, base_dir: str | os.PathLike | None = None
+) -> Iterator[Document]:
     """Documents of a source, empty/filtered records skipped.
 
     ``seed=None`` gives source order (pydoc: sorted topics; files: file order);

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import string
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from collector.data.specs import (
     DEFAULT_MAX_DOC_CHARS,
@@ -24,8 +25,15 @@ CHAT_ALIASES = {"chat_template": "chat"}
 TXT_SPLITS = ("paragraph", "line", "file")
 _EXTRACT_FIELDS = ("text_field", "template", "chat_field", "chat_columns")
 _ENTRY_FIELDS = set(_EXTRACT_FIELDS) | {
-    "source", "chat", "description", "templates", "filter", "shuffle",
-    "shuffle_buffer", "txt_split", "max_doc_chars",
+    "source",
+    "chat",
+    "description",
+    "templates",
+    "filter",
+    "shuffle",
+    "shuffle_buffer",
+    "txt_split",
+    "max_doc_chars",
 }
 
 
@@ -67,7 +75,9 @@ def _check_entry(name: str, entry: Any, path: Path) -> None:
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {unknown} (allowed: {sorted(_ENTRY_FIELDS)})")
     if not isinstance(entry.get("source"), str):
-        raise ConfigError(f"{where}: 'source' is required ('pydoc_topics', 'file:<path>' or 'hf:<repo>[:<subset>]:<split>')")
+        raise ConfigError(
+            f"{where}: 'source' is required ('pydoc_topics', 'file:<path>' or 'hf:<repo>[:<subset>]:<split>')"
+        )
     given = [f for f in _EXTRACT_FIELDS if entry.get(f) is not None]
     if len(given) > 1:
         raise ConfigError(f"{where}: give at most one of {list(_EXTRACT_FIELDS)}, not {given}")
@@ -77,7 +87,9 @@ def _check_entry(name: str, entry: Any, path: Path) -> None:
     for tname, over in templates.items():
         bad = sorted(set(over) - (set(_EXTRACT_FIELDS) | {"chat"}))
         if bad:
-            raise ConfigError(f"{where}: template {tname!r} may only set {sorted(set(_EXTRACT_FIELDS) | {'chat'})}, not {bad}")
+            raise ConfigError(
+                f"{where}: template {tname!r} may only set {sorted(set(_EXTRACT_FIELDS) | {'chat'})}, not {bad}"
+            )
         if sum(1 for f in _EXTRACT_FIELDS if over.get(f) is not None) > 1:
             raise ConfigError(f"{where}: template {tname!r} sets more than one of {list(_EXTRACT_FIELDS)}")
     for f in ("shuffle_buffer", "max_doc_chars"):
@@ -118,11 +130,14 @@ def _looks_like_path(key: str) -> bool:
     return base.lower().endswith(FILE_SUFFIXES)
 
 
-def resolve_data_key(key: str, base_dir: str | os.PathLike | None = None,
-                     registry: str | os.PathLike | None = None) -> SourceSpec:
+def resolve_data_key(
+    key: str, base_dir: str | os.PathLike | None = None, registry: str | os.PathLike | None = None
+) -> SourceSpec:
     """Resolve ``data_config.data_key`` to a :class:`SourceSpec` (see the module docstring)."""
     if not isinstance(key, str) or not key.strip():
-        raise ConfigError("data_config.data_key: must be a non-empty string (a registry name, NAME:TEMPLATE, file:PATH or hf:REPO[:SUBSET]:SPLIT)")
+        raise ConfigError(
+            "data_config.data_key: must be a non-empty string (a registry name, NAME:TEMPLATE, file:PATH or hf:REPO[:SUBSET]:SPLIT)"
+        )
     key = key.strip()
     if key.startswith(("file:", "hf:")) or key == "pydoc_topics" or _looks_like_path(key):
         return _resolve_direct(key, base_dir)
@@ -179,13 +194,17 @@ def _resolve_direct(key: str, base_dir: str | os.PathLike | None) -> SourceSpec:
     return _spec_from_entry(key, body, entry, tname, base_dirs=bases, where="data_config.data_key")
 
 
-def _spec_from_entry(key: str, name: str, entry: dict, tname: str | None,
-                     base_dirs: Sequence[Path], where: str) -> SourceSpec:
+def _spec_from_entry(
+    key: str, name: str, entry: dict, tname: str | None, base_dirs: Sequence[Path], where: str
+) -> SourceSpec:
     src = entry["source"]
     common: dict[str, Any] = dict(
-        key=key, name=name, template_name=tname,
+        key=key,
+        name=name,
+        template_name=tname,
         description=entry.get("description", ""),
-        text_field=entry.get("text_field"), template=entry.get("template"),
+        text_field=entry.get("text_field"),
+        template=entry.get("template"),
         chat_field=entry.get("chat_field"),
         filter=tuple(sorted((entry.get("filter") or {}).items())),
         shuffle=bool(entry.get("shuffle", True)),
@@ -221,7 +240,9 @@ def _spec_from_entry(key: str, name: str, entry: dict, tname: str | None,
         elif len(parts) == 3:
             repo, subset, split = parts
         else:
-            raise ConfigError(f"{where}: hub source {src!r} must be hf:REPO[:SUBSET]:SPLIT (e.g. hf:HuggingFaceFW/fineweb-edu:sample-10BT:train)")
+            raise ConfigError(
+                f"{where}: hub source {src!r} must be hf:REPO[:SUBSET]:SPLIT (e.g. hf:HuggingFaceFW/fineweb-edu:sample-10BT:train)"
+            )
         if not repo or not split:
             raise ConfigError(f"{where}: hub source {src!r} must be hf:REPO[:SUBSET]:SPLIT")
         return SourceSpec(source=src, kind="hf", hf_repo=repo, hf_subset=subset or None, hf_split=split, **common)
@@ -242,4 +263,3 @@ def _spec_from_entry(key: str, name: str, entry: dict, tname: str | None,
 
 # --------------------------------------------------------------------------
 # sources -> records -> documents
-

@@ -14,8 +14,9 @@ the sources interleaved by weight (collector/mixing.py), then shaped
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from collector.config.datacheck import LOCAL_SUFFIXES
 from collector.data.hfdatasets import BUILDERS, is_saved_dataset
@@ -47,11 +48,20 @@ def entry_to_source(entry: Any, where: str) -> SourceSpec:
     template = _entry_field(entry, "text_template")
     name = str(_entry_field(entry, "name") or path)
     return SourceSpec(
-        key=name, name=name, source=f"datasets:{path}", kind="datasets",
-        chat=_entry_field(entry, "chat"), text_field=_entry_field(entry, "text_field"), template=template,
-        hf_subset=_entry_field(entry, "subset"), hf_split=_entry_field(entry, "split") or "train",
-        ds_path=path, ds_local=bool(local), ds_format=fmt,
-        streaming=bool(_entry_field(entry, "streaming", False)), weight=float(_entry_field(entry, "weight", 1.0)),
+        key=name,
+        name=name,
+        source=f"datasets:{path}",
+        kind="datasets",
+        chat=_entry_field(entry, "chat"),
+        text_field=_entry_field(entry, "text_field"),
+        template=template,
+        hf_subset=_entry_field(entry, "subset"),
+        hf_split=_entry_field(entry, "split") or "train",
+        ds_path=path,
+        ds_local=bool(local),
+        ds_format=fmt,
+        streaming=bool(_entry_field(entry, "streaming", False)),
+        weight=float(_entry_field(entry, "weight", 1.0)),
     )
 
 
@@ -59,14 +69,20 @@ def _infer_format(p: Path, where: str) -> str | None:
     if p.is_file():
         fmt = LOCAL_SUFFIXES.get(p.suffix.lower())
         if fmt is None:
-            raise ConfigError(f"{where}: cannot tell the format of {str(p)!r} from its name; "
-                              f"set format: one of {', '.join(BUILDERS)}")
+            raise ConfigError(
+                f"{where}: cannot tell the format of {str(p)!r} from its name; set format: one of {', '.join(BUILDERS)}"
+            )
         return fmt
     if p.is_dir():
         if is_saved_dataset(p):
             return None
-        found = sorted({LOCAL_SUFFIXES[x.suffix.lower()] for x in p.rglob("*")
-                        if x.is_file() and x.suffix.lower() in LOCAL_SUFFIXES})
+        found = sorted(
+            {
+                LOCAL_SUFFIXES[x.suffix.lower()]
+                for x in p.rglob("*")
+                if x.is_file() and x.suffix.lower() in LOCAL_SUFFIXES
+            }
+        )
         if len(found) == 1:
             return found[0]
         if not found:
@@ -88,10 +104,17 @@ def plan_sources(spec: Any, base_dir: str | os.PathLike | None = None) -> list[S
             raise ConfigError(errors[0])
         return [entry_to_source(e, f"mix {spec.mix!r} datasets[{i}]") for i, e in enumerate(entries)]
     if _get(spec, "path") is not None:
-        entry = {"name": Path(spec.path).name or spec.path, "path": spec.path, "subset": _get(spec, "subset"),
-                 "split": _get(spec, "split", "train"), "format": None,
-                 "text_field": _get(spec, "text_field"), "text_template": _get(spec, "text_template"),
-                 "chat": _get(spec, "chat"), "streaming": False}
+        entry = {
+            "name": Path(spec.path).name or spec.path,
+            "path": spec.path,
+            "subset": _get(spec, "subset"),
+            "split": _get(spec, "split", "train"),
+            "format": None,
+            "text_field": _get(spec, "text_field"),
+            "text_template": _get(spec, "text_template"),
+            "chat": _get(spec, "chat"),
+            "streaming": False,
+        }
         return [entry_to_source(entry, f"{label}.path")]
     key = _get(spec, "data_key")
     if key is None:
@@ -128,9 +151,15 @@ def _source_seed(seed: int, j: int) -> int:
     return int(np.random.SeedSequence([seed, j]).generate_state(1)[0])
 
 
-def iter_labelled_documents(src: SourceSpec, seed: int | None, category_field: str | None,
-                            label_columns: Sequence[str], source_label: str | None,
-                            keep=None, source_index: int = -1) -> Iterator[Document]:
+def iter_labelled_documents(
+    src: SourceSpec,
+    seed: int | None,
+    category_field: str | None,
+    label_columns: Sequence[str],
+    source_label: str | None,
+    keep=None,
+    source_index: int = -1,
+) -> Iterator[Document]:
     """Documents of one source with their labels; `keep(record, where)` filters records first.
 
     `source_index` is recorded on each document (its provenance: which source of the run).
@@ -150,8 +179,10 @@ def iter_labelled_documents(src: SourceSpec, seed: int | None, category_field: s
             if category_field:
                 if rec.get(category_field) is None:  # HF datasets fill a field some records lack with null
                     present = ", ".join(str(k) for k, v in rec.items() if v is not None)
-                    raise UserError(f"{where}: record has no category field {category_field!r} "
-                                    f"(fields: {present}); set data.category_field")
+                    raise UserError(
+                        f"{where}: record has no category field {category_field!r} "
+                        f"(fields: {present}); set data.category_field"
+                    )
                 doc.labels["category"] = str(rec[category_field])
             for c in label_columns:
                 if c not in rec:
@@ -167,8 +198,11 @@ def category_field_of(spec: Any) -> str | None:
     f = _get(spec, "category_field")
     if f:
         return f
-    if (_get(spec, "path") is not None or _get(spec, "categories") or
-            _get(spec, "category_balance_strategy", "use_all") == "equalize"):
+    if (
+        _get(spec, "path") is not None
+        or _get(spec, "categories")
+        or _get(spec, "category_balance_strategy", "use_all") == "equalize"
+    ):
         return "category"
     return None
 
@@ -185,13 +219,21 @@ def document_stream(spec: Any, sources: list[SourceSpec], seed: int, length_fn=N
     flt = _get(spec, "filter")
     keep = shaping.parse_filter(flt) if flt else None
     streams = [
-        iter_labelled_documents(s, _source_seed(seed, j) if _get(spec, "shuffle", True) else None,
-                                cat, labels, s.name if multi else None, keep, source_index=j)
+        iter_labelled_documents(
+            s,
+            _source_seed(seed, j) if _get(spec, "shuffle", True) else None,
+            cat,
+            labels,
+            s.name if multi else None,
+            keep,
+            source_index=j,
+        )
         for j, s in enumerate(sources)
     ]
     if len(streams) == 1:
         docs: Iterator[Document] = streams[0]
     else:
-        docs = interleave(streams, [s.weight for s in sources], seed,
-                          _get(spec, "stopping_strategy", "first_exhausted"))
+        docs = interleave(
+            streams, [s.weight for s in sources], seed, _get(spec, "stopping_strategy", "first_exhausted")
+        )
     return shaping.shape(docs, spec, seed, length_fn, finite=all(is_finite(s) for s in sources))

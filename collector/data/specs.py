@@ -24,8 +24,9 @@ def DataSpec(data_key: str, seq_length: int, batch_size: int, n_batches: int, **
     unknown = sorted(set(fields) - set(DataConfig.model_fields))
     if unknown:
         raise TypeError(f"DataSpec() got an unexpected keyword argument {unknown[0]!r}")
-    return DataConfig.model_construct(data_key=data_key, seq_length=seq_length, batch_size=batch_size,
-                                      n_batches=n_batches, **fields)
+    return DataConfig.model_construct(
+        data_key=data_key, seq_length=seq_length, batch_size=batch_size, n_batches=n_batches, **fields
+    )
 
 
 @dataclass(frozen=True)
@@ -62,12 +63,17 @@ class SourceSpec:
     def to_dict(self) -> dict:
         """JSON-ready description (for cfg.json)."""
         out: dict[str, Any] = {
-            "data_key": self.key, "name": self.name, "source": self.source,
-            "chat": self.chat, "template_name": self.template_name,
-            "text_field": self.text_field, "template": self.template,
+            "data_key": self.key,
+            "name": self.name,
+            "source": self.source,
+            "chat": self.chat,
+            "template_name": self.template_name,
+            "text_field": self.text_field,
+            "template": self.template,
             "chat_field": self.chat_field,
             "chat_columns": [list(p) for p in self.chat_columns] if self.chat_columns else None,
-            "filter": dict(self.filter) or None, "shuffle": self.shuffle,
+            "filter": dict(self.filter) or None,
+            "shuffle": self.shuffle,
             "description": self.description,
         }
         if self.kind == "hf":
@@ -77,8 +83,14 @@ class SourceSpec:
         if self.kind == "pydoc":
             out["max_doc_chars"] = self.max_doc_chars
         if self.kind == "datasets":
-            out.update(path=self.ds_path, subset=self.hf_subset, split=self.hf_split, format=self.ds_format,
-                       streaming=self.streaming, weight=self.weight)
+            out.update(
+                path=self.ds_path,
+                subset=self.hf_subset,
+                split=self.hf_split,
+                format=self.ds_format,
+                streaming=self.streaming,
+                weight=self.weight,
+            )
         return {k: v for k, v in out.items() if v is not None}
 
 
@@ -102,9 +114,9 @@ class Batch:
     """One global batch, on CPU."""
 
     index: int  # global batch index
-    input_ids: "torch.Tensor"  # LongTensor [B, T]
-    attention_mask: "torch.Tensor"  # LongTensor [B, T]: 1 real position, 0 padding
-    mask: "torch.Tensor"  # BoolTensor [B, T]: True on content tokens only
+    input_ids: torch.Tensor  # LongTensor [B, T]
+    attention_mask: torch.Tensor  # LongTensor [B, T]: 1 real position, 0 padding
+    mask: torch.Tensor  # BoolTensor [B, T]: True on content tokens only
     n_tokens: int  # mask.sum()
     doc_index: list[int] = field(default_factory=list)  # Document.index of each row
     labels: dict[str, list] = field(default_factory=dict)  # label name -> one value per row
@@ -133,4 +145,3 @@ def batch_to_model_inputs(batch: Batch, device: Any) -> dict:
         "input_ids": batch.input_ids.to(dev, non_blocking=nb),
         "attention_mask": batch.attention_mask.to(dev, non_blocking=nb),
     }
-

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from rich.markup import escape
 from textual.app import App, ComposeResult
@@ -52,8 +52,9 @@ class Dashboard(App):
     PANELS_EVERY_S = 0.5
     CONTROL_ACTIONS = frozenset({"pause", "pause_all", "stop", "stop_all", "restart"})
 
-    def __init__(self, source, mode: str = "collect", refresh_s: float = 0.2,
-                 wall_clock: Callable[[], float] = time.time, **kw):
+    def __init__(
+        self, source, mode: str = "collect", refresh_s: float = 0.2, wall_clock: Callable[[], float] = time.time, **kw
+    ):
         super().__init__(**kw)
         self.source = source
         self.mode = mode
@@ -141,8 +142,13 @@ class Dashboard(App):
         src = self.source
         charts = self.query_one(Charts)
         n = max(10, charts.size.width // 2 - 2)
-        sig = (n, len(src.tokens_history), src.tokens_history[-1] if src.tokens_history else None,
-               len(src.upload_history), src.upload_history[-1] if src.upload_history else None)
+        sig = (
+            n,
+            len(src.tokens_history),
+            src.tokens_history[-1] if src.tokens_history else None,
+            len(src.upload_history),
+            src.upload_history[-1] if src.upload_history else None,
+        )
         if sig == self._history_len:
             return
         self._history_len = sig

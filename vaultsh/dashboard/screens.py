@@ -74,8 +74,11 @@ class QuitScreen(ModalScreen[str]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="quit"):
-            yield Static("[b]Workers are still running.[/]\n"
-                         "Stop them (each commits its megabatch in flight), or leave them running?", id="quit-text")
+            yield Static(
+                "[b]Workers are still running.[/]\n"
+                "Stop them (each commits its megabatch in flight), or leave them running?",
+                id="quit-text",
+            )
             with Horizontal(id="quit-buttons"):
                 yield Button("[u]S[/u]top and quit", id="stop", variant="error")
                 yield Button("Leave [u]d[/u]etached", id="detach", variant="primary")

@@ -42,8 +42,18 @@ STATE_STYLE = {
     IDLE: "yellow",
 }
 STATE_ICON = {
-    QUEUED: "·", STARTING: "◌", LOADING: "◌", RUNNING: "▶", UPLOADING: "⇡", PAUSED: "‖",
-    STOPPING: "■", DONE: "✔", STOPPED: "■", FAILED: "✘", WAITING: "·", IDLE: "…",
+    QUEUED: "·",
+    STARTING: "◌",
+    LOADING: "◌",
+    RUNNING: "▶",
+    UPLOADING: "⇡",
+    PAUSED: "‖",
+    STOPPING: "■",
+    DONE: "✔",
+    STOPPED: "■",
+    FAILED: "✘",
+    WAITING: "·",
+    IDLE: "…",
 }
 
 
@@ -101,7 +111,9 @@ def worker_cells(w: WorkerStatus, keys: list[str], bar_width: int = 10) -> list:
     cells = {
         "w": Text(str(w.index), style="bold"),
         "state": Text(f"{STATE_ICON.get(w.state, ' ')} {w.state}", style=style),
-        "progress": bar(w.fraction, bar_width, "red" if w.state == FAILED else "green" if w.state != PAUSED else "yellow"),
+        "progress": bar(
+            w.fraction, bar_width, "red" if w.state == FAILED else "green" if w.state != PAUSED else "yellow"
+        ),
         "batches": Text(f"{w.batches}/{w.total_batches if w.total_batches is not None else '?'}", justify="right"),
         "tokens": Text(fmt.count(w.tokens), justify="right"),
         "rate": Text(fmt.count(w.tokens_per_s) if w.state in (RUNNING, UPLOADING, STOPPING) else "-", justify="right"),
@@ -198,8 +210,9 @@ class WorkerTable(VerticalScroll, can_focus=True):
         if keys == self._keys and widths == self._widths:
             return False
         self._keys, self._widths = keys, widths
-        header = render_row([Text(h, style="bold", justify="right" if k not in _LEFT else "left")
-                             for k, h, _ in cols], widths)
+        header = render_row(
+            [Text(h, style="bold", justify="right" if k not in _LEFT else "left") for k, h, _ in cols], widths
+        )
         self.query_one("#workers-header", Static).update(header, layout=False)
         self._lines = {}  # every row is redrawn with the new columns
         self._cells = {}
@@ -304,8 +317,11 @@ class SummaryPanel(Static):
             memory.append(f"system {fmt.size(system_memory[0])}/{fmt.size(system_memory[1])}")
         if totals.gpu_allocated is not None:
             memory.append(f"GPU {fmt.size(totals.gpu_allocated)}")
-        retries = (f"  [yellow]{totals.retries} {'retry' if totals.retries == 1 else 'retries'}[/]"
-                   if totals.retries else "  0 retries")
+        retries = (
+            f"  [yellow]{totals.retries} {'retry' if totals.retries == 1 else 'retries'}[/]"
+            if totals.retries
+            else "  0 retries"
+        )
         lines = [
             f"[dim]model[/]  {escape(info.model or '?')}",
             f"[dim]hooks[/]  {escape(hooks)}",
@@ -360,8 +376,10 @@ class Chart(Vertical):
         width = min(len(data), bars.size.width or len(data))
         line = spark(list(data), width, max(1, bars.size.height))
         span = fmt.duration(width * every_s) if width else "-"
-        self.query_one(".chart-label", Static).update(layout=False, content=
-            f"[b]{self.label}[/] {self._value(now)}  [dim]peak[/] {self._value(peak)}  [dim]last {span}[/]")
+        self.query_one(".chart-label", Static).update(
+            layout=False,
+            content=f"[b]{self.label}[/] {self._value(now)}  [dim]peak[/] {self._value(peak)}  [dim]last {span}[/]",
+        )
         bars.update(line, layout=False)
 
 

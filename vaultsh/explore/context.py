@@ -19,7 +19,6 @@ from vaultsh.megabatch import MegabatchHeader, parse_header
 HEADER_GUESS = 4096  # a collector's megabatch header is ~1 KiB
 
 
-
 class ByteCounter:
     """Bytes and requests fetched through `get_range`/`get_bytes` of a store."""
 
@@ -53,8 +52,11 @@ class Tokens:
     @property
     def ids_mask_bytes(self) -> int:
         """Bytes of the two tensors as stored (the floor for what a read of them costs)."""
-        return int(self.input_ids.nbytes + self.mask.nbytes) if self.header.format == "pt" else sum(
-            self.header.tensors[n].nbytes for n in ("input_ids", "mask") if n in self.header.tensors)
+        return (
+            int(self.input_ids.nbytes + self.mask.nbytes)
+            if self.header.format == "pt"
+            else sum(self.header.tensors[n].nbytes for n in ("input_ids", "mask") if n in self.header.tensors)
+        )
 
 
 def _read_header(io: ByteCounter, key: str, size: int) -> tuple[MegabatchHeader | None, bytes]:

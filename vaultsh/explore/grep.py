@@ -10,15 +10,15 @@ A file with matches also gets its small provenance tensors read (`source`,
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from vaultsh.errors import UserError
-from vaultsh.provenance import source_names
 from vaultsh.explore.context import ByteCounter, read_sources, read_tokens
 from vaultsh.explore.scope import hooks_for
 from vaultsh.explore.source import token_source
 from vaultsh.explore.text import Context, Pieces, context, load_pieces, token_span
+from vaultsh.provenance import source_names
 from vaultsh.run import Run
 
 Progress = Callable[[int, int], None]  # (files done, files in all)
@@ -37,9 +37,16 @@ class GrepMatch:
     source: dict | None = None  # provenance of the match's first token (None: the file records none)
 
     def to_json(self) -> dict:
-        return {"run": self.run, "hook": self.hook, "file": self.file, "sequence": self.sequence,
-                "positions": [self.start, self.end], "text": self.text, "context": self.context.to_json(),
-                "source": self.source}
+        return {
+            "run": self.run,
+            "hook": self.hook,
+            "file": self.file,
+            "sequence": self.sequence,
+            "positions": [self.start, self.end],
+            "text": self.text,
+            "context": self.context.to_json(),
+            "source": self.source,
+        }
 
 
 @dataclass
@@ -59,10 +66,18 @@ class GrepResult:
         return self.bytes_read / self.ids_mask_bytes if self.ids_mask_bytes else 0.0
 
     def to_json(self) -> dict:
-        return {"pattern": self.pattern, "regex": self.regex, "matches": [m.to_json() for m in self.matches],
-                "files": self.files, "sequences": self.sequences, "bytes_read": self.bytes_read,
-                "ids_mask_bytes": self.ids_mask_bytes, "read_ratio": round(self.read_ratio, 4),
-                "truncated": self.truncated, "notes": self.notes}
+        return {
+            "pattern": self.pattern,
+            "regex": self.regex,
+            "matches": [m.to_json() for m in self.matches],
+            "files": self.files,
+            "sequences": self.sequences,
+            "bytes_read": self.bytes_read,
+            "ids_mask_bytes": self.ids_mask_bytes,
+            "read_ratio": round(self.read_ratio, 4),
+            "truncated": self.truncated,
+            "notes": self.notes,
+        }
 
 
 def compile_pattern(pattern: str, regex: bool, ignore_case: bool = False) -> re.Pattern:
@@ -102,8 +117,18 @@ def search_sequence(rx: re.Pattern, pieces: Pieces, ids, mask) -> list[tuple[int
     return out
 
 
-def grep(store, key: str, pattern: str, *, regex: bool = False, hook: str | None = None, limit: int = 50,
-         context_tokens: int = 8, ignore_case: bool = False, progress: Progress | None = None) -> GrepResult:
+def grep(
+    store,
+    key: str,
+    pattern: str,
+    *,
+    regex: bool = False,
+    hook: str | None = None,
+    limit: int = 50,
+    context_tokens: int = 8,
+    ignore_case: bool = False,
+    progress: Progress | None = None,
+) -> GrepResult:
     """Every match of `pattern` in the decoded tokens of the runs at `key` (at most `limit`)."""
     if limit < 1:
         raise UserError(f"grep: -n {limit}: use a whole number >= 1")

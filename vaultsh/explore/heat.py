@@ -52,9 +52,16 @@ class HeatResult:
         return [colour(t.value, self.scale, self.signed) if t.real else GREY for t in self.tokens]
 
     def to_json(self) -> dict:
-        return {"file": self.file, "sequence": self.sequence, "value": self.value, "signed": self.signed,
-                "scale": self.scale, "tokens": [t.to_json() for t in self.tokens], "png": self.png,
-                "png_size": list(self.png_size) if self.png_size else None}
+        return {
+            "file": self.file,
+            "sequence": self.sequence,
+            "value": self.value,
+            "signed": self.signed,
+            "scale": self.scale,
+            "tokens": [t.to_json() for t in self.tokens],
+            "png": self.png,
+            "png_size": list(self.png_size) if self.png_size else None,
+        }
 
 
 def heat(store, key: str, sequence: int, vf: ValueFn, *, png: str | None = None) -> HeatResult:

@@ -49,22 +49,47 @@ class NormsResult:
 
     def outliers_doc(self) -> dict:
         """The `_outliers.json` document."""
-        return {"version": OUTLIERS_VERSION, "hook": self.hook, "tokens": self.tokens,
-                "median_norm": self.median_norm, "mean_norm": self.mean_norm, "quantiles": self.quantiles,
-                "massive_dims": self.massive_dims, "outliers": self.outliers,
-                "factor": self.factor, "massive_ratio": self.massive_ratio, "outliers_total": self.outliers_total,
-                "files": self.files, "run": self.run}
+        return {
+            "version": OUTLIERS_VERSION,
+            "hook": self.hook,
+            "tokens": self.tokens,
+            "median_norm": self.median_norm,
+            "mean_norm": self.mean_norm,
+            "quantiles": self.quantiles,
+            "massive_dims": self.massive_dims,
+            "outliers": self.outliers,
+            "factor": self.factor,
+            "massive_ratio": self.massive_ratio,
+            "outliers_total": self.outliers_total,
+            "files": self.files,
+            "run": self.run,
+        }
 
     def to_json(self) -> dict:
         out = self.outliers_doc()
-        out.update(histogram={"edges": self.hist_edges, "counts": self.hist_counts},
-                   mean_norm_by_position=self.by_position, written=self.written, contexts=self.contexts)
+        out.update(
+            histogram={"edges": self.hist_edges, "counts": self.hist_counts},
+            mean_norm_by_position=self.by_position,
+            written=self.written,
+            contexts=self.contexts,
+        )
         return out
 
 
-def norms(store, key: str, hook: str | None, *, factor: float = 5.0, massive_ratio: float = 10.0,
-          max_outliers: int = 1000, files: int | None = None, write: bool = True, context_tokens: int = 6,
-          show: int = 10, progress: Progress | None = None) -> NormsResult:
+def norms(
+    store,
+    key: str,
+    hook: str | None,
+    *,
+    factor: float = 5.0,
+    massive_ratio: float = 10.0,
+    max_outliers: int = 1000,
+    files: int | None = None,
+    write: bool = True,
+    context_tokens: int = 6,
+    show: int = 10,
+    progress: Progress | None = None,
+) -> NormsResult:
     """Scan the hook's token norms; write `{hook}/_outliers.json` unless `write` is False."""
     import torch
 
@@ -89,8 +114,8 @@ def norms(store, key: str, hook: str | None, *, factor: float = 5.0, massive_rat
             max_abs = torch.zeros(d)
         m = mask.numpy()
         nn = nrm.numpy()
-        pos_sum[: t] += np.where(m, nn, 0.0).sum(0)
-        pos_cnt[: t] += m.sum(0)
+        pos_sum[:t] += np.where(m, nn, 0.0).sum(0)
+        pos_cnt[:t] += m.sum(0)
         if not m.any():
             continue
         all_norms.append(nn[m].astype(np.float32))
@@ -102,8 +127,9 @@ def norms(store, key: str, hook: str | None, *, factor: float = 5.0, massive_rat
         for i in top:
             s, p = divmod(int(i), t)
             lo, hi = max(0, p - context_tokens), min(t, p + context_tokens + 1)
-            cands.append((float(flat[i]), fkey, s, p, int(ids[s, p]), ids[s, lo:hi].tolist(),
-                          mask[s, lo:hi].tolist(), p - lo))
+            cands.append(
+                (float(flat[i]), fkey, s, p, int(ids[s, p]), ids[s, lo:hi].tolist(), mask[s, lo:hi].tolist(), p - lo)
+            )
         cands.sort(key=lambda c: -c[0])
         del cands[max_outliers:]
     if not all_norms:
@@ -119,23 +145,39 @@ def norms(store, key: str, hook: str | None, *, factor: float = 5.0, massive_rat
     ma = max_abs.numpy().astype(np.float64)
     med_ma = float(np.median(ma)) or 1e-12
     order = np.argsort(-ma)
-    massive = [{"dim": int(j), "max_abs": float(ma[j]), "ratio_to_median": float(ma[j] / med_ma)}
-               for j in order if ma[j] / med_ma >= massive_ratio]
+    massive = [
+        {"dim": int(j), "max_abs": float(ma[j]), "ratio_to_median": float(ma[j] / med_ma)}
+        for j in order
+        if ma[j] / med_ma >= massive_ratio
+    ]
     limit = factor * median
     total_out = int((v >= limit).sum())
     chosen = [c for c in cands if c[0] >= limit]
     outliers = [{"file": c[1], "sequence": c[2], "position": c[3], "token_id": c[4], "norm": c[0]} for c in chosen]
     result = NormsResult(
-        ref.run, ref.hook, int(v.size), n_files, median, float(v.mean()), qs, [float(e) for e in edges],
+        ref.run,
+        ref.hook,
+        int(v.size),
+        n_files,
+        median,
+        float(v.mean()),
+        qs,
+        [float(e) for e in edges],
         [int(c) for c in counts],
-        [float(s / c) if c else None for s, c in zip(pos_sum, pos_cnt)], massive, outliers, total_out,
-        float(factor), float(massive_ratio))
+        [float(s / c) if c else None for s, c in zip(pos_sum, pos_cnt)],
+        massive,
+        outliers,
+        total_out,
+        float(factor),
+        float(massive_ratio),
+    )
     if chosen:
         pieces = load_pieces(store, ref.run)
         for c in chosen[:show]:
             ctx = context(pieces, c[5], c[6], c[7], c[7] + 1, context_tokens)
-            result.contexts.append({"file": c[1], "sequence": c[2], "position": c[3], "norm": c[0],
-                                    "context": ctx.to_json()})
+            result.contexts.append(
+                {"file": c[1], "sequence": c[2], "position": c[3], "norm": c[0], "context": ctx.to_json()}
+            )
     if write:
         okey = Run(store, ref.run).hook_prefix(ref.hook) + OUTLIERS
         store.put_bytes(okey, (json.dumps(result.outliers_doc(), indent=1) + "\n").encode("utf-8"))

@@ -62,8 +62,9 @@ def heat_png(result, path: str | Path) -> tuple[int, int]:
     return _save(img, path)
 
 
-def histogram_png(edges: list[float], counts: list[int], by_position: list, title: str,
-                  path: str | Path) -> tuple[int, int]:
+def histogram_png(
+    edges: list[float], counts: list[int], by_position: list, title: str, path: str | Path
+) -> tuple[int, int]:
     """Two panels: token-norm histogram (log-spaced bins) and mean norm by position; returns (w, h)."""
     Image, ImageDraw, ImageFont = _pil()
     font = _font(ImageFont)

@@ -6,7 +6,8 @@ printed without markup, so a crafted token cannot inject escapes.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import humanize
 from rich.console import Console
@@ -47,29 +48,46 @@ def render_grep(r: GrepResult, console: Console) -> None:
     for n in r.notes:
         _p(console, f"note: {safe_text(n)}", "yellow")
     for m in r.matches:
-        head = Text(f"{safe_text(m.run)}/{safe_text(m.hook)} {safe_text(m.file.rsplit('/', 1)[-1])} "
-                    f"seq {m.sequence} tok {m.start}-{m.end - 1}{_src(m.source)}: ", style="cyan")
+        head = Text(
+            f"{safe_text(m.run)}/{safe_text(m.hook)} {safe_text(m.file.rsplit('/', 1)[-1])} "
+            f"seq {m.sequence} tok {m.start}-{m.end - 1}{_src(m.source)}: ",
+            style="cyan",
+        )
         _p(console, head + _ctx_text(m.context))
     more = " (stopped at -n; there may be more)" if r.truncated else ""
-    _p(console, f"{len(r.matches):,} match(es) in {r.files:,} file(s), {r.sequences:,} sequences{more}; "
-                f"read {humanize.naturalsize(r.bytes_read, binary=True)} = {r.read_ratio:.3f}x the bytes of "
-                f"input_ids+mask", "dim")
+    _p(
+        console,
+        f"{len(r.matches):,} match(es) in {r.files:,} file(s), {r.sequences:,} sequences{more}; "
+        f"read {humanize.naturalsize(r.bytes_read, binary=True)} = {r.read_ratio:.3f}x the bytes of "
+        f"input_ids+mask",
+        "dim",
+    )
 
 
 def render_top(r: TopResult, console: Console) -> None:
-    _p(console, f"top {len(r.top)} by {r.value} in {safe_text(r.run)}/{safe_text(r.hook)} "
-                f"({r.tokens:,} tokens, {r.files:,} files)", "bold")
+    _p(
+        console,
+        f"top {len(r.top)} by {r.value} in {safe_text(r.run)}/{safe_text(r.hook)} "
+        f"({r.tokens:,} tokens, {r.files:,} files)",
+        "bold",
+    )
     for i, t in enumerate(r.top):
-        head = Text(f"{i + 1:>3}. {t.value:>10.4g}  q={t.quantile:.6f}  "
-                    f"{safe_text(t.file.rsplit('/', 1)[-1])} seq {t.sequence} pos {t.position}{_src(t.source)}: ",
-                    style="cyan")
+        head = Text(
+            f"{i + 1:>3}. {t.value:>10.4g}  q={t.quantile:.6f}  "
+            f"{safe_text(t.file.rsplit('/', 1)[-1])} seq {t.sequence} pos {t.position}{_src(t.source)}: ",
+            style="cyan",
+        )
         _p(console, head + (_ctx_text(t.context) if t.context else Text("")))
 
 
 def render_sae_eval(r: SaeEvalResult, console: Console) -> None:
     s = r.sae
-    _p(console, f"SAE {safe_text(s['source'])} ({s['layout']}, {s['architecture']}"
-                f"{', k=' + str(s['k']) if s.get('k') else ''}, d_in {s['d_in']}, d_sae {s['d_sae']:,})", "bold")
+    _p(
+        console,
+        f"SAE {safe_text(s['source'])} ({s['layout']}, {s['architecture']}"
+        f"{', k=' + str(s['k']) if s.get('k') else ''}, d_in {s['d_in']}, d_sae {s['d_sae']:,})",
+        "bold",
+    )
     _p(console, f"on {safe_text(r.run)}/{safe_text(r.hook)}: {r.tokens:,} tokens")
     _p(console, f"  L0                 {r.l0:.2f}")
     _p(console, f"  FVU                {r.fvu:.4f}  (explained variance {1 - r.fvu:.4f})")
@@ -91,17 +109,23 @@ def heat_text(r: HeatResult) -> Text:
 
 def render_heat(r: HeatResult, console: Console) -> None:
     lo = f"{-r.scale:.4g}" if r.signed else "0"
-    _p(console, f"{safe_text(r.file)} #{r.sequence}: {r.value}, scale {lo} .. {r.scale:.4g} "
-                f"(grey: masked)", "bold")
+    _p(console, f"{safe_text(r.file)} #{r.sequence}: {r.value}, scale {lo} .. {r.scale:.4g} (grey: masked)", "bold")
     _p(console, heat_text(r))
     if r.png and r.png_size:  # heat() sets both
         _p(console, f"wrote {safe_text(r.png)} ({r.png_size[0]}x{r.png_size[1]})", "dim")
 
 
 def render_norms(r: NormsResult, console: Console) -> None:
-    _p(console, f"token norms of {safe_text(r.run)}/{safe_text(r.hook)}: {r.tokens:,} tokens, {r.files:,} files", "bold")
-    _p(console, f"  mean {r.mean_norm:.4g}  median {r.median_norm:.4g}  "
-                + "  ".join(f"q{k}={v:.4g}" for k, v in r.quantiles.items()))
+    _p(
+        console,
+        f"token norms of {safe_text(r.run)}/{safe_text(r.hook)}: {r.tokens:,} tokens, {r.files:,} files",
+        "bold",
+    )
+    _p(
+        console,
+        f"  mean {r.mean_norm:.4g}  median {r.median_norm:.4g}  "
+        + "  ".join(f"q{k}={v:.4g}" for k, v in r.quantiles.items()),
+    )
     peak = max(r.hist_counts) or 1
     for lo, hi, c in zip(r.hist_edges, r.hist_edges[1:], r.hist_counts):
         _p(console, f"  {lo:>10.4g} - {hi:<10.4g} {BAR * max(1 if c else 0, round(40 * c / peak)):<40} {c:,}")
@@ -110,21 +134,32 @@ def render_norms(r: NormsResult, console: Console) -> None:
         first = ", ".join(f"{i}: {v:.3g}" for i, v in pos[:8])
         _p(console, f"  mean norm by position: {first}{', ...' if len(pos) > 8 else ''}")
     if r.massive_dims:
-        _p(console, f"  massive dims (max|x| >= {r.massive_ratio:g}x the median dim's): "
-                    + ", ".join(f"{d['dim']} ({d['max_abs']:.4g}, {d['ratio_to_median']:.1f}x)" for d in r.massive_dims[:10]))
+        _p(
+            console,
+            f"  massive dims (max|x| >= {r.massive_ratio:g}x the median dim's): "
+            + ", ".join(f"{d['dim']} ({d['max_abs']:.4g}, {d['ratio_to_median']:.1f}x)" for d in r.massive_dims[:10]),
+        )
     else:
         _p(console, f"  no massive dims (none >= {r.massive_ratio:g}x the median dim's max|x|)")
     _p(console, f"  outliers (norm >= {r.factor:g}x median = {r.factor * r.median_norm:.4g}): {r.outliers_total:,}")
     for hit in r.contexts:
-        head = Text(f"    {hit['norm']:>10.4g}  {safe_text(hit['file'].rsplit('/', 1)[-1])} seq {hit['sequence']} "
-                    f"pos {hit['position']}: ", style="cyan")
+        head = Text(
+            f"    {hit['norm']:>10.4g}  {safe_text(hit['file'].rsplit('/', 1)[-1])} seq {hit['sequence']} "
+            f"pos {hit['position']}: ",
+            style="cyan",
+        )
         _p(console, head + _ctx_text(Context(**hit["context"])))
     if r.written:
         _p(console, f"wrote {safe_text(r.written)}", "dim")
 
 
-RENDERERS: dict[type, Callable[[Any, Console], None]] = {GrepResult: render_grep, TopResult: render_top, SaeEvalResult: render_sae_eval,
-             HeatResult: render_heat, NormsResult: render_norms}
+RENDERERS: dict[type, Callable[[Any, Console], None]] = {
+    GrepResult: render_grep,
+    TopResult: render_top,
+    SaeEvalResult: render_sae_eval,
+    HeatResult: render_heat,
+    NormsResult: render_norms,
+}
 
 
 def render(result, console: Console) -> None:

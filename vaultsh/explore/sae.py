@@ -72,7 +72,7 @@ class SAE:
     def _norm_in(self, x):
         """(x as the SAE sees it, what undoes that on a reconstruction) for `normalize`."""
         if self.normalize == "constant_norm_rescale":
-            c = self.d_in ** 0.5 / x.norm(dim=-1, keepdim=True)
+            c = self.d_in**0.5 / x.norm(dim=-1, keepdim=True)
             return x * c, lambda y: y / c
         if self.normalize == "layer_norm":
             mu = x.mean(dim=-1, keepdim=True)
@@ -131,7 +131,9 @@ class SAE:
 
     def check_feature(self, f: int) -> int:
         if not 0 <= f < self.d_sae:
-            raise CheckpointError(f"--feature {f}: out of range, {self.source} has {self.d_sae} latents (0-{self.d_sae - 1})")
+            raise CheckpointError(
+                f"--feature {f}: out of range, {self.source} has {self.d_sae} latents (0-{self.d_sae - 1})"
+            )
         return f
 
     def check_d_in(self, d: int, where: str) -> None:
@@ -139,21 +141,31 @@ class SAE:
             raise CheckpointError(f"{self.source}: the SAE reads d_in={self.d_in} but {where} has d_model={d}")
 
     def describe(self) -> dict:
-        return {"source": self.source, "layout": self.layout, "architecture": self.architecture,
-                "d_in": self.d_in, "d_sae": self.d_sae, "k": self.k, "normalize_activations": self.normalize,
-                "rescale_acts_by_decoder_norm": self.rescale_by_dec_norm}
+        return {
+            "source": self.source,
+            "layout": self.layout,
+            "architecture": self.architecture,
+            "d_in": self.d_in,
+            "d_sae": self.d_sae,
+            "k": self.k,
+            "normalize_activations": self.normalize,
+            "rescale_acts_by_decoder_norm": self.rescale_by_dec_norm,
+        }
 
 
 def refuse_pickle(path: Path) -> None:
     """Raise for a pickle checkpoint, judged by name and by its first bytes only."""
     if path.name.endswith(PICKLE_SUFFIXES):
-        raise CheckpointError(f"{path}: a pickle checkpoint ({path.suffix}) is refused: unpickling runs code; "
-                              "convert it to safetensors (SAELens or sparsify layout)")
+        raise CheckpointError(
+            f"{path}: a pickle checkpoint ({path.suffix}) is refused: unpickling runs code; "
+            "convert it to safetensors (SAELens or sparsify layout)"
+        )
     with open(path, "rb") as f:
         head = f.read(4)
     if head.startswith(b"PK\x03\x04") or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5):
-        raise CheckpointError(f"{path}: a pickle/torch.save file is refused (unpickling runs code); "
-                              "use a safetensors checkpoint")
+        raise CheckpointError(
+            f"{path}: a pickle/torch.save file is refused (unpickling runs code); use a safetensors checkpoint"
+        )
 
 
 def _read_cfg(folder: Path) -> dict:
@@ -173,8 +185,9 @@ def _read_cfg(folder: Path) -> dict:
 
 def _locate(path: Path) -> Path:
     if not path.exists():
-        raise CheckpointError(f"{path}: no such SAE checkpoint (a directory with cfg.json and "
-                              f"{SAELENS_FILE} or {SPARSIFY_FILE})")
+        raise CheckpointError(
+            f"{path}: no such SAE checkpoint (a directory with cfg.json and {SAELENS_FILE} or {SPARSIFY_FILE})"
+        )
     if path.is_dir():
         for name in (SAELENS_FILE, SPARSIFY_FILE):
             if (path / name).is_file():
@@ -232,11 +245,22 @@ def load_sae(path: str | Path) -> SAE:
             raise CheckpointError(
                 f"{file}: cfg.json has normalize_activations={norm!r}, whose factor is not in the checkpoint; "
                 "fold it into the weights first (SAELens: sae.fold_activation_norm_scaling_factor(f), then "
-                "save_inference_model; vaultsh's saelens_scaling_factor gives f for a store)")
-        sae = SAE(src, "saelens", arch, t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"],
-                  threshold=t.get("threshold"), k=_k(cfg), subtract_b_dec=bool(cfg.get("apply_b_dec_to_input", True)),
-                  rescale_by_dec_norm=arch == "topk" and bool(cfg.get("rescale_acts_by_decoder_norm", False)),
-                  normalize=norm)
+                "save_inference_model; vaultsh's saelens_scaling_factor gives f for a store)"
+            )
+        sae = SAE(
+            src,
+            "saelens",
+            arch,
+            t["W_enc"],
+            t["b_enc"],
+            t["W_dec"],
+            t["b_dec"],
+            threshold=t.get("threshold"),
+            k=_k(cfg),
+            subtract_b_dec=bool(cfg.get("apply_b_dec_to_input", True)),
+            rescale_by_dec_norm=arch == "topk" and bool(cfg.get("rescale_acts_by_decoder_norm", False)),
+            normalize=norm,
+        )
         if arch == "jumprelu" and sae.threshold is None:
             raise CheckpointError(f"{file}: a JumpReLU SAE needs a 'threshold' tensor")
         if arch == "topk" and sae.k is None:
@@ -252,14 +276,20 @@ def load_sae(path: str | Path) -> SAE:
         k = _k(cfg)
         if k is None:
             raise CheckpointError(f"{file}: a sparsify SAE needs 'k' in cfg.json")
-        sae = SAE(src, "sparsify", "topk", t["encoder.weight"].T.contiguous(), t["encoder.bias"], t["W_dec"],
-                  t["b_dec"], k=k)
+        sae = SAE(
+            src, "sparsify", "topk", t["encoder.weight"].T.contiguous(), t["encoder.bias"], t["W_dec"], t["b_dec"], k=k
+        )
     else:
-        raise CheckpointError(f"{file}: neither SAELens (W_enc, ...) nor sparsify (encoder.weight, ...) tensor names; "
-                              f"found {', '.join(sorted(t)[:6])}")
+        raise CheckpointError(
+            f"{file}: neither SAELens (W_enc, ...) nor sparsify (encoder.weight, ...) tensor names; "
+            f"found {', '.join(sorted(t)[:6])}"
+        )
     d_in, d_sae = sae.W_enc.shape
-    for name, tensor, shape in (("b_enc", sae.b_enc, (d_sae,)), ("W_dec", sae.W_dec, (d_sae, d_in)),
-                                ("b_dec", sae.b_dec, (d_in,))):
+    for name, tensor, shape in (
+        ("b_enc", sae.b_enc, (d_sae,)),
+        ("W_dec", sae.W_dec, (d_sae, d_in)),
+        ("b_dec", sae.b_dec, (d_in,)),
+    ):
         if tuple(tensor.shape) != shape:
             raise CheckpointError(f"{file}: {name} has shape {list(tensor.shape)}, expected {list(shape)}")
     if sae.threshold is not None and tuple(sae.threshold.shape) != (d_sae,):

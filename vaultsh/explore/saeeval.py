@@ -31,14 +31,33 @@ class SaeEvalResult:
     freq_quantiles: dict = field(default_factory=dict)  # latent firing frequency quantiles
 
     def to_json(self) -> dict:
-        return {"run": self.run, "hook": self.hook, "sae": self.sae, "tokens": self.tokens, "l0": self.l0,
-                "fvu": self.fvu, "explained_variance": 1.0 - self.fvu, "mse": self.mse, "dead": self.dead,
-                "dense": self.dense, "dense_threshold": self.dense_threshold, "d_sae": self.sae.get("d_sae"),
-                "freq_quantiles": self.freq_quantiles}
+        return {
+            "run": self.run,
+            "hook": self.hook,
+            "sae": self.sae,
+            "tokens": self.tokens,
+            "l0": self.l0,
+            "fvu": self.fvu,
+            "explained_variance": 1.0 - self.fvu,
+            "mse": self.mse,
+            "dead": self.dead,
+            "dense": self.dense,
+            "dense_threshold": self.dense_threshold,
+            "d_sae": self.sae.get("d_sae"),
+            "freq_quantiles": self.freq_quantiles,
+        }
 
 
-def sae_eval(store, key: str, hook: str | None, ckpt: str, *, tokens: int = 100_000, dense: float = 0.1,
-             progress: Progress | None = None) -> SaeEvalResult:
+def sae_eval(
+    store,
+    key: str,
+    hook: str | None,
+    ckpt: str,
+    *,
+    tokens: int = 100_000,
+    dense: float = 0.1,
+    progress: Progress | None = None,
+) -> SaeEvalResult:
     """L0, FVU, dead and dense latents of the SAE at `ckpt` over `tokens` real tokens of the hook."""
     import torch
 
@@ -89,6 +108,15 @@ def sae_eval(store, key: str, hook: str | None, ckpt: str, *, tokens: int = 100_
     freq = fired / n
     qs = torch.quantile(freq, torch.tensor([0.0, 0.5, 0.9, 0.99, 1.0], dtype=torch.float64))
     return SaeEvalResult(
-        ref.run, ref.hook, sae.describe(), n, l0_sum / n, sse / sst if sst > 0 else float("nan"),
-        sse / (n * sae.d_in), int((fired == 0).sum()), int((freq > dense).sum()), dense,
-        {k: float(v) for k, v in zip(("min", "0.5", "0.9", "0.99", "max"), qs.tolist())})
+        ref.run,
+        ref.hook,
+        sae.describe(),
+        n,
+        l0_sum / n,
+        sse / sst if sst > 0 else float("nan"),
+        sse / (n * sae.d_in),
+        int((fired == 0).sum()),
+        int((freq > dense).sum()),
+        dense,
+        {k: float(v) for k, v in zip(("min", "0.5", "0.9", "0.99", "max"), qs.tolist())},
+    )

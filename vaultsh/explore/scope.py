@@ -83,6 +83,9 @@ def one_hook(store: Store, key: str, hook: str | None) -> HookRef:
     refs = hooks_for(store, key, hook)
     if len(refs) > 1:
         names = sorted({r.hook for r in refs})
-        raise UserError(f"name one hook (hooks here: {', '.join(names)})" if hook is None
-                        else f"{len(refs)} runs have hook {hook!r}: cd into one run first")
+        raise UserError(
+            f"name one hook (hooks here: {', '.join(names)})"
+            if hook is None
+            else f"{len(refs)} runs have hook {hook!r}: cd into one run first"
+        )
     return refs[0]

@@ -10,15 +10,16 @@ segments: the sequence's own offset + p). See docs/format.md.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from vaultsh.provenance import UNKNOWN, as_dict, describe
 
 
-def token_source(source: np.ndarray | None, segments: np.ndarray | None, sequence: int, position: int,
-                 names: Sequence[str] | None) -> dict | None:
+def token_source(
+    source: np.ndarray | None, segments: np.ndarray | None, sequence: int, position: int, names: Sequence[str] | None
+) -> dict | None:
     """`{"source", "source_index", "document_index", "token_offset"}` of one token (None: the file has no
     provenance); `token_offset` is the token's own offset in its document (-1 where unknown)."""
     if source is None or not 0 <= sequence < source.shape[0]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from vaultsh.explore.scope import HookRef
 
@@ -11,14 +11,16 @@ Progress = Callable[[int, int], None]  # (files done, files in all)
 ROWS_PER_CHUNK = 16384  # tokens per value computation: bounds the memory of an SAE's full encode
 
 
-def megabatches(store, ref: HookRef, files: int | None = None, seed: int = 0,
-                progress: Progress | None = None) -> Iterator[tuple[str, dict]]:
+def megabatches(
+    store, ref: HookRef, files: int | None = None, seed: int = 0, progress: Progress | None = None
+) -> Iterator[tuple[str, dict]]:
     """(file key, megabatch dict with states, input_ids, mask) for the hook's committed files, in order;
     `files=N`: a seeded random sample of N files."""
     from vaultsh.reader import ActivationReader
 
-    reader = ActivationReader(ref.key, store=store, return_ids=True, return_mask=True, return_file=True,
-                              shuffle=files is not None, seed=seed)
+    reader = ActivationReader(
+        ref.key, store=store, return_ids=True, return_mask=True, return_file=True, shuffle=files is not None, seed=seed
+    )
     keys = [f.key for f in reader.files]
     total = len(keys) if files is None else min(files, len(keys))
     try:
@@ -38,7 +40,7 @@ def chunked(fn, x):
 
     if x.shape[0] <= ROWS_PER_CHUNK:
         return fn(x)
-    return torch.cat([fn(x[i:i + ROWS_PER_CHUNK]) for i in range(0, x.shape[0], ROWS_PER_CHUNK)])
+    return torch.cat([fn(x[i : i + ROWS_PER_CHUNK]) for i in range(0, x.shape[0], ROWS_PER_CHUNK)])
 
 
 def token_values(vf, states):

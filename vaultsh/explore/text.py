@@ -10,8 +10,8 @@ replacement character in both pieces.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from vaultsh import tokens as dec
 

@@ -31,9 +31,16 @@ class TopToken:
     source: dict | None = None  # provenance: source, document, the token's offset in it (None: none recorded)
 
     def to_json(self) -> dict:
-        return {"value": self.value, "file": self.file, "sequence": self.sequence, "position": self.position,
-                "token_id": self.token_id, "quantile": self.quantile,
-                "context": self.context.to_json() if self.context else None, "source": self.source}
+        return {
+            "value": self.value,
+            "file": self.file,
+            "sequence": self.sequence,
+            "position": self.position,
+            "token_id": self.token_id,
+            "quantile": self.quantile,
+            "context": self.context.to_json() if self.context else None,
+            "source": self.source,
+        }
 
 
 @dataclass
@@ -47,12 +54,29 @@ class TopResult:
     top: list[TopToken] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"run": self.run, "hook": self.hook, "value": self.value, "k": self.k, "tokens": self.tokens,
-                "files": self.files, "top": [t.to_json() for t in self.top]}
+        return {
+            "run": self.run,
+            "hook": self.hook,
+            "value": self.value,
+            "k": self.k,
+            "tokens": self.tokens,
+            "files": self.files,
+            "top": [t.to_json() for t in self.top],
+        }
 
 
-def top(store, key: str, hook: str | None, vf: ValueFn, *, k: int = 20, context_tokens: int = 8,
-        files: int | None = None, seed: int = 0, progress: Progress | None = None) -> TopResult:
+def top(
+    store,
+    key: str,
+    hook: str | None,
+    vf: ValueFn,
+    *,
+    k: int = 20,
+    context_tokens: int = 8,
+    files: int | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> TopResult:
     """The k tokens with the largest value over the hook's committed files (or a sample of `files`)."""
     import torch
 
@@ -83,8 +107,16 @@ def top(store, key: str, hook: str | None, vf: ValueFn, *, k: int = 20, context_
                 break
             s, p = divmod(i, t)
             lo, hi = max(0, p - context_tokens), min(t, p + context_tokens + 1)
-            best.append(TopToken(float(v), fkey, s, p, int(ids[s, p]),
-                                 window=(ids[s, lo:hi].tolist(), mask[s, lo:hi].tolist(), p - lo)))
+            best.append(
+                TopToken(
+                    float(v),
+                    fkey,
+                    s,
+                    p,
+                    int(ids[s, p]),
+                    window=(ids[s, lo:hi].tolist(), mask[s, lo:hi].tolist(), p - lo),
+                )
+            )
         best.sort(key=lambda x: -x.value)  # stable: earlier files first among equal values
         del best[k:]
         if first_meta is None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from vaultsh.errors import UserError
 
@@ -60,15 +60,24 @@ def load_direction(path: str | Path):
     return t
 
 
-def value_fn(*, dim: int | None = None, direction: str | None = None, sae: str | None = None,
-             feature: int | None = None, norm: bool = False) -> ValueFn:
+def value_fn(
+    *,
+    dim: int | None = None,
+    direction: str | None = None,
+    sae: str | None = None,
+    feature: int | None = None,
+    norm: bool = False,
+) -> ValueFn:
     """Exactly one of: `dim`, `direction` (a file), `sae` + `feature`, `norm`."""
     chosen = [n for n, v in (("--dim", dim), ("--direction", direction), ("--sae", sae)) if v is not None]
     if norm:
         chosen.append("--norm")
     if len(chosen) != 1:
-        raise UserError("give exactly one of --dim D, --direction FILE, --sae CKPT --feature F"
-                        + (", --norm" if norm or not chosen else "") + (f" (got {', '.join(chosen)})" if chosen else ""))
+        raise UserError(
+            "give exactly one of --dim D, --direction FILE, --sae CKPT --feature F"
+            + (", --norm" if norm or not chosen else "")
+            + (f" (got {', '.join(chosen)})" if chosen else "")
+        )
     if feature is not None and sae is None:
         raise UserError("--feature F needs --sae CKPT")
     if norm:
@@ -76,10 +85,12 @@ def value_fn(*, dim: int | None = None, direction: str | None = None, sae: str |
     if dim is not None:
         if dim < 0:
             raise UserError(f"--dim {dim}: use a whole number >= 0")
+
         def pick(x, dim=dim):
             if dim >= x.shape[-1]:
                 raise UserError(f"--dim {dim}: out of range, d_model is {x.shape[-1]} (0-{x.shape[-1] - 1})")
             return x[..., dim]
+
         return ValueFn(f"dim {dim}", pick)
     if direction is not None:
         v = load_direction(direction)

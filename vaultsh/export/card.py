@@ -51,20 +51,22 @@ def render_card(manifest: Manifest, vaultsh_version: str) -> str:
     positions = sum(f["sequences"] for f in plan.files) * shape["seq_len"]
     t, d = shape["seq_len"], shape["d_model"]
     complete = len(done) == len(plan.shards)
-    front = "\n".join([
-        "---",
-        "configs:",
-        "- config_name: default",
-        "  data_files:",
-        f"  - split: {SPLIT}",
-        f"    path: {json.dumps(SPLIT + '-*.parquet')}",
-        "tags:",
-        "- activations",
-        "- interpretability",
-        "- vaultsh",
-        "pretty_name: " + json.dumps(f"{src['hook']} activations of {src.get('model') or 'a model'}"),
-        "---",
-    ])
+    front = "\n".join(
+        [
+            "---",
+            "configs:",
+            "- config_name: default",
+            "  data_files:",
+            f"  - split: {SPLIT}",
+            f"    path: {json.dumps(SPLIT + '-*.parquet')}",
+            "tags:",
+            "- activations",
+            "- interpretability",
+            "- vaultsh",
+            "pretty_name: " + json.dumps(f"{src['hook']} activations of {src.get('model') or 'a model'}"),
+            "---",
+        ]
+    )
     states_shape = f"[{t}, {d}]" if mode == "sequences" else f"[{d}]"
     dtype_note = plan.dtype
     if plan.dtype == "bfloat16":
@@ -73,16 +75,24 @@ def render_card(manifest: Manifest, vaultsh_version: str) -> str:
         dtype_note = f"{plan.dtype} (widened exactly from the run's bfloat16)"
     cols = [f"| `states` | {states_shape} | {dtype_note} | activations at the hook |"]
     if mode == "tokens":
-        cols += ["| `input_ids` | scalar | " + _np_name(shape["ids_dtype"]) + " | the token |",
-                 "| `position` | scalar | int32 | position of the token in its sequence |"]
+        cols += [
+            "| `input_ids` | scalar | " + _np_name(shape["ids_dtype"]) + " | the token |",
+            "| `position` | scalar | int32 | position of the token in its sequence |",
+        ]
     else:
-        cols += [f"| `input_ids` | [{t}] | " + _np_name(shape["ids_dtype"]) + " | tokens of the sequence |",
-                 f"| `mask` | [{t}] | bool | true for real content (false: padding, special tokens, default system prompt) |"]
-    cols += ["| `megabatch` | scalar | int32 | index of the source megabatch (list below) |",
-             "| `sequence` | scalar | int32 | sequence index inside that megabatch |"]
+        cols += [
+            f"| `input_ids` | [{t}] | " + _np_name(shape["ids_dtype"]) + " | tokens of the sequence |",
+            f"| `mask` | [{t}] | bool | true for real content (false: padding, special tokens, default system prompt) |",
+        ]
+    cols += [
+        "| `megabatch` | scalar | int32 | index of the source megabatch (list below) |",
+        "| `sequence` | scalar | int32 | sequence index inside that megabatch |",
+    ]
     for name in plan.labels:
         dt, rest = plan.label_types[name]
-        cols.append(f"| `label_{_code(name)}` | {list(rest) if rest else 'scalar'} | {_np_name(dt)} | per-sequence label `{_code(name)}` |")
+        cols.append(
+            f"| `label_{_code(name)}` | {list(rest) if rest else 'scalar'} | {_np_name(dt)} | per-sequence label `{_code(name)}` |"
+        )
     row_word = "sequence" if mode == "sequences" else "unmasked token"
     lines = [
         front,
@@ -90,19 +100,25 @@ def render_card(manifest: Manifest, vaultsh_version: str) -> str:
         f"# Activations: {_md(src.get('model') or 'unknown model')}, hook {_md(src['hook'])}",
         "",
         f"Activations collected by vaultsh from run `{_code(posixpath.basename(src['run']))}`, hook `{_code(src['hook'])}`"
-        + (f" ({_md(src['site'])}, layer {_md(src['layer'])})" if src.get("site") else "") + ", exported to Parquet.",
+        + (f" ({_md(src['site'])}, layer {_md(src['layer'])})" if src.get("site") else "")
+        + ", exported to Parquet.",
         "",
         "## Contents",
         "",
-        f"- model: {_md(src.get('model') or 'unknown')}" + (f" (tokenizer: {_md(src['tokenizer'])})" if src.get("tokenizer") else ""),
+        f"- model: {_md(src.get('model') or 'unknown')}"
+        + (f" (tokenizer: {_md(src['tokenizer'])})" if src.get("tokenizer") else ""),
         f"- hook: {_md(src['hook'])}; d_model {d}, sequence length {t}",
         f"- one row per {row_word}" + (" (masked positions dropped)" if mode == "tokens" else ""),
         f"- rows: {rows_done:,} in {len(done)} of {len(plan.shards)} shards ({bytes_done:,} bytes)"
         + ("" if complete else f"; the full export has {plan.total_rows:,} rows"),
         f"- source: {len(plan.files)} committed megabatches, {sum(f['sequences'] for f in plan.files):,} sequences, "
         f"{positions:,} positions, {tokens}",
-        "- order: " + (f"globally shuffled across shards (seed {opts['seed']})" if opts["shuffle"]
-                         else "as collected (megabatch by megabatch, in commit order)"),
+        "- order: "
+        + (
+            f"globally shuffled across shards (seed {opts['seed']})"
+            if opts["shuffle"]
+            else "as collected (megabatch by megabatch, in commit order)"
+        ),
         "",
         "## Columns",
         "",

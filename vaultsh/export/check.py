@@ -31,20 +31,34 @@ class ExportCheck(ProblemReport):
     bytes: int = 0
 
     def to_json(self) -> dict:
-        return {"uri": self.uri, "kind": "export", "ok": not self.problems, "shards_total": self.shards_total,
-                "shards_finished": self.shards_finished, "rows": self.rows, "bytes": self.bytes,
-                "problems": self.problems_json()}
+        return {
+            "uri": self.uri,
+            "kind": "export",
+            "ok": not self.problems,
+            "shards_total": self.shards_total,
+            "shards_finished": self.shards_finished,
+            "rows": self.rows,
+            "bytes": self.bytes,
+            "problems": self.problems_json(),
+        }
 
     def lines(self, limit: int = SCREEN_PROBLEMS) -> list[tuple[str, str]]:
         out = problem_lines(self.problems, limit)
         left = self.shards_total - self.shards_finished
-        summary = (f"export {self.uri}: {self.shards_finished} of {self.shards_total} shards finished, "
-                   f"{self.rows:,} rows, {self.bytes:,} bytes")
+        summary = (
+            f"export {self.uri}: {self.shards_finished} of {self.shards_total} shards finished, "
+            f"{self.rows:,} rows, {self.bytes:,} bytes"
+        )
         if left:
             summary += f"; {left} not written yet (run the same vaultsh export command to finish)"
         if self.problems:
-            out.append(("red", f"{summary}; {len(self.problems)} problem(s): run the same vaultsh export command "
-                               "to rewrite broken shards"))
+            out.append(
+                (
+                    "red",
+                    f"{summary}; {len(self.problems)} problem(s): run the same vaultsh export command "
+                    "to rewrite broken shards",
+                )
+            )
         else:
             out.append(("green", "✅ " + summary))
         return out
@@ -110,8 +124,12 @@ def check_export(out: Store) -> ExportCheck:
             continue
         if not shard_intact(out, name, nbytes, listed):
             recorded = f"{nbytes:,}" if isinstance(nbytes, int) else "no size"
-            report.problem(where, "cut", f"{listed:,} bytes, the manifest recorded {recorded} and a Parquet "
-                                         "footer at the end (cut short by a crash or power loss?)")
+            report.problem(
+                where,
+                "cut",
+                f"{listed:,} bytes, the manifest recorded {recorded} and a Parquet "
+                "footer at the end (cut short by a crash or power loss?)",
+            )
             continue
         try:
             meta = _footer(out, name, listed)
@@ -119,8 +137,9 @@ def check_export(out: Store) -> ExportCheck:
             report.problem(where, "footer", f"unreadable Parquet footer: {str(exc).splitlines()[0][:160]}")
             continue
         if meta.num_rows != done.get("rows") or meta.num_rows != shard["rows"]:
-            report.problem(where, "rows", f"{meta.num_rows:,} rows, the manifest says {done.get('rows')} "
-                                          f"(plan: {shard['rows']:,})")
+            report.problem(
+                where, "rows", f"{meta.num_rows:,} rows, the manifest says {done.get('rows')} (plan: {shard['rows']:,})"
+            )
             continue
         raw = (meta.metadata or {}).get(b"vaultsh.export")
         try:
@@ -128,8 +147,9 @@ def check_export(out: Store) -> ExportCheck:
         except (ValueError, UnicodeDecodeError, AttributeError):
             fingerprint = None
         if fingerprint != manifest.fingerprint:
-            report.problem(where, "foreign", "its footer does not name this export (written by another "
-                                             "export or another tool)")
+            report.problem(
+                where, "foreign", "its footer does not name this export (written by another export or another tool)"
+            )
             continue
         report.rows += meta.num_rows
         report.bytes += listed

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -14,13 +15,28 @@ from vaultsh.dtypes import raw_numpy
 from vaultsh.errors import FormatError, UserError
 from vaultsh.export import card, shuffle
 from vaultsh.export.manifest import (
-    MANIFEST, ExportOptions, Manifest, Plan, check_label_columns, check_same_export, load_manifest,
-    plan_shards, stray_parquet,
+    MANIFEST,
+    ExportOptions,
+    Manifest,
+    Plan,
+    check_label_columns,
+    check_same_export,
+    load_manifest,
+    plan_shards,
+    stray_parquet,
 )
 from vaultsh.export.parquet import Stopped, rows_per_group, write_shard, writer_kwargs
 from vaultsh.export.rows import make_block, nrows, resolve_dtype, row_nbytes, schema_for
 from vaultsh.export.source import (
-    Decoded, Fetcher, FileInfo, Source, describe_labels, load, open_source, probe_all, probe_file,
+    Decoded,
+    Fetcher,
+    FileInfo,
+    Source,
+    describe_labels,
+    load,
+    open_source,
+    probe_all,
+    probe_file,
 )
 from vaultsh.store import Store, open_store
 
@@ -50,7 +66,9 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
-def prefetched(fn: Callable[[Any], Any], items: Iterable[Any], pool: ThreadPoolExecutor, depth: int = 2) -> Iterator[Any]:
+def prefetched(
+    fn: Callable[[Any], Any], items: Iterable[Any], pool: ThreadPoolExecutor, depth: int = 2
+) -> Iterator[Any]:
     """fn(item) for each item, in order, computed up to `depth` items ahead on `pool`."""
     items = list(items)
     futs: list[Future] = []
@@ -73,8 +91,15 @@ def _source_facts(src: Source) -> dict[str, Any]:
     cfg = src.cfg or {}
     model = md.get("model") or cfg.get("model_name") or (cfg.get("transformer_config") or {}).get("model_name")
     tok = cfg.get("tokenizer") or cfg.get("tokenizer_source")
-    out = {"uri": src.uri, "run": src.run.name, "hook": src.hook, "model": model if isinstance(model, str) else None,
-           "site": md.get("site"), "layer": md.get("layer"), "tokenizer": tok if isinstance(tok, str) else None}
+    out = {
+        "uri": src.uri,
+        "run": src.run.name,
+        "hook": src.hook,
+        "model": model if isinstance(model, str) else None,
+        "site": md.get("site"),
+        "layer": md.get("layer"),
+        "tokenizer": tok if isinstance(tok, str) else None,
+    }
     return {k: v for k, v in out.items() if v is not None or k in ("uri", "run", "hook", "model")}
 
 
@@ -95,8 +120,10 @@ def _probe(src: Source, options: ExportOptions) -> tuple[list[FileInfo], bool]:
     if all(f.n_sequences > 0 and f.size > 0 for f in recs):
         first = probe_file(src.store, recs[0], count_tokens=True)
         if first.sequences == recs[0].n_sequences and first.real_tokens == recs[0].n_tokens:
-            return [first] + [replace(first, name=f.name, size=f.size, sequences=f.n_sequences, real_tokens=f.n_tokens)
-                              for f in recs[1:]], True
+            return [first] + [
+                replace(first, name=f.name, size=f.size, sequences=f.n_sequences, real_tokens=f.n_tokens)
+                for f in recs[1:]
+            ], True
     counted = options.mode == "tokens"
     return probe_all(src.store, recs, count_tokens=counted), counted
 
@@ -111,7 +138,11 @@ def make_plan(src: Source, options: ExportOptions) -> Plan:
     infos, counted = _probe(src, options)
     first = infos[0]
     for fi in infos[1:]:
-        if (fi.seq_len, fi.d_model) != (first.seq_len, first.d_model) or fi.dtype != first.dtype or fi.ids_dtype != first.ids_dtype:
+        if (
+            (fi.seq_len, fi.d_model) != (first.seq_len, first.d_model)
+            or fi.dtype != first.dtype
+            or fi.ids_dtype != first.ids_dtype
+        ):
             raise FormatError(
                 f"{src.uri}/{fi.name}: states {fi.dtype} [.., {fi.seq_len}, {fi.d_model}] (input_ids {fi.ids_dtype}) "
                 f"differ from {first.name}'s {first.dtype} [.., {first.seq_len}, {first.d_model}] (input_ids {first.ids_dtype}): "
@@ -122,16 +153,28 @@ def make_plan(src: Source, options: ExportOptions) -> Plan:
     rows = [fi.sequences if options.mode == "sequences" else fi.real_tokens for fi in infos]
     if sum(rows) == 0:
         raise UserError(f"{src.uri}: nothing to export: every token of the committed megabatches is masked")
-    files = [{"name": fi.name, "size": fi.size, "sequences": fi.sequences,
-              "tokens": fi.real_tokens if counted else None, "rows": r}
-             for fi, r in zip(infos, rows)]
+    files = [
+        {
+            "name": fi.name,
+            "size": fi.size,
+            "sequences": fi.sequences,
+            "tokens": fi.real_tokens if counted else None,
+            "rows": r,
+        }
+        for fi, r in zip(infos, rows)
+    ]
     return Plan(
         source=_source_facts(src),
         options=options.identity(),
         dtype=resolve_dtype(options.dtype, first.dtype),
         labels=labels,
         label_types={n: [available[n][0], list(available[n][1])] for n in labels},
-        shape={"seq_len": first.seq_len, "d_model": first.d_model, "stored_dtype": first.dtype, "ids_dtype": first.ids_dtype},
+        shape={
+            "seq_len": first.seq_len,
+            "d_model": first.d_model,
+            "stored_dtype": first.dtype,
+            "ids_dtype": first.ids_dtype,
+        },
         files=files,
         shards=plan_shards(rows, options.batches_per_shard),
     )
@@ -145,17 +188,28 @@ def _count_tokens(plan: Plan, m: int, dec: Decoded) -> None:
 
 def _empty_decoded(plan: Plan) -> Decoded:
     t, d = plan.shape["seq_len"], plan.shape["d_model"]
-    labels: dict[str, tuple[np.ndarray, str]] = {n: (np.zeros([0] + list(rest), dtype=raw_numpy(dt)), dt) for n, (dt, rest) in plan.label_types.items()}
-    return Decoded(np.zeros((0, t, d), dtype=raw_numpy(plan.shape["stored_dtype"])), plan.shape["stored_dtype"],
-                   np.zeros((0, t), dtype=raw_numpy(plan.shape["ids_dtype"])), np.zeros((0, t), dtype=bool), labels, 0)
+    labels: dict[str, tuple[np.ndarray, str]] = {
+        n: (np.zeros([0] + list(rest), dtype=raw_numpy(dt)), dt) for n, (dt, rest) in plan.label_types.items()
+    }
+    return Decoded(
+        np.zeros((0, t, d), dtype=raw_numpy(plan.shape["stored_dtype"])),
+        plan.shape["stored_dtype"],
+        np.zeros((0, t), dtype=raw_numpy(plan.shape["ids_dtype"])),
+        np.zeros((0, t), dtype=bool),
+        labels,
+        0,
+    )
 
 
 def _schema(plan: Plan, fingerprint: str):
     import json
 
     block = make_block(_empty_decoded(plan), 0, plan.options["mode"], plan.dtype, plan.labels)
-    meta = {"vaultsh.export": json.dumps({"source": plan.source, "options": plan.options, "dtype": plan.dtype,
-                                          "fingerprint": fingerprint})}
+    meta = {
+        "vaultsh.export": json.dumps(
+            {"source": plan.source, "options": plan.options, "dtype": plan.dtype, "fingerprint": fingerprint}
+        )
+    }
     return schema_for(block, plan.dtype, meta), row_nbytes(block)
 
 
@@ -165,23 +219,35 @@ def _check_decoded(dec: Decoded, plan: Plan, m: int, src: Source) -> None:
     n, t, d = dec.states.shape
     want = plan.shape
     ids = dec.input_ids.dtype
-    if ((t, d) != (want["seq_len"], want["d_model"]) or dec.states_dtype != want["stored_dtype"]
-            or ids != raw_numpy(want["ids_dtype"]) or dec.input_ids.shape != (n, t)):
-        raise FormatError(f"{src.uri}/{f['name']}: states {dec.states_dtype} [{n}, {t}, {d}] (input_ids {ids}) differ from "
-                          f"the export's {want['stored_dtype']} [.., {want['seq_len']}, {want['d_model']}] "
-                          f"(input_ids {want['ids_dtype']}, from {plan.files[0]['name']}): one export needs one shape")
+    if (
+        (t, d) != (want["seq_len"], want["d_model"])
+        or dec.states_dtype != want["stored_dtype"]
+        or ids != raw_numpy(want["ids_dtype"])
+        or dec.input_ids.shape != (n, t)
+    ):
+        raise FormatError(
+            f"{src.uri}/{f['name']}: states {dec.states_dtype} [{n}, {t}, {d}] (input_ids {ids}) differ from "
+            f"the export's {want['stored_dtype']} [.., {want['seq_len']}, {want['d_model']}] "
+            f"(input_ids {want['ids_dtype']}, from {plan.files[0]['name']}): one export needs one shape"
+        )
     if n != f["sequences"]:
-        raise FormatError(f"{src.uri}/{f['name']}: {n} sequences, its commit record says {f['sequences']} "
-                          "(was the file replaced since it was committed?)")
+        raise FormatError(
+            f"{src.uri}/{f['name']}: {n} sequences, its commit record says {f['sequences']} "
+            "(was the file replaced since it was committed?)"
+        )
     if f.get("tokens") is not None:
         real = int(np.count_nonzero(dec.mask))
         if real != f["tokens"]:
-            raise FormatError(f"{src.uri}/{f['name']}: {real} unmasked tokens, the export plan (its commit record) "
-                              f"says {f['tokens']} (was the file replaced since it was committed?)")
+            raise FormatError(
+                f"{src.uri}/{f['name']}: {real} unmasked tokens, the export plan (its commit record) "
+                f"says {f['tokens']} (was the file replaced since it was committed?)"
+            )
     missing = [lab for lab in plan.labels if lab not in dec.labels]
     if missing:
-        raise FormatError(f"{src.uri}/{f['name']}: label {missing[0]!r} is missing (the export takes the labels of "
-                          f"{plan.files[0]['name']}; choose others with --label-columns)")
+        raise FormatError(
+            f"{src.uri}/{f['name']}: label {missing[0]!r} is missing (the export takes the labels of "
+            f"{plan.files[0]['name']}; choose others with --label-columns)"
+        )
 
 
 def export(
@@ -230,28 +296,36 @@ def export(
         planned = {f["name"] for f in manifest.plan.files}
         newer = [f for f in src.files if f.name not in planned]
         if newer:
-            notes.append(f"{len(newer)} megabatch(es) committed since this export started are not part of it "
-                         "(export to a new OUT to include them)")
+            notes.append(
+                f"{len(newer)} megabatch(es) committed since this export started are not part of it "
+                "(export to a new OUT to include them)"
+            )
     else:
         stray = stray_parquet(sorted(listing), None)
         if stray:
-            raise UserError(f"{out.uri} holds Parquet files that no vaultsh export manifest describes ({stray[0]}, ...): "
-                            "use an empty OUT")
+            raise UserError(
+                f"{out.uri} holds Parquet files that no vaultsh export manifest describes ({stray[0]}, ...): "
+                "use an empty OUT"
+            )
         manifest = Manifest(make_plan(src, options), command=command)
     plan = manifest.plan
     stray = stray_parquet(sorted(listing), plan)
     if stray:
         raise UserError(f"{out.uri} holds {stray[0]}, which this export did not write: remove it or use another OUT")
     if src.uncommitted:
-        notes.append(f"the run is still being written: {src.uncommitted} uncommitted file(s) in {src.hook} are ignored; "
-                     f"exporting the {len(plan.files)} committed megabatch(es)")
+        notes.append(
+            f"the run is still being written: {src.uncommitted} uncommitted file(s) in {src.hook} are ignored; "
+            f"exporting the {len(plan.files)} committed megabatch(es)"
+        )
     # a finished shard deleted or cut short since is written again
     broken = [n for n, done in manifest.finished.items() if not shard_intact(out, n, done.get("bytes"), listing.get(n))]
     for name in broken:
         del manifest.finished[name]
         if name in listing:
-            notes.append(f"{out.child_uri(name)} is not the complete shard this export wrote "
-                         "(cut short by a crash or power loss?): writing it again")
+            notes.append(
+                f"{out.child_uri(name)} is not the complete shard this export wrote "
+                "(cut short by a crash or power loss?): writing it again"
+            )
     resumed = existing is not None and bool(manifest.finished)
     if command:
         manifest.command = command
@@ -276,8 +350,22 @@ def export(
 
     try:
         if todo and options.shuffle:
-            _write_shuffled(src, out, plan, todo, schema, row_bytes, options, workers, tmp_dir, progress, stop, finished,
-                            fsync, shuffle_memory)
+            _write_shuffled(
+                src,
+                out,
+                plan,
+                todo,
+                schema,
+                row_bytes,
+                options,
+                workers,
+                tmp_dir,
+                progress,
+                stop,
+                finished,
+                fsync,
+                shuffle_memory,
+            )
         elif todo:
             _write_in_order(src, out, plan, todo, schema, options, workers, progress, stop, finished, fsync)
     except BaseException:
@@ -291,9 +379,16 @@ def export(
     if written["shards"] or not out.exists(CARD):
         _write_card(out, manifest)
     return ExportResult(
-        out_uri=out.uri, source_uri=src.uri, shards_total=len(plan.shards), shards_done=len(manifest.finished),
-        shards_written=written["shards"], rows_written=written["rows"], bytes_written=written["bytes"],
-        resumed=resumed, complete=len(manifest.finished) == len(plan.shards), notes=notes,
+        out_uri=out.uri,
+        source_uri=src.uri,
+        shards_total=len(plan.shards),
+        shards_done=len(manifest.finished),
+        shards_written=written["shards"],
+        rows_written=written["rows"],
+        bytes_written=written["bytes"],
+        resumed=resumed,
+        complete=len(manifest.finished) == len(plan.shards),
+        notes=notes,
     )
 
 
@@ -325,8 +420,13 @@ def writer_kwargs_check(options: ExportOptions) -> None:
     writer_kwargs(pa.schema([pa.field("states", pa.float32())]), options.compression)
 
 
-def _run_shards(todo: list[int], work: Callable[[int], tuple[int, int]], workers: int, stop: threading.Event,
-                finished: Callable[[int, int, int], None]) -> None:
+def _run_shards(
+    todo: list[int],
+    work: Callable[[int], tuple[int, int]],
+    workers: int,
+    stop: threading.Event,
+    finished: Callable[[int, int, int], None],
+) -> None:
     """Run `work(shard)` for every shard on `workers` threads; the first error stops the rest."""
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vaultsh-export")
     pending: dict[Future, int] = {}
@@ -370,8 +470,9 @@ def _checked_loader(fetcher: Fetcher, src: Source, plan: Plan) -> Callable[[int]
     return fetch
 
 
-def _write_in_order(src, out: Store, plan: Plan, todo, schema, options, workers, progress, stop, finished,
-                    fsync: bool) -> None:
+def _write_in_order(
+    src, out: Store, plan: Plan, todo, schema, options, workers, progress, stop, finished, fsync: bool
+) -> None:
     mode, labels = plan.options["mode"], plan.labels
     files = plan.files
     total_bytes = sum(f["size"] for i in todo for f in files[slice(*plan.shards[i]["files"])])
@@ -392,8 +493,17 @@ def _write_in_order(src, out: Store, plan: Plan, todo, schema, options, workers,
                 # the writer asks for the next block only once this one is in the file
                 fetcher.recycle(dec)
 
-        return write_shard(out, shard["name"], schema, blocks(), options.compression, shard["rows"],
-                           on_block=lambda rows, nb: progress.advance(nb, rows), stop=stop, durable=fsync)
+        return write_shard(
+            out,
+            shard["name"],
+            schema,
+            blocks(),
+            options.compression,
+            shard["rows"],
+            on_block=lambda rows, nb: progress.advance(nb, rows),
+            stop=stop,
+            durable=fsync,
+        )
 
     try:
         _run_shards(todo, work, workers, stop, finished)
@@ -402,8 +512,22 @@ def _write_in_order(src, out: Store, plan: Plan, todo, schema, options, workers,
         fetcher.close()
 
 
-def _write_shuffled(src, out: Store, plan: Plan, todo, schema, row_bytes, options, workers, tmp_dir, progress, stop,
-                    finished, fsync: bool, shuffle_memory: int | None) -> None:
+def _write_shuffled(
+    src,
+    out: Store,
+    plan: Plan,
+    todo,
+    schema,
+    row_bytes,
+    options,
+    workers,
+    tmp_dir,
+    progress,
+    stop,
+    finished,
+    fsync: bool,
+    shuffle_memory: int | None,
+) -> None:
     mode, labels = plan.options["mode"], plan.labels
     files = plan.files
     todo_set = set(todo)
@@ -430,12 +554,14 @@ def _write_shuffled(src, out: Store, plan: Plan, todo, schema, row_bytes, option
                 block = make_block(dec, m, mode, plan.dtype, labels)
                 r = nrows(block)
                 if r != files[m]["rows"]:
-                    raise FormatError(f"{src.uri}/{files[m]['name']}: {r} rows, the export plan says {files[m]['rows']} "
-                                      "(did the run's committed files change since the export started?)")
+                    raise FormatError(
+                        f"{src.uri}/{files[m]['name']}: {r} rows, the export plan says {files[m]['rows']} "
+                        "(did the run's committed files change since the export started?)"
+                    )
                 counts, order = shuffle.deal(rng, remaining, r)
                 remaining -= counts
                 cum = np.concatenate([[0], np.cumsum(counts)])
-                parts = [(s, order[cum[s]:cum[s + 1]]) for s in sorted(todo_set) if counts[s]]
+                parts = [(s, order[cum[s] : cum[s + 1]]) for s in sorted(todo_set) if counts[s]]
                 if parts:
                     spill.add(m, block, parts)  # copies the rows out: the buffer is free again
                 del block
@@ -451,8 +577,17 @@ def _write_shuffled(src, out: Store, plan: Plan, todo, schema, row_bytes, option
         def work(i: int) -> tuple[int, int]:
             shard = plan.shards[i]
             blocks = spill.shard_blocks(i, shuffle.shard_rng(options.seed, i), group)
-            return write_shard(out, shard["name"], schema, blocks, options.compression, shard["rows"],
-                               on_block=lambda rows, nb: progress.advance(nb, rows), stop=stop, durable=fsync)
+            return write_shard(
+                out,
+                shard["name"],
+                schema,
+                blocks,
+                options.compression,
+                shard["rows"],
+                on_block=lambda rows, nb: progress.advance(nb, rows),
+                stop=stop,
+                durable=fsync,
+            )
 
         _run_shards(todo, work, workers, stop, finished)
     finally:

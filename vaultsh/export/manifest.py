@@ -74,19 +74,29 @@ class Plan:
     labels: list[str]  # label columns exported
     label_types: dict[str, list]  # name -> [stored dtype, trailing shape]
     shape: dict[str, Any]  # seq_len, d_model, stored_dtype, ids_dtype
-    files: list[dict[str, Any]]  # name, size, sequences, tokens (unmasked; None until written when not known up front), rows
+    files: list[
+        dict[str, Any]
+    ]  # name, size, sequences, tokens (unmasked; None until written when not known up front), rows
     shards: list[dict[str, Any]]  # name, files [start, stop], rows
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "source": self.source, "options": self.options, "dtype": self.dtype, "labels": self.labels,
-            "label_types": self.label_types, "shape": self.shape, "files": self.files, "shards": self.shards,
+            "source": self.source,
+            "options": self.options,
+            "dtype": self.dtype,
+            "labels": self.labels,
+            "label_types": self.label_types,
+            "shape": self.shape,
+            "files": self.files,
+            "shards": self.shards,
         }
 
     @classmethod
-    def from_dict(cls, d: Any, where: str) -> "Plan":
+    def from_dict(cls, d: Any, where: str) -> Plan:
         try:
-            plan = cls(**{k: d[k] for k in ("source", "options", "dtype", "labels", "label_types", "shape", "files", "shards")})
+            plan = cls(
+                **{k: d[k] for k in ("source", "options", "dtype", "labels", "label_types", "shape", "files", "shards")}
+            )
             for s in plan.shards:
                 _shard_name_ok(s["name"], where)
                 int(s["rows"]), int(s["files"][0]), int(s["files"][1])
@@ -102,7 +112,13 @@ class Plan:
 
 
 def _shard_name_ok(name: Any, where: str) -> None:
-    if not isinstance(name, str) or "/" in name or "\\" in name or not name.endswith(".parquet") or name.startswith("."):
+    if (
+        not isinstance(name, str)
+        or "/" in name
+        or "\\" in name
+        or not name.endswith(".parquet")
+        or name.startswith(".")
+    ):
         raise FormatError(f"{where}: bad shard name {name!r}")
 
 
@@ -139,14 +155,25 @@ class Manifest:
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_json(self) -> str:
-        return json.dumps({
-            "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "fingerprint": self.fingerprint,
-            "created": self.created, "updated": self.updated, "command": self.command,
-            "finished": self.finished, "plan": self.plan.to_dict(),
-        }, indent=1) + "\n"
+        return (
+            json.dumps(
+                {
+                    "format": MANIFEST_FORMAT,
+                    "version": MANIFEST_VERSION,
+                    "fingerprint": self.fingerprint,
+                    "created": self.created,
+                    "updated": self.updated,
+                    "command": self.command,
+                    "finished": self.finished,
+                    "plan": self.plan.to_dict(),
+                },
+                indent=1,
+            )
+            + "\n"
+        )
 
     @classmethod
-    def from_json(cls, data: bytes, where: str) -> "Manifest":
+    def from_json(cls, data: bytes, where: str) -> Manifest:
         try:
             d = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:

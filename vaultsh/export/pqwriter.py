@@ -210,7 +210,9 @@ class FastParquetWriter:
                 typ = typ.value_type
             dt = np.dtype(typ.to_pandas_dtype()) if str(typ) != "halffloat" else np.dtype(np.float16)
             phys, tlen, conv, logical, stored = SUPPORTED[dt]
-            self.leaves.append(_Leaf(field.name, tuple(sizes), phys, tlen, conv, logical, stored, _rep_pattern(tuple(sizes))))
+            self.leaves.append(
+                _Leaf(field.name, tuple(sizes), phys, tlen, conv, logical, stored, _rep_pattern(tuple(sizes)))
+            )
         self.row_groups: list[list] = []
         self.num_rows = 0
         self.offset = 0
@@ -273,10 +275,14 @@ class FastParquetWriter:
                 body = codec.compress(b"".join(bytes(p) for p in parts), asbytes=True)
                 parts = [body]
             comp_len = sum(memoryview(p).nbytes for p in parts)
-            header = _encode([
-                (1, "i32", _DATA_PAGE), (2, "i32", body_len), (3, "i32", comp_len),
-                (5, "struct", [(1, "i32", n_values), (2, "i32", _PLAIN), (3, "i32", _RLE), (4, "i32", _RLE)]),
-            ])
+            header = _encode(
+                [
+                    (1, "i32", _DATA_PAGE),
+                    (2, "i32", body_len),
+                    (3, "i32", comp_len),
+                    (5, "struct", [(1, "i32", n_values), (2, "i32", _PLAIN), (3, "i32", _RLE), (4, "i32", _RLE)]),
+                ]
+            )
             self._write(header)
             for p in parts:
                 self._write(p)
@@ -300,13 +306,28 @@ class FastParquetWriter:
         for leaf in self.leaves:
             name = leaf.name
             for _ in range(leaf.level):
-                els.append([(3, "i32", _REQUIRED), (4, "bin", name), (5, "i32", 1), (6, "i32", _CONVERTED_LIST),
-                            (10, "struct", [(3, "struct", [])])])
+                els.append(
+                    [
+                        (3, "i32", _REQUIRED),
+                        (4, "bin", name),
+                        (5, "i32", 1),
+                        (6, "i32", _CONVERTED_LIST),
+                        (10, "struct", [(3, "struct", [])]),
+                    ]
+                )
                 els.append([(3, "i32", _REPEATED), (4, "bin", "list"), (5, "i32", 1)])
                 name = "element"
             logical: list | None = [(leaf.logical, "struct", [])] if leaf.logical else None
-            els.append([(1, "i32", leaf.physical), (2, "i32", leaf.type_length), (3, "i32", _REQUIRED),
-                        (4, "bin", name), (6, "i32", leaf.converted), (10, "struct", logical)])
+            els.append(
+                [
+                    (1, "i32", leaf.physical),
+                    (2, "i32", leaf.type_length),
+                    (3, "i32", _REQUIRED),
+                    (4, "bin", name),
+                    (6, "i32", leaf.converted),
+                    (10, "struct", logical),
+                ]
+            )
         return els
 
     def close(self) -> None:
@@ -314,14 +335,16 @@ class FastParquetWriter:
         kv = [[(1, "bin", "ARROW:schema"), (2, "bin", base64.b64encode(self.schema.serialize().to_pybytes()).decode())]]
         for k, v in (self.schema.metadata or {}).items():
             kv.append([(1, "bin", k), (2, "bin", v)])
-        footer = _encode([
-            (1, "i32", 2),
-            (2, "list:struct", self._schema_elements()),
-            (3, "i64", self.num_rows),
-            (4, "list:struct", self.row_groups),
-            (5, "list:struct", kv),
-            (6, "bin", "vaultsh export"),
-        ])
+        footer = _encode(
+            [
+                (1, "i32", 2),
+                (2, "list:struct", self._schema_elements()),
+                (3, "i64", self.num_rows),
+                (4, "list:struct", self.row_groups),
+                (5, "list:struct", kv),
+                (6, "bin", "vaultsh export"),
+            ]
+        )
         self._write(footer)
         self._write(struct.pack("<I", len(footer)))
         self._write(MAGIC)

@@ -104,6 +104,7 @@ def saelens_scaling_factor(run_uri: str, hook: str) -> float:
 
 def _align(sources: list[Source]) -> list[dict[str, Any]]:
     """One entry per megabatch index: each hook's file (same worker and index), or a one-line error."""
+
     def ident(f, pos):
         return (f.worker, f.index) if f.worker is not None and f.index is not None else ("file", pos)
 
@@ -117,13 +118,19 @@ def _align(sources: list[Source]) -> list[dict[str, Any]]:
             k = (missing or extra)[0]
             has, lacks = (first, s) if missing else (s, first)
             name = (keyed[0] if missing else files)[k].name
-            raise FormatError(f"{has.uri}/{name} has no committed counterpart in {lacks.uri} "
-                              f"(worker {k[0]}, megabatch {k[1]}): the hooks are not aligned; export them separately")
+            raise FormatError(
+                f"{has.uri}/{name} has no committed counterpart in {lacks.uri} "
+                f"(worker {k[0]}, megabatch {k[1]}): the hooks are not aligned; export them separately"
+            )
     plan = []
     for k in order:
         recs = [files[k] for files in keyed]
-        plan.append({"files": {s.hook: {"name": r.name, "size": r.size} for s, r in zip(sources, recs)},
-                     "sequences": recs[0].n_sequences})
+        plan.append(
+            {
+                "files": {s.hook: {"name": r.name, "size": r.size} for s, r in zip(sources, recs)},
+                "sequences": recs[0].n_sequences,
+            }
+        )
     return plan
 
 
@@ -161,10 +168,24 @@ def make_plan(run_uri: str, hooks: list[str], dtype: str, batches_per_shard: int
     n = len(files)
     shard_ranges = [(a, min(n, a + batches_per_shard)) for a in range(0, n, batches_per_shard)]
     width = max(5, len(str(len(shard_ranges))))
-    shards = [{"name": f"data-{i:0{width}d}-of-{len(shard_ranges):0{width}d}.arrow", "files": list(r),
-               "rows": sum(files[m]["sequences"] for m in range(*r))} for i, r in enumerate(shard_ranges)]
-    plan = {"source": run_uri, "hooks": list(hooks), "dtype": dtype, "batches_per_shard": batches_per_shard,
-            "seq_len": lens.pop(), "shapes": shapes, "files": files, "shards": shards}
+    shards = [
+        {
+            "name": f"data-{i:0{width}d}-of-{len(shard_ranges):0{width}d}.arrow",
+            "files": list(r),
+            "rows": sum(files[m]["sequences"] for m in range(*r)),
+        }
+        for i, r in enumerate(shard_ranges)
+    ]
+    plan = {
+        "source": run_uri,
+        "hooks": list(hooks),
+        "dtype": dtype,
+        "batches_per_shard": batches_per_shard,
+        "seq_len": lens.pop(),
+        "shapes": shapes,
+        "files": files,
+        "shards": shards,
+    }
     return plan, sources
 
 
@@ -348,21 +369,26 @@ def _check_decoded(decs: dict[str, Decoded], plan: dict, m: int, src_uris: dict[
         sh = plan["shapes"][h]
         where = f"{src_uris[h]}/{entry['files'][h]['name']}"
         if (t, d) != (sh["seq_len"], sh["d_in"]) or dec.states_dtype != sh["stored_dtype"]:
-            raise FormatError(f"{where}: states {dec.states_dtype} [{n}, {t}, {d}] differ from the export's "
-                              f"{sh['stored_dtype']} [.., {sh['seq_len']}, {sh['d_in']}]: one export needs one shape")
+            raise FormatError(
+                f"{where}: states {dec.states_dtype} [{n}, {t}, {d}] differ from the export's "
+                f"{sh['stored_dtype']} [.., {sh['seq_len']}, {sh['d_in']}]: one export needs one shape"
+            )
         if n != entry["sequences"] and entry["sequences"] > 0:
-            raise FormatError(f"{where}: {n} sequences, its commit record says {entry['sequences']} "
-                              "(was the file replaced since it was committed?)")
+            raise FormatError(
+                f"{where}: {n} sequences, its commit record says {entry['sequences']} "
+                "(was the file replaced since it was committed?)"
+            )
         ref = decs[first].input_ids
         if h != first and (dec.input_ids.shape != ref.shape or not np.array_equal(dec.input_ids, ref)):
             if dec.input_ids.shape != ref.shape:
                 detail = f"input_ids {list(dec.input_ids.shape)} vs {list(ref.shape)}"
             else:
                 s, p = (int(x[0]) for x in np.nonzero(dec.input_ids != ref))
-                detail = (f"sequence {s}, position {p}: token {int(dec.input_ids[s, p])} vs "
-                          f"{int(ref[s, p])}")
-            raise FormatError(f"{where} and {src_uris[first]}/{entry['files'][first]['name']} do not hold the same "
-                              f"tokens ({detail}): the hooks are not aligned")
+                detail = f"sequence {s}, position {p}: token {int(dec.input_ids[s, p])} vs {int(ref[s, p])}"
+            raise FormatError(
+                f"{where} and {src_uris[first]}/{entry['files'][first]['name']} do not hold the same "
+                f"tokens ({detail}): the hooks are not aligned"
+            )
 
 
 def export_saelens(
@@ -387,8 +413,10 @@ def export_saelens(
     if max_shards is not None and max_shards < 1:
         raise UserError(f"--max-shards {max_shards} is not allowed: use a whole number >= 1")
     if "://" in str(out_dir):
-        raise UserError(f"{out_dir}: --format saelens writes a local directory (SAELens reads its cache from a "
-                        "local path): give a path")
+        raise UserError(
+            f"{out_dir}: --format saelens writes a local directory (SAELens reads its cache from a "
+            "local path): give a path"
+        )
     resolve_dtype(dtype, "F32")
     progress = progress or _Quiet()
     out = Path(out_dir)
@@ -405,20 +433,26 @@ def export_saelens(
         manifest = {"format": MANIFEST_FORMAT, "version": 1, "plan": plan, "finished": {}, "complete": False}
     else:
         if _identity(manifest["plan"]) != _identity(plan):
-            raise UserError(f"{out} holds another SAELens export ({json.dumps(_identity(manifest['plan']))}): "
-                            "use another OUT or the same source, --hooks, --dtype and --batches-per-shard")
+            raise UserError(
+                f"{out} holds another SAELens export ({json.dumps(_identity(manifest['plan']))}): "
+                "use another OUT or the same source, --hooks, --dtype and --batches-per-shard"
+            )
         planned = {json.dumps(f, sort_keys=True) for f in manifest["plan"]["files"]}
         newer = sum(1 for f in plan["files"] if json.dumps(f, sort_keys=True) not in planned)
         if newer:
-            notes.append(f"{newer} megabatch(es) committed since this export started are not part of it "
-                         "(export to a new OUT to include them)")
+            notes.append(
+                f"{newer} megabatch(es) committed since this export started are not part of it "
+                "(export to a new OUT to include them)"
+            )
         plan = manifest["plan"]
         for p in (out / ACTIVATIONS, out / TOKENS):
             p.mkdir(parents=True, exist_ok=True)
     resumed = bool(manifest["finished"])
     for name, done in list(manifest["finished"].items()):
-        if not (_intact(out / ACTIVATIONS / name, done.get("bytes_activations"))
-                and _intact(out / TOKENS / name, done.get("bytes_tokens"))):
+        if not (
+            _intact(out / ACTIVATIONS / name, done.get("bytes_activations"))
+            and _intact(out / TOKENS / name, done.get("bytes_tokens"))
+        ):
             del manifest["finished"][name]
             manifest["complete"] = False
             notes.append(f"{out / ACTIVATIONS / name} is not the complete shard this export wrote: writing it again")
@@ -436,8 +470,9 @@ def export_saelens(
     todo = [i for i in range(limit) if shards[i]["name"] not in manifest["finished"]]
     src_by_hook = {s.hook: s for s in sources}
     uris = {h: s.uri for h, s in src_by_hook.items()}
-    total_bytes = sum(sum(f["size"] for f in plan["files"][m]["files"].values())
-                      for i in todo for m in range(*shards[i]["files"]))
+    total_bytes = sum(
+        sum(f["size"] for f in plan["files"][m]["files"].values()) for i in todo for m in range(*shards[i]["files"])
+    )
     progress.phase("exporting", total_bytes, sum(shards[i]["rows"] for i in todo))
     written = {"shards": 0, "rows": 0, "bytes": 0}
     fetcher = Fetcher()
@@ -445,8 +480,10 @@ def export_saelens(
 
     def fetch(m: int) -> dict[str, Decoded]:
         entry = plan["files"][m]
-        futs = {h: pool.submit(load, fetcher, src_by_hook[h].store, src_by_hook[h].key_of(f["name"]), f["size"])
-                for h, f in entry["files"].items()}
+        futs = {
+            h: pool.submit(load, fetcher, src_by_hook[h].store, src_by_hook[h].key_of(f["name"]), f["size"])
+            for h, f in entry["files"].items()
+        }
         decs = {h: f.result() for h, f in futs.items()}
         _check_decoded(decs, plan, m, uris)
         return decs
@@ -464,8 +501,9 @@ def export_saelens(
             try:
                 for decs in prefetched(fetch, range(*shard["files"]), ahead, depth=3):
                     first = decs[plan["hooks"][0]]
-                    states = {h: convert_states(d.states, d.states_dtype, plan["shapes"][h]["dtype"])
-                              for h, d in decs.items()}
+                    states = {
+                        h: convert_states(d.states, d.states_dtype, plan["shapes"][h]["dtype"]) for h, d in decs.items()
+                    }
                     n = first.input_ids.shape[0]
                     t = plan["seq_len"]
                     d_max = max(plan["shapes"][h]["d_in"] for h in plan["hooks"])
@@ -484,16 +522,21 @@ def export_saelens(
                         fetcher.recycle(d)
                     progress.advance(nbytes, n)
                 if rows != shard["rows"]:
-                    raise FormatError(f"{out / ACTIVATIONS / shard['name']}: {rows} sequences, the plan says "
-                                      f"{shard['rows']} (did the run's committed files change?)")
+                    raise FormatError(
+                        f"{out / ACTIVATIONS / shard['name']}: {rows} sequences, the plan says "
+                        f"{shard['rows']} (did the run's committed files change?)"
+                    )
                 nb = writer.commit()
             except BaseException:
                 writer.abort()
                 raise
             manifest["finished"][shard["name"]] = {
-                "rows": rows, "bytes_activations": (out / ACTIVATIONS / shard["name"]).stat().st_size,
+                "rows": rows,
+                "bytes_activations": (out / ACTIVATIONS / shard["name"]).stat().st_size,
                 "bytes_tokens": (out / TOKENS / shard["name"]).stat().st_size,
-                "masked": {str(k): c for k, c in sorted(masked.items())}, "unmasked_ids": _pack(seen)}
+                "masked": {str(k): c for k, c in sorted(masked.items())},
+                "unmasked_ids": _pack(seen),
+            }
             _save_json(out / MANIFEST, manifest)
             written["shards"] += 1
             written["rows"] += rows
@@ -512,16 +555,31 @@ def export_saelens(
         manifest["masked_positions"] = {"total": total_masked, "kept_unexcludable": kept}
         _save_json(out / MANIFEST, manifest)
         if total_masked:
-            msg = (f"{total_masked:,} masked position(s) (padding, BOS, special tokens, a default system prompt) are "
-                   f"kept: SAELens has no mask column; pass exclude_special_tokens={_short(exclude)} "
-                   f"(`exclude_token_ids` in {out / MANIFEST}) to skip them")
+            msg = (
+                f"{total_masked:,} masked position(s) (padding, BOS, special tokens, a default system prompt) are "
+                f"kept: SAELens has no mask column; pass exclude_special_tokens={_short(exclude)} "
+                f"(`exclude_token_ids` in {out / MANIFEST}) to skip them"
+            )
             if kept:
-                msg += (f"; {kept:,} of them have token ids that also occur unmasked, so SAELens will train on those "
-                        "(no id list can skip them)")
+                msg += (
+                    f"; {kept:,} of them have token ids that also occur unmasked, so SAELens will train on those "
+                    "(no id list can skip them)"
+                )
             notes.append(msg)
             progress.note(msg)
-    return SaelensResult(str(out), len(shards), written["shards"], written["rows"], written["bytes"], complete,
-                         resumed, exclude, kept, total_masked, notes)
+    return SaelensResult(
+        str(out),
+        len(shards),
+        written["shards"],
+        written["rows"],
+        written["bytes"],
+        complete,
+        resumed,
+        exclude,
+        kept,
+        total_masked,
+        notes,
+    )
 
 
 def _short(ids: list[int], n: int = 12) -> str:
@@ -533,14 +591,27 @@ def _finish(out: Path, plan: dict, manifest: dict, act_features, tok_features) -
     files = [{"filename": s["name"]} for s in plan["shards"]]
     fp = _fingerprint(plan)
     src = plan["source"]
-    for sub, feats, what in ((ACTIVATIONS, act_features, f"activations of {', '.join(plan['hooks'])}"),
-                             (TOKENS, tok_features, "input_ids of the same sequences")):
-        info = {"citation": "", "description": f"vaultsh export of {src}: {what} (SAELens cached-activations layout)",
-                "features": feats.to_dict(), "homepage": "", "license": ""}
+    for sub, feats, what in (
+        (ACTIVATIONS, act_features, f"activations of {', '.join(plan['hooks'])}"),
+        (TOKENS, tok_features, "input_ids of the same sequences"),
+    ):
+        info = {
+            "citation": "",
+            "description": f"vaultsh export of {src}: {what} (SAELens cached-activations layout)",
+            "features": feats.to_dict(),
+            "homepage": "",
+            "license": "",
+        }
         _save_json(out / sub / "dataset_info.json", info)
-        state: dict[str, Any] = {"_data_files": files, "_fingerprint": f"{fp}{sub[:1]}", "_format_columns": None,
-                                 "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
-                                 "_split": None}
+        state: dict[str, Any] = {
+            "_data_files": files,
+            "_fingerprint": f"{fp}{sub[:1]}",
+            "_format_columns": None,
+            "_format_kwargs": {},
+            "_format_type": None,
+            "_output_all_columns": False,
+            "_split": None,
+        }
         _save_json(out / sub / "state.json", state)
 
 
@@ -553,5 +624,13 @@ def split_hook_uri(source: str) -> tuple[str, str]:
     return run, hook
 
 
-__all__ = ["export_saelens", "saelens_scaling_factor", "SaelensResult", "features_for", "mask_report",
-           "ACTIVATIONS", "TOKENS", "MANIFEST"]
+__all__ = [
+    "export_saelens",
+    "saelens_scaling_factor",
+    "SaelensResult",
+    "features_for",
+    "mask_report",
+    "ACTIVATIONS",
+    "TOKENS",
+    "MANIFEST",
+]

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 
@@ -119,7 +119,7 @@ class Spill:
     def _read(self, piece: tuple, start: int, n: int) -> Block:
         path, offset, rows = piece
         if path is None:  # in memory: `offset` is the piece's block
-            return {name: arr[start:start + n] for name, arr in offset.items()}
+            return {name: arr[start : start + n] for name, arr in offset.items()}
         out: Block = {}
         with open(path, "rb") as f:
             col_off = offset

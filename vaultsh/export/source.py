@@ -10,9 +10,10 @@ from __future__ import annotations
 import posixpath
 import struct
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -159,10 +160,22 @@ def probe_file(store: Store, rec: FileRecord, count_tokens: bool) -> FileInfo:
         if len(raw) != m.nbytes:
             raise FormatError(f"{uri}: truncated mask ({len(raw)} of {m.nbytes} bytes)")
         real = int(np.count_nonzero(np.frombuffer(raw, dtype=np.uint8)))
-    labels = {name[len("labels."):]: (info.dtype, list(info.shape[1:]))
-              for name, info in header.tensors.items() if name.startswith("labels.")}
-    return FileInfo(rec.name, header.file_size or rec.size, n, t, header.d_model, header.dtype,
-                    header.tensors["input_ids"].dtype, real, labels)
+    labels = {
+        name[len("labels.") :]: (info.dtype, list(info.shape[1:]))
+        for name, info in header.tensors.items()
+        if name.startswith("labels.")
+    }
+    return FileInfo(
+        rec.name,
+        header.file_size or rec.size,
+        n,
+        t,
+        header.d_model,
+        header.dtype,
+        header.tensors["input_ids"].dtype,
+        real,
+        labels,
+    )
 
 
 def probe_all(store: Store, files: list[FileRecord], count_tokens: bool) -> list[FileInfo]:
@@ -175,7 +188,7 @@ def probe_all(store: Store, files: list[FileRecord], count_tokens: bool) -> list
 
 def _with_uri(msg: str, key: str, uri: str) -> str:
     if msg.startswith(key + ":"):
-        return uri + msg[len(key):]
+        return uri + msg[len(key) :]
     return msg if uri in msg else f"{uri}: {msg}"
 
 
@@ -227,7 +240,7 @@ class Fetcher:
         with self._free_lock:
             self._free.clear()
 
-    def recycle(self, dec: "Decoded") -> None:
+    def recycle(self, dec: Decoded) -> None:
         """Give `dec`'s buffer back for a later fetch; nothing of `dec` may be used afterwards."""
         buf, dec.buffer = dec.buffer, None
         if buf is None:
@@ -264,15 +277,19 @@ class Fetcher:
         futs = [self.pool.submit(self._read, store, key, uri, a, mv[a : a + n]) for a, n in parts]
         got = sum(f.result() for f in futs)
         if got != size:
-            raise FormatError(f"{uri}: {got if got <= size else 'more than ' + str(size)} bytes, "
-                              f"the export plan says {size} (was the file replaced since the export started?)")
+            raise FormatError(
+                f"{uri}: {got if got <= size else 'more than ' + str(size)} bytes, "
+                f"the export plan says {size} (was the file replaced since the export started?)"
+            )
         return buf[:size]
 
 
 def _array(data, header: MegabatchHeader, name: str) -> np.ndarray:
     info = header.tensors[name]
     count = int(np.prod(info.shape)) if info.shape else 1
-    arr: np.ndarray = np.frombuffer(data, dtype=raw_numpy(info.dtype), count=count, offset=header.data_offset + info.start)
+    arr: np.ndarray = np.frombuffer(
+        data, dtype=raw_numpy(info.dtype), count=count, offset=header.data_offset + info.start
+    )
     return arr.reshape(info.shape)
 
 
@@ -296,8 +313,11 @@ def decode(data, key: str, uri: str) -> Decoded:
         mask = mask if mask.dtype == np.bool_ else mask != 0
     else:
         mask = np.ones(ids.shape, dtype=np.bool_)
-    labels = {name[len("labels."):]: (_array(data, header, name), header.tensors[name].dtype)
-              for name in header.tensors if name.startswith("labels.")}
+    labels = {
+        name[len("labels.") :]: (_array(data, header, name), header.tensors[name].dtype)
+        for name in header.tensors
+        if name.startswith("labels.")
+    }
     return Decoded(states, header.dtype, ids, mask, labels, len(data))
 
 

@@ -14,8 +14,16 @@ from vaultsh.errors import ConfigError, UserError
 # Environment variables a launcher passes on to remote workers when they are set
 # here. None of them is a secret: credentials come from the nodes' own
 # environment (instance roles, AWS_* set by the cluster), never from a launcher.
-FORWARDED_ENV = ("S3_ENDPOINT_URL", "S3_BUCKET_NAME", "VAULTSH_S3_MAX_ATTEMPTS", "VAULTSH_TMPDIR",
-                 "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "AWS_DEFAULT_REGION")
+FORWARDED_ENV = (
+    "S3_ENDPOINT_URL",
+    "S3_BUCKET_NAME",
+    "VAULTSH_S3_MAX_ATTEMPTS",
+    "VAULTSH_TMPDIR",
+    "HF_HOME",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "AWS_DEFAULT_REGION",
+)
 
 
 @dataclass
@@ -32,11 +40,21 @@ class LaunchPlan:
     cwd: str = field(default_factory=os.getcwd)
     config: Any = None  # the validated CollectConfig
 
-    def worker_argv(self, index: int | str, events_fd: int | str | None = None,
-                    config_path: str | os.PathLike | None = None) -> list[str]:
+    def worker_argv(
+        self, index: int | str, events_fd: int | str | None = None, config_path: str | os.PathLike | None = None
+    ) -> list[str]:
         """The command line that runs worker `index` (an int, or a shell expression such as $SLURM_ARRAY_TASK_ID)."""
-        argv = [self.python, "-m", "vaultsh", "collect", str(config_path or self.config_path),
-                "--machine", str(index), "--store", self.store_uri]
+        argv = [
+            self.python,
+            "-m",
+            "vaultsh",
+            "collect",
+            str(config_path or self.config_path),
+            "--machine",
+            str(index),
+            "--store",
+            self.store_uri,
+        ]
         argv += ["--events-fd", str(events_fd)] if events_fd is not None else ["--headless"]
         if self.force:
             argv.append("--force")
@@ -63,13 +81,22 @@ def parse_range(num_runs: int, workers: int | None, start: int | None, end: int 
     start = 0 if start is None else start
     end = num_runs - 1 if end is None else end
     if not 0 <= start <= end < num_runs:
-        raise UserError(f"--start {start} --end {end}: indices must satisfy 0 <= start <= end <= {num_runs - 1} (num_runs {num_runs})")
+        raise UserError(
+            f"--start {start} --end {end}: indices must satisfy 0 <= start <= end <= {num_runs - 1} (num_runs {num_runs})"
+        )
     return list(range(start, end + 1))
 
 
-def make_plan(config: str | os.PathLike, *, workers: int | None = None, start: int | None = None,
-              end: int | None = None, store: str | None = None, force: bool = False,
-              python: str | None = None) -> LaunchPlan:
+def make_plan(
+    config: str | os.PathLike,
+    *,
+    workers: int | None = None,
+    start: int | None = None,
+    end: int | None = None,
+    store: str | None = None,
+    force: bool = False,
+    python: str | None = None,
+) -> LaunchPlan:
     """Load and validate the config here (so a bad config fails before anything is launched)."""
     from collector.config import load_config
 
@@ -79,8 +106,14 @@ def make_plan(config: str | os.PathLike, *, workers: int | None = None, start: i
     cfg = load_config(path)
     indices = parse_range(cfg.num_runs, workers, start, end)
     return LaunchPlan(
-        config_path=path.resolve(), run_name=cfg.run_name, num_runs=cfg.num_runs, indices=indices,
-        store_uri=absolute_uri(store or cfg.storage.uri), python=python or sys.executable, force=force, config=cfg,
+        config_path=path.resolve(),
+        run_name=cfg.run_name,
+        num_runs=cfg.num_runs,
+        indices=indices,
+        store_uri=absolute_uri(store or cfg.storage.uri),
+        python=python or sys.executable,
+        force=force,
+        config=cfg,
     )
 
 

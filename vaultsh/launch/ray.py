@@ -23,8 +23,9 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from vaultsh.errors import UserError
 from vaultsh.events import Done, Event, WorkerState, WorkerWarning, fold, parse
@@ -50,9 +51,9 @@ def parse_resources(text: str | None) -> dict[str, float]:
     try:
         raw = json.loads(text)
     except ValueError as exc:
-        raise UserError(f"--resources: not valid JSON ({exc}); write e.g. '{{\"CPU\": 32, \"GPU\": 2}}'") from None
+        raise UserError(f'--resources: not valid JSON ({exc}); write e.g. \'{{"CPU": 32, "GPU": 2}}\'') from None
     if not isinstance(raw, dict) or not raw:
-        raise UserError("--resources: must be a JSON object of resource name -> amount, e.g. '{\"CPU\": 32, \"GPU\": 2}'")
+        raise UserError('--resources: must be a JSON object of resource name -> amount, e.g. \'{"CPU": 32, "GPU": 2}\'')
     out = {}
     for k, v in raw.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
@@ -111,6 +112,7 @@ def payload_from_plan(plan: LaunchPlan) -> Payload:
 
 
 # -- inside a Ray task ---------------------------------------------------------
+
 
 class _Forwarder:
     """Worker events -> the Ray queue: lifecycle events at once, the frequent ones coalesced (latest
@@ -179,13 +181,29 @@ def run_worker_process(payload: Payload, index: int, attempt: int, queue=None) -
         cfg_path = os.path.join(tmp, "config.yaml")
         with open(cfg_path, "w") as f:
             yaml.safe_dump(payload.config, f)
-        argv = [sys.executable, "-m", "vaultsh", "collect", cfg_path, "--machine", str(index),
-                "--store", payload.store_uri, "--events-fd", EVENTS_FD_PLACEHOLDER]
+        argv = [
+            sys.executable,
+            "-m",
+            "vaultsh",
+            "collect",
+            cfg_path,
+            "--machine",
+            str(index),
+            "--store",
+            payload.store_uri,
+            "--events-fd",
+            EVENTS_FD_PLACEHOLDER,
+        ]
         if payload.force:
             argv.append("--force")
         env = dict(os.environ, PYTHONUNBUFFERED="1", **payload.env)
-        proc = WorkerProcess(argv, os.path.join(tmp, "worker.log"), env=env,
-                             cwd=payload.cwd if os.path.isdir(payload.cwd) else tmp, die_with_parent=True)
+        proc = WorkerProcess(
+            argv,
+            os.path.join(tmp, "worker.log"),
+            env=env,
+            cwd=payload.cwd if os.path.isdir(payload.cwd) else tmp,
+            die_with_parent=True,
+        )
         forward = _Forwarder(queue, index, attempt)
         proc.start(forward.lines)
         try:
@@ -203,20 +221,34 @@ def run_worker_process(payload: Payload, index: int, attempt: int, queue=None) -
         error = state.last_error
         if error is None and rc != 0:
             error = last_log_line(proc.log_path) or f"exit status {rc}"
-        return {"index": index, "returncode": rc, "started": state.started, "done": state.done, "error": error,
-                "node": socket.gethostname()}
+        return {
+            "index": index,
+            "returncode": rc,
+            "started": state.started,
+            "done": state.done,
+            "error": error,
+            "node": socket.gethostname(),
+        }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 # -- supervision ---------------------------------------------------------------
 
+
 def _remote_task(ray):
     return ray.remote(max_retries=0)(run_worker_process)
 
 
-def supervise(payload: Payload, indices: list[int], options: dict[str, Any], retries: int,
-              queue=None, on_event: Callable[[Event], None] | None = None, poll_s: float = 0.2) -> list[WorkerResult]:
+def supervise(
+    payload: Payload,
+    indices: list[int],
+    options: dict[str, Any],
+    retries: int,
+    queue=None,
+    on_event: Callable[[Event], None] | None = None,
+    poll_s: float = 0.2,
+) -> list[WorkerResult]:
     """Run every index as a Ray task; resubmit failures (they resume); return how each ended."""
     ray = _import_ray()
     from ray.exceptions import RayError
@@ -255,23 +287,37 @@ def supervise(payload: Payload, indices: list[int], options: dict[str, Any], ret
             try:
                 res = ray.get(ref)
             except RayError as exc:  # the task process or its node died
-                res = {"returncode": None, "started": True, "done": None,
-                       "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"}
+                res = {
+                    "returncode": None,
+                    "started": True,
+                    "done": None,
+                    "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+                }
             done: Done = res.get("done") or Done()
             ok = res.get("returncode") == 0 and done.status in ("complete", "stopped")
             retryable = res.get("started") or res.get("returncode") not in (2,)
             if not ok and retryable and attempts[i] <= retries:
                 attempts[i] += 1
-                emit(WorkerWarning(worker=i, time=time.time(),
-                                   message=f"failed ({res.get('error')}); retrying, attempt {attempts[i]} of "
-                                           f"{retries + 1} (resumes after its last commit)"))
+                emit(
+                    WorkerWarning(
+                        worker=i,
+                        time=time.time(),
+                        message=f"failed ({res.get('error')}); retrying, attempt {attempts[i]} of "
+                        f"{retries + 1} (resumes after its last commit)",
+                    )
+                )
                 refs[submit(i, attempts[i])] = i
                 continue
             results[i] = WorkerResult(
-                index=i, status=done.status if ok and done.status else "failed",
-                attempts=attempts[i], returncode=res.get("returncode"), batches=done.batches or 0,
-                tokens=done.tokens or 0, megabatches=done.megabatches or 0,
-                error=None if ok else res.get("error"), node=res.get("node"),
+                index=i,
+                status=done.status if ok and done.status else "failed",
+                attempts=attempts[i],
+                returncode=res.get("returncode"),
+                batches=done.batches or 0,
+                tokens=done.tokens or 0,
+                megabatches=done.megabatches or 0,
+                error=None if ok else res.get("error"),
+                node=res.get("node"),
             )
     drain()
     return [results[i] for i in indices]
@@ -307,12 +353,21 @@ def _connect(address: str | None):
         try:
             ray.init(**kwargs)
         except ConnectionError as exc:
-            raise UserError(f"cannot connect to the Ray cluster at {address or os.environ.get('RAY_ADDRESS') or 'auto'}: {exc}") from None
+            raise UserError(
+                f"cannot connect to the Ray cluster at {address or os.environ.get('RAY_ADDRESS') or 'auto'}: {exc}"
+            ) from None
     return ray
 
 
-def launch(plan: LaunchPlan, *, resources: dict[str, float], address: str | None = None, wait: bool = True,
-           retries: int = 2, on_event: Callable[[Event], None] | None = None) -> list[WorkerResult] | str:
+def launch(
+    plan: LaunchPlan,
+    *,
+    resources: dict[str, float],
+    address: str | None = None,
+    wait: bool = True,
+    retries: int = 2,
+    on_event: Callable[[Event], None] | None = None,
+) -> list[WorkerResult] | str:
     """Start plan.indices on Ray. With `wait`, block and return the results; else return the supervisor's name."""
     ray = _connect(address)
     payload = payload_from_plan(plan)
@@ -331,7 +386,9 @@ def launch(plan: LaunchPlan, *, resources: dict[str, float], address: str | None
     except ValueError:
         pass
     else:
-        raise UserError(f"a launch of workers {plan.indices[0]}-{plan.indices[-1]} of {plan.run_name} is already running on this Ray cluster (actor {name!r})")
+        raise UserError(
+            f"a launch of workers {plan.indices[0]}-{plan.indices[-1]} of {plan.run_name} is already running on this Ray cluster (actor {name!r})"
+        )
     actor = ray.remote(_Supervisor).options(name=name, namespace=NAMESPACE, lifetime="detached", num_cpus=0).remote()
     ray.get(actor.ping.remote())
     actor.run.remote(payload, plan.indices, options, retries)

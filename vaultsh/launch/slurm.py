@@ -63,18 +63,24 @@ class SlurmOptions:
         if not _MEM.match(self.mem):
             raise UserError(f"{self._label('mem')}: {self.mem!r} is not a Slurm memory size (e.g. 250G, 64000M)")
         if self.time is not None and not _TIME.match(self.time):
-            raise UserError(f"{self._label('time')}: {self.time!r} is not a Slurm time limit (e.g. 48:00:00, 2-00:00:00)")
+            raise UserError(
+                f"{self._label('time')}: {self.time!r} is not a Slurm time limit (e.g. 48:00:00, 2-00:00:00)"
+            )
         for name in ("partition", "account", "qos"):
             v = getattr(self, name)
             if v is not None and not _NAME.match(v):
                 raise UserError(f"{self._label(name)}: {v!r} has characters a Slurm {name} name cannot have")
         if self.constraint is not None and not _CONSTRAINT.match(self.constraint):
-            raise UserError(f"{self._label('constraint')}: {self.constraint!r} is not a Slurm constraint (e.g. a100&ib)")
+            raise UserError(
+                f"{self._label('constraint')}: {self.constraint!r} is not a Slurm constraint (e.g. a100&ib)"
+            )
         if self.setup is not None and ("\n" in self.setup or "\r" in self.setup):
             raise UserError(f"{self._label('setup')}: must be one shell line (join commands with && or ;)")
         for opt in self.extra:
             if not opt.startswith("--") or "\n" in opt or "\r" in opt:
-                raise UserError(f"{self._label('sbatch')}: {opt!r} must be one option starting with -- (e.g. --exclusive)")
+                raise UserError(
+                    f"{self._label('sbatch')}: {opt!r} must be one option starting with -- (e.g. --exclusive)"
+                )
 
 
 def options_from(config_block: Any, source: str = "<config>", **flags: Any) -> SlurmOptions:
@@ -180,11 +186,19 @@ def _script(plan: LaunchPlan, opts: SlurmOptions, directives: list[str], index: 
     env = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(forwarded_env().items()))
     setup = f"{opts.setup}\n" if opts.setup else ""
     body = _BODY.format(
-        index=index, run=shlex.quote(plan.run_name), cwd=shlex.quote(plan.cwd), setup=setup, env=env,
-        events_dir=shlex.quote(str(out / "events")), safe=safe_name(plan.run_name), fd=EVENTS_FD,
+        index=index,
+        run=shlex.quote(plan.run_name),
+        cwd=shlex.quote(plan.cwd),
+        setup=setup,
+        env=env,
+        events_dir=shlex.quote(str(out / "events")),
+        safe=safe_name(plan.run_name),
+        fd=EVENTS_FD,
         worker=plan.worker_shell("$INDEX", events_fd=EVENTS_FD),
     )
-    return "#!/bin/bash\n" + "\n".join(directives) + "\n# written by `vaultsh launch slurm`: one collection worker" + body
+    return (
+        "#!/bin/bash\n" + "\n".join(directives) + "\n# written by `vaultsh launch slurm`: one collection worker" + body
+    )
 
 
 def build_jobs(plan: LaunchPlan, opts: SlurmOptions) -> list[SlurmJob]:
@@ -201,7 +215,9 @@ def build_jobs(plan: LaunchPlan, opts: SlurmOptions) -> list[SlurmJob]:
     jobs = []
     for i in plan.indices:
         directives = _directives(opts, f"vaultsh-{safe}-{i}", str(logs / f"{safe}-{i}-%j.out"))
-        jobs.append(SlurmJob(indices=[i], path=out / f"{safe}-{i}.sbatch", text=_script(plan, opts, directives, str(i), out)))
+        jobs.append(
+            SlurmJob(indices=[i], path=out / f"{safe}-{i}.sbatch", text=_script(plan, opts, directives, str(i), out))
+        )
     return jobs
 
 
@@ -217,8 +233,9 @@ def submit(jobs: list[SlurmJob], sbatch: str, extra_args: tuple[str, ...] = ()) 
     """`sbatch --parsable [extra_args] SCRIPT` for each job; fills `job_id`. Stops at the first refusal (UserError)."""
     for job in jobs:
         try:
-            proc = subprocess.run([sbatch, "--parsable", *extra_args, str(job.path)], capture_output=True, text=True,
-                                  timeout=120)
+            proc = subprocess.run(
+                [sbatch, "--parsable", *extra_args, str(job.path)], capture_output=True, text=True, timeout=120
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise UserError(f"sbatch {job.path}: {exc}") from None
         out = proc.stdout.strip().splitlines()
@@ -252,8 +269,9 @@ def write_job_map(plan: LaunchPlan, jobs: list[SlurmJob]) -> Path:
     return update_job_map(path, job_map(jobs), scripts, base)
 
 
-def update_job_map(path: Path, jobs: dict[str, str], scripts: dict[str, str] | None = None,
-                   base: dict | None = None) -> Path:
+def update_job_map(
+    path: Path, jobs: dict[str, str], scripts: dict[str, str] | None = None, base: dict | None = None
+) -> Path:
     """Merge new index -> job id (and -> script) entries into jobs.json."""
     data = read_job_map(path) if path.exists() else {}
     data.update(base or {})

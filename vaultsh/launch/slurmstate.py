@@ -12,9 +12,9 @@ import os
 import re
 import subprocess
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 from vaultsh.errors import NotFoundError, UserError
 from vaultsh.events import Event, parse
@@ -23,8 +23,16 @@ from vaultsh.launch.common import ranges
 
 PENDING, RUNNING, DONE, FAILED, UNKNOWN = "pending", "running", "done", "failed", "unknown"
 STATES = (PENDING, RUNNING, DONE, FAILED, UNKNOWN)
-_SLURM_PENDING = {"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "CONFIGURING", "RESIZING", "SUSPENDED",
-                  "SPECIAL_EXIT"}
+_SLURM_PENDING = {
+    "PENDING",
+    "REQUEUED",
+    "REQUEUE_FED",
+    "REQUEUE_HOLD",
+    "CONFIGURING",
+    "RESIZING",
+    "SUSPENDED",
+    "SPECIAL_EXIT",
+}
 _SLURM_RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING", "STOPPED"}
 _FIELD = re.compile(r"(?:^|\s)([A-Za-z][A-Za-z0-9:/_]*)=")
 
@@ -78,13 +86,18 @@ class LaunchRecord:
         return f"{self.store.rstrip('/')}/{self.run}"
 
     @classmethod
-    def load(cls, path: Path) -> "LaunchRecord":
+    def load(cls, path: Path) -> LaunchRecord:
         data = sl.read_job_map(path)
         if not data.get("run") or not data.get("store"):
             raise UserError(f"{path}: not a launch record of `vaultsh launch slurm` (no run or store in it)")
-        return cls(path=Path(path), run=str(data["run"]), store=str(data["store"]),
-                   num_runs=int(data.get("num_runs") or 1), jobs=dict(data.get("jobs") or {}),
-                   scripts=dict(data.get("scripts") or {}))
+        return cls(
+            path=Path(path),
+            run=str(data["run"]),
+            store=str(data["store"]),
+            num_runs=int(data.get("num_runs") or 1),
+            jobs=dict(data.get("jobs") or {}),
+            scripts=dict(data.get("scripts") or {}),
+        )
 
     def indices(self) -> list[int]:
         return sorted(int(i) for i in self.jobs)
@@ -107,16 +120,20 @@ def find_record(where: str, out_dir: str | None = None) -> LaunchRecord:
     for c in candidates:
         if c.is_file():
             return LaunchRecord.load(c.resolve())
-    raise UserError(f"{where}: no launch record (looked for {', '.join(map(str, dict.fromkeys(candidates)))}); "
-                    "give the directory `vaultsh launch slurm` wrote (--out), its jobs.json, the config or the run name")
+    raise UserError(
+        f"{where}: no launch record (looked for {', '.join(map(str, dict.fromkeys(candidates)))}); "
+        "give the directory `vaultsh launch slurm` wrote (--out), its jobs.json, the config or the run name"
+    )
 
 
 # -- Slurm ---------------------------------------------------------------------------------------
 def _fields(line: str) -> dict[str, str]:
     """`Key=value Key2=value two` (one `scontrol -o` line) -> dict; values may hold spaces."""
     marks = list(_FIELD.finditer(line))
-    return {m.group(1): line[m.end(): marks[k + 1].start() if k + 1 < len(marks) else len(line)].strip()
-            for k, m in enumerate(marks)}
+    return {
+        m.group(1): line[m.end() : marks[k + 1].start() if k + 1 < len(marks) else len(line)].strip()
+        for k, m in enumerate(marks)
+    }
 
 
 def _expand(spec: str) -> list[int]:
@@ -143,8 +160,13 @@ def parse_scontrol(text: str) -> dict[str, SlurmTask]:
         f = _fields(line)
         for tid in _tasks_of(f):
             restarts = f.get("Restarts", "0")
-            out[tid] = SlurmTask(tid, f.get("JobState", "UNKNOWN"), f.get("ExitCode", ""),
-                                 int(restarts) if restarts.isdigit() else 0, f.get("Reason", ""))
+            out[tid] = SlurmTask(
+                tid,
+                f.get("JobState", "UNKNOWN"),
+                f.get("ExitCode", ""),
+                int(restarts) if restarts.isdigit() else 0,
+                f.get("Reason", ""),
+            )
     return out
 
 
@@ -211,7 +233,9 @@ class CommitView:
         return {w.index: (w.batches, w.total_batches) for w in self._watcher.snapshot()}
 
 
-def classify(index: int, job_id: str | None, task: SlurmTask | None, batches: int, total: int | None) -> tuple[str, str]:
+def classify(
+    index: int, job_id: str | None, task: SlurmTask | None, batches: int, total: int | None
+) -> tuple[str, str]:
     """(state, why) of one index from Slurm's view and its committed batches."""
     st = task.state if task else None
     if st in _SLURM_PENDING:
@@ -228,11 +252,15 @@ def classify(index: int, job_id: str | None, task: SlurmTask | None, batches: in
         return FAILED, f"{st}, exit status {task.exit_code or '?'}"
     if job_id is None:
         return FAILED, "never submitted"
-    return FAILED, f"Slurm no longer knows job {job_id} and {batches}/{total if total is not None else '?'} batches are committed"
+    return (
+        FAILED,
+        f"Slurm no longer knows job {job_id} and {batches}/{total if total is not None else '?'} batches are committed",
+    )
 
 
-def status(record: LaunchRecord, indices: list[int] | None = None, commits: CommitView | None = None,
-           need_slurm: bool = True) -> list[TaskStatus]:
+def status(
+    record: LaunchRecord, indices: list[int] | None = None, commits: CommitView | None = None, need_slurm: bool = True
+) -> list[TaskStatus]:
     """Every index's state now: Slurm first, then the commit records (a worker commits before it exits).
 
     Where Slurm cannot be asked (`need_slurm=False`: e.g. on a laptop reading
@@ -264,8 +292,10 @@ def status_lines(statuses: list[TaskStatus]) -> list[str]:
     for s in statuses:
         t = s.slurm
         total = s.total if s.total is not None else "?"
-        lines.append(f"{s.index:>5}  {s.state:<8} {s.job_id or '-':<12} {t.state if t else '-':<11} "
-                     f"{(t.exit_code if t else '') or '-':<5} {t.restarts if t else 0:>8}  {f'{s.batches}/{total}':>9}  {s.why}")
+        lines.append(
+            f"{s.index:>5}  {s.state:<8} {s.job_id or '-':<12} {t.state if t else '-':<11} "
+            f"{(t.exit_code if t else '') or '-':<5} {t.restarts if t else 0:>8}  {f'{s.batches}/{total}':>9}  {s.why}"
+        )
     counts = {k: [s.index for s in statuses if s.state == k] for k in STATES}
     lines.append("  ".join(f"{k}: {len(v)} ({ranges(v)})" if v else f"{k}: 0" for k, v in counts.items()))
     return lines
@@ -316,8 +346,14 @@ def failure_lines(s: TaskStatus, n: int = 20) -> list[str]:
     return lines
 
 
-def follow(record: LaunchRecord, indices: list[int], on_event: Callable[[Event], None],
-           log: Callable[[str], None], interval: float = 5.0, clock=time.sleep) -> list[TaskStatus]:
+def follow(
+    record: LaunchRecord,
+    indices: list[int],
+    on_event: Callable[[Event], None],
+    log: Callable[[str], None],
+    interval: float = 5.0,
+    clock=time.sleep,
+) -> list[TaskStatus]:
     """Until every index is done or failed: feed its events to `on_event`, `log` Slurm state changes and failures."""
     tails = [EventTail(sl.events_path(record.out, record.run, i), i) for i in indices]
     commits = CommitView(record.run_uri)
@@ -352,7 +388,9 @@ def resubmit(record: LaunchRecord, indices: list[int], sbatch: str) -> dict[str,
     for i in indices:
         script = record.scripts.get(str(i))
         if not script or not os.path.isfile(script):
-            raise UserError(f"worker {i}: its sbatch script {script or '(none recorded)'} is gone; launch it again from the config")
+            raise UserError(
+                f"worker {i}: its sbatch script {script or '(none recorded)'} is gone; launch it again from the config"
+            )
         by_script.setdefault(script, []).append(i)
     jobs = []
     for script, idx in by_script.items():

@@ -18,8 +18,9 @@ and runs a few batches (`vaultsh.plan.measure`).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from vaultsh import dtypes
 from vaultsh.plan.cost import CostEstimate, Prices, count_requests, estimate_cost
@@ -27,7 +28,16 @@ from vaultsh.plan.memory import MemoryEstimate, MemoryInputs, estimate_memory, p
 from vaultsh.plan.model import ModelShape, read_model_shape
 from vaultsh.plan.storage import HookStorage, hook_storage
 
-__all__ = ["Plan", "make_plan", "summary_lines", "Prices", "ModelShape", "HookStorage", "MemoryEstimate", "CostEstimate"]
+__all__ = [
+    "Plan",
+    "make_plan",
+    "summary_lines",
+    "Prices",
+    "ModelShape",
+    "HookStorage",
+    "MemoryEstimate",
+    "CostEstimate",
+]
 
 PLAN_VERSION = 1
 
@@ -44,13 +54,13 @@ class Plan:
     totals: dict[str, Any]
     per_worker: list[dict[str, Any]]
     memory: MemoryEstimate
-    cost: Optional[CostEstimate] = None
-    time: Optional[dict[str, Any]] = None
+    cost: CostEstimate | None = None
+    time: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
-    def fits(self) -> Optional[bool]:
+    def fits(self) -> bool | None:
         return self.memory.fits
 
     def summary(self) -> str:
@@ -58,11 +68,21 @@ class Plan:
         import humanize
 
         t, m = self.totals, self.memory
-        mem = "memory: no limit known" if m.fits is None else (
-            "memory fits" if m.fits else f"memory DOES NOT FIT (suggested batch_size {m.suggested_batch_size})"
-            if m.suggested_batch_size else "memory DOES NOT FIT")
-        return (f"{humanize.intcomma(t['files'])} files, {humanize.naturalsize(t['bytes'], binary=True)}, "
-                f"{humanize.intcomma(t['tokens'])} tokens, {len(self.hooks)} hooks; {mem}")
+        mem = (
+            "memory: no limit known"
+            if m.fits is None
+            else (
+                "memory fits"
+                if m.fits
+                else f"memory DOES NOT FIT (suggested batch_size {m.suggested_batch_size})"
+                if m.suggested_batch_size
+                else "memory DOES NOT FIT"
+            )
+        )
+        return (
+            f"{humanize.intcomma(t['files'])} files, {humanize.naturalsize(t['bytes'], binary=True)}, "
+            f"{humanize.intcomma(t['tokens'])} tokens, {len(self.hooks)} hooks; {mem}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -71,8 +91,11 @@ class Plan:
             "model": self.model.to_dict(),
             "hooks": self.hooks,
             "forward": self.forward,
-            "storage": {"hooks": [h.to_dict() for h in self.storage], "totals": self.totals,
-                        "per_worker": self.per_worker},
+            "storage": {
+                "hooks": [h.to_dict() for h in self.storage],
+                "totals": self.totals,
+                "per_worker": self.per_worker,
+            },
             "memory": self.memory.to_dict(),
             "time": self.time,
             "cost": self.cost.to_dict() if self.cost else None,
@@ -80,7 +103,7 @@ class Plan:
             "notes": list(self.notes),
         }
 
-    def to_json(self, indent: Optional[int] = 2) -> str:
+    def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
     def __rich__(self) -> Any:
@@ -120,7 +143,7 @@ def _device_kind(cfg: Any) -> tuple[bool, str]:
     return True, "device auto: no CUDA GPU on this machine, assuming CPU"
 
 
-def _limit(cfg: Any, cpu: bool) -> tuple[Optional[int], str]:
+def _limit(cfg: Any, cpu: bool) -> tuple[int | None, str]:
     if cfg.model.max_per_device_memory:
         return parse_size(cfg.model.max_per_device_memory), f"max_per_device_memory {cfg.model.max_per_device_memory}"
     if cpu:
@@ -140,10 +163,10 @@ def _limit(cfg: Any, cpu: bool) -> tuple[Optional[int], str]:
 def make_plan(
     cfg: Any,
     *,
-    overrides: Optional[Mapping[str, Optional[int]]] = None,
-    devices: Optional[int] = None,
-    prices: Optional[Prices] = None,
-    upload_bytes_per_s: Optional[float] = None,
+    overrides: Mapping[str, int | None] | None = None,
+    devices: int | None = None,
+    prices: Prices | None = None,
+    upload_bytes_per_s: float | None = None,
     measure: bool = False,
     measure_batches: int = 3,
     measure_upload: bool = False,
@@ -160,8 +183,13 @@ def make_plan(
     from collector.layers import describe
 
     shape = read_model_shape(cfg.model, overrides)
-    facts = ModelFacts(n_layers=shape.n_layers, d_model=shape.d_model, max_context=shape.max_context,
-                       model_type=shape.model_type, vocab_size=shape.vocab_size)
+    facts = ModelFacts(
+        n_layers=shape.n_layers,
+        d_model=shape.d_model,
+        max_context=shape.max_context,
+        model_type=shape.model_type,
+        vocab_size=shape.vocab_size,
+    )
     specs = validate_against_model(cfg, facts)
     specs, widths = _sized_hooks(cfg, specs, shape.d_model)
 
@@ -192,21 +220,39 @@ def make_plan(
     run_uri = cfg.storage.uri.rstrip("/") + "/" + cfg.run_name
     itemsize = dtypes.itemsize(storage_dtype)
     per_hook = [
-        hook_storage(run_name=cfg.run_name, hook=s.name, model=cfg.model.name, fmt=fmt, dtype=storage_dtype,
-                     itemsize=itemsize, B=B, T=T, D=w, bpu=bpu, n_batches=cfg.data.n_batches,
-                     start_batch=cfg.data.start_batch, num_runs=k)
+        hook_storage(
+            run_name=cfg.run_name,
+            hook=s.name,
+            model=cfg.model.name,
+            fmt=fmt,
+            dtype=storage_dtype,
+            itemsize=itemsize,
+            B=B,
+            T=T,
+            D=w,
+            bpu=bpu,
+            n_batches=cfg.data.n_batches,
+            start_batch=cfg.data.start_batch,
+            num_runs=k,
+        )
         for s, w in zip(specs, widths)
     ]
     first = per_hook[0]
     per_worker = []
     for w in range(k):
         rows = [h.per_worker[w] for h in per_hook]
-        per_worker.append({
-            "worker": w, "batches": rows[0].batches, "megabatches": rows[0].files,
-            "files": sum(r.files for r in rows), "sequences": rows[0].sequences,
-            "tokens": rows[0].sequences * T, "bytes": sum(r.bytes for r in rows),
-            "dropped_batches": rows[0].dropped_batches,
-        })
+        per_worker.append(
+            {
+                "worker": w,
+                "batches": rows[0].batches,
+                "megabatches": rows[0].files,
+                "files": sum(r.files for r in rows),
+                "sequences": rows[0].sequences,
+                "tokens": rows[0].sequences * T,
+                "bytes": sum(r.bytes for r in rows),
+                "dropped_batches": rows[0].dropped_batches,
+            }
+        )
     totals = {
         "tokens": first.tokens,
         "sequences": first.sequences,
@@ -225,34 +271,56 @@ def make_plan(
         )
     for s, w in zip(specs, widths):
         if s.site == "attn.hook_pattern":
-            warnings.append(f"{s.name}: attention patterns are {w:,} values per token ({w * itemsize * T:,} bytes "
-                            "per sequence), the size of the model's attention matrix")
+            warnings.append(
+                f"{s.name}: attention patterns are {w:,} values per token ({w * itemsize * T:,} bytes "
+                "per sequence), the size of the model's attention matrix"
+            )
     labels = [n for n in ("categories", "label_columns") if getattr(cfg.data, n, None)]
     if labels:
         warnings.append(
             f"data.{'/'.join(labels)}: per-sequence labels.* tensors (8 bytes per sequence and label) and their "
-            "vocabulary in each header are not in the byte counts (they depend on the data)")
+            "vocabulary in each header are not in the byte counts (they depend on the data)"
+        )
     if getattr(cfg.data, "packing", False):
-        warnings.append("data.packing: the source_segments provenance tensor (40 bytes per document piece) is "
-                        "not in the byte counts (it depends on the document lengths)")
+        warnings.append(
+            "data.packing: the source_segments provenance tensor (40 bytes per document piece) is "
+            "not in the byte counts (it depends on the document lengths)"
+        )
     inference = getattr(cfg, "inference", None)
     if inference is not None and getattr(inference, "max_new_tokens", None):
         if not getattr(inference, "save_activations", True):
-            warnings.append("inference.save_activations is false: only generated text is stored, "
-                            "no megabatch files (the storage figures do not apply)")
+            warnings.append(
+                "inference.save_activations is false: only generated text is stored, "
+                "no megabatch files (the storage figures do not apply)"
+            )
         else:
-            warnings.append("generation mode: figures assume each stored sequence is seq_length positions; "
-                            "the generated text records are not counted")
+            warnings.append(
+                "generation mode: figures assume each stored sequence is seq_length positions; "
+                "the generated text records are not counted"
+            )
     if totals["megabatches"] == 0:
         warnings.append("no megabatch will be written: n_batches is too small for batches_per_upload and num_runs")
 
     # ---- memory --------------------------------------------------------------
     limit, limit_source = _limit(cfg, cpu)
     mem_in = MemoryInputs(
-        params=shape.params, params_used=shape.params_through(max(last, 0)), compute_bytes=dtypes.itemsize(compute),
-        storage_bytes=itemsize, B=B, T=T, D=D, d_mlp=shape.d_mlp or 4 * D, kv_dim=shape.kv_dim,
-        n_hooks=len(specs), hook_widths=sum(widths), bpu=bpu, queued=cfg.upload.max_queued_megabatches, cpu=cpu,
-        devices=max(1, devices or 1), limit=limit, limit_source=limit_source,
+        params=shape.params,
+        params_used=shape.params_through(max(last, 0)),
+        compute_bytes=dtypes.itemsize(compute),
+        storage_bytes=itemsize,
+        B=B,
+        T=T,
+        D=D,
+        d_mlp=shape.d_mlp or 4 * D,
+        kv_dim=shape.kv_dim,
+        n_hooks=len(specs),
+        hook_widths=sum(widths),
+        bpu=bpu,
+        queued=cfg.upload.max_queued_megabatches,
+        cpu=cpu,
+        devices=max(1, devices or 1),
+        limit=limit,
+        limit_source=limit_source,
     )
     memory = estimate_memory(mem_in)
     warnings.extend(memory.warnings)
@@ -266,24 +334,56 @@ def make_plan(
     cost = estimate_cost(totals["bytes"], requests, prices or Prices())
 
     config = {
-        "source": cfg.source, "run_name": cfg.run_name, "run_uri": run_uri, "model": cfg.model.name,
-        "num_runs": k, "batch_size": B, "seq_length": T, "n_batches": cfg.data.n_batches,
-        "start_batch": cfg.data.start_batch, "batches_per_upload": bpu, "format": fmt,
-        "compute_dtype": compute, "storage_dtype": storage_dtype, "device": "cpu" if cpu else "gpu",
-        "devices": mem_in.devices, "max_per_device_memory": cfg.model.max_per_device_memory,
-        "upload_workers": cfg.upload.upload_workers, "max_queued_megabatches": cfg.upload.max_queued_megabatches,
+        "source": cfg.source,
+        "run_name": cfg.run_name,
+        "run_uri": run_uri,
+        "model": cfg.model.name,
+        "num_runs": k,
+        "batch_size": B,
+        "seq_length": T,
+        "n_batches": cfg.data.n_batches,
+        "start_batch": cfg.data.start_batch,
+        "batches_per_upload": bpu,
+        "format": fmt,
+        "compute_dtype": compute,
+        "storage_dtype": storage_dtype,
+        "device": "cpu" if cpu else "gpu",
+        "devices": mem_in.devices,
+        "max_per_device_memory": cfg.model.max_per_device_memory,
+        "upload_workers": cfg.upload.upload_workers,
+        "max_queued_megabatches": cfg.upload.max_queued_megabatches,
         "data_key": cfg.data.data_key,
     }
-    plan = Plan(config=config, model=shape, hooks=hooks, forward=forward, storage=per_hook, totals=totals,
-                per_worker=per_worker, memory=memory, cost=cost, warnings=warnings, notes=notes)
+    plan = Plan(
+        config=config,
+        model=shape,
+        hooks=hooks,
+        forward=forward,
+        storage=per_hook,
+        totals=totals,
+        per_worker=per_worker,
+        memory=memory,
+        cost=cost,
+        warnings=warnings,
+        notes=notes,
+    )
     if measure or upload_bytes_per_s is not None or measure_upload:
         plan.time = _time_section(cfg, specs, plan, measure, measure_batches, upload_bytes_per_s, measure_upload, store)
     return plan
 
 
-def _time_section(cfg: Any, specs: list, plan: Plan, measure: bool, batches: int,
-                  upload_bps: Optional[float], measure_upload: bool, store: Any) -> dict[str, Any]:
-    from vaultsh.plan.measure import measure_compute, measure_upload as _measure_upload
+def _time_section(
+    cfg: Any,
+    specs: list,
+    plan: Plan,
+    measure: bool,
+    batches: int,
+    upload_bps: float | None,
+    measure_upload: bool,
+    store: Any,
+) -> dict[str, Any]:
+    from vaultsh.plan.measure import measure_compute
+    from vaultsh.plan.measure import measure_upload as _measure_upload
 
     out: dict[str, Any] = {"compute": None, "upload": None}
     if measure_upload:
@@ -300,9 +400,15 @@ def _time_section(cfg: Any, specs: list, plan: Plan, measure: bool, batches: int
             compute_s = w["batches"] * m.seconds_per_batch
             need = w["bytes"] / compute_s if compute_s > 0 else 0.0
             upload_s = w["bytes"] / upload_bps if upload_bps else None
-            per_worker.append({"worker": w["worker"], "compute_s": compute_s, "upload_bytes_per_s_needed": need,
-                               "upload_s": upload_s,
-                               "run_s": max(compute_s, upload_s) if upload_s is not None else compute_s})
+            per_worker.append(
+                {
+                    "worker": w["worker"],
+                    "compute_s": compute_s,
+                    "upload_bytes_per_s_needed": need,
+                    "upload_s": upload_s,
+                    "run_s": max(compute_s, upload_s) if upload_s is not None else compute_s,
+                }
+            )
         slowest = max(per_worker, key=lambda r: r["run_s"])
         out["per_worker"] = per_worker
         out["tokens_per_s"] = m.tokens_per_s
@@ -315,15 +421,26 @@ def _time_section(cfg: Any, specs: list, plan: Plan, measure: bool, batches: int
                 plan.warnings.append(
                     f"upload is the bottleneck: a worker produces {out['upload_bytes_per_s_needed'] / 1e6:,.1f} "
                     f"MB/s but the store takes {upload_bps / 1e6:,.1f} MB/s; the forward pass will wait on the "
-                    "upload queue")
+                    "upload queue"
+                )
         if m.peak_device_bytes is not None and plan.memory.limit and m.peak_device_bytes > plan.memory.limit:
             plan.warnings.append("measured peak GPU memory exceeds the limit")
     return out
 
 
 # Sites that are d_model wide on every family: sized without building the model.
-_RESIDUAL_WIDE = {"hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "hook_embed",
-                  "ln_final.hook_normalized", "attn.module_out", "mlp.module_out", "mlp.module_in", "attn.module_in"}
+_RESIDUAL_WIDE = {
+    "hook_resid_pre",
+    "hook_resid_post",
+    "hook_attn_out",
+    "hook_mlp_out",
+    "hook_embed",
+    "ln_final.hook_normalized",
+    "attn.module_out",
+    "mlp.module_out",
+    "mlp.module_in",
+    "attn.module_in",
+}
 
 
 def _sized_hooks(cfg: Any, specs: list, d_model: int) -> tuple[list, list[int]]:

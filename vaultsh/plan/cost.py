@@ -17,8 +17,9 @@ skips cfg.json/metadata.json another worker already wrote).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Optional
+from typing import Any
 
 GIB = 2**30
 MULTIPART_THRESHOLD = 64 << 20
@@ -31,9 +32,9 @@ class Prices:
     """Prices in the user's currency: per GB-month stored (GB = 2**30 bytes, as S3 bills),
     per 1000 PUT/POST/LIST requests, per 1000 GET/HEAD requests."""
 
-    gb_month: Optional[float] = None
-    put_1k: Optional[float] = None
-    get_1k: Optional[float] = None
+    gb_month: float | None = None
+    put_1k: float | None = None
+    get_1k: float | None = None
 
     @property
     def any(self) -> bool:
@@ -76,9 +77,9 @@ class CostEstimate:
     put_requests: int
     data_put_requests: int
     get_requests: int
-    storage_per_month: Optional[float]
-    requests_once: Optional[float]
-    prices: dict[str, Optional[float]]
+    storage_per_month: float | None
+    requests_once: float | None
+    prices: dict[str, float | None]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -19,7 +19,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any
 
 PROBE_CAP = 256 << 20
 
@@ -32,7 +32,7 @@ class ComputeMeasurement:
     tokens_per_s: float  # token positions (padding included) per second
     real_token_fraction: float  # share of positions the mask keeps
     load_seconds: float
-    peak_device_bytes: Optional[int]
+    peak_device_bytes: int | None
     peak_rss_bytes: int
 
     def to_dict(self) -> dict[str, Any]:
@@ -44,8 +44,8 @@ def measure_compute(cfg: Any, specs: list, batches: int = 3) -> ComputeMeasureme
     import psutil
     import torch
 
-    from collector.data import BatchStream
     from collector.capture import ActivationCapture
+    from collector.data import BatchStream
     from collector.model import load_model_and_tokenizer
     from vaultsh.stats import RunningStats
 
@@ -54,7 +54,9 @@ def measure_compute(cfg: Any, specs: list, batches: int = 3) -> ComputeMeasureme
     load_s = time.perf_counter() - t0
     name = cfg.storage.dtype or cfg.model.dtype
     sdtype = model.dtype if name == "auto" else getattr(torch, name)
-    data = cfg.data.model_copy(update={"n_batches": min(cfg.data.n_batches, cfg.data.start_batch + (batches + 1) * cfg.num_runs)})
+    data = cfg.data.model_copy(
+        update={"n_batches": min(cfg.data.n_batches, cfg.data.start_batch + (batches + 1) * cfg.num_runs)}
+    )
     stream = BatchStream(data, tokenizer, worker=0, num_workers=cfg.num_runs)
     cuda = str(device).startswith("cuda")
     if cuda:
@@ -73,7 +75,9 @@ def measure_compute(cfg: Any, specs: list, batches: int = 3) -> ComputeMeasureme
             for h, out in outputs.items():
                 D = out.shape[-1]
                 RunningStats(D).update(out.reshape(-1, D), mask)
-                if h not in hosts or hosts[h].shape != out.shape:  # allocated in the warm-up, as the worker preallocates
+                if (
+                    h not in hosts or hosts[h].shape != out.shape
+                ):  # allocated in the warm-up, as the worker preallocates
                     hosts[h] = torch.empty(out.shape, dtype=sdtype, pin_memory=cuda)
                 hosts[h].copy_(out)
             if cuda:
@@ -131,5 +135,10 @@ def measure_upload(cfg: Any, file_bytes: int, store: Any = None) -> dict[str, An
                 store.delete(k)
             except Exception:
                 pass
-    return {"bytes_per_s": n * size / max(elapsed, 1e-9), "objects": n, "object_bytes": size,
-            "seconds": elapsed, "store": store.child_uri(run.internal_prefix + "plan-probe/")}
+    return {
+        "bytes_per_s": n * size / max(elapsed, 1e-9),
+        "objects": n,
+        "object_bytes": size,
+        "seconds": elapsed,
+        "store": store.child_uri(run.internal_prefix + "plan-probe/"),
+    }

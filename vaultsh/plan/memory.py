@@ -24,12 +24,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 MARGIN = 1.10  # allocator fragmentation, CUDA context, small temporaries
 
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str) -> int:
@@ -60,7 +69,7 @@ class MemoryInputs:
     queued: int  # max_queued_megabatches
     cpu: bool
     devices: int = 1
-    limit: Optional[int] = None  # bytes per device
+    limit: int | None = None  # bytes per device
     limit_source: str = ""
     hook_widths: int = 0  # the hooks' widths summed (0: n_hooks * D)
 
@@ -79,31 +88,31 @@ class MemoryEstimate:
     per_device: int
     host: int
     devices: int
-    limit: Optional[int]
+    limit: int | None
     limit_source: str
-    fits: Optional[bool]
-    suggested_batch_size: Optional[int] = None
-    min_devices: Optional[int] = None
+    fits: bool | None
+    suggested_batch_size: int | None = None
+    min_devices: int | None = None
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def activations_per_batch(m: MemoryInputs, B: Optional[int] = None) -> int:
+def activations_per_batch(m: MemoryInputs, B: int | None = None) -> int:
     B = m.B if B is None else B
     tok = B * m.T
     per_token = (2 * m.D + m.stored_width + max(2 * m.D + 2 * m.kv_dim, 3 * m.d_mlp)) * m.compute_bytes
     return tok * per_token + B * m.T * m.T  # + the [B, T, T] boolean attention mask
 
 
-def upload_buffer_per_megabatch(m: MemoryInputs, B: Optional[int] = None) -> int:
+def upload_buffer_per_megabatch(m: MemoryInputs, B: int | None = None) -> int:
     B = m.B if B is None else B
     rows = B * m.bpu
     return rows * m.T * m.stored_width * m.storage_bytes + rows * m.T * (8 + 1)
 
 
-def per_device_bytes(m: MemoryInputs, B: Optional[int] = None) -> int:
+def per_device_bytes(m: MemoryInputs, B: int | None = None) -> int:
     """The estimate compared with the per-device limit, for batch size B."""
     total = math.ceil(m.params * m.compute_bytes / m.devices) + activations_per_batch(m, B)
     if m.cpu:
@@ -111,7 +120,7 @@ def per_device_bytes(m: MemoryInputs, B: Optional[int] = None) -> int:
     return math.ceil(total * MARGIN)
 
 
-def largest_batch_that_fits(m: MemoryInputs) -> Optional[int]:
+def largest_batch_that_fits(m: MemoryInputs) -> int | None:
     """The largest batch size <= the configured one whose estimate fits the limit; None if not even 1 fits."""
     if m.limit is None:
         return None
@@ -127,7 +136,7 @@ def largest_batch_that_fits(m: MemoryInputs) -> Optional[int]:
     return lo
 
 
-def min_devices(m: MemoryInputs, B: Optional[int] = None, max_devices: int = 4096) -> Optional[int]:
+def min_devices(m: MemoryInputs, B: int | None = None, max_devices: int = 4096) -> int | None:
     """Fewest devices to spread the weights over so batch size B (default: the configured one) fits (GPU case)."""
     if m.limit is None or m.cpu:
         return None
@@ -169,8 +178,10 @@ def estimate_memory(m: MemoryInputs) -> MemoryEstimate:
         best = largest_batch_that_fits(m)
         est.suggested_batch_size = best
         where = "per device" if not m.cpu else "in memory"
-        msg = (f"estimated {size(per_dev, binary=True)} {where} exceeds {m.limit_source} "
-               f"({size(m.limit, binary=True)}) at batch_size {m.B}")
+        msg = (
+            f"estimated {size(per_dev, binary=True)} {where} exceeds {m.limit_source} "
+            f"({size(m.limit, binary=True)}) at batch_size {m.B}"
+        )
         if best is not None:
             msg += f": use batch_size {best} (estimated {size(per_device_bytes(m, best), binary=True)})"
         else:
@@ -180,8 +191,10 @@ def estimate_memory(m: MemoryInputs) -> MemoryEstimate:
                 nd, at = min_devices(m, 1), 1
             est.min_devices = nd
             if nd is not None and nd > m.devices:
-                msg += (f": even batch_size 1 does not fit on {m.devices} device(s); spread the weights over at "
-                        f"least {nd} devices (--devices {nd}) for batch_size {at}, or use a smaller dtype")
+                msg += (
+                    f": even batch_size 1 does not fit on {m.devices} device(s); spread the weights over at "
+                    f"least {nd} devices (--devices {nd}) for batch_size {at}, or use a smaller dtype"
+                )
             else:
                 msg += ": even batch_size 1 does not fit; shorten seq_length or use a smaller dtype"
         est.warnings.append(msg)

@@ -20,10 +20,11 @@ from __future__ import annotations
 import math
 import os
 import struct
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any
 
 from collector.config.model_facts import (
     D_MODEL_ATTRS,
@@ -49,13 +50,13 @@ class ModelShape:
     name: str
     n_layers: int
     d_model: int
-    d_mlp: Optional[int] = None
-    n_heads: Optional[int] = None
-    n_kv_heads: Optional[int] = None
-    vocab_size: Optional[int] = None
-    max_context: Optional[int] = None
+    d_mlp: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    vocab_size: int | None = None
+    max_context: int | None = None
     model_type: str = "unknown"
-    config_dtype: Optional[str] = None  # the dtype the checkpoint declares (for dtype: auto)
+    config_dtype: str | None = None  # the dtype the checkpoint declares (for dtype: auto)
     #: parameters of each decoder layer (len == n_layers)
     layer_params: list[int] = field(default_factory=list)
     #: parameters outside the decoder layers (embeddings, final norm, untied LM head)
@@ -92,6 +93,7 @@ class ModelShape:
 # GGUF: metadata and tensor table
 # --------------------------------------------------------------------------- #
 
+
 def read_gguf_tables(path: Path) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
     """(scalar/string metadata, {tensor name: shape}) of a GGUF file, from the collector's reader."""
     return read_gguf_header(path, tensors=True)
@@ -104,7 +106,7 @@ def _shape_from_gguf(name: str, path: Path) -> ModelShape:
         raise ConfigError(f"model {name!r}: cannot read the GGUF header of {str(path)!r}: {e}") from None
     arch = str(meta.get("general.architecture", ""))
 
-    def get(key: str) -> Optional[int]:
+    def get(key: str) -> int | None:
         return gguf_int(meta, arch, key)
 
     n_layers, d_model = get("block_count"), get("embedding_length")
@@ -163,7 +165,7 @@ def _forced_offline() -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _hf_config(model_cfg: Any, local: Optional[Path]) -> Any:
+def _hf_config(model_cfg: Any, local: Path | None) -> Any:
     from transformers import AutoConfig
 
     kw: dict[str, Any] = {"trust_remote_code": bool(model_cfg.trust_remote_code), "local_files_only": True}
@@ -214,7 +216,8 @@ def _shape_from_hf(model_cfg: Any, config: Any, where: str) -> ModelShape:
         d_model=d_model,
         d_mlp=int_attr(text, "intermediate_size", "n_inner", "ffn_dim", "d_ff"),
         n_heads=int_attr(text, "num_attention_heads", "n_head", "num_heads"),
-        n_kv_heads=int_attr(text, "num_key_value_heads", "num_kv_heads") or int_attr(text, "num_attention_heads", "n_head"),
+        n_kv_heads=int_attr(text, "num_key_value_heads", "num_kv_heads")
+        or int_attr(text, "num_attention_heads", "n_head"),
         vocab_size=int_attr(text, "vocab_size") or int_attr(config, "vocab_size"),
         # as validation reads it, except `seq_length` (which some configs use for the training length)
         max_context=int_attr(text, *(a for a in MAX_CONTEXT_ATTRS if a != "seq_length")),
@@ -248,7 +251,7 @@ def _formula_params(shape: ModelShape, tied: bool = False) -> None:
     shape.exact_params = False
 
 
-def _apply_overrides(shape: ModelShape, overrides: Mapping[str, Optional[int]]) -> ModelShape:
+def _apply_overrides(shape: ModelShape, overrides: Mapping[str, int | None]) -> ModelShape:
     # ModelShape's int fields by name (n_layers, d_model, ...): Any, as replace() cannot tell which they are
     o: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None and k != "params"}
     if not o and overrides.get("params") is None:
@@ -276,14 +279,15 @@ def _in_hf_cache(model_cfg: Any) -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        got = try_to_load_from_cache(model_cfg.name, "config.json", cache_dir=model_cfg.cache_dir,
-                                     revision=model_cfg.kwargs.get("revision"))
+        got = try_to_load_from_cache(
+            model_cfg.name, "config.json", cache_dir=model_cfg.cache_dir, revision=model_cfg.kwargs.get("revision")
+        )
     except Exception:
         return False
     return isinstance(got, str) and Path(got).is_file()
 
 
-def read_model_shape(model_cfg: Any, overrides: Optional[Mapping[str, Optional[int]]] = None) -> ModelShape:
+def read_model_shape(model_cfg: Any, overrides: Mapping[str, int | None] | None = None) -> ModelShape:
     """The ModelShape of the config's model, offline and without weights.
 
     Raises ConfigError naming the model and the overrides to give when it
@@ -345,7 +349,9 @@ def read_model_shape(model_cfg: Any, overrides: Optional[Mapping[str, Optional[i
     missing = [k for k in ("d_mlp", "vocab_size") if not overrides.get(k)]
     if missing:
         shape.notes.append(
-            "parameter count is a rough Llama-style estimate (missing " + ", ".join("--" + m.replace("_", "-") for m in missing) + ")"
+            "parameter count is a rough Llama-style estimate (missing "
+            + ", ".join("--" + m.replace("_", "-") for m in missing)
+            + ")"
         )
     return shape
 
@@ -382,5 +388,6 @@ def read_hf_config(model_cfg: Any) -> Any:
         raise
     except Exception as e:  # OSError / ValueError from transformers
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"model {name!r}: cannot read its config here (local files and the HF cache only): "
-                          f"{first[:200]}") from None
+        raise ConfigError(
+            f"model {name!r}: cannot read its config here (local files and the HF cache only): {first[:200]}"
+        ) from None

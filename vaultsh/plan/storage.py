@@ -22,9 +22,10 @@ microseconds, which Python's ``isoformat()`` leaves out when they are zero
 from __future__ import annotations
 
 import mmap
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Callable, Iterator
+from typing import Any
 
 #: a creation time of the length the worker writes (datetime.now(timezone.utc).isoformat())
 _CREATED = "2026-01-01T00:00:00.000000+00:00"
@@ -96,8 +97,9 @@ def file_metadata(run_name: str, hook: str, model: str, span: MegabatchSpan) -> 
     """The `__metadata__` the worker writes into a megabatch (before format/format_version)."""
     from vaultsh.megabatch import file_metadata as worker_metadata
 
-    return worker_metadata(run_name, hook, model, span.worker, span.index, span.batch_start, span.batch_end,
-                           created=_CREATED)
+    return worker_metadata(
+        run_name, hook, model, span.worker, span.index, span.batch_start, span.batch_end, created=_CREATED
+    )
 
 
 @lru_cache(maxsize=4096)
@@ -163,8 +165,11 @@ def pt_file_size(rows: int, T: int, D: int, dtype: str) -> int:
 
     states = _untouched((rows, T, D), getattr(torch, dtype))
     ids = _untouched((rows, T), torch.int64)
-    obj = {"states": states, "input_ids": ids,
-           "tensor_bytes": states.numel() * states.element_size() + ids.numel() * ids.element_size()}
+    obj = {
+        "states": states,
+        "input_ids": ids,
+        "tensor_bytes": states.numel() * states.element_size() + ids.numel() * ids.element_size(),
+    }
     counter = _Counter()
     try:
         import torch.utils.serialization.config as scfg
@@ -210,16 +215,33 @@ class HookStorage:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "hook": self.hook, "files": self.files, "sequences": self.sequences, "tokens": self.tokens,
-            "bytes": self.bytes, "bytes_per_megabatch": self.bytes_per_megabatch,
-            "min_file_bytes": self.min_file_bytes, "max_file_bytes": self.max_file_bytes,
+            "hook": self.hook,
+            "files": self.files,
+            "sequences": self.sequences,
+            "tokens": self.tokens,
+            "bytes": self.bytes,
+            "bytes_per_megabatch": self.bytes_per_megabatch,
+            "min_file_bytes": self.min_file_bytes,
+            "max_file_bytes": self.max_file_bytes,
             "per_worker": [vars(w).copy() for w in self.per_worker],
         }
 
 
 def hook_storage(
-    *, run_name: str, hook: str, model: str, fmt: str, dtype: str, itemsize: int, B: int, T: int, D: int,
-    bpu: int, n_batches: int, start_batch: int, num_runs: int,
+    *,
+    run_name: str,
+    hook: str,
+    model: str,
+    fmt: str,
+    dtype: str,
+    itemsize: int,
+    B: int,
+    T: int,
+    D: int,
+    bpu: int,
+    n_batches: int,
+    start_batch: int,
+    num_runs: int,
 ) -> HookStorage:
     """Exact files, sequences, token positions and bytes one hook's directory gets."""
     hs = HookStorage(hook)
@@ -238,6 +260,7 @@ def hook_storage(
                 sizes.append(size)
                 full_sizes.append(size)
         else:
+
             def key(i: int, batches: range = batches, w: int = w) -> tuple[int, int, int]:
                 s = _full_span(batches, bpu, w, i)
                 return (len(str(s.index)), len(str(s.batch_start)), len(str(s.batch_end)))

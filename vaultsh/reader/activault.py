@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -21,7 +21,7 @@ def _activault_source(s3_prefix: str) -> str:
     """'s3://...' and existing local hook directories are taken as given; anything else is a bucket key."""
     s = str(s3_prefix)
     if is_s3_uri(s) or s.startswith("file://"):
-        return s[len("file://"):] if s.startswith("file://") else s
+        return s[len("file://") :] if s.startswith("file://") else s
     p = Path(s).expanduser()
     if p.is_absolute() or s.startswith(("./", "../", "~")) or (p.is_dir() and (p / "metadata.json").is_file()):
         return str(p)
@@ -53,7 +53,7 @@ class S3RCache:
     """
 
     @classmethod
-    def from_credentials(cls, aws_access_key_id=None, aws_secret_access_key=None, *args, **kwargs) -> "S3RCache":
+    def from_credentials(cls, aws_access_key_id=None, aws_secret_access_key=None, *args, **kwargs) -> S3RCache:
         return cls(None, *args, _credentials=(aws_access_key_id, aws_secret_access_key), **kwargs)
 
     def __init__(
@@ -79,15 +79,18 @@ class S3RCache:
             raise UserError("S3RCache needs s3_prefix='RUN/HOOK' (a hook directory in the bucket)")
         bucket = (bucket_name or os.environ.get("S3_BUCKET_NAME") or "main").strip()
         if bucket.startswith("s3://"):
-            bucket = bucket[len("s3://"):]
+            bucket = bucket[len("s3://") :]
         bucket = bucket.strip("/")
         self.bucket_name = bucket
         self.s3_prefix = s3_prefix
         self.return_ids = bool(return_ids)
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
-            warnings.warn(f"S3RCache: device {str(device)!r} requested but CUDA is not available; using the CPU",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"S3RCache: device {str(device)!r} requested but CUDA is not available; using the CPU",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             dev = torch.device("cpu")
         self.device = dev
 
@@ -103,8 +106,15 @@ class S3RCache:
             else:
                 key, secret = _credentials if _credentials else (None, None)
                 token = os.environ.get("AWS_SESSION_TOKEN") if key is None else None
-                spec = StoreSpec("s3-creds", bucket=bucket, endpoint_url=endpoint, access_key=key, secret_key=secret,
-                                  session_token=token, pool=pool)
+                spec = StoreSpec(
+                    "s3-creds",
+                    bucket=bucket,
+                    endpoint_url=endpoint,
+                    access_key=key,
+                    secret_key=secret,
+                    session_token=token,
+                    pool=pool,
+                )
                 store = spec.open()
         sources = []
         for p, loc in zip(prefixes, locals_):
@@ -113,14 +123,20 @@ class S3RCache:
         if store is not None and any(locals_):
             raise UserError("S3RCache: mix of bucket keys and s3:// URIs / local paths in s3_prefix; use one kind")
         opts = dict(
-            device=self.device, return_ids=self.return_ids, return_mask=False,
-            shuffle=bool(shuffle and not preserve_file_order), seed=seed, prefetch=max(1, int(buffer_size)),
-            connections=max(1, min(int(concurrency), MAX_CONNECTIONS)), range_bytes=int(chunk_size),
+            device=self.device,
+            return_ids=self.return_ids,
+            return_mask=False,
+            shuffle=bool(shuffle and not preserve_file_order),
+            seed=seed,
+            prefetch=max(1, int(buffer_size)),
+            connections=max(1, min(int(concurrency), MAX_CONNECTIONS)),
+            range_bytes=int(chunk_size),
             _token_shuffle=bool(shuffle and not return_ids),
         )
         opts.update(reader_kwargs)
-        self._reader = ActivationReader(sources if len(sources) > 1 else sources[0], store=store,
-                                        _store_spec=spec, **opts)
+        self._reader = ActivationReader(
+            sources if len(sources) > 1 else sources[0], store=store, _store_spec=spec, **opts
+        )
         self.metadata = self._reader.metadata
         try:
             first = self._reader._sources[0]

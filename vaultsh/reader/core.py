@@ -8,7 +8,8 @@ import math
 import os
 import random
 import warnings
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -18,8 +19,7 @@ from vaultsh.reader.fetch import Closed, StoreSpec, TransientExhausted, resolve
 from vaultsh.reader.filters import AlignmentError, TokenFilter
 from vaultsh.reader.prefetch import FetchOptions, FileTask, Item, Part, Prefetcher
 from vaultsh.reader.progress import Counters, ReaderStats
-from vaultsh.reader.stage import (NORMALIZE_MODES, Norm, Staged, StagedPart, Stager, normalizer, parse_dtype,
-                                  seed_of)
+from vaultsh.reader.stage import NORMALIZE_MODES, Norm, Staged, StagedPart, Stager, normalizer, parse_dtype, seed_of
 from vaultsh.reader.tokens import Batcher, Columns, Mixer
 from vaultsh.run import FileRecord, Run
 from vaultsh.stats import RunningStats
@@ -67,8 +67,9 @@ def _hook_dirs(run: str | os.PathLike, hooks: Sequence[str]) -> list[str]:
         path = os.path.join(base, h)
         if not os.path.isdir(path):
             there = sorted(d for d in os.listdir(base) if os.path.isfile(os.path.join(base, d, "metadata.json")))
-            raise UserError(f"{base}: no hook {h!r} in this run" + (f"; hooks there: {', '.join(there[:20])}"
-                                                                    if there else ""))
+            raise UserError(
+                f"{base}: no hook {h!r} in this run" + (f"; hooks there: {', '.join(there[:20])}" if there else "")
+            )
         out.append(path)
     return out
 
@@ -206,10 +207,16 @@ class ActivationReader:
             normalize = None
         if normalize is not None and normalize not in NORMALIZE_MODES:
             raise UserError(f"normalize={normalize!r} is not allowed; use one of {', '.join(NORMALIZE_MODES)} or None")
-        for name, v, lo in (("prefetch", prefetch, 1), ("connections", connections, 1), ("range_bytes", range_bytes, 1),
-                            ("stage_threads", stage_threads, 1), ("retries", retries, 0),
-                            ("shuffle_buffer", shuffle_buffer, 0), ("start", start, 0),
-                            ("skip_positions", skip_positions, 0)):
+        for name, v, lo in (
+            ("prefetch", prefetch, 1),
+            ("connections", connections, 1),
+            ("range_bytes", range_bytes, 1),
+            ("stage_threads", stage_threads, 1),
+            ("retries", retries, 0),
+            ("shuffle_buffer", shuffle_buffer, 0),
+            ("start", start, 0),
+            ("skip_positions", skip_positions, 0),
+        ):
             _whole(name, v, lo)
         if batch_size is not None:
             _whole("batch_size", batch_size, 1)
@@ -220,8 +227,9 @@ class ActivationReader:
 
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"device {str(device)!r} requested but CUDA is not available "
-                            "(torch.cuda.is_available() is False)")
+            raise UserError(
+                f"device {str(device)!r} requested but CUDA is not available (torch.cuda.is_available() is False)"
+            )
         want_pin = self.device.type == "cuda" if pin_memory is None else bool(pin_memory)
         self._pin = want_pin and torch.cuda.is_available()
         self.dtype = parse_dtype(dtype)
@@ -268,15 +276,19 @@ class ActivationReader:
         else:
             seq = {s.shape[1] for s in self._sources if s.shape}
             if len(seq) > 1:
-                raise UserError("aligned hooks must hold the same tokens, but their metadata.json sequence "
-                                f"lengths differ: {sorted(seq)}")
+                raise UserError(
+                    "aligned hooks must hold the same tokens, but their metadata.json sequence "
+                    f"lengths differ: {sorted(seq)}"
+                )
         self.median_norm: float | None = None  # of norm_hook, when max_norm_factor is set
         self._filter = self._token_filter(skip_positions, exclude_token_ids, max_norm_factor, norm_hook)
 
         self._norms: list[Norm] | None = None
         if normalize is not None:
-            self._norms = [normalizer(stats if stats is not None else self._read_stats(i), normalize)
-                           for i in range(len(self._sources))]
+            self._norms = [
+                normalizer(stats if stats is not None else self._read_stats(i), normalize)
+                for i in range(len(self._sources))
+            ]
 
         self._counters = Counters(len(self._groups))
         self._pf: Prefetcher | None = None
@@ -298,14 +310,17 @@ class ActivationReader:
             return sources, None
         hooks = [hooks] if isinstance(hooks, str) else list(hooks)
         if not hooks or not all(isinstance(h, str) and h for h in hooks):
-            raise UserError(f"hooks={hooks!r}: give a list of hook names, e.g. ['blocks.3.hook_mlp_in', "
-                            "'blocks.3.hook_mlp_out']")
+            raise UserError(
+                f"hooks={hooks!r}: give a list of hook names, e.g. ['blocks.3.hook_mlp_in', 'blocks.3.hook_mlp_out']"
+            )
         if len(set(hooks)) != len(hooks):
             raise UserError(f"hooks={hooks!r} names a hook twice")
         runs = list(source) if zipped else [source]
         if not zipped and not isinstance(source, (str, os.PathLike)):
-            raise UserError("with hooks=, source is one run; to read the same tokens from several runs use "
-                            "ActivationReader.zip(run_a, run_b, hooks=[...])")
+            raise UserError(
+                "with hooks=, source is one run; to read the same tokens from several runs use "
+                "ActivationReader.zip(run_a, run_b, hooks=[...])"
+            )
         sources, layout = [], []
         for run in runs:
             dirs = _hook_dirs(run, hooks)
@@ -314,7 +329,7 @@ class ActivationReader:
         return sources, layout
 
     @classmethod
-    def zip(cls, *runs, hooks: Sequence[str] | str, **kwargs) -> "ActivationReader":
+    def zip(cls, *runs, hooks: Sequence[str] | str, **kwargs) -> ActivationReader:
         """Read the same tokens from several runs (e.g. two models over the same data, same tokenizer).
 
         Each batch's `states` is a tuple with one dict hook -> tensor per run, in
@@ -340,12 +355,14 @@ class ActivationReader:
         keyed = [{_align_key(f): f for f in files} for files in per_source]
         common = [k for k in (_align_key(f) for f in per_source[0]) if all(k in m for m in keyed[1:])]
         if not common:
-            raise AlignmentError("no megabatch is in every hook directory: "
-                                 + ", ".join(f"{s.uri} has {len(m)}" for s, m in zip(self._sources, keyed)))
+            raise AlignmentError(
+                "no megabatch is in every hook directory: "
+                + ", ".join(f"{s.uri} has {len(m)}" for s, m in zip(self._sources, keyed))
+            )
         extra = [(s, len(m) - len(common)) for s, m in zip(self._sources, keyed) if len(m) > len(common)]
         if extra:
-            msg = ("aligned read: reading the %d megabatch(es) every source has; left out: %s"
-                   % (len(common), ", ".join(f"{n} of {s.uri}" for s, n in extra)))
+            left_out = ", ".join(f"{n} of {s.uri}" for s, n in extra)
+            msg = f"aligned read: reading the {len(common)} megabatch(es) every source has; left out: {left_out}"
             logger.warning(msg)
             warnings.warn(msg, stacklevel=3)
         self._groups = [[(i, keyed[i][k]) for i in range(len(self._sources))] for k in common]
@@ -362,8 +379,11 @@ class ActivationReader:
             if norm_hook is not None:
                 raise UserError("norm_hook names the hook for max_norm_factor; give max_norm_factor too")
             return f
-        if isinstance(max_norm_factor, bool) or not isinstance(max_norm_factor, (int, float)) \
-                or not max_norm_factor > 0:
+        if (
+            isinstance(max_norm_factor, bool)
+            or not isinstance(max_norm_factor, (int, float))
+            or not max_norm_factor > 0
+        ):
             raise UserError(f"max_norm_factor={max_norm_factor!r}: give a positive number (e.g. 10)")
         names = [s.hook for s in self._sources]
         ref = names[0] if norm_hook is None else norm_hook
@@ -372,8 +392,10 @@ class ActivationReader:
         i = names.index(ref)
         f.norm_part = i if self._layout is not None else 0
         if self._layout is None and len(self._sources) > 1:
-            raise UserError("max_norm_factor with several sources read in turn is not supported: "
-                            "read them one at a time, or as aligned hooks with hooks=[...]")
+            raise UserError(
+                "max_norm_factor with several sources read in turn is not supported: "
+                "read them one at a time, or as aligned hooks with hooks=[...]"
+            )
         self.median_norm = self._median_norm(i)
         f.max_norm = float(max_norm_factor) * self.median_norm
         return f
@@ -453,7 +475,7 @@ class ActivationReader:
         return f"ActivationReader({srcs!r}, files={len(self._groups)}, device={str(self.device)!r})"
 
     # -- public knobs ----------------------------------------------------------
-    def shard(self, rank: int, world_size: int) -> "ActivationReader":
+    def shard(self, rank: int, world_size: int) -> ActivationReader:
         """Read only files rank, rank + world_size, ... (after `start`); returns self."""
         for name, v in (("rank", rank), ("world_size", world_size)):
             if isinstance(v, bool) or not isinstance(v, int):
@@ -547,8 +569,10 @@ class ActivationReader:
         ordered = self._ordered()
         tasks = []
         for pos in range(self.start + shard, len(ordered), n):
-            parts = [Part(i, f.key, self._sources[i].store.child_uri(f.key), f.size, f.sha256, f.n_sequences)
-                     for i, f in ordered[pos]]
+            parts = [
+                Part(i, f.key, self._sources[i].store.child_uri(f.key), f.size, f.sha256, f.n_sequences)
+                for i, f in ordered[pos]
+            ]
             tasks.append(FileTask(pos, parts))
         return tasks, n
 
@@ -584,18 +608,35 @@ class ActivationReader:
         opts = FetchOptions(
             prefetch=self.prefetch,
             buffer_bytes=self.buffer_bytes or max(1, (self.prefetch + 2) * biggest),
-            connections=self.connections, range_bytes=self.range_bytes,
+            connections=self.connections,
+            range_bytes=self.range_bytes,
             # a task of an aligned read stages one file per hook: as many threads per task keep the same
             # staging parallelism per file as a single-hook read
             stage_threads=min(8, self.stage_threads * len(self._sources)) if self._layout else self.stage_threads,
-            retries=self.retries, retry_backoff=self.retry_backoff, pin=self._pin,
+            retries=self.retries,
+            retry_backoff=self.retry_backoff,
+            pin=self._pin,
         )
-        stager = Stager(self.device, self.dtype, self._norms, self.tokens, self.return_ids, self.return_mask,
-                        self.return_labels, seed_of(self.seed, self.epoch) if self._token_shuffle else None,
-                        self._filter, self.return_source)
+        stager = Stager(
+            self.device,
+            self.dtype,
+            self._norms,
+            self.tokens,
+            self.return_ids,
+            self.return_mask,
+            self.return_labels,
+            seed_of(self.seed, self.epoch) if self._token_shuffle else None,
+            self._filter,
+            self.return_source,
+        )
         self._counters.start()
-        pf = self._pf = Prefetcher(tasks, [s.store for s in self._sources], opts,
-                                   lambda buf, task: self._stage(stager, buf, task), self._counters)
+        pf = self._pf = Prefetcher(
+            tasks,
+            [s.store for s in self._sources],
+            opts,
+            lambda buf, task: self._stage(stager, buf, task),
+            self._counters,
+        )
         try:
             batches = self._token_batches(pf, stager) if self.tokens else self._megabatches(pf, stager)
             yield from batches
@@ -610,8 +651,11 @@ class ActivationReader:
         assert exc is not None  # called for a failed item
         if isinstance(exc, Closed):
             raise UserError("the reader was closed during iteration")
-        content = (isinstance(exc, (FormatError, NotFoundError)) and not isinstance(exc, TransientExhausted)
-                   and not isinstance(exc, AlignmentError))
+        content = (
+            isinstance(exc, (FormatError, NotFoundError))
+            and not isinstance(exc, TransientExhausted)
+            and not isinstance(exc, AlignmentError)
+        )
         if self.on_error != "skip" or not content:
             raise exc
         reason = str(exc)
@@ -688,8 +732,7 @@ class ActivationReader:
             self._files_done += 1
             if self.shuffle_buffer:
                 if mixer is None:  # sized from metadata.json's megabatch, else from this file
-                    per_file = max((s.shape[0] * s.shape[1] for s in self._sources if s.shape),
-                                   default=st.positions)
+                    per_file = max((s.shape[0] * s.shape[1] for s in self._sources if s.shape), default=st.positions)
                     mixer = Mixer(self.shuffle_buffer * max(1, per_file), g)
                 mixed = mixer.add(cols)
                 if mixed is None:
@@ -711,7 +754,7 @@ class ActivationReader:
         if self._pf is not None:
             self._pf.close()
 
-    def __enter__(self) -> "ActivationReader":
+    def __enter__(self) -> ActivationReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -733,8 +776,9 @@ class ActivationReader:
         if epochs is not None:
             _whole("epochs", epochs, 1)
         if not self.tokens:
-            raise UserError("as_data_provider() yields token batches: make the reader with tokens=True "
-                            "(and batch_size=...)")
+            raise UserError(
+                "as_data_provider() yields token batches: make the reader with tokens=True (and batch_size=...)"
+            )
 
         def provider():
             e = self.epoch

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vaultsh.errors import FormatError
 from vaultsh.dtypes import to_torch_dtype, torch_dtype_by_name
+from vaultsh.errors import FormatError
 from vaultsh.megabatch import MAX_HEADER_BYTES, SOURCE, load_pt, parse_header
 
 _PROBE = 64 << 10
@@ -50,7 +50,9 @@ def metadata_dtype(md: dict | None) -> torch.dtype | None:
 def check_sha256(mv: memoryview, expected: str, uri: str) -> None:
     digest = hashlib.sha256(mv).hexdigest()
     if digest != expected:
-        raise FormatError(f"{uri}: corrupt: sha256 {digest[:12]}... differs from the commit record's {expected[:12]}...")
+        raise FormatError(
+            f"{uri}: corrupt: sha256 {digest[:12]}... differs from the commit record's {expected[:12]}..."
+        )
 
 
 def _load_pt_quietly(data: bytes, uri: str) -> dict:
@@ -107,25 +109,30 @@ def decode(buf: torch.Tensor, uri: str, labels: bool = False) -> Decoded:
         mask = mask.to(torch.bool)
     got_labels = {}
     if labels:
-        got_labels = {k[len("labels."):]: view(k) for k in header.tensors if k.startswith("labels.")}
+        got_labels = {k[len("labels.") :]: view(k) for k in header.tensors if k.startswith("labels.")}
     source = view(SOURCE) if SOURCE in header.tensors else None
     return Decoded(view("states"), ids, mask, got_labels, source)
 
 
-def check(d: Decoded, uri: str, shape: tuple[int, int, int] | None, dtype: torch.dtype | None,
-          n_sequences: int) -> None:
+def check(
+    d: Decoded, uri: str, shape: tuple[int, int, int] | None, dtype: torch.dtype | None, n_sequences: int
+) -> None:
     """Raise FormatError when the tensors disagree with metadata.json or the commit record."""
     if d.states.dim() != 3:
         raise FormatError(f"{uri}: states has shape {list(d.states.shape)}, expected [N, T, D]")
     n, t, dm = d.states.shape
     if tuple(d.input_ids.shape) != (n, t) or tuple(d.mask.shape) != (n, t):
-        raise FormatError(f"{uri}: input_ids/mask shapes {list(d.input_ids.shape)}/{list(d.mask.shape)} "
-                          f"do not match states {[n, t, dm]}")
+        raise FormatError(
+            f"{uri}: input_ids/mask shapes {list(d.input_ids.shape)}/{list(d.mask.shape)} "
+            f"do not match states {[n, t, dm]}"
+        )
     if shape is not None:
         n0, t0, d0 = shape
         if (t, dm) != (t0, d0) or n > n0 or n == 0:
-            raise FormatError(f"{uri}: shape {[n, t, dm]} differs from metadata.json shape {[n0, t0, d0]} "
-                              f"(expected [N <= {n0}, {t0}, {d0}])")
+            raise FormatError(
+                f"{uri}: shape {[n, t, dm]} differs from metadata.json shape {[n0, t0, d0]} "
+                f"(expected [N <= {n0}, {t0}, {d0}])"
+            )
     if dtype is not None and d.states.dtype != dtype:
         raise FormatError(f"{uri}: dtype {d.states.dtype} differs from metadata.json dtype {dtype}")
     if n_sequences and n != n_sequences:

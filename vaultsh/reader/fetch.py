@@ -35,8 +35,9 @@ class TransientExhausted(StoreError):
 
 
 # -- opening stores ----------------------------------------------------------
-def s3_client(endpoint_url: str | None, access_key: str | None, secret_key: str | None,
-              session_token: str | None, pool: int):
+def s3_client(
+    endpoint_url: str | None, access_key: str | None, secret_key: str | None, session_token: str | None, pool: int
+):
     """A boto3 S3 client with explicit credentials (None: boto3's default chain, or unsigned
     requests when AWS_NO_SIGN_REQUEST is set)."""
     import boto3
@@ -46,8 +47,12 @@ def s3_client(endpoint_url: str | None, access_key: str | None, secret_key: str 
     from vaultsh.store import no_sign_request
 
     region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
-    session = boto3.session.Session(aws_access_key_id=access_key, aws_secret_access_key=secret_key,
-                                    aws_session_token=session_token, region_name=region)
+    session = boto3.session.Session(
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        aws_session_token=session_token,
+        region_name=region,
+    )
     config = Config(
         retries=botocore_retries(),
         max_pool_connections=max(10, pool),
@@ -112,8 +117,9 @@ def resolve(source: str, store=None) -> tuple[StoreSpec, Any, str, str]:
     else:
         path = Path(source).expanduser()
         if not path.is_dir():
-            raise UserError(f"{source}: no such directory (give a hook directory RUN/HOOK of a local store, "
-                            "or an s3:// URI)")
+            raise UserError(
+                f"{source}: no such directory (give a hook directory RUN/HOOK of a local store, or an s3:// URI)"
+            )
         path = path.resolve()
         if path.parent == path or path.parent.parent == path.parent:
             raise UserError(f"{source}: a hook directory is STORE/RUN/HOOK; this path is too short")
@@ -128,9 +134,19 @@ def resolve(source: str, store=None) -> tuple[StoreSpec, Any, str, str]:
 
 # -- errors ------------------------------------------------------------------
 _TRANSIENT_NAMES = {
-    "IncompleteReadError", "ResponseStreamingError", "ReadTimeoutError", "ConnectionClosedError",
-    "EndpointConnectionError", "ConnectTimeoutError", "ProtocolError", "IncompleteRead", "HTTPClientError",
-    "ReadTimeout", "ConnectTimeout", "NewConnectionError", "RemoteDisconnected",
+    "IncompleteReadError",
+    "ResponseStreamingError",
+    "ReadTimeoutError",
+    "ConnectionClosedError",
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ProtocolError",
+    "IncompleteRead",
+    "HTTPClientError",
+    "ReadTimeout",
+    "ConnectTimeout",
+    "NewConnectionError",
+    "RemoteDisconnected",
 }
 
 
@@ -164,8 +180,17 @@ def read_into(store, key: str, start: int, mv: memoryview, stop: threading.Event
     return len(data)
 
 
-def read_with_retries(store, key: str, uri: str, start: int, mv: memoryview, stop: threading.Event,
-                      retries: int, backoff: float, on_retry=None) -> int:
+def read_with_retries(
+    store,
+    key: str,
+    uri: str,
+    start: int,
+    mv: memoryview,
+    stop: threading.Event,
+    retries: int,
+    backoff: float,
+    on_retry=None,
+) -> int:
     """`read_into` with up to `retries` retries of transient errors (exponential backoff, jittered)."""
 
     def retryable(exc: Exception) -> bool:
@@ -184,5 +209,10 @@ def read_with_retries(store, key: str, uri: str, start: int, mv: memoryview, sto
         )
 
     policy = RetryPolicy(attempts=retries + 1, backoff=backoff, max_delay=8.0, jitter=True)
-    return policy.call(lambda: read_into(store, key, start, mv, stop), retryable=retryable, on_retry=retrying,
-                       wait=stop.wait, exhausted=exhausted)
+    return policy.call(
+        lambda: read_into(store, key, start, mv, stop),
+        retryable=retryable,
+        on_retry=retrying,
+        wait=stop.wait,
+        exhausted=exhausted,
+    )

@@ -38,8 +38,9 @@ class TokenFilter:
     def active(self) -> bool:
         return bool(self.skip_positions) or self.exclude_token_ids is not None or self.max_norm is not None
 
-    def keep(self, ids: torch.Tensor, mask: torch.Tensor, ref_states: torch.Tensor | None
-             ) -> tuple[torch.Tensor, dict[str, int]]:
+    def keep(
+        self, ids: torch.Tensor, mask: torch.Tensor, ref_states: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, int]]:
         """The [N, T] keep mask and how many tokens each filter dropped (in FILTERS order, each
         counted among the tokens the filters before it kept)."""
         keep = mask.clone()
@@ -63,12 +64,16 @@ class TokenFilter:
 def check_aligned(ids_a: torch.Tensor, ids_b: torch.Tensor, uri_a: str, uri_b: str) -> None:
     """Raise AlignmentError naming the first sequence and position where two files' input_ids differ."""
     if tuple(ids_a.shape) != tuple(ids_b.shape):
-        raise AlignmentError(f"{uri_b}: input_ids shape {list(ids_b.shape)} differs from {uri_a}'s "
-                             f"{list(ids_a.shape)}: these files do not hold the same tokens")
+        raise AlignmentError(
+            f"{uri_b}: input_ids shape {list(ids_b.shape)} differs from {uri_a}'s "
+            f"{list(ids_a.shape)}: these files do not hold the same tokens"
+        )
     if torch.equal(ids_a, ids_b):
         return
     diff = (ids_a != ids_b).nonzero()
     n, t = (int(v) for v in diff[0])
-    raise AlignmentError(f"{uri_b}: input_ids differ from {uri_a} at sequence {n}, position {t} "
-                         f"(token {int(ids_b[n, t])} vs {int(ids_a[n, t])}; {diff.shape[0]} position(s) differ): "
-                         "these files do not hold the same tokens")
+    raise AlignmentError(
+        f"{uri_b}: input_ids differ from {uri_a} at sequence {n}, position {t} "
+        f"(token {int(ids_b[n, t])} vs {int(ids_a[n, t])}; {diff.shape[0]} position(s) differ): "
+        "these files do not hold the same tokens"
+    )

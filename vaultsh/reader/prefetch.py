@@ -17,10 +17,10 @@ import threading
 import time
 import traceback
 import weakref
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 
@@ -36,7 +36,7 @@ _POLL_S = 0.1
 # shutdown, after the standard library's module globals are gone (ThreadPoolExecutor.shutdown then fails
 # with "'NoneType' object has no attribute 'Empty'"): the atexit hook closes them while everything still works,
 # and a closed Prefetcher's close() returns at once.
-_LIVE: "weakref.WeakSet[Prefetcher]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[Prefetcher] = weakref.WeakSet()
 
 
 def _close_live() -> None:
@@ -121,8 +121,14 @@ class FetchOptions:
 class Prefetcher:
     """Downloads `tasks` in the background and yields their Items in order (`items()`, `done()`)."""
 
-    def __init__(self, tasks: list[FileTask], stores: list, opts: FetchOptions,
-                 stage: Callable[[torch.Tensor, FileTask], Staged], counters: Counters):
+    def __init__(
+        self,
+        tasks: list[FileTask],
+        stores: list,
+        opts: FetchOptions,
+        stage: Callable[[torch.Tensor, FileTask], Staged],
+        counters: Counters,
+    ):
         self.tasks = tasks
         self.stores = stores
         self.o = opts
@@ -167,8 +173,7 @@ class Prefetcher:
                 self.slots.acquire(self.stop)
                 buf, lease = self.pool.acquire(task.size, self.stop)
                 per = self.o.range_bytes
-                ranges = [(i, s, min(per, p.size - s)) for i, p in enumerate(task.parts)
-                          for s in range(0, p.size, per)]
+                ranges = [(i, s, min(per, p.size - s)) for i, p in enumerate(task.parts) for s in range(0, p.size, per)]
                 dl = _Download(task, buf, lease, len(ranges))
                 self.ready.put(dl)
                 if not ranges:
@@ -191,8 +196,17 @@ class Prefetcher:
         p = dl.task.parts[part]
         at = p.offset + start
         mv = memoryview(dl.buf.numpy()).cast("B")[at : at + length]
-        return read_with_retries(self.stores[p.source], p.key, p.uri, start, mv, self.stop, self.o.retries,
-                                 self.o.retry_backoff, on_retry=lambda: self.counters.add(retries=1))
+        return read_with_retries(
+            self.stores[p.source],
+            p.key,
+            p.uri,
+            start,
+            mv,
+            self.stop,
+            self.o.retries,
+            self.o.retry_backoff,
+            on_retry=lambda: self.counters.add(retries=1),
+        )
 
     def _range(self, dl: _Download, part: int, start: int, length: int) -> None:
         # Only dl refers to the buffer here (no memoryview argument or local outlives _fetch), so once
@@ -228,8 +242,9 @@ class Prefetcher:
             if dl.short:
                 i = min(dl.short)
                 p = dl.task.parts[i]
-                raise FormatError(f"{p.uri}: truncated or replaced: {dl.short[i]} bytes readable, "
-                                  f"{p.size} expected (listed size)")
+                raise FormatError(
+                    f"{p.uri}: truncated or replaced: {dl.short[i]} bytes readable, {p.size} expected (listed size)"
+                )
             item.staged = self.stage_fn(dl.buf, dl.task)
         except BaseException as exc:  # noqa: BLE001 - the consumer applies on_error
             traceback.clear_frames(exc.__traceback__)

@@ -65,8 +65,12 @@ class ReaderStats:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["skipped"] = [list(s) for s in self.skipped]
         out["dropped"] = dict(self.dropped)
-        out.update(mb_per_s=self.mb_per_s, states_mb_per_s=self.states_mb_per_s,
-                   tokens_per_s=self.tokens_per_s, wait_fraction=self.wait_fraction)
+        out.update(
+            mb_per_s=self.mb_per_s,
+            states_mb_per_s=self.states_mb_per_s,
+            tokens_per_s=self.tokens_per_s,
+            wait_fraction=self.wait_fraction,
+        )
         return out
 
 

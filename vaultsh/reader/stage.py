@@ -112,9 +112,19 @@ class Stager:
     and one permutation serve all of them.
     """
 
-    def __init__(self, device: torch.device, dtype: torch.dtype | None, norms: list[Norm] | None, tokens: bool,
-                 return_ids: bool, return_mask: bool, return_labels: bool, token_shuffle_seed: int | None,
-                 token_filter: TokenFilter | None = None, return_source: bool = False):
+    def __init__(
+        self,
+        device: torch.device,
+        dtype: torch.dtype | None,
+        norms: list[Norm] | None,
+        tokens: bool,
+        return_ids: bool,
+        return_mask: bool,
+        return_labels: bool,
+        token_shuffle_seed: int | None,
+        token_filter: TokenFilter | None = None,
+        return_source: bool = False,
+    ):
         self.device = device
         self.dtype = dtype
         self.norms = norms
@@ -228,7 +238,11 @@ class Stager:
     def _source(self, part: StagedPart, n: int, t: int) -> torch.Tensor:
         """Provenance: [N, 3] per sequence as stored (-1 where the file has none); in token mode
         [N, T, 4] per token: the sequence's three values and the token's position in the sequence."""
-        seq = part.provenance.to(torch.int64) if part.provenance is not None else torch.full((n, 3), -1, dtype=torch.int64)
+        seq = (
+            part.provenance.to(torch.int64)
+            if part.provenance is not None
+            else torch.full((n, 3), -1, dtype=torch.int64)
+        )
         if not self.tokens:
             return seq.clone()
         pos = torch.arange(t, dtype=torch.int64).expand(n, t)

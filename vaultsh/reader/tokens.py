@@ -7,7 +7,7 @@ column moves with it, so aligned hooks stay aligned through the mixing.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

@@ -22,8 +22,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Iterable, Iterator
+from typing import IO, TYPE_CHECKING
 
 from rich.console import Console
 
@@ -103,8 +104,12 @@ class Shell:
         self._history = history
         self._ask_session: PromptSession[str] | None = None
         self.ctx = ShellContext(
-            store, "", _console(self.stdout), _console(self.stderr),
-            interactive=interactive, ask=self._ask if interactive else None,
+            store,
+            "",
+            _console(self.stdout),
+            _console(self.stderr),
+            interactive=interactive,
+            ask=self._ask if interactive else None,
         )
         self.ctx.shell = self
         self._start_at(cwd)
@@ -161,7 +166,9 @@ class Shell:
         session = self.make_session()
         self.ctx.out.print(
             f"vaultsh s3 shell on {safe_text(self.ctx.display(''))}: `help` lists commands, Tab completes, Ctrl-D leaves",
-            markup=False, highlight=False, style="dim",
+            markup=False,
+            highlight=False,
+            style="dim",
         )
         while True:
             try:
@@ -236,7 +243,9 @@ class Shell:
         except Exception as exc:  # noqa: BLE001 - a bug in one command must not end the session
             if os.environ.get(DEBUG_ENV):
                 raise
-            self.error(f"internal error in {cmdline.split()[0]!r}: {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for a traceback)")
+            self.error(
+                f"internal error in {cmdline.split()[0]!r}: {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for a traceback)"
+            )
             return 2
 
     def _emit(self, result, as_json: bool) -> int:
@@ -274,7 +283,9 @@ class Shell:
         self.stdout.flush()
 
     def error(self, message: str) -> None:
-        self.ctx.err.print(f"error: {safe_text(collapse(message))}", style="red", markup=False, highlight=False, soft_wrap=True)
+        self.ctx.err.print(
+            f"error: {safe_text(collapse(message))}", style="red", markup=False, highlight=False, soft_wrap=True
+        )
         try:
             self.stderr.flush()
         except (AttributeError, ValueError):

@@ -79,8 +79,8 @@ def ls(ctx: ShellContext, a) -> LsResult:
         if key:
             raise NotFoundError(f"{a.path or key}: no such file or directory: {ctx.display(key)}")
     base = key + "/" if key else ""
-    entries = [Entry(p[len(base):], p.rstrip("/"), True) for p in listing.prefixes]
-    entries += [Entry(o.key[len(base):], o.key, False, o.size, o.mtime) for o in listing.objects]
+    entries = [Entry(p[len(base) :], p.rstrip("/"), True) for p in listing.prefixes]
+    entries += [Entry(o.key[len(base) :], o.key, False, o.size, o.mtime) for o in listing.objects]
     kind = ctx.dir_kind(key, listing)
     result = LsResult(ctx.display(key, directory=bool(key)), entries, a.l, kind=kind)
     try:
@@ -96,18 +96,30 @@ def ls(ctx: ShellContext, a) -> LsResult:
 def _run_summary(ctx: ShellContext, key: str, listing) -> dict:
     commits = ctx.run_commits(key)
     base = key + "/"
-    hooks = {p[len(base):].strip("/") for p in listing.prefixes} - {INTERNAL}
+    hooks = {p[len(base) :].strip("/") for p in listing.prefixes} - {INTERNAL}
     hooks |= {h for c in commits for h in c.files}
     if commits:
         tokens = sum(c.tokens for c in commits)
         if not tokens:
             first = next(iter(commits[0].files), None)
             tokens = sum(c.files[first].n_tokens for c in commits if first in c.files) if first else 0
-        return {"run": key, "hooks": len(hooks), "megabatches": len(commits), "tokens": tokens,
-                "workers": len({c.worker for c in commits}), "commit_records": True}
+        return {
+            "run": key,
+            "hooks": len(hooks),
+            "megabatches": len(commits),
+            "tokens": tokens,
+            "workers": len({c.worker for c in commits}),
+            "commit_records": True,
+        }
     summary = Run(ctx.store, key).summary()  # no records (Activault): every file counts
-    return {"run": key, "hooks": len(summary.hooks), "megabatches": summary.megabatches, "tokens": summary.tokens,
-            "workers": len(summary.workers), "commit_records": False}
+    return {
+        "run": key,
+        "hooks": len(summary.hooks),
+        "megabatches": summary.megabatches,
+        "tokens": summary.tokens,
+        "workers": len(summary.workers),
+        "commit_records": False,
+    }
 
 
 def _hook_summary(ctx: ShellContext, key: str, entries: list[Entry]) -> dict:
@@ -123,8 +135,13 @@ def _hook_summary(ctx: ShellContext, key: str, entries: list[Entry]) -> dict:
         else:
             e.note = "uncommitted"
             uncommitted += 1
-    return {"run": run, "hook": hook, "megabatches": len(files), "uncommitted": uncommitted,
-            "tokens": sum(f.n_tokens for f in files)}
+    return {
+        "run": run,
+        "hook": hook,
+        "megabatches": len(files),
+        "uncommitted": uncommitted,
+        "tokens": sum(f.n_tokens for f in files),
+    }
 
 
 @command(
@@ -162,8 +179,9 @@ def _tally(ctx: ShellContext, a, name: str):
     key = ctx.resolve(a.path)
     uri = ctx.display(key, directory=bool(key))
     with ctx.progress(SpinnerColumn(), TextColumn("{task.description}"), description=f"listing {uri}") as update:
-        result = tally(ctx.store, key, name, uri,
-                       on_progress=lambda n: update(description=f"listing {uri}: {n:,} objects"))
+        result = tally(
+            ctx.store, key, name, uri, on_progress=lambda n: update(description=f"listing {uri}: {n:,} objects")
+        )
     if key and not result.objects:  # checked after the fact: the listing itself is the check
         _need_dir(ctx, key, a.path)
     return result
@@ -259,7 +277,7 @@ def _named(exc: UserError, ctx: ShellContext, key: str) -> UserError:
     """The megabatch reader names files by key; show the URI the user sees."""
     msg = str(exc)
     if msg.startswith(key + ":"):
-        msg = ctx.display(key) + msg[len(key):]
+        msg = ctx.display(key) + msg[len(key) :]
     elif ctx.display(key) not in msg:
         msg = f"{ctx.display(key)}: {msg}"
     return type(exc)(msg) if isinstance(exc, FormatError) else UserError(msg)
@@ -299,7 +317,7 @@ def _ids_and_mask(store, key: str) -> tuple[list[list[int]], list[list[bool]]]:
     return mb.input_ids.tolist(), mb.mask.tolist()
 
 
-def _sources(ctx: ShellContext, store, t: "Target", header) -> list[dict] | None:
+def _sources(ctx: ShellContext, store, t: Target, header) -> list[dict] | None:
     """Each sequence's provenance (source name from the hook's metadata.json), or None for files without it."""
     from vaultsh.megabatch import read_source
     from vaultsh.provenance import as_dict, source_names
@@ -320,8 +338,16 @@ def _sources(ctx: ShellContext, store, t: "Target", header) -> list[dict] | None
     return [as_dict(row, names) for row in src.tolist()]
 
 
-def sequence_view(uri: str, batch: int, n: int, ids: list[int], mask: list[bool], handle: dec.TokenizerHandle,
-                  tokens: bool, source: dict | None = None) -> SequenceView:
+def sequence_view(
+    uri: str,
+    batch: int,
+    n: int,
+    ids: list[int],
+    mask: list[bool],
+    handle: dec.TokenizerHandle,
+    tokens: bool,
+    source: dict | None = None,
+) -> SequenceView:
     view = SequenceView(uri, batch, n, ids, mask, note=handle.note, source=source)
     if tokens:
         view.tokens = dec.token_pieces(handle, ids, mask)
@@ -333,8 +359,14 @@ def sequence_view(uri: str, batch: int, n: int, ids: list[int], mask: list[bool]
 class BatchViewer(Result):
     """Asks for a batch number and shows its full text until 'q' (interactive shell only)."""
 
-    def __init__(self, uri: str, ids: list[list[int]], mask: list[list[bool]], handle: dec.TokenizerHandle,
-                 sources: list[dict] | None = None):
+    def __init__(
+        self,
+        uri: str,
+        ids: list[list[int]],
+        mask: list[list[bool]],
+        handle: dec.TokenizerHandle,
+        sources: list[dict] | None = None,
+    ):
         self.uri, self.ids, self.mask, self.handle, self.sources = uri, ids, mask, handle, sources
 
     def to_json(self):
@@ -356,21 +388,31 @@ class BatchViewer(Result):
                 return
             if answer == "t":
                 tokens_mode = not tokens_mode
-                ctx.out.print(f"token view {'on: token ids and boundaries' if tokens_mode else 'off: plain text'}",
-                              markup=False, highlight=False)
+                ctx.out.print(
+                    f"token view {'on: token ids and boundaries' if tokens_mode else 'off: plain text'}",
+                    markup=False,
+                    highlight=False,
+                )
                 continue
             m = re.fullmatch(r"(t\s+)?(-?\d+)", answer)
             if not m:
-                ctx.out.print(f"enter a batch number 0-{n - 1}, 't N' for its tokens, 't' to toggle token view, or 'q'",
-                              markup=False, highlight=False)
+                ctx.out.print(
+                    f"enter a batch number 0-{n - 1}, 't N' for its tokens, 't' to toggle token view, or 'q'",
+                    markup=False,
+                    highlight=False,
+                )
                 continue
             b = int(m.group(2))
             if not 0 <= b < n:
                 ctx.out.print(f"batch {b} out of range (0-{n - 1})", markup=False, highlight=False)
                 continue
             source = self.sources[b] if self.sources else None
-            render(sequence_view(self.uri, b, n, self.ids[b], self.mask[b], self.handle, tokens_mode or bool(m.group(1)),
-                                 source), ctx.out)
+            render(
+                sequence_view(
+                    self.uri, b, n, self.ids[b], self.mask[b], self.handle, tokens_mode or bool(m.group(1)), source
+                ),
+                ctx.out,
+            )
 
 
 @command(
@@ -399,11 +441,17 @@ def inspect(ctx: ShellContext, a):
     if not header.model:
         cfg = _read_cfg(ctx, t.run, t.key) or {}
         cfg_model = dec.tokenizer_spec(cfg, None)[0] if cfg else None
-    yield InspectHeader(uri, t.key, header, t.index, t.count, hook=header.hook or t.hook, model=header.model or cfg_model)
+    yield InspectHeader(
+        uri, t.key, header, t.index, t.count, hook=header.hook or t.hook, model=header.model or cfg_model
+    )
     if not a.no_scan:
-        with ctx.progress(TextColumn("checking states"), BarColumn(), DownloadColumn(), TransferSpeedColumn()) as update:
+        with ctx.progress(
+            TextColumn("checking states"), BarColumn(), DownloadColumn(), TransferSpeedColumn()
+        ) as update:
             try:
-                scan = scan_states(store, t.key, header, progress=lambda done, total: update(completed=done, total=total))
+                scan = scan_states(
+                    store, t.key, header, progress=lambda done, total: update(completed=done, total=total)
+                )
             except UserError as exc:
                 raise _named(exc, ctx, t.key) from None
         yield InspectScan(scan)
@@ -417,8 +465,16 @@ def inspect(ctx: ShellContext, a):
     for b in range(min(PREVIEW_SEQUENCES, len(ids))):
         real = [i for i, m in zip(ids[b], mask[b]) if m]
         text = dec.decode(handle, real)
-        previews.append(Preview(b, text[:PREVIEW_CHARS], len(text) > PREVIEW_CHARS, len(real), len(ids[b]),
-                                source=sources[b] if sources else None))
+        previews.append(
+            Preview(
+                b,
+                text[:PREVIEW_CHARS],
+                len(text) > PREVIEW_CHARS,
+                len(real),
+                len(ids[b]),
+                source=sources[b] if sources else None,
+            )
+        )
     yield InspectPreview(previews, len(ids), handle.source, handle.note, PREVIEW_CHARS)
     yield BatchViewer(uri, ids, mask, handle, sources)
 
@@ -438,10 +494,15 @@ def _batch_arg(batch: str, n: int) -> int:
     "view",
     help="full text of one sequence of a megabatch, masked tokens marked «like this» (the batch viewer, as a command)",
     args=[Arg("target", "file"), Arg("batch")],
-    flags={"--tokens": "show every token as [id]piece",
-           "--heat": "colour each token by a value: --norm, --dim D or --sae CKPT --feature F",
-           "--norm": "heat: the token's norm", "--dim D": "heat: dimension D", "--sae CKPT": "heat: an SAE checkpoint",
-           "--feature F": "heat: the SAE latent", "--png FILE": "heat: also write the picture as a PNG"},
+    flags={
+        "--tokens": "show every token as [id]piece",
+        "--heat": "colour each token by a value: --norm, --dim D or --sae CKPT --feature F",
+        "--norm": "heat: the token's norm",
+        "--dim D": "heat: dimension D",
+        "--sae CKPT": "heat: an SAE checkpoint",
+        "--feature F": "heat: the SAE latent",
+        "--png FILE": "heat: also write the picture as a PNG",
+    },
 )
 def view(ctx: ShellContext, a):
     t = megabatch_target(ctx, a.target)
@@ -460,8 +521,9 @@ def view(ctx: ShellContext, a):
     header = read_header(store, t.key)
     handle = _tokenizer(ctx, t.run, t.key, header.metadata)
     sources = _sources(ctx, store, t, header)
-    return sequence_view(ctx.display(t.key), b, len(ids), ids[b], mask[b], handle, a.tokens,
-                         sources[b] if sources else None)
+    return sequence_view(
+        ctx.display(t.key), b, len(ids), ids[b], mask[b], handle, a.tokens, sources[b] if sources else None
+    )
 
 
 @command(
@@ -512,17 +574,26 @@ def stats(ctx: ShellContext, a) -> StatsResult:
     std, mean = st.std, st.mean
     counts, edges = np.histogram(std, bins=10)
     return StatsResult(
-        uri=ctx.display(key + "/statistics.json"), hook=hook, count=st.count, d=st.d,
-        mean_range=(float(mean.min()), float(mean.max())), std_range=(float(std.min()), float(std.max())),
-        mean_abs_mean=float(np.abs(mean).mean()), mean_std=float(std.mean()), mean_norm=float(st.mean_norm),
-        hist_edges=[float(e) for e in edges], hist_counts=[int(c) for c in counts],
+        uri=ctx.display(key + "/statistics.json"),
+        hook=hook,
+        count=st.count,
+        d=st.d,
+        mean_range=(float(mean.min()), float(mean.max())),
+        std_range=(float(std.min()), float(std.max())),
+        mean_abs_mean=float(np.abs(mean).mean()),
+        mean_std=float(std.mean()),
+        mean_norm=float(st.mean_norm),
+        hist_edges=[float(e) for e in edges],
+        hist_counts=[int(c) for c in counts],
     )
 
 
 def _read_small(ctx: ShellContext, key: str) -> bytes:
     info = ctx.store.head(key)
     if info.size > CAT_LIMIT:
-        raise UserError(f"{ctx.display(key)}: {binary_size(info.size)} is too large to print (limit {binary_size(CAT_LIMIT)}); use get")
+        raise UserError(
+            f"{ctx.display(key)}: {binary_size(info.size)} is too large to print (limit {binary_size(CAT_LIMIT)}); use get"
+        )
     return ctx.store.get_range(key, 0, CAT_LIMIT + 1)[: CAT_LIMIT + 1]
 
 
@@ -546,8 +617,10 @@ def meta(ctx: ShellContext, a) -> JsonDoc:
     kind = ctx.dir_kind(key)
     name = {"hook": METADATA, "run": CFG}.get(kind)
     if name is None:
-        raise UserError(f"{ctx.display(key)}: no metadata here (meta works in a run directory, cfg.json, "
-                        "or a hook directory, metadata.json)")
+        raise UserError(
+            f"{ctx.display(key)}: no metadata here (meta works in a run directory, cfg.json, "
+            "or a hook directory, metadata.json)"
+        )
     f = f"{key}/{name}"
     if not ctx.is_file(f):
         raise NotFoundError(f"no {name} in {ctx.display(key)}")
@@ -607,7 +680,7 @@ def get(ctx: ShellContext, a) -> GetResult:
         target = local
         base = key + "/" if key else ""
         for info in ctx.store.iter_objects(base):
-            plan.append((info.key, info.size, local_path(target, info.key[len(base):])))
+            plan.append((info.key, info.size, local_path(target, info.key[len(base) :])))
         if not plan:
             raise NotFoundError(f"nothing stored under {ctx.display(key)}")
     else:
@@ -628,8 +701,14 @@ def get(ctx: ShellContext, a) -> GetResult:
             raise UserError(f"{dest}: already exists (get -f overwrites)")
     total = sum(s for _, s, _ in plan)
     done: list[tuple[str, str, int]] = []
-    with ctx.progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                      total=total, description=f"downloading {len(plan)} file{'s' if len(plan) != 1 else ''}") as update:
+    with ctx.progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        total=total,
+        description=f"downloading {len(plan)} file{'s' if len(plan) != 1 else ''}",
+    ) as update:
         for k, size, dest in plan:
             dest.parent.mkdir(parents=True, exist_ok=True)
             inside(target, dest)
@@ -662,7 +741,9 @@ def rm(ctx: ShellContext, a) -> RmResult:
     if not is_dir:
         raise NotFoundError(f"{a.target}: no such file or directory: {uri}")
     if not a.r:
-        raise UserError(f"{a.target}: a directory (prefix) holding objects; `rm -r {a.target}` deletes it after two confirmations")
+        raise UserError(
+            f"{a.target}: a directory (prefix) holding objects; `rm -r {a.target}` deletes it after two confirmations"
+        )
     objects = [(o.key, o.size) for o in ctx.store.iter_objects(key + "/")]
     total = sum(s for _, s in objects)
     if not ctx.confirm(f"delete {len(objects):,} objects ({binary_size(total)}) under {uri}/? [y/N] "):
@@ -698,8 +779,9 @@ def verify(ctx: ShellContext, a):
     key = ctx.resolve(a.path)
     _need_dir(ctx, key, a.path)
     with ctx.progress(TextColumn("verifying"), BarColumn(), DownloadColumn(), TransferSpeedColumn()) as update:
-        report = run_verify(ctx.store, key, nan=a.nan, uri=ctx.display,
-                            progress=lambda done, total: update(completed=done, total=total))
+        report = run_verify(
+            ctx.store, key, nan=a.nan, uri=ctx.display, progress=lambda done, total: update(completed=done, total=total)
+        )
     ctx.commits.clear()  # verify read the records afresh; later commands should too
     return report
 
@@ -709,7 +791,12 @@ def verify(ctx: ShellContext, a):
 # ---------------------------------------------------------------------------
 
 
-@command("help", aliases=("?",), help="list commands, or show one command's syntax and options", args=[Arg("command", "command", optional=True)])
+@command(
+    "help",
+    aliases=("?",),
+    help="list commands, or show one command's syntax and options",
+    args=[Arg("command", "command", optional=True)],
+)
 def help_(ctx: ShellContext, a) -> HelpResult:
     if a.command:
         cmd = REGISTRY.get(a.command)

@@ -12,7 +12,7 @@ completions; it never raises into the prompt.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion, ThreadedCompleter
 from prompt_toolkit.document import Document
@@ -75,13 +75,13 @@ class ShellCompleter(Completer):
         listing = ctx.list_dir(directory)
         prefix = directory + "/" if directory else ""
         for p in listing.prefixes:
-            name = p[len(prefix):]
+            name = p[len(prefix) :]
             if name.startswith(base):
                 yield Completion(typed_dir + name, -len(word), display=name)
         if dirs_only:
             return
         for o in listing.objects:
-            name = o.key[len(prefix):]
+            name = o.key[len(prefix) :]
             if name.startswith(base):
                 yield Completion(typed_dir + name, -len(word), display=name)
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import posixpath
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 from rich.console import Console
 
@@ -141,10 +141,10 @@ class ShellContext:
         if raw.startswith("s3://"):
             if not (raw == root or raw.startswith(root.rstrip("/") + "/")):
                 raise UserError(f"{raw}: not in this store ({self.display('')}); open it with `vaultsh s3 {raw}`")
-            path = raw[len(root):]
+            path = raw[len(root) :]
             parts: list[str] = []
         elif not root.startswith("s3://") and (raw == root or raw.startswith(root.rstrip("/") + "/")):
-            path = raw[len(root):]
+            path = raw[len(root) :]
             parts = []
         elif raw.startswith("/"):
             path = raw
@@ -215,6 +215,7 @@ class ShellContext:
     def run_commits(self, run: str, fresh: bool = False) -> list[CommitRecord]:
         """The run's commit records (cached for a while; `fresh` lists again). A refresh reads only
         the records that are new or changed since the last one: cheap on a big run that keeps growing."""
+
         def read() -> list[CommitRecord]:
             with self._commit_lock:
                 known = self._commit_records.setdefault((self.store.uri, run), {})
@@ -234,7 +235,9 @@ class ShellContext:
 
     def confirm(self, question: str) -> bool:
         if self._ask is None:
-            raise UserError("this needs a confirmation typed in the interactive shell (`vaultsh s3`), not in batch mode")
+            raise UserError(
+                "this needs a confirmation typed in the interactive shell (`vaultsh s3`), not in batch mode"
+            )
         answer = self.ask(question)
         return answer is not None and answer.strip().lower() in ("y", "yes")
 
@@ -251,7 +254,9 @@ class ShellContext:
         with prog:
             task = prog.add_task(description, total=total)
 
-            def update(completed: float | None = None, total: float | None = None, advance: float | None = None, **fields):
+            def update(
+                completed: float | None = None, total: float | None = None, advance: float | None = None, **fields
+            ):
                 kw = dict(fields)
                 if completed is not None:
                     kw["completed"] = completed

@@ -61,8 +61,13 @@ def hook_location(ctx: ShellContext, hook: str | None) -> tuple[str, str | None]
     "grep",
     help="find text in the decoded tokens of a run (or the runs here); reads only input_ids and mask",
     args=[Arg("pattern")],
-    flags={"--regex": "PATTERN is a regular expression", "-i": "ignore case", "--hook H": "search this hook's files",
-           "-n N": "stop after N matches (default 50)", "--context K": "tokens of context either side (default 8)"},
+    flags={
+        "--regex": "PATTERN is a regular expression",
+        "-i": "ignore case",
+        "--hook H": "search this hook's files",
+        "-n N": "stop after N matches (default 50)",
+        "--context K": "tokens of context either side (default 8)",
+    },
     details="Matches may span token boundaries but never a masked token. The run is the current directory "
     "(a run or hook directory), or every run one level below it.",
 )
@@ -70,27 +75,44 @@ def grep_cmd(ctx: ShellContext, a) -> GrepResult:
     from vaultsh.explore.grep import grep
 
     with _bar(ctx, "grep") as update:
-        return grep(ctx.store, ctx.cwd, a.pattern, regex=a.regex, hook=a.hook, limit=parse_int("-n", a.n, 1) or 50,
-                    context_tokens=parse_int("--context", a.context) if a.context is not None else 8,
-                    ignore_case=a.i, progress=_callback(update))
+        return grep(
+            ctx.store,
+            ctx.cwd,
+            a.pattern,
+            regex=a.regex,
+            hook=a.hook,
+            limit=parse_int("-n", a.n, 1) or 50,
+            context_tokens=parse_int("--context", a.context) if a.context is not None else 8,
+            ignore_case=a.i,
+            progress=_callback(update),
+        )
 
 
 def _value_options(a, need_norm: bool = False):
     from vaultsh.explore.values import value_fn
 
-    return value_fn(dim=parse_int("--dim", getattr(a, "dim", None)), direction=getattr(a, "direction", None),
-                    sae=getattr(a, "sae", None), feature=parse_int("--feature", getattr(a, "feature", None)),
-                    norm=bool(getattr(a, "norm", False)))
+    return value_fn(
+        dim=parse_int("--dim", getattr(a, "dim", None)),
+        direction=getattr(a, "direction", None),
+        sae=getattr(a, "sae", None),
+        feature=parse_int("--feature", getattr(a, "feature", None)),
+        norm=bool(getattr(a, "norm", False)),
+    )
 
 
 @command(
     "top",
     help="the exact top-k tokens of a hook by a dimension, a direction or an SAE feature, with contexts",
     args=[Arg("hook", "dir", optional=True)],
-    flags={"--dim D": "rank by dimension D", "--direction FILE": "rank by x . v (v from .npy or .safetensors)",
-           "--sae CKPT": "an SAE checkpoint (SAELens or sparsify safetensors)", "--feature F": "the SAE latent",
-           "-k K": "how many (default 20)", "--context K": "tokens of context either side (default 8)",
-           "--files N": "a seeded random sample of N files instead of all"},
+    flags={
+        "--dim D": "rank by dimension D",
+        "--direction FILE": "rank by x . v (v from .npy or .safetensors)",
+        "--sae CKPT": "an SAE checkpoint (SAELens or sparsify safetensors)",
+        "--feature F": "the SAE latent",
+        "-k K": "how many (default 20)",
+        "--context K": "tokens of context either side (default 8)",
+        "--files N": "a seeded random sample of N files instead of all",
+    },
 )
 def top_cmd(ctx: ShellContext, a) -> TopResult:
     from vaultsh.explore.top import top
@@ -98,17 +120,26 @@ def top_cmd(ctx: ShellContext, a) -> TopResult:
     key, hook = hook_location(ctx, a.hook)
     vf = _value_options(a)
     with _bar(ctx, "top") as update:
-        return top(ctx.store, key, hook, vf, k=parse_int("-k", a.k, 1) or 20,
-                   context_tokens=parse_int("--context", a.context) if a.context is not None else 8,
-                   files=parse_int("--files", a.files, 1), progress=_callback(update))
+        return top(
+            ctx.store,
+            key,
+            hook,
+            vf,
+            k=parse_int("-k", a.k, 1) or 20,
+            context_tokens=parse_int("--context", a.context) if a.context is not None else 8,
+            files=parse_int("--files", a.files, 1),
+            progress=_callback(update),
+        )
 
 
 @command(
     "sae-eval",
     help="L0, fraction of variance unexplained, dead and dense latents of an SAE on a hook's tokens",
     args=[Arg("hook", "dir"), Arg("ckpt")],
-    flags={"--tokens N": "real tokens to evaluate on (default 100000)",
-           "--dense F": "a latent active on more than this fraction of tokens is dense (default 0.1)"},
+    flags={
+        "--tokens N": "real tokens to evaluate on (default 100000)",
+        "--dense F": "a latent active on more than this fraction of tokens is dense (default 0.1)",
+    },
 )
 def sae_eval_cmd(ctx: ShellContext, a) -> SaeEvalResult:
     from vaultsh.explore.saeeval import sae_eval
@@ -116,27 +147,44 @@ def sae_eval_cmd(ctx: ShellContext, a) -> SaeEvalResult:
     key, hook = hook_location(ctx, a.hook if a.hook != "." else None)
     n = parse_int("--tokens", a.tokens, 1) or 100_000
     with _bar(ctx, "sae-eval") as update:
-        return sae_eval(ctx.store, key, hook, a.ckpt, tokens=n, dense=parse_float("--dense", a.dense, 0.1),
-                        progress=_callback(update))
+        return sae_eval(
+            ctx.store,
+            key,
+            hook,
+            a.ckpt,
+            tokens=n,
+            dense=parse_float("--dense", a.dense, 0.1),
+            progress=_callback(update),
+        )
 
 
 @command(
     "norms",
     help="token-norm distribution, mean norm by position, massive dims and outlier tokens; writes HOOK/_outliers.json",
     args=[Arg("hook", "dir", optional=True)],
-    flags={"--png FILE": "also draw the histogram and the by-position curve", "--factor F":
-           "outlier: norm >= F x the median (default 5)", "--massive-ratio R":
-           "massive dim: max|x| >= R x the median dim's (default 10)", "--files N": "a sample of N files",
-           "--no-write": "do not write _outliers.json"},
+    flags={
+        "--png FILE": "also draw the histogram and the by-position curve",
+        "--factor F": "outlier: norm >= F x the median (default 5)",
+        "--massive-ratio R": "massive dim: max|x| >= R x the median dim's (default 10)",
+        "--files N": "a sample of N files",
+        "--no-write": "do not write _outliers.json",
+    },
 )
 def norms_cmd(ctx: ShellContext, a) -> NormsResult:
     from vaultsh.explore.norms import norms
 
     key, hook = hook_location(ctx, a.hook)
     with _bar(ctx, "norms") as update:
-        r = norms(ctx.store, key, hook, factor=parse_float("--factor", a.factor, 5.0),
-                  massive_ratio=parse_float("--massive-ratio", a.massive_ratio, 10.0),
-                  files=parse_int("--files", a.files, 1), write=not a.no_write, progress=_callback(update))
+        r = norms(
+            ctx.store,
+            key,
+            hook,
+            factor=parse_float("--factor", a.factor, 5.0),
+            massive_ratio=parse_float("--massive-ratio", a.massive_ratio, 10.0),
+            files=parse_int("--files", a.files, 1),
+            write=not a.no_write,
+            progress=_callback(update),
+        )
     if a.png:
         from vaultsh.explore.png import histogram_png
 

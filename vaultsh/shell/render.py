@@ -81,12 +81,19 @@ def _(r: LsResult, console: Console) -> None:
     s = r.summary
     if s and r.kind == "run":
         src = "commit records" if s.get("commit_records") else "no commit records: every file counts"
-        _p(console, f"run {safe_text(s['run'])}: {s['hooks']} hook{'s' if s['hooks'] != 1 else ''}, "
-                    f"{s['megabatches']:,} megabatches, {s['tokens']:,} tokens ({src})", style="bold")
+        _p(
+            console,
+            f"run {safe_text(s['run'])}: {s['hooks']} hook{'s' if s['hooks'] != 1 else ''}, "
+            f"{s['megabatches']:,} megabatches, {s['tokens']:,} tokens ({src})",
+            style="bold",
+        )
     elif s and r.kind == "hook":
         extra = f", {s['uncommitted']:,} uncommitted (ignored by readers)" if s["uncommitted"] else ""
-        _p(console, f"hook {safe_text(s['hook'])}: {s['megabatches']:,} committed megabatches, "
-                    f"{s['tokens']:,} tokens{extra}", style="bold")
+        _p(
+            console,
+            f"hook {safe_text(s['hook'])}: {s['megabatches']:,} committed megabatches, {s['tokens']:,} tokens{extra}",
+            style="bold",
+        )
     if r.summary_error:
         _p(console, f"summary unavailable: {safe_text(r.summary_error)}", style="yellow")
 
@@ -98,7 +105,9 @@ def _(t: Tally, console: Console) -> None:
     if t.command == "filecount":
         _p(console, f"{safe_text(t.uri)}: {t.objects:,} files", style="bold")
         unc = mb.files - (mb.committed or 0)
-        rows.append(("megabatches", f"{mb.files:,}", f"{mb.committed:,} committed" + (f", {unc:,} uncommitted" if unc else "")))
+        rows.append(
+            ("megabatches", f"{mb.files:,}", f"{mb.committed:,} committed" + (f", {unc:,} uncommitted" if unc else ""))
+        )
         for label, g in t.hooks.items():
             u = g.files - (g.committed or 0)
             rows.append((f"  {safe_text(label)}", f"{g.committed:,}", f"+{u:,} uncommitted" if u else ""))
@@ -106,7 +115,11 @@ def _(t: Tally, console: Console) -> None:
         rows.append(("internal", f"{t.internal.files:,}", "_vaultsh/: commit records, statistics snapshots"))
         rows.append(("other", f"{t.other.files:,}", ""))
     else:
-        _p(console, f"{safe_text(t.uri)}: {binary_size(t.bytes)} ({t.bytes:,} bytes) in {t.objects:,} objects", style="bold")
+        _p(
+            console,
+            f"{safe_text(t.uri)}: {binary_size(t.bytes)} ({t.bytes:,} bytes) in {t.objects:,} objects",
+            style="bold",
+        )
         rows.append(("megabatches", binary_size(mb.bytes), f"{mb.bytes:,} bytes in {mb.files:,} files"))
         for label, g in t.hooks.items():
             rows.append((f"  {safe_text(label)}", binary_size(g.bytes), f"{g.bytes:,} bytes in {g.files:,} files"))
@@ -189,8 +202,12 @@ def _(p: InspectPreview, console: Console) -> None:
 def _(v: SequenceView, console: Console) -> None:
     real = sum(1 for m in v.mask if m)
     masked = len(v.mask) - real
-    _p(console, f"Batch {v.batch} of {v.n_sequences}: {len(v.ids):,} tokens, {real:,} real, {masked:,} masked"
-                + (f" (shown {MASK_OPEN}like this{MASK_CLOSE})" if masked else ""), style="bold")
+    _p(
+        console,
+        f"Batch {v.batch} of {v.n_sequences}: {len(v.ids):,} tokens, {real:,} real, {masked:,} masked"
+        + (f" (shown {MASK_OPEN}like this{MASK_CLOSE})" if masked else ""),
+        style="bold",
+    )
     if v.source is not None:
         _p(console, f"Source: {_source_line(v.source)}")
     if v.note:
@@ -220,7 +237,10 @@ def _(v: SequenceView, console: Console) -> None:
 @render.register
 def _(t: TokensResult, console: Console) -> None:
     real = sum(1 for m in t.mask if m)
-    _p(console, f"{safe_text(t.uri)} batch {t.batch}: {len(t.ids):,} tokens ({real:,} real, {len(t.ids) - real:,} masked)")
+    _p(
+        console,
+        f"{safe_text(t.uri)} batch {t.batch}: {len(t.ids):,} tokens ({real:,} real, {len(t.ids) - real:,} masked)",
+    )
     _p(console, "input_ids: " + " ".join(str(i) for i in t.ids))
     _p(console, "mask:      " + "".join("1" if m else "0" for m in t.mask))
     if t.source is not None:
@@ -267,7 +287,10 @@ def _(g: GetResult, console: Console) -> None:
     if len(g.files) > 20:
         _p(console, f"... and {len(g.files) - 20:,} more")
     total = sum(n for _, _, n in g.files)
-    _p(console, f"downloaded {len(g.files):,} file{'s' if len(g.files) != 1 else ''}, {binary_size(total)} ({total:,} bytes)")
+    _p(
+        console,
+        f"downloaded {len(g.files):,} file{'s' if len(g.files) != 1 else ''}, {binary_size(total)} ({total:,} bytes)",
+    )
 
 
 @render.register
@@ -275,7 +298,10 @@ def _(r: RmResult, console: Console) -> None:
     if r.cancelled:
         _p(console, f"not deleted: {safe_text(r.uri)}")
     else:
-        _p(console, f"deleted {r.deleted:,} object{'s' if r.deleted != 1 else ''} ({binary_size(r.bytes)}): {safe_text(r.uri)}")
+        _p(
+            console,
+            f"deleted {r.deleted:,} object{'s' if r.deleted != 1 else ''} ({binary_size(r.bytes)}): {safe_text(r.uri)}",
+        )
 
 
 @render.register

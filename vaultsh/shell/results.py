@@ -84,8 +84,9 @@ class Group:
     def to_json(self):
         out = {"files": self.files, "bytes": self.bytes}
         if self.committed is not None:
-            out.update(committed=self.committed, uncommitted=self.files - self.committed,
-                       committed_bytes=self.committed_bytes)
+            out.update(
+                committed=self.committed, uncommitted=self.files - self.committed, committed_bytes=self.committed_bytes
+            )
         return out
 
 
@@ -105,9 +106,13 @@ class Tally(Result):
     @property
     def megabatches(self) -> Group:
         hooks = self.hooks.values()
-        return Group("megabatches", files=sum(h.files for h in hooks), bytes=sum(h.bytes for h in hooks),
-                     committed=sum(h.committed or 0 for h in hooks),
-                     committed_bytes=sum(h.committed_bytes or 0 for h in hooks))
+        return Group(
+            "megabatches",
+            files=sum(h.files for h in hooks),
+            bytes=sum(h.bytes for h in hooks),
+            committed=sum(h.committed or 0 for h in hooks),
+            committed_bytes=sum(h.committed_bytes or 0 for h in hooks),
+        )
 
     def to_json(self):
         return {
@@ -133,8 +138,13 @@ class InspectHeader(Result):
     model: str | None = None
 
     def to_json(self):
-        return {"uri": self.uri, "index": self.index, "hook": self.hook, "model": self.model,
-                "header": self.header.to_dict()}
+        return {
+            "uri": self.uri,
+            "index": self.index,
+            "hook": self.hook,
+            "model": self.model,
+            "header": self.header.to_dict(),
+        }
 
 
 @dataclass
@@ -171,9 +181,17 @@ class InspectPreview(Result):
         return {
             "tokenizer": self.tokenizer,
             "tokenizer_note": self.note,
-            "preview": [{"batch": p.batch, "text": p.text, "truncated": p.truncated,
-                         "real_tokens": p.real_tokens, "tokens": p.tokens,
-                         **({"source": p.source} if p.source is not None else {})} for p in self.previews],
+            "preview": [
+                {
+                    "batch": p.batch,
+                    "text": p.text,
+                    "truncated": p.truncated,
+                    "real_tokens": p.real_tokens,
+                    "tokens": p.tokens,
+                    **({"source": p.source} if p.source is not None else {}),
+                }
+                for p in self.previews
+            ],
         }
 
 
@@ -236,7 +254,10 @@ class StatsResult(Result):
 
     def to_json(self):
         return {
-            "uri": self.uri, "hook": self.hook, "count": self.count, "d_model": self.d,
+            "uri": self.uri,
+            "hook": self.hook,
+            "count": self.count,
+            "d_model": self.d,
             "mean": {"min": self.mean_range[0], "max": self.mean_range[1], "mean_abs": self.mean_abs_mean},
             "std": {"min": self.std_range[0], "max": self.std_range[1], "mean": self.mean_std},
             "norm": self.mean_norm,
@@ -268,8 +289,10 @@ class GetResult(Result):
     files: list[tuple[str, str, int]]  # (uri, local path, bytes)
 
     def to_json(self):
-        return {"files": [{"uri": u, "path": p, "bytes": b} for u, p, b in self.files],
-                "bytes": sum(b for _, _, b in self.files)}
+        return {
+            "files": [{"uri": u, "path": p, "bytes": b} for u, p, b in self.files],
+            "bytes": sum(b for _, _, b in self.files),
+        }
 
 
 @dataclass
@@ -290,5 +313,14 @@ class HelpResult(Result):
 
     def to_json(self):
         cmds = [self.detail] if self.detail is not None else self.commands
-        return [{"name": c.name, "syntax": c.syntax, "aliases": list(c.aliases), "help": c.help,
-                 "flags": c.flags, "details": c.details} for c in cmds]
+        return [
+            {
+                "name": c.name,
+                "syntax": c.syntax,
+                "aliases": list(c.aliases),
+                "help": c.help,
+                "flags": c.flags,
+                "details": c.details,
+            }
+            for c in cmds
+        ]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import posixpath
 import re
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from vaultsh.run import CFG, INTERNAL, METADATA, STATISTICS, megabatch_format, parse_megabatch_name
 from vaultsh.shell.results import Group, Tally
@@ -89,7 +89,7 @@ def tally(store, key: str, command: str, uri: str, on_progress: Callable[[int], 
     for d in sorted(mb):
         files = mb[d]
         extra_files, extra_bytes = odd.get(d, (0, 0))
-        label = d[len(base):] if d != key else (posixpath.basename(d) or ".")
+        label = d[len(base) :] if d != key else (posixpath.basename(d) or ".")
         g = Group(label, files=len(files) + extra_files, bytes=sum(files.values()) + extra_bytes)
         recs = commits.get(posixpath.dirname(d))
         if recs:

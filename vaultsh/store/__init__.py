@@ -41,9 +41,11 @@ def no_sign_request() -> bool:
 
 def add_no_sign_request(parser, note: str = "") -> None:
     """The read commands' `--no-sign-request` (as in the AWS CLI)."""
-    parser.add_argument("--no-sign-request", action="store_true",
-                        help=f"send S3 requests unsigned, to read a public bucket without credentials "
-                             f"(same as {NO_SIGN_ENV}=1){note}")
+    parser.add_argument(
+        "--no-sign-request",
+        action="store_true",
+        help=f"send S3 requests unsigned, to read a public bucket without credentials (same as {NO_SIGN_ENV}=1){note}",
+    )
 
 
 def apply_no_sign_request(args) -> None:
@@ -60,7 +62,7 @@ def split_uri(uri: str) -> tuple[str, str]:
     """Split `s3://bucket/a/b` into ("s3://bucket", "a/b"); a path into (path, "")."""
     uri = str(uri)
     if is_s3_uri(uri):
-        rest = uri[len("s3://"):]
+        rest = uri[len("s3://") :]
         bucket, _, key = rest.partition("/")
         return f"s3://{bucket}", key
     return uri, ""
@@ -72,7 +74,7 @@ def default_s3_uri() -> str:
 
     name = os.environ.get("S3_BUCKET_NAME", "").strip()
     if name.startswith("s3://"):
-        name = name[len("s3://"):]
+        name = name[len("s3://") :]
     name = name.strip("/")
     if not name:
         raise UserError("set S3_BUCKET_NAME or give an s3:// URI")
@@ -91,7 +93,7 @@ def open_store(uri: str, create: bool = True) -> Store:
     if is_s3_uri(uri):
         from vaultsh.store.s3 import S3Store
 
-        rest = uri[len("s3://"):]
+        rest = uri[len("s3://") :]
         bucket, _, prefix = rest.partition("/")
         return S3Store(bucket, prefix, **_s3_options())
     return LocalStore(uri, create=create)

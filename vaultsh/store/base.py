@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import posixpath
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Protocol, runtime_checkable
+from typing import BinaryIO, Protocol, runtime_checkable
 
 from vaultsh.errors import StoreError
 

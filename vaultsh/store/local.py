@@ -7,9 +7,10 @@ import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 from vaultsh.errors import Cancelled, NotFoundError, StoreError
 from vaultsh.store.base import Listing, ObjectInfo, normalize_key
@@ -319,8 +320,12 @@ class LocalStore:
             st = path.stat()
         except OSError as exc:
             raise self._read_error(key, exc) from None
-        return ObjectInfo(normalize_key(key), st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc),
-                          f"{st.st_size:x}-{st.st_mtime_ns:x}")
+        return ObjectInfo(
+            normalize_key(key),
+            st.st_size,
+            datetime.fromtimestamp(st.st_mtime, timezone.utc),
+            f"{st.st_size:x}-{st.st_mtime_ns:x}",
+        )
 
     def exists(self, key: str) -> bool:
         try:
@@ -380,7 +385,9 @@ class LocalStore:
                     st = entry.stat()
                 except FileNotFoundError:  # deleted while listing
                     continue
-                objects.append(ObjectInfo(prefix + entry.name, st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc)))
+                objects.append(
+                    ObjectInfo(prefix + entry.name, st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc))
+                )
         return Listing(prefixes, objects)
 
     def delete(self, key: str) -> None:

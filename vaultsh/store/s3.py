@@ -20,9 +20,10 @@ import io
 import os
 import re
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator
+from typing import TYPE_CHECKING, BinaryIO
 
 from vaultsh.errors import Cancelled, NotFoundError, StoreError, UserError
 from vaultsh.store.base import Listing, ObjectInfo, normalize_key
@@ -202,7 +203,7 @@ class S3Store:
             return session.client("s3", endpoint_url=endpoint, config=config)
 
     @property
-    def transfer_config(self) -> "TransferConfig":
+    def transfer_config(self) -> TransferConfig:
         if self._transfer_config is None:
             from boto3.s3.transfer import TransferConfig
 
@@ -290,9 +291,7 @@ class S3Store:
                     f"{code or status}{': ' + message if message else ''}",
                     retryable=True,
                 )
-            return StoreError(
-                f"S3 could not {action} {what}: {code or status}{': ' + message if message else ''}"
-            )
+            return StoreError(f"S3 could not {action} {what}: {code or status}{': ' + message if message else ''}")
         if isinstance(cause, (bce.NoCredentialsError, bce.PartialCredentialsError, bce.CredentialRetrievalError)):
             public = "; for a public bucket add --no-sign-request (or set AWS_NO_SIGN_REQUEST=1)"
             return StoreError(
@@ -303,14 +302,21 @@ class S3Store:
             return StoreError(f"no AWS region configured for {what}: set AWS_DEFAULT_REGION")
         if isinstance(cause, bce.ReadTimeoutError):
             return StoreError(
-                f"S3 endpoint {endpoint} did not answer within {self.read_timeout}s "
-                f"while trying to {action} {what}",
+                f"S3 endpoint {endpoint} did not answer within {self.read_timeout}s while trying to {action} {what}",
                 retryable=True,
             )
-        if isinstance(cause, (bce.EndpointConnectionError, bce.ConnectTimeoutError, bce.ConnectionError, bce.HTTPClientError)):
-            reason = re.sub(r"^\w*Connection\(host=[^)]*\):\s*", "", _one_line(getattr(cause, "kwargs", {}).get("error") or cause, 200))
+        if isinstance(
+            cause, (bce.EndpointConnectionError, bce.ConnectTimeoutError, bce.ConnectionError, bce.HTTPClientError)
+        ):
+            reason = re.sub(
+                r"^\w*Connection\(host=[^)]*\):\s*",
+                "",
+                _one_line(getattr(cause, "kwargs", {}).get("error") or cause, 200),
+            )
             reason = reason.replace("Failed to establish a new connection: ", "")
-            return StoreError(f"cannot reach S3 endpoint {endpoint}: {reason} (while trying to {action} {what})", retryable=True)
+            return StoreError(
+                f"cannot reach S3 endpoint {endpoint}: {reason} (while trying to {action} {what})", retryable=True
+            )
         if isinstance(cause, bce.ParamValidationError):
             return StoreError(f"invalid S3 request to {action} {what}: {_one_line(cause)}")
         if isinstance(cause, bce.BotoCoreError):
@@ -345,9 +351,7 @@ class S3Store:
                 yield
         except NotFoundError:
             if self._bucket_missing():
-                raise StoreError(
-                    f"bucket {self.bucket!r} does not exist (endpoint {self._endpoint_desc()})"
-                ) from None
+                raise StoreError(f"bucket {self.bucket!r} does not exist (endpoint {self._endpoint_desc()})") from None
             raise
 
     # -- writes --------------------------------------------------------------
@@ -376,8 +380,14 @@ class S3Store:
 
         rel, full = self._write_key(key)
         client = self.client
-        sink = MultipartSink(client, self.bucket, full, self.multipart_chunksize,
-                             max_in_flight=min(8, self.max_concurrency), threshold=self.multipart_threshold)
+        sink = MultipartSink(
+            client,
+            self.bucket,
+            full,
+            self.multipart_chunksize,
+            max_in_flight=min(8, self.max_concurrency),
+            threshold=self.multipart_threshold,
+        )
         try:
             with self._s3_errors(rel, "upload"):
                 writer(sink)
@@ -491,8 +501,12 @@ class S3Store:
             resp = self.client.head_object(Bucket=self.bucket, Key=full)
         self._bucket_seen = True
         etag = resp.get("ETag")
-        return ObjectInfo(rel, int(resp.get("ContentLength", 0)), resp.get("LastModified"),
-                          etag.strip('"') if isinstance(etag, str) else None)
+        return ObjectInfo(
+            rel,
+            int(resp.get("ContentLength", 0)),
+            resp.get("LastModified"),
+            etag.strip('"') if isinstance(etag, str) else None,
+        )
 
     def exists(self, key: str) -> bool:
         try:
@@ -522,7 +536,7 @@ class S3Store:
         full = obj["Key"]
         if not full.startswith(self._base) or full.endswith("/"):
             return None  # outside the prefix, or a zero-byte "directory marker"
-        return ObjectInfo(full[len(self._base):], int(obj.get("Size", 0)), obj.get("LastModified"))
+        return ObjectInfo(full[len(self._base) :], int(obj.get("Size", 0)), obj.get("LastModified"))
 
     def iter_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
         prefix = normalize_key(prefix)
@@ -542,7 +556,7 @@ class S3Store:
             for cp in page.get("CommonPrefixes", ()) or ():
                 p = cp.get("Prefix", "")
                 if p.startswith(self._base):
-                    prefixes.append(p[len(self._base):])
+                    prefixes.append(p[len(self._base) :])
             for obj in page.get("Contents", ()) or ():
                 info = self._info(obj)
                 if info is not None:

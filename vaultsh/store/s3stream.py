@@ -96,7 +96,7 @@ class MultipartSink:
             if self._part is None:
                 self._part, self._fill = bytearray(self.part_size), 0
             take = min(len(self._part) - self._fill, len(mv) - pos)
-            self._part[self._fill:self._fill + take] = mv[pos:pos + take]
+            self._part[self._fill : self._fill + take] = mv[pos : pos + take]
             self._fill += take
             pos += take
             if self._fill == len(self._part):
@@ -118,8 +118,14 @@ class MultipartSink:
         self._parts.append(fut)
 
     def _upload_part(self, number: int, body: bytearray) -> dict:
-        resp = self.client.upload_part(Bucket=self.bucket, Key=self.key, UploadId=self._upload_id,
-                                       PartNumber=number, Body=body, ChecksumAlgorithm=CHECKSUM)
+        resp = self.client.upload_part(
+            Bucket=self.bucket,
+            Key=self.key,
+            UploadId=self._upload_id,
+            PartNumber=number,
+            Body=body,
+            ChecksumAlgorithm=CHECKSUM,
+        )
         part = {"ETag": resp["ETag"], "PartNumber": number}
         if "Checksum" + CHECKSUM in resp:
             part["Checksum" + CHECKSUM] = resp["Checksum" + CHECKSUM]
@@ -141,11 +147,12 @@ class MultipartSink:
             self.client.put_object(Bucket=self.bucket, Key=self.key, Body=body)
             return
         if self._part is not None and self._fill:
-            body, self._part = self._part[:self._fill], None
+            body, self._part = self._part[: self._fill], None
             self._send(body)
         parts = [f.result() for f in self._parts]  # raises the first failed part's error
-        self.client.complete_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self._upload_id,
-                                              MultipartUpload={"Parts": parts})
+        self.client.complete_multipart_upload(
+            Bucket=self.bucket, Key=self.key, UploadId=self._upload_id, MultipartUpload={"Parts": parts}
+        )
         self._shutdown()
 
     def abort(self) -> None:

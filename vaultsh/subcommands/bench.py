@@ -52,8 +52,14 @@ def run_bench(args) -> int:
         table.add_column(col)
     for r in results:
         table.add_row(
-            r.name, r.metric, "-" if r.baseline is None else f"{r.baseline:,}", f"{r.ours:,}",
-            "-" if r.ratio is None else f"{r.ratio:.3f}", r.target, "✅" if r.passed else "❌", r.notes,
+            r.name,
+            r.metric,
+            "-" if r.baseline is None else f"{r.baseline:,}",
+            f"{r.ours:,}",
+            "-" if r.ratio is None else f"{r.ratio:.3f}",
+            r.target,
+            "✅" if r.passed else "❌",
+            r.notes,
         )
     console.print(table)
     out = Path(args.json) if args.json else repo / "bench-results" / time.strftime("%Y%m%d-%H%M%S.json")
@@ -67,7 +73,9 @@ def add_arguments(p) -> None:
     """This subcommand's arguments (vaultsh/cli.py builds the parser from it)."""
     p.add_argument("names", nargs="*", help="benchmarks to run (default: all)")
     p.add_argument("--list", action="store_true", help="list benchmarks and exit")
-    p.add_argument("--json", default=None, metavar="PATH", help="write results as JSON (default bench-results/<time>.json)")
+    p.add_argument(
+        "--json", default=None, metavar="PATH", help="write results as JSON (default bench-results/<time>.json)"
+    )
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
 
 

@@ -45,7 +45,9 @@ def _machines(args, cfg) -> list[int]:
         raise UserError("give --machine or --machines, not both")
     if args.machine is not None:
         if not 0 <= args.machine < cfg.num_runs:
-            raise UserError(f"--machine: {args.machine} is out of range for num_runs {cfg.num_runs} (0-{cfg.num_runs - 1})")
+            raise UserError(
+                f"--machine: {args.machine} is out of range for num_runs {cfg.num_runs} (0-{cfg.num_runs - 1})"
+            )
         return [args.machine]
     if args.machines is not None:
         return parse_machines(args.machines, cfg.num_runs)
@@ -54,8 +56,8 @@ def _machines(args, cfg) -> list[int]:
 
 def _run_worker_for_launcher(args, cfg) -> int:
     """Launched by the dashboard/a launcher: events go to the channel, logs to stderr (a log file)."""
-    from vaultsh.events import EventSink
     from collector.worker import StopFlag, install_signal_handlers, run_worker
+    from vaultsh.events import EventSink
 
     machine = args.machine if args.machine is not None else 0
     stop = StopFlag()
@@ -67,15 +69,19 @@ def _run_worker_for_launcher(args, cfg) -> int:
 
 def _run_in_process(args, cfg, machine: int) -> int:
     """One worker in this process, progress printed (scripts, clusters, `--headless`)."""
-    from vaultsh.events import EventSink
     from collector.worker import StopFlag, install_signal_handlers, run_worker
+    from vaultsh.events import EventSink
     from vaultsh.progress import HeadlessPrinter
 
     stop = StopFlag()
     with HeadlessPrinter() as printer:
         sink = EventSink(machine, callback=printer)
-        install_signal_handlers(stop, on_first=lambda: printer.console.log(
-            "stopping after the megabatch in flight (press Ctrl-C again to abort)"))
+        install_signal_handlers(
+            stop,
+            on_first=lambda: printer.console.log(
+                "stopping after the megabatch in flight (press Ctrl-C again to abort)"
+            ),
+        )
         result = run_worker(cfg, machine, sink=sink, stop=stop, force=args.force)
     print(_result_line(machine, result, f"{cfg.storage.uri.rstrip('/')}/{cfg.run_name}"))
     return 0 if result["status"] in ("complete", "stopped") else 1
@@ -83,8 +89,10 @@ def _run_in_process(args, cfg, machine: int) -> int:
 
 def _result_line(machine: int, result: dict, where: str) -> str:
     """The one line a headless worker ends with; a shard finished earlier says so."""
-    totals = (f"{result['batches']} batches, {humanize.intcomma(result['tokens'])} tokens, "
-              f"{result['megabatches']} megabatches committed")
+    totals = (
+        f"{result['batches']} batches, {humanize.intcomma(result['tokens'])} tokens, "
+        f"{result['megabatches']} megabatches committed"
+    )
     if result.get("already_complete"):
         return f"worker {machine}: already complete: {totals}; nothing to do -> {where}"
     return f"worker {machine}: {result['status']}: {totals} in {humanize.naturaldelta(result['elapsed'])} -> {where}"
@@ -118,8 +126,14 @@ def _run_supervised(args, cfg, machines: list[int], interactive: bool) -> int:
     concurrency = args.workers or default_concurrency(len(machines), gpus=gpus)
     log_dir = log_dir_for(cfg.run_name, args.log_dir)
     store_uri = open_store(cfg.storage.uri).child_uri(cfg.run_name)
-    info = RunInfo(run=cfg.run_name, model=cfg.model.name, hooks=list(cfg.upload.hooks), store=store_uri,
-                   config=str(args.config), num_runs=cfg.num_runs)
+    info = RunInfo(
+        run=cfg.run_name,
+        model=cfg.model.name,
+        hooks=list(cfg.upload.hooks),
+        store=store_uri,
+        config=str(args.config),
+        num_runs=cfg.num_runs,
+    )
     launcher = collect_launcher(args.config, log_dir, store=args.store, force=args.force, gpus=gpus)
     if interactive:
         sup = Supervisor(launcher, machines, concurrency, info=info)
@@ -127,7 +141,7 @@ def _run_supervised(args, cfg, machines: list[int], interactive: bool) -> int:
     return _headless(launcher, machines, concurrency, info, log_dir)
 
 
-def fill_plan_later(sup, make_lines) -> "threading.Thread":
+def fill_plan_later(sup, make_lines) -> threading.Thread:
     """`sup.set_plan(make_lines())` on a thread: the plan summary (seconds when torch is imported
     cold) never delays the workers; the dashboard shows it once it is there."""
     import threading
@@ -194,31 +208,51 @@ def _print_summary(sup, log_dir, detached: bool = False) -> None:
     totals = sup.totals()
     for w in sup.snapshot():
         extra = f" ({w.last_error})" if w.last_error and w.state == "failed" else ""
-        print(f"worker {w.index}: {w.state}{extra}: {w.batches} batches, {humanize.intcomma(w.tokens)} tokens, "
-              f"{w.committed} megabatches committed")
+        print(
+            f"worker {w.index}: {w.state}{extra}: {w.batches} batches, {humanize.intcomma(w.tokens)} tokens, "
+            f"{w.committed} megabatches committed"
+        )
     verb = "still running (detached)" if detached else "total"
-    print(f"{verb}: {humanize.intcomma(totals.tokens)} tokens, {totals.committed} megabatches, "
-          f"{humanize.naturalsize(totals.committed_bytes)} in {humanize.naturaldelta(totals.elapsed)} "
-          f"-> {sup.info.store}  (logs: {log_dir}/)")
+    print(
+        f"{verb}: {humanize.intcomma(totals.tokens)} tokens, {totals.committed} megabatches, "
+        f"{humanize.naturalsize(totals.committed_bytes)} in {humanize.naturaldelta(totals.elapsed)} "
+        f"-> {sup.info.store}  (logs: {log_dir}/)"
+    )
 
 
 def add_arguments(p) -> None:
     """This subcommand's arguments (vaultsh/cli.py builds the parser from it)."""
     import argparse
 
-    p.add_argument("config", help="YAML config: Activault's schema, the refusal-circuit model: form, or the "
-                                  "LM-training dataset_config: block (see docs/data.md). A rerun resumes each "
-                                  "worker after its last commit; a finished one says so and exits 0")
+    p.add_argument(
+        "config",
+        help="YAML config: Activault's schema, the refusal-circuit model: form, or the "
+        "LM-training dataset_config: block (see docs/data.md). A rerun resumes each "
+        "worker after its last commit; a finished one says so and exits 0",
+    )
     p.add_argument("--headless", action="store_true", help="print progress instead of opening the dashboard")
     p.add_argument("--machine", type=int, default=None, metavar="I", help="run only worker I of num_runs")
-    p.add_argument("--machines", default=None, metavar="SPEC",
-                   help="worker indices to run, e.g. 0-3 or 0,2,5 (default: all of num_runs)")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="local workers at a time (default: one per GPU, on CPU one per 8 cores; at most num_runs)")
+    p.add_argument(
+        "--machines",
+        default=None,
+        metavar="SPEC",
+        help="worker indices to run, e.g. 0-3 or 0,2,5 (default: all of num_runs)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="local workers at a time (default: one per GPU, on CPU one per 8 cores; at most num_runs)",
+    )
     p.add_argument("--store", default=None, metavar="URI", help="override the config's storage URI")
     p.add_argument("--force", action="store_true", help="continue a run even if its config changed")
-    p.add_argument("--log-dir", default=None, metavar="DIR",
-                   help="where worker logs go (default: ./.vaultsh/logs; one folder per run)")
+    p.add_argument(
+        "--log-dir",
+        default=None,
+        metavar="DIR",
+        help="where worker logs go (default: ./.vaultsh/logs; one folder per run)",
+    )
     p.add_argument("--events-fd", type=int, default=None, help=argparse.SUPPRESS)
 
 

@@ -26,8 +26,9 @@ def progress(what: str):
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
-                  transient=True) as prog:
+    with Progress(
+        TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console, transient=True
+    ) as prog:
         task = prog.add_task(what, total=None)
         yield lambda done, total: prog.update(task, completed=done, total=total)
 
@@ -65,5 +66,10 @@ def add_value_args(p: argparse.ArgumentParser, norm: bool = False) -> None:
 def value_from_args(args):
     from vaultsh.explore.values import value_fn
 
-    return value_fn(dim=args.dim, direction=args.direction, sae=args.sae, feature=args.feature,
-                    norm=bool(getattr(args, "norm", False)))
+    return value_fn(
+        dim=args.dim,
+        direction=args.direction,
+        sae=args.sae,
+        feature=args.feature,
+        norm=bool(getattr(args, "norm", False)),
+    )

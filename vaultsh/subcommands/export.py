@@ -18,40 +18,99 @@ if TYPE_CHECKING:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """This subcommand's arguments (vaultsh/cli.py builds the parser from it)."""
-    p.add_argument("source", metavar="RUN_URI/HOOK", help="hook directory of a run (s3://bucket/run/hook or a path); with --format saelens --hooks: the run")
-    p.add_argument("out", metavar="OUT", help="output directory or s3:// prefix (created; resumed when it holds this export)")
+    p.add_argument(
+        "source",
+        metavar="RUN_URI/HOOK",
+        help="hook directory of a run (s3://bucket/run/hook or a path); with --format saelens --hooks: the run",
+    )
+    p.add_argument(
+        "out", metavar="OUT", help="output directory or s3:// prefix (created; resumed when it holds this export)"
+    )
     from vaultsh.store import add_no_sign_request
 
     add_no_sign_request(p, "; every s3:// URI of the command, so OUT must then be a local path")
-    p.add_argument("--format", choices=["parquet", "saelens"], default="parquet",
-                   help="output format (default: parquet); saelens: SAELens's cached activations, see docs/training.md")
-    p.add_argument("--hooks", default=None, metavar="H1[,H2...]",
-                   help="--format saelens: the hooks, one column each (default: the hook of RUN_URI/HOOK)")
+    p.add_argument(
+        "--format",
+        choices=["parquet", "saelens"],
+        default="parquet",
+        help="output format (default: parquet); saelens: SAELens's cached activations, see docs/training.md",
+    )
+    p.add_argument(
+        "--hooks",
+        default=None,
+        metavar="H1[,H2...]",
+        help="--format saelens: the hooks, one column each (default: the hook of RUN_URI/HOOK)",
+    )
     rows = p.add_mutually_exclusive_group()
-    rows.add_argument("--sequences", dest="mode", action="store_const", const="sequences",
-                      help="one row per sequence: states [T, D], input_ids [T], mask [T] (default)")
-    rows.add_argument("--tokens", dest="mode", action="store_const", const="tokens",
-                      help="one row per unmasked token: states [D], input_ids, position")
+    rows.add_argument(
+        "--sequences",
+        dest="mode",
+        action="store_const",
+        const="sequences",
+        help="one row per sequence: states [T, D], input_ids [T], mask [T] (default)",
+    )
+    rows.add_argument(
+        "--tokens",
+        dest="mode",
+        action="store_const",
+        const="tokens",
+        help="one row per unmasked token: states [D], input_ids, position",
+    )
     p.set_defaults(mode="sequences")
-    p.add_argument("--batches-per-shard", type=int, default=50, metavar="N",
-                   help="megabatches per Parquet shard (default 50)")
-    p.add_argument("--max-shards", type=int, default=None, metavar="N",
-                   help="stop once the first N shards exist (run again without it to finish)")
-    p.add_argument("--label-columns", nargs="*", default=None, metavar="NAME",
-                   help="labels to export (default: every label all megabatches carry; no names: none)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16", "float64"],
-                   help="states dtype (default auto: as stored, bf16/fp8 widened to float32; "
-                        "bfloat16 = raw bits in uint16, see docs/export.md)")
-    p.add_argument("--shuffle", action="store_true", help="shuffle rows globally across all shards (a seeded permutation)")
+    p.add_argument(
+        "--batches-per-shard", type=int, default=50, metavar="N", help="megabatches per Parquet shard (default 50)"
+    )
+    p.add_argument(
+        "--max-shards",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop once the first N shards exist (run again without it to finish)",
+    )
+    p.add_argument(
+        "--label-columns",
+        nargs="*",
+        default=None,
+        metavar="NAME",
+        help="labels to export (default: every label all megabatches carry; no names: none)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16", "float64"],
+        help="states dtype (default auto: as stored, bf16/fp8 widened to float32; "
+        "bfloat16 = raw bits in uint16, see docs/export.md)",
+    )
+    p.add_argument(
+        "--shuffle", action="store_true", help="shuffle rows globally across all shards (a seeded permutation)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of --shuffle (default 0)")
-    p.add_argument("--compression", default="none", choices=["none", "snappy", "zstd", "gzip", "brotli"],
-                   help="codec of the states column (default none: activations barely compress); other columns use zstd")
-    p.add_argument("--workers", type=int, default=None, metavar="N", help="shards written at once (default 2; memory: about 4 megabatches per worker)")
-    p.add_argument("--fsync", action="store_true",
-                   help="make each local shard durable (fsync) before it counts as done; without it shards are still "
-                        "atomic and a rerun rewrites any that a power loss cut short")
-    p.add_argument("--tmp-dir", default=None, metavar="DIR", help="local scratch space for --shuffle when its rows do not fit in half the available RAM "
-                        "(default: system temp)")
+    p.add_argument(
+        "--compression",
+        default="none",
+        choices=["none", "snappy", "zstd", "gzip", "brotli"],
+        help="codec of the states column (default none: activations barely compress); other columns use zstd",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="shards written at once (default 2; memory: about 4 megabatches per worker)",
+    )
+    p.add_argument(
+        "--fsync",
+        action="store_true",
+        help="make each local shard durable (fsync) before it counts as done; without it shards are still "
+        "atomic and a rerun rewrites any that a power loss cut short",
+    )
+    p.add_argument(
+        "--tmp-dir",
+        default=None,
+        metavar="DIR",
+        help="local scratch space for --shuffle when its rows do not fit in half the available RAM "
+        "(default: system temp)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -59,15 +118,27 @@ class _RichProgress:
     """Rows, bytes, speed and ETA on a rich progress bar (stderr)."""
 
     def __init__(self, console, quiet: bool):
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                                   TransferSpeedColumn)
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
 
         self.console = console
         self.quiet = quiet
         self.bar = Progress(
-            TextColumn("[bold]{task.description:<10}"), BarColumn(bar_width=24), TextColumn("{task.fields[rows]} rows"),
-            DownloadColumn(binary_units=True), TransferSpeedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=console, disable=quiet,
+            TextColumn("[bold]{task.description:<10}"),
+            BarColumn(bar_width=24),
+            TextColumn("{task.fields[rows]} rows"),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=quiet,
         )
         self.task: TaskID | None = None
         self.rows = 0
@@ -108,36 +179,59 @@ def _run_saelens(args) -> int:
     from vaultsh.errors import UserError
     from vaultsh.export.saelens import export_saelens, split_hook_uri
 
-    parquet_only = {"--tokens": args.mode != "sequences", "--shuffle": args.shuffle,
-                    "--label-columns": args.label_columns is not None, "--compression": args.compression != "none",
-                    "--tmp-dir": args.tmp_dir is not None, "--workers": args.workers is not None}
+    parquet_only = {
+        "--tokens": args.mode != "sequences",
+        "--shuffle": args.shuffle,
+        "--label-columns": args.label_columns is not None,
+        "--compression": args.compression != "none",
+        "--tmp-dir": args.tmp_dir is not None,
+        "--workers": args.workers is not None,
+    }
     bad = [k for k, given in parquet_only.items() if given]
     if bad:
         raise UserError(f"{bad[0]} is not allowed with --format saelens (SAELens's layout is one row per sequence)")
     if args.dtype == "bfloat16":
-        raise UserError("--dtype bfloat16 is not allowed with --format saelens (Arrow has no bfloat16): use auto, "
-                        "float32, float16 or float64")
+        raise UserError(
+            "--dtype bfloat16 is not allowed with --format saelens (Arrow has no bfloat16): use auto, "
+            "float32, float16 or float64"
+        )
     if args.hooks:
         run_uri, hooks = args.source, [h.strip() for h in args.hooks.split(",") if h.strip()]
     else:
         run_uri, hook = split_hook_uri(args.source)
         hooks = [hook]
-    command = (f"vaultsh export {shlex.quote(args.source)} {shlex.quote(args.out)} --format saelens "
-               f"--hooks {shlex.quote(','.join(hooks))} --dtype {args.dtype} --batches-per-shard {args.batches_per_shard}")
+    command = (
+        f"vaultsh export {shlex.quote(args.source)} {shlex.quote(args.out)} --format saelens "
+        f"--hooks {shlex.quote(','.join(hooks))} --dtype {args.dtype} --batches-per-shard {args.batches_per_shard}"
+    )
     console = Console(stderr=True)
     with _RichProgress(console, args.quiet) as prog:
-        res = export_saelens(run_uri, args.out, hooks, dtype=args.dtype, batches_per_shard=args.batches_per_shard,
-                             max_shards=args.max_shards, fsync=args.fsync, progress=prog, command=command)
+        res = export_saelens(
+            run_uri,
+            args.out,
+            hooks,
+            dtype=args.dtype,
+            batches_per_shard=args.batches_per_shard,
+            max_shards=args.max_shards,
+            fsync=args.fsync,
+            progress=prog,
+            command=command,
+        )
     verb = "resumed: wrote" if res.resumed else "wrote"
-    print(f"{verb} {res.shards_written} shard(s), {res.sequences_written:,} sequences, "
-          f"{humanize.naturalsize(res.bytes_written, binary=True)} to {res.out} "
-          f"({res.shards_total} shard(s) in all)", file=sys.stdout)
+    print(
+        f"{verb} {res.shards_written} shard(s), {res.sequences_written:,} sequences, "
+        f"{humanize.naturalsize(res.bytes_written, binary=True)} to {res.out} "
+        f"({res.shards_total} shard(s) in all)",
+        file=sys.stdout,
+    )
     if not res.complete:
         print("shards left: run the same command without --max-shards to finish", file=sys.stdout)
     else:
-        print(f"SAELens: use_cached_activations=True, cached_activations_path={res.out}/activations, "
-              f"override_dataset=load_from_disk({res.out}/tokens), exclude_special_tokens={res.exclude_token_ids}",
-              file=sys.stdout)
+        print(
+            f"SAELens: use_cached_activations=True, cached_activations_path={res.out}/activations, "
+            f"override_dataset=load_from_disk({res.out}/tokens), exclude_special_tokens={res.exclude_token_ids}",
+            file=sys.stdout,
+        )
     return 0
 
 
@@ -170,8 +264,17 @@ def run(args) -> int:
     command = f"vaultsh export {shlex.quote(args.source)} {shlex.quote(args.out)} --format parquet {options.flags()}"
     console = Console(stderr=True)
     with _RichProgress(console, args.quiet) as prog:
-        result = export(args.source, args.out, options, max_shards=args.max_shards, workers=args.workers,
-                        tmp_dir=args.tmp_dir, progress=prog, command=command, fsync=args.fsync)
+        result = export(
+            args.source,
+            args.out,
+            options,
+            max_shards=args.max_shards,
+            workers=args.workers,
+            tmp_dir=args.tmp_dir,
+            progress=prog,
+            command=command,
+            fsync=args.fsync,
+        )
     verb = "resumed: wrote" if result.resumed else "wrote"
     print(
         f"{verb} {result.shards_written} shard(s), {result.rows_written:,} rows, "

@@ -8,8 +8,11 @@ import json
 def add_arguments(p) -> None:
     """This subcommand's arguments (vaultsh/cli.py builds the parser from it)."""
     p.add_argument("run_uri", metavar="RUN_URI", help="the run: s3://BUCKET/[PREFIX/]RUN or a local directory")
-    p.add_argument("--recompute", action="store_true",
-                   help="ignore the workers' statistics snapshots and recompute from the stored files")
+    p.add_argument(
+        "--recompute",
+        action="store_true",
+        help="ignore the workers' statistics snapshots and recompute from the stored files",
+    )
     p.add_argument("--dry-run", action="store_true", help="compute and show, write nothing")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 

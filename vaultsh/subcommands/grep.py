@@ -24,6 +24,15 @@ def run(args) -> int:
 
     store, key = open_uri(args.uri)
     with progress("grep") as cb:
-        r = grep(store, key, args.pattern, regex=args.regex, hook=args.hook, limit=args.n,
-                 context_tokens=args.context, ignore_case=args.ignore_case, progress=cb)
+        r = grep(
+            store,
+            key,
+            args.pattern,
+            regex=args.regex,
+            hook=args.hook,
+            limit=args.n,
+            context_tokens=args.context,
+            ignore_case=args.ignore_case,
+            progress=cb,
+        )
     return emit(r, args.json)

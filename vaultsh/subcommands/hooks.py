@@ -16,18 +16,30 @@ from typing import Any
 from vaultsh import dtypes
 
 
-
 def add_arguments(p) -> None:
     """This subcommand's arguments (vaultsh/cli.py builds the parser from it)."""
-    p.add_argument("model", metavar="MODEL_OR_CONFIG",
-                   help="a model directory, .gguf file, pkg:PACKAGE/FILE.gguf, cached hub id, or a collection YAML")
-    p.add_argument("--filter", default=None, metavar="GLOB",
-                   help="only names matching this glob (e.g. 'blocks.3.*', '*hook_z')")
+    p.add_argument(
+        "model",
+        metavar="MODEL_OR_CONFIG",
+        help="a model directory, .gguf file, pkg:PACKAGE/FILE.gguf, cached hub id, or a collection YAML",
+    )
+    p.add_argument(
+        "--filter", default=None, metavar="GLOB", help="only names matching this glob (e.g. 'blocks.3.*', '*hook_z')"
+    )
     p.add_argument("--modules", action="store_true", help="also list every module as module:PATH (its output)")
-    p.add_argument("--seq-length", type=int, default=None, metavar="T",
-                   help="sequence length for attn.hook_pattern's width (default: the config's, else 1024)")
-    p.add_argument("--dtype", default=None, choices=sorted(dtypes.FLOAT_NAMES),
-                   help="storage dtype for bytes per token (default: the config's, else the model's)")
+    p.add_argument(
+        "--seq-length",
+        type=int,
+        default=None,
+        metavar="T",
+        help="sequence length for attn.hook_pattern's width (default: the config's, else 1024)",
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=sorted(dtypes.FLOAT_NAMES),
+        help="storage dtype for bytes per token (default: the config's, else the model's)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -42,14 +54,19 @@ def _model_and_defaults(arg: str) -> tuple[Any, int | None, str | None]:
     return ModelConfig(name=arg), None, None
 
 
-def list_hooks(arg: str, *, seq_length: int | None = None, dtype: str | None = None,
-               modules: bool = False, pattern: str | None = None) -> dict[str, Any]:
+def list_hooks(
+    arg: str,
+    *,
+    seq_length: int | None = None,
+    dtype: str | None = None,
+    modules: bool = False,
+    pattern: str | None = None,
+) -> dict[str, Any]:
     """Every hook point of the model `arg` names: {model, family, n_layers, dtype, seq_length, hooks, refused}."""
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from collector.capture import (layers_path, meta_model, model_layout, per_token_shape, resolve_probes,
-                                   shapes_on_meta)
+    from collector.capture import layers_path, meta_model, model_layout, per_token_shape, resolve_probes, shapes_on_meta
     from collector.layers import HookSpec
     from collector.sites import SITES
     from vaultsh.errors import ConfigError
@@ -79,13 +96,29 @@ def list_hooks(arg: str, *, seq_length: int | None = None, dtype: str | None = N
         except ConfigError as e:
             refused[spec.name] = str(e).removeprefix(f"hooks: {spec.name!r} ")
     rows = []
-    for probe, width in (shapes_on_meta(model, ok, T) if ok else []):
-        rows.append({"name": probe.spec.name, "site": probe.spec.site, "module": probe.module_path,
-                     "axes": list(probe.axes), "shape": per_token_shape(probe, width), "width": width, "bytes_per_token": width * itemsize})
-    return {"model": model_cfg.name, "model_type": getattr(config, "model_type", None),
-            "family": layout.family if layout else None,
-            "block": (("parallel" if layout.parallel else "sequential") if layout else None),
-            "n_layers": n, "dtype": stored, "seq_length": T, "hooks": rows, "refused": refused}
+    for probe, width in shapes_on_meta(model, ok, T) if ok else []:
+        rows.append(
+            {
+                "name": probe.spec.name,
+                "site": probe.spec.site,
+                "module": probe.module_path,
+                "axes": list(probe.axes),
+                "shape": per_token_shape(probe, width),
+                "width": width,
+                "bytes_per_token": width * itemsize,
+            }
+        )
+    return {
+        "model": model_cfg.name,
+        "model_type": getattr(config, "model_type", None),
+        "family": layout.family if layout else None,
+        "block": (("parallel" if layout.parallel else "sequential") if layout else None),
+        "n_layers": n,
+        "dtype": stored,
+        "seq_length": T,
+        "hooks": rows,
+        "refused": refused,
+    }
 
 
 def run(args) -> int:
@@ -93,17 +126,23 @@ def run(args) -> int:
 
     if args.seq_length is not None and args.seq_length < 1:
         raise UserError(f"--seq-length: {args.seq_length} is not allowed (must be >= 1)")
-    got = list_hooks(args.model, seq_length=args.seq_length, dtype=args.dtype, modules=args.modules,
-                     pattern=args.filter)
+    got = list_hooks(
+        args.model, seq_length=args.seq_length, dtype=args.dtype, modules=args.modules, pattern=args.filter
+    )
     if args.json:
         print(json.dumps(got, indent=2))
         return 0
     if not got["hooks"]:
-        raise UserError(f"no hook of {got['model']} matches {args.filter!r}" if args.filter
-                        else f"{got['model']}: no hook points found")
+        raise UserError(
+            f"no hook of {got['model']} matches {args.filter!r}"
+            if args.filter
+            else f"{got['model']}: no hook points found"
+        )
     fam = f"{got['family']} ({got['block']} blocks)" if got["family"] else "unknown family: module paths only"
-    print(f"{got['model']}: {got['model_type']}, {got['n_layers']} layers, {fam}; "
-          f"{got['dtype']}, attn.hook_pattern at seq length {got['seq_length']}")
+    print(
+        f"{got['model']}: {got['model_type']}, {got['n_layers']} layers, {fam}; "
+        f"{got['dtype']}, attn.hook_pattern at seq length {got['seq_length']}"
+    )
     lines = [("hook", "shape per token", "bytes/token", "module")]
     for r in got["hooks"]:
         shape = " x ".join(f"{ax} {n}" for ax, n in zip(r["axes"], r["shape"]))

@@ -51,7 +51,7 @@ def _show_megabatch(store, key: str, as_json: bool, scan: bool) -> int:
     return shell.dispatch(["inspect", "/" + key] + ([] if scan else ["--no-scan"]))
 
 
-def _show_json(store, key: str, console: "Console") -> int:
+def _show_json(store, key: str, console: Console) -> int:
     import humanize
 
     info = store.head(key)
@@ -65,7 +65,7 @@ def _show_json(store, key: str, console: "Console") -> int:
     return 0
 
 
-def _show_prefix(store, key: str, console: "Console", as_json: bool) -> int:
+def _show_prefix(store, key: str, console: Console, as_json: bool) -> int:
     from rich.console import Console
 
     from vaultsh.run import METADATA, Run, megabatch_format
@@ -92,14 +92,16 @@ def _show_prefix(store, key: str, console: "Console", as_json: bool) -> int:
         if any(h.uncommitted for h in summary.hooks.values()):
             commits = run.iter_commits()  # a diagnostic: name the files readers will ignore
             for hook, h in out["hooks"].items():
-                h["uncommitted_files"] = [store.child_uri(o.key) for o in run.uncommitted_files(hook, commits)] if h["uncommitted"] else []
+                h["uncommitted_files"] = (
+                    [store.child_uri(o.key) for o in run.uncommitted_files(hook, commits)] if h["uncommitted"] else []
+                )
         print(json.dumps(out, indent=2, default=str))
         return 0
     _print_summary(store, key, summary, console)
     return 0
 
 
-def _show_listing(store, key: str, listing, console: "Console", as_json: bool) -> int:
+def _show_listing(store, key: str, listing, console: Console, as_json: bool) -> int:
     import humanize
 
     uri = store.child_uri(key) if key else store.uri
@@ -114,29 +116,47 @@ def _show_listing(store, key: str, listing, console: "Console", as_json: bool) -
     np_, no = len(listing.prefixes), len(listing.objects)
     console.print(f"[bold]{_safe(uri)}[/]: {np_} prefix{'es' if np_ != 1 else ''}, {no} object{'s' if no != 1 else ''}")
     for p in listing.prefixes:
-        console.print(f"  {_safe(p[len(key) + 1 if key else 0:])}", highlight=False)
+        console.print(f"  {_safe(p[len(key) + 1 if key else 0 :])}", highlight=False)
     for o in listing.objects:
         console.print(f"  {_safe(o.name)}  {humanize.naturalsize(o.size, binary=True)}", highlight=False)
     return 0
 
 
-def _print_summary(store, key, summary, console: "Console") -> None:
+def _print_summary(store, key, summary, console: Console) -> None:
     import humanize
     from rich.table import Table
 
     console.print(f"[bold]run[/] {_safe(store.child_uri(key))}", soft_wrap=True)
     table = Table()
-    columns: tuple[tuple[str, JustifyMethod], ...] = (("hook", "left"), ("committed", "right"), ("size", "right"),
-                                                     ("tokens", "right"), ("uncommitted", "right"))
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
+        ("hook", "left"),
+        ("committed", "right"),
+        ("size", "right"),
+        ("tokens", "right"),
+        ("uncommitted", "right"),
+    )
     for col, justify in columns:
         table.add_column(col, justify=justify)
     for h in summary.hooks.values():
-        table.add_row(_safe(h.hook), f"{h.megabatches:,}", humanize.naturalsize(h.bytes, binary=True), f"{h.tokens:,}", str(h.uncommitted or ""))
-    table.add_row("[bold]total[/]", f"{summary.files:,} files", humanize.naturalsize(summary.bytes, binary=True), f"{summary.tokens:,}", "", end_section=True)
+        table.add_row(
+            _safe(h.hook),
+            f"{h.megabatches:,}",
+            humanize.naturalsize(h.bytes, binary=True),
+            f"{h.tokens:,}",
+            str(h.uncommitted or ""),
+        )
+    table.add_row(
+        "[bold]total[/]",
+        f"{summary.files:,} files",
+        humanize.naturalsize(summary.bytes, binary=True),
+        f"{summary.tokens:,}",
+        "",
+        end_section=True,
+    )
     console.print(table)
 
 
-def _show_hook(run, hook: str, store, console: "Console", as_json: bool) -> int:
+def _show_hook(run, hook: str, store, console: Console, as_json: bool) -> int:
     import humanize
     from rich.table import Table
 
@@ -145,12 +165,20 @@ def _show_hook(run, hook: str, store, console: "Console", as_json: bool) -> int:
     if as_json:
         print(json.dumps([{**f.to_dict(), "uri": store.child_uri(f.key)} for f in files], indent=2, default=str))
         return 0
-    console.print(f"{_safe(store.child_uri(run.name))}/{_safe(hook)}: {len(files)} committed megabatches", soft_wrap=True)
+    console.print(
+        f"{_safe(store.child_uri(run.name))}/{_safe(hook)}: {len(files)} committed megabatches", soft_wrap=True
+    )
     table = Table()
     for col in ("#", "file", "size", "tokens", "worker"):
         table.add_column(col, justify="left" if col == "file" else "right")
     for i, f in enumerate(files):
-        table.add_row(str(i), _safe(posixpath.basename(f.key)), humanize.naturalsize(f.size, binary=True), f"{f.n_tokens:,}", "" if f.worker is None else str(f.worker))
+        table.add_row(
+            str(i),
+            _safe(posixpath.basename(f.key)),
+            humanize.naturalsize(f.size, binary=True),
+            f"{f.n_tokens:,}",
+            "" if f.worker is None else str(f.worker),
+        )
     console.print(table)
     stray = run.uncommitted_files(hook, commits)
     if stray:
@@ -166,8 +194,11 @@ def add_arguments(p) -> None:
 
     add_no_sign_request(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--no-scan", action="store_true",
-                   help="megabatch: skip the states check (NaN/Inf, value range), which reads every byte of the states")
+    p.add_argument(
+        "--no-scan",
+        action="store_true",
+        help="megabatch: skip the states check (NaN/Inf, value range), which reads every byte of the states",
+    )
     p.add_argument("--scan", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
 
 

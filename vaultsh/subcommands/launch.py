@@ -6,12 +6,22 @@ import sys
 
 
 def _common(p, config_optional: bool = False) -> None:
-    p.add_argument("config", nargs="?" if config_optional else None,
-                   help="YAML config (its num_runs is the total number of workers)")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="total number of workers; must equal the config's num_runs (default: num_runs)")
+    p.add_argument(
+        "config",
+        nargs="?" if config_optional else None,
+        help="YAML config (its num_runs is the total number of workers)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="total number of workers; must equal the config's num_runs (default: num_runs)",
+    )
     p.add_argument("--start", type=int, default=None, metavar="I", help="first worker index to launch (default 0)")
-    p.add_argument("--end", type=int, default=None, metavar="J", help="last worker index to launch, inclusive (default N-1)")
+    p.add_argument(
+        "--end", type=int, default=None, metavar="J", help="last worker index to launch, inclusive (default N-1)"
+    )
     p.add_argument("--store", default=None, metavar="URI", help="override the config's storage URI")
     p.add_argument("--force", action="store_true", help="let workers continue a run whose config changed")
 
@@ -19,36 +29,74 @@ def _common(p, config_optional: bool = False) -> None:
 def add_arguments(p) -> None:
     """This subcommand's arguments (vaultsh/cli.py builds the parser from it)."""
     sub = p.add_subparsers(dest="launcher", metavar="LAUNCHER", required=True)
-    r = sub.add_parser("ray", help="run workers as Ray tasks on an existing (or a new local) Ray cluster",
-                       description="Run one worker per index as a Ray task; failed workers are retried and resume.")
+    r = sub.add_parser(
+        "ray",
+        help="run workers as Ray tasks on an existing (or a new local) Ray cluster",
+        description="Run one worker per index as a Ray task; failed workers are retried and resume.",
+    )
     _common(r)
-    r.add_argument("--resources", default='{"CPU": 1}', metavar="JSON",
-                   help='resources of each worker, e.g. \'{"CPU": 32, "GPU": 2}\' (CPU, GPU, memory or custom)')
+    r.add_argument(
+        "--resources",
+        default='{"CPU": 1}',
+        metavar="JSON",
+        help='resources of each worker, e.g. \'{"CPU": 32, "GPU": 2}\' (CPU, GPU, memory or custom)',
+    )
     r.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
     r.add_argument("--wait", action="store_true", help="wait for every worker, showing their progress here")
-    r.add_argument("--retries", type=int, default=2, metavar="N", help="resubmit a failed worker up to N times (default 2)")
-    s = sub.add_parser("slurm", help="write sbatch scripts (one per index, or an array job), submit and follow them",
-                       description="Write sbatch scripts and submit them when sbatch exists; records index -> job id. "
-                                   "Resources default to the config's slurm: block, then to --gpus 1 --mem 250G --cpus 16.")
+    r.add_argument(
+        "--retries", type=int, default=2, metavar="N", help="resubmit a failed worker up to N times (default 2)"
+    )
+    s = sub.add_parser(
+        "slurm",
+        help="write sbatch scripts (one per index, or an array job), submit and follow them",
+        description="Write sbatch scripts and submit them when sbatch exists; records index -> job id. "
+        "Resources default to the config's slurm: block, then to --gpus 1 --mem 250G --cpus 16.",
+    )
     _common(s, config_optional=True)
-    for name, help_text in (("partition", None), ("account", None), ("qos", None),
-                            ("constraint", "node features, e.g. a100&ib"), ("time", "time limit, e.g. 48:00:00")):
+    for name, help_text in (
+        ("partition", None),
+        ("account", None),
+        ("qos", None),
+        ("constraint", "node features, e.g. a100&ib"),
+        ("time", "time limit, e.g. 48:00:00"),
+    ):
         s.add_argument(f"--{name}", default=None, help=help_text)
     s.add_argument("--gpus", type=int, default=None, help="GPUs per worker (default 1)")
     s.add_argument("--mem", default=None, help="memory per worker (default 250G)")
     s.add_argument("--cpus", type=int, default=None, help="CPUs per worker (default 16)")
-    s.add_argument("--setup", default=None, metavar="LINE",
-                   help="one shell line run before the worker, e.g. 'module load cuda; source ~/venv/bin/activate'")
+    s.add_argument(
+        "--setup",
+        default=None,
+        metavar="LINE",
+        help="one shell line run before the worker, e.g. 'module load cuda; source ~/venv/bin/activate'",
+    )
     s.add_argument("--array", action="store_true", help="one array job instead of one job per index")
-    s.add_argument("--sbatch", action="append", default=[], metavar="OPT", help="another #SBATCH option, e.g. --exclusive (repeatable)")
-    s.add_argument("--out", default=None, metavar="DIR", help="where scripts, logs, events and jobs.json go (default ./slurm/RUN_NAME)")
+    s.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="OPT",
+        help="another #SBATCH option, e.g. --exclusive (repeatable)",
+    )
+    s.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="where scripts, logs, events and jobs.json go (default ./slurm/RUN_NAME)",
+    )
     s.add_argument("--dry-run", action="store_true", help="print the scripts; write and submit nothing")
     s.add_argument("--wait", action="store_true", help="follow the jobs until done: progress, Slurm states, failures")
-    s.add_argument("--status", default=None, metavar="RUN",
-                   help="show which indices are pending, running, done or failed (RUN: the --out directory, "
-                        "its jobs.json, the config or the run name); with --wait, follow them")
+    s.add_argument(
+        "--status",
+        default=None,
+        metavar="RUN",
+        help="show which indices are pending, running, done or failed (RUN: the --out directory, "
+        "its jobs.json, the config or the run name); with --wait, follow them",
+    )
     s.add_argument("--resubmit-failed", default=None, metavar="RUN", help="resubmit only the failed indices of RUN")
-    s.add_argument("--interval", type=float, default=5.0, metavar="S", help="seconds between polls with --wait (default 5)")
+    s.add_argument(
+        "--interval", type=float, default=5.0, metavar="S", help="seconds between polls with --wait (default 5)"
+    )
 
 
 def run(args) -> int:
@@ -59,7 +107,9 @@ def run(args) -> int:
         return _slurm_existing(args)
     if args.config is None:
         raise UserError("give a config (or --status RUN / --resubmit-failed RUN)")
-    plan = make_plan(args.config, workers=args.workers, start=args.start, end=args.end, store=args.store, force=args.force)
+    plan = make_plan(
+        args.config, workers=args.workers, start=args.start, end=args.end, store=args.store, force=args.force
+    )
     if args.launcher == "slurm":
         return _slurm(plan, args)
     return _ray(plan, args)
@@ -70,10 +120,22 @@ def _slurm(plan, args) -> int:
 
     from vaultsh.launch import slurm
 
-    opts = slurm.options_from(plan.config.slurm, plan.config.source, partition=args.partition, gpus=args.gpus,
-                              mem=args.mem, cpus=args.cpus, time=args.time, account=args.account, qos=args.qos,
-                              constraint=args.constraint, setup=args.setup, array=args.array or None,
-                              extra=list(args.sbatch), out_dir=Path(args.out).expanduser() if args.out else None)
+    opts = slurm.options_from(
+        plan.config.slurm,
+        plan.config.source,
+        partition=args.partition,
+        gpus=args.gpus,
+        mem=args.mem,
+        cpus=args.cpus,
+        time=args.time,
+        account=args.account,
+        qos=args.qos,
+        constraint=args.constraint,
+        setup=args.setup,
+        array=args.array or None,
+        extra=list(args.sbatch),
+        out_dir=Path(args.out).expanduser() if args.out else None,
+    )
     _check_interval(args)
     jobs = slurm.build_jobs(plan, opts)
     if args.dry_run:
@@ -84,7 +146,9 @@ def _slurm(plan, args) -> int:
     slurm.write_jobs(jobs)
     sbatch = slurm.find_sbatch()
     if sbatch is None:
-        print(f"sbatch not found: wrote {len(jobs)} script(s) to {jobs[0].path.parent}; submit them on the cluster with:")
+        print(
+            f"sbatch not found: wrote {len(jobs)} script(s) to {jobs[0].path.parent}; submit them on the cluster with:"
+        )
         for job in jobs:
             print(f"  sbatch {job.path}")
         return 0
@@ -97,8 +161,10 @@ def _slurm(plan, args) -> int:
             print(f"index -> job id map: {record_path}")
     for i, job_id in slurm.job_map(jobs).items():
         print(f"  worker {i}: job {job_id}")
-    print(f"submitted {len(plan.indices)} worker(s) of {plan.run_name} -> {plan.store_uri}; "
-          f"logs in {jobs[0].path.parent / 'logs'}")
+    print(
+        f"submitted {len(plan.indices)} worker(s) of {plan.run_name} -> {plan.store_uri}; "
+        f"logs in {jobs[0].path.parent / 'logs'}"
+    )
     if not args.wait:
         print(f"follow with: vaultsh launch slurm --status {record_path.parent} --wait")
         return 0
@@ -155,10 +221,15 @@ def _follow(record, indices: list[int], interval: float) -> int:
         print(line)
     failed = [s.index for s in statuses if s.state == st.FAILED]
     if failed:
-        print(f"{len(failed)} worker(s) failed: {failed}; resume them with: "
-              f"vaultsh launch slurm --resubmit-failed {record.out}", file=sys.stderr)
+        print(
+            f"{len(failed)} worker(s) failed: {failed}; resume them with: "
+            f"vaultsh launch slurm --resubmit-failed {record.out}",
+            file=sys.stderr,
+        )
         return 1
-    print(f"all {len(statuses)} worker(s) done -> {record.run_uri}; merge statistics with: vaultsh finalize {record.run_uri}")
+    print(
+        f"all {len(statuses)} worker(s) done -> {record.run_uri}; merge statistics with: vaultsh finalize {record.run_uri}"
+    )
     return 0
 
 
@@ -173,25 +244,32 @@ def _ray(plan, args) -> int:
     resources = rl.parse_resources(args.resources)
     if not args.wait:
         name = rl.launch(plan, resources=resources, address=args.address, wait=False, retries=args.retries)
-        print(f"launched workers {plan.indices[0]}-{plan.indices[-1]} of {plan.run_name} on Ray "
-              f"(supervisor actor {name!r}, namespace {rl.NAMESPACE!r}); data -> {plan.store_uri}")
+        print(
+            f"launched workers {plan.indices[0]}-{plan.indices[-1]} of {plan.run_name} on Ray "
+            f"(supervisor actor {name!r}, namespace {rl.NAMESPACE!r}); data -> {plan.store_uri}"
+        )
         print(f"follow with: vaultsh inspect {plan.store_uri.rstrip('/')}/{plan.run_name}")
         return 0
     from vaultsh.progress import HeadlessPrinter
 
     with HeadlessPrinter() as printer:
-        results = rl.launch(plan, resources=resources, address=args.address, wait=True, retries=args.retries,
-                            on_event=printer)
+        results = rl.launch(
+            plan, resources=resources, address=args.address, wait=True, retries=args.retries, on_event=printer
+        )
     assert not isinstance(results, str)  # with wait=True: the workers' results, not the supervisor's name
     for r in results:
         extra = f": {r.error}" if r.error else ""
         tries = f" after {r.attempts} attempts" if r.attempts > 1 else ""
-        print(f"worker {r.index}: {r.status}{tries}: {r.batches} batches, {humanize.intcomma(r.tokens)} tokens, "
-              f"{r.megabatches} megabatches{extra}")
+        print(
+            f"worker {r.index}: {r.status}{tries}: {r.batches} batches, {humanize.intcomma(r.tokens)} tokens, "
+            f"{r.megabatches} megabatches{extra}"
+        )
     failed = [r.index for r in results if r.status == "failed"]
     if failed:
         print(f"{len(failed)} worker(s) failed: {failed}; rerun the same launch to resume them", file=sys.stderr)
         return 1
-    print(f"all {len(results)} worker(s) done -> {plan.store_uri.rstrip('/')}/{plan.run_name}; "
-          f"merge statistics with: vaultsh finalize {plan.store_uri.rstrip('/')}/{plan.run_name}")
+    print(
+        f"all {len(results)} worker(s) done -> {plan.store_uri.rstrip('/')}/{plan.run_name}; "
+        f"merge statistics with: vaultsh finalize {plan.store_uri.rstrip('/')}/{plan.run_name}"
+    )
     return 0

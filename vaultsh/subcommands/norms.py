@@ -12,8 +12,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--hook", default=None, help="the hook, when URI is a run")
     p.add_argument("--png", default=None, metavar="FILE", help="also draw the histogram and the by-position curve")
     p.add_argument("--factor", type=float, default=5.0, help="outlier: norm >= FACTOR x the median (default 5)")
-    p.add_argument("--massive-ratio", type=float, default=10.0,
-                   help="massive dim: max|x| >= RATIO x the median dim's (default 10)")
+    p.add_argument(
+        "--massive-ratio", type=float, default=10.0, help="massive dim: max|x| >= RATIO x the median dim's (default 10)"
+    )
     p.add_argument("--files", type=int, default=None, metavar="N", help="a seeded random sample of N files")
     p.add_argument("--no-write", action="store_true", help="do not write _outliers.json")
     add_json(p)
@@ -25,8 +26,16 @@ def run(args) -> int:
 
     store, key = open_uri(args.uri)
     with progress("norms") as cb:
-        r = norms(store, key, args.hook, factor=args.factor, massive_ratio=args.massive_ratio, files=args.files,
-                  write=not args.no_write, progress=cb)
+        r = norms(
+            store,
+            key,
+            args.hook,
+            factor=args.factor,
+            massive_ratio=args.massive_ratio,
+            files=args.files,
+            write=not args.no_write,
+            progress=cb,
+        )
     if args.png:
         from vaultsh.explore.png import histogram_png
 

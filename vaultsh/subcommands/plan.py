@@ -44,23 +44,38 @@ def add_arguments(p) -> None:
     p.add_argument("config", help="YAML config (Activault schema or ours)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--store", default=None, metavar="URI", help="override the config's storage URI")
-    p.add_argument("--devices", type=_pos_int, default=None, metavar="N",
-                   help="GPUs one worker spreads the model over (default 1)")
+    p.add_argument(
+        "--devices", type=_pos_int, default=None, metavar="N", help="GPUs one worker spreads the model over (default 1)"
+    )
     g = p.add_argument_group("time (runs the model on this machine)")
     g.add_argument("--measure", action="store_true", help="load the model and time a few real batches")
     g.add_argument("--measure-batches", type=_pos_int, default=3, metavar="N", help="batches to time (default 3)")
-    g.add_argument("--measure-upload", action="store_true",
-                   help="time parallel uploads of megabatch-sized probe objects to the store (deleted afterwards)")
-    g.add_argument("--upload-mbps", type=_pos_float, default=None, metavar="MB/s",
-                   help="upload rate to the store, to find the bottleneck without --measure-upload")
+    g.add_argument(
+        "--measure-upload",
+        action="store_true",
+        help="time parallel uploads of megabatch-sized probe objects to the store (deleted afterwards)",
+    )
+    g.add_argument(
+        "--upload-mbps",
+        type=_pos_float,
+        default=None,
+        metavar="MB/s",
+        help="upload rate to the store, to find the bottleneck without --measure-upload",
+    )
     c = p.add_argument_group("cost (no built-in prices: give yours)")
     c.add_argument("--price-gb-month", type=_nonneg_float, default=None, metavar="P", help="per GB-month stored")
     c.add_argument("--price-put-1k", type=_nonneg_float, default=None, metavar="P", help="per 1000 PUT/LIST requests")
     c.add_argument("--price-get-1k", type=_nonneg_float, default=None, metavar="P", help="per 1000 GET/HEAD requests")
     m = p.add_argument_group("model facts (when the model cannot be read here, e.g. a hub id not in the cache)")
     for name in _OVERRIDES:
-        m.add_argument("--" + name.replace("_", "-"), dest=name, type=_pos_int, default=None, metavar="N",
-                       help=_OVERRIDE_HELP[name])
+        m.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=_pos_int,
+            default=None,
+            metavar="N",
+            help=_OVERRIDE_HELP[name],
+        )
 
 
 def _pos_int(text: str) -> int:
@@ -102,7 +117,9 @@ def _check_section(section: Any, label: str) -> dict[str, Any]:
     if section is None:
         return {}
     if not isinstance(section, dict):
-        raise ConfigError(f"{label}: plan: must be a mapping (e.g. price_gb_month: 0.023), not {type(section).__name__}")
+        raise ConfigError(
+            f"{label}: plan: must be a mapping (e.g. price_gb_month: 0.023), not {type(section).__name__}"
+        )
     out: dict[str, Any] = {}
     for key, v in section.items():
         if key in _SECTION_INT:

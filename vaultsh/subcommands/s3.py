@@ -28,11 +28,22 @@ def run_s3(args) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `s3` subcommand's arguments (cli.py's subparser takes the same)."""
-    p.add_argument("uri", nargs="?", default=None,
-                   help="s3://bucket[/prefix] or a local store path (default: s3://$S3_BUCKET_NAME)")
-    p.add_argument("-c", "--command", default=None, metavar="COMMANDS",
-                   help='run commands and exit, e.g. -c "cd run/hook; ls; inspect 0" (exit 2 on error)')
-    p.add_argument("--json", action="store_true", help="machine-readable output (ls, filecount, sizecheck, inspect, stats, ...)")
+    p.add_argument(
+        "uri",
+        nargs="?",
+        default=None,
+        help="s3://bucket[/prefix] or a local store path (default: s3://$S3_BUCKET_NAME)",
+    )
+    p.add_argument(
+        "-c",
+        "--command",
+        default=None,
+        metavar="COMMANDS",
+        help='run commands and exit, e.g. -c "cd run/hook; ls; inspect 0" (exit 2 on error)',
+    )
+    p.add_argument(
+        "--json", action="store_true", help="machine-readable output (ls, filecount, sizecheck, inspect, stats, ...)"
+    )
     from vaultsh.store import add_no_sign_request
 
     add_no_sign_request(p)
@@ -44,13 +55,16 @@ def run(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return add_arguments(argparse.ArgumentParser(
-        prog="vaultsh s3", description="Browse a store: ls, cd, filecount, sizecheck, inspect, stats, verify, get, rm."))
+    return add_arguments(
+        argparse.ArgumentParser(
+            prog="vaultsh s3",
+            description="Browse a store: ls, cd, filecount, sizecheck, inspect, stats, verify, get, rm.",
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     from vaultsh.errors import UserError
-
     from vaultsh.store import apply_no_sign_request
 
     args = build_parser().parse_args(argv)

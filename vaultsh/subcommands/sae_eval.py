@@ -12,8 +12,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("ckpt", help="SAE checkpoint: a SAELens or sparsify directory (safetensors; pickles refused)")
     p.add_argument("--hook", default=None, help="the hook, when URI is a run")
     p.add_argument("--tokens", type=int, default=100_000, metavar="N", help="real tokens to use (default 100000)")
-    p.add_argument("--dense", type=float, default=0.1, metavar="F",
-                   help="a latent active on more than this fraction of tokens is dense (default 0.1)")
+    p.add_argument(
+        "--dense",
+        type=float,
+        default=0.1,
+        metavar="F",
+        help="a latent active on more than this fraction of tokens is dense (default 0.1)",
+    )
     add_json(p)
     return p
 

@@ -12,9 +12,14 @@ import sys
 
 def add_arguments(p) -> None:
     """This subcommand's arguments (vaultsh/cli.py builds the parser from it)."""
-    p.add_argument("uri", help="a run (s3://bucket/run or a path), one hook directory of it, a prefix holding runs, "
-                               "or the OUT of a vaultsh export")
-    p.add_argument("--nan", action="store_true", help="also scan every file's states for NaN/Inf (reads the states again)")
+    p.add_argument(
+        "uri",
+        help="a run (s3://bucket/run or a path), one hook directory of it, a prefix holding runs, "
+        "or the OUT of a vaultsh export",
+    )
+    p.add_argument(
+        "--nan", action="store_true", help="also scan every file's states for NaN/Inf (reads the states again)"
+    )
     from vaultsh.store import add_no_sign_request
 
     add_no_sign_request(p)
@@ -43,11 +48,17 @@ def run(args) -> int:
     else:
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-        with Progress(TextColumn("verifying"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                      console=err, transient=True) as prog:
+        with Progress(
+            TextColumn("verifying"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=err, transient=True
+        ) as prog:
             task = prog.add_task("verify", total=None)
-            report = verify(store, key, nan=args.nan, threads=args.threads,
-                            progress=lambda done, total: prog.update(task, completed=done, total=total))
+            report = verify(
+                store,
+                key,
+                nan=args.nan,
+                threads=args.threads,
+                progress=lambda done, total: prog.update(task, completed=done, total=total),
+            )
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:

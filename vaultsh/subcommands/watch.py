@@ -47,9 +47,13 @@ def _print_once(watcher) -> int:
     print(f"{info.run}  model {info.model or '?'}  hooks {', '.join(info.hooks) or '?'}")
     for w in watcher.snapshot():
         total = w.total_batches if w.total_batches is not None else "?"
-        print(f"worker {w.index}: {w.state}: {w.batches}/{total} batches, {humanize.intcomma(w.tokens)} tokens, "
-              f"{w.committed} megabatches, {humanize.naturalsize(w.committed_bytes)}")
+        print(
+            f"worker {w.index}: {w.state}: {w.batches}/{total} batches, {humanize.intcomma(w.tokens)} tokens, "
+            f"{w.committed} megabatches, {humanize.naturalsize(w.committed_bytes)}"
+        )
     t = watcher.totals()
-    print(f"total: {humanize.intcomma(t.tokens)} tokens, {t.committed} megabatches, "
-          f"{humanize.naturalsize(t.committed_bytes)} -> {info.store}")
+    print(
+        f"total: {humanize.intcomma(t.tokens)} tokens, {t.committed} megabatches, "
+        f"{humanize.naturalsize(t.committed_bytes)} -> {info.store}"
+    )
     return 0

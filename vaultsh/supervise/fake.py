@@ -7,8 +7,8 @@ the dashboard can be driven deterministically without a model.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from vaultsh.events import make_event
 from vaultsh.supervise.process import EVENTS_FD_PLACEHOLDER, WorkerProcess

@@ -40,8 +40,17 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     t0 = time.monotonic()
-    sink.emit("start", run="fake.run", model="fake-model", hooks=["residuals_1"], store="mem://fake/fake.run",
-              n_batches=args.batches, batches_per_upload=args.per_megabatch, pid=os.getpid(), format="safetensors")
+    sink.emit(
+        "start",
+        run="fake.run",
+        model="fake-model",
+        hooks=["residuals_1"],
+        store="mem://fake/fake.run",
+        n_batches=args.batches,
+        batches_per_upload=args.per_megabatch,
+        pid=os.getpid(),
+        format="safetensors",
+    )
     sink.emit("loading", what="model", detail="fake-model")
     period = 1.0 / args.rate if args.rate > 0 else 0.0
     next_at = time.monotonic()
@@ -52,28 +61,59 @@ def main(argv: list[str] | None = None) -> int:
         tokens += args.tokens_per_batch
         if stopping["flag"] and not announced:  # as the real worker: from the loop, not the signal handler
             announced = True
-            sink.emit("stopping", megabatch=committed, filled=(b - 1) % args.per_megabatch + 1,
-                      batches_per_upload=args.per_megabatch)
+            sink.emit(
+                "stopping",
+                megabatch=committed,
+                filled=(b - 1) % args.per_megabatch + 1,
+                batches_per_upload=args.per_megabatch,
+            )
         if args.fail_after is not None and b >= args.fail_after:
             sink.emit("error", message=f"RuntimeError: fake failure at batch {b}")
-            sink.emit("done", status="failed", batches=b, tokens=tokens, megabatches=committed,
-                      elapsed=time.monotonic() - t0)
+            sink.emit(
+                "done", status="failed", batches=b, tokens=tokens, megabatches=committed, elapsed=time.monotonic() - t0
+            )
             print(f"RuntimeError: fake failure at batch {b}", file=sys.stderr)
             return 1
         elapsed = max(1e-6, time.monotonic() - t0)
         kind = b % 10
         if kind == 7:
-            sink.emit("upload", queued=b % 3, in_flight_bytes=(b % 3) * 1_000_000, done_bytes=b * 100_000,
-                      mb_per_s=12.5, retries=0, failed=0)
+            sink.emit(
+                "upload",
+                queued=b % 3,
+                in_flight_bytes=(b % 3) * 1_000_000,
+                done_bytes=b * 100_000,
+                mb_per_s=12.5,
+                retries=0,
+                failed=0,
+            )
         elif kind == 9:
-            sink.emit("memory", rss=200_000_000, children_rss=0, gpu_allocated=None, gpu_reserved=None,
-                      system_used=1, system_total=2)
+            sink.emit(
+                "memory",
+                rss=200_000_000,
+                children_rss=0,
+                gpu_allocated=None,
+                gpu_reserved=None,
+                system_used=1,
+                system_total=2,
+            )
         else:
-            sink.emit("progress", batches=b, total_batches=args.batches, tokens=tokens, tokens_per_s=tokens / elapsed,
-                      megabatch=committed)
+            sink.emit(
+                "progress",
+                batches=b,
+                total_batches=args.batches,
+                tokens=tokens,
+                tokens_per_s=tokens / elapsed,
+                megabatch=committed,
+            )
         if b % args.per_megabatch == 0:
-            sink.emit("committed", megabatch=committed, batch_start=b - args.per_megabatch, batch_end=b,
-                      tokens=args.per_megabatch * args.tokens_per_batch, bytes=4_000_000)
+            sink.emit(
+                "committed",
+                megabatch=committed,
+                batch_start=b - args.per_megabatch,
+                batch_end=b,
+                tokens=args.per_megabatch * args.tokens_per_batch,
+                bytes=4_000_000,
+            )
             committed += 1
             if stopping["flag"]:
                 status = "stopped"

@@ -12,8 +12,9 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 EVENTS_FD_PLACEHOLDER = "{events_fd}"
 READ_COALESCE_S = 0.02  # events wait at most this long in the pipe (far below one screen refresh)
@@ -34,8 +35,14 @@ class WorkerHandle(Protocol):
 class WorkerProcess:
     """A worker started from `argv` (where "{events_fd}" is replaced by the pipe's fd)."""
 
-    def __init__(self, argv: Sequence[str], log_path: str | Path, env: dict | None = None, cwd: str | None = None,
-                 die_with_parent: bool = False):
+    def __init__(
+        self,
+        argv: Sequence[str],
+        log_path: str | Path,
+        env: dict | None = None,
+        cwd: str | None = None,
+        die_with_parent: bool = False,
+    ):
         self.argv = list(argv)
         self.log_path = str(log_path)
         self.env = env
@@ -56,8 +63,14 @@ class WorkerProcess:
         try:
             log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} started: {' '.join(argv)}\n".encode())
             self._proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                pass_fds=(write_fd,), start_new_session=True, env=self.env, cwd=self.cwd,
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                pass_fds=(write_fd,),
+                start_new_session=True,
+                env=self.env,
+                cwd=self.cwd,
                 preexec_fn=die_with_parent_preexec() if self.die_with_parent else None,
             )
         except BaseException:
@@ -67,8 +80,9 @@ class WorkerProcess:
             os.close(write_fd)
             log.close()
         self.pid = self._proc.pid
-        self._reader = threading.Thread(target=self._read, args=(read_fd, on_lines), daemon=True,
-                                        name=f"events-{self.pid}")
+        self._reader = threading.Thread(
+            target=self._read, args=(read_fd, on_lines), daemon=True, name=f"events-{self.pid}"
+        )
         self._reader.start()
 
     @staticmethod
@@ -190,7 +204,6 @@ def tail_lines(path: str | None, n: int = 50, limit: int = 65536) -> list[str]:
     if size > limit and lines:
         lines = lines[1:]  # the first one is cut
     return lines[-n:]
-
 
 
 def tree_memory(pids: list[int]) -> dict[int, tuple[int, int]]:

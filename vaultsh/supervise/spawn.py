@@ -7,8 +7,8 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from vaultsh.errors import UserError
 from vaultsh.supervise.process import EVENTS_FD_PLACEHOLDER, WorkerProcess

@@ -17,8 +17,8 @@ import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 from vaultsh import fmt
 from vaultsh.events import Event, Start, as_event, parse
@@ -232,8 +232,10 @@ class Supervisor:
             states[w.state] = states.get(w.state, 0) + 1
         t = self.totals(list(self.workers.values()))
         counts = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
-        return (f"run finished ({counts}): {t.tokens:,} tokens, {t.committed} megabatches, "
-                f"{fmt.size(t.committed_bytes)} committed")
+        return (
+            f"run finished ({counts}): {t.tokens:,} tokens, {t.committed} megabatches, "
+            f"{fmt.size(t.committed_bytes)} committed"
+        )
 
     def _settle_exit(self, i: int, code: int, now: float) -> None:
         w = self.workers[i]
@@ -343,8 +345,10 @@ class Supervisor:
                     if again:
                         self._note(j, f"worker {j}: stopping now, dropping its uncommitted megabatch")
             if done:
-                self._note(None if i is None else i, f"stopping worker{'s' if len(done) > 1 else ''} {_list(done)} "
-                           "after the megabatch in flight")
+                self._note(
+                    None if i is None else i,
+                    f"stopping worker{'s' if len(done) > 1 else ''} {_list(done)} after the megabatch in flight",
+                )
             self._touch()
         return done
 

@@ -15,7 +15,7 @@ import re
 import threading
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 from vaultsh.errors import NotFoundError, UserError
 from vaultsh.events import Committed, fold
@@ -33,8 +33,13 @@ class StoreWatcher(Supervisor):
 
     read_only = True
 
-    def __init__(self, run_uri: str, interval: float = 2.0, idle_after: float = 600.0,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        run_uri: str,
+        interval: float = 2.0,
+        idle_after: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         store, key = open_location(run_uri)
         key = key.strip("/")
         if not key:
@@ -47,8 +52,13 @@ class StoreWatcher(Supervisor):
         data = conf.get("data") if isinstance(conf.get("data"), dict) else {}
         num_runs = _pos_int(cfg.get("num_runs"), 1)
         hooks = list(cfg["hooks"]) if isinstance(cfg.get("hooks"), dict) else []
-        info = RunInfo(run=str(cfg.get("run_name") or self.run.name), model=str(cfg.get("model_name") or ""),
-                       hooks=[str(h) for h in hooks], store=self.run.uri, num_runs=num_runs)
+        info = RunInfo(
+            run=str(cfg.get("run_name") or self.run.name),
+            model=str(cfg.get("model_name") or ""),
+            hooks=[str(h) for h in hooks],
+            store=self.run.uri,
+            num_runs=num_runs,
+        )
         super().__init__(launcher=_no_launch, machines=range(num_runs), info=info, clock=clock, sample_memory=False)
         n_batches, start = _pos_int(data.get("n_batches"), 0), _pos_int(data.get("start_batch"), 0)
         for i, w in self.workers.items():
@@ -102,14 +112,29 @@ class StoreWatcher(Supervisor):
                 size = sum(f.size for f in rec.files.values())
                 # a commit record says what the worker's `committed` event said: the same fold counts it (its
                 # notes are left out: the first poll of a long run would fill the events pane with old commits)
-                fold(w, Committed(worker=rec.worker, megabatch=rec.index, batch_start=rec.batch_start,
-                                  batch_end=rec.batch_end, tokens=rec.tokens, bytes=size), now)
-                w.batches += len(range(rec.batch_start, rec.batch_end, num_runs)) if num_runs > 1 else rec.batch_end - rec.batch_start
+                fold(
+                    w,
+                    Committed(
+                        worker=rec.worker,
+                        megabatch=rec.index,
+                        batch_start=rec.batch_start,
+                        batch_end=rec.batch_end,
+                        tokens=rec.tokens,
+                        bytes=size,
+                    ),
+                    now,
+                )
+                w.batches += (
+                    len(range(rec.batch_start, rec.batch_end, num_runs))
+                    if num_runs > 1
+                    else rec.batch_end - rec.batch_start
+                )
                 w.tokens += rec.tokens
                 self._last_commit[rec.worker] = now
                 self._recent[rec.worker].append(
                     f"{rec.created}  megabatch {rec.index}: batches {rec.batch_start}-{rec.batch_end - 1}, "
-                    f"{rec.tokens:,} tokens, {size:,} bytes")
+                    f"{rec.tokens:,} tokens, {size:,} bytes"
+                )
             for i, w in self.workers.items():
                 samples = self._samples[i]
                 samples.append((now, w.tokens))
@@ -135,7 +160,7 @@ class StoreWatcher(Supervisor):
         for info in self.run.store.iter_objects(base):
             if info.key in self._seen:
                 continue
-            m = _COMMIT_KEY.search(info.key[len(base):])
+            m = _COMMIT_KEY.search(info.key[len(base) :])
             if not m:
                 continue
             fresh.append(info.key)

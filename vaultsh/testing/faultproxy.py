@@ -21,14 +21,19 @@ import socket
 import socketserver
 import struct
 import threading
-from typing import cast
 from dataclasses import dataclass
+from typing import cast
 from urllib.parse import urlsplit
 
 _STATUS = {
     "503": (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
     "500": (500, "Internal Server Error", "InternalError", "We encountered an internal error. Please try again."),
-    "403": (403, "Forbidden", "InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist in our records."),
+    "403": (
+        403,
+        "Forbidden",
+        "InvalidAccessKeyId",
+        "The AWS Access Key Id you provided does not exist in our records.",
+    ),
 }
 _MAX_HEAD = 64 << 10
 
@@ -137,8 +142,14 @@ class FaultProxy:
         self._thread: threading.Thread | None = None
 
     # -- control -------------------------------------------------------------
-    def fail_next(self, n: int = 1, method: str | None = None, mode: str = "503",
-                  code: str | None = None, path_contains: str | None = None) -> None:
+    def fail_next(
+        self,
+        n: int = 1,
+        method: str | None = None,
+        mode: str = "503",
+        code: str | None = None,
+        path_contains: str | None = None,
+    ) -> None:
         """Fault the next `n` requests matching `method` / `path_contains`.
 
         mode: "503" (SlowDown), "500" (InternalError), "403" (InvalidAccessKeyId),
@@ -154,7 +165,8 @@ class FaultProxy:
         """How many requests (faulted or forwarded) matched."""
         with self._lock:
             return sum(
-                1 for m, p in self.requests
+                1
+                for m, p in self.requests
                 if (method is None or m.upper() == method.upper()) and (path_contains is None or path_contains in p)
             )
 
@@ -175,7 +187,7 @@ class FaultProxy:
         return f"http://{host}:{port}"
 
     # -- lifecycle -------------------------------------------------------------
-    def start(self) -> "FaultProxy":
+    def start(self) -> FaultProxy:
         proxy = self
 
         class Handler(socketserver.BaseRequestHandler):
@@ -200,7 +212,7 @@ class FaultProxy:
             self._thread.join(timeout=5)
             self._server = None
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -44,8 +44,16 @@ FAKE_CREDS = {
     "AWS_SECURITY_TOKEN": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
-AWS_ENV_TO_UNSET = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-          "S3_ENDPOINT_URL", "AWS_REGION", "S3_BUCKET_NAME", "AWS_CA_BUNDLE")
+AWS_ENV_TO_UNSET = (
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "S3_ENDPOINT_URL",
+    "AWS_REGION",
+    "S3_BUCKET_NAME",
+    "AWS_CA_BUNDLE",
+)
 _START_TIMEOUT_S = 120
 
 
@@ -324,7 +332,7 @@ class CountingRelay:
         with self._count_lock:
             self.bytes_up = self.bytes_down = self.connections = 0
 
-    def start(self) -> "CountingRelay":
+    def start(self) -> CountingRelay:
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.bind(("127.0.0.1", 0))
         self._listener.listen(64)
@@ -343,7 +351,7 @@ class CountingRelay:
         for t in self._threads:
             t.join(timeout=2)
 
-    def __enter__(self) -> "CountingRelay":
+    def __enter__(self) -> CountingRelay:
         return self.start()
 
     def __exit__(self, *exc) -> None:
