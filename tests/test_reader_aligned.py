@@ -482,8 +482,8 @@ def two_models(tiny_dir, tmp_path_factory):
     over other data (another seed)."""
     pytest.importorskip("transformers")
     from collector.config import load_config
-    from vaultsh.events import EventSink
     from collector.worker import run_worker
+    from vaultsh.events import EventSink
 
     from .familyfixtures import build_or_skip, tokenizer
 
