@@ -35,15 +35,7 @@ from typing import Any
 from collector.sites import RAW_SITES, SITES, site_order
 from vaultsh.errors import ConfigError
 
-__all__ = [
-    "HookSpec",
-    "HookRequest",
-    "accepted_forms",
-    "check_hook_syntax",
-    "describe",
-    "expand_hooks",
-    "parse_hook",
-]
+__all__ = ["HookSpec", "HookRequest", "accepted_forms", "check_hook_syntax", "describe", "expand_hooks", "parse_hook"]
 
 # --------------------------------------------------------------------------- #
 # The table: (template with {L} for the layer, site)

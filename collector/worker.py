@@ -803,12 +803,7 @@ class Worker:
 
 
 def run_worker(
-    cfg,
-    worker: int = 0,
-    sink: EventSink | None = None,
-    stop: StopFlag | None = None,
-    force: bool = False,
-    store=None,
+    cfg, worker: int = 0, sink: EventSink | None = None, stop: StopFlag | None = None, force: bool = False, store=None
 ) -> dict:
     """Collect worker `worker`'s share of the run; returns the `done` event's fields."""
     return Worker(cfg, worker, sink=sink, stop=stop, force=force, store=store).run()

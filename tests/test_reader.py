@@ -23,12 +23,7 @@ import torch
 
 from vaultsh.errors import FormatError, StoreError, UserError
 from vaultsh.megabatch import read_megabatch, write_megabatch
-from vaultsh.reader import (
-    ActivationDataset,
-    ActivationReader,
-    S3RCache,
-    SkippedFileWarning,
-)
+from vaultsh.reader import ActivationDataset, ActivationReader, S3RCache, SkippedFileWarning
 from vaultsh.reader.buffers import BufferPool
 from vaultsh.run import CommitRecord, FileRecord, Run, metadata_for
 from vaultsh.stats import RunningStats

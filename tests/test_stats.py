@@ -41,13 +41,7 @@ def assert_matches(s: RunningStats, x: np.ndarray, rtol: float = RTOL):
 def data_and_splits(draw, max_rows=60, max_d=6):
     d = draw(st.integers(1, max_d))
     n = draw(st.integers(1, max_rows))
-    x = draw(
-        arrays(
-            np.float64,
-            (n, d),
-            elements=st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=64),
-        )
-    )
+    x = draw(arrays(np.float64, (n, d), elements=st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=64)))
     cuts = sorted(set(draw(st.lists(st.integers(0, n), max_size=6))))
     bounds = [0, *cuts, n]
     chunks = [x[a:b] for a, b in zip(bounds, bounds[1:])]

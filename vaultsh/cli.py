@@ -48,8 +48,7 @@ def command_module(name: str) -> ModuleType:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="vaultsh",
-        description="Collect, store and inspect transformer activations (S3 or a local directory).",
+        prog="vaultsh", description="Collect, store and inspect transformer activations (S3 or a local directory)."
     )
     parser.add_argument("--version", action="version", version=f"vaultsh {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -285,13 +285,11 @@ def parse_header(buf: bytes, file_size: int | None, key: str | None = None) -> M
         expect = math.prod(shape) * BY_CODE[dt].itemsize
         if end - start != expect:
             raise _fail(
-                key,
-                f"bad header: {where} {dt}{shape} needs {expect} bytes but data_offsets {offs} span {end - start}",
+                key, f"bad header: {where} {dt}{shape} needs {expect} bytes but data_offsets {offs} span {end - start}"
             )
         if data_size is not None and end > data_size:
             raise _fail(
-                key,
-                f"truncated: {where} ends at byte {data_offset + end} but the file has only {file_size} bytes",
+                key, f"truncated: {where} ends at byte {data_offset + end} but the file has only {file_size} bytes"
             )
         tensors[name] = TensorInfo(dt, tuple(shape), start, end)
 

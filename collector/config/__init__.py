@@ -68,11 +68,7 @@ Layout (each file one job; this package re-exports the public names):
 
 from __future__ import annotations
 
-from collector.config.checks import (
-    check_model_packages,
-    missing_packages,
-    validate_against_model,
-)
+from collector.config.checks import check_model_packages, missing_packages, validate_against_model
 from collector.config.errors import fmt_value, join_errors, one_error
 from collector.config.forms import load_config
 from collector.config.model_facts import (
@@ -85,12 +81,7 @@ from collector.config.model_facts import (
     resolve_pkg,
     text_config,
 )
-from collector.config.paths import (
-    DEFAULT_STORE,
-    STORE_ENV,
-    resolve_storage_uri,
-    storage_uri_for_bucket,
-)
+from collector.config.paths import DEFAULT_STORE, STORE_ENV, resolve_storage_uri, storage_uri_for_bucket
 from collector.config.schema import (
     CollectConfig,
     DataConfig,

@@ -18,13 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, ValidationError
 
 from collector.config.datacheck import check_data_section
-from collector.config.errors import (
-    SECTIONS,
-    fmt_value,
-    join_errors,
-    one_error,
-    validation_error,
-)
+from collector.config.errors import SECTIONS, fmt_value, join_errors, one_error, validation_error
 from collector.config.paths import resolve_storage_uri
 from collector.config.schema import (
     CollectConfig,

@@ -38,8 +38,7 @@ def check_uri(v: str) -> str:
         if not s.startswith("s3://"):
             scheme = s.split("://", 1)[0]
             raise field_error(
-                "uses an unsupported scheme '{scheme}' (write s3://bucket/prefix or a local path)",
-                scheme=scheme,
+                "uses an unsupported scheme '{scheme}' (write s3://bucket/prefix or a local path)", scheme=scheme
             )
         bucket = s[len("s3://") :].split("/", 1)[0]
         if not _BUCKET_RX.match(bucket):

@@ -99,12 +99,7 @@ from __future__ import annotations
 
 from collector.data.batches import BatchStream
 from collector.data.encode import Encoder, find_default_system_block
-from collector.data.records import (
-    buffer_shuffle,
-    iter_documents,
-    iter_records,
-    record_to_document,
-)
+from collector.data.records import buffer_shuffle, iter_documents, iter_records, record_to_document
 from collector.data.registry import (
     CHAT_ALIASES,
     FILE_SUFFIXES,

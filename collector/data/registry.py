@@ -9,11 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from collector.data.specs import (
-    DEFAULT_MAX_DOC_CHARS,
-    DEFAULT_SHUFFLE_BUFFER,
-    SourceSpec,
-)
+from collector.data.specs import DEFAULT_MAX_DOC_CHARS, DEFAULT_SHUFFLE_BUFFER, SourceSpec
 from vaultsh.errors import ConfigError
 
 REGISTRY_PATH = Path(__file__).parent.parent / "datasets.json"

@@ -28,11 +28,4 @@ from vaultsh.reader.dataset import ActivationDataset
 from vaultsh.reader.progress import ReaderStats
 from vaultsh.reader.stage import NORMALIZE_MODES
 
-__all__ = [
-    "ActivationReader",
-    "ActivationDataset",
-    "S3RCache",
-    "ReaderStats",
-    "SkippedFileWarning",
-    "NORMALIZE_MODES",
-]
+__all__ = ["ActivationReader", "ActivationDataset", "S3RCache", "ReaderStats", "SkippedFileWarning", "NORMALIZE_MODES"]
