@@ -11,6 +11,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vaultsh import tokens as dec
 from vaultsh.errors import FormatError, NotFoundError, UserError
@@ -37,6 +38,9 @@ from vaultsh.shell.results import (
     TokensResult,
 )
 from vaultsh.terminal import collapse, safe_text
+
+if TYPE_CHECKING:
+    from vaultsh.explore.text import Pieces
 
 PREVIEW_SEQUENCES = 4
 PREVIEW_CHARS = 250
@@ -384,7 +388,7 @@ class BatchViewer(Result):
     ):
         self.uri, self.ids, self.mask, self.handle, self.sources = uri, ids, mask, handle, sources
         self.store, self.key, self.header = store, key, header
-        self._pieces = None
+        self._pieces: Pieces | None = None
 
     def to_json(self):
         return None
