@@ -134,8 +134,9 @@ def np_encode(w: dict, x: np.ndarray, arch: str, k: int | None = None) -> np.nda
     return h
 
 
-def build(store, commit: bool = True, run_name: str = RUN) -> dict:
-    """Write the planted run into `store` (as `run_name`); returns every array written (for brute-force checks)."""
+def build(store, commit: bool = True, run_name: str = RUN, created: list[str] | None = None) -> dict:
+    """Write the planted run into `store` (as `run_name`); returns every array written (for brute-force checks).
+    `created`: each file's commit time (ISO), so a test can choose which megabatch was committed last."""
     import hashlib
     from pydoc_data.topics import topics
 
@@ -200,6 +201,7 @@ def build(store, commit: bool = True, run_name: str = RUN) -> dict:
                     batch_end=i + 1,
                     files={HOOK: FileRecord(HOOK, key, size, sha, N, N * T, 0, i)},
                     tokens=N * T,
+                    **({"created": created[i]} if created else {}),
                 )
             )
         keys.append(key)

@@ -736,3 +736,270 @@ def test_collect_default_config_in_tmux(tmp_path):
         assert h.megabatches == n_mb and h.uncommitted == 0
         assert run.read_statistics(hook).count == h.tokens > 0
     assert (tmp_path / ".vaultsh" / "logs" / cfg["run_name"] / "worker-0.log").exists()
+
+
+# -- the batch viewer (v): the newest committed megabatch of a hook, with heat ----------------
+LATEST = 2  # the planted file committed last (its commit record's `created` is the latest)
+CREATED = [f"2026-01-01T00:00:0{t}+00:00" for t in (1, 2, 9, 3)]
+
+
+@pytest.fixture(scope="module")
+def planted_run(tmp_path_factory):
+    """The explore fixtures' planted run (tests/explorefixtures.py), megabatch 2 committed last: it holds the
+    token whose dimension 3 is 50 (sequence 3, position 10)."""
+    from . import explorefixtures as fx
+
+    root = tmp_path_factory.mktemp("planted") / "vault"
+    data = fx.build(LocalStore(root), created=CREATED)
+    return root / fx.RUN, data
+
+
+def batch_screen(app):
+    from vaultsh.dashboard.batchview import BatchScreen
+
+    return app.screen if isinstance(app.screen, BatchScreen) else None
+
+
+def shown(app, part: str):
+    """What the viewer's `#batch-<part>` shows (a rich Text)."""
+    from rich.text import Text
+
+    content = app.screen.query_one(f"#batch-{part}").content
+    return content if isinstance(content, Text) else Text(str(content))
+
+
+def span_colours(text) -> list[tuple[str, tuple[int, int, int] | None]]:
+    """(characters, background RGB) of each span of a rendered heat line."""
+    from rich.style import Style
+
+    out = []
+    for span in text.spans:
+        style = span.style if isinstance(span.style, Style) else Style.parse(span.style)
+        bg = style.bgcolor.get_truecolor() if style.bgcolor else None
+        out.append((text.plain[span.start : span.end], tuple(bg) if bg else None))
+    return out
+
+
+async def open_viewer(app, pilot) -> None:
+    await press(pilot, "v")
+    assert batch_screen(app) is not None
+    assert await eventually(pilot, lambda: not app.screen.loading, timeout=60), "the viewer never finished loading"
+
+
+async def test_batch_viewer_shows_the_newest_megabatch_and_its_heat(planted_run):
+    """Watch mode over a real run: v opens the newest committed megabatch, ←/→ (j/k) move between sequences, h
+    colours the sequence by token norm and `d 3` by dimension 3 exactly as `view --heat` would (colour() over
+    the values worked out here from the planted arrays), esc closes."""
+    import numpy as np
+
+    from vaultsh.explore.heat import GREY, colour
+
+    from . import explorefixtures as fx
+
+    run_dir, data = planted_run
+    tok = fx.tokenizer()
+    f, s, p = fx.DIM_AT
+    assert f == LATEST
+    watcher = StoreWatcher(str(run_dir), interval=3600)
+    app = Dashboard(watcher, mode="watch", refresh_s=0.05)
+    async with app.run_test(size=(100, 30)) as pilot:
+        watcher.start()
+        await settle(pilot)
+        await open_viewer(app, pilot)
+        title = shown(app, "title").plain
+        assert fx.HOOK in title and f"w0000--000000{LATEST}.safetensors" in title and "megabatch 2" in title
+        assert shown(app, "status").plain.startswith(f"sequence 0 of {fx.N}")
+        ids, mask = data["ids"][f], data["mask"][f]
+
+        def decoded(i: int) -> str:
+            """Sequence i as the tokenizer decodes its runs of real and of masked tokens (masked «like this»)."""
+            out, start = "", 0
+            for k in range(1, len(ids[i]) + 1):
+                if k == len(ids[i]) or mask[i][k] != mask[i][start]:
+                    text = tok.decode([int(t) for t in ids[i][start:k]])
+                    out += text if mask[i][start] else f"«{text}»"
+                    start = k
+            return out
+
+        assert shown(app, "text").plain == decoded(0)
+        await press(pilot, "right", "j", "k", "right", "right")  # 1 + 1 - 1 + 1 + 1
+        assert shown(app, "status").plain.startswith(f"sequence {s} of {fx.N}")
+        assert shown(app, "text").plain == decoded(s)
+
+        # h: heat by token norm
+        await pilot.press("h")
+        assert await eventually(pilot, lambda: "scale" in shown(app, "heat").plain, timeout=30)
+        x = data["states"][f, s].astype(np.float64)
+        norms = np.linalg.norm(x, axis=1)
+        scale = norms[mask[s]].max()
+        assert shown(app, "heat").plain == f"heat: norm, scale 0 .. {scale:.4g} (grey: masked)"
+        pieces = [tok.decode([int(i)]) for i in ids[s]]
+        got = span_colours(shown(app, "text"))
+        assert [c for c, _ in got] == [pc.replace("\n", "\\n") for pc in pieces]
+        want = [colour(v, scale, False) if m else None for v, m in zip(norms, mask[s])]
+        assert [bg for _, bg in got] == want
+        hot = [c for c, bg in got if bg == (255, 0, 0)]
+        assert hot == [pieces[p]]  # the planted token is the one full-red token
+        assert GREY not in [bg for _, bg in got]  # masked tokens: grey text, no background
+
+        # d 3: heat by dimension 3 (signed: blue below 0, red above)
+        await pilot.press("d", "3", "enter")
+        assert await eventually(pilot, lambda: "dim 3" in shown(app, "heat").plain, timeout=30)
+        assert await eventually(pilot, lambda: "scale -50 .. 50" in shown(app, "heat").plain, timeout=30)
+        got = span_colours(shown(app, "text"))
+        want = [colour(v, 50.0, True) if m else None for v, m in zip(x[:, fx.DIM], mask[s])]
+        assert [bg for _, bg in got] == want
+        assert [c for c, bg in got if bg == (255, 0, 0)] == [pieces[p]]
+        assert any(bg and bg[2] == 255 and bg[0] < 255 for _, bg in got)  # a negative value is blue
+        await press(pilot, "left")  # another sequence, still by dimension 3
+        assert await eventually(pilot, lambda: shown(app, "heat").plain.startswith("heat: dim 3, scale"), timeout=30)
+        assert shown(app, "status").plain.startswith(f"sequence {s - 1} of {fx.N}")
+
+        await press(pilot, "h")  # heat off: the plain text again
+        assert not app.screen.query_one("#batch-heat").display and shown(app, "text").plain == decoded(s - 1)
+        await press(pilot, "escape")
+        assert batch_screen(app) is None
+    watcher.close()
+
+
+async def test_batch_viewer_in_collect_mode_switches_hooks(planted_run):
+    """Collect mode: the supervisor's RunInfo names the run's URI and hooks; tab moves to the next hook (one with
+    nothing committed says so), shift+tab back; the dashboard's control keys do nothing under the viewer."""
+    from . import explorefixtures as fx
+
+    run_dir, _ = planted_run
+    s = Scripted(n=2).steady()
+    s.sup.info.store = str(run_dir)
+    s.sup.info.hooks = [fx.HOOK, "blocks.5.hook_resid_post"]
+    async with dashboard(s.sup) as (app, pilot):
+        await open_viewer(app, pilot)
+        assert f"w0000--000000{LATEST}.safetensors" in shown(app, "title").plain
+        assert "(1/2 hooks)" in str(app.screen.query_one("#batchview").border_title)
+        await press(pilot, "tab")
+        assert await eventually(pilot, lambda: not app.screen.loading)
+        assert shown(app, "title").plain == "blocks.5.hook_resid_post"
+        assert shown(app, "text").plain == (
+            "nothing committed yet: no megabatch of blocks.5.hook_resid_post has been committed"
+        )
+        await press(pilot, "shift+tab")
+        assert await eventually(pilot, lambda: not app.screen.loading)
+        assert fx.HOOK in shown(app, "title").plain
+        await press(pilot, "p", "s", "S")  # the workers' keys belong to the dashboard, not to the viewer
+        assert all(not s.launcher.latest(i).signals for i in range(2))
+        await press(pilot, "q")
+        assert batch_screen(app) is None and app.is_running
+        await press(pilot, "S")  # back on the dashboard the same key stops every worker
+        assert all(s.launcher.latest(i).signals for i in range(2))
+        await press(pilot, "question_mark")  # the help overlay names the key
+        from rich.console import Console
+
+        console = Console(width=200, record=True, file=open(os.devnull, "w"))
+        console.print(app.screen.keys_table)
+        assert any(
+            line.split()[:1] == ["v"] and "newest committed megabatch" in line
+            for line in console.export_text().splitlines()
+        )
+
+
+async def test_batch_viewer_before_any_commit_says_so(tmp_path):
+    """A run whose files are written but not committed, and a run whose directory does not exist yet: one line
+    each, and r reads again once a commit record appears."""
+    from . import explorefixtures as fx
+
+    store = LocalStore(tmp_path / "vault")
+    data = fx.build(store, commit=False)
+    for uri in (str(tmp_path / "vault" / "not.yet"), str(tmp_path / "vault" / fx.RUN)):
+        s = Scripted(n=1).steady()
+        s.sup.info.store, s.sup.info.hooks = uri, [fx.HOOK]
+        async with dashboard(s.sup) as (app, pilot):
+            await open_viewer(app, pilot)
+            assert shown(app, "text").plain == f"nothing committed yet: no megabatch of {fx.HOOK} has been committed"
+            assert not app.screen.query_one("#batch-heat").display
+            await press(pilot, "right", "h", "d")  # nothing to move through or colour: no error
+            await press(pilot, "escape", "escape")
+            assert batch_screen(app) is None
+    s = Scripted(n=1)
+    s.sup.info.store = ""  # no config said where, no worker has started
+    async with dashboard(s.sup) as (app, pilot):
+        await press(pilot, "v")
+        assert shown(app, "text").plain == "the run's store is not known yet (no worker has started)"
+        await press(pilot, "r", "h", "escape")
+        assert batch_screen(app) is None
+    # the hooks are not known yet (no start event): they come from the commit records once there are some
+    s = Scripted(n=1)
+    s.sup.info.store, s.sup.info.hooks = str(tmp_path / "vault" / fx.RUN), []
+    async with dashboard(s.sup) as (app, pilot):
+        await open_viewer(app, pilot)
+        assert shown(app, "text").plain.startswith("nothing committed yet in ")
+        run = Run(store, fx.RUN)
+        run.commit(
+            CommitRecord(
+                worker=0,
+                index=1,
+                batch_start=1,
+                batch_end=2,
+                files={fx.HOOK: FileRecord(fx.HOOK, data["keys"][1], store.head(data["keys"][1]).size)},
+                tokens=fx.N * fx.T,
+            )
+        )
+        await press(pilot, "r")
+        assert await eventually(pilot, lambda: not app.screen.loading and app.screen.megabatch is not None)
+        assert "w0000--0000001.safetensors" in shown(app, "title").plain
+
+
+async def test_batch_viewer_unreadable_file_is_one_line(tmp_path):
+    """The newest committed file is missing, then truncated: one line on the screen, the dashboard goes on."""
+    from . import explorefixtures as fx
+
+    store = LocalStore(tmp_path / "vault")
+    data = fx.build(store, created=CREATED)
+    latest = tmp_path / "vault" / data["keys"][LATEST]
+    watcher = StoreWatcher(str(tmp_path / "vault" / fx.RUN), interval=3600)
+    app = Dashboard(watcher, mode="watch", refresh_s=0.05)
+    async with app.run_test(size=(100, 30)) as pilot:
+        watcher.start()
+        good = latest.read_bytes()
+        latest.unlink()
+        await open_viewer(app, pilot)
+        line = shown(app, "text").plain
+        assert line.startswith(f"cannot read the newest megabatch of {fx.HOOK}: ") and "\n" not in line
+        assert "w0000--0000002.safetensors" in line
+        latest.write_bytes(good[:100])  # truncated inside its header
+        await press(pilot, "r")
+        assert await eventually(pilot, lambda: not app.screen.loading)
+        line = shown(app, "text").plain
+        assert line.startswith(f"cannot read the newest megabatch of {fx.HOOK}: ") and "\n" not in line
+        # read while whole, then cut short: the text stays, the heat of a later sequence says why it cannot
+        latest.write_bytes(good)
+        await press(pilot, "r")
+        assert await eventually(pilot, lambda: not app.screen.loading and app.screen.megabatch is not None)
+        latest.write_bytes(good[:20_000])
+        await press(pilot, *["right"] * (fx.N - 1), "h")
+        assert await eventually(pilot, lambda: "reading" not in shown(app, "heat").plain, timeout=30)
+        line = shown(app, "heat").plain
+        assert line.startswith("heat: ") and "scale" not in line and "\n" not in line, line
+        assert shown(app, "text").plain.strip()  # the sequence's text is still there
+        await press(pilot, "escape")
+        assert batch_screen(app) is None and app.is_running
+    watcher.close()
+
+
+def test_snapshot_batch_viewer_with_heat(snap_compare, planted_run):
+    """The viewer at 80x24 on the sequence holding the planted token, coloured by dimension 3."""
+    from . import explorefixtures as fx
+
+    run_dir, _ = planted_run
+    watcher = StoreWatcher(str(run_dir), interval=3600)
+    watcher.start()
+
+    async def run_before(pilot) -> None:
+        await open_viewer(pilot.app, pilot)
+        await press(pilot, *["right"] * fx.DIM_AT[1], "d", "3", "enter")
+        assert await eventually(pilot, lambda: "scale" in shown(pilot.app, "heat").plain, timeout=30)
+
+    try:
+        assert snap_compare(
+            Dashboard(watcher, mode="watch", refresh_s=10), terminal_size=(80, 24), run_before=run_before
+        )
+    finally:
+        watcher.close()

@@ -541,6 +541,56 @@ def test_heat_values_and_png_decode(planted, tmp_path):
     assert r2.signed and r2.tokens[10].value == pytest.approx(50.0)
 
 
+class CountingStore:
+    """A store that counts the bytes of its ranged reads (and refuses whole-object reads)."""
+
+    def __init__(self, store):
+        self.store, self.ranged = store, 0
+
+    def get_range(self, key, start, length):
+        data = self.store.get_range(key, start, length)
+        self.ranged += len(data)
+        return data
+
+    def get_bytes(self, key):
+        if key.endswith(".safetensors"):
+            raise AssertionError(f"read the whole of {key}")
+        return self.store.get_bytes(key)
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+
+@STORES
+def test_latest_batch_is_the_newest_commit_and_heat_reads_one_sequence(planted, kind):
+    """The dashboard's batch viewer's data: the newest commit record's file of the hook, its ids and mask, and
+    one sequence's heat (view --heat's values) from that sequence's rows only."""
+    from vaultsh.explore.batch import LatestBatches, newest
+    from vaultsh.explore.heat import heat
+
+    data = planted["data"]
+    store = CountingStore(planted[kind])
+    latest = LatestBatches(Run(store, fx.RUN))
+    commits = latest.refresh()
+    rec, f = newest(commits, fx.HOOK)
+    assert (rec.created, rec.index) == max((c.created, c.index) for c in commits)
+    b = latest.load(fx.HOOK)
+    n = data["keys"].index(b.key)
+    assert b.key == f.key and b.n == fx.N
+    assert b.ids == data["ids"][n].tolist() and b.mask == data["mask"][n].tolist()
+    assert [s["document_index"] for s in b.sources] == [fx.DOC_BASE * n + s for s in range(fx.N)]
+    assert latest.load("no.such.hook") is None
+    s = fx.N - 1
+    store.ranged = 0
+    r = b.heat(s, fx.DIM)
+    row_bytes = sum(t.row_bytes() for t in b.header.tensors.values())
+    assert 0 < store.ranged <= row_bytes < b.header.file_size // fx.N  # one sequence's rows, nothing more
+    want = heat(planted[kind], b.key, s, value_fn(dim=fx.DIM))
+    assert [t.value for t in r.tokens] == [t.value for t in want.tokens] and r.colours() == want.colours()
+    np.testing.assert_allclose([t.value for t in r.tokens], data["states"][n, s, :, fx.DIM], rtol=1e-6)
+    assert b.heat(s).value == "norm"
+
+
 def test_norms_png_decodes(planted, tmp_path):
     from PIL import Image
 

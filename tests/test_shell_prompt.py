@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import threading
 import time
 
@@ -267,3 +268,122 @@ def test_rm_asks_and_respects_the_answers(store, tmp_path):
     assert f"deleted 1 object (1 Byte): {store.uri}/run2/" in out
     assert "a directory (prefix) holding objects; `rm -r run2` deletes it after two confirmations" in err
     assert store.exists("rubble.txt") and store.exists("run1/cfg.json")
+
+
+# -- the batch viewer's heat keys ------------------------------------------------------
+SGR = re.compile(r"\x1b\[([0-9;]*)m")
+
+
+def coloured_chars(ansi: str) -> list[tuple[str, tuple[int, int, int] | None]]:
+    """Every printed character of `ansi` with the background colour it was printed on (None: no background)."""
+    out: list[tuple[str, tuple[int, int, int] | None]] = []
+    bg = None
+    pos = 0
+    for m in SGR.finditer(ansi + "\x1b[m"):
+        out.extend((c, bg) for c in ansi[pos : m.start()])
+        pos = m.end()
+        codes = [int(c) for c in m.group(1).split(";") if c] or [0]
+        k = 0
+        while k < len(codes):
+            if codes[k] == 0 or codes[k] == 49:
+                bg = None
+            elif codes[k] == 48 and codes[k + 1] == 2:
+                bg = tuple(codes[k + 2 : k + 5])
+                k += 4
+            elif codes[k] in (38, 48) and codes[k + 1] == 5:
+                k += 2
+            elif codes[k] == 38 and codes[k + 1] == 2:
+                k += 4
+            k += 1
+    return out
+
+
+def heat_line(ansi: str, title: str) -> list[tuple[str, tuple[int, int, int] | None]]:
+    """The coloured characters of the heat picture printed after the line that contains `title`."""
+    plain_lines = SGR.sub("", ansi).split("\n")
+    raw_lines = ansi.split("\n")
+    i = next((k for k, line in enumerate(plain_lines) if title in line), None)
+    assert i is not None, f"no line with {title!r} in {plain_lines}"
+    return coloured_chars(raw_lines[i + 1])
+
+
+def expected_chars(r) -> list[tuple[str, tuple[int, int, int] | None]]:
+    from vaultsh.terminal import safe_text
+
+    return [(c, rgb if t.real else None) for t, rgb in zip(r.tokens, r.colours()) for c in safe_text(t.piece)]
+
+
+@pytest.fixture(scope="module")
+def planted_store(tmp_path_factory):
+    from . import explorefixtures as fx
+
+    store = LocalStore(tmp_path_factory.mktemp("planted") / "vault")
+    return store, fx.build(store)
+
+
+def test_batch_viewer_heat_keys_colour_the_planted_tokens(planted_store, tmp_path):
+    """`h` colours the shown sequence as `view --heat --norm` does (the sink is the hottest token); `d 3` by
+    dimension 3 (the planted 50 is the hottest); `h` again goes back to plain text; a bad dimension is one line."""
+    from rich.console import Console
+
+    from vaultsh.explore.heat import heat
+    from vaultsh.explore.values import value_fn
+
+    from . import explorefixtures as fx
+
+    store, data = planted_store
+    hook = f"{fx.RUN}/{fx.HOOK}"
+    sink_f, sink_s, sink_p = fx.SINK_AT
+    dim_f, dim_s, dim_p = fx.DIM_AT
+    out, err = io.StringIO(), io.StringIO()
+    keys = [
+        f"cd {hook}\r",
+        f"inspect {sink_f} --no-scan\r",
+        f"{sink_s}\r",  # plain text first
+        "h\r",  # heat on: the current sequence by token norm
+        "d 99\r",  # out of range: one error line, the viewer goes on
+        "q\r",
+        f"inspect {dim_f} --no-scan\r",
+        f"h {dim_s}\r",  # batch dim_s's heat, by norm (the viewer starts plain)
+        "d 3\r",  # the same sequence by dimension 3
+        "h\r",  # heat off: plain text again
+        "q\r",
+        "\x04",
+    ]
+    with create_pipe_input() as pipe, create_app_session(input=pipe, output=DummyOutput()):
+        shell = Shell(
+            store=store,
+            stdout=out,
+            stderr=err,
+            input=pipe,
+            output=DummyOutput(),
+            history=FileHistory(str(tmp_path / "hist")),
+        )
+        shell.ctx.out = Console(file=out, force_terminal=True, color_system="truecolor", width=10_000, soft_wrap=True)
+        feeder = feed_later(pipe, *keys, delay=0.3)
+        rc = shell.run_interactive()
+        feeder.join()
+    text = out.getvalue()
+    plain = SGR.sub("", text)
+    assert rc == 0, err.getvalue()
+    assert "heat view on: colour by token norm" in plain and "heat view on: colour by dimension 3" in plain
+    assert "heat view off: plain text" in plain
+    assert "--dim 99: out of range, d_model is 16" in err.getvalue()
+
+    sink = heat(store, data["keys"][sink_f], sink_s, value_fn(norm=True))
+    got = heat_line(text, f"w0000--0000000.safetensors #{sink_s}: norm, scale 0 .. 300")
+    assert got == expected_chars(sink)  # every character on the colour view --heat gives its token
+    hottest = max(range(len(sink.tokens)), key=lambda p: sink.tokens[p].value if sink.tokens[p].real else -1)
+    assert hottest == sink_p and sink.colours()[sink_p] == (255, 0, 0)
+    red = "".join(c for c, rgb in got if rgb == (255, 0, 0))
+    assert red == sink.tokens[sink_p].piece  # the planted sink, and nothing else, in full red
+
+    by_dim = heat(store, data["keys"][dim_f], dim_s, value_fn(dim=fx.DIM))
+    got = heat_line(text, f"w0000--0000002.safetensors #{dim_s}: dim 3, scale -50 .. 50")
+    assert got == expected_chars(by_dim)
+    red = "".join(c for c, rgb in got if rgb == (255, 0, 0))
+    assert red == by_dim.tokens[dim_p].piece and by_dim.tokens[dim_p].value == pytest.approx(50.0)
+    by_norm = heat(store, data["keys"][dim_f], dim_s, value_fn(norm=True))
+    assert heat_line(text, f"w0000--0000002.safetensors #{dim_s}: norm, scale 0") == expected_chars(by_norm)
+    # `h` turned it off: the last page is the plain text of the same sequence
+    assert plain.rstrip().split("heat view off: plain text")[-1].lstrip().startswith(f"Batch {dim_s} of {fx.N}")

@@ -12,6 +12,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.markup import escape
 from textual.app import App, ComposeResult
@@ -24,6 +25,9 @@ from vaultsh.dashboard.screens import HelpScreen, QuitScreen
 from vaultsh.dashboard.widgets import Chart, Charts, SummaryPanel, TitleBar, WorkerTable
 from vaultsh.supervise.state import FAILED, STOPPED, LogLine
 from vaultsh.supervise.supervisor import SAMPLE_EVERY_S
+
+if TYPE_CHECKING:
+    from vaultsh.explore.batch import LatestBatches
 
 LEVEL_STYLE = {"info": "", "warning": "yellow", "error": "bold white on red"}
 LEVEL_MARK = {"info": " ", "warning": "!", "error": "✘"}
@@ -45,6 +49,7 @@ class Dashboard(App):
         Binding("l", "toggle_log", "Log"),
         Binding("enter", "worker_log", "Worker log", show=False),
         Binding("escape", "all_logs", "All logs", show=False),
+        Binding("v", "batch_view", "View batch", show=False),
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("q", "quit", "Quit"),
         Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
@@ -74,6 +79,7 @@ class Dashboard(App):
         # (wall time the screen showed it) - (worker's event time), seconds: for the benchmark
         self.latencies: deque[float] = deque(maxlen=10000)
         self._shown_progress: dict[int, float] = {}
+        self._batches: LatestBatches | None = None  # kept between openings of the batch viewer
 
     # -- layout -----------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -274,6 +280,24 @@ class Dashboard(App):
         log.clear()
         self._log_seq = 0
         self._draw_log(self.source.snapshot())
+
+    def action_batch_view(self) -> None:
+        """The batch viewer over the newest committed megabatch of a hook of this run."""
+        from vaultsh.dashboard.batchview import BatchScreen
+        from vaultsh.explore.batch import LatestBatches
+        from vaultsh.run import Run
+
+        note = None
+        if self._batches is None:
+            run = getattr(self.source, "run", None)  # a StoreWatcher holds its Run; a Supervisor knows its URI
+            uri = self.source.info.store
+            if isinstance(run, Run):
+                self._batches = LatestBatches(run)
+            elif uri:
+                self._batches = LatestBatches(uri)
+            else:
+                note = "the run's store is not known yet (no worker has started)"
+        self.push_screen(BatchScreen(self._batches, list(self.source.info.hooks), note=note))
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen(self.BINDINGS, read_only=self.source.read_only))

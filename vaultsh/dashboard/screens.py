@@ -58,6 +58,8 @@ _LONG = {
     "toggle_log": "show or hide the log pane",
     "worker_log": "show the selected worker's log file (enter again or esc: all workers)",
     "all_logs": "back to every worker's warnings and errors",
+    "batch_view": "view the newest committed megabatch of a hook, sequence by sequence "
+    "(←/→ or j/k; h heat by token norm, d a dimension, tab next hook, esc back)",
     "help": "this help",
     "quit": "quit (asks first while workers are running)",
 }

@@ -10,7 +10,7 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass, field
 
-from vaultsh.explore.text import load_pieces
+from vaultsh.explore.text import Pieces, load_pieces
 from vaultsh.explore.values import ValueFn
 
 GREY = (200, 200, 200)
@@ -64,19 +64,33 @@ class HeatResult:
         }
 
 
-def heat(store, key: str, sequence: int, vf: ValueFn, *, png: str | None = None) -> HeatResult:
-    """Per-token values of sequence `sequence` of megabatch `key` (two ranged reads of its rows)."""
+def heat(
+    store,
+    key: str,
+    sequence: int,
+    vf: ValueFn,
+    *,
+    png: str | None = None,
+    header=None,
+    pieces: Pieces | None = None,
+) -> HeatResult:
+    """Per-token values of sequence `sequence` of megabatch `key` (one ranged read per tensor of its row).
+
+    `header` (the file's, from `read_header`) and `pieces` (the run's decoder) are read when not given: the
+    batch viewers pass theirs, so stepping through sequences reads only each sequence's rows.
+    """
     import torch
 
     from vaultsh.megabatch import read_header, read_sequence
 
-    header = read_header(store, key)
+    if header is None:
+        header = read_header(store, key)
     row = read_sequence(store, key, sequence, header)
     states, ids, mask = row["states"], row["input_ids"].tolist(), row["mask"].tolist()
     vf.check(states.shape[-1], key)
     vals = vf.fn(states.to(torch.float32)).tolist()
-    run = posixpath.dirname(posixpath.dirname(key))
-    pieces = load_pieces(store, run, header.metadata)
+    if pieces is None:
+        pieces = load_pieces(store, posixpath.dirname(posixpath.dirname(key)), header.metadata)
     toks = [HeatToken(int(i), pieces.piece(int(i)), float(v), bool(m)) for i, v, m in zip(ids, vals, mask)]
     real = [t.value for t in toks if t.real] or [0.0]
     signed = not (vf.name == "norm" or vf.name.startswith("SAE"))

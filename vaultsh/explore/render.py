@@ -99,6 +99,8 @@ def render_sae_eval(r: SaeEvalResult, console: Console) -> None:
 
 
 def heat_text(r: HeatResult) -> Text:
+    """Each token's piece on its colour (`HeatResult.colours`): the one heat picture of every view (the CLI's and
+    the shell's `view --heat`, the shell's batch viewer, the dashboard's batch viewer)."""
     t = Text()
     for tok, (cr, cg, cb) in zip(r.tokens, r.colours()):
         piece = safe_text(tok.piece)
@@ -107,9 +109,14 @@ def heat_text(r: HeatResult) -> Text:
     return t
 
 
-def render_heat(r: HeatResult, console: Console) -> None:
+def heat_scale(r: HeatResult) -> str:
+    """`norm, scale 0 .. 300 (grey: masked)`: what the colours mean."""
     lo = f"{-r.scale:.4g}" if r.signed else "0"
-    _p(console, f"{safe_text(r.file)} #{r.sequence}: {r.value}, scale {lo} .. {r.scale:.4g} (grey: masked)", "bold")
+    return f"{r.value}, scale {lo} .. {r.scale:.4g} (grey: masked)"
+
+
+def render_heat(r: HeatResult, console: Console) -> None:
+    _p(console, f"{safe_text(r.file)} #{r.sequence}: {heat_scale(r)}", "bold")
     _p(console, heat_text(r))
     if r.png and r.png_size:  # heat() sets both
         _p(console, f"wrote {safe_text(r.png)} ({r.png_size[0]}x{r.png_size[1]})", "dim")

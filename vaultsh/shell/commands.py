@@ -11,6 +11,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vaultsh import tokens as dec
 from vaultsh.errors import FormatError, NotFoundError, UserError
@@ -36,6 +37,10 @@ from vaultsh.shell.results import (
     TextDoc,
     TokensResult,
 )
+from vaultsh.terminal import collapse, safe_text
+
+if TYPE_CHECKING:
+    from vaultsh.explore.text import Pieces
 
 PREVIEW_SEQUENCES = 4
 PREVIEW_CHARS = 250
@@ -356,8 +361,18 @@ def sequence_view(
     return view
 
 
+VIEWER_HELP = (
+    "enter a batch number {last}, 't N' for its tokens, 't' to toggle token view, 'h' to toggle heat "
+    "(colour by value), 'h N' for batch N's heat, 'n' heat by token norm, 'd D' heat by dimension D, or 'q'"
+)
+
+
 class BatchViewer(Result):
-    """Asks for a batch number and shows its full text until 'q' (interactive shell only)."""
+    """Asks for a batch number and shows its full text until 'q' (interactive shell only).
+
+    With the megabatch's store, key and header it also shows a sequence's heat (`view --heat`'s picture,
+    `vaultsh.explore.heat`): one ranged read of that sequence's states per sequence shown.
+    """
 
     def __init__(
         self,
@@ -366,11 +381,41 @@ class BatchViewer(Result):
         mask: list[list[bool]],
         handle: dec.TokenizerHandle,
         sources: list[dict] | None = None,
+        *,
+        store=None,
+        key: str | None = None,
+        header=None,
     ):
         self.uri, self.ids, self.mask, self.handle, self.sources = uri, ids, mask, handle, sources
+        self.store, self.key, self.header = store, key, header
+        self._pieces: Pieces | None = None
 
     def to_json(self):
         return None
+
+    def _say(self, ctx: ShellContext, text: str, style: str | None = None) -> None:
+        ctx.out.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
+
+    def _heat(self, ctx: ShellContext, b: int, value: int | None) -> None:
+        """Batch `b` coloured by its token norms (`value` None) or by dimension `value`."""
+        from vaultsh.explore.heat import heat
+        from vaultsh.explore.text import Pieces
+        from vaultsh.explore.values import value_fn
+        from vaultsh.shell.render import render
+
+        if self.store is None or self.key is None:
+            self._say(ctx, "heat needs the megabatch's states (not available here)", "yellow")
+            return
+        if self._pieces is None:
+            self._pieces = Pieces(self.handle)
+        vf = value_fn(norm=True) if value is None else value_fn(dim=value)
+        try:
+            r = heat(self.store, self.key, b, vf, header=self.header, pieces=self._pieces)
+        except UserError as exc:
+            ctx.err.print(f"error: {safe_text(collapse(str(exc)))}", style="red", markup=False, highlight=False)
+            return
+        r.file = self.uri
+        render(r, ctx.out)
 
     def interact(self, ctx: ShellContext) -> None:
         from vaultsh.shell.render import render
@@ -379,6 +424,9 @@ class BatchViewer(Result):
         if n == 0:
             return
         tokens_mode = False
+        heat_mode = False
+        heat_dim: int | None = None  # None: by token norm
+        current: int | None = None  # the sequence shown last
         while True:
             answer = ctx.ask(f"Enter batch number (0-{n - 1}) to view full text, or 'q' to quit: ")
             if answer is None:
@@ -388,29 +436,37 @@ class BatchViewer(Result):
                 return
             if answer == "t":
                 tokens_mode = not tokens_mode
-                ctx.out.print(
-                    f"token view {'on: token ids and boundaries' if tokens_mode else 'off: plain text'}",
-                    markup=False,
-                    highlight=False,
-                )
+                self._say(ctx, f"token view {'on: token ids and boundaries' if tokens_mode else 'off: plain text'}")
                 continue
-            m = re.fullmatch(r"(t\s+)?(-?\d+)", answer)
-            if not m:
-                ctx.out.print(
-                    f"enter a batch number 0-{n - 1}, 't N' for its tokens, 't' to toggle token view, or 'q'",
-                    markup=False,
-                    highlight=False,
-                )
-                continue
-            b = int(m.group(2))
-            if not 0 <= b < n:
-                ctx.out.print(f"batch {b} out of range (0-{n - 1})", markup=False, highlight=False)
+            m_value = re.fullmatch(r"(h|n|d\s+(\d+))", answer)
+            if m_value:
+                if answer == "h":
+                    heat_mode = not heat_mode
+                else:
+                    heat_mode, heat_dim = True, int(m_value.group(2)) if m_value.group(2) else None
+                what = "token norm" if heat_dim is None else f"dimension {heat_dim}"
+                self._say(ctx, f"heat view {'on: colour by ' + what if heat_mode else 'off: plain text'}")
+                if current is None:
+                    continue
+                b, as_tokens, as_heat = current, tokens_mode, heat_mode
+            else:
+                m = re.fullmatch(r"([th]\s+)?(-?\d+)", answer)
+                if not m:
+                    self._say(ctx, VIEWER_HELP.format(last=f"0-{n - 1}"))
+                    continue
+                b = int(m.group(2))
+                if not 0 <= b < n:
+                    self._say(ctx, f"batch {b} out of range (0-{n - 1})")
+                    continue
+                cmd = (m.group(1) or "").strip()
+                as_tokens, as_heat = tokens_mode or cmd == "t", (heat_mode and cmd != "t") or cmd == "h"
+            current = b
+            if as_heat:
+                self._heat(ctx, b, heat_dim)
                 continue
             source = self.sources[b] if self.sources else None
             render(
-                sequence_view(
-                    self.uri, b, n, self.ids[b], self.mask[b], self.handle, tokens_mode or bool(m.group(1)), source
-                ),
+                sequence_view(self.uri, b, n, self.ids[b], self.mask[b], self.handle, as_tokens, source),
                 ctx.out,
             )
 
@@ -423,7 +479,8 @@ class BatchViewer(Result):
     details="TARGET is an index in the current hook directory's committed megabatches (`inspect 0`, as `ls -l` "
     "numbers them; negative counts from the end) or a file path. Works on safetensors megabatches and on "
     "Activault .saved.pt files. The viewer takes a batch number, 't N' for token ids and boundaries, "
-    "'t' to toggle that view, 'q' to leave.",
+    "'t' to toggle that view, 'h' to toggle heat (each token on its colour, as `view --heat`; 'h N' for one "
+    "batch), 'n' heat by token norm (the default), 'd D' heat by dimension D, 'q' to leave.",
 )
 def inspect(ctx: ShellContext, a):
     from rich.progress import BarColumn, DownloadColumn, TextColumn, TransferSpeedColumn
@@ -476,7 +533,7 @@ def inspect(ctx: ShellContext, a):
             )
         )
     yield InspectPreview(previews, len(ids), handle.source, handle.note, PREVIEW_CHARS)
-    yield BatchViewer(uri, ids, mask, handle, sources)
+    yield BatchViewer(uri, ids, mask, handle, sources, store=store, key=t.key, header=header)
 
 
 def _batch_arg(batch: str, n: int) -> int:
