@@ -65,14 +65,7 @@ class HeatResult:
 
 
 def heat(
-    store,
-    key: str,
-    sequence: int,
-    vf: ValueFn,
-    *,
-    png: str | None = None,
-    header=None,
-    pieces: Pieces | None = None,
+    store, key: str, sequence: int, vf: ValueFn, *, png: str | None = None, header=None, pieces: Pieces | None = None
 ) -> HeatResult:
     """Per-token values of sequence `sequence` of megabatch `key` (one ranged read per tensor of its row).
 

@@ -465,10 +465,7 @@ class BatchViewer(Result):
                 self._heat(ctx, b, heat_dim)
                 continue
             source = self.sources[b] if self.sources else None
-            render(
-                sequence_view(self.uri, b, n, self.ids[b], self.mask[b], self.handle, as_tokens, source),
-                ctx.out,
-            )
+            render(sequence_view(self.uri, b, n, self.ids[b], self.mask[b], self.handle, as_tokens, source), ctx.out)
 
 
 @command(
