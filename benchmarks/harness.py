@@ -104,19 +104,23 @@ def alternating_best(sides: dict[str, Callable[[], float]], rounds: int) -> dict
     return best
 
 
-def throughput_ratio(name, nbytes, t_base, t_ours, minimum, notes="", extra=None) -> BenchResult:
-    """A result comparing two timings of moving `nbytes` (higher MB/s is better)."""
-    base = nbytes / t_base / 1e6
-    ours = nbytes / t_ours / 1e6
+def rate_ratio(name, metric, base, ours, minimum, notes="", extra=None, digits: int | None = 1) -> BenchResult:
+    """A result comparing two rates in `metric` (higher is better; shown rounded to `digits`): it passes when
+    ours / base >= `minimum`."""
     ratio = ours / base
     return BenchResult(
         name,
-        "MB/s",
-        round(base, 1),
-        round(ours, 1),
+        metric,
+        round(base, digits),
+        round(ours, digits),
         round(ratio, 3),
         f">= {minimum}x",
         ratio >= minimum,
         notes,
         extra or {},
     )
+
+
+def throughput_ratio(name, nbytes, t_base, t_ours, minimum, notes="", extra=None) -> BenchResult:
+    """A result comparing two timings of moving `nbytes` (higher MB/s is better)."""
+    return rate_ratio(name, "MB/s", nbytes / t_base / 1e6, nbytes / t_ours / 1e6, minimum, notes, extra)
