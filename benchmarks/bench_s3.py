@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.harness import BenchResult, benchmark, throughput_ratio
+from benchmarks.harness import BenchResult, alternating_best, benchmark, throughput_ratio
 
 MB = 1 << 20
 SINGLE = "one request"  # references, not candidate baselines: see the module docstring
@@ -323,11 +323,7 @@ def bench_put_stream(quick: bool) -> BenchResult:
 
     try:
         ours(), from_memory()  # warm-up: connections, imports
-        best = {"ours": float("inf"), "memory": float("inf"), "spool": float("inf")}
-        sides = [("ours", ours), ("memory", from_memory), ("spool", spooled)]
-        for r in range(rounds):
-            for name, fn in sides if r % 2 == 0 else sides[::-1]:
-                best[name] = min(best[name], fn())
+        best = alternating_best({"ours": ours, "memory": from_memory, "spool": spooled}, rounds)
     finally:
         s3server.empty_bucket(bucket)
     t_base = min(best["memory"], best["spool"])

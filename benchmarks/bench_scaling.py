@@ -35,7 +35,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from benchmarks.harness import BenchResult, benchmark, scratch_bucket
+from benchmarks.harness import BenchResult, benchmark, rate_ratio, scratch_bucket
 
 BATCH, SEQ, BPU = 2, 64, 4  # pydoc holds ~290 documents: 144 global batches of 2
 HOOKS = ["residuals_1", "mlp_3"]
@@ -148,17 +148,12 @@ def bench_scaling_k2(quick: bool) -> BenchResult:
     with scratch_bucket() as (bucket, endpoint):
         one = _run_k(1, n, bucket, endpoint)
         two = _run_k(2, n, bucket, endpoint)
-    base = one["steady_tokens_per_cpu_s"][0]
-    ours = min(two["steady_tokens_per_cpu_s"])
-    ratio = ours / base
-    return BenchResult(
+    return rate_ratio(
         "scaling-k2",
         "tokens/CPU-s per worker",
-        round(base, 1),
-        round(ours, 1),
-        round(ratio, 3),
-        ">= 0.9x",
-        ratio >= 0.9,
+        one["steady_tokens_per_cpu_s"][0],
+        min(two["steady_tokens_per_cpu_s"]),
+        0.9,
         f"tiny Llama (d=64), {n} batches of {BATCH}x{SEQ}, {len(HOOKS)} hooks, one CPU thread per worker; "
         f"wall aggregate {one['tokens_per_s']:.0f} -> {two['tokens_per_s']:.0f} tokens/s on {os.cpu_count()} shared CPUs",
         {"k1": one, "k2": two, "wall_ratio": round(two["tokens_per_s"] / one["tokens_per_s"], 3)},

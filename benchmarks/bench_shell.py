@@ -23,7 +23,7 @@ import io
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from benchmarks.harness import BenchResult, benchmark
+from benchmarks.harness import BenchResult, benchmark, rate_ratio
 
 MB = 1 << 20
 SEQ_LEN, D_MODEL = 1024, 1280  # 10.5 MB per 2 sequences of float32
@@ -136,39 +136,36 @@ def _inspect_notes(d: dict) -> str:
     )
 
 
-@benchmark("shell-inspect-header-time", "shell `inspect 0` header view on S3: time, 10 MB vs 1 GB megabatch")
-def bench_inspect_time(quick: bool) -> BenchResult:
+def _inspect_flat(
+    name: str, quick: bool, figure: int, metric: str, target: str, limit: float, flat: float
+) -> BenchResult:
+    """One `figure` of the header views (0: seconds, 1: wire bytes), the large megabatch's against the small
+    one's: it passes when the large one's stays under `limit` and large / small under `flat`."""
     d = _inspect_setup(quick)
-    ts, tl = d["runs"]["small"][0], d["runs"]["large"][0]
-    ratio = tl / ts
+    small, large = d["runs"]["small"][figure], d["runs"]["large"][figure]
+    ratio = large / small
     return BenchResult(
-        "shell-inspect-header-time",
-        "s",
-        round(ts, 4),
-        round(tl, 4),
+        name,
+        metric,
+        float(round(small, 4)),
+        float(round(large, 4)),
         round(ratio, 3),
-        "< 1 s at 1 GB, flat (ratio ~1)",
-        tl < 1.0 and ratio < 1.5,
+        target,
+        large < limit and ratio < flat,
         _inspect_notes(d),
         {"sizes": d["sizes"], "runs": d["runs"], "server": d["server"]},
     )
 
 
+@benchmark("shell-inspect-header-time", "shell `inspect 0` header view on S3: time, 10 MB vs 1 GB megabatch")
+def bench_inspect_time(quick: bool) -> BenchResult:
+    return _inspect_flat("shell-inspect-header-time", quick, 0, "s", "< 1 s at 1 GB, flat (ratio ~1)", 1.0, 1.5)
+
+
 @benchmark("shell-inspect-header-bytes", "shell `inspect 0` header view on S3: bytes on the wire, 10 MB vs 1 GB")
 def bench_inspect_bytes(quick: bool) -> BenchResult:
-    d = _inspect_setup(quick)
-    bs, bl = d["runs"]["small"][1], d["runs"]["large"][1]
-    ratio = bl / bs
-    return BenchResult(
-        "shell-inspect-header-bytes",
-        "bytes",
-        float(bs),
-        float(bl),
-        round(ratio, 3),
-        "< 1 MB at 1 GB, flat (ratio ~1)",
-        bl < 1_000_000 and ratio < 1.1,
-        _inspect_notes(d),
-        {"sizes": d["sizes"], "runs": d["runs"], "server": d["server"]},
+    return _inspect_flat(
+        "shell-inspect-header-bytes", quick, 1, "bytes", "< 1 MB at 1 GB, flat (ratio ~1)", 1_000_000, 1.1
     )
 
 
@@ -228,17 +225,14 @@ def bench_filecount(quick: bool) -> BenchResult:
             times[name] = min(times[name], time.perf_counter() - t0)
     s3server.empty_bucket(bucket)
     assert counts["bare"] == counts["ours"] == written, counts
-    base, mine = written / times["bare"], written / times["ours"]
-    ratio = mine / base
-    return BenchResult(
+    return rate_ratio(
         "shell-filecount",
         "keys/s",
-        round(base),
-        round(mine),
-        round(ratio, 3),
-        ">= 0.9x",
-        ratio >= 0.9,
+        written / times["bare"],
+        written / times["ours"],
+        0.9,
         f"{written:,} keys; bare loop {times['bare']:.2f} s, filecount {times['ours']:.2f} s "
         f"(best of {rounds}, alternating)",
         {"keys": written, "server": s3server.describe()},
+        digits=None,
     )

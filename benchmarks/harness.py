@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import pkgutil
 import time
 from collections.abc import Callable, Iterator
@@ -62,17 +63,23 @@ def discover() -> dict[str, Benchmark]:
 
 
 @contextlib.contextmanager
-def scratch_bucket() -> Iterator[tuple[str, str]]:
-    """(bucket, endpoint URL): a fresh bucket on the loopback S3 server, with fake credentials; emptied after."""
+def scratch_bucket(default_endpoint: bool = False) -> Iterator[tuple[str, str]]:
+    """(bucket, endpoint URL): a fresh bucket on the loopback S3 server, with fake credentials; emptied after.
+    With `default_endpoint`, S3_ENDPOINT_URL names the server meanwhile, so that a bare `s3://bucket/...` URI
+    (`open_location`) reaches it."""
     from vaultsh.testing import s3server
 
     s3server.use_fake_credentials()
     endpoint = s3server.endpoint()
     bucket = s3server.new_bucket()
+    if default_endpoint:
+        os.environ["S3_ENDPOINT_URL"] = endpoint
     try:
         yield bucket, endpoint
     finally:
         s3server.empty_bucket(bucket)
+        if default_endpoint:
+            os.environ.pop("S3_ENDPOINT_URL", None)
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:
@@ -85,19 +92,35 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
     return best
 
 
-def throughput_ratio(name, nbytes, t_base, t_ours, minimum, notes="", extra=None) -> BenchResult:
-    """A result comparing two timings of moving `nbytes` (higher MB/s is better)."""
-    base = nbytes / t_base / 1e6
-    ours = nbytes / t_ours / 1e6
+def alternating_best(sides: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
+    """The shortest time of each side over `rounds` rounds, by name. Every round runs each side once, in
+    reverse order every other round, so that no side always runs first (or right after the same one). A side
+    is a callable that does its work once and returns the seconds it took."""
+    names = list(sides)
+    best = dict.fromkeys(names, float("inf"))
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            best[name] = min(best[name], sides[name]())
+    return best
+
+
+def rate_ratio(name, metric, base, ours, minimum, notes="", extra=None, digits: int | None = 1) -> BenchResult:
+    """A result comparing two rates in `metric` (higher is better; shown rounded to `digits`): it passes when
+    ours / base >= `minimum`."""
     ratio = ours / base
     return BenchResult(
         name,
-        "MB/s",
-        round(base, 1),
-        round(ours, 1),
+        metric,
+        round(base, digits),
+        round(ours, digits),
         round(ratio, 3),
         f">= {minimum}x",
         ratio >= minimum,
         notes,
         extra or {},
     )
+
+
+def throughput_ratio(name, nbytes, t_base, t_ours, minimum, notes="", extra=None) -> BenchResult:
+    """A result comparing two timings of moving `nbytes` (higher MB/s is better)."""
+    return rate_ratio(name, "MB/s", nbytes / t_base / 1e6, nbytes / t_ours / 1e6, minimum, notes, extra)

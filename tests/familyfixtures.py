@@ -16,15 +16,16 @@ from tests.modelfixtures import TOKENIZER_DIR
 
 D, D_MLP, LAYERS, HEADS, KV_HEADS, HEAD_DIM, CONTEXT = 64, 96, 3, 4, 2, 16, 128
 
-_COMMON = dict(
+# the sizes under the names most families use; _COMMON adds grouped-query attention and the head size
+_SIZES = dict(
     hidden_size=D,
     intermediate_size=D_MLP,
     num_hidden_layers=LAYERS,
     num_attention_heads=HEADS,
-    num_key_value_heads=KV_HEADS,
     max_position_embeddings=CONTEXT,
-    head_dim=HEAD_DIM,
 )
+_COMMON = dict(_SIZES, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM)
+_FALCON = dict(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS)
 
 #: family -> (config class name, kwargs)
 FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -48,42 +49,14 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "phi": ("PhiConfig", dict(_COMMON, partial_rotary_factor=0.5)),
     "phi3": ("Phi3Config", _COMMON),
     "gpt2": ("GPT2Config", dict(n_embd=D, n_layer=LAYERS, n_head=HEADS, n_positions=CONTEXT, n_inner=D_MLP)),
-    "gpt_neox": (
-        "GPTNeoXConfig",
-        dict(
-            hidden_size=D,
-            intermediate_size=D_MLP,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            max_position_embeddings=CONTEXT,
-        ),
-    ),
-    "gpt_neox_sequential": (
-        "GPTNeoXConfig",
-        dict(
-            hidden_size=D,
-            intermediate_size=D_MLP,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            max_position_embeddings=CONTEXT,
-            use_parallel_residual=False,
-        ),
-    ),
+    "gpt_neox": ("GPTNeoXConfig", _SIZES),
+    "gpt_neox_sequential": ("GPTNeoXConfig", dict(_SIZES, use_parallel_residual=False)),
     "gptj": (
         "GPTJConfig",
         dict(n_embd=D, n_layer=LAYERS, n_head=HEADS, n_positions=CONTEXT, rotary_dim=8, n_inner=D_MLP),
     ),
-    "falcon": ("FalconConfig", dict(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS)),
-    "falcon_new": (
-        "FalconConfig",
-        dict(
-            hidden_size=D,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            new_decoder_architecture=True,
-            num_kv_heads=KV_HEADS,
-        ),
-    ),
+    "falcon": ("FalconConfig", _FALCON),
+    "falcon_new": ("FalconConfig", dict(_FALCON, new_decoder_architecture=True, num_kv_heads=KV_HEADS)),
     "cohere": ("CohereConfig", _COMMON),
     "starcoder2": ("Starcoder2Config", _COMMON),
 }

@@ -39,11 +39,36 @@ def fit_recording_losses(trainer) -> list[float]:
     return losses
 
 
+def runner_config(hook: str, d_in: int, steps: int, **data):
+    """The SAELens config both checks train with: a standard SAE of 2 x d_in latents, `steps` steps of 64
+    tokens on the CPU, nothing logged or saved; `data` holds the options of where the activations come from."""
+    from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig, StandardTrainingSAEConfig
+
+    return LanguageModelSAERunnerConfig(
+        sae=StandardTrainingSAEConfig(
+            d_in=d_in, d_sae=2 * d_in, l1_coefficient=1e-3, normalize_activations="expected_average_only_in"
+        ),
+        hook_name=hook,
+        train_batch_size_tokens=64,
+        training_tokens=64 * steps,
+        lr=3e-3,
+        device="cpu",
+        dtype="float32",
+        logger=LoggingConfig(log_to_wandb=False),
+        n_checkpoints=0,
+        save_final_checkpoint=False,
+        checkpoint_path=None,
+        output_path=None,
+        verbose=False,
+        **data,
+    )
+
+
 def main(argv: list[str]) -> dict:
     import numpy as np
     import torch
     from datasets import load_from_disk
-    from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig, StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens import StandardTrainingSAE
     from sae_lens.training.activation_scaler import ActivationScaler
     from sae_lens.training.activations_store import ActivationsStore
     from sae_lens.training.sae_trainer import SAETrainer
@@ -53,11 +78,10 @@ def main(argv: list[str]) -> dict:
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     batch_prompts = 2
-    cfg = LanguageModelSAERunnerConfig(
-        sae=StandardTrainingSAEConfig(
-            d_in=d_in, d_sae=2 * d_in, l1_coefficient=1e-3, normalize_activations="expected_average_only_in"
-        ),
-        hook_name=hook,
+    cfg = runner_config(
+        hook,
+        d_in,
+        steps,
         context_size=context,
         use_cached_activations=True,
         cached_activations_path=f"{out}/activations",
@@ -65,18 +89,7 @@ def main(argv: list[str]) -> dict:
         streaming=False,
         store_batch_size_prompts=batch_prompts,
         n_batches_in_buffer=2,
-        train_batch_size_tokens=64,
-        training_tokens=64 * steps,
-        lr=3e-3,
-        device="cpu",
-        dtype="float32",
         exclude_special_tokens=json.loads(exclude),
-        logger=LoggingConfig(log_to_wandb=False),
-        n_checkpoints=0,
-        save_final_checkpoint=False,
-        checkpoint_path=None,
-        output_path=None,
-        verbose=False,
     )
     tokens = load_from_disk(f"{out}/tokens")
 
@@ -129,7 +142,7 @@ def adapter(argv: list[str]) -> dict:
     python tests/saelens_check.py --adapter RUN_DIR HOOK D_IN STEPS
     """
     import torch
-    from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig, StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens import StandardTrainingSAE
     from sae_lens.training.sae_trainer import SAETrainer
 
     from vaultsh.export.saelens import saelens_scaling_factor
@@ -139,24 +152,7 @@ def adapter(argv: list[str]) -> dict:
     d_in, steps = int(d_in), int(steps)
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
-    cfg = LanguageModelSAERunnerConfig(
-        sae=StandardTrainingSAEConfig(
-            d_in=d_in, d_sae=2 * d_in, l1_coefficient=1e-3, normalize_activations="expected_average_only_in"
-        ),
-        hook_name=hook,
-        context_size=8,
-        train_batch_size_tokens=64,
-        training_tokens=64 * steps,
-        lr=3e-3,
-        device="cpu",
-        dtype="float32",
-        logger=LoggingConfig(log_to_wandb=False),
-        n_checkpoints=0,
-        save_final_checkpoint=False,
-        checkpoint_path=None,
-        output_path=None,
-        verbose=False,
-    )
+    cfg = runner_config(hook, d_in, steps, context_size=8)
     reader = ActivationReader(
         f"{run}/{hook}", tokens=True, batch_size=64, drop_last=True, shuffle=True, shuffle_buffer=2
     )

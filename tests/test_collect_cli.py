@@ -49,15 +49,20 @@ def env(**extra) -> dict:
     return e
 
 
+def headless(cfg: Path) -> list[str]:
+    return [sys.executable, "-m", "vaultsh", "collect", str(cfg), "--headless"]
+
+
 def start(cfg: Path, tmp_path: Path) -> subprocess.Popen:
+    """`vaultsh collect CFG --headless` in a process of its own, started."""
     return subprocess.Popen(
-        [sys.executable, "-m", "vaultsh", "collect", str(cfg), "--headless"],
-        cwd=tmp_path,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        headless(cfg), cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+
+
+def collect(cfg: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    """`vaultsh collect CFG --headless` in a process of its own, run to the end."""
+    return subprocess.run(headless(cfg), cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)
 
 
 def wait_for_commit(run: Run, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -147,14 +152,7 @@ def test_bad_layer_is_one_line_error_before_loading(tiny_dir, tmp_path):
     data = yaml.safe_load(cfg.read_text())
     data["upload_config"]["hooks"] = ["residuals_40"]
     cfg.write_text(yaml.safe_dump(data))
-    proc = subprocess.run(
-        [sys.executable, "-m", "vaultsh", "collect", str(cfg), "--headless"],
-        cwd=tmp_path,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = collect(cfg, tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("vaultsh: error:"), proc.stderr
@@ -251,14 +249,7 @@ def test_hub_id_loads_offline_from_a_filled_cache(tiny_dir, tmp_path):
         "cache_dir": str(tmp_path / "hf"),
     }
     cfg.write_text(yaml.safe_dump(data))
-    proc = subprocess.run(
-        [sys.executable, "-m", "vaultsh", "collect", str(cfg), "--headless"],
-        cwd=tmp_path,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = collect(cfg, tmp_path)
     assert proc.returncode == 0, proc.stderr
     run = Run(LocalStore(tmp_path / "vault"), "sig.pydoc")
     assert len(run.iter_commits()) == 1

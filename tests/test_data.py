@@ -47,6 +47,7 @@ def batches(tok, key="pydoc", **kw):
 
 
 def same(a: Batch, b: Batch) -> bool:
+    """The same batch: index, tokens, masks, documents' indices, token count and labels."""
     return (
         a.index == b.index
         and torch.equal(a.input_ids, b.input_ids)
@@ -54,6 +55,7 @@ def same(a: Batch, b: Batch) -> bool:
         and torch.equal(a.mask, b.mask)
         and a.doc_index == b.doc_index
         and a.n_tokens == b.n_tokens
+        and a.labels == b.labels
     )
 
 

@@ -15,6 +15,7 @@ from collector.data import BatchStream, DataSpec
 from collector.mixing import interleave
 from tests.fakes import fake_load_dataset
 from tests.modelfixtures import TOKENIZER_DIR
+from tests.test_data import same
 from vaultsh.errors import ConfigError, UserError
 
 
@@ -60,16 +61,6 @@ def err(data, name="c.yaml"):
     with pytest.raises(ConfigError) as ei:
         load_config(cfg_dict(data), name=name)
     return str(ei.value)
-
-
-def same_batches(a, b):
-    return (
-        a.index == b.index
-        and torch.equal(a.input_ids, b.input_ids)
-        and torch.equal(a.mask, b.mask)
-        and torch.equal(a.attention_mask, b.attention_mask)
-        and a.labels == b.labels
-    )
 
 
 # ---------------------------------------------------------------- interleaving
@@ -373,7 +364,7 @@ def test_sharding_disjoint_and_complete_for_every_source(tmp_path, labelled, tok
         parts = [list(BatchStream(spec(**case), tok, worker=w, num_workers=3)) for w in range(3)]
         merged = sorted((x for p in parts for x in p), key=lambda x: x.index)
         assert [x.index for x in merged] == list(range(case["n_batches"]))
-        assert all(same_batches(x, y) for x, y in zip(merged, single)), case
+        assert all(same(x, y) for x, y in zip(merged, single)), case
 
 
 # ---------------------------------------------------------------- packing, chat

@@ -15,6 +15,8 @@ from vaultsh.errors import StoreError
 from vaultsh.events import EventSink, decode, encode, make_event
 from vaultsh.progress import HeadlessPrinter
 
+from .test_events import EVERY
+
 
 def test_events_round_trip_through_a_pipe():
     r, w = os.pipe()
@@ -51,17 +53,7 @@ def test_headless_printer_shows_progress_and_problems():
     console = Console(file=out, width=120, force_terminal=False)
     with HeadlessPrinter(console) as printer:
         sink = EventSink(0, callback=printer)
-        sink.emit(
-            "start",
-            run="r",
-            model="m",
-            hooks=["residuals_1"],
-            store="/v/r",
-            n_batches=4,
-            batches_per_upload=2,
-            pid=1,
-            format="safetensors",
-        )
+        sink.emit("start", **EVERY["start"])
         sink.emit("progress", batches=4, total_batches=4, tokens=12345, tokens_per_s=2500.0, megabatch=2)
         sink.emit("committed", megabatch=1, batch_start=2, batch_end=4, tokens=6000, bytes=10)
         sink.emit("warning", message="retrying upload of x")

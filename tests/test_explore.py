@@ -26,6 +26,7 @@ from vaultsh.shell.app import Shell
 from vaultsh.store import LocalStore
 
 from . import explorefixtures as fx
+from .saelensfixtures import run_with_saelens
 
 STORES = pytest.mark.parametrize("kind", ["local", "s3"])
 
@@ -349,51 +350,14 @@ def test_sae_eval_equals_brute_force(planted, kind):
 # ---------------------------------------------------------------------------
 
 
-def _saelens_python() -> str | None:
-    """An interpreter that imports sae_lens (.ci/run puts it in .venv-saelens: it needs TransformerLens < 4)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    for cand in (
-        os.environ.get("VAULTSH_SAELENS_PYTHON"),
-        sys.executable,
-        str(root / ".venv-saelens" / "bin" / "python"),
-    ):
-        if cand and Path(cand).exists():
-            if subprocess.run([cand, "-c", "import sae_lens"], capture_output=True, timeout=120).returncode == 0:
-                return cand
-    return None
-
-
 @pytest.fixture(scope="module")
 def saelens_ckpts(planted, tmp_path_factory):
     """Checkpoints made by sae-lens's own save_model / save_inference_model, and its encode/decode of every
     real token of the planted store."""
-    import os
-    import subprocess
-    from pathlib import Path
-
-    python = _saelens_python()
-    if python is None:
-        pytest.skip("sae-lens is not installed (.ci/run installs it in .venv-saelens)")
     out = tmp_path_factory.mktemp("saelens-ckpts")
     x, _ = flat_real(planted["data"])
     np.save(out / "x.npy", x)
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-    proc = subprocess.run(
-        [python, str(root / "tests" / "saelens_ckpts.py"), str(out), str(fx.D), str(fx.D_SAE), str(fx.K_SPARSIFY)],
-        capture_output=True,
-        text=True,
-        timeout=280,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("SAELENS-CKPTS "))
-    return out, json.loads(line[len("SAELENS-CKPTS ") :])
+    return out, run_with_saelens("saelens_ckpts.py", out, fx.D, fx.D_SAE, fx.K_SPARSIFY, marker="SAELENS-CKPTS")
 
 
 def test_checkpoints_saved_by_saelens_encode_and_decode_as_saelens_does(saelens_ckpts):

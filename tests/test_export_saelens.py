@@ -12,12 +12,9 @@ scaling factor, and trains a tiny SAE.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +35,7 @@ from vaultsh.run import CommitRecord, FileRecord, Run, metadata_for  # noqa: E40
 from vaultsh.store import LocalStore  # noqa: E402
 
 from .modelfixtures import TINY_D_MODEL  # noqa: E402
+from .saelensfixtures import run_with_saelens  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 HOOKS = ["blocks.1.hook_resid_post", "blocks.1.hook_mlp_out"]
@@ -323,53 +321,16 @@ def test_scaling_factor_without_statistics_is_a_clear_error(tmp_path):
 
 
 # -- SAELens itself ------------------------------------------------------------------
-@functools.lru_cache(maxsize=1)
-def saelens_python() -> str | None:
-    """An interpreter that imports sae_lens (it needs TransformerLens < 4, so usually not this one)."""
-    for cand in (
-        os.environ.get("VAULTSH_SAELENS_PYTHON"),
-        sys.executable,
-        str(ROOT / ".venv-saelens" / "bin" / "python"),
-    ):
-        if cand and Path(cand).exists():
-            ok = subprocess.run([cand, "-c", "import sae_lens"], capture_output=True, timeout=120)
-            if ok.returncode == 0:
-                return cand
-    return None
-
-
 @pytest.fixture(scope="module")
 def saelens_run(collected, exported, tmp_path_factory):
-    python = saelens_python()
-    if python is None:
-        pytest.skip("sae-lens is not installed (.ci/run installs it in .venv-saelens)")
     root, run = collected
     m = json.loads((exported / MANIFEST).read_text())
     factor = saelens_scaling_factor(str(root / run), HOOKS[0])
     mask_path = tmp_path_factory.mktemp("saelens-mask") / "mask.npy"
     np.save(mask_path, stored(root, run, HOOKS[0])[2])
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
-    proc = subprocess.run(
-        [
-            python,
-            str(ROOT / "tests" / "saelens_check.py"),
-            str(exported),
-            HOOKS[0],
-            str(TINY_D_MODEL),
-            str(SEQ),
-            json.dumps(m["exclude_token_ids"]),
-            repr(factor),
-            "60",
-            str(mask_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=280,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("SAELENS-RESULT "))
-    return json.loads(line[len("SAELENS-RESULT ") :]), m
+    exclude = json.dumps(m["exclude_token_ids"])
+    args = (exported, HOOKS[0], TINY_D_MODEL, SEQ, exclude, repr(factor), 60, mask_path)
+    return run_with_saelens("saelens_check.py", *args, marker="SAELENS-RESULT"), m
 
 
 def test_saelens_cached_path_reads_the_stored_values(collected, saelens_run):
@@ -408,28 +369,10 @@ def test_a_tiny_sae_trains_from_the_export_and_its_loss_goes_down(saelens_run):
 
 def test_a_tiny_sae_trains_from_the_reader_adapter_without_an_export(collected):
     """SAELens's SAETrainer pulls `next()` from `reader.as_data_provider()`: endless, bare [64, d_in] tensors."""
-    python = saelens_python()
-    if python is None:
-        pytest.skip("sae-lens is not installed (.ci/run installs it in .venv-saelens)")
     root, run = collected
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
-    proc = subprocess.run(
-        [
-            python,
-            str(ROOT / "tests" / "saelens_check.py"),
-            "--adapter",
-            str(root / run),
-            HOOKS[0],
-            str(TINY_D_MODEL),
-            "60",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=280,
-        env=env,
+    res = run_with_saelens(
+        "saelens_check.py", "--adapter", root / run, HOOKS[0], TINY_D_MODEL, 60, marker="SAELENS-RESULT"
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("SAELENS-RESULT "))[15:])
     losses = res["losses"]
     assert len(losses) == 60 and all(math.isfinite(v) for v in losses)
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
@@ -439,20 +382,8 @@ def test_a_tiny_sae_trains_from_the_reader_adapter_without_an_export(collected):
 def test_the_docs_transformerlens_route_reproduces_the_stored_activations(tiny_dir, collected):
     """docs/training.md: `from_pretrained_no_processing` refuses a local path; the documented route loads the
     same model into a HookedSAETransformer (for SAELens's evals) whose activations equal the store's."""
-    python = saelens_python()
-    if python is None:
-        pytest.skip("sae-lens is not installed (.ci/run installs it in .venv-saelens)")
     root, run = collected
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
-    proc = subprocess.run(
-        [python, str(ROOT / "tests" / "saelens_tl_check.py"), str(tiny_dir), str(root / run), HOOKS[0]],
-        capture_output=True,
-        text=True,
-        timeout=280,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("SAELENS-TL "))[len("SAELENS-TL ") :])
+    res = run_with_saelens("saelens_tl_check.py", tiny_dir, root / run, HOOKS[0], marker="SAELENS-TL")
     assert "not found" in res["refused"]  # the reason the docs give a route at all
     assert res["tokens"] == int(stored(root, run, HOOKS[0])[2].sum()) > 0
     assert res["max_rel_error"] < 1e-4

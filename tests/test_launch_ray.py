@@ -135,19 +135,7 @@ def test_cli_checks_ray_arguments_before_starting_anything(tmp_path):
     import subprocess
     import sys
 
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "run_name": "x",
-                "num_runs": 2,
-                "transformer_config": {"model_name": "m"},
-                "data_config": {"data_key": "pydoc", "n_batches": 4, "seq_length": 16, "batch_size": 2},
-                "upload_config": {"batches_per_upload": 2, "hooks": ["residuals_0"]},
-                "storage": {"uri": str(tmp_path / "vault")},
-            }
-        )
-    )
+    cfg = write_cfg(tmp_path, "m", "x", n_batches=4, seq_length=16, hook="residuals_0")  # no model is loaded
     for args, message in (
         (["--resources", "{CPU: 1}"], "--resources: not valid JSON"),
         (["--retries", "-1"], "--retries: -1"),

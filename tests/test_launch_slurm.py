@@ -73,13 +73,25 @@ def vaultsh(*args, cwd, path_prefix: Path | None = None, **env):
     )
 
 
+class FakeSbatch:
+    """FAKE_SBATCH in a folder of its own (`bindir`), recording its calls in `log`."""
+
+    def __init__(self, tmp_path: Path):
+        self.cwd = tmp_path
+        self.bindir = tmp_path / "bin"
+        self.bindir.mkdir()
+        (self.bindir / "sbatch").write_text(FAKE_SBATCH)
+        (self.bindir / "sbatch").chmod(0o755)
+        self.log = tmp_path / "sbatch.log"
+
+    def launch(self, *args, **env):
+        """`vaultsh launch slurm ARGS` in tmp_path, with this sbatch first on the PATH."""
+        return vaultsh("launch", "slurm", *args, cwd=self.cwd, path_prefix=self.bindir, SBATCH_LOG=self.log, **env)
+
+
 @pytest.fixture
 def fake_sbatch(tmp_path):
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    (bindir / "sbatch").write_text(FAKE_SBATCH)
-    (bindir / "sbatch").chmod(0o755)
-    return bindir, tmp_path / "sbatch.log"
+    return FakeSbatch(tmp_path)
 
 
 def test_scripts_pass_bash_n_and_carry_the_resources(tmp_path):
@@ -184,48 +196,18 @@ def test_state_of_an_index_combines_slurm_and_commits():
 
 
 def test_dry_run_prints_and_writes_nothing(tmp_path, fake_sbatch):
-    bindir, log = fake_sbatch
     cfg = write_cfg(tmp_path / "cfg.yaml")
-    proc = vaultsh(
-        "launch",
-        "slurm",
-        cfg,
-        "--workers",
-        4,
-        "--start",
-        0,
-        "--end",
-        3,
-        "--dry-run",
-        cwd=tmp_path,
-        path_prefix=bindir,
-        SBATCH_LOG=log,
-    )
+    proc = fake_sbatch.launch(cfg, "--workers", 4, "--start", 0, "--end", 3, "--dry-run")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("#!/bin/bash") == 4
     assert all(f"INDEX={i}\n" in proc.stdout for i in range(4)) and proc.stdout.count('--machine "$INDEX"') == 4
-    assert not (tmp_path / "slurm").exists() and not log.exists()
+    assert not (tmp_path / "slurm").exists() and not fake_sbatch.log.exists()
 
 
 def test_fake_sbatch_records_submissions_and_job_map(tmp_path, fake_sbatch):
-    bindir, log = fake_sbatch
+    log = fake_sbatch.log
     cfg = write_cfg(tmp_path / "cfg.yaml")
-    proc = vaultsh(
-        "launch",
-        "slurm",
-        cfg,
-        "--workers",
-        4,
-        "--start",
-        1,
-        "--end",
-        3,
-        "--partition",
-        "gpu",
-        cwd=tmp_path,
-        path_prefix=bindir,
-        SBATCH_LOG=log,
-    )
+    proc = fake_sbatch.launch(cfg, "--workers", 4, "--start", 1, "--end", 3, "--partition", "gpu")
     assert proc.returncode == 0, proc.stderr
     out_dir = tmp_path / "slurm" / "slurm.pydoc"
     calls = log.read_text().splitlines()
@@ -236,7 +218,7 @@ def test_fake_sbatch_records_submissions_and_job_map(tmp_path, fake_sbatch):
     assert "worker 2: job 4102" in proc.stdout
     # A second launch of index 0 adds to the map.
     log.unlink()
-    proc = vaultsh("launch", "slurm", cfg, "--start", 0, "--end", 0, cwd=tmp_path, path_prefix=bindir, SBATCH_LOG=log)
+    proc = fake_sbatch.launch(cfg, "--start", 0, "--end", 0)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out_dir / "jobs.json").read_text())["jobs"] == {
         "0": "4101",
@@ -245,7 +227,7 @@ def test_fake_sbatch_records_submissions_and_job_map(tmp_path, fake_sbatch):
         "3": "4103",
     }
     # --status where Slurm cannot be asked: from the commit records alone (none yet), said plainly
-    proc = vaultsh("launch", "slurm", "--status", out_dir, cwd=tmp_path, PATH=str(bindir))
+    proc = vaultsh("launch", "slurm", "--status", out_dir, cwd=tmp_path, PATH=str(fake_sbatch.bindir))
     assert proc.returncode == 0, proc.stderr
     assert (
         "unknown: 4 (0-3)" in proc.stdout
@@ -254,20 +236,16 @@ def test_fake_sbatch_records_submissions_and_job_map(tmp_path, fake_sbatch):
 
 
 def test_array_job_map(tmp_path, fake_sbatch):
-    bindir, log = fake_sbatch
     cfg = write_cfg(tmp_path / "cfg.yaml")
-    proc = vaultsh(
-        "launch", "slurm", cfg, "--array", "--out", tmp_path / "jobs", cwd=tmp_path, path_prefix=bindir, SBATCH_LOG=log
-    )
+    proc = fake_sbatch.launch(cfg, "--array", "--out", tmp_path / "jobs")
     assert proc.returncode == 0, proc.stderr
-    assert log.read_text().splitlines() == [f"--parsable {tmp_path / 'jobs' / 'slurm.pydoc-array.sbatch'}"]
+    assert fake_sbatch.log.read_text().splitlines() == [f"--parsable {tmp_path / 'jobs' / 'slurm.pydoc-array.sbatch'}"]
     assert json.loads((tmp_path / "jobs" / "jobs.json").read_text())["jobs"] == {str(i): f"4101_{i}" for i in range(4)}
 
 
 def test_sbatch_refusal_is_one_line_and_keeps_the_ids_it_got(tmp_path, fake_sbatch):
-    bindir, log = fake_sbatch
     cfg = write_cfg(tmp_path / "cfg.yaml")
-    proc = vaultsh("launch", "slurm", cfg, cwd=tmp_path, path_prefix=bindir, SBATCH_LOG=log, SBATCH_FAIL_AT="3")
+    proc = fake_sbatch.launch(cfg, SBATCH_FAIL_AT="3")
     assert proc.returncode == 2
     assert (
         proc.stderr.count("\n") == 1

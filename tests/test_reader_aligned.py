@@ -83,12 +83,26 @@ def make_aligned_run(store, name="pair", workers=2, files_per_worker=3, seed=0, 
     return planted
 
 
+def token_pairs(store, **kw) -> ActivationReader:
+    """A token-mode reader of both hooks of the run make_aligned_run planted in `store`."""
+    return ActivationReader("pair", hooks=[A, B], store=store, tokens=True, **kw)
+
+
 def check_pairs(states: dict, ids: torch.Tensor | None = None) -> None:
     a, b = states[A], states[B]
     assert a.shape[0] == b.shape[0] and a.shape[-1] == DA and b.shape[-1] == DB
     assert torch.equal(b, relate(a)), "rows of the two hooks are not the same tokens"
     if ids is not None:
         assert torch.equal(ids, (a[..., -1] * ID_SCALE).long()), "input_ids do not go with the states"
+
+
+def rows_of_a(batches) -> torch.Tensor:
+    """Hook A's rows of every token batch, each batch checked by check_pairs (with its input_ids)."""
+    rows = []
+    for batch in batches:
+        check_pairs(batch["states"], batch["input_ids"])
+        rows.append(batch["states"][A])
+    return torch.cat(rows)
 
 
 def unmasked_a(planted) -> torch.Tensor:
@@ -123,43 +137,20 @@ def test_megabatch_mode_delivers_both_hooks_of_the_same_megabatch(store):
 @pytest.mark.parametrize("shuffle_buffer", [0, 3])
 def test_token_mode_keeps_hooks_aligned_through_shuffles(store, shuffle_buffer):
     planted = make_aligned_run(store)
-    r = ActivationReader(
-        "pair",
-        hooks=[A, B],
-        store=store,
-        tokens=True,
-        batch_size=7,
-        shuffle=True,
-        shuffle_buffer=shuffle_buffer,
-        seed=1,
-    )
-    rows = []
-    for batch in r:
-        check_pairs(batch["states"], batch["input_ids"])
-        rows.append(batch["states"][A])
-    got = torch.cat(rows)
+    r = token_pairs(store, batch_size=7, shuffle=True, shuffle_buffer=shuffle_buffer, seed=1)
+    got = rows_of_a(r)
     np.testing.assert_array_equal(sorted_rows(got), sorted_rows(unmasked_a(planted)))
     assert r.stats.dropped["masked"] == sum(int((~m).sum()) for _, _, m in planted.values())
 
 
 def test_dataloader_workers_and_shards_keep_pairs_and_cover_every_token(local_store):
     planted = make_aligned_run(local_store, workers=2, files_per_worker=4)
-    ds = ActivationReader(
-        "pair", hooks=[A, B], store=local_store, tokens=True, batch_size=16, shuffle=True, shuffle_buffer=2
-    ).as_dataset()
+    ds = token_pairs(local_store, batch_size=16, shuffle=True, shuffle_buffer=2).as_dataset()
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
-    rows = []
-    for batch in loader:
-        check_pairs(batch["states"], batch["input_ids"])
-        rows.append(batch["states"][A])
-    np.testing.assert_array_equal(sorted_rows(torch.cat(rows)), sorted_rows(unmasked_a(planted)))
-    parts = []
-    for rank in range(3):
-        r = ActivationReader("pair", hooks=[A, B], store=local_store, tokens=True).shard(rank, 3)
-        for batch in r:
-            check_pairs(batch["states"], batch["input_ids"])
-            parts.append(batch["states"][A])
-    np.testing.assert_array_equal(sorted_rows(torch.cat(parts)), sorted_rows(unmasked_a(planted)))
+    np.testing.assert_array_equal(sorted_rows(rows_of_a(loader)), sorted_rows(unmasked_a(planted)))
+    shards = [token_pairs(local_store).shard(rank, 3) for rank in range(3)]
+    parts = torch.cat([rows_of_a(r) for r in shards])
+    np.testing.assert_array_equal(sorted_rows(parts), sorted_rows(unmasked_a(planted)))
 
 
 def test_one_fetch_per_megabatch_for_every_hook(local_store):
@@ -262,21 +253,8 @@ def test_filters_drop_exactly_the_planted_tokens_in_every_hook(store):
                 recs[hook] = FileRecord(hook, f.key, size, sha, N, int(mask.sum()), 0, 0)
             run.commit(CommitRecord(worker=0, index=0, batch_start=0, batch_end=2, files=recs, tokens=int(mask.sum())))
     planted[(0, 0)] = (a, ids, mask)
-    r = ActivationReader(
-        "pair",
-        hooks=[A, B],
-        store=store,
-        tokens=True,
-        batch_size=5,
-        skip_positions=2,
-        exclude_token_ids=[special],
-        max_norm_factor=20,
-    )
-    rows = []
-    for batch in r:
-        check_pairs(batch["states"], batch["input_ids"])
-        rows.append(batch["states"][A])
-    got = torch.cat(rows)
+    r = token_pairs(store, batch_size=5, skip_positions=2, exclude_token_ids=[special], max_norm_factor=20)
+    got = rows_of_a(r)
     # brute force over the planted files
     want, n_skip, n_excl = [], 0, 0
     med = r.median_norm
@@ -299,7 +277,7 @@ def test_filters_drop_exactly_the_planted_tokens_in_every_hook(store):
     st = run.read_statistics(A)
     assert med == pytest.approx(st.mean_norm)
     store.put_bytes(run.hook_prefix(A) + "_outliers.json", json.dumps({"version": 1, "median_norm": 3.5}).encode())
-    r2 = ActivationReader("pair", hooks=[A, B], store=store, tokens=True, max_norm_factor=2.0)
+    r2 = token_pairs(store, max_norm_factor=2.0)
     assert r2.median_norm == 3.5
     for batch in r2:
         assert (torch.linalg.vector_norm(batch["states"][A], dim=-1) <= 7.0).all()
@@ -331,9 +309,7 @@ def test_bad_filter_arguments_are_one_line_errors(local_store):
 # -- normalization ----------------------------------------------------------------------------
 def test_mean_norm_sqrt_d_factor_equals_numpy_over_the_stored_tokens(local_store):
     planted = make_aligned_run(local_store)
-    r = ActivationReader(
-        "pair", hooks=[A, B], store=local_store, tokens=True, normalize="mean_norm_sqrt_d", batch_size=1 << 20
-    )
+    r = token_pairs(local_store, normalize="mean_norm_sqrt_d", batch_size=1 << 20)
     rows_a = unmasked_a(planted).double().numpy()
     rows_b = relate(unmasked_a(planted)).double().numpy()
     fa = math.sqrt(DA) / np.linalg.norm(rows_a, axis=1).mean()
@@ -346,9 +322,7 @@ def test_mean_norm_sqrt_d_factor_equals_numpy_over_the_stored_tokens(local_store
         assert mean_norm == pytest.approx(math.sqrt(d), rel=1e-5)
     assert ActivationReader("pair", hooks=[A], store=local_store, normalize="none").normalization_factor is None
     # standardize: a per-feature factor 1/std (population), the shift the mean, both from numpy over the stored tokens
-    st = ActivationReader(
-        "pair", hooks=[A, B], store=local_store, tokens=True, normalize="standardize", batch_size=1 << 20
-    )
+    st = token_pairs(local_store, normalize="standardize", batch_size=1 << 20)
     for hook, rows in ((A, rows_a), (B, rows_b)):
         np.testing.assert_allclose(st.normalization_factor[hook].numpy(), 1 / rows.std(axis=0), rtol=1e-6)
     (batch,) = list(st)
@@ -370,7 +344,7 @@ def test_data_provider_is_an_endless_iterator_of_bare_tensors(local_store):
     assert r.epoch == 3
     one = list(ActivationReader("pair/" + A, store=local_store, tokens=True, batch_size=4).as_data_provider(1))
     assert sum(x.shape[0] for x in one) == total
-    pairs = ActivationReader("pair", hooks=[A, B], store=local_store, tokens=True).as_data_provider(epochs=1)
+    pairs = token_pairs(local_store).as_data_provider(epochs=1)
     for states in pairs:
         check_pairs(states)
     with pytest.raises(UserError, match="tokens=True"):
@@ -388,7 +362,7 @@ def test_iterable_dataset_view_of_bare_tensors_splits_files_across_workers(local
     got = list(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2))
     assert all(isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[1] == DA for x in got)
     np.testing.assert_array_equal(sorted_rows(torch.cat(got)), sorted_rows(unmasked_a(planted)))
-    pairs = ActivationReader("pair", hooks=[A, B], store=local_store, tokens=True).as_dataset(states_only=True)
+    pairs = token_pairs(local_store).as_dataset(states_only=True)
     for states in pairs:
         check_pairs(states)
 

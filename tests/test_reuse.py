@@ -184,30 +184,14 @@ def test_a_missing_or_incomplete_first_run_is_refused(first, qwen_dir, tmp_path)
     assert _tree(tmp_path / "b") == []
 
 
-def test_config_refuses_shaping_fields_with_reuse(qwen_dir, tmp_path):
-    with pytest.raises(ConfigError, match=r"data_config.packing: does not apply with data_config.reuse_sequences_from"):
-        load_config(
-            raw_cfg(
-                qwen_dir,
-                tmp_path,
-                "q",
-                n_batches=4,
-                seq_length=8,
-                batch_size=2,
-                reuse_sequences_from=str(tmp_path),
-                packing=True,
-            )
-        )
-    with pytest.raises(ConfigError, match=r"give one data source, not data_key and reuse_sequences_from"):
-        load_config(
-            raw_cfg(
-                qwen_dir,
-                tmp_path,
-                "q",
-                n_batches=4,
-                seq_length=8,
-                batch_size=2,
-                data_key="pydoc",
-                reuse_sequences_from=str(tmp_path),
-            )
-        )
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"packing": True}, r"data_config.packing: does not apply with data_config.reuse_sequences_from"),
+        ({"data_key": "pydoc"}, r"give one data source, not data_key and reuse_sequences_from"),
+    ],
+)
+def test_config_refuses_shaping_fields_with_reuse(qwen_dir, tmp_path, extra, message):
+    reuse = dict(n_batches=4, seq_length=8, batch_size=2, reuse_sequences_from=str(tmp_path))
+    with pytest.raises(ConfigError, match=message):
+        load_config(raw_cfg(qwen_dir, tmp_path, "q", **reuse, **extra))

@@ -9,6 +9,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 
@@ -299,19 +300,24 @@ def _etag(s3_admin, bucket, key) -> str:
     return s3_admin.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
 
 
-def test_s3_multipart_upload_and_parallel_download(s3_server, s3_bucket, s3_admin, tmp_path):
-    # s3transfer never uses parts below 5 MiB (nor does S3 accept them), so 11 MiB -> 3 parts.
-    data = payload(11 * MiB, seed=5)
+def _multipart_store(bucket: str, endpoint_url: str, **kw) -> S3Store:
+    """An S3Store that sends anything over 5 MiB in 5 MiB parts: s3transfer never uses smaller parts (nor does S3
+    accept them)."""
+    return S3Store(bucket, endpoint_url=endpoint_url, multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, **kw)
+
+
+def _three_part_file(tmp_path, seed: int) -> tuple[bytes, Path]:
+    """11 MiB of payload in tmp_path/big.bin: three parts for a _multipart_store."""
+    data = payload(11 * MiB, seed=seed)
     src = tmp_path / "big.bin"
     src.write_bytes(data)
+    return data, src
+
+
+def test_s3_multipart_upload_and_parallel_download(s3_server, s3_bucket, s3_admin, tmp_path):
+    data, src = _three_part_file(tmp_path, seed=5)
     with FaultProxy(s3_server) as proxy:
-        st = S3Store(
-            s3_bucket,
-            endpoint_url=proxy.url,
-            multipart_threshold=5 * MiB,
-            multipart_chunksize=5 * MiB,
-            max_concurrency=4,
-        )
+        st = _multipart_store(s3_bucket, proxy.url, max_concurrency=4)
         st.put_file("big/file.bin", src)
         assert proxy.count("PUT", "partNumber=") == 3
         assert proxy.count("POST", "uploads") == 1  # CreateMultipartUpload
@@ -534,18 +540,9 @@ def test_s3_503_without_retries_fails(s3_server, s3_bucket, s3_store):
 
 
 def test_s3_connection_reset_mid_upload_is_retried(s3_server, s3_bucket, s3_store, s3_admin, tmp_path):
-    data = payload(11 * MiB, seed=7)
-    src = tmp_path / "big.bin"
-    src.write_bytes(data)
+    data, src = _three_part_file(tmp_path, seed=7)
     with FaultProxy(s3_server) as proxy:
-        st = S3Store(
-            s3_bucket,
-            endpoint_url=proxy.url,
-            multipart_threshold=5 * MiB,
-            multipart_chunksize=5 * MiB,
-            max_concurrency=4,
-            max_attempts=4,
-        )
+        st = _multipart_store(s3_bucket, proxy.url, max_concurrency=4, max_attempts=4)
         # a single PUT and the second part of a multipart upload each lose their connection once
         proxy.fail_next(n=1, method="PUT", mode="reset")
         st.put_bytes("reset/small.bin", b"small object")
@@ -604,7 +601,7 @@ def test_s3_put_stream_streams_parts_without_a_local_spool(s3_server, s3_bucket,
 
 
 def test_s3_put_stream_writer_error_after_parts_leaves_no_object_and_no_parts(s3_server, s3_bucket, s3_admin):
-    st = S3Store(s3_bucket, endpoint_url=s3_server, multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB)
+    st = _multipart_store(s3_bucket, s3_server)
 
     def crash(f):
         f.write(payload(12 * MiB, seed=9))  # two parts already uploaded
@@ -620,9 +617,7 @@ def test_s3_put_stream_part_lost_mid_upload(s3_server, s3_bucket, s3_admin):
     """A connection reset during a part is retried; a part that keeps failing is a one-line error, nothing stored."""
     data = payload(12 * MiB, seed=10)
     with FaultProxy(s3_server) as proxy:
-        st = S3Store(
-            s3_bucket, endpoint_url=proxy.url, multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, max_attempts=3
-        )
+        st = _multipart_store(s3_bucket, proxy.url, max_attempts=3)
         proxy.fail_next(n=1, method="PUT", mode="reset", path_contains="partNumber=2")
         st.put_stream("stream/reset.bin", lambda f: f.write(data))
         assert proxy.faults_injected == 1 and proxy.count("PUT", "partNumber=2") == 2
