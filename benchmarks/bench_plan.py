@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from benchmarks.harness import BenchResult, benchmark
 
@@ -30,29 +29,9 @@ KW = dict(
 )
 
 
-def size_every_file(**kw: Any) -> tuple[int, int]:
-    """(files, bytes) of one hook's megabatch files, each file sized from its own safetensors header: the naive
-    exact count that `hook_storage` (same keyword arguments) must equal. The baseline here; tests/test_plan.py
-    checks `hook_storage` against it."""
-    from vaultsh.plan.storage import _full_span, file_metadata, megabatch_spans, safetensors_file_size, worker_batches
-
-    assert kw["fmt"] == "safetensors", kw["fmt"]
-    num_runs, bpu, B = kw["num_runs"], kw["bpu"], kw["B"]
-    total = files = 0
-    for w in range(num_runs):
-        batches = worker_batches(kw["n_batches"], kw["start_batch"], num_runs, w)
-        full, short = megabatch_spans(batches, bpu, w, keep_short=True)
-        spans = [_full_span(batches, bpu, w, i) for i in range(full)] + ([short] if short else [])
-        for s in spans:
-            meta = file_metadata(kw["run_name"], kw["hook"], kw["model"], s)
-            total += safetensors_file_size(B * s.batches, kw["T"], kw["D"], kw["dtype"], kw["itemsize"], meta)
-            files += 1
-    return files, total
-
-
 @benchmark("plan-storage", "exact megabatch byte counts: bisection over header lengths vs sizing every file")
 def bench_plan_storage(quick: bool) -> BenchResult:
-    from vaultsh.plan.storage import _safetensors_prefix_len, hook_storage
+    from vaultsh.plan.storage import _safetensors_prefix_len, hook_storage, size_every_file
 
     n_batches = (5_000 if quick else 20_000) * KW["bpu"] + 3
     _safetensors_prefix_len.cache_clear()

@@ -9,14 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks.bench_plan import KW, size_every_file
 from collector.config import load_config, read_model_facts, validate_against_model
 from vaultsh.cli import main
 from vaultsh.errors import ConfigError
 from vaultsh.plan import make_plan
 from vaultsh.plan.cost import put_requests_for_file
 from vaultsh.plan.memory import MemoryInputs, per_device_bytes
-from vaultsh.plan.storage import hook_storage, worker_batches
+from vaultsh.plan.storage import hook_storage, size_every_file, worker_batches
 from vaultsh.run import Run
 from vaultsh.store import LocalStore
 
@@ -143,7 +142,7 @@ def test_pt_plan_warns_about_dropped_batches(tiny_dir, tmp_path):
 
 def test_header_runs_equal_file_by_file_sizes():
     """The bisection over equal-length headers sums to the same bytes as sizing every file."""
-    kw = dict(KW, dtype="float16", B=3, T=8, D=16)  # the benchmark's hook, in small files
+    kw = dict(run_name="t", hook="h0", model="tiny", fmt="safetensors", dtype="float16", itemsize=2, B=3, T=8, D=16)
     for n_batches, start, k, bpu in [(1234, 0, 3, 4), (101, 7, 2, 1), (999, 95, 5, 3), (10, 0, 1, 20)]:
         shape = dict(kw, bpu=bpu, n_batches=n_batches, start_batch=start, num_runs=k)
         hs = hook_storage(**shape)
