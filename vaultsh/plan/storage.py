@@ -291,34 +291,20 @@ def hook_storage(
     return hs
 
 
-def size_every_file(
-    *,
-    run_name: str,
-    hook: str,
-    model: str,
-    fmt: str,
-    dtype: str,
-    itemsize: int,
-    B: int,
-    T: int,
-    D: int,
-    bpu: int,
-    n_batches: int,
-    start_batch: int,
-    num_runs: int,
-) -> tuple[int, int]:
+def size_every_file(**shape: Any) -> tuple[int, int]:
     """(files, bytes) of one hook's safetensors megabatches, each file sized from its own header: the naive exact
-    count that `hook_storage` (same arguments) must equal, one header per file. The reference for tests and the
-    `plan-storage` benchmark's baseline."""
-    if fmt != "safetensors":
-        raise ValueError(f"size_every_file sizes safetensors files, not {fmt!r}")
+    count that `hook_storage` (given the same keyword arguments) must equal, one header per file. The reference for
+    tests and the `plan-storage` benchmark's baseline."""
+    if shape["fmt"] != "safetensors":
+        raise ValueError(f"size_every_file sizes safetensors files, not {shape['fmt']!r}")
+    num_runs, bpu, B, T, D = shape["num_runs"], shape["bpu"], shape["B"], shape["T"], shape["D"]
     total = files = 0
     for w in range(num_runs):
-        batches = worker_batches(n_batches, start_batch, num_runs, w)
+        batches = worker_batches(shape["n_batches"], shape["start_batch"], num_runs, w)
         full, short = megabatch_spans(batches, bpu, w, keep_short=True)
         spans = [_full_span(batches, bpu, w, i) for i in range(full)] + ([short] if short else [])
-        for s in spans:
-            meta = file_metadata(run_name, hook, model, s)
-            total += safetensors_file_size(B * s.batches, T, D, dtype, itemsize, meta)
+        for span in spans:
+            meta = file_metadata(shape["run_name"], shape["hook"], shape["model"], span)
+            total += safetensors_file_size(B * span.batches, T, D, shape["dtype"], shape["itemsize"], meta)
             files += 1
     return files, total
