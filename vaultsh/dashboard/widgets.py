@@ -10,50 +10,37 @@ from textual.message import Message
 from textual.widgets import Static
 
 from vaultsh import fmt
-from vaultsh.supervise.state import (
-    DONE,
-    FAILED,
-    IDLE,
-    LOADING,
-    PAUSED,
-    QUEUED,
-    RUNNING,
-    STARTING,
-    STOPPED,
-    STOPPING,
-    UPLOADING,
-    WAITING,
-    WorkerStatus,
-)
+from vaultsh.supervise import state as st
+from vaultsh.supervise.state import WorkerStatus
 from vaultsh.supervise.supervisor import RunInfo, Totals
 
 STATE_STYLE = {
-    QUEUED: "dim",
-    STARTING: "cyan",
-    LOADING: "cyan",
-    RUNNING: "green",
-    UPLOADING: "blue",
-    PAUSED: "yellow",
-    STOPPING: "yellow",
-    DONE: "bold green",
-    STOPPED: "dim",
-    FAILED: "bold red",
-    WAITING: "dim",
-    IDLE: "yellow",
+    st.QUEUED: "dim",
+    st.STARTING: "cyan",
+    st.LOADING: "cyan",
+    st.RUNNING: "green",
+    st.UPLOADING: "blue",
+    st.PAUSED: "yellow",
+    st.STOPPING: "yellow",
+    st.DONE: "bold green",
+    st.STOPPED: "dim",
+    st.FAILED: "bold red",
+    st.WAITING: "dim",
+    st.IDLE: "yellow",
 }
 STATE_ICON = {
-    QUEUED: "·",
-    STARTING: "◌",
-    LOADING: "◌",
-    RUNNING: "▶",
-    UPLOADING: "⇡",
-    PAUSED: "‖",
-    STOPPING: "■",
-    DONE: "✔",
-    STOPPED: "■",
-    FAILED: "✘",
-    WAITING: "·",
-    IDLE: "…",
+    st.QUEUED: "·",
+    st.STARTING: "◌",
+    st.LOADING: "◌",
+    st.RUNNING: "▶",
+    st.UPLOADING: "⇡",
+    st.PAUSED: "‖",
+    st.STOPPING: "■",
+    st.DONE: "✔",
+    st.STOPPED: "■",
+    st.FAILED: "✘",
+    st.WAITING: "·",
+    st.IDLE: "…",
 }
 
 
@@ -112,11 +99,13 @@ def worker_cells(w: WorkerStatus, keys: list[str], bar_width: int = 10) -> list:
         "w": Text(str(w.index), style="bold"),
         "state": Text(f"{STATE_ICON.get(w.state, ' ')} {w.state}", style=style),
         "progress": bar(
-            w.fraction, bar_width, "red" if w.state == FAILED else "green" if w.state != PAUSED else "yellow"
+            w.fraction, bar_width, "red" if w.state == st.FAILED else "green" if w.state != st.PAUSED else "yellow"
         ),
         "batches": Text(f"{w.batches}/{w.total_batches if w.total_batches is not None else '?'}", justify="right"),
         "tokens": Text(fmt.count(w.tokens), justify="right"),
-        "rate": Text(fmt.count(w.tokens_per_s) if w.state in (RUNNING, UPLOADING, STOPPING) else "-", justify="right"),
+        "rate": Text(
+            fmt.count(w.tokens_per_s) if w.state in (st.RUNNING, st.UPLOADING, st.STOPPING) else "-", justify="right"
+        ),
         "eta": Text(fmt.duration(w.eta_s), justify="right"),
         "mb": Text(str(w.committed), justify="right"),
         "mem": Text(fmt.short_size(w.memory_total()) if w.active else "-", justify="right"),
@@ -288,7 +277,20 @@ class TitleBar(Static):
     def show(self, info: RunInfo, totals: Totals, mode: str, note: str = "", width: int = 80) -> None:
         parts = [f"[b]vaultsh {mode}[/]", f"[b $accent]{escape(info.run or '?')}[/]"]
         counts = []
-        order = [RUNNING, UPLOADING, LOADING, STARTING, PAUSED, STOPPING, QUEUED, WAITING, IDLE, DONE, STOPPED, FAILED]
+        order = [
+            st.RUNNING,
+            st.UPLOADING,
+            st.LOADING,
+            st.STARTING,
+            st.PAUSED,
+            st.STOPPING,
+            st.QUEUED,
+            st.WAITING,
+            st.IDLE,
+            st.DONE,
+            st.STOPPED,
+            st.FAILED,
+        ]
         narrow = width < 110
         for state in order:
             n = totals.by_state.get(state, 0)

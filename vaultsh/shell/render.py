@@ -15,23 +15,7 @@ from rich.console import Console
 from rich.text import Text
 
 from vaultsh.fmt import binary_size
-from vaultsh.shell.results import (
-    GetResult,
-    HelpResult,
-    InspectHeader,
-    InspectPreview,
-    InspectScan,
-    JsonDoc,
-    LsResult,
-    Message,
-    RmResult,
-    SequenceView,
-    StatsResult,
-    Tally,
-    TextDoc,
-    TokensResult,
-    VerifyReport,
-)
+from vaultsh.shell import results
 from vaultsh.terminal import json_text, safe_text
 
 RULE = "-" * 40
@@ -53,7 +37,7 @@ def render(result, console: Console) -> None:
 
 
 @render.register
-def _(r: Message, console: Console) -> None:
+def _(r: results.Message, console: Console) -> None:
     _p(console, safe_text(r.text), style=r.style)
 
 
@@ -75,7 +59,7 @@ def ls_line(e, long: bool) -> str:
 
 
 @render.register
-def _(r: LsResult, console: Console) -> None:
+def _(r: results.LsResult, console: Console) -> None:
     for e in r.entries:
         _p(console, ls_line(e, r.long))
     s = r.summary
@@ -99,7 +83,7 @@ def _(r: LsResult, console: Console) -> None:
 
 
 @render.register
-def _(t: Tally, console: Console) -> None:
+def _(t: results.Tally, console: Console) -> None:
     mb = t.megabatches
     rows: list[tuple[str, str, str]] = []
     if t.command == "filecount":
@@ -132,7 +116,7 @@ def _(t: Tally, console: Console) -> None:
 
 
 @render.register
-def _(h: InspectHeader, console: Console) -> None:
+def _(h: results.InspectHeader, console: Console) -> None:
     hd = h.header
     where = f" (#{h.index} of {h.count} committed)" if h.index is not None and h.count else ""
     _p(console, f"Inspecting file: {safe_text(h.uri)}{where}")
@@ -160,7 +144,7 @@ def _(h: InspectHeader, console: Console) -> None:
 
 
 @render.register
-def _(s: InspectScan, console: Console) -> None:
+def _(s: results.InspectScan, console: Console) -> None:
     d = s.scan
     _p(console)
     _p(console, "States Tensor Check:")
@@ -180,7 +164,7 @@ def preview_text(text: str) -> str:
 
 
 @render.register
-def _(p: InspectPreview, console: Console) -> None:
+def _(p: results.InspectPreview, console: Console) -> None:
     _p(console)
     if p.note:
         _p(console, f"{safe_text(p.note)}; showing token ids", style="yellow")
@@ -199,7 +183,7 @@ def _(p: InspectPreview, console: Console) -> None:
 
 
 @render.register
-def _(v: SequenceView, console: Console) -> None:
+def _(v: results.SequenceView, console: Console) -> None:
     real = sum(1 for m in v.mask if m)
     masked = len(v.mask) - real
     _p(
@@ -235,7 +219,7 @@ def _(v: SequenceView, console: Console) -> None:
 
 
 @render.register
-def _(t: TokensResult, console: Console) -> None:
+def _(t: results.TokensResult, console: Console) -> None:
     real = sum(1 for m in t.mask if m)
     _p(
         console,
@@ -257,7 +241,7 @@ def _source_line(d: dict) -> str:
 
 
 @render.register
-def _(s: StatsResult, console: Console) -> None:
+def _(s: results.StatsResult, console: Console) -> None:
     _p(console, f"{safe_text(s.uri)}", style="bold")
     _p(console, f"  tokens (count): {s.count:,}   d_model: {s.d:,}")
     _p(console, f"  mean:  [{s.mean_range[0]:.4g}, {s.mean_range[1]:.4g}]   mean |mean| {s.mean_abs_mean:.4g}")
@@ -271,17 +255,17 @@ def _(s: StatsResult, console: Console) -> None:
 
 
 @render.register
-def _(d: JsonDoc, console: Console) -> None:
+def _(d: results.JsonDoc, console: Console) -> None:
     _p(console, json_text(d.data))
 
 
 @render.register
-def _(d: TextDoc, console: Console) -> None:
+def _(d: results.TextDoc, console: Console) -> None:
     _p(console, safe_text(d.text, keep_newlines=True))
 
 
 @render.register
-def _(g: GetResult, console: Console) -> None:
+def _(g: results.GetResult, console: Console) -> None:
     for uri, path, n in g.files if len(g.files) <= 20 else g.files[:20]:
         _p(console, f"{safe_text(uri)} -> {safe_text(path)} ({binary_size(n)})")
     if len(g.files) > 20:
@@ -294,7 +278,7 @@ def _(g: GetResult, console: Console) -> None:
 
 
 @render.register
-def _(r: RmResult, console: Console) -> None:
+def _(r: results.RmResult, console: Console) -> None:
     if r.cancelled:
         _p(console, f"not deleted: {safe_text(r.uri)}")
     else:
@@ -305,13 +289,13 @@ def _(r: RmResult, console: Console) -> None:
 
 
 @render.register
-def _(r: VerifyReport, console: Console) -> None:
+def _(r: results.VerifyReport, console: Console) -> None:
     for style, line in r.lines():
         _p(console, safe_text(line), style=style or None)
 
 
 @render.register
-def _(h: HelpResult, console: Console) -> None:
+def _(h: results.HelpResult, console: Console) -> None:
     if h.detail is not None:
         c = h.detail
         _p(console, f"usage: {c.syntax}", style="bold")
