@@ -179,7 +179,6 @@ def generate_batch(
         input_ids=ids,
         attention_mask=am,
         mask=mask,
-        n_tokens=int(mask.sum()),
         doc_index=list(batch.doc_index),
         labels=labels,
         documents=list(batch.documents),

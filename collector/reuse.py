@@ -196,7 +196,6 @@ class ReusedBatches:
             input_ids=ids,
             attention_mask=att,
             mask=mask,
-            n_tokens=int(mask.sum()),
             doc_index=[s[1] for s in source],
             source=source,
             segments=segments,

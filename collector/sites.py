@@ -178,7 +178,12 @@ def _int(cfg: Any, *names: str) -> int | None:
 
 
 _LLAMA = Layout("llama", parallel=False)
-_PLAIN = dict(mlp_kind="plain", mlp_up=None)
+# what several families change alike (Any: mypy cannot match a dict's values to the fields they go to)
+_PLAIN: dict[str, Any] = dict(mlp_kind="plain", mlp_up=None)
+_MOE: dict[str, Any] = dict(mlp_kind="moe", mlp_first=None, mlp_up=None, mlp_down=None)
+_POST_NORMS: dict[str, Any] = dict(
+    attn_post_norm="post_attention_layernorm", mlp_post_norm="post_feedforward_layernorm"
+)
 
 # model_type -> layout (or a function of the config for families whose layout depends on it)
 _FAMILIES: dict[str, Layout | Callable[[Any], Layout]] = {
@@ -188,32 +193,12 @@ _FAMILIES: dict[str, Layout | Callable[[Any], Layout]] = {
     "qwen3": replace(_LLAMA, family="qwen3"),
     "olmo": replace(_LLAMA, family="olmo"),
     "gemma": replace(_LLAMA, family="gemma", embed_scale="sqrt_d"),
-    "gemma2": replace(
-        _LLAMA,
-        family="gemma2",
-        ln2="pre_feedforward_layernorm",
-        attn_post_norm="post_attention_layernorm",
-        mlp_post_norm="post_feedforward_layernorm",
-        embed_scale="sqrt_d",
-    ),
-    "gemma3_text": replace(
-        _LLAMA,
-        family="gemma3",
-        ln2="pre_feedforward_layernorm",
-        attn_post_norm="post_attention_layernorm",
-        mlp_post_norm="post_feedforward_layernorm",
-    ),
-    "olmo2": replace(
-        _LLAMA,
-        family="olmo2",
-        ln1=None,
-        ln2=None,
-        attn_post_norm="post_attention_layernorm",
-        mlp_post_norm="post_feedforward_layernorm",
-    ),
+    "gemma2": replace(_LLAMA, family="gemma2", ln2="pre_feedforward_layernorm", embed_scale="sqrt_d", **_POST_NORMS),
+    "gemma3_text": replace(_LLAMA, family="gemma3", ln2="pre_feedforward_layernorm", **_POST_NORMS),
+    "olmo2": replace(_LLAMA, family="olmo2", ln1=None, ln2=None, **_POST_NORMS),
     "granite": replace(_LLAMA, family="granite", residual_multiplier="residual_multiplier", embed_scale="multiplier"),
-    "mixtral": replace(_LLAMA, family="mixtral", mlp_kind="moe", mlp_first=None, mlp_up=None, mlp_down=None),
-    "qwen2_moe": replace(_LLAMA, family="qwen2_moe", mlp_kind="moe", mlp_first=None, mlp_up=None, mlp_down=None),
+    "mixtral": replace(_LLAMA, family="mixtral", **_MOE),
+    "qwen2_moe": replace(_LLAMA, family="qwen2_moe", **_MOE),
     "phi3": replace(
         _LLAMA, family="phi3", qkv="phi3", q="qkv_proj", mlp_kind="fused_gated", mlp_first="gate_up_proj", mlp_up=None
     ),

@@ -292,6 +292,19 @@ def _tokenizer_warning(raw: _RawConfig, model_name: str, base_dir: Path | None) 
     )
 
 
+def _model_section(given: _TransformerConfigIn | _ModelSectionIn, name: str, dtype: str) -> dict[str, Any]:
+    """The normalised model section from either input form (they spell the name and the dtype differently)."""
+    return dict(
+        name=name,
+        dtype=dtype,
+        device=given.device,
+        cache_dir=given.cache_dir,
+        max_per_device_memory=given.max_per_device_memory,
+        trust_remote_code=given.trust_remote_code,
+        kwargs=dict(given.kwargs or {}),
+    )
+
+
 def load_config(source: str | os.PathLike | Mapping[str, Any], *, name: str | None = None) -> CollectConfig:
     """Load, normalise and validate a config (a YAML path, or an already-parsed mapping).
 
@@ -337,15 +350,7 @@ def load_config(source: str | os.PathLike | Mapping[str, Any], *, name: str | No
         tc = raw.transformer_config
         model_section = "transformer_config"
         fields.update({"model": "transformer_config", "model.name": "transformer_config.model_name"})
-        model = dict(
-            name=tc.model_name,
-            dtype=tc.dtype,
-            device=tc.device,
-            cache_dir=tc.cache_dir,
-            max_per_device_memory=tc.max_per_device_memory,
-            trust_remote_code=tc.trust_remote_code,
-            kwargs=dict(tc.kwargs or {}),
-        )
+        model = _model_section(tc, tc.model_name, tc.dtype)
     elif raw.model is not None:
         m = raw.model
         model_section = "model"
@@ -358,15 +363,7 @@ def load_config(source: str | os.PathLike | Mapping[str, Any], *, name: str | No
                 )
             dtype = m.torch_dtype
             fields["model.dtype"] = "model.torch_dtype"
-        model = dict(
-            name=m.name,
-            dtype=dtype or "float16",
-            device=m.device,
-            cache_dir=m.cache_dir,
-            max_per_device_memory=m.max_per_device_memory,
-            trust_remote_code=m.trust_remote_code,
-            kwargs=dict(m.kwargs or {}),
-        )
+        model = _model_section(m, m.name, dtype or "float16")
     else:
         errors.append("the model is missing: write transformer_config.model_name (or model.name)")
 

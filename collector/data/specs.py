@@ -117,7 +117,7 @@ class Batch:
     input_ids: torch.Tensor  # LongTensor [B, T]
     attention_mask: torch.Tensor  # LongTensor [B, T]: 1 real position, 0 padding
     mask: torch.Tensor  # BoolTensor [B, T]: True on content tokens only
-    n_tokens: int  # mask.sum()
+    n_tokens: int = field(init=False)  # mask.sum(), counted once here
     doc_index: list[int] = field(default_factory=list)  # Document.index of each row
     labels: dict[str, list] = field(default_factory=dict)  # label name -> one value per row
     documents: list[Document] = field(default_factory=list)  # the rows' documents (not with packing)
@@ -125,6 +125,9 @@ class Batch:
     source: list[tuple[int, int, int]] = field(default_factory=list)
     # packing only: every document piece of every row, (row, position, source, document, token offset)
     segments: list[tuple[int, int, int, int, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.n_tokens = int(self.mask.sum())
 
     @property
     def batch_size(self) -> int:

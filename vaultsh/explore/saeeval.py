@@ -9,7 +9,7 @@ Sums are float64.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from vaultsh.errors import UserError
 from vaultsh.explore.scope import one_hook
@@ -20,32 +20,24 @@ from vaultsh.explore.stream import ROWS_PER_CHUNK, Progress
 class SaeEvalResult:
     run: str
     hook: str
-    sae: dict
+    sae: dict  # SAE.describe()
     tokens: int
     l0: float
     fvu: float
+    explained_variance: float = field(init=False)  # 1 - fvu
     mse: float
     dead: int
     dense: int
     dense_threshold: float
+    d_sae: int | None = field(init=False)  # the SAE's latents, from `sae`
     freq_quantiles: dict = field(default_factory=dict)  # latent firing frequency quantiles
 
+    def __post_init__(self) -> None:
+        self.explained_variance = 1.0 - self.fvu
+        self.d_sae = self.sae.get("d_sae")
+
     def to_json(self) -> dict:
-        return {
-            "run": self.run,
-            "hook": self.hook,
-            "sae": self.sae,
-            "tokens": self.tokens,
-            "l0": self.l0,
-            "fvu": self.fvu,
-            "explained_variance": 1.0 - self.fvu,
-            "mse": self.mse,
-            "dead": self.dead,
-            "dense": self.dense,
-            "dense_threshold": self.dense_threshold,
-            "d_sae": self.sae.get("d_sae"),
-            "freq_quantiles": self.freq_quantiles,
-        }
+        return asdict(self)
 
 
 def sae_eval(

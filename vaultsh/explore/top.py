@@ -9,7 +9,7 @@ ranged reads of their files' `source` tensors after the scan.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from vaultsh.errors import UserError
 from vaultsh.explore.scope import one_hook
@@ -27,20 +27,10 @@ class TopToken:
     token_id: int
     quantile: float = 1.0
     context: Context | None = None
-    window: tuple = ()  # (ids, mask, offset of the token in them) until decoded
     source: dict | None = None  # provenance: source, document, the token's offset in it (None: none recorded)
 
     def to_json(self) -> dict:
-        return {
-            "value": self.value,
-            "file": self.file,
-            "sequence": self.sequence,
-            "position": self.position,
-            "token_id": self.token_id,
-            "quantile": self.quantile,
-            "context": self.context.to_json() if self.context else None,
-            "source": self.source,
-        }
+        return asdict(self)
 
 
 @dataclass
@@ -54,15 +44,7 @@ class TopResult:
     top: list[TopToken] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {
-            "run": self.run,
-            "hook": self.hook,
-            "value": self.value,
-            "k": self.k,
-            "tokens": self.tokens,
-            "files": self.files,
-            "top": [t.to_json() for t in self.top],
-        }
+        return asdict(self)
 
 
 def top(
@@ -86,7 +68,7 @@ def top(
         raise UserError(f"top: --files {files}: use a whole number >= 1")
     ref = one_hook(store, key, hook)
     result = TopResult(ref.run, ref.hook, vf.name, k)
-    best: list[TopToken] = []
+    best: list[tuple[TopToken, tuple]] = []  # the running top k, each with its window: (ids, mask, its offset there)
     first_meta = None
     for fkey, mb in megabatches(store, ref, files, seed, progress):
         states, ids, mask = mb["states"], mb["input_ids"], mb["mask"]
@@ -101,23 +83,15 @@ def top(
         if not real:
             continue
         tv, ti = vals.topk(min(k, real))
-        floor = best[-1].value if len(best) >= k else float("-inf")  # best is sorted: its k-th value
+        floor = best[-1][0].value if len(best) >= k else float("-inf")  # best is sorted: its k-th value
         for v, i in zip(tv.tolist(), ti.tolist()):
             if v <= floor:
                 break
             s, p = divmod(i, t)
             lo, hi = max(0, p - context_tokens), min(t, p + context_tokens + 1)
-            best.append(
-                TopToken(
-                    float(v),
-                    fkey,
-                    s,
-                    p,
-                    int(ids[s, p]),
-                    window=(ids[s, lo:hi].tolist(), mask[s, lo:hi].tolist(), p - lo),
-                )
-            )
-        best.sort(key=lambda x: -x.value)  # stable: earlier files first among equal values
+            window = (ids[s, lo:hi].tolist(), mask[s, lo:hi].tolist(), p - lo)
+            best.append((TopToken(float(v), fkey, s, p, int(ids[s, p])), window))
+        best.sort(key=lambda x: -x[0].value)  # stable: earlier files first among equal values
         del best[k:]
         if first_meta is None:
             first_meta = fkey
@@ -126,14 +100,12 @@ def top(
     from vaultsh.megabatch import read_header
 
     pieces = load_pieces(store, ref.run, read_header(store, first_meta).metadata if first_meta else None)
-    _add_sources(store, ref, best)
-    for t_ in best:
-        above = sum(1 for o in best if o.value > t_.value)
+    result.top = [t for t, _ in best]
+    _add_sources(store, ref, result.top)
+    for t_, (wids, wmask, off) in best:
+        above = sum(1 for o in result.top if o.value > t_.value)
         t_.quantile = (result.tokens - above) / result.tokens
-        wids, wmask, off = t_.window
         t_.context = context(pieces, wids, wmask, off, off + 1, context_tokens)
-        t_.window = ()
-    result.top = best
     return result
 
 

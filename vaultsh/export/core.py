@@ -348,26 +348,12 @@ def export(
             written["bytes"] += nbytes
             manifest.save(out)
 
+    shards = _Shards(out, plan, schema, options, workers, progress, stop, finished, fsync)
     try:
         if todo and options.shuffle:
-            _write_shuffled(
-                src,
-                out,
-                plan,
-                todo,
-                schema,
-                row_bytes,
-                options,
-                workers,
-                tmp_dir,
-                progress,
-                stop,
-                finished,
-                fsync,
-                shuffle_memory,
-            )
+            _write_shuffled(shards, src, todo, row_bytes, tmp_dir, shuffle_memory)
         elif todo:
-            _write_in_order(src, out, plan, todo, schema, options, workers, progress, stop, finished, fsync)
+            _write_in_order(shards, src, todo)
     except BaseException:
         stop.set()
         if written["shards"]:
@@ -420,6 +406,40 @@ def writer_kwargs_check(options: ExportOptions) -> None:
     writer_kwargs(pa.schema([pa.field("states", pa.float32())]), options.compression)
 
 
+@dataclass
+class _Shards:
+    """How one export call writes its shards: the writer's arguments, the threads, the stop flag, the manifest."""
+
+    out: Store
+    plan: Plan
+    schema: Any
+    options: ExportOptions
+    workers: int
+    progress: Progress
+    stop: threading.Event
+    finished: Callable[[int, int, int], None]  # (shard, rows, bytes): recorded in the manifest
+    fsync: bool
+
+    def write(self, i: int, blocks: Iterable) -> tuple[int, int]:
+        """Shard i of the plan from `(block, source_bytes)` pairs: (rows, bytes of the file)."""
+        shard = self.plan.shards[i]
+        return write_shard(
+            self.out,
+            shard["name"],
+            self.schema,
+            blocks,
+            self.options.compression,
+            shard["rows"],
+            on_block=lambda rows, nb: self.progress.advance(nb, rows),
+            stop=self.stop,
+            durable=self.fsync,
+        )
+
+    def write_all(self, todo: list[int], blocks: Callable[[int], Iterable]) -> None:
+        """Write every shard of `todo` from `blocks(shard)` on `workers` threads."""
+        _run_shards(todo, lambda i: self.write(i, blocks(i)), self.workers, self.stop, self.finished)
+
+
 def _run_shards(
     todo: list[int],
     work: Callable[[int], tuple[int, int]],
@@ -470,64 +490,36 @@ def _checked_loader(fetcher: Fetcher, src: Source, plan: Plan) -> Callable[[int]
     return fetch
 
 
-def _write_in_order(
-    src, out: Store, plan: Plan, todo, schema, options, workers, progress, stop, finished, fsync: bool
-) -> None:
+def _write_in_order(shards: _Shards, src, todo: list[int]) -> None:
+    plan, stop = shards.plan, shards.stop
     mode, labels = plan.options["mode"], plan.labels
     files = plan.files
     total_bytes = sum(f["size"] for i in todo for f in files[slice(*plan.shards[i]["files"])])
-    progress.phase("exporting", total_bytes, sum(plan.shards[i]["rows"] for i in todo))
-    io_pool = ThreadPoolExecutor(max_workers=2 * workers, thread_name_prefix="vaultsh-export-io")
+    shards.progress.phase("exporting", total_bytes, sum(plan.shards[i]["rows"] for i in todo))
+    io_pool = ThreadPoolExecutor(max_workers=2 * shards.workers, thread_name_prefix="vaultsh-export-io")
     fetcher = Fetcher()
     fetch = _checked_loader(fetcher, src, plan)
 
-    def work(i: int) -> tuple[int, int]:
-        shard = plan.shards[i]
-
-        def blocks():
-            for m, dec in prefetched(fetch, range(*shard["files"]), io_pool, depth=3):
-                if stop.is_set():
-                    raise Stopped("export interrupted")
-                _count_tokens(plan, m, dec)
-                yield make_block(dec, m, mode, plan.dtype, labels), dec.nbytes
-                # the writer asks for the next block only once this one is in the file
-                fetcher.recycle(dec)
-
-        return write_shard(
-            out,
-            shard["name"],
-            schema,
-            blocks(),
-            options.compression,
-            shard["rows"],
-            on_block=lambda rows, nb: progress.advance(nb, rows),
-            stop=stop,
-            durable=fsync,
-        )
+    def blocks(i: int):
+        for m, dec in prefetched(fetch, range(*plan.shards[i]["files"]), io_pool, depth=3):
+            if stop.is_set():
+                raise Stopped("export interrupted")
+            _count_tokens(plan, m, dec)
+            yield make_block(dec, m, mode, plan.dtype, labels), dec.nbytes
+            # the writer asks for the next block only once this one is in the file
+            fetcher.recycle(dec)
 
     try:
-        _run_shards(todo, work, workers, stop, finished)
+        shards.write_all(todo, blocks)
     finally:
         io_pool.shutdown(wait=True, cancel_futures=True)
         fetcher.close()
 
 
 def _write_shuffled(
-    src,
-    out: Store,
-    plan: Plan,
-    todo,
-    schema,
-    row_bytes,
-    options,
-    workers,
-    tmp_dir,
-    progress,
-    stop,
-    finished,
-    fsync: bool,
-    shuffle_memory: int | None,
+    shards: _Shards, src, todo: list[int], row_bytes: int, tmp_dir: str | None, shuffle_memory: int | None
 ) -> None:
+    plan, options, progress, stop = shards.plan, shards.options, shards.progress, shards.stop
     mode, labels = plan.options["mode"], plan.labels
     files = plan.files
     todo_set = set(todo)
@@ -573,23 +565,7 @@ def _write_shuffled(
 
         progress.phase("writing", spill.bytes, sum(plan.shards[i]["rows"] for i in todo))
         group = rows_per_group(row_bytes)
-
-        def work(i: int) -> tuple[int, int]:
-            shard = plan.shards[i]
-            blocks = spill.shard_blocks(i, shuffle.shard_rng(options.seed, i), group)
-            return write_shard(
-                out,
-                shard["name"],
-                schema,
-                blocks,
-                options.compression,
-                shard["rows"],
-                on_block=lambda rows, nb: progress.advance(nb, rows),
-                stop=stop,
-                durable=fsync,
-            )
-
-        _run_shards(todo, work, workers, stop, finished)
+        shards.write_all(todo, lambda i: spill.shard_blocks(i, shuffle.shard_rng(options.seed, i), group))
     finally:
         spill.cleanup()
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any
 
@@ -80,23 +80,13 @@ class Plan:
     shards: list[dict[str, Any]]  # name, files [start, stop], rows
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "options": self.options,
-            "dtype": self.dtype,
-            "labels": self.labels,
-            "label_types": self.label_types,
-            "shape": self.shape,
-            "files": self.files,
-            "shards": self.shards,
-        }
+        """The manifest's `plan`: every field under its own name."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> Plan:
         try:
-            plan = cls(
-                **{k: d[k] for k in ("source", "options", "dtype", "labels", "label_types", "shape", "files", "shards")}
-            )
+            plan = cls(**{f.name: d[f.name] for f in fields(cls)})
             for s in plan.shards:
                 _shard_name_ok(s["name"], where)
                 int(s["rows"]), int(s["files"][0]), int(s["files"][1])

@@ -210,9 +210,7 @@ class SequenceView(Result):
     source: dict | None = None  # provenance (vaultsh.provenance.as_dict)
 
     def to_json(self):
-        out: dict = {"uri": self.uri, "batch": self.batch, "input_ids": self.ids, "mask": self.mask}
-        if self.source is not None:
-            out["source"] = self.source
+        out = _sequence_json(self)
         if self.segments is not None:
             out["text"] = "".join(t for t, real in self.segments if real)
             out["segments"] = [{"text": t, "masked": not real} for t, real in self.segments]
@@ -232,10 +230,15 @@ class TokensResult(Result):
     source: dict | None = None  # provenance (vaultsh.provenance.as_dict)
 
     def to_json(self):
-        out = {"uri": self.uri, "batch": self.batch, "input_ids": self.ids, "mask": self.mask}
-        if self.source is not None:
-            out["source"] = self.source
-        return out
+        return _sequence_json(self)
+
+
+def _sequence_json(r: SequenceView | TokensResult) -> dict:
+    """One sequence's tokens: where it is, input_ids, mask, and its provenance when the file records one."""
+    out: dict = {"uri": r.uri, "batch": r.batch, "input_ids": r.ids, "mask": r.mask}
+    if r.source is not None:
+        out["source"] = r.source
+    return out
 
 
 @dataclass

@@ -8,6 +8,7 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO
@@ -45,6 +46,24 @@ def _chmod_fd(fd: int, path: str) -> None:
         os.fchmod(fd, mode)
     else:  # pragma: no cover - Windows before 3.13
         os.chmod(path, mode)
+
+
+def _temp_beside(path: Path) -> tuple[int, str]:
+    """A new hidden temp file in `path`'s directory, (fd, name), to be renamed onto `path` once written."""
+    return tempfile.mkstemp(prefix="." + path.name + ".", suffix=_TMP_SUFFIX, dir=path.parent)
+
+
+@contextmanager
+def _removed_on_error(tmp: str) -> Iterator[None]:
+    """Delete the temp file `tmp` if the block raises (anything, an interrupt too), then let the error go on."""
+    try:
+        yield
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def _fsync_dir(path: str | Path) -> None:
@@ -179,12 +198,12 @@ class LocalStore:
         for attempt in range(_MKDIR_ATTEMPTS):
             try:
                 created += self._make_parents(norm)
-                fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=_TMP_SUFFIX, dir=path.parent)
+                fd, tmp = _temp_beside(path)
                 break
             except FileNotFoundError:  # a concurrent delete pruned an (empty) parent: again
                 if attempt == _MKDIR_ATTEMPTS - 1:
                     raise
-        try:
+        with _removed_on_error(tmp):
             with os.fdopen(fd, "wb") as f:
                 write(f)
                 f.flush()
@@ -199,12 +218,6 @@ class LocalStore:
                 if exc.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST) and path.is_dir():
                     raise self._clash(norm, norm + "/", other_is_dir=True) from None
                 raise
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
         if not durable:
             return
         _fsync_dir(path.parent)  # the rename itself is durable
@@ -294,18 +307,12 @@ class LocalStore:
         except OSError as exc:
             raise self._read_error(key, exc) from None
         with fsrc:
-            fd, tmp = tempfile.mkstemp(prefix="." + dest.name + ".", suffix=_TMP_SUFFIX, dir=dest.parent)
-            try:
+            fd, tmp = _temp_beside(dest)
+            with _removed_on_error(tmp):
                 with os.fdopen(fd, "wb") as fdst:
                     shutil.copyfileobj(fsrc, fdst, _COPY_CHUNK)
                     _chmod_fd(fdst.fileno(), tmp)
                 os.replace(tmp, dest)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except FileNotFoundError:
-                    pass
-                raise
 
     def open_read(self, key: str) -> BinaryIO:
         path = self._existing(key)

@@ -33,6 +33,13 @@ def progress(what: str):
         yield lambda done, total: prog.update(task, completed=done, total=total)
 
 
+def explore(args, what: str, fn, *positional, **options):
+    """`fn(store, key, *positional, **options)` over `args.uri`, under a progress bar named `what`: its result."""
+    store, key = open_uri(args.uri)
+    with progress(what) as cb:
+        return fn(store, key, *positional, progress=cb, **options)
+
+
 def emit(result, as_json: bool) -> int:
     """Print a result: JSON for scripts, else text for people."""
     if as_json:

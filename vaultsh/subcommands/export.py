@@ -115,9 +115,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 class _RichProgress:
-    """Rows, bytes, speed and ETA on a rich progress bar (stderr)."""
+    """Rows, bytes, speed and ETA on a rich progress bar, and the export's notes (stderr)."""
 
-    def __init__(self, console, quiet: bool):
+    def __init__(self, quiet: bool):
+        from rich.console import Console
         from rich.progress import (
             BarColumn,
             DownloadColumn,
@@ -127,7 +128,7 @@ class _RichProgress:
             TransferSpeedColumn,
         )
 
-        self.console = console
+        self.console = Console(stderr=True)
         self.quiet = quiet
         self.bar = Progress(
             TextColumn("[bold]{task.description:<10}"),
@@ -137,7 +138,7 @@ class _RichProgress:
             TransferSpeedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
-            console=console,
+            console=self.console,
             disable=quiet,
         )
         self.task: TaskID | None = None
@@ -171,10 +172,17 @@ class _RichProgress:
         self.console.print(f"[yellow]note:[/] {escape(message)}")
 
 
+def _wrote(result, rows: str, out: str, shards: str) -> str:
+    """What this call wrote, one line: `[resumed: ]wrote N shard(s), ROWS, SIZE to OUT (SHARDS)`."""
+    import humanize
+
+    verb = "resumed: wrote" if result.resumed else "wrote"
+    size = humanize.naturalsize(result.bytes_written, binary=True)
+    return f"{verb} {result.shards_written} shard(s), {rows}, {size} to {out} ({shards})"
+
+
 def _run_saelens(args) -> int:
     """--format saelens: refuse the Parquet-only options, export, print what to pass SAELens."""
-    import humanize
-    from rich.console import Console
 
     from vaultsh.errors import UserError
     from vaultsh.export.saelens import export_saelens, split_hook_uri
@@ -204,8 +212,7 @@ def _run_saelens(args) -> int:
         f"vaultsh export {shlex.quote(args.source)} {shlex.quote(args.out)} --format saelens "
         f"--hooks {shlex.quote(','.join(hooks))} --dtype {args.dtype} --batches-per-shard {args.batches_per_shard}"
     )
-    console = Console(stderr=True)
-    with _RichProgress(console, args.quiet) as prog:
+    with _RichProgress(args.quiet) as prog:
         res = export_saelens(
             run_uri,
             args.out,
@@ -217,11 +224,8 @@ def _run_saelens(args) -> int:
             progress=prog,
             command=command,
         )
-    verb = "resumed: wrote" if res.resumed else "wrote"
     print(
-        f"{verb} {res.shards_written} shard(s), {res.sequences_written:,} sequences, "
-        f"{humanize.naturalsize(res.bytes_written, binary=True)} to {res.out} "
-        f"({res.shards_total} shard(s) in all)",
+        _wrote(res, f"{res.sequences_written:,} sequences", res.out, f"{res.shards_total} shard(s) in all"),
         file=sys.stdout,
     )
     if not res.complete:
@@ -238,8 +242,6 @@ def _run_saelens(args) -> int:
 def run(args) -> int:
     if args.format == "saelens":
         return _run_saelens(args)
-    import humanize
-    from rich.console import Console
 
     from vaultsh.errors import UserError
     from vaultsh.export import ExportOptions, export
@@ -262,8 +264,7 @@ def run(args) -> int:
         compression=args.compression,
     )
     command = f"vaultsh export {shlex.quote(args.source)} {shlex.quote(args.out)} --format parquet {options.flags()}"
-    console = Console(stderr=True)
-    with _RichProgress(console, args.quiet) as prog:
+    with _RichProgress(args.quiet) as prog:
         result = export(
             args.source,
             args.out,
@@ -275,13 +276,8 @@ def run(args) -> int:
             command=command,
             fsync=args.fsync,
         )
-    verb = "resumed: wrote" if result.resumed else "wrote"
-    print(
-        f"{verb} {result.shards_written} shard(s), {result.rows_written:,} rows, "
-        f"{humanize.naturalsize(result.bytes_written, binary=True)} to {result.out_uri} "
-        f"({result.shards_done} of {result.shards_total} shards done)",
-        file=sys.stdout,
-    )
+    done = f"{result.shards_done} of {result.shards_total} shards done"
+    print(_wrote(result, f"{result.rows_written:,} rows", result.out_uri, done), file=sys.stdout)
     if not result.complete:
         left = result.shards_total - result.shards_done
         print(f"{left} shard(s) left: run the same command without --max-shards to finish", file=sys.stdout)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vaultsh.subcommands.explore_common import add_json, emit, open_uri, progress
+from vaultsh.subcommands.explore_common import add_json, emit, explore
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -22,17 +22,15 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run(args) -> int:
     from vaultsh.explore.grep import grep
 
-    store, key = open_uri(args.uri)
-    with progress("grep") as cb:
-        r = grep(
-            store,
-            key,
-            args.pattern,
-            regex=args.regex,
-            hook=args.hook,
-            limit=args.n,
-            context_tokens=args.context,
-            ignore_case=args.ignore_case,
-            progress=cb,
-        )
+    r = explore(
+        args,
+        "grep",
+        grep,
+        args.pattern,
+        regex=args.regex,
+        hook=args.hook,
+        limit=args.n,
+        context_tokens=args.context,
+        ignore_case=args.ignore_case,
+    )
     return emit(r, args.json)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vaultsh.subcommands.explore_common import add_json, emit, open_uri, progress
+from vaultsh.subcommands.explore_common import add_json, emit, explore
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -24,18 +24,16 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run(args) -> int:
     from vaultsh.explore.norms import norms
 
-    store, key = open_uri(args.uri)
-    with progress("norms") as cb:
-        r = norms(
-            store,
-            key,
-            args.hook,
-            factor=args.factor,
-            massive_ratio=args.massive_ratio,
-            files=args.files,
-            write=not args.no_write,
-            progress=cb,
-        )
+    r = explore(
+        args,
+        "norms",
+        norms,
+        args.hook,
+        factor=args.factor,
+        massive_ratio=args.massive_ratio,
+        files=args.files,
+        write=not args.no_write,
+    )
     if args.png:
         from vaultsh.explore.png import histogram_png
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vaultsh.subcommands.explore_common import add_json, emit, open_uri, progress
+from vaultsh.subcommands.explore_common import add_json, emit, explore
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -26,7 +26,5 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run(args) -> int:
     from vaultsh.explore.saeeval import sae_eval
 
-    store, key = open_uri(args.uri)
-    with progress("sae-eval") as cb:
-        r = sae_eval(store, key, args.hook, args.ckpt, tokens=args.tokens, dense=args.dense, progress=cb)
+    r = explore(args, "sae-eval", sae_eval, args.hook, args.ckpt, tokens=args.tokens, dense=args.dense)
     return emit(r, args.json)
