@@ -481,19 +481,17 @@ def _write_run(root: Path, commits_per_worker: dict[int, int]) -> Run:
     )
     for w, n in commits_per_worker.items():
         for i in range(n):
-            key = run.megabatch_key("residuals_3", w, i)
-            store.put_bytes(key, b"x" * 100)
-            run.commit(
-                CommitRecord(
-                    worker=w,
-                    index=i,
-                    batch_start=2 * (2 * i) + w,
-                    batch_end=2 * (2 * i) + w + 3,
-                    files={"residuals_3": FileRecord("residuals_3", key, 100)},
-                    tokens=64,
-                )
-            )
+            _commit_fake(run, w, i)
     return run
+
+
+def _commit_fake(run: Run, worker: int, index: int) -> None:
+    """Store a 100-byte stand-in megabatch of worker's `index` (batches 4i+w .. 4i+w+3) and commit it."""
+    key = run.megabatch_key("residuals_3", worker, index)
+    run.store.put_bytes(key, b"x" * 100)
+    files = {"residuals_3": FileRecord("residuals_3", key, 100)}
+    start = 4 * index + worker
+    run.commit(CommitRecord(worker=worker, index=index, batch_start=start, batch_end=start + 3, files=files, tokens=64))
 
 
 async def test_watch_follows_commit_records_read_only(tmp_path):
@@ -510,20 +508,8 @@ async def test_watch_follows_commit_records_read_only(tmp_path):
         await press(pilot, "p", "S", "r")  # control keys do nothing in watch mode
         assert row(app, 0)["state"].endswith("running")
         # more commits appear (written "elsewhere"); the next poll reads only the new ones
-        store = run.store
         for w, i in ((0, 1), (1, 0), (1, 1)):
-            key = run.megabatch_key("residuals_3", w, i)
-            store.put_bytes(key, b"x" * 100)
-            run.commit(
-                CommitRecord(
-                    worker=w,
-                    index=i,
-                    batch_start=4 * i + w,
-                    batch_end=4 * i + w + 3,
-                    files={"residuals_3": FileRecord("residuals_3", key, 100)},
-                    tokens=64,
-                )
-            )
+            _commit_fake(run, w, i)
         t[0] = 60.0
         assert watcher.poll_once() == 3 and watcher.poll_once() == 0
         await settle(pilot)

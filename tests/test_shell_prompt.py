@@ -197,7 +197,11 @@ def test_history_across_sessions_and_autosuggest(store, tmp_path):
         feeder.join()
 
 
-def interactive(store, tmp_path, keys: str | list[str]) -> tuple[int, str, str, Shell]:
+def interactive(
+    store, tmp_path, keys: str | list[str], delay: float = 0.2, truecolor: bool = False
+) -> tuple[int, str, str, Shell]:
+    """Run the interactive shell on piped keys (a string: all at once; a list: one by one, `delay` apart); with
+    `truecolor` its console keeps the colours (24-bit SGR codes) in the output."""
     out, err = io.StringIO(), io.StringIO()
     with create_pipe_input() as pipe, create_app_session(input=pipe, output=DummyOutput()):
         shell = Shell(
@@ -208,12 +212,18 @@ def interactive(store, tmp_path, keys: str | list[str]) -> tuple[int, str, str, 
             output=DummyOutput(),
             history=FileHistory(str(tmp_path / "hist")),
         )
+        if truecolor:
+            from rich.console import Console
+
+            shell.ctx.out = Console(
+                file=out, force_terminal=True, color_system="truecolor", width=10_000, soft_wrap=True
+            )
         if isinstance(keys, str):
             pipe.send_text(keys)
             pipe.close()
             rc = shell.run_interactive()
         else:
-            feeder = feed_later(pipe, *keys, delay=0.2)
+            feeder = feed_later(pipe, *keys, delay=delay)
             rc = shell.run_interactive()
             feeder.join()
     return rc, out.getvalue(), err.getvalue(), shell
@@ -324,8 +334,6 @@ def planted_store(tmp_path_factory):
 def test_batch_viewer_heat_keys_colour_the_planted_tokens(planted_store, tmp_path):
     """`h` colours the shown sequence as `view --heat --norm` does (the sink is the hottest token); `d 3` by
     dimension 3 (the planted 50 is the hottest); `h` again goes back to plain text; a bad dimension is one line."""
-    from rich.console import Console
-
     from vaultsh.explore.heat import heat
     from vaultsh.explore.values import value_fn
 
@@ -335,7 +343,6 @@ def test_batch_viewer_heat_keys_colour_the_planted_tokens(planted_store, tmp_pat
     hook = f"{fx.RUN}/{fx.HOOK}"
     sink_f, sink_s, sink_p = fx.SINK_AT
     dim_f, dim_s, dim_p = fx.DIM_AT
-    out, err = io.StringIO(), io.StringIO()
     keys = [
         f"cd {hook}\r",
         f"inspect {sink_f} --no-scan\r",
@@ -350,25 +357,12 @@ def test_batch_viewer_heat_keys_colour_the_planted_tokens(planted_store, tmp_pat
         "q\r",
         "\x04",
     ]
-    with create_pipe_input() as pipe, create_app_session(input=pipe, output=DummyOutput()):
-        shell = Shell(
-            store=store,
-            stdout=out,
-            stderr=err,
-            input=pipe,
-            output=DummyOutput(),
-            history=FileHistory(str(tmp_path / "hist")),
-        )
-        shell.ctx.out = Console(file=out, force_terminal=True, color_system="truecolor", width=10_000, soft_wrap=True)
-        feeder = feed_later(pipe, *keys, delay=0.3)
-        rc = shell.run_interactive()
-        feeder.join()
-    text = out.getvalue()
+    rc, text, err, _ = interactive(store, tmp_path, keys, delay=0.3, truecolor=True)
     plain = SGR.sub("", text)
-    assert rc == 0, err.getvalue()
+    assert rc == 0, err
     assert "heat view on: colour by token norm" in plain and "heat view on: colour by dimension 3" in plain
     assert "heat view off: plain text" in plain
-    assert "--dim 99: out of range, d_model is 16" in err.getvalue()
+    assert "--dim 99: out of range, d_model is 16" in err
 
     sink = heat(store, data["keys"][sink_f], sink_s, value_fn(norm=True))
     got = heat_line(text, f"w0000--0000000.safetensors #{sink_s}: norm, scale 0 .. 300")
