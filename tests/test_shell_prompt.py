@@ -12,6 +12,7 @@ import json
 import re
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,16 +136,21 @@ def feed_later(pipe, *chunks: str, delay: float = 0.3) -> threading.Thread:
     return t
 
 
+def piped_shell(store, pipe, history: Path, out: io.StringIO | None = None, err: io.StringIO | None = None) -> Shell:
+    """A shell reading keys from `pipe`, writing to `out`/`err` (default: thrown away), history in `history`."""
+    return Shell(
+        store=store,
+        stdout=out if out is not None else io.StringIO(),
+        stderr=err if err is not None else io.StringIO(),
+        input=pipe,
+        output=DummyOutput(),
+        history=FileHistory(str(history)),
+    )
+
+
 def test_tab_completion_in_the_prompt(store, tmp_path):
     with create_pipe_input() as pipe, create_app_session(input=pipe, output=DummyOutput()):
-        shell = Shell(
-            store=store,
-            stdout=io.StringIO(),
-            stderr=io.StringIO(),
-            input=pipe,
-            output=DummyOutput(),
-            history=FileHistory(str(tmp_path / "h")),
-        )
+        shell = piped_shell(store, pipe, tmp_path / "h")
         session = shell.make_session()
 
         def keys():
@@ -166,15 +172,7 @@ def test_history_across_sessions_and_autosuggest(store, tmp_path):
     path = tmp_path / "hist"
 
     def session_with(pipe):
-        shell = Shell(
-            store=store,
-            stdout=io.StringIO(),
-            stderr=io.StringIO(),
-            input=pipe,
-            output=DummyOutput(),
-            history=FileHistory(str(path)),
-        )
-        return shell.make_session()
+        return piped_shell(store, pipe, path).make_session()
 
     with create_pipe_input() as pipe, create_app_session(input=pipe, output=DummyOutput()):
         pipe.send_text("ls -l run1\r")
@@ -204,14 +202,7 @@ def interactive(
     `truecolor` its console keeps the colours (24-bit SGR codes) in the output."""
     out, err = io.StringIO(), io.StringIO()
     with create_pipe_input() as pipe, create_app_session(input=pipe, output=DummyOutput()):
-        shell = Shell(
-            store=store,
-            stdout=out,
-            stderr=err,
-            input=pipe,
-            output=DummyOutput(),
-            history=FileHistory(str(tmp_path / "hist")),
-        )
+        shell = piped_shell(store, pipe, tmp_path / "hist", out, err)
         if truecolor:
             from rich.console import Console
 
