@@ -20,6 +20,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from vaultsh import fmt
 from vaultsh.events import Done, Event, Note, Start, WorkerState, as_event, fold
 
 _QUIET = frozenset({"start", "committed"})  # notes the bars already show (the start line is the printer's own)
@@ -81,8 +82,8 @@ class HeadlessPrinter:
             completed=w.batches,
             total=w.total_batches,
             state=state,
-            tokens=_short(w.tokens),
-            rate=_short(w.tokens_per_s),
+            tokens=fmt.count(w.tokens),
+            rate=fmt.count(w.tokens_per_s),
             committed=w.committed,
             queue=w.queued,
         )
@@ -93,11 +94,3 @@ class HeadlessPrinter:
         style = _STYLE.get(note.level)
         text = f"worker {i}: " + (f"{note.level}: " if style else "") + escape(note.message)
         self.console.log(f"[{style}]{text}[/]" if style else text)
-
-
-def _short(n: float) -> str:
-    """12345 -> '12.3k' (compact, for a progress line)."""
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return f"{n:.0f}"
