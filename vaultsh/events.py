@@ -442,13 +442,17 @@ class WorkerState:
     last_error: str | None = None
     invalid: int = 0  # lines on its channel that were not events (malformed or of an unknown type)
     last_invalid: str | None = None  # why the latest one was not an event
-    done_status: str | None = None
     done: Done | None = None  # its done event
     _before_pause: str | None = None  # a held (paused) worker's state to return to
     # milestones: the worker's own event times (its clock) of its start and model load
     _started_event: float | None = None
     _loading_model_since: float | None = None
     _first_batch_seen: bool = False
+
+    @property
+    def done_status(self) -> str | None:
+        """The done event's status ("" when it gave none); None before one came."""
+        return None if self.done is None else self.done.status or ""
 
     @property
     def active(self) -> bool:
@@ -620,7 +624,7 @@ def _on_stopping(w: WorkerState, e: Stopping, now: float) -> Note | None:
 
 def _on_done(w: WorkerState, e: Done, now: float) -> Note | None:
     status = e.status or ""
-    w.done, w.done_status = e, status
+    w.done = e
     w.batches = _keep(e.batches, w.batches)
     w.tokens = _keep(e.tokens, w.tokens)
     w.tokens_per_s = 0.0

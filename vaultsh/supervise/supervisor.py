@@ -143,7 +143,7 @@ class Supervisor:
         self._exited.pop(i, None)
         self._settled.discard(i)
         w.state, w.detail, w.started_at, w.ended_at, w.exit_code = STARTING, "", now, None, None
-        w.done_status, w.tokens_per_s, w.rss, w.children_rss = None, 0.0, None, None
+        w.done, w.tokens_per_s, w.rss, w.children_rss = None, 0.0, None, None
         w.queued, w.in_flight_bytes, w.mb_per_s = 0, 0, 0.0
         w.log_path = handle.log_path
         try:
