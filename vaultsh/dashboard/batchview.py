@@ -25,20 +25,7 @@ if TYPE_CHECKING:
     from vaultsh.explore.batch import Batch, LatestBatches
     from vaultsh.explore.heat import HeatResult
 
-MASK_OPEN, MASK_CLOSE = "«", "»"
 KEYS_LINE = "←/→ j/k sequence  h heat  n norm  d dimension  tab hook  r reload  esc close"
-
-
-def segments_text(segments: list[tuple[str, bool]]) -> Text:
-    """A sequence's decoded text; masked runs dim and marked «like this» (as the shell's batch viewer shows them)."""
-    t = Text()
-    for seg, real in segments:
-        shown = safe_text(seg, keep_newlines=True)
-        if real:
-            t.append(shown)
-        else:
-            t.append(f"{MASK_OPEN}{shown}{MASK_CLOSE}", style="dim")
-    return t
 
 
 class BatchScreen(ModalScreen[None]):
@@ -168,7 +155,7 @@ class BatchScreen(ModalScreen[None]):
 
     # -- drawing ----------------------------------------------------------
     def show(self) -> None:
-        from vaultsh.explore.render import heat_scale, heat_text
+        from vaultsh.explore.render import heat_scale, heat_text, segments_text
         from vaultsh.explore.source import source_text
 
         title = self.query_one("#batch-title", Static)

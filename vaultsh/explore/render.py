@@ -24,7 +24,21 @@ from vaultsh.terminal import safe_text
 
 HIGHLIGHT = "bold black on yellow"
 OPEN, CLOSE = "⟦", "⟧"  # the highlight stays visible without colour (pipes, logs)
+MASK_OPEN, MASK_CLOSE = "«", "»"  # masked (not real) text, as every batch viewer shows it
 BAR = "█"
+
+
+def segments_text(segments: list[tuple[str, bool]]) -> Text:
+    """A sequence's decoded text (`vaultsh.tokens.segments`): masked runs dim and marked «like this»; the text is
+    made inert for a terminal, newlines kept. The shell's and the dashboard's batch viewers both print it."""
+    t = Text()
+    for seg, real in segments:
+        shown = safe_text(seg, keep_newlines=True)
+        if real:
+            t.append(shown)
+        else:
+            t.append(f"{MASK_OPEN}{shown}{MASK_CLOSE}", style="dim")
+    return t
 
 
 def _p(console: Console, text: str | Text = "", style: str | None = None) -> None:

@@ -14,12 +14,12 @@ from functools import singledispatch
 from rich.console import Console
 from rich.text import Text
 
+from vaultsh.explore.render import MASK_CLOSE, MASK_OPEN, segments_text
 from vaultsh.fmt import binary_size
 from vaultsh.shell import results
 from vaultsh.terminal import json_text, safe_text
 
 RULE = "-" * 40
-MASK_OPEN, MASK_CLOSE = "«", "»"
 
 
 def _p(console: Console, text: str | Text = "", style: str | None = None) -> None:
@@ -208,12 +208,7 @@ def _(v: results.SequenceView, console: Console) -> None:
                 text.append(f"{MASK_OPEN}{shown}{MASK_CLOSE}", style="dim")
             text.append(" " if not v.note else "")
     else:
-        for seg, is_real in v.segments or []:
-            shown = safe_text(seg, keep_newlines=True)
-            if is_real:
-                text.append(shown)
-            else:
-                text.append(f"{MASK_OPEN}{shown}{MASK_CLOSE}", style="dim")
+        text = segments_text(v.segments or [])
     _p(console, text)
     _p(console, RULE)
 
