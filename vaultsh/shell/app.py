@@ -34,7 +34,7 @@ from vaultsh.shell.commands import ExitShell
 from vaultsh.shell.context import ShellContext, open_shell_location
 from vaultsh.shell.registry import REGISTRY, split_commands, split_words
 from vaultsh.shell.render import render
-from vaultsh.terminal import collapse, json_text, safe_text
+from vaultsh.terminal import json_text, safe_text
 
 if TYPE_CHECKING:  # prompt_toolkit is imported only when the shell prompts
     from prompt_toolkit import PromptSession
@@ -283,9 +283,7 @@ class Shell:
         self.stdout.flush()
 
     def error(self, message: str) -> None:
-        self.ctx.err.print(
-            f"error: {safe_text(collapse(message))}", style="red", markup=False, highlight=False, soft_wrap=True
-        )
+        self.ctx.error(message)
         try:
             self.stderr.flush()
         except (AttributeError, ValueError):

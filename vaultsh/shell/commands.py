@@ -37,7 +37,6 @@ from vaultsh.shell.results import (
     TextDoc,
     TokensResult,
 )
-from vaultsh.terminal import collapse, safe_text
 
 if TYPE_CHECKING:
     from vaultsh.explore.text import Pieces
@@ -412,7 +411,7 @@ class BatchViewer(Result):
         try:
             r = heat(self.store, self.key, b, vf, header=self.header, pieces=self._pieces)
         except UserError as exc:
-            ctx.err.print(f"error: {safe_text(collapse(str(exc)))}", style="red", markup=False, highlight=False)
+            ctx.error(str(exc))
             return
         r.file = self.uri
         render(r, ctx.out)

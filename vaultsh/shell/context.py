@@ -21,6 +21,7 @@ from rich.console import Console
 from vaultsh.errors import NotFoundError, StoreError, UserError
 from vaultsh.run import CFG, INTERNAL, METADATA, CommitRecord, Run, megabatch_format
 from vaultsh.store import Listing, Store, normalize_key
+from vaultsh.terminal import collapse, safe_text
 
 LISTING_TTL_S = 5.0  # completion and ls share listings for this long
 COMMITS_TTL_S = 30.0  # a run's commit records (index -> file) for inspect/ls -l
@@ -227,6 +228,12 @@ class ShellContext:
         return Run(self.store, run).committed_files(hook, self.run_commits(run))
 
     # -- interaction -------------------------------------------------------------
+    def error(self, message: str) -> None:
+        """One `error: ...` line on the error console, the message made inert and kept on one line."""
+        self.err.print(
+            f"error: {safe_text(collapse(message))}", style="red", markup=False, highlight=False, soft_wrap=True
+        )
+
     def ask(self, question: str) -> str | None:
         """A line typed by the user, or None (EOF, Ctrl-C, or no terminal to ask on)."""
         if self._ask is None:
