@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import threading
-import time
 
 import pytest
 from rich.console import Console
@@ -112,11 +111,10 @@ def test_transient_errors_are_retried_and_final_ones_are_not():
     up.close(wait=False)
 
 
+@pytest.mark.timeout(30)  # a hang fails here, not at the suite's 300 s
 def test_failed_upload_never_hangs_close():
     up = Uploader(threads=2, max_pending=2, attempts=2, backoff=0.01)
     for i in range(2):
         up.submit(f"j{i}", 1, lambda: (_ for _ in ()).throw(StoreError("down", retryable=True)))
-    t0 = time.monotonic()
     with pytest.raises(UploadFailed):
         up.close(wait=True)
-    assert time.monotonic() - t0 < 5

@@ -122,21 +122,22 @@ def test_second_model_stores_the_first_runs_sequences_file_by_file(first, qwen_d
     assert second.read_metadata(HOOKS[0])["sources"] == first.read_metadata(HOOKS[0])["sources"]
 
 
-def test_resumed_reuse_run_continues_at_the_same_files(first, qwen_dir, tmp_path):
+def test_resumed_reuse_run_continues_at_the_same_files(first, qwen_dir, tmp_path, monkeypatch):
+    from collector.worker import StopFlag, Worker
+
     raw = raw_cfg(qwen_dir, tmp_path / "b", "qwen.reuse", **_reuse_data(first))
     cfg = load_config(raw)
-    stop_after = []
+    stop = StopFlag()
+    flush = Worker._flush
 
-    class StopAfterFirstCommit:
-        def __bool__(self):
-            return bool(stop_after)
+    def flush_then_stop(self, mb):  # a stop asked as the first megabatch is queued: deterministic under load
+        flush(self, mb)
+        stop.set()
 
-    def on_event(e):
-        if e["type"] == "committed":
-            stop_after.append(e)
-
-    r = run_worker(cfg, 1, sink=EventSink(1, callback=on_event), stop=StopAfterFirstCommit())
-    assert r["status"] == "stopped" and 0 < r["megabatches"] < len(first.committed_indices(1))
+    with monkeypatch.context() as m:
+        m.setattr(Worker, "_flush", flush_then_stop)
+        r = run_worker(cfg, 1, sink=EventSink(1), stop=stop)
+    assert r["status"] == "stopped" and r["megabatches"] == 1 < len(first.committed_indices(1))
     assert run_worker(cfg, 1, sink=EventSink(1))["status"] == "complete"
     run = Run(LocalStore(tmp_path / "b"), "qwen.reuse")
     a = _files(first, HOOKS[0])

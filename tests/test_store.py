@@ -498,14 +498,13 @@ def test_cli_no_sign_request_reads_a_public_bucket(s3_env, s3_bucket, s3_admin, 
     assert "k.bin" in capsys.readouterr().out
 
 
+@pytest.mark.timeout(60)  # bounded retries: a hang fails here
 def test_s3_unreachable_endpoint():
     port = free_port()  # nothing listens there: connection refused
     endpoint = f"http://127.0.0.1:{port}"
     st = S3Store("some-bucket", endpoint_url=endpoint, max_attempts=2, connect_timeout=1, read_timeout=2)
-    t0 = time.monotonic()
     with pytest.raises(StoreError) as exc_info:
         st.put_bytes("k.bin", b"x")
-    assert time.monotonic() - t0 < 10
     msg = str(exc_info.value)
     assert msg.startswith(f"cannot reach S3 endpoint {endpoint}")
     assert "\n" not in msg
