@@ -6,6 +6,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -71,6 +72,7 @@ class S3RCache:
         paths=None,
         n_workers: int = 1,
         return_ids: bool = False,
+        *,
         _credentials: tuple | None = None,
         **reader_kwargs,
     ):
@@ -122,7 +124,7 @@ class S3RCache:
         # local/URI sources open their own stores; bucket keys go through `store`
         if store is not None and any(locals_):
             raise UserError("S3RCache: mix of bucket keys and s3:// URIs / local paths in s3_prefix; use one kind")
-        opts = dict(
+        opts: dict[str, Any] = dict(
             device=self.device,
             return_ids=self.return_ids,
             return_mask=False,
