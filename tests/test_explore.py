@@ -603,10 +603,15 @@ def test_shell_commands(planted, kind):
     assert rc == 0 and len(lines) == 2 and all(" [my_jsonl doc " in ln or " [notes doc " in ln for ln in lines), out
     rc, out, err = sh(store, f"cd {hook_key()}; view 0 0 --heat --norm --json")
     assert rc == 0, err
-    assert json.loads(out)["scale"] == pytest.approx(300.0)
+    doc = json.loads(out)
+    assert doc["scale"] == pytest.approx(300.0)
+    assert list(doc) == ["file", "sequence", "value", "signed", "scale", "tokens", "png", "png_size"]
     rc, out, err = sh(store, f"cd {hook_key()}; sae-eval . {planted['saelens']} --tokens 100 --json")
     assert rc == 0, err
-    assert json.loads(out)["tokens"] == 100
+    doc = json.loads(out)
+    assert doc["tokens"] == 100
+    keys = "source layout architecture d_in d_sae k normalize_activations rescale_acts_by_decoder_norm"
+    assert list(doc["sae"]) == keys.split()
 
 
 def test_shell_errors_are_one_line(planted):

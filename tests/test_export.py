@@ -707,6 +707,7 @@ def test_verify_checks_an_export_read_only(tmp_path, capsys):
     rc = main(["verify", str(out), "--json"])
     doc = json.loads(capsys.readouterr().out)
     assert rc == 0 and doc["kind"] == "export" and doc["ok"] and doc["rows"] == 4 * N
+    assert list(doc) == ["uri", "kind", "ok", "shards_total", "shards_finished", "rows", "bytes", "problems"]
     # damage: one shard cut short, one replaced by another export's shard of the same size, a stray file
     first, second = out / "train-00000-of-00003.parquet", out / "train-00001-of-00003.parquet"
     before = {p: p.read_bytes() for p in (first, second)}

@@ -263,6 +263,19 @@ def test_bad_keys_rejected(store, tmp_path, bad):
     assert list(store.iter_objects()) == []
 
 
+def test_s3_location_is_read_once_for_stores_and_readers():
+    from vaultsh.reader.fetch import resolve
+    from vaultsh.store import open_location, s3_location
+
+    assert s3_location("s3://bucket/run//hook/") == ("s3://bucket", "run/hook")
+    assert s3_location("s3://bucket") == ("s3://bucket", "")
+    said = "invalid S3 URI 's3://bucket/run/../../x': '..' is not allowed in keys"
+    for opener in (s3_location, open_location, resolve):
+        with pytest.raises(StoreError) as exc_info:
+            opener("s3://bucket/run/../../x")
+        assert str(exc_info.value) == said
+
+
 # ---------------------------------------------------------------------------
 # S3Store
 # ---------------------------------------------------------------------------

@@ -242,6 +242,8 @@ def test_one_screen_report_and_json(stores):
     doc = report.to_json()
     assert doc["ok"] is False and len(doc["problems"]) == n
     assert doc["problem_counts"] == {"shape": n // 2, "sha256": n // 2}
+    counts = ["runs", "hooks", "files", "records", "hashed", "bytes_hashed", "no_checksum", "scanned", "uncommitted"]
+    assert list(doc) == ["uri", "ok", *counts, "problem_counts", "problems"]
 
 
 def test_nothing_to_verify(stores):

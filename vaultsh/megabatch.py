@@ -171,13 +171,9 @@ class MegabatchHeader:
                 for name, t in self.tensors.items()
             },
         }
-        if "states" in self.tensors:
+        if "states" in self.tensors:  # what its shape and dtype say
             out.update(
-                n_sequences=self.n_sequences,
-                seq_len=self.seq_len,
-                d_model=self.d_model,
-                dtype=self.dtype,
-                n_tokens=self.n_tokens,
+                (name, getattr(self, name)) for name in ("n_sequences", "seq_len", "d_model", "dtype", "n_tokens")
             )
         out.update(label_names=self.label_names, hook=self.hook, model=self.model)
         return out

@@ -31,7 +31,7 @@ import posixpath
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from vaultsh.dtypes import code_of_name
 from vaultsh.errors import NotFoundError, UserError
@@ -84,6 +84,10 @@ class ProblemReport:
     problems: list[Problem] = field(default_factory=list)
 
     @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
     def exit_code(self) -> int:
         return 1 if self.problems else 0
 
@@ -92,6 +96,10 @@ class ProblemReport:
 
     def problems_json(self) -> list[dict]:
         return [{"uri": p.uri, "check": p.check, "detail": p.detail} for p in self.problems]
+
+    def counts_json(self) -> dict:
+        """The subclass's own fields (its counts), by name, in the order they are declared."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f not in fields(ProblemReport)}
 
     def to_json(self) -> dict:
         raise NotImplementedError
@@ -109,15 +117,11 @@ class VerifyReport(ProblemReport):
     hooks: int = 0
     files: int = 0
     records: int = 0
-    bytes_hashed: int = 0
     hashed: int = 0
+    bytes_hashed: int = 0
     no_checksum: int = 0
     scanned: int = 0
     uncommitted: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
 
     @property
     def failed(self) -> bool:
@@ -133,15 +137,7 @@ class VerifyReport(ProblemReport):
         return {
             "uri": self.uri,
             "ok": self.ok,
-            "runs": self.runs,
-            "hooks": self.hooks,
-            "files": self.files,
-            "records": self.records,
-            "hashed": self.hashed,
-            "bytes_hashed": self.bytes_hashed,
-            "no_checksum": self.no_checksum,
-            "scanned": self.scanned,
-            "uncommitted": self.uncommitted,
+            **self.counts_json(),
             "problem_counts": self.counts(),
             "problems": self.problems_json(),
         }

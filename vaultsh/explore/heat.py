@@ -8,7 +8,7 @@ signed values (a dimension, a direction) blue <- white -> red over
 from __future__ import annotations
 
 import posixpath
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from vaultsh.explore.text import Pieces, load_pieces
 from vaultsh.explore.values import ValueFn
@@ -52,16 +52,10 @@ class HeatResult:
         return [colour(t.value, self.scale, self.signed) if t.real else GREY for t in self.tokens]
 
     def to_json(self) -> dict:
-        return {
-            "file": self.file,
-            "sequence": self.sequence,
-            "value": self.value,
-            "signed": self.signed,
-            "scale": self.scale,
-            "tokens": [t.to_json() for t in self.tokens],
-            "png": self.png,
-            "png_size": list(self.png_size) if self.png_size else None,
-        }
+        """Every field by name, in order; the tokens and the PNG's size as JSON lists."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        size = list(self.png_size) if self.png_size else None
+        return {**out, "tokens": [t.to_json() for t in self.tokens], "png_size": size}
 
 
 def heat(

@@ -141,13 +141,10 @@ class SAE:
             raise CheckpointError(f"{self.source}: the SAE reads d_in={self.d_in} but {where} has d_model={d}")
 
     def describe(self) -> dict:
+        """What the SAE is, without its weights; its two input settings under their SAELens cfg.json names."""
+        out = {name: getattr(self, name) for name in ("source", "layout", "architecture", "d_in", "d_sae", "k")}
         return {
-            "source": self.source,
-            "layout": self.layout,
-            "architecture": self.architecture,
-            "d_in": self.d_in,
-            "d_sae": self.d_sae,
-            "k": self.k,
+            **out,
             "normalize_activations": self.normalize,
             "rescale_acts_by_decoder_norm": self.rescale_by_dec_norm,
         }

@@ -34,11 +34,8 @@ class ExportCheck(ProblemReport):
         return {
             "uri": self.uri,
             "kind": "export",
-            "ok": not self.problems,
-            "shards_total": self.shards_total,
-            "shards_finished": self.shards_finished,
-            "rows": self.rows,
-            "bytes": self.bytes,
+            "ok": self.ok,
+            **self.counts_json(),
             "problems": self.problems_json(),
         }
 
@@ -65,7 +62,10 @@ class ExportCheck(ProblemReport):
 
 
 class _RangeFile(io.RawIOBase):
-    """A seekable read-only file over one stored object, read by ranged requests (for pyarrow)."""
+    """A seekable read-only file over one stored object, read by ranged requests (for pyarrow).
+
+    `tell`, `read` and `readall` are io.RawIOBase's, built on `seek` and `readinto`.
+    """
 
     def __init__(self, store: Store, key: str, size: int):
         self.store, self.key, self.size, self.pos = store, key, size, 0
@@ -75,9 +75,6 @@ class _RangeFile(io.RawIOBase):
 
     def seekable(self) -> bool:
         return True
-
-    def tell(self) -> int:
-        return self.pos
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vaultsh.errors import Cancelled, FormatError, NotFoundError, StoreError, UserError
-from vaultsh.store import LocalStore, is_s3_uri, normalize_key, open_store, split_uri
+from vaultsh.store import LocalStore, is_s3_uri, normalize_key, open_store, s3_location
 from vaultsh.store.retry import RetryPolicy, botocore_retries
 
 logger = logging.getLogger("vaultsh.reader")
@@ -107,11 +107,7 @@ def resolve(source: str, store=None) -> tuple[StoreSpec, Any, str, str]:
             raise UserError(f"invalid hook directory {source!r}: {exc}") from None
         spec = StoreSpec("object", store=store)
     elif is_s3_uri(source):
-        root, key = split_uri(source)
-        try:
-            key = normalize_key(key).strip("/")
-        except StoreError as exc:
-            raise UserError(f"invalid S3 URI {source!r}: {exc}") from None
+        root, key = s3_location(source)  # a StoreError (a UserError) names the URI and what is wrong with it
         spec = StoreSpec("uri", uri=root)
         store = spec.open()
     else:

@@ -27,6 +27,7 @@ __all__ = [
     "open_location",
     "default_s3_uri",
     "split_uri",
+    "s3_location",
     "join_key",
     "normalize_key",
 ]
@@ -66,6 +67,17 @@ def split_uri(uri: str) -> tuple[str, str]:
         bucket, _, key = rest.partition("/")
         return f"s3://{bucket}", key
     return uri, ""
+
+
+def s3_location(uri: str) -> tuple[str, str]:
+    """Split an s3:// URI into (its bucket's URI, the key it names, validated and without slashes at its ends)."""
+    from vaultsh.errors import StoreError
+
+    root, key = split_uri(uri)
+    try:
+        return root, normalize_key(key).strip("/")
+    except StoreError as exc:
+        raise StoreError(f"invalid S3 URI {uri!r}: {str(exc).split(': ', 1)[-1]}") from None
 
 
 def default_s3_uri() -> str:
@@ -109,15 +121,9 @@ def open_location(uri: str) -> tuple[Store, str]:
     """
     from pathlib import Path
 
-    from vaultsh.errors import StoreError
-
     uri = str(uri)
     if is_s3_uri(uri):
-        root, key = split_uri(uri)
-        try:
-            key = normalize_key(key).strip("/")
-        except StoreError as exc:
-            raise StoreError(f"invalid S3 URI {uri!r}: {str(exc).split(': ', 1)[-1]}") from None
+        root, key = s3_location(uri)
         return open_store(root), key
     path = Path(uri).expanduser().resolve()
     if not path.exists():
