@@ -459,13 +459,7 @@ def test_metadata_has_activault_fields(store):
     assert run.read_metadata("residuals_3") == md
     # the stored dtype is what RCache allocates with
     md2 = metadata_for(
-        batch_size=1,
-        sequence_length=2,
-        d_in=3,
-        batches_per_file=1,
-        dtype="torch.bfloat16",
-        storage_dtype="float16",
-        hook="h",
+        batch_size=1, sequence_length=2, d_in=3, dtype="torch.bfloat16", storage_dtype="float16", hook="h"
     )
     assert md2["dtype"] == "torch.float16" and md2["model_dtype"] == "torch.bfloat16"
     assert "bytes_per_file" not in md2
