@@ -48,15 +48,7 @@ def _write_run(store, run: str, n_sequences: int) -> int:
     r.write_cfg({"run_name": run, "model_name": "bench-model", "num_runs": 1})
     r.write_metadata(
         HOOK,
-        metadata_for(
-            batch_size=n_sequences,
-            sequence_length=SEQ_LEN,
-            d_in=D_MODEL,
-            batches_per_file=1,
-            dtype=torch.float32,
-            hook=HOOK,
-            model="bench-model",
-        ),
+        metadata_for(batch_size=n_sequences, sequence_length=SEQ_LEN, d_in=D_MODEL, hook=HOOK, model="bench-model"),
     )
     block = torch.randn(1, SEQ_LEN, D_MODEL, generator=torch.Generator().manual_seed(0))
     states = block.expand(n_sequences, SEQ_LEN, D_MODEL).contiguous()  # the layout matters, not the values

@@ -20,17 +20,7 @@ def write_float32_run(
 
     run = Run(store, run_name)
     for hook in hooks:
-        run.write_metadata(
-            hook,
-            metadata_for(
-                batch_size=n_seq,
-                sequence_length=SEQ_LEN,
-                d_in=D_MODEL,
-                batches_per_file=1,
-                dtype=torch.float32,
-                hook=hook,
-            ),
-        )
+        run.write_metadata(hook, metadata_for(batch_size=n_seq, sequence_length=SEQ_LEN, d_in=D_MODEL, hook=hook))
     g = torch.Generator().manual_seed(0)
     block = torch.randn(1, SEQ_LEN, D_MODEL, generator=g)
     ids = torch.randint(0, 50_000, (n_seq, SEQ_LEN), generator=g)

@@ -172,7 +172,7 @@ def build(store, commit: bool = True, run_name: str = RUN, created: list[str] | 
 
     run = Run(store, run_name)
     run.write_cfg({"tokenizer": {"source": str(TOKENIZER_DIR)}, "run_name": run_name})
-    meta = metadata_for(batch_size=N, sequence_length=T, d_in=D, batches_per_file=1, dtype=torch.float32, hook=HOOK)
+    meta = metadata_for(batch_size=N, sequence_length=T, d_in=D, hook=HOOK)
     meta["sources"] = list(SOURCES)
     run.write_metadata(HOOK, meta)
     keys = []

@@ -1,9 +1,24 @@
-"""Stand-ins shared by several test files (and the benchmarks): a counting store proxy, a fake streamed hub."""
+"""Stand-ins shared by several test files (and the benchmarks): a counting store proxy, a fake streamed hub,
+Activault's metadata.json."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+
+from vaultsh.run import metadata_for
+
+#: the fields of Activault's own metadata.json, in its order (vaultsh's adds hook, site, layer, format, ...)
+ACTIVAULT_METADATA_FIELDS = (
+    "batch_size",
+    "sequence_length",
+    "dtype",
+    "d_in",
+    "batches_per_file",
+    "shape",
+    "input_ids_shape",
+    "bytes_per_file",
+)
 
 
 class CountingStore:
@@ -67,3 +82,9 @@ def fake_load_dataset(rows: list[dict]) -> tuple[Callable[..., FakeStream], dict
         return FakeStream(rows, calls)
 
     return load_dataset, calls
+
+
+def activault_metadata(**sizes: Any) -> dict[str, Any]:
+    """metadata.json as Activault writes it: `metadata_for(**sizes)` (shapes derived the same way) without the
+    fields vaultsh adds."""
+    return {k: v for k, v in metadata_for(hook="", **sizes).items() if k in ACTIVAULT_METADATA_FIELDS}

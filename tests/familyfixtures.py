@@ -16,16 +16,11 @@ from tests.modelfixtures import TOKENIZER_DIR
 
 D, D_MLP, LAYERS, HEADS, KV_HEADS, HEAD_DIM, CONTEXT = 64, 96, 3, 4, 2, 16, 128
 
-# the sizes under the names most families use; _COMMON adds grouped-query attention and the head size
-_SIZES = dict(
-    hidden_size=D,
-    intermediate_size=D_MLP,
-    num_hidden_layers=LAYERS,
-    num_attention_heads=HEADS,
-    max_position_embeddings=CONTEXT,
-)
-_COMMON = dict(_SIZES, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM)
+# the sizes under the names most families use (Falcon's config names only the first three); _COMMON adds
+# grouped-query attention and the head size
 _FALCON = dict(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS)
+_SIZES = dict(_FALCON, intermediate_size=D_MLP, max_position_embeddings=CONTEXT)
+_COMMON = dict(_SIZES, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM)
 
 #: family -> (config class name, kwargs)
 FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {

@@ -106,16 +106,7 @@ def build_run(store, run_name: str = "myrun") -> dict:
     run.write_cfg(cfg)
     for h in HOOKS:
         run.write_metadata(
-            h,
-            metadata_for(
-                batch_size=2,
-                sequence_length=T,
-                d_in=D,
-                batches_per_file=2,
-                dtype=torch.float32,
-                hook=h,
-                model="tiny-llama",
-            ),
+            h, metadata_for(batch_size=2, sequence_length=T, d_in=D, batches_per_file=2, hook=h, model="tiny-llama")
         )
     g = torch.Generator().manual_seed(0)
     for i in range(N_COMMITTED):

@@ -173,9 +173,7 @@ def test_top_over_many_files_equals_brute_force_and_samples_are_exact_too(tmp_pa
     store = LocalStore(tmp_path / "v")
     run = Run(store, "many")
     n_files, n, t, d = 24, 4, 16, 8
-    run.write_metadata(
-        "h", metadata_for(batch_size=n, sequence_length=t, d_in=d, batches_per_file=1, dtype=torch.float32, hook="h")
-    )
+    run.write_metadata("h", metadata_for(batch_size=n, sequence_length=t, d_in=d, hook="h"))
     g = np.random.default_rng(7)
     states = g.standard_normal((n_files, n, t, d)).astype(np.float32)
     mask = g.random((n_files, n, t)) > 0.3

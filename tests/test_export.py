@@ -229,10 +229,7 @@ def test_activault_pt_run_without_commit_records(tmp_path):
     store = LocalStore(tmp_path / "vault")
     r = Run(store, "old")
     r.write_metadata(
-        HOOK,
-        metadata_for(
-            batch_size=N, sequence_length=T, d_in=D, batches_per_file=1, dtype=torch.float16, hook=HOOK, format="pt"
-        ),
+        HOOK, metadata_for(batch_size=N, sequence_length=T, d_in=D, dtype=torch.float16, hook=HOOK, format="pt")
     )
     g = torch.Generator().manual_seed(1)
     want = []
@@ -658,10 +655,7 @@ def test_export_to_s3_streams_multipart_shards_and_an_interrupt_leaves_no_parts(
     )
     store = LocalStore(tmp_path / "vault")
     r = Run(store, RUN)
-    r.write_metadata(
-        HOOK,
-        metadata_for(batch_size=8, sequence_length=64, d_in=1024, batches_per_file=1, dtype=torch.float32, hook=HOOK),
-    )
+    r.write_metadata(HOOK, metadata_for(batch_size=8, sequence_length=64, d_in=1024, hook=HOOK))
     g = torch.Generator().manual_seed(1)
     mbs = []
     for i in range(8):  # 2 MiB of states each: 4 per shard -> 8 MiB shards, parts of 5 + 3 MiB

@@ -252,18 +252,7 @@ def write_two_hook_run(store, run="r", hooks=("a", "b"), n_files=3, bad_ids_at=N
     g = torch.Generator().manual_seed(0)
     for h in hooks:
         r.write_metadata(
-            h,
-            metadata_for(
-                batch_size=2,
-                sequence_length=5,
-                d_in=4,
-                batches_per_file=1,
-                dtype=torch.float32,
-                hook=h,
-                site="resid_pre",
-                layer=0,
-                model="m",
-            ),
+            h, metadata_for(batch_size=2, sequence_length=5, d_in=4, hook=h, site="resid_pre", layer=0, model="m")
         )
     for i in range(n_files):
         ids = torch.randint(0, 1000, (2, 5), generator=g)

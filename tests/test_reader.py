@@ -286,10 +286,7 @@ def test_pickle_with_code_in_a_saved_pt_is_refused_never_run(store, tmp_path):
     torch.save({"states": states, "input_ids": ids, "tensor_bytes": size, "x": _Evil(marker)}, buf)
     store.put_bytes(bad, buf.getvalue())
     run.write_metadata(
-        hook,
-        metadata_for(
-            batch_size=2, sequence_length=T, d_in=D, batches_per_file=2, dtype=torch.float32, hook=hook, format="pt"
-        ),
+        hook, metadata_for(batch_size=2, sequence_length=T, d_in=D, batches_per_file=2, hook=hook, format="pt")
     )
     with pytest.raises(FormatError, match=r"--1_0\.saved\.pt.*refused"):
         list(reader_for(store, f"evil/{hook}"))
@@ -302,9 +299,7 @@ def test_pickle_with_code_in_a_saved_pt_is_refused_never_run(store, tmp_path):
 def test_labels_and_file_positions_for_export(local_store):
     """What vaultsh export builds on: per-sequence labels and which file each megabatch came from."""
     run = Run(local_store, "lab")
-    run.write_metadata(
-        HOOK, metadata_for(batch_size=2, sequence_length=T, d_in=D, batches_per_file=2, dtype=torch.float32, hook=HOOK)
-    )
+    run.write_metadata(HOOK, metadata_for(batch_size=2, sequence_length=T, d_in=D, batches_per_file=2, hook=HOOK))
     labels = []
     for i in range(3):
         key = run.megabatch_key(HOOK, 0, i)

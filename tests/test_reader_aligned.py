@@ -45,10 +45,7 @@ def make_aligned_run(store, name="pair", workers=2, files_per_worker=3, seed=0, 
     run = Run(store, name)
     for hook, d in ((A, DA), (B, DB)):
         run.write_metadata(
-            hook,
-            metadata_for(
-                batch_size=2, sequence_length=T, d_in=d, batches_per_file=N // 2, dtype=torch.float32, hook=hook
-            ),
+            hook, metadata_for(batch_size=2, sequence_length=T, d_in=d, batches_per_file=N // 2, hook=hook)
         )
     g = torch.Generator().manual_seed(seed)
     stats = {A: RunningStats(DA), B: RunningStats(DB)}

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vaultsh.run as run_mod
+from tests.fakes import ACTIVAULT_METADATA_FIELDS, activault_metadata
 from vaultsh.errors import FormatError, StoreError
 from vaultsh.run import (
     CFG,
@@ -27,16 +28,6 @@ from vaultsh.run import (
 from vaultsh.stats import RunningStats, merge_all
 from vaultsh.store.local import LocalStore
 
-ACTIVAULT_METADATA_FIELDS = (
-    "batch_size",
-    "sequence_length",
-    "dtype",
-    "d_in",
-    "batches_per_file",
-    "shape",
-    "input_ids_shape",
-    "bytes_per_file",
-)
 ACTIVAULT_STATISTICS_FIELDS = ("mean", "std", "norm", "M2")
 HOOKS = ["residuals_2", "residuals_10", "mlp_2"]
 
@@ -270,16 +261,9 @@ ACTIVAULT_HOOK = "models.layers.24.mlp.post"
 def make_activault_run(store, name="legacy", n_files=3):
     hook = ACTIVAULT_HOOK
     store.put_bytes(f"{name}/cfg.json", json.dumps({"run_name": name, "total_tokens": 123}).encode())
-    md = {
-        "batch_size": 4,
-        "sequence_length": 8,
-        "dtype": "torch.bfloat16",
-        "d_in": 6,
-        "batches_per_file": 2,
-        "shape": [8, 8, 6],
-        "input_ids_shape": [8, 8],
-        "bytes_per_file": 250,
-    }
+    md = activault_metadata(
+        batch_size=4, sequence_length=8, d_in=6, batches_per_file=2, dtype="bfloat16", bytes_per_file=250
+    )
     store.put_bytes(f"{name}/{hook}/metadata.json", json.dumps(md).encode())
     x = np.random.default_rng(0).normal(size=(64, 6))
     s = RunningStats.from_batch(x)
@@ -459,13 +443,7 @@ def test_metadata_has_activault_fields(store):
     assert run.read_metadata("residuals_3") == md
     # the stored dtype is what RCache allocates with
     md2 = metadata_for(
-        batch_size=1,
-        sequence_length=2,
-        d_in=3,
-        batches_per_file=1,
-        dtype="torch.bfloat16",
-        storage_dtype="float16",
-        hook="h",
+        batch_size=1, sequence_length=2, d_in=3, dtype="torch.bfloat16", storage_dtype="float16", hook="h"
     )
     assert md2["dtype"] == "torch.float16" and md2["model_dtype"] == "torch.bfloat16"
     assert "bytes_per_file" not in md2

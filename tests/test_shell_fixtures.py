@@ -17,6 +17,7 @@ import json
 import threading
 from pathlib import Path
 
+from .fakes import activault_metadata
 from .modelfixtures import TOKENIZER_DIR, make_tiny_llama_dir
 
 HOOKS = ["residuals_0", "mlp_1"]
@@ -70,15 +71,7 @@ def write_activault_run(store, run: str = "act", n_files: int = 3) -> None:
     store.put_bytes(
         f"{run}/{ACT_HOOK}/metadata.json",
         json.dumps(
-            {
-                "batch_size": 2,
-                "sequence_length": 16,
-                "dtype": "torch.bfloat16",
-                "d_in": 8,
-                "batches_per_file": 2,
-                "shape": [4, 16, 8],
-                "input_ids_shape": [4, 16],
-            }
+            activault_metadata(batch_size=2, sequence_length=16, d_in=8, batches_per_file=2, dtype="bfloat16")
         ).encode(),
     )
     g = torch.Generator().manual_seed(3)

@@ -12,12 +12,13 @@ import json
 import subprocess
 import sys
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from vaultsh.errors import NotFoundError
-from vaultsh.run import CommitRecord, FileRecord, Run
+from vaultsh.run import CommitRecord, Run
 from vaultsh.verify import covered_batches, verify
 
 from .test_shell_fixtures import HOOKS, RUN, collector_vault, copy_tree, s3_vault
@@ -153,16 +154,7 @@ def test_overlapping_shards(stores, kind):
     for hook, f in a.files.items():
         key = run.megabatch_key(hook, 0, 7)
         store.put_bytes(key, store.get_bytes(f.key))
-        files[hook] = FileRecord(
-            hook=hook,
-            key=key,
-            size=f.size,
-            sha256=f.sha256,
-            n_sequences=f.n_sequences,
-            n_tokens=f.n_tokens,
-            worker=0,
-            index=7,
-        )
+        files[hook] = replace(f, key=key, worker=0, index=7)
     run.commit(
         CommitRecord(worker=0, index=7, batch_start=a.batch_start, batch_end=a.batch_end, files=files, tokens=a.tokens)
     )

@@ -302,8 +302,8 @@ def metadata_for(
     batch_size: int,
     sequence_length: int,
     d_in: int,
-    batches_per_file: int,
-    dtype: Any,
+    batches_per_file: int = 1,
+    dtype: Any = "float32",
     hook: str,
     site: str | None = None,
     layer: int | None = None,
@@ -317,9 +317,10 @@ def metadata_for(
 
     `dtype` (Activault's field, which RCache uses to allocate its buffers) is
     the dtype the files hold: `storage_dtype` when given, else the model's
-    `dtype`; `model_dtype` keeps the model's. `shape` is one megabatch's
-    `[batch_size * batches_per_file, sequence_length, d_in]`. `bytes_per_file`
-    is left out when unknown (as Activault does before its first upload).
+    `dtype` (float32 unless given); `model_dtype` keeps the model's. `shape` is
+    one megabatch's `[batch_size * batches_per_file, sequence_length, d_in]`
+    (one batch per file unless given). `bytes_per_file` is left out when
+    unknown (as Activault does before its first upload).
     """
     model_dtype = activault_dtype_name(dtype)
     stored = activault_dtype_name(storage_dtype) if storage_dtype is not None else model_dtype
