@@ -184,6 +184,14 @@ _MOE: dict[str, Any] = dict(mlp_kind="moe", mlp_first=None, mlp_up=None, mlp_dow
 _POST_NORMS: dict[str, Any] = dict(
     attn_post_norm="post_attention_layernorm", mlp_post_norm="post_feedforward_layernorm"
 )
+_SHARED_NORM: dict[str, Any] = dict(parallel=True, ln2="input_layernorm")  # one norm feeds attention and MLP
+# GPT-2's module names, which GPT-J keeps, and its MLP's, which StarCoder2 keeps
+_GPT2_NAMES: dict[str, Any] = dict(attn="attn", ln1="ln_1", final_norm="ln_f")
+_GPT2_MLP: dict[str, Any] = dict(mlp_first="c_fc", mlp_down="c_proj", **_PLAIN)
+# GPT-NeoX's fused query_key_value, dense output and dense_h_to_4h MLP, which Falcon keeps
+_NEOX_NAMES: dict[str, Any] = dict(
+    q="query_key_value", o="dense", mlp_first="dense_h_to_4h", mlp_down="dense_4h_to_h", **_PLAIN
+)
 
 # model_type -> layout (or a function of the config for families whose layout depends on it)
 _FAMILIES: dict[str, Layout | Callable[[Any], Layout]] = {
@@ -202,55 +210,29 @@ _FAMILIES: dict[str, Layout | Callable[[Any], Layout]] = {
     "phi3": replace(
         _LLAMA, family="phi3", qkv="phi3", q="qkv_proj", mlp_kind="fused_gated", mlp_first="gate_up_proj", mlp_up=None
     ),
-    "starcoder2": replace(_LLAMA, family="starcoder2", mlp_first="c_fc", mlp_down="c_proj", **_PLAIN),
-    "cohere": replace(_LLAMA, family="cohere", parallel=True, ln2="input_layernorm"),
-    "phi": Layout(
-        "phi",
-        parallel=True,
-        ln2="input_layernorm",
+    "starcoder2": replace(_LLAMA, family="starcoder2", **_GPT2_MLP),
+    "cohere": replace(_LLAMA, family="cohere", **_SHARED_NORM),
+    "phi": replace(
+        _LLAMA,
+        family="phi",
         o="dense",
         mlp_first="fc1",
         mlp_down="fc2",
         final_norm="final_layernorm",
+        **_SHARED_NORM,
         **_PLAIN,
     ),
-    "gpt2": Layout(
-        "gpt2",
-        parallel=False,
-        attn="attn",
-        ln1="ln_1",
-        ln2="ln_2",
-        qkv="gpt2",
-        q="c_attn",
-        o="c_proj",
-        mlp_first="c_fc",
-        mlp_down="c_proj",
-        final_norm="ln_f",
-        **_PLAIN,
-    ),
+    "gpt2": Layout("gpt2", parallel=False, ln2="ln_2", qkv="gpt2", q="c_attn", o="c_proj", **_GPT2_NAMES, **_GPT2_MLP),
     "gptj": Layout(
-        "gptj",
-        parallel=True,
-        attn="attn",
-        ln1="ln_1",
-        ln2="ln_1",
-        o="out_proj",
-        mlp_first="fc_in",
-        mlp_down="fc_out",
-        final_norm="ln_f",
-        **_PLAIN,
+        "gptj", parallel=True, ln2="ln_1", o="out_proj", mlp_first="fc_in", mlp_down="fc_out", **_GPT2_NAMES, **_PLAIN
     ),
     "gpt_neox": lambda c: Layout(
         "gpt_neox",
         parallel=bool(getattr(c, "use_parallel_residual", True)),
         attn="attention",
         qkv="neox",
-        q="query_key_value",
-        o="dense",
-        mlp_first="dense_h_to_4h",
-        mlp_down="dense_4h_to_h",
         final_norm="final_layer_norm",
-        **_PLAIN,
+        **_NEOX_NAMES,
     ),
     "falcon": lambda c: _falcon(c),
 }
@@ -274,12 +256,8 @@ def _falcon(c: Any) -> Layout:
         ln1=ln1,
         ln2=ln2,
         qkv="falcon",
-        q="query_key_value",
-        o="dense",
-        mlp_first="dense_h_to_4h",
-        mlp_down="dense_4h_to_h",
         final_norm="ln_f",
-        **_PLAIN,
+        **_NEOX_NAMES,
     )
 
 

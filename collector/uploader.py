@@ -12,9 +12,11 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 from vaultsh.errors import UserError
+from vaultsh.events import Event, Upload
 from vaultsh.store.retry import RetryPolicy
 
 
@@ -36,6 +38,14 @@ class UploadStats:
     def mb_per_s(self) -> float:
         elapsed = time.monotonic() - self.started
         return self.done_bytes / elapsed / 1e6 if elapsed > 0 else 0.0
+
+    def event_fields(self) -> dict[str, Any]:
+        """The fields of an `upload` event (those vaultsh.events.Upload names), as these stats read now."""
+        return {name: getattr(self, name) for name in _EVENT_FIELDS}
+
+
+# what the `upload` event has beyond every event's fields, in its order
+_EVENT_FIELDS = [f.name for f in fields(Upload) if f.name not in {g.name for g in fields(Event)}]
 
 
 class Uploader:

@@ -322,23 +322,7 @@ class Worker:
 
     def _already_complete(self) -> dict:
         self._clean_leftovers()
-        self.sink.emit(
-            "done",
-            status="complete",
-            batches=self.batches_done,
-            tokens=self.tokens_total,
-            megabatches=self.committed,
-            elapsed=0.0,
-            already_complete=True,
-        )
-        return {
-            "status": "complete",
-            "batches": self.batches_done,
-            "megabatches": self.committed,
-            "tokens": self.tokens_total,
-            "elapsed": 0.0,
-            "already_complete": True,
-        }
+        return self._done("complete", 0.0, already_complete=True)
 
     def _load(self) -> None:
         """The model, each hook's place in it, resumed statistics, the data stream, cfg.json, the uploader."""
@@ -680,16 +664,7 @@ class Worker:
             self.sink.emit("memory", **memory_snapshot(self.device))
 
     def _report_uploads(self) -> None:
-        s = self.uploader.stats
-        self.sink.emit(
-            "upload",
-            queued=s.queued,
-            in_flight_bytes=s.in_flight_bytes,
-            done_bytes=s.done_bytes,
-            mb_per_s=s.mb_per_s,
-            retries=s.retries,
-            failed=s.failed,
-        )
+        self.sink.emit("upload", **self.uploader.stats.event_fields())
 
     def _close_uploads(self) -> None:
         self.uploader.close(wait=True)
@@ -751,26 +726,24 @@ class Worker:
         if isinstance(exc, KeyboardInterrupt):
             self.status, message = "stopped", "interrupted: uncommitted megabatches were not committed"
         self.sink.emit("error", message=message)
-        self.sink.emit(
-            "done",
-            status=self.status,
-            batches=self.batches_done,
-            tokens=self.tokens_total,
-            megabatches=self.committed,
-            elapsed=time.monotonic() - self.t_start,
-        )
+        self._done(self.status, time.monotonic() - self.t_start)
 
     def _finalize(self) -> dict:
         if self.status == "complete":
             self._clean_leftovers()
         self._write_statistics()
-        result = {
-            "status": self.status,
-            "batches": self.batches_done,
-            "tokens": self.tokens_total,
-            "megabatches": self.committed,
-            "elapsed": time.monotonic() - self.t_start,
-        }
+        return self._done(self.status, time.monotonic() - self.t_start)
+
+    def _done(self, status: str, elapsed: float, **more: Any) -> dict:
+        """Say `done` with this worker's totals; returns the event's fields (what `run` returns)."""
+        result = dict(
+            status=status,
+            batches=self.batches_done,
+            tokens=self.tokens_total,
+            megabatches=self.committed,
+            elapsed=elapsed,
+            **more,
+        )
         self.sink.emit("done", **result)
         return result
 

@@ -293,16 +293,11 @@ def _tokenizer_warning(raw: _RawConfig, model_name: str, base_dir: Path | None) 
 
 
 def _model_section(given: _TransformerConfigIn | _ModelSectionIn, name: str, dtype: str) -> dict[str, Any]:
-    """The normalised model section from either input form (they spell the name and the dtype differently)."""
-    return dict(
-        name=name,
-        dtype=dtype,
-        device=given.device,
-        cache_dir=given.cache_dir,
-        max_per_device_memory=given.max_per_device_memory,
-        trust_remote_code=given.trust_remote_code,
-        kwargs=dict(given.kwargs or {}),
-    )
+    """The normalised model section from either input form: the fields it spells as ModelConfig does, as given,
+    then the name and the dtype (the forms spell them differently) and a copy of the kwargs ({} when not given)."""
+    alike = ModelConfig.model_fields.keys() & type(given).model_fields.keys()
+    loading = given.model_dump(include=alike, exclude={"kwargs"})
+    return {**loading, "name": name, "dtype": dtype, "kwargs": dict(given.kwargs or {})}
 
 
 def load_config(source: str | os.PathLike | Mapping[str, Any], *, name: str | None = None) -> CollectConfig:

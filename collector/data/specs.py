@@ -29,6 +29,12 @@ def DataSpec(data_key: str, seq_length: int, batch_size: int, n_batches: int, **
     )
 
 
+# what cfg.json says of a `datasets` source, under its entry's names (DatasetEntry) -> the SourceSpec field holding it
+_ENTRY_FIELDS = dict(
+    path="ds_path", subset="hf_subset", split="hf_split", format="ds_format", streaming="streaming", weight="weight"
+)
+
+
 @dataclass(frozen=True)
 class SourceSpec:
     """A resolved data key: where documents come from and how to render them."""
@@ -83,14 +89,7 @@ class SourceSpec:
         if self.kind == "pydoc":
             out["max_doc_chars"] = self.max_doc_chars
         if self.kind == "datasets":
-            out.update(
-                path=self.ds_path,
-                subset=self.hf_subset,
-                split=self.hf_split,
-                format=self.ds_format,
-                streaming=self.streaming,
-                weight=self.weight,
-            )
+            out.update((name, getattr(self, attr)) for name, attr in _ENTRY_FIELDS.items())
         return {k: v for k, v in out.items() if v is not None}
 
 
