@@ -37,6 +37,7 @@ from vaultsh.shell.results import (
     TextDoc,
     TokensResult,
 )
+from vaultsh.shell.values import value_flags
 
 if TYPE_CHECKING:
     from vaultsh.explore.text import Pieces
@@ -549,11 +550,8 @@ def _batch_arg(batch: str, n: int) -> int:
     args=[Arg("target", "file"), Arg("batch")],
     flags={
         "--tokens": "show every token as [id]piece",
-        "--heat": "colour each token by a value: --norm, --dim D or --sae CKPT --feature F",
-        "--norm": "heat: the token's norm",
-        "--dim D": "heat: dimension D",
-        "--sae CKPT": "heat: an SAE checkpoint",
-        "--feature F": "heat: the SAE latent",
+        "--heat": "colour each token by a value: --norm, --dim D, --direction FILE or --sae CKPT --feature F",
+        **value_flags("heat: ", norm=True),
         "--png FILE": "heat: also write the picture as a PNG",
     },
 )
