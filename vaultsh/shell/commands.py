@@ -353,7 +353,7 @@ def sequence_view(
     tokens: bool,
     source: dict | None = None,
 ) -> SequenceView:
-    view = SequenceView(uri, batch, n, ids, mask, note=handle.note, source=source)
+    view = SequenceView(uri, batch, ids, mask, source, n_sequences=n, note=handle.note)
     if tokens:
         view.tokens = dec.token_pieces(handle, ids, mask)
     else:
