@@ -7,12 +7,16 @@ results, which `vaultsh.explore.render` prints.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from vaultsh.errors import UserError
 from vaultsh.explore import render as xr
 from vaultsh.explore.grep import GrepResult
 from vaultsh.explore.heat import HeatResult
 from vaultsh.explore.norms import NormsResult
 from vaultsh.explore.saeeval import SaeEvalResult
+from vaultsh.explore.stream import Progress
 from vaultsh.explore.top import TopResult
 from vaultsh.explore.values import parse_int
 from vaultsh.shell.context import ShellContext
@@ -24,12 +28,13 @@ for _cls in (GrepResult, TopResult, SaeEvalResult, HeatResult, NormsResult):
     render.register(_cls)(xr.render)
 
 
-def _explore(ctx: ShellContext, what: str, fn, *args, **options):
-    """`fn(ctx.store, *args, **options)` under a progress bar named `what` on the error console: its result."""
+@contextmanager
+def _progress(ctx: ShellContext, what: str) -> Iterator[Progress]:
+    """A progress bar named `what` on the error console; yields the `(done, total)` callback explore functions take."""
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
     with ctx.progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()) as update:
-        return fn(ctx.store, *args, progress=lambda done, total: update(completed=done, total=total), **options)
+        yield lambda done, total: update(completed=done, total=total)
 
 
 def parse_float(name: str, value, default: float) -> float:
@@ -73,18 +78,18 @@ def hook_location(ctx: ShellContext, hook: str | None) -> tuple[str, str | None]
 def grep_cmd(ctx: ShellContext, a) -> GrepResult:
     from vaultsh.explore.grep import grep
 
-    return _explore(
-        ctx,
-        "grep",
-        grep,
-        ctx.cwd,
-        a.pattern,
-        regex=a.regex,
-        hook=a.hook,
-        limit=parse_int("-n", a.n, 1) or 50,
-        context_tokens=parse_int("--context", a.context) if a.context is not None else 8,
-        ignore_case=a.i,
-    )
+    with _progress(ctx, "grep") as progress:
+        return grep(
+            ctx.store,
+            ctx.cwd,
+            a.pattern,
+            regex=a.regex,
+            hook=a.hook,
+            limit=parse_int("-n", a.n, 1) or 50,
+            context_tokens=parse_int("--context", a.context) if a.context is not None else 8,
+            ignore_case=a.i,
+            progress=progress,
+        )
 
 
 @command(
@@ -102,17 +107,18 @@ def top_cmd(ctx: ShellContext, a) -> TopResult:
     from vaultsh.explore.top import top
 
     key, hook = hook_location(ctx, a.hook)
-    return _explore(
-        ctx,
-        "top",
-        top,
-        key,
-        hook,
-        value_options(a),
-        k=parse_int("-k", a.k, 1) or 20,
-        context_tokens=parse_int("--context", a.context) if a.context is not None else 8,
-        files=parse_int("--files", a.files, 1),
-    )
+    vf = value_options(a)
+    with _progress(ctx, "top") as progress:
+        return top(
+            ctx.store,
+            key,
+            hook,
+            vf,
+            k=parse_int("-k", a.k, 1) or 20,
+            context_tokens=parse_int("--context", a.context) if a.context is not None else 8,
+            files=parse_int("--files", a.files, 1),
+            progress=progress,
+        )
 
 
 @command(
@@ -129,7 +135,9 @@ def sae_eval_cmd(ctx: ShellContext, a) -> SaeEvalResult:
 
     key, hook = hook_location(ctx, a.hook if a.hook != "." else None)
     n = parse_int("--tokens", a.tokens, 1) or 100_000
-    return _explore(ctx, "sae-eval", sae_eval, key, hook, a.ckpt, tokens=n, dense=parse_float("--dense", a.dense, 0.1))
+    dense = parse_float("--dense", a.dense, 0.1)
+    with _progress(ctx, "sae-eval") as progress:
+        return sae_eval(ctx.store, key, hook, a.ckpt, tokens=n, dense=dense, progress=progress)
 
 
 @command(
@@ -148,17 +156,17 @@ def norms_cmd(ctx: ShellContext, a) -> NormsResult:
     from vaultsh.explore.norms import norms
 
     key, hook = hook_location(ctx, a.hook)
-    r = _explore(
-        ctx,
-        "norms",
-        norms,
-        key,
-        hook,
-        factor=parse_float("--factor", a.factor, 5.0),
-        massive_ratio=parse_float("--massive-ratio", a.massive_ratio, 10.0),
-        files=parse_int("--files", a.files, 1),
-        write=not a.no_write,
-    )
+    with _progress(ctx, "norms") as progress:
+        r = norms(
+            ctx.store,
+            key,
+            hook,
+            factor=parse_float("--factor", a.factor, 5.0),
+            massive_ratio=parse_float("--massive-ratio", a.massive_ratio, 10.0),
+            files=parse_int("--files", a.files, 1),
+            write=not a.no_write,
+            progress=progress,
+        )
     if a.png:
         from vaultsh.explore.png import histogram_png
 
