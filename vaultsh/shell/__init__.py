@@ -7,6 +7,7 @@
 - `completer.py` context-aware, threaded, cached completion
 - `context.py`   the shell's state: store, current directory, caches
 - `app.py`       the interactive loop and the batch runner
+- `explore.py`   grep, top, sae-eval, norms; `values.py` the value options of top and view --heat
 - `decode.py`, `tally.py`, `transfer.py`: tokenizer/decoding, filecount/sizecheck, downloads
 - `verify` uses the headless `vaultsh/verify.py`, shared with `vaultsh verify`
 """

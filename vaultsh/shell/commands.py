@@ -10,6 +10,7 @@ import posixpath
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,7 @@ from vaultsh.shell.results import (
     TextDoc,
     TokensResult,
 )
+from vaultsh.shell.values import value_flags
 
 if TYPE_CHECKING:
     from vaultsh.explore.text import Pieces
@@ -62,6 +64,13 @@ def _need_dir(ctx: ShellContext, key: str, arg: str | None) -> None:
     if ctx.is_file(key):
         raise UserError(f"{shown}: not a directory ({ctx.display(key)} is a file)")
     raise NotFoundError(f"{shown}: no such directory: {ctx.display(key)}")
+
+
+def _dir_key(ctx: ShellContext, arg: str | None) -> str:
+    """The key of a directory argument (None: the current directory), refused when it names a file or nothing."""
+    key = ctx.resolve(arg)
+    _need_dir(ctx, key, arg)
+    return key
 
 
 @command(
@@ -191,22 +200,15 @@ def _tally(ctx: ShellContext, a, name: str):
     return result
 
 
-@command(
-    "filecount",
-    help="count files under the current directory, recursively: megabatches per hook (committed/uncommitted), metadata, other",
-    args=[Arg("path", "dir", optional=True)],
-)
-def filecount(ctx: ShellContext, a):
-    return _tally(ctx, a, "filecount")
-
-
-@command(
-    "sizecheck",
-    help="total bytes under the current directory (humanized and exact), per hook",
-    args=[Arg("path", "dir", optional=True)],
-)
-def sizecheck(ctx: ShellContext, a):
-    return _tally(ctx, a, "sizecheck")
+# Two commands over the one listing (shell/tally.py), differing only in what they report.
+for _name, _help in (
+    (
+        "filecount",
+        "count files under the current directory, recursively: megabatches per hook (committed/uncommitted), metadata, other",
+    ),
+    ("sizecheck", "total bytes under the current directory (humanized and exact), per hook"),
+):
+    command(_name, help=_help, args=[Arg("path", "dir", optional=True)])(partial(_tally, name=_name))
 
 
 # ---------------------------------------------------------------------------
@@ -352,7 +354,7 @@ def sequence_view(
     tokens: bool,
     source: dict | None = None,
 ) -> SequenceView:
-    view = SequenceView(uri, batch, n, ids, mask, note=handle.note, source=source)
+    view = SequenceView(uri, batch, ids, mask, source, n_sequences=n, note=handle.note)
     if tokens:
         view.tokens = dec.token_pieces(handle, ids, mask)
     else:
@@ -549,11 +551,8 @@ def _batch_arg(batch: str, n: int) -> int:
     args=[Arg("target", "file"), Arg("batch")],
     flags={
         "--tokens": "show every token as [id]piece",
-        "--heat": "colour each token by a value: --norm, --dim D or --sae CKPT --feature F",
-        "--norm": "heat: the token's norm",
-        "--dim D": "heat: dimension D",
-        "--sae CKPT": "heat: an SAE checkpoint",
-        "--feature F": "heat: the SAE latent",
+        "--heat": "colour each token by a value: --norm, --dim D, --direction FILE or --sae CKPT --feature F",
+        **value_flags("heat: ", norm=True),
         "--png FILE": "heat: also write the picture as a PNG",
     },
 )
@@ -612,8 +611,7 @@ def tokens(ctx: ShellContext, a) -> TokensResult:
 def stats(ctx: ShellContext, a) -> StatsResult:
     import numpy as np
 
-    key = ctx.resolve(a.hook)
-    _need_dir(ctx, key, a.hook)
+    key = _dir_key(ctx, a.hook)
     hk = ctx.hook_of(key)
     if hk is None:
         if ctx.dir_kind(key) == "run":
@@ -829,8 +827,7 @@ def verify(ctx: ShellContext, a):
 
     from vaultsh.verify import verify as run_verify
 
-    key = ctx.resolve(a.path)
-    _need_dir(ctx, key, a.path)
+    key = _dir_key(ctx, a.path)
     with ctx.progress(TextColumn("verifying"), BarColumn(), DownloadColumn(), TransferSpeedColumn()) as update:
         report = run_verify(
             ctx.store, key, nan=a.nan, uri=ctx.display, progress=lambda done, total: update(completed=done, total=total)

@@ -7,30 +7,34 @@ results, which `vaultsh.explore.render` prints.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from vaultsh.errors import UserError
 from vaultsh.explore import render as xr
 from vaultsh.explore.grep import GrepResult
 from vaultsh.explore.heat import HeatResult
 from vaultsh.explore.norms import NormsResult
 from vaultsh.explore.saeeval import SaeEvalResult
+from vaultsh.explore.stream import Progress
 from vaultsh.explore.top import TopResult
 from vaultsh.explore.values import parse_int
 from vaultsh.shell.context import ShellContext
 from vaultsh.shell.registry import Arg, command
 from vaultsh.shell.render import render
+from vaultsh.shell.values import value_flags, value_options
 
 for _cls in (GrepResult, TopResult, SaeEvalResult, HeatResult, NormsResult):
     render.register(_cls)(xr.render)
 
 
-def _bar(ctx: ShellContext, what: str):
+@contextmanager
+def _progress(ctx: ShellContext, what: str) -> Iterator[Progress]:
+    """A progress bar named `what` on the error console; yields the `(done, total)` callback explore functions take."""
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    return ctx.progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-
-
-def _callback(update):
-    return lambda done, total: update(completed=done, total=total)
+    with ctx.progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()) as update:
+        yield lambda done, total: update(completed=done, total=total)
 
 
 def parse_float(name: str, value, default: float) -> float:
@@ -74,7 +78,7 @@ def hook_location(ctx: ShellContext, hook: str | None) -> tuple[str, str | None]
 def grep_cmd(ctx: ShellContext, a) -> GrepResult:
     from vaultsh.explore.grep import grep
 
-    with _bar(ctx, "grep") as update:
+    with _progress(ctx, "grep") as progress:
         return grep(
             ctx.store,
             ctx.cwd,
@@ -84,20 +88,8 @@ def grep_cmd(ctx: ShellContext, a) -> GrepResult:
             limit=parse_int("-n", a.n, 1) or 50,
             context_tokens=parse_int("--context", a.context) if a.context is not None else 8,
             ignore_case=a.i,
-            progress=_callback(update),
+            progress=progress,
         )
-
-
-def _value_options(a, need_norm: bool = False):
-    from vaultsh.explore.values import value_fn
-
-    return value_fn(
-        dim=parse_int("--dim", getattr(a, "dim", None)),
-        direction=getattr(a, "direction", None),
-        sae=getattr(a, "sae", None),
-        feature=parse_int("--feature", getattr(a, "feature", None)),
-        norm=bool(getattr(a, "norm", False)),
-    )
 
 
 @command(
@@ -105,10 +97,7 @@ def _value_options(a, need_norm: bool = False):
     help="the exact top-k tokens of a hook by a dimension, a direction or an SAE feature, with contexts",
     args=[Arg("hook", "dir", optional=True)],
     flags={
-        "--dim D": "rank by dimension D",
-        "--direction FILE": "rank by x . v (v from .npy or .safetensors)",
-        "--sae CKPT": "an SAE checkpoint (SAELens or sparsify safetensors)",
-        "--feature F": "the SAE latent",
+        **value_flags(),
         "-k K": "how many (default 20)",
         "--context K": "tokens of context either side (default 8)",
         "--files N": "a seeded random sample of N files instead of all",
@@ -118,8 +107,8 @@ def top_cmd(ctx: ShellContext, a) -> TopResult:
     from vaultsh.explore.top import top
 
     key, hook = hook_location(ctx, a.hook)
-    vf = _value_options(a)
-    with _bar(ctx, "top") as update:
+    vf = value_options(a)
+    with _progress(ctx, "top") as progress:
         return top(
             ctx.store,
             key,
@@ -128,7 +117,7 @@ def top_cmd(ctx: ShellContext, a) -> TopResult:
             k=parse_int("-k", a.k, 1) or 20,
             context_tokens=parse_int("--context", a.context) if a.context is not None else 8,
             files=parse_int("--files", a.files, 1),
-            progress=_callback(update),
+            progress=progress,
         )
 
 
@@ -146,16 +135,9 @@ def sae_eval_cmd(ctx: ShellContext, a) -> SaeEvalResult:
 
     key, hook = hook_location(ctx, a.hook if a.hook != "." else None)
     n = parse_int("--tokens", a.tokens, 1) or 100_000
-    with _bar(ctx, "sae-eval") as update:
-        return sae_eval(
-            ctx.store,
-            key,
-            hook,
-            a.ckpt,
-            tokens=n,
-            dense=parse_float("--dense", a.dense, 0.1),
-            progress=_callback(update),
-        )
+    dense = parse_float("--dense", a.dense, 0.1)
+    with _progress(ctx, "sae-eval") as progress:
+        return sae_eval(ctx.store, key, hook, a.ckpt, tokens=n, dense=dense, progress=progress)
 
 
 @command(
@@ -174,7 +156,7 @@ def norms_cmd(ctx: ShellContext, a) -> NormsResult:
     from vaultsh.explore.norms import norms
 
     key, hook = hook_location(ctx, a.hook)
-    with _bar(ctx, "norms") as update:
+    with _progress(ctx, "norms") as progress:
         r = norms(
             ctx.store,
             key,
@@ -183,7 +165,7 @@ def norms_cmd(ctx: ShellContext, a) -> NormsResult:
             massive_ratio=parse_float("--massive-ratio", a.massive_ratio, 10.0),
             files=parse_int("--files", a.files, 1),
             write=not a.no_write,
-            progress=_callback(update),
+            progress=progress,
         )
     if a.png:
         from vaultsh.explore.png import histogram_png
@@ -197,4 +179,4 @@ def heat_view(ctx: ShellContext, key: str, batch: str, a) -> HeatResult:
     """`view TARGET BATCH --heat ...`: the sequence coloured by a value."""
     from vaultsh.explore.heat import heat
 
-    return heat(ctx.store, key, parse_int("batch", batch, lo=None), _value_options(a), png=a.png)
+    return heat(ctx.store, key, parse_int("batch", batch, lo=None), value_options(a), png=a.png)

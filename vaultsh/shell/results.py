@@ -196,21 +196,33 @@ class InspectPreview(Result):
 
 
 @dataclass
-class SequenceView(Result):
-    """One sequence's full text (masked runs marked), or its tokens with ids."""
+class _Sequence(Result):
+    """One sequence of a megabatch: where it is, its token ids and mask, and its provenance when the file records one."""
 
     uri: str
     batch: int
-    n_sequences: int
     ids: list[int]
     mask: list[bool]
-    segments: list[tuple[str, bool]] | None = None  # (text, real)
-    tokens: list[tuple[int, str, bool]] | None = None  # (id, piece, real) in token mode
-    note: str | None = None
     source: dict | None = None  # provenance (vaultsh.provenance.as_dict)
 
     def to_json(self):
-        out = _sequence_json(self)
+        out: dict = {"uri": self.uri, "batch": self.batch, "input_ids": self.ids, "mask": self.mask}
+        if self.source is not None:
+            out["source"] = self.source
+        return out
+
+
+@dataclass(kw_only=True)
+class SequenceView(_Sequence):
+    """One sequence's full text (masked runs marked), or its tokens with ids."""
+
+    n_sequences: int
+    segments: list[tuple[str, bool]] | None = None  # (text, real)
+    tokens: list[tuple[int, str, bool]] | None = None  # (id, piece, real) in token mode
+    note: str | None = None
+
+    def to_json(self):
+        out = super().to_json()
         if self.segments is not None:
             out["text"] = "".join(t for t, real in self.segments if real)
             out["segments"] = [{"text": t, "masked": not real} for t, real in self.segments]
@@ -222,23 +234,8 @@ class SequenceView(Result):
 
 
 @dataclass
-class TokensResult(Result):
-    uri: str
-    batch: int
-    ids: list[int]
-    mask: list[bool]
-    source: dict | None = None  # provenance (vaultsh.provenance.as_dict)
-
-    def to_json(self):
-        return _sequence_json(self)
-
-
-def _sequence_json(r: SequenceView | TokensResult) -> dict:
-    """One sequence's tokens: where it is, input_ids, mask, and its provenance when the file records one."""
-    out: dict = {"uri": r.uri, "batch": r.batch, "input_ids": r.ids, "mask": r.mask}
-    if r.source is not None:
-        out["source"] = r.source
-    return out
+class TokensResult(_Sequence):
+    """`tokens`: one sequence's raw token ids and mask."""
 
 
 @dataclass

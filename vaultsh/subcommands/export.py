@@ -12,6 +12,8 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 
+from vaultsh.subcommands import options
+
 if TYPE_CHECKING:
     from rich.progress import TaskID
 
@@ -217,10 +219,7 @@ def _run_saelens(args) -> int:
             run_uri,
             args.out,
             hooks,
-            dtype=args.dtype,
-            batches_per_shard=args.batches_per_shard,
-            max_shards=args.max_shards,
-            fsync=args.fsync,
+            **options(args, "dtype", "batches_per_shard", "max_shards", "fsync"),
             progress=prog,
             command=command,
         )
@@ -254,27 +253,19 @@ def run(args) -> int:
         raise UserError(f"--max-shards {args.max_shards} is not allowed: use a whole number >= 1")
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers {args.workers} is not allowed: use a whole number >= 1")
-    options = ExportOptions(
-        mode=args.mode,
-        dtype=args.dtype,
+    opts = ExportOptions(
+        **options(args, "mode", "dtype", "batches_per_shard", "shuffle", "seed", "compression"),
         label_columns=None if args.label_columns is None else tuple(args.label_columns),
-        batches_per_shard=args.batches_per_shard,
-        shuffle=args.shuffle,
-        seed=args.seed,
-        compression=args.compression,
     )
-    command = f"vaultsh export {shlex.quote(args.source)} {shlex.quote(args.out)} --format parquet {options.flags()}"
+    command = f"vaultsh export {shlex.quote(args.source)} {shlex.quote(args.out)} --format parquet {opts.flags()}"
     with _RichProgress(args.quiet) as prog:
         result = export(
             args.source,
             args.out,
-            options,
-            max_shards=args.max_shards,
-            workers=args.workers,
-            tmp_dir=args.tmp_dir,
+            opts,
+            **options(args, "max_shards", "workers", "tmp_dir", "fsync"),
             progress=prog,
             command=command,
-            fsync=args.fsync,
         )
     done = f"{result.shards_done} of {result.shards_total} shards done"
     print(_wrote(result, f"{result.rows_written:,} rows", result.out_uri, done), file=sys.stdout)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from vaultsh.subcommands import options
 from vaultsh.subcommands.explore_common import add_json, emit, explore
 
 
@@ -13,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--regex", action="store_true", help="PATTERN is a Python regular expression")
     p.add_argument("-i", "--ignore-case", action="store_true", help="ignore case")
     p.add_argument("--hook", default=None, help="search this hook's files (default: each run's first hook)")
-    p.add_argument("-n", type=int, default=50, metavar="N", help="stop after N matches (default 50)")
+    p.add_argument("-n", dest="limit", type=int, default=50, metavar="N", help="stop after N matches (default 50)")
     p.add_argument("--context", type=int, default=8, metavar="K", help="tokens of context either side (default 8)")
     add_json(p)
     return p
@@ -27,10 +28,7 @@ def run(args) -> int:
         "grep",
         grep,
         args.pattern,
-        regex=args.regex,
-        hook=args.hook,
-        limit=args.n,
         context_tokens=args.context,
-        ignore_case=args.ignore_case,
+        **options(args, "regex", "hook", "limit", "ignore_case"),
     )
     return emit(r, args.json)

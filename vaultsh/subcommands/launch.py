@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from vaultsh.subcommands import options
+
 
 def _common(p, config_optional: bool = False) -> None:
     p.add_argument(
@@ -24,6 +26,21 @@ def _common(p, config_optional: bool = False) -> None:
     )
     p.add_argument("--store", default=None, metavar="URI", help="override the config's storage URI")
     p.add_argument("--force", action="store_true", help="let workers continue a run whose config changed")
+
+
+# The flags that set a SlurmOptions field of the same name: (name, type, metavar, help). None means "not given":
+# the config's slurm: block decides, else the default.
+_SLURM_FLAGS = (
+    ("partition", str, None, None),
+    ("account", str, None, None),
+    ("qos", str, None, None),
+    ("constraint", str, None, "node features, e.g. a100&ib"),
+    ("time", str, None, "time limit, e.g. 48:00:00"),
+    ("gpus", int, None, "GPUs per worker (default 1)"),
+    ("mem", str, None, "memory per worker (default 250G)"),
+    ("cpus", int, None, "CPUs per worker (default 16)"),
+    ("setup", str, "LINE", "one shell line run before the worker, e.g. 'module load cuda; source ~/venv/bin/activate'"),
+)
 
 
 def add_arguments(p) -> None:
@@ -53,23 +70,8 @@ def add_arguments(p) -> None:
         "Resources default to the config's slurm: block, then to --gpus 1 --mem 250G --cpus 16.",
     )
     _common(s, config_optional=True)
-    for name, help_text in (
-        ("partition", None),
-        ("account", None),
-        ("qos", None),
-        ("constraint", "node features, e.g. a100&ib"),
-        ("time", "time limit, e.g. 48:00:00"),
-    ):
-        s.add_argument(f"--{name}", default=None, help=help_text)
-    s.add_argument("--gpus", type=int, default=None, help="GPUs per worker (default 1)")
-    s.add_argument("--mem", default=None, help="memory per worker (default 250G)")
-    s.add_argument("--cpus", type=int, default=None, help="CPUs per worker (default 16)")
-    s.add_argument(
-        "--setup",
-        default=None,
-        metavar="LINE",
-        help="one shell line run before the worker, e.g. 'module load cuda; source ~/venv/bin/activate'",
-    )
+    for name, type_, metavar, help_text in _SLURM_FLAGS:
+        s.add_argument(f"--{name}", type=type_, default=None, metavar=metavar, help=help_text)
     s.add_argument("--array", action="store_true", help="one array job instead of one job per index")
     s.add_argument(
         "--sbatch",
@@ -123,15 +125,7 @@ def _slurm(plan, args) -> int:
     opts = slurm.options_from(
         plan.config.slurm,
         plan.config.source,
-        partition=args.partition,
-        gpus=args.gpus,
-        mem=args.mem,
-        cpus=args.cpus,
-        time=args.time,
-        account=args.account,
-        qos=args.qos,
-        constraint=args.constraint,
-        setup=args.setup,
+        **options(args, *(name for name, *_ in _SLURM_FLAGS)),
         array=args.array or None,
         extra=list(args.sbatch),
         out_dir=Path(args.out).expanduser() if args.out else None,

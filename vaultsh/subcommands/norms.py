@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from vaultsh.subcommands import options
 from vaultsh.subcommands.explore_common import add_json, emit, explore
 
 
@@ -16,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--massive-ratio", type=float, default=10.0, help="massive dim: max|x| >= RATIO x the median dim's (default 10)"
     )
     p.add_argument("--files", type=int, default=None, metavar="N", help="a seeded random sample of N files")
-    p.add_argument("--no-write", action="store_true", help="do not write _outliers.json")
+    p.add_argument("--no-write", dest="write", action="store_false", help="do not write _outliers.json")
     add_json(p)
     return p
 
@@ -24,16 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run(args) -> int:
     from vaultsh.explore.norms import norms
 
-    r = explore(
-        args,
-        "norms",
-        norms,
-        args.hook,
-        factor=args.factor,
-        massive_ratio=args.massive_ratio,
-        files=args.files,
-        write=not args.no_write,
-    )
+    r = explore(args, "norms", norms, args.hook, **options(args, "factor", "massive_ratio", "files", "write"))
     if args.png:
         from vaultsh.explore.png import histogram_png
 
