@@ -472,15 +472,41 @@ def test_s3_unsigned_client_reads_a_public_bucket(s3_server, s3_bucket, s3_admin
     assert [o.key for o in st.iter_objects()] == ["k.bin", "run/cfg.json"]
 
 
-def test_activault_reader_client_is_unsigned_with_the_env(s3_server, s3_bucket, s3_admin, monkeypatch):
-    from vaultsh.reader.fetch import s3_client
+def test_explicit_credentials_sign_instead_of_the_chain(s3_server, s3_bucket, monkeypatch):
+    """S3Credentials (what S3RCache.from_credentials passes) sign every request, whatever the env says, also in a
+    pickled copy (a DataLoader worker's); a wrong secret is rejected; the secret is never in a repr."""
+    import json
+    import pickle
 
-    public_bucket(s3_admin, s3_bucket)
-    for name in _CRED_VARS:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_NO_SIGN_REQUEST", "1")
-    client = s3_client(s3_server, None, None, None, pool=4)
-    assert client.get_object(Bucket=s3_bucket, Key="k.bin")["Body"].read() == b"public bytes"
+    import boto3
+    import botocore
+
+    from vaultsh.store.s3 import S3Credentials
+
+    iam = boto3.client("iam", endpoint_url=s3_server, region_name="us-east-1")
+    user = f"creds-{s3_bucket}"
+    iam.create_user(UserName=user)
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+    iam.put_user_policy(UserName=user, PolicyName="all-s3", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAUNKNOWNKEY000000")  # the chain's would be rejected
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-it")
+    monkeypatch.setenv("AWS_NO_SIGN_REQUEST", "1")  # and would not sign at all
+    creds = S3Credentials(key["AccessKeyId"], key["SecretAccessKey"])
+    st = S3Store(s3_bucket, endpoint_url=s3_server, max_attempts=1, credentials=creds)
+    assert st.client.meta.config.signature_version is not botocore.UNSIGNED
+    with moto_auth(s3_server):
+        st.put_bytes("signed.bin", b"by the given key")
+        assert pickle.loads(pickle.dumps(st)).get_bytes("signed.bin") == b"by the given key"
+        wrong = S3Store(
+            s3_bucket, endpoint_url=s3_server, max_attempts=1, credentials=S3Credentials(key["AccessKeyId"], "x")
+        )
+        with pytest.raises(StoreError, match="rejected"):
+            wrong.get_bytes("signed.bin")
+        chain = S3Store(s3_bucket, endpoint_url=s3_server, max_attempts=1, unsigned=False)
+        with pytest.raises(StoreError, match="InvalidAccessKeyId"):
+            chain.get_bytes("signed.bin")
+    assert key["SecretAccessKey"] not in repr(st) + repr(creds) + repr(vars(st))
 
 
 def test_s3_read_without_credentials_suggests_no_sign_request(s3_server, s3_bucket, monkeypatch):

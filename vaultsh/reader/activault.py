@@ -12,7 +12,6 @@ import torch
 
 from vaultsh.errors import UserError
 from vaultsh.reader.core import MAX_CONNECTIONS, MB, ActivationReader
-from vaultsh.reader.fetch import StoreSpec
 from vaultsh.reader.progress import ReaderStats
 from vaultsh.run import Run
 from vaultsh.store import is_s3_uri, normalize_key
@@ -97,27 +96,18 @@ class S3RCache:
         self.device = dev
 
         locals_ = [_activault_source(p) for p in prefixes]
-        store = spec = None
+        store = None
         if not all(locals_):
-            from vaultsh.store.s3 import S3Store
+            from vaultsh.store.s3 import S3Credentials, S3Store
 
             endpoint = os.environ.get("S3_ENDPOINT_URL") or None
-            pool = min(int(concurrency), MAX_CONNECTIONS) * 2
+            connections = min(int(concurrency), MAX_CONNECTIONS)
             if s3_client is not None:
                 store = S3Store(bucket, endpoint_url=endpoint, client=s3_client)
             else:
                 key, secret = _credentials if _credentials else (None, None)
-                token = os.environ.get("AWS_SESSION_TOKEN") if key is None else None
-                spec = StoreSpec(
-                    "s3-creds",
-                    bucket=bucket,
-                    endpoint_url=endpoint,
-                    access_key=key,
-                    secret_key=secret,
-                    session_token=token,
-                    pool=pool,
-                )
-                store = spec.open()
+                creds = S3Credentials(key, secret) if key is not None else None  # None: boto3's own chain
+                store = S3Store(bucket, endpoint_url=endpoint, credentials=creds, max_concurrency=connections)
         sources = []
         for p, loc in zip(prefixes, locals_):
             sources.append(loc if loc else normalize_key(str(p)).strip("/"))
@@ -136,9 +126,7 @@ class S3RCache:
             _token_shuffle=bool(shuffle and not return_ids),
         )
         opts.update(reader_kwargs)
-        self._reader = ActivationReader(
-            sources if len(sources) > 1 else sources[0], store=store, _store_spec=spec, **opts
-        )
+        self._reader = ActivationReader(sources if len(sources) > 1 else sources[0], store=store, **opts)
         self.metadata = self._reader.metadata
         try:
             first = self._reader._sources[0]

@@ -196,7 +196,6 @@ class ActivationReader:
         max_norm_factor: float | None = None,
         norm_hook: str | None = None,
         _token_shuffle: bool = False,
-        _store_spec: StoreSpec | None = None,
         _zip: bool = False,
     ):
         if on_error not in ("raise", "skip"):
@@ -260,7 +259,7 @@ class ActivationReader:
         for src in sources:
             spec, st, run_name, hook = resolve(src, store)
             try:
-                s = _Source(_store_spec or spec, st, run_name, hook, Run(st, run_name).read_metadata(hook))
+                s = _Source(spec, st, run_name, hook, Run(st, run_name).read_metadata(hook))
             except ValueError as exc:  # an invalid hook directory name
                 raise UserError(f"{src!r}: {exc}") from None
             s.given = os.fspath(src)

@@ -19,7 +19,7 @@ from typing import Any
 
 from vaultsh.errors import Cancelled, FormatError, NotFoundError, StoreError, UserError
 from vaultsh.store import LocalStore, is_s3_uri, normalize_key, open_store, s3_location
-from vaultsh.store.retry import RetryPolicy, botocore_retries
+from vaultsh.store.retry import RetryPolicy
 
 logger = logging.getLogger("vaultsh.reader")
 
@@ -35,36 +35,6 @@ class TransientExhausted(StoreError):
 
 
 # -- opening stores ----------------------------------------------------------
-def s3_client(
-    endpoint_url: str | None, access_key: str | None, secret_key: str | None, session_token: str | None, pool: int
-):
-    """A boto3 S3 client with explicit credentials (None: boto3's default chain, or unsigned
-    requests when AWS_NO_SIGN_REQUEST is set)."""
-    import boto3
-    import botocore
-    from botocore.config import Config
-
-    from vaultsh.store import no_sign_request
-
-    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
-    session = boto3.session.Session(
-        aws_access_key_id=access_key,
-        aws_secret_access_key=secret_key,
-        aws_session_token=session_token,
-        region_name=region,
-    )
-    config = Config(
-        retries=botocore_retries(),
-        max_pool_connections=max(10, pool),
-        connect_timeout=10,
-        read_timeout=120,
-        s3={"addressing_style": "path"} if endpoint_url else None,
-        user_agent_extra="vaultsh-reader",
-        **({"signature_version": botocore.UNSIGNED} if access_key is None and no_sign_request() else {}),
-    )
-    return session.client("s3", endpoint_url=endpoint_url or None, config=config)
-
-
 class StoreSpec:
     """Enough to reopen a store in another process (DataLoader workers). Never printed."""
 
@@ -81,11 +51,6 @@ class StoreSpec:
             return LocalStore(kw["root"], create=False)
         if self.kind == "uri":
             return open_store(kw["uri"], create=False)
-        if self.kind == "s3-creds":
-            from vaultsh.store.s3 import S3Store
-
-            client = s3_client(kw["endpoint_url"], kw["access_key"], kw["secret_key"], kw["session_token"], kw["pool"])
-            return S3Store(kw["bucket"], endpoint_url=kw["endpoint_url"], client=client)
         if self.kind == "object":
             store = kw["store"]
             try:  # a fresh copy: S3Store drops its client when pickled and builds a new one

@@ -22,6 +22,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -52,8 +53,21 @@ _loader_lock = threading.Lock()
 _shared_loader = None
 
 
-def _new_session():
-    """A fresh boto3 session (so credentials and env are read anew) sharing one data loader.
+@dataclass(frozen=True)
+class S3Credentials:
+    """Explicit S3 credentials (instead of boto3's chain: env, config files, instance role). Never printed."""
+
+    access_key: str
+    secret_key: str | None = None
+    session_token: str | None = None
+
+    def __repr__(self) -> str:
+        return "S3Credentials(...)"
+
+
+def _new_session(credentials: S3Credentials | None = None):
+    """A fresh boto3 session (so credentials and env are read anew) sharing one data loader; `credentials`
+    replace boto3's own chain.
 
     Loading botocore's S3 service model costs ~0.15 s per session; the JSON never
     changes within a process, so every S3Store reuses the same loader.
@@ -68,6 +82,8 @@ def _new_session():
             _shared_loader = botocore.loaders.create_loader()
         core = botocore.session.get_session()
         core.register_component("data_loader", _shared_loader)
+        if credentials is not None:
+            core.set_credentials(credentials.access_key, credentials.secret_key, credentials.session_token)
         session = boto3.session.Session(botocore_session=core)
         # boto3 appends its data path to the loader on every session: keep each path once
         paths = _shared_loader.search_paths
@@ -120,6 +136,7 @@ class S3Store:
         connect_timeout: float = 10,
         read_timeout: float = 120,
         unsigned: bool | None = None,
+        credentials: S3Credentials | None = None,
     ):
         bucket = (bucket or "").strip()
         if not bucket or "/" in bucket:
@@ -135,10 +152,11 @@ class S3Store:
         self.max_attempts = max(1, int(max_attempts))
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.credentials = credentials  # kept for a pickled copy's client; never in repr or errors
         if unsigned is None:
             from vaultsh.store import no_sign_request
 
-            unsigned = no_sign_request()
+            unsigned = credentials is None and no_sign_request()
         self.unsigned = bool(unsigned)  # public buckets: no credentials, requests not signed
         self._client = client
         self._lock = threading.Lock()
@@ -187,7 +205,7 @@ class S3Store:
             from botocore.config import Config
 
             endpoint = self._endpoint_arg or os.environ.get("S3_ENDPOINT_URL") or None
-            session = _new_session()
+            session = _new_session(self.credentials)
             region = session.region_name or _DEFAULT_REGION
             s3_opts = {"addressing_style": "path"} if endpoint else {}
             config = Config(
