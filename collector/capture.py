@@ -348,7 +348,7 @@ class _Resolver:
         if lo.mlp_kind == "fused_gated":
             m, p = self._sub(spec, mlp, mpath, lo.mlp_first, "fused gate/up projection")
             half = 0 if site == "mlp.hook_pre" else 1
-            return Probe(spec, m, p, "out", lambda t, h=half: t.chunk(2, dim=-1)[h].contiguous())
+            return Probe(spec, m, p, "out", lambda t: t.chunk(2, dim=-1)[half].contiguous())
         attr = lo.mlp_first if site == "mlp.hook_pre" else lo.mlp_up
         return Probe(spec, *self._sub(spec, mlp, mpath, attr, "MLP projection"), "out")
 
@@ -461,7 +461,7 @@ def _accepts_kwarg(model: Any, name: str) -> bool:
 def _use_eager_attention(model: Any) -> None:
     """Attention probabilities exist only in the eager implementation (SDPA/flash never form them)."""
     cfg = getattr(model, "config", None)
-    if getattr(cfg, "_attn_implementation", "eager") == "eager":
+    if cfg is None or getattr(cfg, "_attn_implementation", "eager") == "eager":
         return
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("eager")

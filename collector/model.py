@@ -63,6 +63,7 @@ def gguf_cache_dir(source: ModelSource) -> Path:
     the converted safetensors copy loads in about a second. The key includes
     the file's size and mtime, so a changed file is converted again.
     """
+    assert source.gguf_file, "only a GGUF model has a converted copy"
     f = Path(source.path) / source.gguf_file
     st = f.stat()
     digest = hashlib.sha256(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -79,8 +80,9 @@ def _convert_gguf(source: ModelSource, common: dict, dest: Path) -> None:
         AutoTokenizer.from_pretrained(source.path, **common).save_pretrained(tmp)
         model = AutoModelForCausalLM.from_pretrained(source.path, **common)
         # The weights are already dequantized; drop the GGUF marker so they can be saved as-is.
-        model.hf_quantizer = None
-        model.is_quantized = False
+        # (torch's stubs type a Module's undeclared attributes as Tensor | Module; any value is fine at runtime)
+        model.hf_quantizer = None  # type: ignore[assignment]
+        model.is_quantized = False  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp)
@@ -160,7 +162,7 @@ def load_model_and_tokenizer(model_cfg: Any):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"model_name: cannot load {source.display!r}: {first}") from None
     if "device_map" not in kwargs:
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # typeshed#10653: a functools.wraps method binds no self
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

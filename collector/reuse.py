@@ -185,12 +185,12 @@ class ReusedBatches:
             pos = torch.arange(ids.shape[1])
             last = torch.where(real, pos, torch.full_like(pos, -1)).max(dim=1).values
             att = (pos[None, :] <= last[:, None]).to(torch.int64)
-        source = [tuple(int(x) for x in r) for r in mb.source[lo:hi]] if mb.source is not None else []
+        source = [(src, doc, off) for src, doc, off in mb.source[lo:hi].tolist()] if mb.source is not None else []
         segments = []
         if mb.source_segments is not None:
             seg = mb.source_segments
             rows = seg[(seg[:, 0] >= lo) & (seg[:, 0] < hi)]
-            segments = [(int(r[0]) - lo, *(int(x) for x in r[1:])) for r in rows]
+            segments = [(row - lo, position, src, doc, off) for row, position, src, doc, off in rows.tolist()]
         return Batch(
             index=b,
             input_ids=ids,

@@ -25,12 +25,15 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from vaultsh.errors import FormatError
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
 
 __all__ = ["RunningStats", "merge_all", "STATS_FORMAT"]
 
@@ -138,30 +141,37 @@ def _moments_torch_device(x2) -> tuple[int, np.ndarray, np.ndarray, float]:
             mean = (w * mt).sum(dim=0) / n
             dv = mt - mean
             m2 = torch.stack(m2s).sum(dim=0) + (w * dv * dv).sum(dim=0)
+        assert norm_sum is not None  # the loop ran: n >= 1 (empty batches never get here)
         packed = torch.cat([mean, m2, norm_sum.reshape(1)]).cpu().numpy()
     return n, packed[:d].copy(), packed[d : 2 * d].copy(), float(packed[2 * d])
 
 
-@dataclass
+@dataclass(init=False)
 class RunningStats:
-    """Per-feature count, mean and M2 plus the sum of token L2 norms, in float64."""
+    """Per-feature count, mean and M2 plus the sum of token L2 norms, in float64.
+
+    `mean` and `m2` are given as any d values (a list, a numpy array, a torch tensor) or None for zeros,
+    and held as float64 numpy arrays.
+    """
 
     d: int
-    count: int = 0
-    mean: np.ndarray = field(default=None)  # type: ignore[assignment]
-    m2: np.ndarray = field(default=None)  # type: ignore[assignment]
-    norm_sum: float = 0.0
+    count: int
+    mean: np.ndarray
+    m2: np.ndarray
+    norm_sum: float
 
-    def __post_init__(self) -> None:
-        if isinstance(self.d, bool) or not isinstance(self.d, (int, np.integer)) or self.d < 1:
-            raise ValueError(f"d must be a positive integer, got {self.d!r}")
-        self.d = int(self.d)
-        if isinstance(self.count, bool) or not isinstance(self.count, (int, np.integer)) or self.count < 0:
-            raise ValueError(f"count must be a non-negative integer, got {self.count!r}")
-        self.count = int(self.count)
-        self.mean = self._vec(self.mean, "mean")
-        self.m2 = self._vec(self.m2, "m2")
-        self.norm_sum = float(self.norm_sum)
+    def __init__(
+        self, d: int, count: int = 0, mean: ArrayLike | None = None, m2: ArrayLike | None = None, norm_sum: float = 0.0
+    ) -> None:
+        if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
+            raise ValueError(f"d must be a positive integer, got {d!r}")
+        self.d = int(d)
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
+            raise ValueError(f"count must be a non-negative integer, got {count!r}")
+        self.count = int(count)
+        self.mean = self._vec(mean, "mean")
+        self.m2 = self._vec(m2, "m2")
+        self.norm_sum = float(norm_sum)
 
     def _vec(self, v, name: str) -> np.ndarray:
         if v is None:

@@ -300,7 +300,8 @@ class Dashboard(App):
         self.push_screen(BatchScreen(self._batches, list(self.source.info.hooks), note=note))
 
     def action_help(self) -> None:
-        self.push_screen(HelpScreen(self.BINDINGS, read_only=self.source.read_only))
+        bindings = [b for b in self.BINDINGS if isinstance(b, Binding)]  # every one here (textual allows tuples too)
+        self.push_screen(HelpScreen(bindings, read_only=self.source.read_only))
 
     async def action_quit(self) -> None:
         if self.quitting:

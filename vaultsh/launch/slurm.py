@@ -32,15 +32,14 @@ _NAME = re.compile(r"^[A-Za-z0-9_.,:+-]+$")
 _CONSTRAINT = re.compile(r"^[A-Za-z0-9_.,:+&|*\[\]()-]+$")
 _JOB_ID = re.compile(r"^(\d+)(?:_\d+)?(?:;.*)?$")
 EVENTS_FD = 3
-DEFAULTS = {"gpus": 1, "mem": "250G", "cpus": 16}
 
 
 @dataclass
 class SlurmOptions:
     partition: str | None = None
-    gpus: int = DEFAULTS["gpus"]
-    mem: str = DEFAULTS["mem"]
-    cpus: int = DEFAULTS["cpus"]
+    gpus: int = 1
+    mem: str = "250G"
+    cpus: int = 16
     time: str | None = None
     account: str | None = None
     qos: str | None = None

@@ -15,11 +15,15 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vaultsh.errors import NotFoundError, UserError
 from vaultsh.events import Event, parse
 from vaultsh.launch import slurm as sl
 from vaultsh.launch.common import ranges
+
+if TYPE_CHECKING:
+    from vaultsh.supervise.watcher import StoreWatcher
 
 PENDING, RUNNING, DONE, FAILED, UNKNOWN = "pending", "running", "done", "failed", "unknown"
 STATES = (PENDING, RUNNING, DONE, FAILED, UNKNOWN)
@@ -218,7 +222,7 @@ class CommitView:
 
     def __init__(self, run_uri: str):
         self.run_uri = run_uri
-        self._watcher = None
+        self._watcher: StoreWatcher | None = None
 
     def progress(self) -> dict[int, tuple[int, int | None]]:
         """index -> (batches committed, batches of its share or None); {} before any worker wrote cfg.json."""
@@ -238,7 +242,7 @@ def classify(
 ) -> tuple[str, str]:
     """(state, why) of one index from Slurm's view and its committed batches."""
     st = task.state if task else None
-    if st in _SLURM_PENDING:
+    if task is not None and st in _SLURM_PENDING:
         return PENDING, f"{st} ({task.reason})" if task.reason and task.reason != "None" else st
     if st in _SLURM_RUNNING:
         return RUNNING, st
@@ -248,7 +252,7 @@ def classify(
         if total is None:
             return DONE, "exit status 0"
         return FAILED, f"exited 0 with {batches}/{total} batches committed (stopped early; a resubmit resumes it)"
-    if st is not None:
+    if task is not None:
         return FAILED, f"{st}, exit status {task.exit_code or '?'}"
     if job_id is None:
         return FAILED, "never submitted"

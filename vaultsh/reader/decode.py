@@ -77,7 +77,7 @@ def _load_pt_quietly(data: bytes, uri: str) -> dict:
 
 def decode(buf: torch.Tensor, uri: str, labels: bool = False) -> Decoded:
     """Tensors of a whole file held in the uint8 tensor `buf` (safetensors: views of it; pt: loaded copies)."""
-    mv = memoryview(buf.numpy()).cast("B")
+    mv = buf.numpy().data.cast("B")
     size = len(mv)
     if size >= 8:
         (n,) = struct.unpack("<Q", mv[:8])

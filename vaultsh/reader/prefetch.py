@@ -105,6 +105,12 @@ class _Download:
         self.short: dict[int, int] = {}  # part index -> bytes readable, for parts shorter than listed
         self.future: Future = Future()
 
+    def take_lease(self) -> Lease:
+        """The buffer's lease, handed over once: to the pool or the consumer when the download ends."""
+        lease, self.lease = self.lease, None
+        assert lease is not None, "a download's lease is handed over once"
+        return lease
+
 
 @dataclass
 class FetchOptions:
@@ -195,7 +201,10 @@ class Prefetcher:
     def _fetch(self, dl: _Download, part: int, start: int, length: int) -> int:
         p = dl.task.parts[part]
         at = p.offset + start
-        mv = memoryview(dl.buf.numpy()).cast("B")[at : at + length]
+        buf = dl.buf
+        if buf is None:  # close() let go of it
+            raise Closed()
+        mv = buf.numpy().data.cast("B")[at : at + length]
         return read_with_retries(
             self.stores[p.source],
             p.key,
@@ -232,7 +241,7 @@ class Prefetcher:
                     self.stager.submit(self._finish, dl)
                 except RuntimeError:  # closed
                     dl.buf = None
-                    self.pool.release(dl.lease)
+                    self.pool.release(dl.take_lease())
 
     def _finish(self, dl: _Download) -> None:
         item = Item(dl.task)
@@ -245,16 +254,18 @@ class Prefetcher:
                 raise FormatError(
                     f"{p.uri}: truncated or replaced: {dl.short[i]} bytes readable, {p.size} expected (listed size)"
                 )
+            if dl.buf is None:  # close() let go of it
+                raise Closed()
             item.staged = self.stage_fn(dl.buf, dl.task)
         except BaseException as exc:  # noqa: BLE001 - the consumer applies on_error
             traceback.clear_frames(exc.__traceback__)
             item.error, item.staged = exc, None
         dl.buf = None  # a CPU block goes back to the pool as soon as no tensor views it
+        lease = dl.take_lease()
         if item.staged is not None and item.staged.aliases:
-            item.lease = dl.lease  # the consumer's tensors are views of the buffer
+            item.lease = lease  # the consumer's tensors are views of the buffer
         else:
-            self.pool.release(dl.lease)
-        dl.lease = None
+            self.pool.release(lease)
         dl.future.set_result(item)
 
     # -- consumer side ------------------------------------------------------

@@ -14,7 +14,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import psutil
 
 EVENTS_FD_PLACEHOLDER = "{events_fd}"
 READ_COALESCE_S = 0.02  # events wait at most this long in the pipe (far below one screen refresh)
@@ -50,7 +53,7 @@ class WorkerProcess:
         self.die_with_parent = die_with_parent  # Linux: SIGTERM the worker when the spawning thread's process dies
         self.pid: int | None = None
         self._proc: subprocess.Popen | None = None
-        self._ps = None  # psutil.Process, keyed by pid + create time
+        self._ps: psutil.Process | None = None  # keyed by pid + create time
         self._reader: threading.Thread | None = None
 
     def start(self, on_lines: Callable[[list[bytes]], None]) -> None:

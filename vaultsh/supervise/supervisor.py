@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import signal
 import threading
 import time
@@ -147,7 +148,7 @@ class Supervisor:
         w.queued, w.in_flight_bytes, w.mb_per_s = 0, 0, 0.0
         w.log_path = handle.log_path
         try:
-            handle.start(lambda lines, i=i: self._on_lines(i, lines))
+            handle.start(functools.partial(self._on_lines, i))
         except OSError as exc:
             w.state, w.last_error, w.ended_at = FAILED, f"could not start: {exc}", now
             w.log.append(self.log.add(now, i, "error", w.last_error))

@@ -48,10 +48,9 @@ class StoreWatcher(Supervisor):
         cfg = self.run.read_cfg()
         if cfg is None:
             raise NotFoundError(f"{self.run.uri}: no cfg.json there (not a vaultsh run, or not started yet)")
-        conf = cfg.get("config") if isinstance(cfg.get("config"), dict) else {}
-        data = conf.get("data") if isinstance(conf.get("data"), dict) else {}
+        data = _dict(_dict(cfg.get("config")).get("data"))
         num_runs = _pos_int(cfg.get("num_runs"), 1)
-        hooks = list(cfg["hooks"]) if isinstance(cfg.get("hooks"), dict) else []
+        hooks = list(_dict(cfg.get("hooks")))
         info = RunInfo(
             run=str(cfg.get("run_name") or self.run.name),
             model=str(cfg.get("model_name") or ""),
@@ -216,6 +215,10 @@ class StoreWatcher(Supervisor):
 
 def _no_launch(i: int):
     raise RuntimeError("a watcher starts no workers")
+
+
+def _dict(v) -> dict:
+    return v if isinstance(v, dict) else {}
 
 
 def _pos_int(v, default: int) -> int:
