@@ -501,3 +501,18 @@ def test_commit_refuses_files_outside_their_hook_dir(store):
     with pytest.raises(TypeError):
         run.commit({"worker": 0})
     assert not run.has_commit_records()
+
+
+def test_run_at_a_uri_and_the_store_root_refused(tmp_path):
+    """`Run.at` is how watch, the batch viewers and the SAELens scaling factor open a run by URI."""
+    from vaultsh.errors import UserError
+    from vaultsh.explore.batch import open_run
+    from vaultsh.supervise.watcher import StoreWatcher
+
+    LocalStore(tmp_path).put_bytes("my-run/cfg.json", b"{}")
+    run = Run.at(f"{tmp_path}/my-run/")  # a local path: its store is the filesystem's root
+    assert run.uri == str(tmp_path / "my-run") and run.read_cfg() == {}
+    for open_ in (Run.at, open_run, StoreWatcher):
+        with pytest.raises(UserError, match=r"^/: give the run's URI \(store/run_name\), not the store root$"):
+            open_("/")
+    assert open_run(str(tmp_path / "nowhere" / "run")) is None  # nothing written there yet

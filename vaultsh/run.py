@@ -410,6 +410,16 @@ class Run:
     def __repr__(self) -> str:
         return f"Run({self.uri!r})"
 
+    @classmethod
+    def at(cls, uri: str) -> Run:
+        """The run at `uri` (STORE/RUN_NAME: a local path or an s3:// URI); one line naming it for the store root."""
+        from vaultsh.store import open_location
+
+        store, key = open_location(str(uri).rstrip("/") or "/")  # ("/" alone is the root, not "" = the cwd)
+        if key.strip("/") in ("", "."):  # "." : a local path's root
+            raise UserError(f"{uri}: give the run's URI (store/run_name), not the store root")
+        return cls(store, key)
+
     @property
     def uri(self) -> str:
         return self.store.child_uri(self.name)

@@ -66,16 +66,10 @@ class Batch:
 
 def open_run(uri: str) -> Run | None:
     """The run at `uri` (a local path or s3:// URI); None while nothing has been written there yet."""
-    from vaultsh.store import open_location
-
     try:
-        store, key = open_location(uri)
+        return Run.at(uri)
     except NotFoundError:
         return None
-    key = key.strip("/")
-    if not key:
-        raise UserError(f"{uri}: not a run (the store root)")
-    return Run(store, key)
 
 
 def newest(commits: list[CommitRecord], hook: str) -> tuple[CommitRecord, FileRecord] | None:

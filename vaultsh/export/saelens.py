@@ -80,10 +80,9 @@ class _Quiet:
 def saelens_scaling_factor(run_uri: str, hook: str) -> float:
     """sqrt(d_in) / mean token norm from the hook's statistics.json: SAELens's `activation_scaler.scaling_factor`."""
     from vaultsh.run import Run
-    from vaultsh.store import open_location
 
-    store, key = open_location(str(run_uri).rstrip("/"))
-    run = Run(store, key.strip("/"))
+    run = Run.at(run_uri)
+    store = run.store
     try:
         stats = run.read_statistics(hook)
     except ValueError as exc:

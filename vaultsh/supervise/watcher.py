@@ -20,7 +20,6 @@ from collections.abc import Callable
 from vaultsh.errors import NotFoundError, UserError
 from vaultsh.events import Committed, fold
 from vaultsh.run import CommitRecord, Run
-from vaultsh.store import open_location
 from vaultsh.supervise.state import DONE, IDLE, RUNNING, WAITING
 from vaultsh.supervise.supervisor import RunInfo, Supervisor
 
@@ -40,11 +39,7 @@ class StoreWatcher(Supervisor):
         idle_after: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
     ):
-        store, key = open_location(run_uri)
-        key = key.strip("/")
-        if not key:
-            raise UserError(f"{run_uri}: give the run's URI (store/run_name), not the store root")
-        self.run = Run(store, key)
+        self.run = Run.at(run_uri)
         cfg = self.run.read_cfg()
         if cfg is None:
             raise NotFoundError(f"{self.run.uri}: no cfg.json there (not a vaultsh run, or not started yet)")
