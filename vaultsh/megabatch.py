@@ -36,13 +36,15 @@ import struct
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 from vaultsh.dtypes import BY_CODE, from_torch_dtype, to_torch_dtype
 from vaultsh.errors import FormatError, UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+
+    from vaultsh.store.base import WriteStream
 
 FORMAT_NAME = "vaultsh.megabatch"
 SOURCE = "source"  # int64 [N, 3]: (source index, document index, token offset) of each sequence's first token
@@ -346,14 +348,14 @@ def _check_megabatch_shapes(h: MegabatchHeader, key: str | None) -> None:
         (SOURCE, len(SOURCE_COLUMNS), s.shape[0]),
         (SOURCE_SEGMENTS, len(SEGMENT_COLUMNS), None),
     ):
-        info = t.get(name)
-        if info is None:
+        prov = t.get(name)
+        if prov is None:
             continue
-        if len(info.shape) != 2 or info.shape[1] != width or (first is not None and info.shape[0] != first):
+        if len(prov.shape) != 2 or prov.shape[1] != width or (first is not None and prov.shape[0] != first):
             want = f"[{first if first is not None else 'M'}, {width}]"
-            raise _fail(key, f"tensor {name!r} has shape {list(info.shape)}, expected {want}")
-        if info.dtype != "I64":
-            raise _fail(key, f"tensor {name!r} has dtype {info.dtype}, expected I64")
+            raise _fail(key, f"tensor {name!r} has shape {list(prov.shape)}, expected {want}")
+        if prov.dtype != "I64":
+            raise _fail(key, f"tensor {name!r} has dtype {prov.dtype}, expected I64")
 
 
 # --------------------------------------------------------------------------
@@ -374,7 +376,7 @@ def _raw_view(t: torch.Tensor) -> memoryview:
         flat = flat.view(torch.uint8)
     if sys.byteorder != "little" and t.element_size() > 1:  # pragma: no cover - big-endian hosts
         raise ValueError("writing megabatches on a big-endian host is not supported")
-    return memoryview(flat.numpy()).cast("B")
+    return flat.numpy().data.cast("B")
 
 
 def _check_write_args(states, input_ids, mask, labels, source=None, segments=None) -> None:
@@ -507,9 +509,9 @@ def write_megabatch(
         }
         written = [0]
 
-        def write_pt(f: BinaryIO) -> None:
+        def write_pt(f: WriteStream) -> None:
             start = f.tell()
-            torch.save(obj, f)
+            torch.save(obj, f)  # type: ignore[arg-type]  # torch's stubs ask for IO[bytes]; it needs only write/flush
             written[0] = f.tell() - start
 
         store.put_stream(key, write_pt)
@@ -531,7 +533,7 @@ def write_megabatch(
     views = [_raw_view(tn) for _, tn in order]
     total = len(prefix) + sum(v.nbytes for v in views)
 
-    def write_st(f: BinaryIO) -> None:
+    def write_st(f: WriteStream) -> None:
         f.write(prefix)
         for v in views:
             if v.nbytes:
@@ -711,8 +713,8 @@ def read_megabatch(store, key: str, names: list[str] | None = None) -> Megabatch
         data = store.get_bytes(key)
         header = parse_header(data, len(data), key)
         if header.format == "pt":
-            obj = load_pt(data, key)
-            return _megabatch_from_pt(obj, pt_header(obj, len(data)), None, key)
+            loaded = load_pt(data, key)
+            return _megabatch_from_pt(loaded, pt_header(loaded, len(data)), None, key)
         mv = memoryview(data)
         fetch = lambda info: mv[header.data_offset + info.start : header.data_offset + info.end]  # noqa: E731
     else:
@@ -752,7 +754,7 @@ def read_source(
     """
     if header is None:
         header = read_header(store, key)
-    out = []
+    out: list[torch.Tensor | None] = []
     for name in (SOURCE, SOURCE_SEGMENTS):
         info = header.tensors.get(name)
         if header.format != "safetensors" or info is None:

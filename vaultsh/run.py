@@ -139,11 +139,16 @@ def _need(d: dict, name: str, types: tuple, where: str, optional: bool = False):
     return v
 
 
-def _need_nonneg(d: dict, name: str, where: str, optional: bool = False) -> int | None:
-    v = _need(d, name, (int,), where, optional)
-    if v is not None and v < 0:
+def _need_nonneg(d: dict, name: str, where: str) -> int:
+    v = _need(d, name, (int,), where)
+    if v < 0:
         raise FormatError(f"{where}: field {name!r} must be >= 0, got {v}")
     return v
+
+
+def _opt_nonneg(d: dict, name: str, where: str) -> int | None:
+    """Like _need_nonneg, but the field may be absent or null (None then)."""
+    return None if d.get(name) is None else _need_nonneg(d, name, where)
 
 
 @dataclass
@@ -186,10 +191,10 @@ class FileRecord:
             key=key,
             size=_need_nonneg(d, "size", where),
             sha256=sha,
-            n_sequences=_need_nonneg(d, "n_sequences", where, optional=True) or 0,
-            n_tokens=_need_nonneg(d, "n_tokens", where, optional=True) or 0,
-            worker=_need_nonneg(d, "worker", where, optional=True),
-            index=_need_nonneg(d, "index", where, optional=True),
+            n_sequences=_opt_nonneg(d, "n_sequences", where) or 0,
+            n_tokens=_opt_nonneg(d, "n_tokens", where) or 0,
+            worker=_opt_nonneg(d, "worker", where),
+            index=_opt_nonneg(d, "index", where),
         )
 
 
@@ -239,11 +244,11 @@ class CommitRecord:
             )
         files_raw = _need(d, "files", (dict,), where)
         files: dict[str, FileRecord] = {}
-        for hook, fr in files_raw.items():
-            rec = FileRecord.from_dict(fr, f"{where}: files[{hook!r}]")
-            if rec.hook != hook:
-                raise FormatError(f"{where}: files[{hook!r}] names hook {rec.hook!r}")
-            files[hook] = rec
+        for hook, raw in files_raw.items():
+            fr = FileRecord.from_dict(raw, f"{where}: files[{hook!r}]")
+            if fr.hook != hook:
+                raise FormatError(f"{where}: files[{hook!r}] names hook {fr.hook!r}")
+            files[hook] = fr
         rec = cls(
             worker=_need_nonneg(d, "worker", where),
             index=_need_nonneg(d, "index", where),
@@ -251,7 +256,7 @@ class CommitRecord:
             batch_end=_need_nonneg(d, "batch_end", where),
             files=files,
             created=_need(d, "created", (str,), where),
-            tokens=_need_nonneg(d, "tokens", where, optional=True) or 0,
+            tokens=_opt_nonneg(d, "tokens", where) or 0,
         )
         if rec.batch_end < rec.batch_start:
             raise FormatError(f"{where}: batch_end {rec.batch_end} < batch_start {rec.batch_start}")
@@ -798,12 +803,14 @@ class Run:
             try:
                 for entry in self.read_commit_chunk(chunk.key):
                     parsed = self.chunk_entry_key(entry)
-                    listed = wanted.get(parsed[0]) if parsed else None
+                    if parsed is None:
+                        continue
+                    key, w, i = parsed
+                    listed = wanted.get(key)
                     if listed is None or listed.size != entry.get("size"):
                         continue
                     if listed.mtime is not None and chunk.mtime is not None and listed.mtime > chunk.mtime:
                         continue  # the record was rewritten after the chunk
-                    key, w, i = parsed
                     out[key] = self.parse_commit(entry.get("record"), w, i, self.store.child_uri(key))
             except (UserError, ValueError, TypeError, AttributeError):
                 return {}  # an unreadable chunk is only a lost shortcut

@@ -99,6 +99,7 @@ class SAE:
         if self.architecture == "jumprelu":
             h = h * (pre > self.threshold)
         elif self.architecture == "topk":
+            assert self.k is not None  # load_sae refuses a top-k SAE without one
             vals, idx = h.topk(min(self.k, h.shape[1]), dim=1)
             h = torch.zeros_like(h).scatter_(1, idx, vals)
         return h

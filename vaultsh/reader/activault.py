@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +133,7 @@ class S3RCache:
             self.config = Run(first.store, first.run).read_cfg() or {}
         except Exception:  # noqa: BLE001 - Activault only warns when cfg.json is missing
             self.config = {}
-        self._it = None
+        self._it: Generator[dict, None, None] | None = None
 
     # Activault's surface ---------------------------------------------------------
     @property

@@ -8,7 +8,7 @@ import math
 import os
 import random
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -588,7 +588,7 @@ class ActivationReader:
             parts.append(StagedPart(p.source, d.states, d.input_ids, d.mask, d.labels, p.uri, d.source))
         return stager.stage(parts, buf, task.pos)
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Generator[dict, None, None]:  # a generator: close() stops its downloads
         return self._iterate()
 
     def _iterate(self):

@@ -111,7 +111,6 @@ class Shell:
             interactive=interactive,
             ask=self._ask if interactive else None,
         )
-        self.ctx.shell = self
         self._start_at(cwd)
 
     # -- start -----------------------------------------------------------------

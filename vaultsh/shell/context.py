@@ -111,7 +111,6 @@ class ShellContext:
         self.commits = TTLCache(COMMITS_TTL_S)
         self._commit_records: dict[tuple[str, str], dict] = {}  # per run: records read so far (Run.iter_commits known=)
         self._commit_lock = threading.Lock()
-        self.shell = None  # the Shell, for interactive follow-ups (the batch viewer)
 
     # -- locations -----------------------------------------------------------
     @property

@@ -37,6 +37,12 @@ def _progress(ctx: ShellContext, what: str) -> Iterator[Progress]:
         yield lambda done, total: update(completed=done, total=total)
 
 
+def parse_count(name: str, value, default: int, lo: int | None = 0) -> int:
+    """An option's whole-number value, `default` when the option is not given."""
+    v = parse_int(name, value, lo)
+    return default if v is None else v
+
+
 def parse_float(name: str, value, default: float) -> float:
     if value is None:
         return default
@@ -85,8 +91,8 @@ def grep_cmd(ctx: ShellContext, a) -> GrepResult:
             a.pattern,
             regex=a.regex,
             hook=a.hook,
-            limit=parse_int("-n", a.n, 1) or 50,
-            context_tokens=parse_int("--context", a.context) if a.context is not None else 8,
+            limit=parse_count("-n", a.n, 50, lo=1),
+            context_tokens=parse_count("--context", a.context, 8),
             ignore_case=a.i,
             progress=progress,
         )
@@ -114,8 +120,8 @@ def top_cmd(ctx: ShellContext, a) -> TopResult:
             key,
             hook,
             vf,
-            k=parse_int("-k", a.k, 1) or 20,
-            context_tokens=parse_int("--context", a.context) if a.context is not None else 8,
+            k=parse_count("-k", a.k, 20, lo=1),
+            context_tokens=parse_count("--context", a.context, 8),
             files=parse_int("--files", a.files, 1),
             progress=progress,
         )
@@ -134,7 +140,7 @@ def sae_eval_cmd(ctx: ShellContext, a) -> SaeEvalResult:
     from vaultsh.explore.saeeval import sae_eval
 
     key, hook = hook_location(ctx, a.hook if a.hook != "." else None)
-    n = parse_int("--tokens", a.tokens, 1) or 100_000
+    n = parse_count("--tokens", a.tokens, 100_000, lo=1)
     dense = parse_float("--dense", a.dense, 0.1)
     with _progress(ctx, "sae-eval") as progress:
         return sae_eval(ctx.store, key, hook, a.ckpt, tokens=n, dense=dense, progress=progress)
@@ -179,4 +185,6 @@ def heat_view(ctx: ShellContext, key: str, batch: str, a) -> HeatResult:
     """`view TARGET BATCH --heat ...`: the sequence coloured by a value."""
     from vaultsh.explore.heat import heat
 
-    return heat(ctx.store, key, parse_int("batch", batch, lo=None), value_options(a), png=a.png)
+    sequence = parse_int("batch", batch, lo=None)
+    assert sequence is not None  # BATCH is a required argument: a string, never None
+    return heat(ctx.store, key, sequence, value_options(a), png=a.png)

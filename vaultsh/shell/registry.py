@@ -125,11 +125,10 @@ class Registry:
         words = iter(argv)
         for word in words:
             if not only_positional and word.split("=", 1)[0] in options:
-                name, eq, value = word.partition("=")
-                if not eq:
-                    value = next(words, None)
-                    if value is None:
-                        raise UsageError(f"{cmd.name}: {options[name]} needs a value; usage: {cmd.syntax}")
+                name, eq, inline = word.partition("=")
+                value = inline if eq else next(words, None)
+                if value is None:
+                    raise UsageError(f"{cmd.name}: {options[name]} needs a value; usage: {cmd.syntax}")
                 values[flag_attr(options[name])] = value
                 continue
             if only_positional or word == "-" or not word.startswith("-") or _is_number(word):

@@ -45,8 +45,8 @@ class Entry:
     mtime: datetime | None = None
     note: str = ""  # ls -l: "#3" (committed index), "uncommitted"
 
-    def to_json(self):
-        out = {"name": self.name, "key": self.key, "type": "dir" if self.is_dir else "file"}
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "key": self.key, "type": "dir" if self.is_dir else "file"}
         if not self.is_dir:
             out.update(size=self.size, mtime=_iso(self.mtime))
             if self.note:
@@ -81,8 +81,8 @@ class Group:
     committed: int | None = None  # megabatch groups only
     committed_bytes: int | None = None
 
-    def to_json(self):
-        out = {"files": self.files, "bytes": self.bytes}
+    def to_json(self) -> dict[str, int | None]:
+        out: dict[str, int | None] = {"files": self.files, "bytes": self.bytes}
         if self.committed is not None:
             out.update(
                 committed=self.committed, uncommitted=self.files - self.committed, committed_bytes=self.committed_bytes

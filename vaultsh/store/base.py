@@ -40,6 +40,14 @@ class Listing:
     objects: list[ObjectInfo]
 
 
+class WriteStream(Protocol):
+    """What a `put_stream` writer writes to: LocalStore's temp file, S3Store's multipart upload (s3stream)."""
+
+    def write(self, data: bytes | bytearray | memoryview, /) -> int: ...
+    def tell(self) -> int: ...
+    def flush(self) -> None: ...
+
+
 @runtime_checkable
 class Store(Protocol):
     """What every store offers. Writes are atomic: a reader never sees half an object."""
@@ -52,7 +60,7 @@ class Store(Protocol):
     def put_file(self, key: str, path: str | Path) -> None:
         """Store the local file at `path` under `key` (parallel multipart on S3)."""
 
-    def put_stream(self, key: str, writer: Callable[[BinaryIO], object], durable: bool = True) -> None:
+    def put_stream(self, key: str, writer: Callable[[WriteStream], object], durable: bool = True) -> None:
         """Store whatever `writer(fileobj)` writes, atomically.
 
         LocalStore streams into a temp file that is renamed into place (fsynced

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from vaultsh.errors import Cancelled, NotFoundError, StoreError, UserError
-from vaultsh.store.base import Listing, ObjectInfo, normalize_key
+from vaultsh.store.base import Listing, ObjectInfo, WriteStream, normalize_key
 from vaultsh.store.retry import DEFAULT_S3_ATTEMPTS, botocore_retries
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -91,8 +91,8 @@ def _new_session(credentials: S3Credentials | None = None):
     return session
 
 
-def _one_line(text: str, limit: int = 300) -> str:
-    text = " ".join(str(text).split())
+def _one_line(value: object, limit: int = 300) -> str:
+    text = " ".join(str(value).split())
     for name in _SECRET_ENV:  # belt and braces: never echo a secret back
         secret = os.environ.get(name)
         if secret and len(secret) >= 4:
@@ -107,8 +107,9 @@ def _root_cause(exc: BaseException) -> BaseException:
     while id(cur) not in seen:
         seen.add(id(cur))
         name = type(cur).__name__
-        if name == "RetriesExceededError" and getattr(cur, "last_exception", None) is not None:
-            cur = cur.last_exception
+        last = getattr(cur, "last_exception", None)
+        if name == "RetriesExceededError" and isinstance(last, BaseException):
+            cur = last
             continue
         if name == "S3UploadFailedError":
             nxt = cur.__cause__ or cur.__context__
@@ -391,7 +392,7 @@ class S3Store:
         with self._s3_errors(rel, "upload"):
             self.client.upload_file(path, self.bucket, full, Config=self.transfer_config)
 
-    def put_stream(self, key: str, writer: Callable[[BinaryIO], object], durable: bool = True) -> None:
+    def put_stream(self, key: str, writer: Callable[[WriteStream], object], durable: bool = True) -> None:
         """Stream what `writer(fileobj)` writes into one object by multipart upload (no local spool):
         the object appears only when complete; a writer that raises leaves nothing, not even parts."""
         from vaultsh.store.s3stream import MultipartSink

@@ -108,6 +108,7 @@ class MultipartSink:
         number = len(self._parts) + 1
         if number % PARTS_PER_DOUBLING == 0:  # S3 allows 10,000 parts: bigger parts for a very long stream
             self.part_size = min(MAX_PART, self.part_size * 2)
+        assert self._pool is not None  # _begin() made it: parts are sent only once the upload is multipart
         self._slots.acquire()  # at most max_in_flight parts held in memory
         try:
             fut = self._pool.submit(self._upload_part, number, body)
@@ -133,8 +134,8 @@ class MultipartSink:
 
     def _raise_failed(self) -> None:
         for fut in self._parts:
-            if fut.done() and fut.exception() is not None:
-                raise fut.exception()
+            if fut.done() and (exc := fut.exception()) is not None:
+                raise exc
 
     # -- the end -------------------------------------------------------------------
     def finish(self) -> None:

@@ -24,11 +24,12 @@ READ_COALESCE_S = 0.02  # events wait at most this long in the pipe (far below o
 
 
 class WorkerHandle(Protocol):
-    """What the supervisor needs of a worker, real process or test double."""
+    """What the supervisor needs of a worker, real process or test double (it only reads `pid` and `log_path`)."""
 
-    pid: int | None
-    log_path: str | None
-
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def log_path(self) -> str | None: ...
     def start(self, on_lines: Callable[[list[bytes]], None]) -> None: ...
     def poll(self) -> int | None: ...
     def send(self, sig: int, group: bool = False) -> bool: ...

@@ -131,8 +131,9 @@ def _serve_ranges_in_place() -> bool:
         return False
     value_prop = FakeKey.__dict__.get("value")
     get_object = getattr(S3Response, "get_object", None)
-    if not isinstance(value_prop, property) or get_object is None:
+    if not isinstance(value_prop, property) or value_prop.fget is None or get_object is None:
         return False
+    stock_value = value_prop.fget
     if getattr(get_object, "_vaultsh_ranges", False):
         return True
     if not hasattr(FakeKey, "size") or not hasattr(S3Response, "_handle_range_header"):
@@ -142,7 +143,7 @@ def _serve_ranges_in_place() -> bool:
         if getattr(_tls, "ranged", False):
             _tls.ranged = False  # only the body access of this one get_object
             return _RangeReader(self)
-        return value_prop.fget(self)
+        return stock_value(self)
 
     def ranged_get_object(self):
         m = _RANGE_RE.match((self.headers.get("range") or "").strip())
@@ -189,8 +190,10 @@ class _ChildServer:
             stdout=subprocess.PIPE,
             env=os.environ.copy(),
         )
+        assert self.proc.stdin is not None and self.proc.stdout is not None  # PIPEs, which typeshed cannot tell
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
         line: list[bytes] = []
-        reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()), daemon=True)
+        reader = threading.Thread(target=lambda: line.append(self.stdout.readline()), daemon=True)
         reader.start()
         reader.join(_START_TIMEOUT_S)
         text = line[0].decode().strip() if line else ""
@@ -202,7 +205,7 @@ class _ChildServer:
     def stop(self) -> None:
         if self.proc.poll() is None:
             try:
-                self.proc.stdin.close()  # the child's cue to stop
+                self.stdin.close()  # the child's cue to stop
                 self.proc.wait(timeout=10)
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.terminate()
@@ -210,7 +213,7 @@ class _ChildServer:
                     self.proc.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     self.proc.kill()
-        for f in (self.proc.stdin, self.proc.stdout):
+        for f in (self.stdin, self.stdout):
             try:
                 f.close()
             except OSError:
