@@ -21,7 +21,7 @@ from vaultsh.explore.sae import CheckpointError, load_sae
 from vaultsh.explore.saeeval import sae_eval
 from vaultsh.explore.top import top
 from vaultsh.explore.values import value_fn
-from vaultsh.run import OUTLIERS, Run
+from vaultsh.run import LEGACY_OUTLIERS, METADATA, STATISTICS, Run
 from vaultsh.shell.app import Shell
 from vaultsh.store import LocalStore
 
@@ -400,7 +400,7 @@ def test_top_and_sae_eval_with_a_saelens_made_rescaled_topk_checkpoint(planted, 
 
 
 # ---------------------------------------------------------------------------
-# norms and _outliers.json
+# norms and its outliers file
 # ---------------------------------------------------------------------------
 
 
@@ -423,7 +423,9 @@ def test_norms_find_the_sink_and_write_outliers_json(planted, kind):
     assert [d["dim"] for d in r.massive_dims] == [int(j) for j in np.argsort(-max_abs) if ratio[j] >= 10]
     assert r.massive_dims[0]["dim"] == fx.SINK_DIM
     assert r.by_position[0] == pytest.approx(nrm[where[:, 2] == 0].mean(), rel=1e-5)
-    doc = json.loads(store.get_bytes(f"{hook_key()}/{OUTLIERS}"))
+    okey = Run(store, fx.RUN).outliers_key(fx.HOOK)
+    assert r.written == store.child_uri(okey) and okey == f"{fx.RUN}/_vaultsh/outliers/{fx.HOOK}.json"
+    doc = json.loads(store.get_bytes(okey))
     assert {"version", "hook", "tokens", "median_norm", "mean_norm", "quantiles", "massive_dims", "outliers"} <= set(
         doc
     )
@@ -439,14 +441,14 @@ def test_norms_find_the_sink_and_write_outliers_json(planted, kind):
 
 @STORES
 def test_reader_drops_the_outliers_norms_found(planted, kind, tmp_path):
-    """`norms` writes _outliers.json; the reader's max_norm_factor then drops exactly those tokens."""
+    """`norms` writes the outliers file; the reader's max_norm_factor then drops exactly those tokens."""
     import torch
 
     from vaultsh.reader import ActivationReader
 
     data = planted["data"]
     if kind == "local":
-        store = LocalStore(tmp_path / "v")  # a fresh copy: no _outliers.json of another test
+        store = LocalStore(tmp_path / "v")  # a fresh copy: no outliers file of another test
         fx.build(store)
     else:
         store = planted["s3"]
@@ -462,14 +464,22 @@ def test_reader_drops_the_outliers_norms_found(planted, kind, tmp_path):
     assert not any(tuple(map(int, w)) == fx.SINK_AT for w in where[keep])
 
 
-def test_outliers_json_is_never_a_megabatch(tmp_path):
-    """An Activault-style run (no commit records) lists every hook file: _outliers.json must stay out."""
+def test_norms_leaves_the_hook_directory_as_activault_reads_it(tmp_path):
+    """Activault's RCache loads every key of a hook directory but metadata.json and statistics.json: norms writes
+    outside it, and moves an earlier version's HOOK/_outliers.json out; an Activault-style run (no commit records)
+    still lists exactly its megabatches."""
     from vaultsh.reader import S3RCache
 
     store = LocalStore(tmp_path / "v")
     data = fx.build(store, commit=False)
-    norms(store, hook_key(), None)
-    assert store.exists(f"{hook_key()}/{OUTLIERS}")
+    store.put_bytes(f"{hook_key()}/{LEGACY_OUTLIERS}", b'{"version": 1, "median_norm": 1.0}')
+    assert sorted(f.key for f in Run(store, fx.RUN).committed_files(fx.HOOK)) == sorted(
+        data["keys"]
+    )  # legacy: not listed
+    r = norms(store, hook_key(), None)
+    in_hook_dir = {o.key for o in store.iter_objects(f"{hook_key()}/")}
+    assert in_hook_dir - {f"{hook_key()}/{METADATA}", f"{hook_key()}/{STATISTICS}"} == set(data["keys"])
+    assert store.exists(Run(store, fx.RUN).outliers_key(fx.HOOK)) and r.written
     files = Run(store, fx.RUN).committed_files(fx.HOOK)
     assert sorted(f.key for f in files) == sorted(data["keys"])
     cache = S3RCache(s3_prefix=str(tmp_path / "v" / fx.RUN / fx.HOOK), preserve_file_order=True, return_ids=True)

@@ -270,10 +270,13 @@ def test_filters_drop_exactly_the_planted_tokens_in_every_hook(store):
     assert (got[:, -1] * ID_SCALE != special).all()
     d = r.stats.dropped
     assert d["skip_positions"] == n_skip and d["exclude_token_ids"] == n_excl == 1 and d["max_norm"] == 1
-    # the median comes from statistics.json (mean norm) without an outlier file, from _outliers.json with one
+    # the median comes from statistics.json (mean norm) without an outliers file, else from the one `norms` wrote
+    # (an earlier version's HOOK/_outliers.json is read when there is no other)
     st = run.read_statistics(A)
     assert med == pytest.approx(st.mean_norm)
-    store.put_bytes(run.hook_prefix(A) + "_outliers.json", json.dumps({"version": 1, "median_norm": 3.5}).encode())
+    store.put_bytes(run.legacy_outliers_key(A), json.dumps({"version": 1, "median_norm": 9.0}).encode())
+    assert token_pairs(store, max_norm_factor=2.0).median_norm == 9.0
+    store.put_bytes(run.outliers_key(A), json.dumps({"version": 1, "median_norm": 3.5}).encode())
     r2 = token_pairs(store, max_norm_factor=2.0)
     assert r2.median_norm == 3.5
     for batch in r2:

@@ -37,7 +37,7 @@ COMMANDS: dict[str, str] = {
     "top": "exact top-k tokens of a hook by a dimension, direction or SAE feature",
     "sae-eval": "L0, FVU, dead and dense latents of an SAE on a hook's tokens",
     "view": "one sequence with each token coloured by a value (--heat, --png)",
-    "norms": "token-norm distribution, massive dims, outliers; writes HOOK/_outliers.json",
+    "norms": "token-norm distribution, massive dims, outliers; writes RUN/_vaultsh/outliers/HOOK.json",
 }
 
 

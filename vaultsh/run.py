@@ -44,6 +44,7 @@ __all__ = [
     "METADATA",
     "STATISTICS",
     "OUTLIERS",
+    "LEGACY_OUTLIERS",
     "INTERNAL",
     "MAX_JSON_BYTES",
     "megabatch_name",
@@ -59,7 +60,10 @@ __all__ = [
 CFG = "cfg.json"
 METADATA = "metadata.json"
 STATISTICS = "statistics.json"
-OUTLIERS = "_outliers.json"  # written by `vaultsh norms`; a hook side file, never a megabatch
+# `vaultsh norms` writes RUN/_vaultsh/outliers/HOOK.json: outside the hook directory, where Activault's own
+# RCache (which loads every key there but metadata.json and statistics.json) would take it for a megabatch.
+OUTLIERS = "outliers"
+LEGACY_OUTLIERS = "_outliers.json"  # HOOK/_outliers.json, where earlier versions wrote it: still read, never listed
 INTERNAL = "_vaultsh"
 COMMITS = "commits"
 COMMIT_CHUNKS = "commit-chunks"
@@ -470,6 +474,13 @@ class Run:
         """The key prefix of every megabatch file of `worker` under `hook` (see `megabatch_name`)."""
         return f"{self.hook_prefix(hook)}w{_check_nonneg('worker', worker):04d}--"
 
+    def outliers_key(self, hook: str) -> str:
+        """Where `vaultsh norms` writes the hook's `median_norm` and outlier tokens (`legacy_outliers_key`: before)."""
+        return f"{self.internal_prefix}{OUTLIERS}/{self._check_hook(hook)}.json"
+
+    def legacy_outliers_key(self, hook: str) -> str:
+        return self.hook_prefix(hook) + LEGACY_OUTLIERS
+
     def generations_key(self, worker: int, index: int) -> str:
         """Generation mode: where `worker` stores the texts of its megabatch `index`."""
         return (
@@ -851,9 +862,9 @@ class Run:
         return sorted(out, key=_natural_key)
 
     def _hook_objects(self, hook: str) -> list[ObjectInfo]:
-        """Every object under the hook directory except metadata.json/statistics.json/_outliers.json."""
+        """Every object under the hook directory except metadata.json/statistics.json/_outliers.json (legacy)."""
         prefix = self.hook_prefix(hook)
-        skip = {prefix + METADATA, prefix + STATISTICS, prefix + OUTLIERS}
+        skip = {prefix + METADATA, prefix + STATISTICS, prefix + LEGACY_OUTLIERS}
         return [o for o in self.store.iter_objects(prefix) if o.key not in skip]
 
     @staticmethod

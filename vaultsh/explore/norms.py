@@ -5,8 +5,9 @@ token's norm (4 bytes a token; `files=N` samples). A dimension is "massive"
 when its largest |x| is at least `massive_ratio` times the median over
 dimensions of that per-dimension maximum; a token is an outlier when its norm
 is at least `factor` times the median norm. The result is written to
-`{hook}/_outliers.json` (`OUTLIERS_VERSION`), which readers use to drop
-outlier tokens; vaultsh's run layout never lists it as a megabatch.
+`RUN/_vaultsh/outliers/HOOK.json` (`Run.outliers_key`, `OUTLIERS_VERSION`), which
+readers use to drop outlier tokens; it stays out of the hook directory, which
+Activault's own RCache loads file by file.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from vaultsh.errors import UserError
 from vaultsh.explore.scope import one_hook
 from vaultsh.explore.stream import Progress, megabatches
 from vaultsh.explore.text import context, load_pieces
-from vaultsh.run import OUTLIERS, Run
+from vaultsh.run import Run
 
 OUTLIERS_VERSION = 1
 QUANTILES = ("0.5", "0.9", "0.99", "0.999")
@@ -44,11 +45,11 @@ class NormsResult:
     outliers_total: int
     factor: float
     massive_ratio: float
-    written: str | None = None  # the URI of _outliers.json
+    written: str | None = None  # the URI of the outliers document
     contexts: list[dict] = field(default_factory=list)  # decoded, for the first outliers
 
     def outliers_doc(self) -> dict:
-        """The `_outliers.json` document."""
+        """The outliers document (`Run.outliers_key`)."""
         return {
             "version": OUTLIERS_VERSION,
             "hook": self.hook,
@@ -90,7 +91,7 @@ def norms(
     show: int = 10,
     progress: Progress | None = None,
 ) -> NormsResult:
-    """Scan the hook's token norms; write `{hook}/_outliers.json` unless `write` is False."""
+    """Scan the hook's token norms; write `Run.outliers_key(hook)` unless `write` is False."""
     import torch
 
     if factor <= 1:
@@ -179,7 +180,10 @@ def norms(
                 {"file": c[1], "sequence": c[2], "position": c[3], "norm": c[0], "context": ctx.to_json()}
             )
     if write:
-        okey = Run(store, ref.run).hook_prefix(ref.hook) + OUTLIERS
+        run = Run(store, ref.run)
+        okey, legacy = run.outliers_key(ref.hook), run.legacy_outliers_key(ref.hook)
         store.put_bytes(okey, (json.dumps(result.outliers_doc(), indent=1) + "\n").encode("utf-8"))
         result.written = store.child_uri(okey)
+        if store.exists(legacy):  # moved out of the hook directory, where Activault's RCache would load it
+            store.delete(legacy)
     return result

@@ -144,9 +144,9 @@ class ActivationReader:
     skip_positions / exclude_token_ids / max_norm_factor: token filters,
         applied alike to every hook: drop positions 0..k-1 of each sequence,
         drop these token ids, drop tokens whose norm in `norm_hook` (default:
-        the first hook) is above max_norm_factor x its median norm (from the
-        hook's `_outliers.json` when there is one, else the mean norm of its
-        statistics.json). Token mode drops them; megabatch mode clears them in
+        the first hook) is above max_norm_factor x its median norm (from what
+        `vaultsh norms` wrote for the hook when there is one, else the mean
+        norm of its statistics.json). Token mode drops them; megabatch mode clears them in
         `mask`. `stats.dropped` counts what each filter dropped.
     on_error: "raise" (default) or "skip" a missing, truncated, corrupt or
         mis-shaped file (skip: a SkippedFileWarning, a log line, and
@@ -400,19 +400,22 @@ class ActivationReader:
         return f
 
     def _median_norm(self, i: int) -> float:
-        """The hook's median token norm from its _outliers.json, else the mean norm of its statistics.json."""
+        """The hook's median token norm from what `vaultsh norms` wrote, else the mean norm of its statistics.json."""
         s = self._sources[i]
-        key = Run(s.store, s.run).hook_prefix(s.hook) + "_outliers.json"
-        try:
-            info = json.loads(s.store.get_bytes(key))
+        run = Run(s.store, s.run)
+        for key in (run.outliers_key(s.hook), run.legacy_outliers_key(s.hook)):
+            try:
+                info = json.loads(s.store.get_bytes(key))
+            except NotFoundError:
+                continue
+            except (ValueError, UnicodeDecodeError):
+                logger.warning("%s is not valid JSON; using statistics.json's mean norm", s.store.child_uri(key))
+                break
             med = info.get("median_norm") if isinstance(info, dict) else None
             if isinstance(med, (int, float)) and not isinstance(med, bool) and med > 0 and math.isfinite(med):
                 return float(med)
             logger.warning("%s has no usable median_norm; using statistics.json's mean norm", s.store.child_uri(key))
-        except NotFoundError:
-            pass
-        except (ValueError, UnicodeDecodeError):
-            logger.warning("%s is not valid JSON; using statistics.json's mean norm", s.store.child_uri(key))
+            break
         stats = self._read_stats(i, why="max_norm_factor")
         if not stats.mean_norm > 0:
             raise UserError(f"max_norm_factor: {s.uri}statistics.json has no positive mean norm")

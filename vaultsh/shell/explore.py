@@ -148,14 +148,14 @@ def sae_eval_cmd(ctx: ShellContext, a) -> SaeEvalResult:
 
 @command(
     "norms",
-    help="token-norm distribution, mean norm by position, massive dims and outlier tokens; writes HOOK/_outliers.json",
+    help="token-norm distribution, mean norm by position, massive dims and outlier tokens; writes RUN/_vaultsh/outliers/HOOK.json",
     args=[Arg("hook", "dir", optional=True)],
     flags={
         "--png FILE": "also draw the histogram and the by-position curve",
         "--factor F": "outlier: norm >= F x the median (default 5)",
         "--massive-ratio R": "massive dim: max|x| >= R x the median dim's (default 10)",
         "--files N": "a sample of N files",
-        "--no-write": "do not write _outliers.json",
+        "--no-write": "do not write the outliers file",
     },
 )
 def norms_cmd(ctx: ShellContext, a) -> NormsResult:

@@ -1,4 +1,4 @@
-"""`vaultsh norms URI`: token-norm distribution, massive dims, outlier tokens; writes HOOK/_outliers.json."""
+"""`vaultsh norms URI`: token-norm distribution, massive dims, outlier tokens; writes RUN/_vaultsh/outliers/HOOK.json."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--massive-ratio", type=float, default=10.0, help="massive dim: max|x| >= RATIO x the median dim's (default 10)"
     )
     p.add_argument("--files", type=int, default=None, metavar="N", help="a seeded random sample of N files")
-    p.add_argument("--no-write", dest="write", action="store_false", help="do not write _outliers.json")
+    p.add_argument("--no-write", dest="write", action="store_false", help="do not write the outliers file")
     add_json(p)
     return p
 
