@@ -636,6 +636,27 @@ def test_shell_errors_are_one_line(planted):
         assert rc == 2 and len(lines) == 1 and needle in lines[0] and "Traceback" not in err, (cmd, err)
 
 
+def test_a_file_truncated_after_listing_is_one_line_for_every_command(tmp_path, capsys):
+    """A megabatch shorter than its commit record and header say (cut after the listing): each explore command
+    names the file in one line (grep read short ranges into a numpy reshape error before)."""
+    from vaultsh.cli import main
+
+    store = LocalStore(tmp_path / "v")
+    key = fx.build(store)["keys"][1]
+    path = tmp_path / "v" / key
+    path.write_bytes(path.read_bytes()[:-100])  # the mask's last bytes go
+    hook = f"{tmp_path / 'v'}/{fx.RUN}/{fx.HOOK}"
+    for argv in (
+        ["grep", f"{tmp_path / 'v'}/{fx.RUN}", fx.QUERY],
+        ["top", hook, "--dim", str(fx.DIM)],
+        ["norms", hook, "--no-write"],
+        ["view", str(path), "0", "--heat", "--norm"],
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and key in err[0] and "truncated" in err[0], (argv, err)
+
+
 def test_cli_grep_top_norms(planted, tmp_path, capsys):
     from vaultsh.cli import main
 

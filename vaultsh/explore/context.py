@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vaultsh.dtypes import raw_numpy
+from vaultsh.errors import FormatError
 from vaultsh.megabatch import MegabatchHeader, parse_header
 
 HEADER_GUESS = 4096  # a collector's megabatch header is ~1 KiB
@@ -28,9 +29,15 @@ class ByteCounter:
         self.requests = 0
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
+        """Exactly `length` bytes from `start`; a FormatError naming the file when it ends before them."""
         data = self.store.get_range(key, start, length)
         self.bytes += len(data)
         self.requests += 1
+        if len(data) != length:  # the file is shorter than its header or its listing says
+            raise FormatError(
+                f"{self.store.child_uri(key)}: truncated or replaced: it ends at byte {start + len(data)}, "
+                f"{start + length} expected"
+            )
         return data
 
     def get_bytes(self, key: str) -> bytes:
