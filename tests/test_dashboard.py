@@ -230,6 +230,19 @@ async def test_plan_summary_appears_once_it_is_ready():
         assert "memory: fits (batch 4)" in summary()
 
 
+async def test_a_redraw_tick_during_shutdown_is_a_no_op():
+    """The refresh interval can tick once more while the app tears its widgets down (seen in CI as NoMatches
+    'TitleBar' when a test's app exited): a redraw then does nothing."""
+    s = Scripted(n=2).steady()
+    app = Dashboard(s.sup, refresh_s=0.05)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot)
+    assert not app.is_running
+    s.t += 5
+    s.feed("progress", 0, batches=3, total_batches=400, tokens=640, tokens_per_s=10.0, megabatch=0)
+    app.redraw(force=True)  # the widgets are gone: this used to raise NoMatches
+
+
 # -- every state, as shown --------------------------------------------------------
 async def test_states_follow_events():
     s = Scripted(n=2, total=4)

@@ -110,6 +110,8 @@ class Dashboard(App):
     # -- drawing ----------------------------------------------------------
     def redraw(self, force: bool = False) -> None:
         """Tick the source and redraw what changed."""
+        if not self.is_running:  # shutting down: the interval may tick once more while the widgets go
+            return
         src = self.source
         src.tick()
         workers = src.snapshot()
