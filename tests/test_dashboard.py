@@ -861,6 +861,56 @@ async def test_batch_viewer_shows_the_newest_megabatch_and_its_heat(planted_run)
     watcher.close()
 
 
+async def test_batch_viewer_colours_by_a_direction_and_an_sae_feature(planted_run, tmp_path):
+    """`x FILE` colours by x . v (v from .npy) and `x CKPT F` by SAE latent F, with view --heat's values and
+    colours (worked out here: the direction e_3 gives dimension 3's picture, the SAE latent the numpy encoder's);
+    a bad entry is one notification and the heat stays as it was."""
+    import numpy as np
+
+    from vaultsh.explore.heat import colour
+
+    from . import explorefixtures as fx
+
+    run_dir, data = planted_run
+    f, s, p = fx.DIM_AT
+    e = np.zeros(fx.D, dtype=np.float32)
+    e[fx.DIM] = 1.0
+    np.save(tmp_path / "e3.npy", e)
+    ckpt = fx.write_saelens(tmp_path / "sae")
+    x = data["states"][f, s].astype(np.float64)
+    mask = data["mask"][f][s]
+    watcher = StoreWatcher(str(run_dir), interval=3600)
+    app = Dashboard(watcher, mode="watch", refresh_s=0.05)
+    async with app.run_test(size=(100, 30)) as pilot:
+        watcher.start()
+        await settle(pilot)
+        await open_viewer(app, pilot)
+        await press(pilot, *["right"] * s)
+        await press(pilot, "x", *str(tmp_path / "e3.npy"), "enter")
+        assert await eventually(pilot, lambda: "direction e3.npy, scale" in shown(app, "heat").plain, timeout=30)
+        want = [colour(v, 50.0, True) if m else None for v, m in zip(x[:, fx.DIM], mask)]
+        assert [bg for _, bg in span_colours(shown(app, "text"))] == want
+
+        await press(pilot, "x", *f"{ckpt} {fx.FEATURE}", "enter")
+        assert await eventually(pilot, lambda: shown(app, "heat").plain.startswith("heat: SAE"), timeout=30)
+        acts = fx.np_encode(fx.sae_weights(), x.astype(np.float32), "jumprelu")[:, fx.FEATURE]
+        scale = max(float(acts[mask].max()), 0.0)
+        assert await eventually(pilot, lambda: "scale" in shown(app, "heat").plain, timeout=30)
+        got = [bg for _, bg in span_colours(shown(app, "text"))]
+        want = [colour(v, scale, False) if m else None for v, m in zip(acts, mask)]
+        assert len(got) == len(want) and all(
+            g == w or (g and w and max(abs(a - b) for a, b in zip(g, w)) <= 1) for g, w in zip(got, want)
+        )
+
+        before = shown(app, "heat").plain
+        await press(pilot, "x", *str(tmp_path / "nowhere.npy"), "enter")
+        assert await eventually(pilot, lambda: any("cannot colour by" in str(n.message) for n in app._notifications))
+        assert shown(app, "heat").plain == before and app.is_running
+        await press(pilot, "escape")
+        assert batch_screen(app) is None
+    watcher.close()
+
+
 async def test_batch_viewer_in_collect_mode_switches_hooks(planted_run):
     """Collect mode: the supervisor's RunInfo names the run's URI and hooks; tab moves to the next hook (one with
     nothing committed says so), shift+tab back; the dashboard's control keys do nothing under the viewer."""

@@ -24,8 +24,10 @@ from vaultsh.terminal import one_line, safe_text
 if TYPE_CHECKING:
     from vaultsh.explore.batch import Batch, LatestBatches
     from vaultsh.explore.heat import HeatResult
+    from vaultsh.explore.values import ValueFn
 
-KEYS_LINE = "←/→ j/k sequence  h heat  n norm  d dimension  tab hook  r reload  esc close"
+KEYS_LINE = "←/→ j/k seq  h heat  n norm  d dim  x dir/SAE  tab hook  r reload  esc close"
+VALUE_PROMPT = "a direction FILE (.npy/.safetensors), or an SAE CKPT and a FEATURE; enter"
 
 
 class BatchScreen(ModalScreen[None]):
@@ -38,6 +40,7 @@ class BatchScreen(ModalScreen[None]):
         Binding("h", "toggle_heat", "Heat"),
         Binding("n", "norm", "By norm", show=False),
         Binding("d", "ask_dim", "Dimension"),
+        Binding("x", "ask_value", "Direction/SAE"),
         Binding("tab", "hook(1)", "Next hook", show=False),
         Binding("shift+tab", "hook(-1)", "Previous hook", show=False),
         Binding("r", "reload", "Reload", show=False),
@@ -52,7 +55,7 @@ class BatchScreen(ModalScreen[None]):
         self.megabatch: Batch | None = None
         self.seq = 0
         self.heat_on = False
-        self.heat_dim: int | None = None  # None: by token norm
+        self.heat_value: ValueFn | None = None  # None: by token norm; else a dimension, direction or SAE feature
         self.message: str | None = note
         self.loading = False
         self._heat: dict[tuple, HeatResult | str] = {}  # (key, sequence, dim) -> the heat, or an error line
@@ -68,10 +71,12 @@ class BatchScreen(ModalScreen[None]):
             with VerticalScroll(id="batch-scroll"):
                 yield Static(id="batch-text")
             yield Input(id="batch-dim", type="integer")
+            yield Input(id="batch-value", placeholder=VALUE_PROMPT)
             yield Static(KEYS_LINE, id="batch-keys")
 
     def on_mount(self) -> None:
-        self.query_one("#batch-dim", Input).display = False
+        for box in self.query(Input):
+            box.display = False
         self.query_one("#batch-scroll").focus()
         if self.batches is not None:
             self.action_reload()
@@ -138,15 +143,19 @@ class BatchScreen(ModalScreen[None]):
             self.seq = min(self.seq, self.megabatch.n - 1) if self.megabatch.n else 0
         self.show()
 
+    @property
+    def heat_name(self) -> str:
+        return "norm" if self.heat_value is None else self.heat_value.name
+
     def _want_heat(self) -> None:
-        b, i, dim = self.megabatch, self.seq, self.heat_dim
+        b, i, value = self.megabatch, self.seq, self.heat_value
         if b is None or not b.n:
             return
-        key = (b.key, i, dim)
+        key = (b.key, i, self.heat_name)
         if key in self._heat or key in self._pending:
             return
         self._pending.add(key)  # one read per sequence, however often it is drawn meanwhile
-        self._in_thread(lambda: b.heat(i, dim), lambda r: self._heat_ready(key, r), "heat", exclusive=False)
+        self._in_thread(lambda: b.heat(i, value), lambda r: self._heat_ready(key, r), "heat", exclusive=False)
 
     def _heat_ready(self, key: tuple, result) -> None:
         self._pending.discard(key)
@@ -199,10 +208,9 @@ class BatchScreen(ModalScreen[None]):
         if not self.heat_on:
             text.update(segments_text(b.segments(self.seq)))
             return
-        r = self._heat.get((b.key, self.seq, self.heat_dim))
+        r = self._heat.get((b.key, self.seq, self.heat_name))
         if r is None:
-            what = "norm" if self.heat_dim is None else f"dim {self.heat_dim}"
-            legend.update(Text(f"heat: {what} (reading the sequence's states…)", style="dim"))
+            legend.update(Text(f"heat: {safe_text(self.heat_name)} (reading the sequence's states…)", style="dim"))
             text.update(segments_text(b.segments(self.seq)))
             self._want_heat()
         elif isinstance(r, str):
@@ -214,12 +222,15 @@ class BatchScreen(ModalScreen[None]):
 
     # -- keys -------------------------------------------------------------
     def action_close(self) -> None:
-        box = self.query_one("#batch-dim", Input)
-        if box.display:  # esc in the dimension box: cancel it, stay here
-            box.display = False
-            self.query_one("#batch-scroll").focus()
+        shown = [box for box in self.query(Input) if box.display]
+        if shown:  # esc in the dimension or value box: cancel it, stay here
+            self._close_input(shown[0])
             return
         self.dismiss(None)
+
+    def _close_input(self, box: Input) -> None:
+        box.display = False
+        self.query_one("#batch-scroll").focus()
 
     def action_move(self, step: int) -> None:
         if self.megabatch is None or not self.megabatch.n:
@@ -232,13 +243,24 @@ class BatchScreen(ModalScreen[None]):
         self.show()
 
     def action_norm(self) -> None:
-        self.heat_on, self.heat_dim = True, None
+        self._colour_by(None)
+
+    def _colour_by(self, value: ValueFn | None) -> None:
+        self.heat_on, self.heat_value = True, value
         self.show()
 
     def action_ask_dim(self) -> None:
         box = self.query_one("#batch-dim", Input)
         d = self.megabatch.d_model if self.megabatch is not None else None
         box.placeholder = f"colour by dimension (0-{d - 1}), enter" if d else "colour by dimension, enter"
+        self._open_input(box)
+
+    def action_ask_value(self) -> None:
+        self._open_input(self.query_one("#batch-value", Input))
+
+    def _open_input(self, box: Input) -> None:
+        for other in self.query(Input):
+            other.display = False
         box.value = ""
         box.display = True
         box.focus()
@@ -246,6 +268,9 @@ class BatchScreen(ModalScreen[None]):
     def on_input_submitted(self, event: Input.Submitted) -> None:
         event.stop()
         box = event.input
+        if box.id == "batch-value":
+            self._submit_value(box, event.value)
+            return
         try:
             dim = int(event.value)
         except ValueError:
@@ -255,10 +280,34 @@ class BatchScreen(ModalScreen[None]):
         if dim < 0 or (d is not None and dim >= d):
             self.notify(f"dimension {dim} out of range (0-{(d or 1) - 1})", severity="warning", timeout=3)
             return
-        box.display = False
-        self.query_one("#batch-scroll").focus()
-        self.heat_on, self.heat_dim = True, dim
-        self.show()
+        from vaultsh.explore.values import value_fn
+
+        self._close_input(box)
+        self._colour_by(value_fn(dim=dim))
+
+    def _submit_value(self, box: Input, text: str) -> None:
+        """`FILE` (a direction) or `CKPT FEATURE` (an SAE latent), loaded on a thread; a bad one is one line."""
+        from vaultsh.explore.values import value_fn
+
+        words = text.split()
+        if len(words) == 2 and words[1].isdigit():
+            path, feature = words[0], int(words[1])
+            load = lambda: value_fn(sae=path, feature=feature)  # noqa: E731
+        elif len(words) == 1:
+            path = words[0]
+            load = lambda: value_fn(direction=path)  # noqa: E731
+        else:
+            self.notify(f"{safe_text(text)!r}: give a FILE, or a CKPT and a FEATURE number", severity="warning")
+            return
+        self._close_input(box)
+
+        def loaded(result) -> None:
+            if isinstance(result, str):
+                self.notify(f"cannot colour by {safe_text(text)}: {safe_text(result)}", severity="warning", timeout=6)
+            else:
+                self._colour_by(result)
+
+        self._in_thread(load, loaded, "value")
 
     def action_hook(self, step: int) -> None:
         if len(self.hooks) < 2:

@@ -3,7 +3,7 @@
 Headless (no textual): `LatestBatches(run)` finds a hook's newest commit
 record (read incrementally: records already seen are not read again), then
 `load(hook)` reads that file's header, its `input_ids` and `mask` (and the
-small `source` rows), and the run's tokenizer once. `Batch.heat(i, dim)` is
+small `source` rows), and the run's tokenizer once. `Batch.heat(i, value)` is
 `view --heat` on sequence i: one ranged read of that sequence's rows.
 """
 
@@ -17,7 +17,7 @@ from vaultsh import tokens as dec
 from vaultsh.errors import NotFoundError, UserError
 from vaultsh.explore.heat import HeatResult, heat
 from vaultsh.explore.text import Pieces, load_pieces
-from vaultsh.explore.values import value_fn
+from vaultsh.explore.values import ValueFn, value_fn
 from vaultsh.run import CommitRecord, FileRecord, Run
 
 if TYPE_CHECKING:
@@ -58,10 +58,12 @@ class Batch:
         """Sequence i as (text, real) runs: real text decoded, masked runs apart (`vaultsh.tokens.segments`)."""
         return dec.segments(self.pieces.handle, self.ids[i], self.mask[i])
 
-    def heat(self, i: int, dim: int | None = None) -> HeatResult:
-        """Sequence i coloured by its token norms (`dim` None) or by dimension `dim`: `view --heat`'s values."""
-        vf = value_fn(norm=True) if dim is None else value_fn(dim=dim)
-        return heat(self.run.store, self.key, i, vf, header=self.header, pieces=self.pieces)
+    def heat(self, i: int, value: int | ValueFn | None = None) -> HeatResult:
+        """Sequence i coloured by `value`: its token norms (None), a dimension (an int), or any `ValueFn` (a
+        direction, an SAE feature): `view --heat`'s values."""
+        if not isinstance(value, ValueFn):
+            value = value_fn(norm=True) if value is None else value_fn(dim=value)
+        return heat(self.run.store, self.key, i, value, header=self.header, pieces=self.pieces)
 
 
 def open_run(uri: str) -> Run | None:
