@@ -372,3 +372,44 @@ def test_batch_viewer_heat_keys_colour_the_planted_tokens(planted_store, tmp_pat
     assert heat_line(text, f"w0000--0000002.safetensors #{dim_s}: norm, scale 0") == expected_chars(by_norm)
     # `h` turned it off: the last page is the plain text of the same sequence
     assert plain.rstrip().split("heat view off: plain text")[-1].lstrip().startswith(f"Batch {dim_s} of {fx.N}")
+
+
+def test_batch_viewer_colours_by_a_direction_and_an_sae_latent(planted_store, tmp_path):
+    """`x FILE` colours as `view --heat --direction FILE` does (e_3 gives dimension 3's picture), `x CKPT F` as
+    `--sae CKPT --feature F`; a path keeps its case; a missing file is one error line and the viewer goes on."""
+    import numpy as np
+
+    from vaultsh.explore.heat import heat
+    from vaultsh.explore.values import value_fn
+
+    from . import explorefixtures as fx
+
+    store, data = planted_store
+    dim_f, dim_s, dim_p = fx.DIM_AT
+    e = np.zeros(fx.D, dtype=np.float32)
+    e[fx.DIM] = 1.0
+    direction = tmp_path / "Dir" / "E3.npy"
+    direction.parent.mkdir()
+    np.save(direction, e)
+    ckpt = fx.write_saelens(tmp_path / "sae")
+    keys = [
+        f"cd {fx.RUN}/{fx.HOOK}\r",
+        f"inspect {dim_f} --no-scan\r",
+        f"x {direction}\r",
+        f"{dim_s}\r",
+        f"x {tmp_path / 'nowhere.npy'}\r",
+        f"x {ckpt} {fx.FEATURE}\r",
+        "q\r",
+        "\x04",
+    ]
+    rc, text, err, _ = interactive(store, tmp_path, keys, delay=0.3, truecolor=True)
+    plain = SGR.sub("", text)
+    assert rc == 0, err
+    assert "heat view on: colour by direction E3.npy" in plain and f"colour by SAE feature {fx.FEATURE}" in plain
+    assert len([line for line in err.splitlines() if "nowhere.npy" in line]) == 1
+    key = data["keys"][dim_f]
+    by_dir = heat(store, key, dim_s, value_fn(direction=str(direction)))
+    got = heat_line(text, f"w0000--0000002.safetensors #{dim_s}: direction E3.npy, scale -50 .. 50")
+    assert got == expected_chars(by_dir) == expected_chars(heat(store, key, dim_s, value_fn(dim=fx.DIM)))
+    by_sae = heat(store, key, dim_s, value_fn(sae=str(ckpt), feature=fx.FEATURE))
+    assert heat_line(text, f"#{dim_s}: SAE feature {fx.FEATURE}, scale") == expected_chars(by_sae)

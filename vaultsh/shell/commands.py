@@ -42,6 +42,7 @@ from vaultsh.shell.values import value_flags
 
 if TYPE_CHECKING:
     from vaultsh.explore.text import Pieces
+    from vaultsh.explore.values import ValueFn
 
 PREVIEW_SEQUENCES = 4
 PREVIEW_CHARS = 250
@@ -364,7 +365,8 @@ def sequence_view(
 
 VIEWER_HELP = (
     "enter a batch number {last}, 't N' for its tokens, 't' to toggle token view, 'h' to toggle heat "
-    "(colour by value), 'h N' for batch N's heat, 'n' heat by token norm, 'd D' heat by dimension D, or 'q'"
+    "(colour by value), 'h N' for batch N's heat, 'n' heat by token norm, 'd D' heat by dimension D, "
+    "'x FILE' by a direction, 'x CKPT F' by SAE latent F, or 'q'"
 )
 
 
@@ -397,8 +399,8 @@ class BatchViewer(Result):
     def _say(self, ctx: ShellContext, text: str, style: str | None = None) -> None:
         ctx.out.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
 
-    def _heat(self, ctx: ShellContext, b: int, value: int | None) -> None:
-        """Batch `b` coloured by its token norms (`value` None) or by dimension `value`."""
+    def _heat(self, ctx: ShellContext, b: int, value: ValueFn | None) -> None:
+        """Batch `b` coloured by its token norms (`value` None) or by `value` (a dimension, direction, SAE latent)."""
         from vaultsh.explore.heat import heat
         from vaultsh.explore.text import Pieces
         from vaultsh.explore.values import value_fn
@@ -409,7 +411,7 @@ class BatchViewer(Result):
             return
         if self._pieces is None:
             self._pieces = Pieces(self.handle)
-        vf = value_fn(norm=True) if value is None else value_fn(dim=value)
+        vf = value_fn(norm=True) if value is None else value
         try:
             r = heat(self.store, self.key, b, vf, header=self.header, pieces=self._pieces)
         except UserError as exc:
@@ -419,6 +421,7 @@ class BatchViewer(Result):
         render(r, ctx.out)
 
     def interact(self, ctx: ShellContext) -> None:
+        from vaultsh.explore.values import value_fn
         from vaultsh.shell.render import render
 
         n = len(self.ids)
@@ -426,12 +429,13 @@ class BatchViewer(Result):
             return
         tokens_mode = False
         heat_mode = False
-        heat_dim: int | None = None  # None: by token norm
+        heat_value: ValueFn | None = None  # None: by token norm
         current: int | None = None  # the sequence shown last
         while True:
             answer = ctx.ask(f"Enter batch number (0-{n - 1}) to view full text, or 'q' to quit: ")
             if answer is None:
                 return
+            m_x = re.fullmatch(r"[xX]\s+(\S+)(?:\s+(\d+))?", answer.strip())  # a path keeps its case
             answer = answer.strip().lower()
             if answer in ("q", "quit", "exit"):
                 return
@@ -440,12 +444,23 @@ class BatchViewer(Result):
                 self._say(ctx, f"token view {'on: token ids and boundaries' if tokens_mode else 'off: plain text'}")
                 continue
             m_value = re.fullmatch(r"(h|n|d\s+(\d+))", answer)
-            if m_value:
+            if m_value or m_x:
                 if answer == "h":
                     heat_mode = not heat_mode
+                elif m_x:
+                    path, feature = m_x.group(1), m_x.group(2)
+                    try:
+                        heat_value = (
+                            value_fn(direction=path) if feature is None else value_fn(sae=path, feature=int(feature))
+                        )
+                    except UserError as exc:
+                        ctx.error(str(exc))
+                        continue
+                    heat_mode = True
                 else:
-                    heat_mode, heat_dim = True, int(m_value.group(2)) if m_value.group(2) else None
-                what = "token norm" if heat_dim is None else f"dimension {heat_dim}"
+                    assert m_value is not None
+                    heat_mode, heat_value = True, value_fn(dim=int(m_value.group(2))) if m_value.group(2) else None
+                what = "token norm" if heat_value is None else heat_value.name.replace("dim ", "dimension ", 1)
                 self._say(ctx, f"heat view {'on: colour by ' + what if heat_mode else 'off: plain text'}")
                 if current is None:
                     continue
@@ -463,7 +478,7 @@ class BatchViewer(Result):
                 as_tokens, as_heat = tokens_mode or cmd == "t", (heat_mode and cmd != "t") or cmd == "h"
             current = b
             if as_heat:
-                self._heat(ctx, b, heat_dim)
+                self._heat(ctx, b, heat_value)
                 continue
             source = self.sources[b] if self.sources else None
             render(sequence_view(self.uri, b, n, self.ids[b], self.mask[b], self.handle, as_tokens, source), ctx.out)
@@ -478,7 +493,8 @@ class BatchViewer(Result):
     "numbers them; negative counts from the end) or a file path. Works on safetensors megabatches and on "
     "Activault .saved.pt files. The viewer takes a batch number, 't N' for token ids and boundaries, "
     "'t' to toggle that view, 'h' to toggle heat (each token on its colour, as `view --heat`; 'h N' for one "
-    "batch), 'n' heat by token norm (the default), 'd D' heat by dimension D, 'q' to leave.",
+    "batch), 'n' heat by token norm (the default), 'd D' heat by dimension D, 'x FILE' by a direction (.npy or "
+    ".safetensors), 'x CKPT F' by SAE latent F, 'q' to leave.",
 )
 def inspect(ctx: ShellContext, a):
     from rich.progress import BarColumn, DownloadColumn, TextColumn, TransferSpeedColumn
