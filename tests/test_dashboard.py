@@ -785,6 +785,21 @@ async def open_viewer(app, pilot) -> None:
     assert await eventually(pilot, lambda: not app.screen.loading, timeout=60), "the viewer never finished loading"
 
 
+@asynccontextmanager
+async def watch_viewer(run_dir):
+    """`vaultsh watch` over `run_dir` (100x30) with its batch viewer open on the newest megabatch: (app, pilot)."""
+    watcher = StoreWatcher(str(run_dir), interval=3600)
+    app = Dashboard(watcher, mode="watch", refresh_s=0.05)
+    try:
+        async with app.run_test(size=(100, 30)) as pilot:
+            watcher.start()
+            await settle(pilot)
+            await open_viewer(app, pilot)
+            yield app, pilot
+    finally:
+        watcher.close()
+
+
 async def test_batch_viewer_shows_the_newest_megabatch_and_its_heat(planted_run):
     """Watch mode over a real run: v opens the newest committed megabatch, ←/→ (j/k) move between sequences, h
     colours the sequence by token norm and `d 3` by dimension 3 exactly as `view --heat` would (colour() over
@@ -799,12 +814,7 @@ async def test_batch_viewer_shows_the_newest_megabatch_and_its_heat(planted_run)
     tok = fx.tokenizer()
     f, s, p = fx.DIM_AT
     assert f == LATEST
-    watcher = StoreWatcher(str(run_dir), interval=3600)
-    app = Dashboard(watcher, mode="watch", refresh_s=0.05)
-    async with app.run_test(size=(100, 30)) as pilot:
-        watcher.start()
-        await settle(pilot)
-        await open_viewer(app, pilot)
+    async with watch_viewer(run_dir) as (app, pilot):
         title = shown(app, "title").plain
         assert fx.HOOK in title and f"w0000--000000{LATEST}.safetensors" in title and "megabatch 2" in title
         assert shown(app, "status").plain.startswith(f"sequence 0 of {fx.N}")
@@ -858,7 +868,6 @@ async def test_batch_viewer_shows_the_newest_megabatch_and_its_heat(planted_run)
         assert not app.screen.query_one("#batch-heat").display and shown(app, "text").plain == decoded(s - 1)
         await press(pilot, "escape")
         assert batch_screen(app) is None
-    watcher.close()
 
 
 async def test_batch_viewer_colours_by_a_direction_and_an_sae_feature(planted_run, tmp_path):
@@ -879,12 +888,7 @@ async def test_batch_viewer_colours_by_a_direction_and_an_sae_feature(planted_ru
     ckpt = fx.write_saelens(tmp_path / "sae")
     x = data["states"][f, s].astype(np.float64)
     mask = data["mask"][f][s]
-    watcher = StoreWatcher(str(run_dir), interval=3600)
-    app = Dashboard(watcher, mode="watch", refresh_s=0.05)
-    async with app.run_test(size=(100, 30)) as pilot:
-        watcher.start()
-        await settle(pilot)
-        await open_viewer(app, pilot)
+    async with watch_viewer(run_dir) as (app, pilot):
         await press(pilot, *["right"] * s)
         await press(pilot, "x", *str(tmp_path / "e3.npy"), "enter")
         assert await eventually(pilot, lambda: "direction e3.npy, scale" in shown(app, "heat").plain, timeout=30)
@@ -908,7 +912,6 @@ async def test_batch_viewer_colours_by_a_direction_and_an_sae_feature(planted_ru
         assert shown(app, "heat").plain == before and app.is_running
         await press(pilot, "escape")
         assert batch_screen(app) is None
-    watcher.close()
 
 
 async def test_batch_viewer_in_collect_mode_switches_hooks(planted_run):
