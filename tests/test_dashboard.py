@@ -953,6 +953,28 @@ async def test_batch_viewer_in_collect_mode_switches_hooks(planted_run):
         )
 
 
+async def test_batch_viewer_says_when_a_newer_megabatch_is_committed(planted_run):
+    """Collect mode: a worker commits while the viewer shows the newest megabatch: the status line says so (within
+    NEWER_CHECK_S, no store read), and `r` reads the newest one again, which clears it."""
+    from . import explorefixtures as fx
+
+    run_dir, _ = planted_run
+    s = Scripted(n=2).steady()
+    s.sup.info.store = str(run_dir)
+    s.sup.info.hooks = [fx.HOOK]
+    hint = "a newer megabatch is committed: r reads it"
+    async with dashboard(s.sup) as (app, pilot):
+        await open_viewer(app, pilot)
+        await pilot.pause(1.5 * app.screen.NEWER_CHECK_S)
+        assert hint not in shown(app, "status").plain  # nothing new yet
+        m = s.sup.workers[0].committed
+        s.feed("committed", 0, megabatch=m, batch_start=m * 8, batch_end=m * 8 + 8, tokens=4096, bytes=3_300_000)
+        assert await eventually(pilot, lambda: hint in shown(app, "status").plain, timeout=10)
+        await press(pilot, "r")
+        assert await eventually(pilot, lambda: not app.screen.loading and app.screen.megabatch is not None)
+        assert hint not in shown(app, "status").plain
+
+
 async def test_batch_viewer_before_any_commit_says_so(tmp_path):
     """A run whose files are written but not committed, and a run whose directory does not exist yet: one line
     each, and r reads again once a commit record appears."""

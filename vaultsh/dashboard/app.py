@@ -299,7 +299,8 @@ class Dashboard(App):
                 self._batches = LatestBatches(uri)
             else:
                 note = "the run's store is not known yet (no worker has started)"
-        self.push_screen(BatchScreen(self._batches, list(self.source.info.hooks), note=note))
+        committed = lambda: self.source.totals().committed  # noqa: E731 - what the workers' events (or watch) say
+        self.push_screen(BatchScreen(self._batches, list(self.source.info.hooks), note=note, committed=committed))
 
     def action_help(self) -> None:
         bindings = [b for b in self.BINDINGS if isinstance(b, Binding)]  # every one here (textual allows tuples too)

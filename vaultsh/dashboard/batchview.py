@@ -46,10 +46,22 @@ class BatchScreen(ModalScreen[None]):
         Binding("r", "reload", "Reload", show=False),
     ]
 
-    def __init__(self, batches: LatestBatches | None, hooks: list[str], note: str | None = None):
-        """`batches`: a `vaultsh.explore.batch.LatestBatches` (None with `note` saying why there is none)."""
+    NEWER_CHECK_S = 1.0  # how often the viewer asks whether a newer megabatch was committed (no store I/O)
+
+    def __init__(
+        self,
+        batches: LatestBatches | None,
+        hooks: list[str],
+        note: str | None = None,
+        committed: Callable[[], int] | None = None,
+    ):
+        """`batches`: a `vaultsh.explore.batch.LatestBatches` (None with `note` saying why there is none);
+        `committed()`: the megabatches the dashboard has seen committed, to say when a newer one is there."""
         super().__init__()
         self.batches = batches
+        self.committed = committed
+        self._committed_at_load: int | None = None
+        self.newer = False  # a megabatch was committed after the shown one was read: `r` reads it
         self.hooks = list(hooks)
         self.hook_i = 0
         self.megabatch: Batch | None = None
@@ -82,6 +94,16 @@ class BatchScreen(ModalScreen[None]):
             self.action_reload()
         else:
             self.show()
+        if self.committed is not None:
+            self.set_interval(self.NEWER_CHECK_S, self._check_newer)
+
+    def _check_newer(self) -> None:
+        if not self.app.is_running or self.committed is None or self._committed_at_load is None:
+            return
+        newer = self.committed() > self._committed_at_load
+        if newer != self.newer:
+            self.newer = newer
+            self.show()
 
     @property
     def hook(self) -> str | None:
@@ -112,6 +134,7 @@ class BatchScreen(ModalScreen[None]):
             return
         self._generation += 1
         self.loading, self.megabatch, self.message = True, None, None
+        self.newer, self._committed_at_load = False, self.committed() if self.committed is not None else None
         self._heat.clear()  # the newest file may be another one now (or the same one, rewritten)
         self._pending.clear()
         self.show()
@@ -184,7 +207,10 @@ class BatchScreen(ModalScreen[None]):
             if self.loading:
                 text.update(Text(f"loading the newest committed megabatch of {hook}…", style="dim"))
             else:
-                text.update(Text(safe_text(self.message or ""), style="yellow"))
+                msg = safe_text(self.message or "")
+                if self.newer:
+                    msg += "\nsince then a megabatch is committed: r reads it"
+                text.update(Text(msg, style="yellow"))
             return
         rec = b.record
         title.update(
@@ -204,6 +230,8 @@ class BatchScreen(ModalScreen[None]):
         )
         if b.sources:
             line.append(f"  [{safe_text(source_text(b.sources[self.seq]))}]", style="dim")
+        if self.newer:
+            line.append("  a newer megabatch is committed: r reads it", style="yellow")
         status.update(line)
         if not self.heat_on:
             text.update(segments_text(b.segments(self.seq)))
