@@ -315,17 +315,13 @@ class BatchScreen(ModalScreen[None]):
 
     def _submit_value(self, box: Input, text: str) -> None:
         """`FILE` (a direction) or `CKPT FEATURE` (an SAE latent), loaded on a thread; a bad one is one line."""
-        from vaultsh.explore.values import value_fn
+        from vaultsh.errors import UserError
+        from vaultsh.explore.values import value_fn, value_spec
 
-        words = text.split()
-        if len(words) == 2 and words[1].isdigit():
-            path, feature = words[0], int(words[1])
-            load = lambda: value_fn(sae=path, feature=feature)  # noqa: E731
-        elif len(words) == 1:
-            path = words[0]
-            load = lambda: value_fn(direction=path)  # noqa: E731
-        else:
-            self.notify(f"{safe_text(text)!r}: give a FILE, or a CKPT and a FEATURE number", severity="warning")
+        try:
+            spec = value_spec(text)
+        except UserError as exc:
+            self.notify(safe_text(str(exc)), severity="warning")
             return
         self._close_input(box)
 
@@ -335,7 +331,7 @@ class BatchScreen(ModalScreen[None]):
             else:
                 self._colour_by(result)
 
-        self._in_thread(load, loaded, "value")
+        self._in_thread(lambda: value_fn(**spec), loaded, "value")
 
     def action_hook(self, step: int) -> None:
         if len(self.hooks) < 2:

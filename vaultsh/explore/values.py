@@ -105,6 +105,16 @@ def value_fn(
     return ValueFn(f"SAE feature {f}", lambda x: s.feature(x, f), d=s.d_in, sae=s)
 
 
+def value_spec(text: str) -> dict:
+    """`value_fn`'s keywords for what a batch viewer is typed: `FILE` (a direction) or `CKPT F` (SAE latent F)."""
+    words = text.split()
+    if len(words) == 2 and words[1].isdigit():
+        return {"sae": words[0], "feature": int(words[1])}
+    if len(words) == 1:
+        return {"direction": words[0]}
+    raise UserError(f"{text!r}: give a FILE, or a CKPT and a FEATURE number")
+
+
 def parse_int(name: str, value, lo: int | None = 0) -> int | None:
     """An option's whole-number value (None stays None); a clear error otherwise."""
     if value is None:

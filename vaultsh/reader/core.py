@@ -146,8 +146,8 @@ class ActivationReader:
         drop these token ids, drop tokens whose norm in `norm_hook` (default:
         the first hook) is above max_norm_factor x its median norm (from what
         `vaultsh norms` wrote for the hook when there is one, else the mean
-        norm of its statistics.json). Token mode drops them; megabatch mode clears them in
-        `mask`. `stats.dropped` counts what each filter dropped.
+        norm of its statistics.json). Token mode drops them; megabatch mode
+        clears them in `mask`. `stats.dropped` counts what each filter dropped.
     on_error: "raise" (default) or "skip" a missing, truncated, corrupt or
         mis-shaped file (skip: a SkippedFileWarning, a log line, and
         `stats.skipped`). Network errors are retried `retries` times per

@@ -421,7 +421,7 @@ class BatchViewer(Result):
         render(r, ctx.out)
 
     def interact(self, ctx: ShellContext) -> None:
-        from vaultsh.explore.values import value_fn
+        from vaultsh.explore.values import value_fn, value_spec
         from vaultsh.shell.render import render
 
         n = len(self.ids)
@@ -435,7 +435,7 @@ class BatchViewer(Result):
             answer = ctx.ask(f"Enter batch number (0-{n - 1}) to view full text, or 'q' to quit: ")
             if answer is None:
                 return
-            m_x = re.fullmatch(r"[xX]\s+(\S+)(?:\s+(\d+))?", answer.strip())  # a path keeps its case
+            m_x = re.fullmatch(r"[xX]\s+(\S+(?:\s+\d+)?)", answer.strip())  # a path keeps its case
             answer = answer.strip().lower()
             if answer in ("q", "quit", "exit"):
                 return
@@ -448,11 +448,8 @@ class BatchViewer(Result):
                 if answer == "h":
                     heat_mode = not heat_mode
                 elif m_x:
-                    path, feature = m_x.group(1), m_x.group(2)
                     try:
-                        heat_value = (
-                            value_fn(direction=path) if feature is None else value_fn(sae=path, feature=int(feature))
-                        )
+                        heat_value = value_fn(**value_spec(m_x.group(1)))
                     except UserError as exc:
                         ctx.error(str(exc))
                         continue
