@@ -501,8 +501,10 @@ def test_explicit_credentials_sign_instead_of_the_chain(s3_server, s3_bucket, mo
         wrong = S3Store(
             s3_bucket, endpoint_url=s3_server, max_attempts=1, credentials=S3Credentials(key["AccessKeyId"], "x")
         )
-        with pytest.raises(StoreError, match="rejected"):
+        with pytest.raises(StoreError, match="rejected") as rejected:
             wrong.get_bytes("signed.bin")
+        # the message sends the user to the keys passed in, not to the environment it did not use
+        assert "passed in" in str(rejected.value) and "AWS_ACCESS_KEY_ID" not in str(rejected.value)
         chain = S3Store(s3_bucket, endpoint_url=s3_server, max_attempts=1, unsigned=False)
         with pytest.raises(StoreError, match="InvalidAccessKeyId"):
             chain.get_bytes("signed.bin")
@@ -809,3 +811,13 @@ def test_head_etag_changes_when_an_object_is_replaced(store):
     store.put_bytes("r/e", b"two!")
     second = store.head("r/e").etag
     assert first and second and first != second
+
+
+def test_s3_error_text_masks_the_explicit_secret_too(monkeypatch):
+    """Error text from S3 goes through one masking step: the environment's secrets and the ones passed in."""
+    from vaultsh.store.s3 import _one_line
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret-1234")
+    text = "denied for env-secret-1234 and\n given-secret-5678"
+    assert _one_line(text, ("given-secret-5678",)) == "denied for *** and ***"  # one line
+    assert _one_line("x" * 400, limit=200) == "x" * 197 + "..."

@@ -91,10 +91,10 @@ def _new_session(credentials: S3Credentials | None = None):
     return session
 
 
-def _one_line(value: object, limit: int = 300) -> str:
+def _one_line(value: object, secrets: tuple[str, ...] = (), *, limit: int = 300) -> str:
+    """`value` on one line, at most `limit` characters, with the env's secrets and `secrets` masked."""
     text = " ".join(str(value).split())
-    for name in _SECRET_ENV:  # belt and braces: never echo a secret back
-        secret = os.environ.get(name)
+    for secret in (*(os.environ.get(name) for name in _SECRET_ENV), *secrets):  # belt and braces: never echo one
         if secret and len(secret) >= 4:
             text = text.replace(secret, "***")
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -268,6 +268,16 @@ class S3Store:
                 raise
             raise err from exc
 
+    def _cred_source(self) -> str:
+        """Where this store's credentials come from, for an error that asks to check them."""
+        if self.credentials is not None:
+            return "the access key and secret passed in (S3Credentials, S3RCache.from_credentials)"
+        return f"{_CRED_ENV} or the AWS profile in use"
+
+    def _secrets(self) -> tuple[str, ...]:
+        c = self.credentials
+        return tuple(s for s in (c.secret_key, c.session_token) if s) if c is not None else ()
+
     def _translate(self, exc: BaseException, rel: str | None, action: str) -> UserError | None:
         from botocore import exceptions as bce
 
@@ -279,7 +289,7 @@ class S3Store:
             error = cause.response.get("Error", {}) or {}
             code = str(error.get("Code") or "")
             status = (cause.response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
-            message = _one_line(error.get("Message") or "")
+            message = _one_line(error.get("Message") or "", self._secrets())
             if code == "NoSuchBucket":
                 return StoreError(f"bucket {self.bucket!r} does not exist (endpoint {endpoint})")
             if code in _NOT_FOUND_CODES or (status == 404 and not code):
@@ -289,7 +299,7 @@ class S3Store:
             if code in _CRED_CODES:
                 return StoreError(
                     f"S3 rejected the credentials ({code}) while trying to {action} {what}: "
-                    f"check {_CRED_ENV} or the AWS profile in use (endpoint {endpoint})"
+                    f"check {self._cred_source()} (endpoint {endpoint})"
                 )
             if (code in _DENIED_CODES or status == 403) and self.unsigned:
                 return StoreError(
@@ -300,7 +310,7 @@ class S3Store:
             if code in _DENIED_CODES or status == 403:
                 return StoreError(
                     f"access denied ({code or status}) while trying to {action} {what}: the credentials "
-                    f"were rejected or lack permission; check {_CRED_ENV} or the AWS profile in use"
+                    f"were rejected or lack permission; check {self._cred_source()}"
                 )
             if code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout") or (
                 isinstance(status, int) and status >= 500
@@ -330,18 +340,18 @@ class S3Store:
             reason = re.sub(
                 r"^\w*Connection\(host=[^)]*\):\s*",
                 "",
-                _one_line(getattr(cause, "kwargs", {}).get("error") or cause, 200),
+                _one_line(getattr(cause, "kwargs", {}).get("error") or cause, self._secrets(), limit=200),
             )
             reason = reason.replace("Failed to establish a new connection: ", "")
             return StoreError(
                 f"cannot reach S3 endpoint {endpoint}: {reason} (while trying to {action} {what})", retryable=True
             )
         if isinstance(cause, bce.ParamValidationError):
-            return StoreError(f"invalid S3 request to {action} {what}: {_one_line(cause)}")
+            return StoreError(f"invalid S3 request to {action} {what}: {_one_line(cause, self._secrets())}")
         if isinstance(cause, bce.BotoCoreError):
-            return StoreError(f"S3 could not {action} {what}: {_one_line(cause)}")
+            return StoreError(f"S3 could not {action} {what}: {_one_line(cause, self._secrets())}")
         if type(cause).__module__.split(".")[0] in ("boto3", "s3transfer"):
-            return StoreError(f"S3 could not {action} {what}: {_one_line(cause)}")
+            return StoreError(f"S3 could not {action} {what}: {_one_line(cause, self._secrets())}")
         return None
 
     def _bucket_missing(self) -> bool:
